@@ -1,0 +1,272 @@
+"""The SQLite image catalogue.
+
+WAL mode so readers never wait for a writer; a schema version (``PRAGMA
+user_version``) with forward migrations; every change in one ``BEGIN IMMEDIATE``
+transaction so check-then-act sequences (destroy only when nothing depends on
+the image) cannot interleave with another bbsnap process.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .errors import CatalogueError, ConflictError, InUseError, NotFoundError
+from .models import (Consistency, Dependent, DependentKind, Image, ImageFilter, ImageStatus,
+                     ImageType, Visibility)
+
+BUSY_TIMEOUT_MS = 30_000
+
+# Each entry migrates the schema from version i to i+1. Never edit a shipped entry: append.
+MIGRATIONS: Sequence[str] = (
+    """
+    CREATE TABLE images (
+        id TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        status TEXT NOT NULL,
+        visibility TEXT NOT NULL DEFAULT 'private',
+        name TEXT NOT NULL,
+        arch TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        virtual_size INTEGER NOT NULL DEFAULT 0,
+        disk_size INTEGER NOT NULL DEFAULT 0,
+        compatibility_mode INTEGER NOT NULL DEFAULT 0,
+        official INTEGER NOT NULL DEFAULT 0,
+        ancestor_id TEXT,
+        format TEXT NOT NULL DEFAULT 'qcow2',
+        path TEXT,
+        source_server TEXT,
+        consistency TEXT,
+        checksum TEXT,
+        firmware TEXT NOT NULL DEFAULT 'bios',
+        username TEXT,
+        min_ram INTEGER,
+        failure_reason TEXT,
+        job TEXT
+    );
+    CREATE INDEX images_by_status ON images(status, created_at);
+    CREATE TABLE dependencies (
+        image_id TEXT NOT NULL REFERENCES images(id),
+        kind TEXT NOT NULL,
+        dependent_id TEXT NOT NULL,
+        PRIMARY KEY (image_id, kind, dependent_id)
+    );
+    CREATE INDEX dependencies_by_dependent ON dependencies(kind, dependent_id);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_COLUMNS = ("id", "type", "owner", "created_at", "status", "visibility", "name", "arch",
+            "description", "virtual_size", "disk_size", "compatibility_mode", "official",
+            "ancestor_id", "format", "path", "source_server", "consistency", "checksum",
+            "firmware", "username", "min_ram", "failure_reason", "job")
+_UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at"}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _to_db(name: str, value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    if hasattr(value, "value"):  # enums
+        return value.value
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _row_to_image(row: sqlite3.Row | tuple[Any, ...]) -> Image:
+    (id_, type_, owner, created_at, status, visibility, name, arch, description, virtual_size,
+     disk_size, compatibility_mode, official, ancestor_id, fmt, path, source_server, consistency,
+     checksum, firmware, username, min_ram, failure_reason, job) = row
+    return Image(
+        id=id_, type=ImageType(type_), owner=owner,
+        created_at=datetime.fromisoformat(created_at), status=ImageStatus(status),
+        visibility=Visibility(visibility), name=name, arch=arch, description=description,
+        virtual_size=virtual_size, disk_size=disk_size,
+        compatibility_mode=bool(compatibility_mode), official=bool(official),
+        ancestor_id=ancestor_id, format=fmt, path=path, source_server=source_server,
+        consistency=Consistency(consistency) if consistency else None, checksum=checksum,
+        firmware=firmware, username=username, min_ram=min_ram,
+        failure_reason=failure_reason, job=job,
+    )
+
+
+class Catalogue:
+    """All reads and writes of image rows and the dependency record."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000,
+                                       isolation_level=None, check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise CatalogueError(f"cannot open the image catalogue {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise CatalogueError(
+                    f"the catalogue {self.path} has schema version {version}, newer than this "
+                    f"bbsnap understands ({SCHEMA_VERSION})", hint="upgrade bbsnap")
+            for target in range(version, SCHEMA_VERSION):
+                for statement in _split_sql(MIGRATIONS[target]):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {target + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken up front (IMMEDIATE) so check-then-act is atomic."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise CatalogueError(f"the image catalogue is unavailable: {exc}") from exc
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    # -- images -----------------------------------------------------------------------------
+
+    def add(self, image: Image) -> Image:
+        now = _to_db("updated_at", utcnow())
+        values = [_to_db(name, getattr(image, name)) for name in _COLUMNS]
+        with self.transaction() as db:
+            db.execute(
+                f"INSERT INTO images ({', '.join(_COLUMNS)}, updated_at) "
+                f"VALUES ({', '.join('?' for _ in _COLUMNS)}, ?)", (*values, now))
+        return image
+
+    def get(self, image_id: str, *, include_deleted: bool = False) -> Image:
+        row = self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM images WHERE id = ?", (image_id,)).fetchone()
+        if row is None or (not include_deleted and row[4] == ImageStatus.DELETED.value):
+            raise NotFoundError(f"image {image_id} not found",
+                                hint="'bbsnap images list' shows the catalogue")
+        return _row_to_image(row)
+
+    def exists(self, image_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is not None
+
+    def list(self, flt: ImageFilter = ImageFilter()) -> list[Image]:
+        where, params = [], []
+        if not flt.include_deleted and flt.status != ImageStatus.DELETED.value:
+            where.append("status != 'deleted'")
+        if flt.type is not None:
+            where.append("type = ?")
+            params.append(flt.type.value)
+        if flt.status in (Visibility.PRIVATE.value, Visibility.PUBLIC.value):
+            where.append("status = 'available' AND visibility = ?")
+            params.append(flt.status)
+        elif flt.status is not None:
+            where.append("status = ?")
+            params.append(flt.status)
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM images"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        # Snapshots after other images, each group by creation time (as the seed lists them).
+        sql += " ORDER BY (type = 'snapshot'), created_at, id"
+        return [_row_to_image(row) for row in self._db.execute(sql, params)]
+
+    def update(self, image_id: str, *, expect_status: ImageStatus | None = None,
+               **changes: Any) -> Image:
+        """Change fields of one image; with *expect_status*, only from that status (else conflict)."""
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        with self.transaction() as db:
+            current = self.get(image_id, include_deleted=True)
+            if expect_status is not None and current.status is not expect_status:
+                raise ConflictError(f"image {image_id} is {current.status.value}, "
+                                    f"not {expect_status.value}")
+            if changes:
+                assignments = ", ".join(f"{name} = ?" for name in changes)
+                db.execute(f"UPDATE images SET {assignments}, updated_at = ? WHERE id = ?",
+                           (*[_to_db(k, v) for k, v in changes.items()],
+                            _to_db("updated_at", utcnow()), image_id))
+        return self.get(image_id, include_deleted=True)
+
+    def remove_row(self, image_id: str) -> None:
+        """Forget an image entirely (used when a failed import must leave no trace)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM dependencies WHERE kind = 'image' AND dependent_id = ?",
+                       (image_id,))
+            db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+
+    def mark_deleted(self, image_id: str) -> Image:
+        """Destroy an image's row atomically, refusing while anything depends on it."""
+        with self.transaction() as db:
+            image = self.get(image_id)
+            dependents = self.dependents(image_id)
+            if dependents:
+                names = ", ".join(f"{d.kind.value} {d.dependent_id}" for d in dependents)
+                raise InUseError(f"image {image_id} is in use by {names}",
+                                 hint="destroy those first")
+            db.execute("DELETE FROM dependencies WHERE kind = 'image' AND dependent_id = ?",
+                       (image_id,))
+            db.execute("UPDATE images SET status = 'deleted', job = NULL, updated_at = ? "
+                       "WHERE id = ?", (_to_db("updated_at", utcnow()), image_id))
+        return image
+
+    def creating(self) -> list[Image]:
+        rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM images "
+                                "WHERE status = 'creating'").fetchall()
+        return [_row_to_image(row) for row in rows]
+
+    # -- dependency record ------------------------------------------------------------------
+
+    def add_dependent(self, image_id: str, kind: DependentKind, dependent_id: str) -> None:
+        with self.transaction() as db:
+            image = self.get(image_id)
+            if image.status not in (ImageStatus.AVAILABLE, ImageStatus.CREATING):
+                raise ConflictError(f"image {image_id} is {image.status.value} and cannot be used")
+            db.execute("INSERT OR IGNORE INTO dependencies (image_id, kind, dependent_id) "
+                       "VALUES (?, ?, ?)", (image_id, kind.value, dependent_id))
+
+    def remove_dependent(self, kind: DependentKind, dependent_id: str,
+                         image_id: str | None = None) -> None:
+        with self.transaction() as db:
+            if image_id is None:
+                db.execute("DELETE FROM dependencies WHERE kind = ? AND dependent_id = ?",
+                           (kind.value, dependent_id))
+            else:
+                db.execute("DELETE FROM dependencies WHERE image_id = ? AND kind = ? "
+                           "AND dependent_id = ?", (image_id, kind.value, dependent_id))
+
+    def dependents(self, image_id: str) -> list[Dependent]:
+        rows = self._db.execute(
+            "SELECT image_id, kind, dependent_id FROM dependencies WHERE image_id = ? "
+            "ORDER BY kind, dependent_id", (image_id,)).fetchall()
+        return [Dependent(r[0], DependentKind(r[1]), r[2]) for r in rows]
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration (executescript would commit our transaction)."""
+    return [s.strip() for s in script.split(";") if s.strip()]

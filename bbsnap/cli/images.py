@@ -1,0 +1,149 @@
+"""`bbsnap images ...`: the image catalogue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .options import output_options
+
+IMAGE_TYPES = ("snapshot", "upload", "official")
+STATUSES = ("creating", "available", "private", "public", "failed", "deleted")
+
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def images(ctx: click.Context) -> None:
+    """The local image catalogue (default: list)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(list_images)
+
+
+@images.command("list")
+@click.option("-t", "--type", "image_type", type=click.Choice(IMAGE_TYPES), help="Only this type.")
+@click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
+@output_options
+@click.pass_obj
+def list_images(app: Any, image_type: str | None = None, status: str | None = None,
+                output_format: str = "table", simple: bool = False) -> None:
+    """List images: others first, then snapshots, each by creation time."""
+    from . import image_views, render
+
+    found = app.images().list(image_type, status)
+    if output_format != "table":
+        click.echo(render.as_data([image_views.as_record(i) for i in found], output_format), nl=False)
+    elif simple:
+        click.echo(render.simple([image_views.list_row(i) for i in found]), nl=False)
+    else:
+        click.echo(render.table(image_views.LIST_COLUMNS,
+                                [image_views.list_row(i) for i in found]), nl=False)
+
+
+@images.command("show")
+@click.argument("image_ids", nargs=-1, required=True, metavar="IMG...")
+@output_options
+@click.pass_obj
+def show_images(app: Any, image_ids: tuple[str, ...], output_format: str, simple: bool) -> None:
+    """Show images in detail (JSON/YAML: one object, or a list for several ids)."""
+    from . import image_views, render
+
+    service = app.images()
+    found = [(service.get(i), service.dependents(i)) for i in image_ids]
+    if output_format != "table":
+        records = [image_views.as_record(img, deps) for img, deps in found]
+        click.echo(render.as_data(records[0] if len(records) == 1 else records, output_format),
+                   nl=False)
+        return
+    blocks = []
+    for img, deps in found:
+        pairs = image_views.show_pairs(img, deps)
+        blocks.append(render.simple([[v for _, v in pairs]]) if simple else render.vertical(pairs))
+    click.echo(("" if simple else "\n").join(blocks), nl=False)
+
+
+@images.command("import")
+@click.argument("source", metavar="SOURCE")
+@click.option("-n", "--name", help="Image name (default: from the file name).")
+@click.option("-d", "--description", default="", help="Free-text description.")
+@click.option("-a", "--arch", help="Architecture (default: the host's, e.g. x86_64).")
+@click.option("-u", "--username", help="Default login user of the guest.")
+@click.option("--min-ram", type=click.IntRange(min=1), help="Minimum RAM in MiB.")
+@click.option("--checksum", metavar="sha256:HEX", help="Refuse the data unless its SHA-256 matches.")
+@click.pass_obj
+def import_image(app: Any, source: str, name: str | None, description: str, arch: str | None,
+                 username: str | None, min_ram: int | None, checksum: str | None) -> None:
+    """Import SOURCE (a file, or - for stdin): qcow2 or raw, plain or gzip/xz/zstd/bzip2.
+
+    The format and compression are recognised from the content. Prints the new image id.
+    """
+    from ..services.image_import import ImportRequest
+    from .progress import byte_progress
+
+    request = ImportRequest(source=source, name=name, description=description, arch=arch,
+                            username=username, min_ram=min_ram, checksum=checksum)
+    total = None
+    if source != "-":
+        import os
+
+        try:
+            total = os.path.getsize(source) or None
+        except OSError:
+            total = None
+    report, finish = byte_progress("Importing", total)
+    try:
+        image = app.importer().run(
+            request, progress=report,
+            on_registered=lambda img: click.echo(f"Importing {source} as {img.id}", err=True))
+    finally:
+        finish()
+    click.echo(image.id)
+
+
+@images.command("update")
+@click.argument("image_id", metavar="IMG")
+@click.option("-n", "--name", help="New name.")
+@click.option("-d", "--description", help="New description.")
+@click.option("-u", "--username", help="Default login user.")
+@click.option("-a", "--arch", help="Architecture.")
+@click.option("--min-ram", type=click.IntRange(min=1), help="Minimum RAM in MiB.")
+@click.option("--public/--private", "public", default=None, help="Visibility.")
+@output_options
+@click.pass_obj
+def update_image(app: Any, image_id: str, name: str | None, description: str | None,
+                 username: str | None, arch: str | None, min_ram: int | None,
+                 public: bool | None, output_format: str, simple: bool) -> None:
+    """Change an image's fields; prints the updated image."""
+    from ..services.images import ImageChanges
+    from . import image_views, render
+
+    service = app.images()
+    image = service.update(image_id, ImageChanges(name=name, description=description,
+                                                  username=username, arch=arch,
+                                                  min_ram=min_ram, public=public))
+    deps = service.dependents(image.id)
+    if output_format != "table":
+        click.echo(render.as_data(image_views.as_record(image, deps), output_format), nl=False)
+    else:
+        click.echo(render.vertical(image_views.show_pairs(image, deps)), nl=False)
+
+
+@images.command("destroy")
+@click.argument("image_ids", nargs=-1, required=True, metavar="IMG...")
+@click.pass_obj
+def destroy_images(app: Any, image_ids: tuple[str, ...]) -> None:
+    """Delete images. Refused (exit 4) while servers or images depend on one."""
+    from ..errors import BbsnapError
+
+    failure: BbsnapError | None = None
+    for image_id in image_ids:
+        try:
+            app.images().destroy(image_id)
+            click.echo(f"Destroying image {image_id}", err=True)
+        except BbsnapError as exc:
+            if len(image_ids) == 1:
+                raise
+            click.echo(f"bbsnap: error: {exc}", err=True)
+            failure = failure or exc
+    if failure is not None:
+        raise click.exceptions.Exit(failure.exit_code)

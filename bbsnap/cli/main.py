@@ -1,0 +1,68 @@
+"""`bbsnap` entry point: global options and the single place where errors become exit codes."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .. import __version__
+from .context import AppContext
+from .images import images
+
+
+class BbsnapGroup(click.Group):
+    """The root group: every BbsnapError raised below is reported here, once."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("bbsnap: interrupted", err=True)
+            ctx.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one catch point
+            from ..errors import BbsnapError
+
+            app = ctx.obj if isinstance(ctx.obj, AppContext) else None
+            if isinstance(exc, BbsnapError):
+                click.echo(f"bbsnap: error: {exc}", err=True)
+                if app is not None and app.debug:
+                    raise
+                ctx.exit(exc.exit_code)
+            if app is not None and app.debug:
+                raise
+            click.echo(f"bbsnap: internal error: {type(exc).__name__}: {exc} "
+                       "(rerun with --debug for a traceback)", err=True)
+            ctx.exit(1)
+        finally:
+            if isinstance(ctx.obj, AppContext):
+                ctx.obj.close()
+
+
+@click.group(cls=BbsnapGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bbsnap")
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar=None,
+              help="Data directory (catalogue and images). Env: BBSNAP_HOME.")
+@click.option("-c", "--connect", metavar="URI",
+              help="libvirt connection URI. Env: LIBVIRT_DEFAULT_URI. Default: qemu:///system.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, data_dir: str | None, connect: str | None, debug: bool) -> None:
+    """bbsnap: snapshot running VMs into a local image catalogue and boot clones from it."""
+    ctx.obj = AppContext(overrides={"data_dir": data_dir, "connect": connect}, debug=debug)
+
+
+cli.add_command(images)
+
+
+def main() -> None:
+    sys.exit(cli.main(prog_name="bbsnap"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

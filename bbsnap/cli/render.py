@@ -1,0 +1,64 @@
+"""Output rendering: the seed's tables, vertical `key: value` tables, JSON, YAML, TSV.
+
+Tables and TSV are for eyes and ``cut``: control characters in cells are escaped
+so one row stays one line. ``show``, JSON and YAML give values verbatim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+OUTPUT_FORMATS = ("table", "json", "yaml")
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    if any(ch < " " for ch in text):
+        text = text.encode("unicode_escape").decode("ascii")
+    return text
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """The seed's look: header, a dashed rule, rows, a dashed rule."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(c) for c in columns]
+    for row in cells:
+        for i, value in enumerate(row):
+            if len(value) > widths[i]:
+                widths[i] = len(value)
+
+    def line(values: Sequence[str]) -> str:
+        return " " + "  ".join(v.ljust(w) for v, w in zip(values, widths))
+
+    header = line(columns)
+    rule = "-" * len(header)
+    body = [line(row) for row in cells]
+    return "\n".join([header, rule, *body, rule]) + "\n"
+
+
+def simple(rows: Sequence[Sequence[Any]]) -> str:
+    """Tab-separated values, no header: ``-s/--simple``."""
+    return "".join("\t".join(_cell(v) for v in row) + "\n" for row in rows)
+
+
+def vertical(pairs: Sequence[tuple[str, Any]]) -> str:
+    """``show``: keys right-aligned on the colon, as the seed prints them."""
+    width = max((len(k) for k, _ in pairs), default=0)
+    return "".join(f"{k.rjust(width)}: {'' if v is None else v}\n" for k, v in pairs)
+
+
+def as_json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def as_yaml(data: Any) -> str:
+    import yaml
+
+    return str(yaml.safe_dump(data, sort_keys=True, allow_unicode=True, default_flow_style=False))
+
+
+def as_data(data: Any, fmt: str) -> str:
+    return as_json(data) if fmt == "json" else as_yaml(data)
+

@@ -1,0 +1,1 @@
+"""Disk images: content-based format detection, untrusted-header checks, and qemu-img."""

@@ -1,0 +1,124 @@
+"""Read a qcow2 header in Python, before any QEMU code touches the file.
+
+A crafted qcow2 can name a backing file or an external data file pointing at
+any host file (``/etc/shadow``, a ``json:`` pseudo-protocol, an NBD server);
+qemu-img would then read that file into our catalogue. Those, encryption and
+feature bits we don't understand are refused here, from the bytes alone.
+Layout: QEMU's docs/interop/qcow2.txt (all fields big-endian).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from ..errors import HostileImageError
+
+# incompatible feature bits
+DIRTY = 1 << 0
+CORRUPT = 1 << 1
+EXTERNAL_DATA_FILE = 1 << 2
+COMPRESSION_TYPE = 1 << 3
+EXTENDED_L2 = 1 << 4
+KNOWN_INCOMPATIBLE = DIRTY | CORRUPT | EXTERNAL_DATA_FILE | COMPRESSION_TYPE | EXTENDED_L2
+
+# header extension types
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_ENCRYPTION = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+
+MAX_HEADER_AREA = 1 << 20  # extensions must end inside the first cluster (≤ 2 MiB); be strict
+
+
+@dataclass(frozen=True)
+class Qcow2Header:
+    version: int
+    virtual_size: int
+    cluster_bits: int
+    incompatible_features: int
+    nb_snapshots: int
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.incompatible_features & DIRTY)
+
+
+def read_qcow2_header(stream: BinaryIO, *, max_virtual_size: int) -> Qcow2Header:
+    """Parse and vet the header of the qcow2 at *stream*; raise HostileImageError on anything unsafe."""
+    stream.seek(0)
+    base = stream.read(104)
+    if len(base) < 72 or base[:4] != b"QFI\xfb":
+        raise HostileImageError("the qcow2 header is truncated or has a wrong magic")
+    (version, backing_offset, backing_size, cluster_bits, size, crypt_method,
+     _l1_size, _l1_offset, _rt_offset, _rt_clusters, nb_snapshots,
+     _snap_offset) = struct.unpack(">IQIIQIIQQIIQ", base[4:72])
+    if version not in (2, 3):
+        raise HostileImageError(f"unsupported qcow2 version {version}")
+    if backing_offset or backing_size:
+        name = _read_backing_name(stream, backing_offset, backing_size)
+        raise HostileImageError(
+            f"the qcow2 image names a backing file ({name!r}); bbsnap refuses images "
+            "that would read other files", hint="flatten it first: qemu-img convert -O qcow2")
+    if crypt_method != 0:
+        raise HostileImageError("the qcow2 image is encrypted; bbsnap imports only plain images")
+    if not 9 <= cluster_bits <= 21:
+        raise HostileImageError(f"the qcow2 cluster size 2^{cluster_bits} is invalid")
+    if size > max_virtual_size:
+        raise HostileImageError(
+            f"the image's virtual size ({size} bytes) is over the limit of {max_virtual_size} bytes",
+            hint="raise max_virtual_size (BBSNAP_MAX_VIRTUAL_SIZE) if you trust it")
+
+    incompatible, header_length = 0, 72
+    if version == 3:
+        if len(base) < 104:
+            raise HostileImageError("the qcow2 v3 header is truncated")
+        incompatible, _compatible, _autoclear, _refcount_order, header_length = struct.unpack(
+            ">QQQII", base[72:104])
+        if header_length < 104 or header_length > MAX_HEADER_AREA:
+            raise HostileImageError(f"the qcow2 header length {header_length} is invalid")
+        _vet_incompatible_features(incompatible)
+    _vet_extensions(stream, header_length, 1 << cluster_bits)
+    return Qcow2Header(version, size, cluster_bits, incompatible, nb_snapshots)
+
+
+def _vet_incompatible_features(bits: int) -> None:
+    if bits & EXTERNAL_DATA_FILE:
+        raise HostileImageError("the qcow2 image keeps its data in an external data file; "
+                                "bbsnap refuses images that would read other files")
+    if bits & CORRUPT:
+        raise HostileImageError("the qcow2 image is marked corrupt",
+                                hint="repair it with qemu-img check -r all first")
+    unknown = bits & ~KNOWN_INCOMPATIBLE
+    if unknown:
+        raise HostileImageError(f"the qcow2 image uses unknown incompatible features (0x{unknown:x})")
+
+
+def _vet_extensions(stream: BinaryIO, start: int, cluster_size: int) -> None:
+    limit = min(cluster_size, MAX_HEADER_AREA)
+    offset = start
+    while offset + 8 <= limit:
+        stream.seek(offset)
+        raw = stream.read(8)
+        if len(raw) < 8:
+            raise HostileImageError("the qcow2 header extensions are truncated")
+        ext_type, length = struct.unpack(">II", raw)
+        if ext_type == EXT_END:
+            return
+        if ext_type == EXT_DATA_FILE:
+            raise HostileImageError("the qcow2 image names an external data file; "
+                                    "bbsnap refuses images that would read other files")
+        if ext_type == EXT_ENCRYPTION:
+            raise HostileImageError("the qcow2 image is encrypted; bbsnap imports only plain images")
+        offset += 8 + ((length + 7) & ~7)
+    raise HostileImageError("the qcow2 header extensions run past the first cluster")
+
+
+def _read_backing_name(stream: BinaryIO, offset: int, size: int) -> str:
+    if not size or size > 1023:
+        return "<invalid>"
+    stream.seek(offset)
+    return stream.read(size).decode("utf-8", "replace")

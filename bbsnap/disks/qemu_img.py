@@ -1,0 +1,131 @@
+"""A thin, typed wrapper over qemu-img (through bbsnap.proc, the one door to subprocesses).
+
+Every call names the format explicitly (``-f``): letting qemu-img probe a
+guest-written raw disk could make it read a qcow2 header the guest planted.
+Paths are always absolute, so nothing can be read as a ``json:`` or protocol name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import proc
+from ..errors import ExternalCommandError, HostileImageError
+
+UNTRUSTED_LIMITS = proc.Limits(address_space_bytes=1 << 30, cpu_seconds=60)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    virtual_size: int
+    actual_size: int
+    backing_file: str | None
+    backing_format: str | None
+    data_file: str | None
+    dirty: bool
+    raw: dict[str, Any]
+
+
+def _abs(path: Path) -> str:
+    resolved = str(Path(path).absolute())
+    if not resolved.startswith("/"):
+        raise ValueError(f"not an absolute path: {resolved}")
+    return resolved
+
+
+def info(path: Path, fmt: str, *, untrusted: bool = False, force_share: bool = False) -> ImageInfo:
+    argv = ["qemu-img", "info", "--output=json", "-f", fmt]
+    if force_share:
+        argv.append("-U")
+    argv.append(_abs(path))
+    result = proc.run(argv, timeout=60, limits=UNTRUSTED_LIMITS if untrusted else None)
+    try:
+        data = json.loads(result.stdout)
+    except json.JSONDecodeError as exc:
+        raise ExternalCommandError("qemu-img info printed no JSON", argv=argv) from exc
+    specific = (data.get("format-specific") or {}).get("data") or {}
+    return ImageInfo(
+        format=data.get("format", fmt),
+        virtual_size=int(data.get("virtual-size", 0)),
+        actual_size=int(data.get("actual-size", 0)),
+        backing_file=data.get("backing-filename") or data.get("full-backing-filename"),
+        backing_format=data.get("backing-filename-format"),
+        data_file=specific.get("data-file"),
+        dirty=bool(data.get("dirty-flag", False)),
+        raw=data,
+    )
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    clean: bool
+    corruptions: int
+    leaks: int
+    message: str
+
+
+def check(path: Path, fmt: str = "qcow2", *, untrusted: bool = False,
+          force_share: bool = False) -> CheckResult:
+    """``qemu-img check``: exit 0 clean, 2 corrupt, 3 leaked clusters only (harmless)."""
+    argv = ["qemu-img", "check", "--output=json", "-f", fmt]
+    if force_share:
+        argv.append("-U")
+    argv.append(_abs(path))
+    result = proc.run(argv, timeout=600, check=False,
+                      limits=UNTRUSTED_LIMITS if untrusted else None)
+    if result.returncode not in (0, 2, 3):
+        raise ExternalCommandError(f"qemu-img check could not check {path}: "
+                                   f"{result.stderr.strip() or result.stdout.strip()}",
+                                   argv=argv, returncode=result.returncode, stderr=result.stderr)
+    try:
+        data = json.loads(result.stdout) if result.stdout.strip() else {}
+    except json.JSONDecodeError:
+        data = {}
+    corruptions = int(data.get("corruptions", 0)) + int(data.get("check-errors", 0))
+    leaks = int(data.get("leaks", 0))
+    return CheckResult(clean=result.returncode == 0, corruptions=corruptions, leaks=leaks,
+                       message=result.stderr.strip())
+
+
+def convert(source: Path, source_format: str, target: Path, target_format: str, *,
+            untrusted: bool = False, compress: bool = False, timeout: float = 3600) -> None:
+    """Copy *source* into a new standalone *target* (sparse: zero runs are not written)."""
+    argv = ["qemu-img", "convert", "-f", source_format, "-O", target_format, "-S", "64k"]
+    if compress:
+        argv.append("-c")
+    argv += [_abs(source), _abs(target)]
+    proc.run(argv, timeout=timeout, limits=UNTRUSTED_LIMITS if untrusted else None)
+
+
+def create_overlay(path: Path, backing: Path, backing_format: str = "qcow2",
+                   size: int | None = None) -> None:
+    """A qcow2 whose backing file is *backing* (always with its format: QEMU >= 6.1 needs it)."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format,
+            "-b", _abs(backing), _abs(path)]
+    if size is not None:
+        argv.append(str(size))
+    proc.run(argv, timeout=60)
+
+
+def create(path: Path, size: int, fmt: str = "qcow2") -> None:
+    proc.run(["qemu-img", "create", "-q", "-f", fmt, _abs(path), str(size)], timeout=60)
+
+
+def vet_untrusted(path: Path, fmt: str, *, max_virtual_size: int) -> ImageInfo:
+    """qemu-img's own view of an untrusted image, refused if it reaches outside the file."""
+    image = info(path, fmt, untrusted=True)
+    if image.format != fmt:
+        raise HostileImageError(f"qemu-img reads the file as {image.format}, not {fmt}")
+    if image.backing_file:
+        raise HostileImageError(f"the image names a backing file ({image.backing_file!r})")
+    if image.data_file:
+        raise HostileImageError(f"the image names an external data file ({image.data_file!r})")
+    if image.virtual_size > max_virtual_size:
+        raise HostileImageError(
+            f"the image's virtual size ({image.virtual_size} bytes) is over the limit of "
+            f"{max_virtual_size} bytes", hint="raise max_virtual_size (BBSNAP_MAX_VIRTUAL_SIZE)")
+    return image

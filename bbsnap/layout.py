@@ -1,0 +1,55 @@
+"""Where bbsnap keeps things inside its data directory, and the permissions they need.
+
+QEMU runs as ``libvirt-qemu``: image files must be readable by it and every
+directory on the way must be traversable (o+x), or guests fail to start with a
+permission error that names none of this.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BbsnapError
+
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class DataDir:
+    root: Path
+
+    @property
+    def catalogue_path(self) -> Path:
+        return self.root / "catalogue.sqlite3"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Work files of running jobs; anything here without a live job is garbage."""
+        return self.root / "tmp"
+
+    def image_file(self, image_id: str, fmt: str = "qcow2") -> Path:
+        return self.images_dir / f"{image_id}.{fmt}"
+
+    def ensure(self) -> "DataDir":
+        """Create the directories (idempotent) with modes QEMU's user can traverse.
+
+        Parents are left alone: changing a home directory's mode behind the user's
+        back is not ours to do.
+        """
+        try:
+            for directory in (self.root, self.images_dir, self.tmp_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+                os.chmod(directory, DIR_MODE)
+        except OSError as exc:
+            raise BbsnapError(f"cannot prepare data directory {self.root}: {exc.strerror}",
+                              hint="choose another with --data-dir or BBSNAP_HOME") from exc
+        return self
+

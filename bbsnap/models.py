@@ -1,0 +1,90 @@
+"""bbsnap's data model: frozen dataclasses and enums shared by every layer.
+
+Adapters return these, never libvirt or sqlite objects, so services and the CLI
+do not depend on how things are stored.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class ImageType(str, enum.Enum):
+    SNAPSHOT = "snapshot"   # taken from a server
+    UPLOAD = "upload"       # imported from a file, stdin or URL
+    OFFICIAL = "official"   # reserved for images the user marks as such
+
+
+class ImageStatus(str, enum.Enum):
+    CREATING = "creating"
+    AVAILABLE = "available"
+    FAILED = "failed"
+    DELETED = "deleted"
+
+
+class Visibility(str, enum.Enum):
+    PRIVATE = "private"
+    PUBLIC = "public"
+
+
+class Consistency(str, enum.Enum):
+    QUIESCED = "quiesced"
+    CRASH_CONSISTENT = "crash-consistent"
+
+
+class DependentKind(str, enum.Enum):
+    IMAGE = "image"    # an image file whose backing file is another image
+    SERVER = "server"  # a server disk overlay on an image
+
+
+@dataclass(frozen=True)
+class Image:
+    id: str
+    type: ImageType
+    owner: str
+    created_at: datetime
+    status: ImageStatus
+    name: str
+    arch: str = "x86_64"
+    description: str = ""
+    visibility: Visibility = Visibility.PRIVATE
+    virtual_size: int = 0          # bytes the guest sees
+    disk_size: int = 0             # bytes the file holds on the host
+    compatibility_mode: bool = False
+    official: bool = False
+    ancestor_id: str | None = None
+    format: str = "qcow2"
+    path: str | None = None        # file name relative to the data directory's images/
+    source_server: str | None = None
+    consistency: Consistency | None = None
+    checksum: str | None = None    # "sha256:<hex>" of the data as it was imported
+    firmware: str = "bios"
+    username: str | None = None    # default login user of the guest
+    min_ram: int | None = None     # MiB
+    failure_reason: str | None = None
+    job: str | None = None         # "<pid>:<start ticks>" of the process creating it
+
+    @property
+    def display_status(self) -> str:
+        """The seed shows available images as private/public."""
+        if self.status is ImageStatus.AVAILABLE:
+            return self.visibility.value
+        return self.status.value
+
+
+@dataclass(frozen=True)
+class Dependent:
+    """Something that needs an image's file to exist."""
+
+    image_id: str
+    kind: DependentKind
+    dependent_id: str
+
+
+@dataclass(frozen=True)
+class ImageFilter:
+    type: ImageType | None = None
+    status: str | None = None   # an ImageStatus value or private/public
+    include_deleted: bool = False

@@ -1,0 +1,109 @@
+"""The only place in bbsnap that starts subprocesses.
+
+Always an argv list (never a shell), always a timeout, and a failure becomes an
+:class:`ExternalCommandError` that names the command and quotes its stderr.
+Untrusted-input commands can be given resource limits (address space, CPU time)
+applied in the child before exec.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from .errors import ExternalCommandError, NotFoundError
+
+DEFAULT_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for a child that handles untrusted data."""
+
+    address_space_bytes: int | None = 1 << 30  # qemu-img info on a crafted header
+    cpu_seconds: int | None = 30
+
+    def preexec(self) -> Callable[[], None]:
+        def apply() -> None:
+            if self.address_space_bytes is not None:
+                resource.setrlimit(resource.RLIMIT_AS,
+                                   (self.address_space_bytes, self.address_space_bytes))
+            if self.cpu_seconds is not None:
+                resource.setrlimit(resource.RLIMIT_CPU,
+                                   (self.cpu_seconds, self.cpu_seconds))
+        return apply
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def which(program: str) -> str:
+    """Absolute path of *program* on PATH, or NotFoundError naming the package to install."""
+    found = shutil.which(program)
+    if found is None:
+        raise NotFoundError(f"required program '{program}' is not installed",
+                            hint="run scripts/setup to install bbsnap's system packages")
+    return found
+
+
+def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float = DEFAULT_TIMEOUT,
+        check: bool = True, limits: Limits | None = None,
+        input_text: str | None = None, env: Mapping[str, str] | None = None,
+        cwd: str | Path | None = None) -> Result:
+    """Run *argv* to completion and capture its text output."""
+    args = [os.fspath(a) for a in argv]
+    full_env = None
+    if env is not None:
+        full_env = dict(os.environ)
+        full_env.update(env)
+    try:
+        completed = subprocess.run(
+            args, capture_output=True, text=True, timeout=timeout, input=input_text,
+            env=full_env, cwd=cwd, check=False,
+            preexec_fn=limits.preexec() if limits else None,
+            stdin=None if input_text is not None else subprocess.DEVNULL,
+        )
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"required program '{args[0]}' is not installed",
+                            hint="run scripts/setup") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise ExternalCommandError(f"{_name(args)} did not finish within {timeout:g} s",
+                                   argv=args) from exc
+    result = Result(args, completed.returncode, completed.stdout, completed.stderr)
+    if check and completed.returncode != 0:
+        raise ExternalCommandError(
+            f"{_name(args)} failed (exit {completed.returncode}): {_last_line(completed.stderr)}",
+            argv=args, returncode=completed.returncode, stderr=completed.stderr)
+    return result
+
+
+def popen(argv: Sequence[str | os.PathLike[str]], *, stdin: int | None = None,
+          stdout: int | None = None, stderr: int | None = subprocess.PIPE,
+          limits: Limits | None = None) -> subprocess.Popen[bytes]:
+    """Start a streaming child (binary pipes); the caller owns waiting for it."""
+    args = [os.fspath(a) for a in argv]
+    try:
+        return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr,
+                                preexec_fn=limits.preexec() if limits else None)
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"required program '{args[0]}' is not installed",
+                            hint="run scripts/setup") from exc
+
+
+def _name(args: list[str]) -> str:
+    return Path(args[0]).name if args else "command"
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no error output"

@@ -1,0 +1,79 @@
+"""Catalogue use cases other than import: list, show, update, destroy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import ids
+from ..catalogue import Catalogue
+from ..errors import ConflictError, UsageError
+from ..layout import DataDir
+from ..models import Dependent, Image, ImageFilter, ImageStatus, ImageType, Visibility
+from . import image_fields
+
+STATUS_CHOICES = ("creating", "available", "private", "public", "failed", "deleted")
+
+
+@dataclass(frozen=True)
+class ImageChanges:
+    name: str | None = None
+    description: str | None = None
+    username: str | None = None
+    arch: str | None = None
+    min_ram: int | None = None
+    public: bool | None = None
+
+
+class ImageService:
+    def __init__(self, catalogue: Catalogue, data_dir: DataDir) -> None:
+        self._catalogue = catalogue
+        self._data_dir = data_dir
+
+    def list(self, image_type: str | None = None, status: str | None = None) -> list[Image]:
+        if status is not None and status not in STATUS_CHOICES:
+            raise UsageError(f"unknown status '{status}'", hint=f"one of {', '.join(STATUS_CHOICES)}")
+        return self._catalogue.list(ImageFilter(
+            type=ImageType(image_type) if image_type else None, status=status))
+
+    def get(self, image_id: str) -> Image:
+        return self._catalogue.get(ids.require(image_id, "img"))
+
+    def dependents(self, image_id: str) -> list[Dependent]:
+        return self._catalogue.dependents(image_id)
+
+    def update(self, image_id: str, changes: ImageChanges) -> Image:
+        ids.require(image_id, "img")
+        fields: dict[str, object] = {}
+        if changes.name is not None:
+            fields["name"] = image_fields.check_name(changes.name)
+        if changes.description is not None:
+            fields["description"] = image_fields.check_description(changes.description)
+        if changes.username is not None:
+            fields["username"] = image_fields.check_username(changes.username)
+        if changes.arch is not None:
+            fields["arch"] = image_fields.check_arch(changes.arch)
+        if changes.min_ram is not None:
+            fields["min_ram"] = image_fields.check_min_ram(changes.min_ram)
+        if changes.public is not None:
+            fields["visibility"] = Visibility.PUBLIC if changes.public else Visibility.PRIVATE
+        if not fields:
+            raise UsageError("nothing to update", hint="give at least one option, see --help")
+        image = self._catalogue.get(image_id)
+        if image.status is ImageStatus.DELETED:
+            raise ConflictError(f"image {image_id} is deleted")
+        return self._catalogue.update(image_id, **fields)
+
+    def destroy(self, image_id: str) -> Image:
+        """Delete an image: the row first (atomically refused while in use), then its file.
+
+        A crash between the two leaves an orphaned file, never a row without its file.
+        """
+        ids.require(image_id, "img")
+        image = self._catalogue.get(image_id)
+        if image.status is ImageStatus.CREATING:
+            raise ConflictError(f"image {image_id} is still being created",
+                                hint="wait until it is available or failed")
+        self._catalogue.mark_deleted(image_id)
+        if image.path:
+            (self._data_dir.images_dir / image.path).unlink(missing_ok=True)
+        return image

@@ -1,0 +1,33 @@
+"""The tiny real test guest: Debian's cloud kernel + busybox + qemu-ga on a
+BIOS-bootable qcow2, built from Debian packages and cached per machine.
+
+Its /init (``init.sh``) prints protocol lines on the serial console (ttyS0) that
+tests wait for, and keeps an ever-increasing counter in one disk sector
+(:data:`COUNTER_OFFSET`) that :func:`read_counter` reads from the host.
+"""
+
+from __future__ import annotations
+
+from .build import build_tiny_guest, default_cache_dir, image_path
+from .counter import (COUNTER_OFFSET, decode_counter_sector, encode_counter_sector,
+                      read_counter)
+
+# Serial console lines printed by init.sh (keep in step with it).
+READY_LINE = "BBSNAP-TINY-READY"
+COUNTER_PREFIX = "BBSNAP-COUNTER "
+SEED_PREFIX = "BBSNAP-SEED "
+SEED_NONE_LINE = "BBSNAP-SEED none"
+AGENT_STARTED_LINE = "BBSNAP-AGENT started"
+AGENT_NONE_LINE = "BBSNAP-AGENT none"
+NET_PREFIX = "BBSNAP-NET "
+WARN_PREFIX = "BBSNAP-WARN "
+POWEROFF_LINE = "BBSNAP-POWEROFF"
+# The name qemu-ga's virtio-serial port must have.
+AGENT_PORT_NAME = "org.qemu.guest_agent.0"
+
+__all__ = [
+    "AGENT_NONE_LINE", "AGENT_PORT_NAME", "AGENT_STARTED_LINE", "COUNTER_OFFSET",
+    "COUNTER_PREFIX", "NET_PREFIX", "POWEROFF_LINE", "READY_LINE", "SEED_NONE_LINE",
+    "SEED_PREFIX", "WARN_PREFIX", "build_tiny_guest", "decode_counter_sector",
+    "default_cache_dir", "encode_counter_sector", "image_path", "read_counter",
+]

@@ -1,0 +1,210 @@
+#!/bin/busybox sh
+# /init of bbsnap's tiny test guest (busybox sh, runs as PID 1 from the initramfs).
+#
+# Lines starting with "BBSNAP-" on the serial console are a protocol that tests
+# wait for; keep their spelling in step with bbsnap/tinyguest/__init__.py:
+#   BBSNAP-COUNTER <n>          counter start value, then every 50 ticks
+#   BBSNAP-SEED instance-id=<id> hostname=<name> | BBSNAP-SEED none
+#   BBSNAP-AGENT started | BBSNAP-AGENT none
+#   BBSNAP-NET <addr> | BBSNAP-NET none
+#   BBSNAP-TINY-READY           boot finished: modules, counter, agent are up
+#   BBSNAP-WARN <text>          something optional failed (never fatal)
+#   BBSNAP-POWEROFF             shutting down on request (ACPI button, agent, signal)
+#
+# /etc/bbsnap-tiny.conf is written by the builder: KERNEL_RELEASE, COUNTER_SECTOR
+# and MODULES (module files in dependency order, resolved from modules.dep).
+# PID 1 must never exit (the kernel would panic), so nothing here uses `set -e`.
+
+/bin/busybox mkdir -p /proc /sys /dev /run /tmp /sbin /usr/bin /usr/sbin /mnt/seed /var /etc
+/bin/busybox --install -s
+export PATH=/sbin:/usr/sbin:/bin:/usr/bin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+# qemu-ga keeps its state in /var/run by default.
+[ -e /var/run ] || ln -s /run /var/run
+# The kernel opened /dev/console from the initramfs before devtmpfs hid it; reopen
+# on the devtmpfs node so later device changes cannot leave us without output.
+exec </dev/console >/dev/console 2>&1
+
+. /etc/bbsnap-tiny.conf
+
+warn() { echo "BBSNAP-WARN $*"; }
+
+load_modules() {
+    for m in $MODULES; do
+        insmod "/lib/modules/$KERNEL_RELEASE/$m" 2>/dev/null || warn "insmod $m failed"
+    done
+    # Kernel chatter after this point would interleave with protocol lines.
+    echo 1 >/proc/sys/kernel/printk
+}
+
+# Poll for a path for up to $2 tenths of a second (device nodes appear asynchronously).
+wait_for() {
+    i=0
+    while [ ! -e "$1" ] && [ "$i" -lt "$2" ]; do usleep 100000; i=$((i + 1)); done
+    [ -e "$1" ]
+}
+
+# --- counter -------------------------------------------------------------------
+# One sector of /dev/vda in the gap before partition 1: "BBSNAPCTR <n>\n" + NULs.
+counter_read() {
+    line=$(dd if=/dev/vda bs=512 skip="$COUNTER_SECTOR" count=1 2>/dev/null | head -n 1 | tr -d '\000')
+    case "$line" in
+        "BBSNAPCTR "*) n=${line#BBSNAPCTR } ;;
+        *) n=0 ;;
+    esac
+    case "$n" in ''|*[!0-9]*) n=0 ;; esac
+    echo "$n"
+}
+
+counter_loop() {
+    n=$1
+    ticks=0
+    while :; do
+        n=$((n + 1))
+        # conv=sync pads the short line to 512 bytes with NULs; fsync makes each
+        # value reach the virtual disk before the next, so a snapshot sees it.
+        printf 'BBSNAPCTR %d\n' "$n" |
+            dd of=/dev/vda bs=512 seek="$COUNTER_SECTOR" count=1 conv=sync,notrunc,fsync 2>/dev/null ||
+            warn "counter write failed"
+        ticks=$((ticks + 1))
+        [ $((ticks % 50)) -eq 0 ] && echo "BBSNAP-COUNTER $n"
+        usleep 150000
+    done
+}
+
+start_counter() {
+    if ! wait_for /dev/vda 50; then
+        warn "no /dev/vda: counter not running"
+        return
+    fi
+    start=$(counter_read)
+    echo "BBSNAP-COUNTER $start"
+    counter_loop "$start" &
+}
+
+# --- cloud-init style seed ----------------------------------------------------------
+# An ISO9660 volume labelled cidata: "CD001" at byte 32769, the volume id at 32808.
+is_cidata() {
+    [ "$(dd if="$1" bs=1 skip=32769 count=5 2>/dev/null)" = CD001 ] || return 1
+    label=$(dd if="$1" bs=1 skip=32808 count=32 2>/dev/null | tr -d ' \000' | tr A-Z a-z)
+    [ "$label" = cidata ]
+}
+
+# Value of a top-level "key: value" line of meta-data, without quotes.
+meta_get() {
+    sed -n "s/^$1:[[:space:]]*//p" /mnt/seed/meta-data | head -n 1 |
+        sed -e 's/[[:space:]]*$//' -e "s/^[\"']//" -e "s/[\"']\$//"
+}
+
+read_seed() {
+    for dev in /dev/sr0 /dev/sr1 /dev/vd[b-z] /dev/sd[a-z]; do
+        [ -b "$dev" ] || continue
+        is_cidata "$dev" || continue
+        if ! mount -t iso9660 -o ro "$dev" /mnt/seed 2>/dev/null; then
+            warn "cannot mount seed $dev"
+            continue
+        fi
+        id=$(meta_get instance-id)
+        host=$(meta_get local-hostname)
+        umount /mnt/seed
+        [ -n "$host" ] && hostname "$host"
+        echo "BBSNAP-SEED instance-id=$id hostname=$host"
+        return
+    done
+    echo "BBSNAP-SEED none"
+}
+
+# --- guest agent ---------------------------------------------------------------------
+start_agent() {
+    for f in /sys/class/virtio-ports/*/name; do
+        [ -f "$f" ] || continue
+        [ "$(cat "$f")" = org.qemu.guest_agent.0 ] || continue
+        dir=${f%/name}
+        port=${dir##*/}
+        if [ ! -c "/dev/$port" ]; then
+            # devtmpfs normally made it; "maj:min" from sysfs otherwise.
+            mknod "/dev/$port" c $(tr ':' ' ' <"$dir/dev")
+        fi
+        # Logs go to a file: the console carries the protocol lines.
+        qemu-ga -m virtio-serial -p "/dev/$port" -t /run -l /run/qemu-ga.log &
+        echo "BBSNAP-AGENT started"
+        return
+    done
+    echo "BBSNAP-AGENT none"
+}
+
+# --- shutdown --------------------------------------------------------------------
+poweroff_now() {
+    echo "BBSNAP-POWEROFF"
+    sync
+    poweroff -f
+}
+
+# Graceful stops: busybox poweroff/halt/reboot signal PID 1 (USR2/USR1/TERM);
+# qemu-ga's guest-shutdown runs /sbin/shutdown; the ACPI power button (libvirt's
+# default shutdown) reaches acpid, which runs /etc/acpi/PWRF/00000080.
+setup_shutdown() {
+    trap poweroff_now USR1 USR2
+    trap 'echo BBSNAP-POWEROFF; sync; reboot -f' TERM
+    printf '#!/bin/sh\nkill -USR2 1\n' >/sbin/shutdown
+    chmod 755 /sbin/shutdown
+    mkdir -p /etc/acpi/PWRF
+    printf '#!/bin/sh\nkill -USR2 1\n' >/etc/acpi/PWRF/00000080
+    chmod 755 /etc/acpi/PWRF/00000080
+    if ls /dev/input/event* >/dev/null 2>&1; then
+        acpid -c /etc/acpi -l /run/acpid.log || warn "acpid failed"
+    fi
+}
+
+# --- network --------------------------------------------------------------------
+write_dhcp_script() {
+    cat >/run/udhcpc.script <<'EOF'
+#!/bin/sh
+case "$1" in
+    deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
+    bound|renew)
+        ip addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        for r in $router; do ip route add default via "$r" dev "$interface"; break; done
+        : >/etc/resolv.conf
+        for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
+        ;;
+esac
+exit 0
+EOF
+    chmod 755 /run/udhcpc.script
+}
+
+start_network() {
+    ip link set lo up
+    if [ ! -e /sys/class/net/eth0 ]; then
+        echo "BBSNAP-NET none"
+        return
+    fi
+    write_dhcp_script
+    # -n -q: give up after the tries, exit once leased (no renewals needed here).
+    if udhcpc -i eth0 -n -q -t 4 -T 1 -s /run/udhcpc.script >/run/udhcpc.log 2>&1; then
+        addr=$(ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1 | head -n 1)
+        echo "BBSNAP-NET ${addr:-none}"
+    else
+        echo "BBSNAP-NET none"
+    fi
+}
+
+load_modules
+setup_shutdown
+start_counter
+read_seed
+start_agent
+start_network
+echo "BBSNAP-TINY-READY"
+
+# Idle forever. `sleep & wait` rather than a foreground sleep: ash runs traps
+# only between commands, and wait is interrupted by a trapped signal at once.
+while :; do
+    sleep 3600 &
+    wait $!
+done
