@@ -57,9 +57,8 @@ def default_owner() -> str:
 
 
 def config_file_path(environ: Mapping[str, str] = os.environ) -> Path | None:
-    explicit = environ.get("BBSNAP_CONFIG")
-    if explicit:
-        return Path(explicit)
+    if "BBSNAP_CONFIG" in environ:  # set but empty: use no config file at all (tests do this)
+        return Path(environ["BBSNAP_CONFIG"]) if environ["BBSNAP_CONFIG"] else None
     for candidate in (Path.home() / ".config" / "bbsnap" / "config.yaml",
                       Path("/etc/bbsnap/config.yaml")):
         if candidate.is_file():

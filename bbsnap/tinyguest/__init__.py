@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .build import build_tiny_guest, default_cache_dir, image_path
 from .counter import (COUNTER_OFFSET, decode_counter_sector, encode_counter_sector,
-                      read_counter)
+                      read_counter, read_disk_bytes)
 
 # Serial console lines printed by init.sh (keep in step with it).
 READY_LINE = "BBSNAP-TINY-READY"
@@ -30,4 +30,5 @@ __all__ = [
     "COUNTER_PREFIX", "NET_PREFIX", "POWEROFF_LINE", "READY_LINE", "SEED_NONE_LINE",
     "SEED_PREFIX", "WARN_PREFIX", "build_tiny_guest", "decode_counter_sector",
     "default_cache_dir", "encode_counter_sector", "image_path", "read_counter",
+    "read_disk_bytes",
 ]

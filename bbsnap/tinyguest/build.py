@@ -18,6 +18,7 @@ directory that is renamed into place, so a killed build leaves no half image.
 from __future__ import annotations
 
 import fcntl
+import functools
 import gzip
 import hashlib
 import json
@@ -176,49 +177,63 @@ def _mkdir(path: Path) -> None:
 # --- package versions ----------------------------------------------------------------
 
 def resolve_versions() -> dict[str, str]:
-    """Exact candidate versions of the real packages the image is built from."""
-    kernel_pkg = _kernel_package()
-    return {name: _candidate_version(name)
-            for name in (kernel_pkg, BUSYBOX_PACKAGE, AGENT_PACKAGE)}
+    """Exact candidate versions of the real packages the image is built from.
+
+    Memoised per process: without apt's binary cache every apt-cache run parses
+    all package lists (~0.5 s here), and the lists do not change under us.
+    """
+    return dict(_resolve_versions_once())
 
 
-def _apt_show(package: str) -> dict[str, str]:
-    result = run([which("apt-cache"), "show", "--no-all-versions", package],
+@functools.lru_cache(maxsize=1)
+def _resolve_versions_once() -> tuple[tuple[str, str], ...]:
+    shown = _apt_show([KERNEL_METAPACKAGE, BUSYBOX_PACKAGE, AGENT_PACKAGE])
+    kernel_pkg = _kernel_package(shown[KERNEL_METAPACKAGE].get("Depends", ""))
+    shown.update(_apt_show([kernel_pkg]))
+    return tuple((name, _version(shown[name], name))
+                 for name in (kernel_pkg, BUSYBOX_PACKAGE, AGENT_PACKAGE))
+
+
+def _apt_show(packages: list[str]) -> dict[str, dict[str, str]]:
+    """Candidate control fields of *packages*, by name (one apt-cache run)."""
+    result = run([which("apt-cache"), "show", "--no-all-versions", *packages],
                  timeout=120, check=False)
-    if result.returncode != 0 or not result.stdout.strip():
-        raise NotFoundError(f"Debian package '{package}' is not known to apt",
+    shown = {fields.get("Package", ""): fields for fields in _control_stanzas(result.stdout)}
+    missing = [name for name in packages if name not in shown]
+    if missing:
+        raise NotFoundError(f"Debian package(s) {', '.join(missing)} not known to apt",
                             hint="run apt-get update (the tiny guest is built from "
                                  "Debian 12 packages)")
-    return _control_fields(result.stdout)
+    return shown
 
 
-def _control_fields(text: str) -> dict[str, str]:
-    """First stanza of control-file text as {field: value} (continuations joined)."""
+def _control_stanzas(text: str) -> list[dict[str, str]]:
+    """Control-file text as one {field: value} per stanza (continuations joined)."""
+    stanzas: list[dict[str, str]] = []
     fields: dict[str, str] = {}
     last = ""
-    for line in text.splitlines():
+    for line in text.splitlines() + [""]:
         if not line.strip():
             if fields:
-                break
-            continue
-        if line[0] in " \t" and last:
+                stanzas.append(fields)
+            fields, last = {}, ""
+        elif line[0] in " \t" and last:
             fields[last] += " " + line.strip()
         elif ":" in line:
             last, _, value = line.partition(":")
             fields[last] = value.strip()
-    return fields
+    return stanzas
 
 
-def _candidate_version(package: str) -> str:
-    version = _apt_show(package).get("Version")
+def _version(fields: dict[str, str], package: str) -> str:
+    version = fields.get("Version")
     if not version:
         raise BbsnapError(f"apt shows no version for '{package}'")
     return version
 
 
-def _kernel_package() -> str:
+def _kernel_package(depends: str) -> str:
     """The versioned linux-image-*-cloud-amd64 the metapackage depends on."""
-    depends = _apt_show(KERNEL_METAPACKAGE).get("Depends", "")
     for name in _dependency_names(depends):
         if re.fullmatch(r"linux-image-[0-9].*-cloud-amd64", name):
             return name
@@ -257,7 +272,10 @@ def _extract(deb: Path, root: Path) -> dict[str, str]:
     """Unpack *deb* under *root*; return its control fields."""
     root.mkdir(parents=True, exist_ok=True)
     run([which("dpkg-deb"), "-x", str(deb), str(root)], timeout=300)
-    return _control_fields(run([which("dpkg-deb"), "-f", str(deb)], timeout=60).stdout)
+    stanzas = _control_stanzas(run([which("dpkg-deb"), "-f", str(deb)], timeout=60).stdout)
+    if not stanzas:
+        raise BbsnapError(f"{deb.name} has no control fields")
+    return stanzas[0]
 
 
 @dataclass
@@ -430,8 +448,7 @@ def _add_agent(initramfs: _Initramfs, agent: _Package, work: Path,
         found, missing = _resolve_libraries(binary, agent.name, packages)
         if not missing:
             break
-        wanted = sorted({dep for needer in missing.values() for dep in packages[needer].depends
-                         if dep not in packages})
+        wanted = _packages_to_fetch(missing, packages)
         if not wanted:
             raise BbsnapError("qemu-ga needs libraries no dependency provides: "
                               + ", ".join(sorted(missing)))
@@ -449,6 +466,27 @@ def _add_agent(initramfs: _Initramfs, agent: _Package, work: Path,
         initramfs.add(dest, path.read_bytes(), 0o755)
         libs[soname] = f"{owner}={packages[owner].version}"
     return libs
+
+
+def _packages_to_fetch(missing: dict[str, str], packages: dict[str, _Package]) -> list[str]:
+    """Dependencies of the needers that may provide the *missing* sonames.
+
+    Debian names library packages after the soname (libpcre2-8.so.0 ->
+    libpcre2-8-0); when that name is among the needer's Depends only it is
+    fetched, otherwise all of the needer's Depends are (libglib-2.0.so.0 lives
+    in libglib2.0-0, libm.so.6 in libc6).
+    """
+    wanted: set[str] = set()
+    for soname, needer in missing.items():
+        depends = [dep for dep in packages[needer].depends if dep not in packages]
+        guess = _package_for_soname(soname)
+        wanted.update([guess] if guess in depends else depends)
+    return sorted(wanted)
+
+
+def _package_for_soname(soname: str) -> str:
+    stem, _, version = soname.partition(".so.")
+    return f"{stem}-{version}" if stem[-1:].isdigit() else f"{stem}{version}"
 
 
 def _resolve_libraries(binary: Path, owner: str, packages: dict[str, _Package]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import InvalidInputError
+from ..errors import ExternalCommandError
 from ..proc import run, which
 
 SECTOR_SIZE = 512
@@ -40,24 +40,35 @@ def decode_counter_sector(sector: bytes) -> int | None:
 
 
 def read_counter(disk: Path, fmt: str = "qcow2") -> int | None:
-    """Counter value stored on *disk* (a whole chain is read through qemu-io).
+    """Counter value stored on *disk* (through its whole backing chain)."""
+    return decode_counter_sector(read_disk_bytes(disk, COUNTER_OFFSET, SECTOR_SIZE, fmt))
+
+
+def read_disk_bytes(disk: Path, offset: int, length: int, fmt: str = "qcow2") -> bytes:
+    """*length* guest-visible bytes of *disk* at *offset* (a multiple of 16), via qemu-io.
 
     ``-U -r`` so it works while a guest still holds the image's write lock; the
     format is explicit so a raw file is never probed as something else.
     """
-    result = run([which("qemu-io"), "-U", "-r", "-f", fmt, "-c",
-                  f"read -v {COUNTER_OFFSET} {SECTOR_SIZE}", str(disk)], timeout=60)
-    return decode_counter_sector(_parse_hexdump(result.stdout, disk))
+    if offset % 16 or length % 16 or length <= 0:
+        raise ValueError("offset and length must be positive multiples of 16")
+    argv = [which("qemu-io"), "-U", "-r", "-f", fmt, "-c", f"read -v {offset} {length}",
+            str(disk)]
+    result = run(argv, timeout=60, check=False)
+    data = _parse_hexdump(result.stdout)
+    if result.returncode != 0 or len(data) != length:
+        # qemu-io reports a failed read (e.g. past the end) on stdout, not stderr.
+        raise ExternalCommandError(
+            f"could not read {length} bytes at {offset} of {disk}: "
+            f"{result.stdout.strip() or result.stderr.strip() or 'no output'}",
+            argv=argv, returncode=result.returncode, stderr=result.stderr)
+    return data
 
 
-def _parse_hexdump(text: str, disk: Path) -> bytes:
+def _parse_hexdump(text: str) -> bytes:
     data = bytearray()
     for line in text.splitlines():
         match = _DUMP_LINE.match(line)
         if match:
             data += bytes.fromhex(match.group(2))
-    if len(data) != SECTOR_SIZE:
-        raise InvalidInputError(
-            f"could not read the counter sector of {disk}: qemu-io returned "
-            f"{len(data)} bytes instead of {SECTOR_SIZE}")
     return bytes(data)

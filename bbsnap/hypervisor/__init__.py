@@ -1,0 +1,44 @@
+"""The hypervisor port: what bbsnap needs from libvirt, in bbsnap's own terms.
+
+``libvirt_adapter`` is the only module that imports ``libvirt``; it returns the
+models below, never libvirt objects, so services and tests don't depend on it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class DomainState(str, enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    uuid: str
+    state: DomainState
+    persistent: bool
+
+
+@dataclass(frozen=True)
+class HypervisorVersion:
+    libvirt: tuple[int, int, int]
+    qemu: tuple[int, int, int]
+
+
+class Hypervisor(Protocol):
+    def version(self) -> HypervisorVersion: ...
+    def define(self, xml: str) -> DomainInfo: ...
+    def start(self, name: str) -> DomainInfo: ...
+    def info(self, name: str) -> DomainInfo: ...
+    def list_domains(self) -> list[DomainInfo]: ...
+    def destroy(self, name: str) -> None: ...
+    def undefine(self, name: str) -> None: ...
+    def domain_xml(self, name: str, *, inactive: bool = False) -> str: ...

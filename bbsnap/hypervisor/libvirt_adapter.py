@@ -1,0 +1,106 @@
+"""The libvirt adapter: the only importer of ``libvirt`` in bbsnap.
+
+libvirt-python is imported on first use, so commands that never touch the
+hypervisor (the catalogue ones, ``--help``) don't pay for it or need libvirtd.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import HypervisorError, NotFoundError
+from . import DomainInfo, DomainState, HypervisorVersion
+
+_STATES = {1: DomainState.RUNNING, 3: DomainState.PAUSED, 5: DomainState.SHUTOFF,
+           6: DomainState.CRASHED}
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise HypervisorError("libvirt-python is not installed", hint="run scripts/setup") from exc
+    return libvirt
+
+
+def _version_tuple(number: int) -> tuple[int, int, int]:
+    return number // 1_000_000, (number // 1000) % 1000, number % 1000
+
+
+class LibvirtHypervisor:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: Any = None
+
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            libvirt = _libvirt()
+            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stderr noise
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(
+                    f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}",
+                    hint="is libvirtd running? scripts/setup starts it") from exc
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def _call(self, what: str, func: Any, *args: Any) -> Any:
+        libvirt = _libvirt()
+        try:
+            return func(*args)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NotFoundError(f"{what}: no such domain") from exc
+            raise HypervisorError(f"{what} failed: {exc.get_error_message()}") from exc
+
+    def _lookup(self, name: str) -> Any:
+        return self._call(f"looking up domain {name}", self.conn.lookupByName, name)
+
+    def _describe(self, dom: Any) -> DomainInfo:
+        state = self._call("reading domain state", dom.state)[0]
+        return DomainInfo(name=dom.name(), uuid=dom.UUIDString(),
+                          state=_STATES.get(state, DomainState.OTHER),
+                          persistent=bool(dom.isPersistent()))
+
+    def version(self) -> HypervisorVersion:
+        return HypervisorVersion(
+            libvirt=_version_tuple(self._call("reading the libvirt version", self.conn.getLibVersion)),
+            qemu=_version_tuple(self._call("reading the QEMU version", self.conn.getVersion)))
+
+    def define(self, xml: str) -> DomainInfo:
+        return self._describe(self._call("defining the domain", self.conn.defineXML, xml))
+
+    def start(self, name: str) -> DomainInfo:
+        dom = self._lookup(name)
+        self._call(f"starting {name}", dom.create)
+        return self._describe(dom)
+
+    def info(self, name: str) -> DomainInfo:
+        return self._describe(self._lookup(name))
+
+    def list_domains(self) -> list[DomainInfo]:
+        return [self._describe(d) for d in self._call("listing domains", self.conn.listAllDomains, 0)]
+
+    def destroy(self, name: str) -> None:
+        dom = self._lookup(name)
+        if dom.isActive():
+            self._call(f"stopping {name}", dom.destroy)
+
+    def undefine(self, name: str) -> None:
+        dom = self._lookup(name)
+        libvirt = _libvirt()
+        flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                 | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        self._call(f"undefining {name}", dom.undefineFlags, flags)
+
+    def domain_xml(self, name: str, *, inactive: bool = False) -> str:
+        flags = _libvirt().VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return str(self._call(f"reading the XML of {name}", self._lookup(name).XMLDesc, flags))

@@ -1,0 +1,159 @@
+"""The tiny real test guest's image, checked with the real qemu-img/qemu-io/mtools.
+
+The image is built once per machine (cached under $BBSNAP_CACHE or the default
+cache dir); booting it is covered by the libvirt system tests.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from bbsnap.proc import run, which
+from bbsnap.tinyguest import (COUNTER_OFFSET, READY_LINE, build_tiny_guest,
+                              decode_counter_sector, encode_counter_sector, read_counter,
+                              read_disk_bytes)
+from bbsnap.tinyguest import build as tg_build
+
+MIB = 1024 * 1024
+INIT_SH = Path(tg_build.__file__).with_name("init.sh")
+
+
+@pytest.fixture(scope="session")
+def tiny_guest() -> Path:
+    return build_tiny_guest()
+
+
+@pytest.fixture(scope="session")
+def tiny_guest_raw(tiny_guest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    raw = tmp_path_factory.mktemp("tiny-raw") / "disk.raw"
+    run([which("qemu-img"), "convert", "-f", "qcow2", "-O", "raw", str(tiny_guest), str(raw)])
+    return raw
+
+
+def _info(image: Path, fmt: str = "qcow2") -> dict:
+    return json.loads(run([which("qemu-img"), "info", "--output=json", "-f", fmt,
+                           str(image)]).stdout)
+
+
+def _write_at(image: Path, fmt: str, offset: int, data: bytes, tmp_path: Path) -> None:
+    source = tmp_path / "payload.bin"
+    source.write_bytes(data)
+    run([which("qemu-io"), "-f", fmt, "-c", f"write -s {source} {offset} {len(data)}",
+         str(image)])
+
+
+# --- the built image ---------------------------------------------------------------
+
+def test_image_is_standalone_small_qcow2(tiny_guest: Path) -> None:
+    info = _info(tiny_guest)
+    assert info["format"] == "qcow2"
+    assert "backing-filename" not in info
+    assert "data-file" not in info.get("format-specific", {}).get("data", {})
+    assert info["virtual-size"] <= 256 * MIB
+
+
+def test_qemu_img_check_is_clean(tiny_guest: Path) -> None:
+    result = run([which("qemu-img"), "check", "--output=json", "-f", "qcow2",
+                  str(tiny_guest)], check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report.get("corruptions", 0) == 0
+    assert report.get("leaks", 0) == 0
+    assert report.get("check-errors", 0) == 0
+
+
+def test_sector_zero_is_a_bootable_mbr(tiny_guest: Path) -> None:
+    mbr = read_disk_bytes(tiny_guest, 0, 512)
+    assert mbr[510:512] == b"\x55\xaa"
+    assert mbr[:440].rstrip(b"\0"), "no boot code in the MBR"
+    status, ptype = mbr[446], mbr[446 + 4]
+    start_lba, sectors = struct.unpack_from("<II", mbr, 446 + 8)
+    assert status == 0x80, "partition 1 must be active for syslinux's mbr.bin"
+    assert ptype == 0x0E
+    assert start_lba * 512 == MIB
+    assert COUNTER_OFFSET + 512 <= start_lba * 512, "the counter must sit before partition 1"
+    assert sectors > 0
+
+
+def test_boot_partition_holds_syslinux_kernel_and_initramfs(tiny_guest_raw: Path) -> None:
+    listing = run([which("mdir"), "-a", "-b", "-i", f"{tiny_guest_raw}@@{MIB}", "::/"],
+                  env={"MTOOLS_SKIP_CHECK": "1"}).stdout.lower()
+    for name in ("ldlinux.sys", "ldlinux.c32", "syslinux.cfg", "vmlinuz", "initrd.gz"):
+        assert name in listing, listing
+    config = run([which("mtype"), "-i", f"{tiny_guest_raw}@@{MIB}", "::/syslinux.cfg"],
+                 env={"MTOOLS_SKIP_CHECK": "1"}).stdout
+    assert "console=ttyS0" in config
+    assert "INITRD /initrd.gz" in config
+
+
+def test_manifest_records_versions_and_module_order(tiny_guest: Path) -> None:
+    manifest = json.loads((tiny_guest.parent / tg_build.MANIFEST_NAME).read_text())
+    assert set(manifest["packages"]) >= {"busybox-static", "qemu-guest-agent"}
+    order = [Path(m).name for m in manifest["modules"]["load_order"]]
+    for before, after in (("virtio_ring.ko", "virtio.ko"), ("virtio.ko", "virtio_pci.ko"),
+                          ("virtio.ko", "virtio_blk.ko"), ("cdrom.ko", "sr_mod.ko")):
+        assert order.index(before) < order.index(after)
+    assert "libglib-2.0.so.0" in manifest["agent_libraries"]
+
+
+def test_second_build_uses_the_cache(tiny_guest: Path) -> None:
+    assert build_tiny_guest() == tiny_guest
+    assert not list(tiny_guest.parent.parent.glob(".tmp-*")), "work dir left behind"
+
+
+# --- the counter -------------------------------------------------------------------
+
+def test_fresh_image_has_no_counter(tiny_guest: Path) -> None:
+    assert read_counter(tiny_guest) is None
+
+
+def test_read_counter_on_raw_file(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    with raw.open("wb") as handle:
+        handle.truncate(2 * MIB)
+        handle.seek(COUNTER_OFFSET)
+        handle.write(encode_counter_sector(4711))
+    assert read_counter(raw, "raw") == 4711
+
+
+def test_read_counter_on_qcow2_file(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    run([which("qemu-img"), "create", "-q", "-f", "qcow2", str(image), "4M"])
+    assert read_counter(image) is None
+    _write_at(image, "qcow2", COUNTER_OFFSET, encode_counter_sector(123456789), tmp_path)
+    assert read_counter(image) == 123456789
+
+
+def test_read_counter_through_an_overlay_of_the_guest(tiny_guest: Path, tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay.qcow2"
+    run([which("qemu-img"), "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+         str(tiny_guest), str(overlay)])
+    _write_at(overlay, "qcow2", COUNTER_OFFSET, encode_counter_sector(42), tmp_path)
+    assert read_counter(overlay) == 42
+    assert read_counter(tiny_guest) is None
+
+
+def test_counter_sector_format() -> None:
+    sector = encode_counter_sector(17)
+    assert len(sector) == 512
+    assert sector.startswith(b"BBSNAPCTR 17\n\0")
+    assert decode_counter_sector(sector) == 17
+    assert decode_counter_sector(b"\0" * 512) is None
+    assert decode_counter_sector(b"BBSNAPCTR x\n".ljust(512, b"\0")) is None
+    with pytest.raises(ValueError):
+        encode_counter_sector(-1)
+
+
+# --- /init ---------------------------------------------------------------------------
+
+def test_init_script_parses_and_speaks_the_protocol() -> None:
+    run([which("busybox"), "sh", "-n", str(INIT_SH)])
+    text = INIT_SH.read_text()
+    for line in (READY_LINE, "BBSNAP-COUNTER", "BBSNAP-SEED none", "BBSNAP-AGENT started",
+                 "BBSNAP-AGENT none", "BBSNAP-NET", "org.qemu.guest_agent.0"):
+        assert line in text
+    assert tg_build.init_script() == INIT_SH.read_bytes()
