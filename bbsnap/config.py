@@ -66,9 +66,9 @@ def config_file_path(environ: Mapping[str, str] = os.environ) -> Path | None:
     return None
 
 
-def _read_config_file(path: Path | None) -> dict[str, Any]:
+def _read_config_file(path: Path | None, explicit: bool) -> dict[str, Any]:
     if path is None or not path.exists():
-        if path is not None and os.environ.get("BBSNAP_CONFIG"):
+        if path is not None and explicit:
             raise UsageError(f"config file {path} does not exist")
         return {}
     import yaml  # deferred: only needed when a config file exists
@@ -99,7 +99,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
                   environ: Mapping[str, str] = os.environ) -> Settings:
     """Resolve every setting from *overrides* (flags), *environ* and the config file."""
     values: dict[str, Any] = {"data_dir": default_data_dir(), "owner": default_owner()}
-    for name, value in _read_config_file(config_file_path(environ)).items():
+    for name, value in _read_config_file(config_file_path(environ),
+                                          bool(environ.get("BBSNAP_CONFIG"))).items():
         values[name] = _coerce(name, value)
     for name, (variable, parser) in _ENV.items():
         if environ.get(variable):

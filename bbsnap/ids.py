@@ -25,7 +25,7 @@ def new_id(prefix: str) -> str:
 
 
 def is_valid(value: str, prefix: str | None = None) -> bool:
-    match = _PATTERN.match(value)
+    match = _PATTERN.fullmatch(value)
     return bool(match) and (prefix is None or match.group(1) == prefix)
 
 

@@ -1,0 +1,103 @@
+import sqlite3
+import threading
+
+import pytest
+
+from bbsnap.catalogue import SCHEMA_VERSION, Catalogue, utcnow
+from bbsnap.errors import ConflictError, InUseError, NotFoundError
+from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageType
+
+
+def _image(image_id: str, **fields) -> Image:
+    base = dict(id=image_id, type=ImageType.UPLOAD, owner="me", created_at=utcnow(),
+                status=ImageStatus.AVAILABLE, name=image_id)
+    base.update(fields)
+    return Image(**base)
+
+
+@pytest.fixture()
+def catalogue(tmp_path):
+    cat = Catalogue(tmp_path / "c.sqlite3")
+    yield cat
+    cat.close()
+
+
+def test_schema_is_migrated_and_in_wal_mode(tmp_path, catalogue):
+    assert catalogue.schema_version == SCHEMA_VERSION
+    with sqlite3.connect(tmp_path / "c.sqlite3") as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    Catalogue(tmp_path / "c.sqlite3").close()  # reopening is a no-op migration
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "n.sqlite3"
+    with sqlite3.connect(path) as raw:
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(Exception, match="newer than this"):
+        Catalogue(path)
+
+
+def test_round_trip_of_every_field(catalogue):
+    image = _image("img-aaaaa", description="d", virtual_size=5, disk_size=3, ancestor_id="img-bbbbb",
+                   username="debian", min_ram=128, checksum="sha256:00", official=True)
+    catalogue.add(image)
+    assert catalogue.get("img-aaaaa") == image
+
+
+def test_failed_transaction_changes_nothing(catalogue):
+    catalogue.add(_image("img-aaaaa"))
+    with pytest.raises(RuntimeError):
+        with catalogue.transaction() as db:
+            db.execute("UPDATE images SET name = 'changed'")
+            raise RuntimeError("boom")
+    assert catalogue.get("img-aaaaa").name == "img-aaaaa"
+
+
+def test_update_with_expected_status(catalogue):
+    catalogue.add(_image("img-aaaaa", status=ImageStatus.CREATING))
+    catalogue.update("img-aaaaa", expect_status=ImageStatus.CREATING, status=ImageStatus.AVAILABLE)
+    with pytest.raises(ConflictError):
+        catalogue.update("img-aaaaa", expect_status=ImageStatus.CREATING, status=ImageStatus.FAILED)
+
+
+def test_dependents_block_deletion_atomically(catalogue):
+    catalogue.add(_image("img-aaaaa"))
+    catalogue.add_dependent("img-aaaaa", DependentKind.SERVER, "srv-bbbbb")
+    with pytest.raises(InUseError, match="srv-bbbbb"):
+        catalogue.mark_deleted("img-aaaaa")
+    catalogue.remove_dependent(DependentKind.SERVER, "srv-bbbbb")
+    catalogue.mark_deleted("img-aaaaa")
+    with pytest.raises(NotFoundError):
+        catalogue.get("img-aaaaa")
+    with pytest.raises(NotFoundError):
+        catalogue.add_dependent("img-aaaaa", DependentKind.SERVER, "srv-ccccc")
+
+
+def test_list_filters_and_hides_deleted(catalogue):
+    catalogue.add(_image("img-aaaaa"))
+    catalogue.add(_image("img-bbbbb", status=ImageStatus.FAILED))
+    catalogue.add(_image("img-ccccc"))
+    catalogue.mark_deleted("img-ccccc")
+    assert [i.id for i in catalogue.list()] == ["img-aaaaa", "img-bbbbb"]
+    assert [i.id for i in catalogue.list(ImageFilter(status="failed"))] == ["img-bbbbb"]
+    assert [i.id for i in catalogue.list(ImageFilter(status="deleted"))] == ["img-ccccc"]
+
+
+def test_concurrent_writers_lose_no_rows(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    Catalogue(path).close()
+
+    def writer(n: int) -> None:
+        cat = Catalogue(path)
+        for i in range(25):
+            cat.add(_image(f"img-{n}{i:04d}"))
+        cat.close()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    check = Catalogue(path)
+    assert len(check.list()) == 100
+    check.close()

@@ -1,0 +1,34 @@
+import pytest
+
+from bbsnap import ids
+from bbsnap.cli import render
+from bbsnap.errors import UsageError
+
+
+def test_new_ids_are_well_formed_and_distinct():
+    made = {ids.new_id("img") for _ in range(500)}
+    assert len(made) == 500
+    assert all(ids.is_valid(i, "img") and len(i) == 9 for i in made)
+
+
+@pytest.mark.parametrize("bad", ["img-ABCDE", "img-abcd", "img-abcdef", "srv-abcde", "../img-abcde",
+                                 "img-abc/e", "img-abcde\n", ""])
+def test_malformed_ids_are_refused(bad):
+    with pytest.raises(UsageError):
+        ids.require(bad, "img")
+
+
+def test_table_has_rules_as_wide_as_the_header_and_escapes_control_characters():
+    out = render.table(["id", "name"], [["img-aaaaa", "two\nlines"], ["img-bbbbb", "x"]])
+    lines = out.splitlines()
+    assert len(lines) == 5
+    assert lines[1] == lines[4] == "-" * len(lines[0])
+    assert lines[2] == " img-aaaaa  two\\nlines"
+
+
+def test_vertical_right_aligns_keys():
+    assert render.vertical([("id", 1), ("virtual_size", 2)]) == "          id: 1\nvirtual_size: 2\n"
+
+
+def test_json_is_sorted_and_stable():
+    assert render.as_json({"b": 1, "a": "é"}) == '{\n  "a": "é",\n  "b": 1\n}\n'
