@@ -84,18 +84,25 @@ def _to_db(name: str, value: Any) -> Any:
     return value
 
 
+# Enum lookups by value through plain dicts: Enum(value) is slow at 10k rows per listing.
+_TYPES = {e.value: e for e in ImageType}
+_STATUSES = {e.value: e for e in ImageStatus}
+_VISIBILITIES = {e.value: e for e in Visibility}
+_CONSISTENCIES = {e.value: e for e in Consistency}
+
+
 def _row_to_image(row: sqlite3.Row | tuple[Any, ...]) -> Image:
     (id_, type_, owner, created_at, status, visibility, name, arch, description, virtual_size,
      disk_size, compatibility_mode, official, ancestor_id, fmt, path, source_server, consistency,
      checksum, firmware, username, min_ram, failure_reason, job) = row
     return Image(
-        id=id_, type=ImageType(type_), owner=owner,
-        created_at=datetime.fromisoformat(created_at), status=ImageStatus(status),
-        visibility=Visibility(visibility), name=name, arch=arch, description=description,
+        id=id_, type=_TYPES[type_], owner=owner,
+        created_at=datetime.fromisoformat(created_at), status=_STATUSES[status],
+        visibility=_VISIBILITIES[visibility], name=name, arch=arch, description=description,
         virtual_size=virtual_size, disk_size=disk_size,
         compatibility_mode=bool(compatibility_mode), official=bool(official),
         ancestor_id=ancestor_id, format=fmt, path=path, source_server=source_server,
-        consistency=Consistency(consistency) if consistency else None, checksum=checksum,
+        consistency=_CONSISTENCIES[consistency] if consistency else None, checksum=checksum,
         firmware=firmware, username=username, min_ram=min_ram,
         failure_reason=failure_reason, job=job,
     )

@@ -6,15 +6,19 @@ so one row stays one line. ``show``, JSON and YAML give values verbatim.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 OUTPUT_FORMATS = ("table", "json", "yaml")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _cell(value: Any) -> str:
-    text = "" if value is None else str(value)
-    if any(ch < " " for ch in text):
-        text = text.encode("unicode_escape").decode("ascii")
+    text = value if type(value) is str else ("" if value is None else str(value))
+    if _CONTROL.search(text):
+        text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
     return text
 
 

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Benchmark: CLI start-up and `images list` with 10,000 catalogue rows.
+
+Each figure is the median of several runs and is printed as a ratio to a bare
+`python -c pass` measured in the same run (these machines are noisy).
+Goals (issue 2): `--help` under 150 ms, the 10k list under 300 ms.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+RUNS = 9
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    samples = []
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=True)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def fill_catalogue(data_dir: Path, rows: int) -> None:
+    from bbsnap import ids
+    from bbsnap.catalogue import Catalogue, utcnow
+    from bbsnap.layout import DataDir
+    from bbsnap.models import Image, ImageStatus, ImageType
+
+    layout = DataDir(data_dir).ensure()
+    catalogue = Catalogue(layout.catalogue_path)
+    template = Image(id="", type=ImageType.UPLOAD, owner="bench", created_at=utcnow(),
+                     status=ImageStatus.AVAILABLE, name="", virtual_size=8 << 30, disk_size=1 << 30)
+    seen: set[str] = set()
+    for n in range(rows):
+        image_id = ids.new_id("img")
+        while image_id in seen:
+            image_id = ids.new_id("img")
+        seen.add(image_id)
+        kind = ImageType.SNAPSHOT if n % 3 == 0 else ImageType.UPLOAD
+        catalogue.add(replace(template, id=image_id, type=kind, name=f"bench image {n}",
+                              created_at=utcnow()))
+    catalogue.close()
+
+
+def main() -> None:
+    env = {**os.environ, "BBSNAP_CONFIG": ""}
+    with tempfile.TemporaryDirectory(prefix="bbsnap-bench-") as tmp:
+        data_dir = Path(tmp) / "data"
+        fill_catalogue(data_dir, 10_000)
+        env["BBSNAP_HOME"] = str(data_dir)
+        bbsnap = [sys.executable, "-m", "bbsnap.cli.main"]
+        baseline = timed([sys.executable, "-c", "pass"], env)
+        help_time = timed([*bbsnap, "--help"], env)
+        list_time = timed([*bbsnap, "images", "list"], env)
+        json_time = timed([*bbsnap, "images", "list", "--format", "json"], env)
+    print(f"{'measurement':34} {'median':>9} {'ratio':>7}  goal")
+    print(f"{'python -c pass (baseline)':34} {baseline * 1000:7.1f}ms {1:7.2f}")
+    print(f"{'bbsnap --help':34} {help_time * 1000:7.1f}ms {help_time / baseline:7.2f}  "
+          f"< 150 ms: {'met' if help_time < 0.150 else 'MISSED'}")
+    print(f"{'bbsnap images list (10k rows)':34} {list_time * 1000:7.1f}ms {list_time / baseline:7.2f}  "
+          f"< 300 ms: {'met' if list_time < 0.300 else 'MISSED'}")
+    print(f"{'bbsnap images list --format json':34} {json_time * 1000:7.1f}ms {json_time / baseline:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
