@@ -1,25 +1,42 @@
 """Choosing QEMU's accelerator: kvm only when it really runs guests, else tcg.
 
-On some hosts ``/dev/kvm`` exists but guests hang under it (nested KVM), so its
-existence proves nothing. The probe boots a 512-byte boot sector under
-``-accel kvm`` that writes to QEMU's isa-debug-exit port; QEMU then exits with
-a known status. Anything else within the time limit means KVM is not usable.
+On some hosts ``/dev/kvm`` exists but guests fail under it (seen here: a
+paravirtual KVM module that cannot emulate a protected-mode interrupt, so a
+guest's bootloader dies with "KVM internal error ... emulation failure" and
+QEMU hangs). The file's existence, and even a real-mode boot sector, prove
+nothing. The probe boots a 512-byte boot sector that enters 32-bit protected
+mode, takes a software interrupt through an IDT gate and returns with
+``iret`` (what bootloaders and kernels do early), then writes to QEMU's
+isa-debug-exit port so QEMU exits with a known status. Anything else within
+the time limit means KVM is not usable here.
 """
 
 from __future__ import annotations
 
 import os
+import select
+import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import proc
-from .errors import ExternalCommandError, NotFoundError, UsageError
+from .errors import NotFoundError, UsageError
 
-# mov al, 0x2a ; out 0xf4, al ; hlt ; jmp short -1   -> QEMU exits with (0x2a << 1) | 1
-_BOOT_CODE = bytes([0xB0, 0x2A, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD])
+# Assembled from this (GNU as --32, objcopy -O binary); trailing zeros omitted:
+#   cli; xor ax,ax; mov ds,ax; lgdt [gdtr]; set CR0.PE; ljmp 0x08:pm
+#   pm: load 0x10 data segments, esp=0x7000; lidt [idtr]; int 0x20  (gate -> iret)
+#       mov al,0x2a; out 0xf4,al; hlt loop       -> QEMU exits with (0x2a << 1) | 1
+_PROBE_CODE = bytes.fromhex(
+    "fa31c08ed80f0116587c0f20c06683c8010f22c0ea197c080066b810008ed88ed08ec0bc0070"
+    "00000f011d667d0000cd20b02ae6f4f4ebfdcf8db426000000000000000000000000ffff0000"
+    "009acf00ffff00000092cf001700407c")
+_PROBE_IDT = 0x5E  # the IDT starts here in the sector (its base in IDTR is 0x7c5e)
+_PROBE_IDT_GATE_0X20 = bytes.fromhex("387c0800008e0000")  # handler 0x7c38, selector 0x08, 32-bit gate
+_PROBE_IDTR = bytes.fromhex("07015e7c")
 _EXPECTED_EXIT = (0x2A << 1) | 1
-PROBE_TIMEOUT = 20.0
+PROBE_TIMEOUT = 15.0
 
 
 @dataclass(frozen=True)
@@ -29,32 +46,61 @@ class AccelProbe:
 
 
 def _boot_sector() -> bytes:
-    return _BOOT_CODE + bytes(510 - len(_BOOT_CODE)) + b"\x55\xaa"
+    sector = bytearray(512)
+    sector[:len(_PROBE_CODE)] = _PROBE_CODE
+    idt_gate = _PROBE_IDT + 0x20 * 8
+    sector[idt_gate:idt_gate + 8] = _PROBE_IDT_GATE_0X20
+    sector[idt_gate + 8:idt_gate + 12] = _PROBE_IDTR
+    sector[510:] = b"\x55\xaa"
+    return bytes(sector)
 
 
-def probe_kvm(timeout: float = PROBE_TIMEOUT) -> AccelProbe:
-    if not os.path.exists("/dev/kvm"):
+def probe_kvm(timeout: float = PROBE_TIMEOUT, accel: str = "kvm") -> AccelProbe:
+    """Does a protected-mode guest run under *accel*? (``tcg`` checks the probe itself.)"""
+    if accel == "kvm" and not os.path.exists("/dev/kvm"):
         return AccelProbe(False, "/dev/kvm does not exist")
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return AccelProbe(False, "/dev/kvm is not accessible to this user")
     with tempfile.TemporaryDirectory(prefix="bbsnap-kvm-probe-") as tmp:
         disk = Path(tmp) / "boot.img"
         disk.write_bytes(_boot_sector())
-        argv = ["qemu-system-x86_64", "-accel", "kvm", "-machine", "pc", "-m", "16",
+        argv = ["qemu-system-x86_64", "-accel", accel, "-machine", "pc", "-m", "16",
                 "-display", "none", "-nodefaults", "-no-user-config", "-no-reboot",
                 "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01",
                 "-drive", f"file={disk},format=raw,if=ide"]
-        try:
-            result = proc.run(argv, timeout=timeout, check=False)
-        except ExternalCommandError:
-            return AccelProbe(False, f"a KVM guest did not run within {timeout:g} s "
-                                     "(nested KVM that cannot boot guests?)")
-        except NotFoundError:
-            return AccelProbe(False, "qemu-system-x86_64 is not installed")
-    if result.returncode == _EXPECTED_EXIT:
-        return AccelProbe(True, "a test guest ran under KVM")
-    detail = result.stderr.strip().splitlines()[-1:] or [f"exit {result.returncode}"]
-    return AccelProbe(False, f"QEMU could not run a KVM guest: {detail[0]}")
+        return _run_probe(argv, timeout, accel)
+
+
+def _run_probe(argv: list[str], timeout: float, accel: str) -> AccelProbe:
+    """Run QEMU; stop early when it reports a KVM internal error (it would hang, paused)."""
+    try:
+        child = proc.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    except NotFoundError:
+        return AccelProbe(False, "qemu-system-x86_64 is not installed")
+    assert child.stderr is not None
+    stderr = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while child.poll() is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return AccelProbe(False, f"a {accel} test guest did not finish within {timeout:g} s")
+            ready, _, _ = select.select([child.stderr], [], [], min(remaining, 0.5))
+            if ready:
+                stderr += os.read(child.stderr.fileno(), 4096)
+                if b"KVM internal error" in stderr:
+                    return AccelProbe(False, "KVM cannot run a protected-mode guest here "
+                                             "(KVM internal error: emulation failure)")
+        stderr += child.stderr.read()
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        child.stderr.close()
+    if child.returncode == _EXPECTED_EXIT:
+        return AccelProbe(True, f"a protected-mode test guest ran under {accel}")
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    return AccelProbe(False, f"QEMU could not run a KVM guest: {lines[-1] if lines else child.returncode}")
 
 
 def resolve_accel(setting: str, probe: AccelProbe | None = None) -> str:
