@@ -41,7 +41,7 @@ PROBE_TIMEOUT = 15.0
 
 @dataclass(frozen=True)
 class AccelProbe:
-    kvm_usable: bool
+    usable: bool
     reason: str
 
 
@@ -109,12 +109,12 @@ def resolve_accel(setting: str, probe: AccelProbe | None = None) -> str:
         return setting
     if setting != "auto":
         raise UsageError(f"acceleration '{setting}' is not one of auto, kvm, tcg")
-    return "kvm" if (probe or probe_kvm()).kvm_usable else "tcg"
+    return "kvm" if (probe or probe_kvm()).usable else "tcg"
 
 
 def main() -> None:
     probe = probe_kvm()
-    if probe.kvm_usable:
+    if probe.usable:
         print(f"acceleration: kvm usable ({probe.reason}); auto will use kvm")
     else:
         print(f"acceleration: tcg (KVM not usable: {probe.reason}); "

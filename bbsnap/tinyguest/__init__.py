@@ -8,9 +8,15 @@ tests wait for, and keeps an ever-increasing counter in one disk sector
 
 from __future__ import annotations
 
-from .build import build_tiny_guest, default_cache_dir, image_path
-from .counter import (COUNTER_OFFSET, decode_counter_sector, encode_counter_sector,
-                      read_counter, read_disk_bytes)
+from .build import build_tiny_guest, image_path
+from .cache import default_cache_dir
+from .counter import (
+    COUNTER_OFFSET,
+    decode_counter_sector,
+    encode_counter_sector,
+    read_counter,
+    read_disk_bytes,
+)
 
 # Serial console lines printed by init.sh (keep in step with it).
 READY_LINE = "BBSNAP-TINY-READY"

@@ -9,7 +9,7 @@ import pytest
 
 def test_probe_guest_runs_to_completion_under_tcg():
     result = probe_kvm(accel="tcg")
-    assert result.kvm_usable, result.reason
+    assert result.usable, result.reason
 
 
 def test_explicit_choices_skip_the_probe_and_bad_ones_are_refused():
@@ -20,4 +20,4 @@ def test_explicit_choices_skip_the_probe_and_bad_ones_are_refused():
 
 def test_auto_follows_the_probe_verdict():
     verdict = probe_kvm()
-    assert resolve_accel("auto", verdict) == ("kvm" if verdict.kvm_usable else "tcg")
+    assert resolve_accel("auto", verdict) == ("kvm" if verdict.usable else "tcg")
