@@ -90,3 +90,27 @@ def test_sparse_raw_stays_small_on_disk(bbsnap, work_dir):
     record = _image_json(bbsnap, result.stdout.strip())
     assert record["virtual_size"] == 512 * MIB
     assert record["disk_size"] < 8 * MIB
+
+
+def test_image_shows_creating_while_the_import_runs(bbsnap, work_dir):
+    """Feed stdin by hand: mid-stream the row is visible as creating, then available."""
+    import subprocess
+    import sys
+
+    data = gzip.compress(raw_disk(work_dir / "slow.raw", size=64 * MIB).read_bytes())
+    env = {**os.environ, **bbsnap.env}
+    child = subprocess.Popen([sys.executable, "-m", "bbsnap.cli.main", "images", "import", "-",
+                              "--name", "slow"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env)
+    assert child.stdin is not None and child.stderr is not None
+    child.stdin.write(data[:1024])
+    child.stdin.flush()
+    # The importer announces the registered id on stderr once the row exists.
+    announced = child.stderr.readline().decode()
+    assert "as img-" in announced
+    listed = json.loads(bbsnap("images", "list", "--format", "json").stdout)
+    assert [(i["name"], i["status"]) for i in listed] == [("slow", "creating")]
+    out, err = child.communicate(input=data[1024:], timeout=120)
+    assert child.returncode == 0, err
+    image_id = out.decode().strip()
+    assert _image_json(bbsnap, image_id)["status"] == "private"
