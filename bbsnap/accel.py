@@ -112,6 +112,30 @@ def resolve_accel(setting: str, probe: AccelProbe | None = None) -> str:
     return "kvm" if (probe or probe_kvm()).usable else "tcg"
 
 
+def cached_probe(cache_file: Path) -> AccelProbe:
+    """The KVM verdict, probed once per host boot and QEMU binary (the probe costs seconds)."""
+    import json
+    import shutil
+
+    from .jobs import boot_id
+
+    binary = shutil.which("qemu-system-x86_64") or ""
+    stamp = f"{boot_id()}:{binary}:{os.stat(binary).st_mtime if binary else 0}"
+    try:
+        saved = json.loads(cache_file.read_text())
+        if saved.get("stamp") == stamp:
+            return AccelProbe(bool(saved["usable"]), str(saved["reason"]))
+    except (OSError, ValueError, KeyError):
+        pass
+    probe = probe_kvm()
+    try:
+        cache_file.write_text(json.dumps({"stamp": stamp, "usable": probe.usable,
+                                          "reason": probe.reason}))
+    except OSError:
+        pass  # a read-only data directory just means probing again next time
+    return probe
+
+
 def main() -> None:
     probe = probe_kvm()
     if probe.usable:

@@ -28,6 +28,8 @@ class Settings:
     max_virtual_size: int = 2048 * GIB       # refuse images claiming more than this
     max_decompressed_size: int = 2048 * GIB  # stop a compressed stream that expands past this
     qemu_user: str = "libvirt-qemu"
+    ssh_ports: str = "2222-2999"   # 127.0.0.1 ports bbsnap may forward to guests' SSH
+    network: str = "user"          # "user" (user-mode + 127.0.0.1 forward) or a libvirt network
 
 
 # setting name -> (environment variable, parser)
@@ -39,6 +41,8 @@ _ENV = {
     "max_virtual_size": ("BBSNAP_MAX_VIRTUAL_SIZE", parse_size),
     "max_decompressed_size": ("BBSNAP_MAX_DECOMPRESSED_SIZE", parse_size),
     "qemu_user": ("BBSNAP_QEMU_USER", str),
+    "ssh_ports": ("BBSNAP_SSH_PORTS", str),
+    "network": ("BBSNAP_NETWORK", str),
 }
 
 

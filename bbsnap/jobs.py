@@ -22,7 +22,7 @@ def _start_ticks(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as handle:
             return handle.read().strip()[:8]
@@ -32,7 +32,7 @@ def _boot_id() -> str:
 
 def current_job_token() -> str:
     pid = os.getpid()
-    return f"{pid}:{_start_ticks(pid)}:{_boot_id()}"
+    return f"{pid}:{_start_ticks(pid)}:{boot_id()}"
 
 
 def job_alive(token: str | None) -> bool:
@@ -43,6 +43,6 @@ def job_alive(token: str | None) -> bool:
         pid = int(pid_text)
     except ValueError:
         return False
-    if boot != _boot_id():
+    if boot != boot_id():
         return False
     return _start_ticks(pid) == ticks

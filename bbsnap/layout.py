@@ -35,6 +35,14 @@ class DataDir:
         """Work files of running jobs; anything here without a live job is garbage."""
         return self.root / "tmp"
 
+    @property
+    def servers_dir(self) -> Path:
+        """One directory per bbsnap server: its disk overlay, seed ISO and console log."""
+        return self.root / "servers"
+
+    def server_dir(self, server_id: str) -> Path:
+        return self.servers_dir / server_id
+
     def image_file(self, image_id: str, fmt: str = "qcow2") -> Path:
         return self.images_dir / f"{image_id}.{fmt}"
 
@@ -45,7 +53,7 @@ class DataDir:
         back is not ours to do.
         """
         try:
-            for directory in (self.root, self.images_dir, self.tmp_dir):
+            for directory in (self.root, self.images_dir, self.tmp_dir, self.servers_dir):
                 directory.mkdir(parents=True, exist_ok=True)
                 os.chmod(directory, DIR_MODE)
         except OSError as exc:

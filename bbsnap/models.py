@@ -88,3 +88,48 @@ class ImageFilter:
     type: ImageType | None = None
     status: str | None = None   # an ImageStatus value or private/public
     include_deleted: bool = False
+
+
+@dataclass(frozen=True)
+class ServerType:
+    """A named preset of vCPUs, RAM and disk, as the seed's "nano (typ-4nssg)"."""
+
+    id: str
+    name: str
+    vcpus: int
+    memory_mib: int
+    disk_gib: int
+
+
+class ServerStatus(str, enum.Enum):
+    ACTIVE = "active"        # running
+    INACTIVE = "inactive"    # defined, shut off
+    PAUSED = "paused"
+    CRASHED = "crashed"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Server:
+    """A libvirt domain, bbsnap's own (``srv-xxxxx``) or any other on the connection."""
+
+    id: str                        # the libvirt domain name
+    uuid: str
+    name: str                      # the user's name (bbsnap's) or the domain name
+    status: ServerStatus
+    managed: bool                  # made by bbsnap (has our metadata)
+    image_id: str | None = None
+    type_id: str | None = None
+    type_name: str | None = None
+    created_at: datetime | None = None
+    owner: str | None = None
+    accel: str | None = None
+    hostname: str | None = None
+    ssh_port: int | None = None    # 127.0.0.1 forward to the guest's port 22
+    network: str | None = None     # libvirt network name, None for user-mode
+    macs: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+    disks: tuple[str, ...] = ()
+    vcpus: int = 0
+    memory_mib: int = 0
+    username: str | None = None

@@ -107,3 +107,12 @@ def _name(args: list[str]) -> str:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "no error output"
+
+
+def exec_replace(argv: Sequence[str]) -> None:
+    """Replace this process with *argv* (``servers ssh``): the user talks to it directly."""
+    args = [os.fspath(a) for a in argv]
+    try:
+        os.execvp(args[0], args)
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"required program '{args[0]}' is not installed") from exc

@@ -13,7 +13,10 @@ if TYPE_CHECKING:
     from ..config import Settings
     from ..layout import DataDir
     from ..services.image_import import ImageImporter
+    from ..hypervisor.libvirt_adapter import LibvirtHypervisor
     from ..services.images import ImageService
+    from ..services.server_create import ServerCreator
+    from ..services.servers import ServerService
 
 
 @dataclass
@@ -23,6 +26,7 @@ class AppContext:
     _settings: "Settings | None" = None
     _catalogue: "Catalogue | None" = None
     _data_dir: "DataDir | None" = None
+    _hypervisor: "LibvirtHypervisor | None" = None
     _closers: list[Any] = field(default_factory=list)
 
     @property
@@ -61,6 +65,33 @@ class AppContext:
         from ..services.image_import import ImageImporter
 
         return ImageImporter(self.catalogue, self.data_dir, self.settings)
+
+    @property
+    def hypervisor(self) -> "LibvirtHypervisor":
+        if self._hypervisor is None:
+            from ..hypervisor.libvirt_adapter import LibvirtHypervisor
+
+            self._hypervisor = LibvirtHypervisor(self.settings.connect)
+            self._closers.append(self._hypervisor.close)
+        return self._hypervisor
+
+    def servers(self) -> "ServerService":
+        from ..services.servers import ServerService
+
+        return ServerService(self.hypervisor, self.catalogue, self.data_dir)
+
+    def server_creator(self, accel: str | None = None) -> "ServerCreator":
+        from ..accel import cached_probe, resolve_accel
+        from ..services.server_create import ServerCreator
+
+        setting = accel or self.settings.accel
+
+        def resolve() -> str:
+            if setting != "auto":
+                return resolve_accel(setting)
+            return resolve_accel("auto", cached_probe(self.data_dir.root / "accel-probe.json"))
+
+        return ServerCreator(self.catalogue, self.data_dir, self.hypervisor, self.settings, resolve)
 
     def close(self) -> None:
         while self._closers:

@@ -10,6 +10,7 @@ import click
 from .. import __version__
 from .context import AppContext
 from .images import images
+from .servers import servers, types
 
 
 class BbsnapGroup(click.Group):
@@ -58,6 +59,8 @@ def cli(ctx: click.Context, data_dir: str | None, connect: str | None, debug: bo
 
 
 cli.add_command(images)
+cli.add_command(servers)
+cli.add_command(types)
 
 
 def main() -> None:

@@ -32,8 +32,14 @@ class DiskSpec:
 @dataclass(frozen=True)
 class NicSpec:
     mac: str
-    network: str | None = None   # a libvirt network name; None = user-mode networking
+    network: str | None = None          # a libvirt network name; None = user-mode networking
+    ssh_forward_port: int | None = None  # user-mode: 127.0.0.1:PORT -> guest port 22
+    passt: bool = False                  # user-mode through passt (libvirt >= 9.2) instead of SLIRP
     model: str = "virtio"
+
+# SLIRP NICs are given on QEMU's command line (libvirt 9.0 has no XML for SLIRP port
+# forwards), at fixed PCI slots well above the ones libvirt assigns to its own devices.
+_SLIRP_FIRST_PCI_SLOT = 0x10
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,12 @@ def build_domain_xml(spec: DomainSpec) -> str:
     devices = ET.SubElement(domain, "devices")
     for disk in spec.disks:
         _add_disk(devices, disk)
-    for nic in spec.nics:
-        _add_nic(devices, nic)
+    slirp_args: list[str] = []
+    for index, nic in enumerate(spec.nics):
+        if nic.network or nic.passt:
+            _add_nic(devices, nic)
+        else:
+            slirp_args += _slirp_args(index, nic)
     serial = ET.SubElement(devices, "serial", type="pty")
     ET.SubElement(serial, "log", file=str(spec.console_log), append="off")
     ET.SubElement(serial, "target", port="0")
@@ -89,7 +99,21 @@ def build_domain_xml(spec: DomainSpec) -> str:
         channel = ET.SubElement(devices, "channel", type="unix")
         ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
     ET.SubElement(devices, "memballoon", model="none")
+    if slirp_args:
+        ET.register_namespace("qemu", QEMU_NS)
+        commandline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
+        for arg in slirp_args:
+            ET.SubElement(commandline, f"{{{QEMU_NS}}}arg", value=arg)
     return ET.tostring(domain, encoding="unicode")
+
+
+def _slirp_args(index: int, nic: NicSpec) -> list[str]:
+    netdev = f"user,id=bbnet{index}"
+    if nic.ssh_forward_port is not None:
+        netdev += f",hostfwd=tcp:127.0.0.1:{nic.ssh_forward_port}-:22"
+    device = (f"virtio-net-pci,netdev=bbnet{index},mac={nic.mac},bus=pci.0,"
+              f"addr={_SLIRP_FIRST_PCI_SLOT + index:#x}")
+    return ["-netdev", netdev, "-device", device]
 
 
 def _add_metadata(domain: ET.Element, facts: dict[str, str]) -> None:
@@ -114,8 +138,57 @@ def _add_nic(devices: ET.Element, nic: NicSpec) -> None:
         ET.SubElement(element, "source", network=nic.network)
     else:
         element = ET.SubElement(devices, "interface", type="user")
+        ET.SubElement(element, "backend", type="passt")
     ET.SubElement(element, "mac", address=nic.mac)
     ET.SubElement(element, "model", type=nic.model)
+    if nic.passt and nic.ssh_forward_port is not None:
+        forward = ET.SubElement(element, "portForward", proto="tcp", address="127.0.0.1")
+        ET.SubElement(forward, "range", start=str(nic.ssh_forward_port), to="22")
+
+
+@dataclass(frozen=True)
+class DomainFacts:
+    """What bbsnap reads back from any domain's XML."""
+
+    title: str | None
+    metadata: dict[str, str]
+    macs: tuple[str, ...]
+    disks: tuple[str, ...]          # source files of writable disks
+    networks: tuple[str, ...]       # libvirt networks the NICs attach to
+    memory_mib: int
+    vcpus: int
+
+
+def read_domain_facts(xml: str) -> DomainFacts:
+    root = ET.fromstring(xml)
+    macs = [m.get("address", "") for m in root.findall("devices/interface/mac")]
+    for arg in root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
+        value = arg.get("value", "")
+        for part in value.split(","):
+            if part.startswith("mac="):
+                macs.append(part[4:])
+    disks = []
+    for disk in root.findall("devices/disk"):
+        source = disk.find("source")
+        if disk.get("device", "disk") != "disk" or disk.find("readonly") is not None or source is None:
+            continue
+        path = source.get("file") or source.get("dev")
+        if path:
+            disks.append(path)
+    networks = [s.get("network", "") for s in root.findall("devices/interface/source")
+                if s.get("network")]
+    memory = root.find("memory")
+    memory_kib = int(memory.text or 0) if memory is not None else 0
+    unit = memory.get("unit", "KiB") if memory is not None else "KiB"
+    factor = {"KiB": 1, "k": 1, "MiB": 1024, "M": 1024, "GiB": 1024 * 1024, "G": 1024 * 1024,
+              "b": 1 / 1024, "bytes": 1 / 1024}.get(unit, 1)
+    vcpu = root.find("vcpu")
+    title = root.find("title")
+    return DomainFacts(
+        title=title.text if title is not None else None,
+        metadata=read_metadata(xml), macs=tuple(macs), disks=tuple(disks),
+        networks=tuple(networks), memory_mib=int(memory_kib * factor) // 1024,
+        vcpus=int(vcpu.text or 0) if vcpu is not None else 0)
 
 
 def read_metadata(xml: str) -> dict[str, str]:
@@ -126,3 +199,15 @@ def read_metadata(xml: str) -> dict[str, str]:
         return {}
     prefix = f"{{{METADATA_NS}}}"
     return {child.tag[len(prefix):]: child.text or "" for child in holder if child.tag.startswith(prefix)}
+
+
+def console_log_path(xml: str) -> Path | None:
+    """Where the serial console is logged, if it is."""
+    root = ET.fromstring(xml)
+    log = root.find("devices/serial/log")
+    if log is not None and log.get("file"):
+        return Path(log.get("file", ""))
+    source = root.find("devices/serial[@type='file']/source")
+    if source is not None and source.get("path"):
+        return Path(source.get("path", ""))
+    return None

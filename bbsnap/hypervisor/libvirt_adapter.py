@@ -28,6 +28,8 @@ def _version_tuple(number: int) -> tuple[int, int, int]:
 
 
 class LibvirtHypervisor:
+    """Implements :class:`bbsnap.hypervisor.Hypervisor` over libvirt-python."""
+
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._conn: Any = None
@@ -61,8 +63,22 @@ class LibvirtHypervisor:
                 raise NotFoundError(f"{what}: no such domain") from exc
             raise HypervisorError(f"{what} failed: {exc.get_error_message()}") from exc
 
-    def _lookup(self, name: str) -> Any:
-        return self._call(f"looking up domain {name}", self.conn.lookupByName, name)
+    def _lookup(self, key: str) -> Any:
+        """A domain by name, or by UUID (any libvirt domain can be named either way)."""
+        libvirt = _libvirt()
+        try:
+            return self.conn.lookupByName(key)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise HypervisorError(f"looking up domain {key} failed: "
+                                      f"{exc.get_error_message()}") from exc
+        if _looks_like_uuid(key):
+            try:
+                return self.conn.lookupByUUIDString(key)
+            except libvirt.libvirtError:
+                pass
+        raise NotFoundError(f"server {key} not found",
+                            hint="'bbsnap servers list' shows the domains on this connection")
 
     def _describe(self, dom: Any) -> DomainInfo:
         state = self._call("reading domain state", dom.state)[0]
@@ -101,6 +117,43 @@ class LibvirtHypervisor:
                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         self._call(f"undefining {name}", dom.undefineFlags, flags)
 
+    def shutdown(self, name: str) -> None:
+        """Ask the guest to power off (ACPI power button); returns at once."""
+        self._call(f"shutting down {name}", self._lookup(name).shutdown)
+
+    def reboot(self, name: str) -> None:
+        self._call(f"rebooting {name}", self._lookup(name).reboot, 0)
+
+    def addresses(self, name: str) -> list[str]:
+        """Guest IPv4/IPv6 addresses: from the guest agent, else DHCP leases, else ARP."""
+        libvirt = _libvirt()
+        dom = self._lookup(name)
+        if not dom.isActive():
+            return []
+        for source in (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+                       libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+                       libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP):
+            try:
+                found = dom.interfaceAddresses(source, 0) or {}
+            except libvirt.libvirtError:
+                continue  # no agent, no libvirt network, ... try the next source
+            addresses = [a["addr"] for iface, info in sorted(found.items()) if iface != "lo"
+                         for a in (info.get("addrs") or [])
+                         if not a["addr"].startswith(("127.", "fe80:", "::1"))]
+            if addresses:
+                return addresses
+        return []
+
     def domain_xml(self, name: str, *, inactive: bool = False) -> str:
         flags = _libvirt().VIR_DOMAIN_XML_INACTIVE if inactive else 0
         return str(self._call(f"reading the XML of {name}", self._lookup(name).XMLDesc, flags))
+
+
+def _looks_like_uuid(key: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(key)
+    except ValueError:
+        return False
+    return True

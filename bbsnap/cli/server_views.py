@@ -1,0 +1,61 @@
+"""How a server looks on screen and as data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..models import Server
+
+LIST_COLUMNS = ("id", "status", "type", "zone", "created_on", "image_id", "cloud_ips", "name")
+ZONE = "local"
+
+
+def reachable(server: Server) -> list[str]:
+    """Where the host reaches the guest: the SSH forward, else the guest's own addresses."""
+    if server.ssh_port:
+        return [f"127.0.0.1:{server.ssh_port}"]
+    return list(server.addresses)
+
+
+def list_row(server: Server) -> list[Any]:
+    return [server.id, server.status.value, server.type_name or "-", ZONE,
+            server.created_at.strftime("%Y-%m-%d") if server.created_at else "-",
+            server.image_id or "-", ", ".join(reachable(server)) or "-", server.name]
+
+
+def show_pairs(server: Server) -> list[tuple[str, Any]]:
+    return [
+        ("id", server.id),
+        ("uuid", server.uuid),
+        ("status", server.status.value),
+        ("name", server.name),
+        ("type", f"{server.type_name} ({server.type_id})" if server.type_id else "-"),
+        ("zone", ZONE),
+        ("created_at", server.created_at.strftime("%Y-%m-%dT%H:%MZ") if server.created_at else ""),
+        ("image_id", server.image_id or ""),
+        ("hostname", server.hostname or ""),
+        ("vcpus", server.vcpus),
+        ("memory", server.memory_mib),
+        ("accel", server.accel or ""),
+        ("network", server.network or ("user" if server.ssh_port else "")),
+        ("macs", ", ".join(server.macs)),
+        ("private_ips", ", ".join(server.addresses)),
+        ("cloud_ips", ", ".join(reachable(server))),
+        ("ssh", f"ssh -p {server.ssh_port} {server.username or 'root'}@127.0.0.1"
+         if server.ssh_port else ""),
+        ("disks", ", ".join(server.disks)),
+        ("managed", "true" if server.managed else "false"),
+    ]
+
+
+def as_record(server: Server) -> dict[str, Any]:
+    return {
+        "id": server.id, "uuid": server.uuid, "status": server.status.value, "name": server.name,
+        "type_id": server.type_id, "type": server.type_name, "zone": ZONE,
+        "created_at": server.created_at.isoformat() if server.created_at else None,
+        "image_id": server.image_id, "hostname": server.hostname, "vcpus": server.vcpus,
+        "memory_mib": server.memory_mib, "accel": server.accel, "network": server.network,
+        "macs": list(server.macs), "private_ips": list(server.addresses),
+        "cloud_ips": reachable(server), "ssh_port": server.ssh_port,
+        "username": server.username, "disks": list(server.disks), "managed": server.managed,
+    }

@@ -1,0 +1,213 @@
+"""`bbsnap servers ...`: servers (libvirt domains) and `bbsnap types`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .options import output_options
+
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def servers(ctx: click.Context) -> None:
+    """Servers: bbsnap's own and every other libvirt domain (default: list)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(list_servers)
+
+
+def _print_servers(found: list[Any], output_format: str, simple: bool) -> None:
+    from . import render, server_views
+
+    if output_format != "table":
+        click.echo(render.as_data([server_views.as_record(s) for s in found], output_format), nl=False)
+    elif simple:
+        click.echo(render.simple([server_views.list_row(s) for s in found]), nl=False)
+    else:
+        click.echo(render.table(server_views.LIST_COLUMNS,
+                                [server_views.list_row(s) for s in found]), nl=False)
+
+
+@servers.command("list")
+@output_options
+@click.pass_obj
+def list_servers(app: Any, output_format: str = "table", simple: bool = False) -> None:
+    """List servers: bbsnap's first (by creation time), then other domains."""
+    _print_servers(app.servers().list(), output_format, simple)
+
+
+@servers.command("show")
+@click.argument("server_ids", nargs=-1, required=True, metavar="SRV...")
+@output_options
+@click.pass_obj
+def show_servers(app: Any, server_ids: tuple[str, ...], output_format: str, simple: bool) -> None:
+    """Show servers in detail (name or UUID of any domain works too)."""
+    from . import render, server_views
+
+    found = [app.servers().get(key) for key in server_ids]
+    if output_format != "table":
+        records = [server_views.as_record(s) for s in found]
+        click.echo(render.as_data(records[0] if len(records) == 1 else records, output_format),
+                   nl=False)
+        return
+    blocks = [render.simple([[v for _, v in server_views.show_pairs(s)]]) if simple
+              else render.vertical(server_views.show_pairs(s)) for s in found]
+    click.echo(("" if simple else "\n").join(blocks), nl=False)
+
+
+@servers.command("create")
+@click.argument("image_id", metavar="IMG")
+@click.option("-n", "--name", help="Server name (free text; default: its id).")
+@click.option("-t", "--type", "server_type", help="Server type name or id (see 'bbsnap types').")
+@click.option("--cpus", type=click.IntRange(1, 64), help="vCPUs (overrides the type).")
+@click.option("--memory", type=click.IntRange(min=16), help="RAM in MiB (overrides the type).")
+@click.option("--disk-size", type=click.IntRange(min=1), help="Disk size in GiB (grown overlay).")
+@click.option("--user-data", type=click.File("r"), help="cloud-init user-data file, or - for stdin.")
+@click.option("--ssh-key", "ssh_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="SSH public key file (repeatable; default: ~/.ssh/*.pub).")
+@click.option("--hostname", help="Guest host name (default: from the name).")
+@click.option("--network", help="'user' (127.0.0.1 SSH forward) or a libvirt network name.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Acceleration.")
+@click.option("--no-start", is_flag=True, help="Define the server but do not start it.")
+@click.option("-i", "--count", type=click.IntRange(1, 32), default=1, show_default=True,
+              help="How many servers to create.")
+@output_options
+@click.pass_obj
+def create_servers(app: Any, image_id: str, name: str | None, server_type: str | None,
+                   cpus: int | None, memory: int | None, disk_size: int | None,
+                   user_data: Any, ssh_keys: tuple[str, ...], hostname: str | None,
+                   network: str | None, accel: str | None, no_start: bool, count: int,
+                   output_format: str, simple: bool) -> None:
+    """Create servers from image IMG as linked clones with a new identity."""
+    from ..server_types import DEFAULT_TYPE, find_type
+    from ..services.server_create import CreateRequest
+
+    request = CreateRequest(
+        image_id=image_id, name=name, server_type=server_type, cpus=cpus, memory_mib=memory,
+        disk_gib=disk_size, user_data=user_data.read() if user_data is not None else None,
+        ssh_key_files=tuple(Path(k) for k in ssh_keys), hostname=hostname, network=network,
+        start=not no_start)
+    creator = app.server_creator(accel)
+    image = app.images().get(image_id)
+    chosen = find_type(server_type or DEFAULT_TYPE)
+    click.echo(f"Creating {'a' if count == 1 else count} {chosen.name} ({chosen.id}) "
+               f"server{'s' if count > 1 else ''} with image {image.name} ({image.id})", err=True)
+    if hostname and count > 1:
+        from ..errors import UsageError
+        raise UsageError("--hostname cannot be used with --count above 1")
+    created = [creator.create(request) for _ in range(count)]
+    _print_servers(created, output_format, simple)
+
+
+def _each(app: Any, keys: tuple[str, ...], verb: str, action: Callable[[str], Any]) -> None:
+    """Run *action* on every server; report each failure, exit with the first one's code."""
+    from ..errors import BbsnapError
+
+    failure: BbsnapError | None = None
+    for key in keys:
+        try:
+            action(key)
+            click.echo(f"{verb} server {key}", err=True)
+        except BbsnapError as exc:
+            if len(keys) == 1:
+                raise
+            click.echo(f"bbsnap: error: {exc}", err=True)
+            failure = failure or exc
+    if failure is not None:
+        raise click.exceptions.Exit(failure.exit_code)
+
+
+@servers.command("start")
+@click.argument("server_ids", nargs=-1, required=True, metavar="SRV...")
+@click.pass_obj
+def start_servers(app: Any, server_ids: tuple[str, ...]) -> None:
+    """Start servers."""
+    _each(app, server_ids, "Starting", app.servers().start)
+
+
+@servers.command("stop")
+@click.argument("server_ids", nargs=-1, required=True, metavar="SRV...")
+@click.option("--force", is_flag=True, help="Power off at once instead of an ACPI shutdown.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=60, show_default=True,
+              help="Seconds to wait for the guest to shut down.")
+@click.pass_obj
+def stop_servers(app: Any, server_ids: tuple[str, ...], force: bool, timeout: float) -> None:
+    """Shut servers down (ACPI), or power them off with --force."""
+    service = app.servers()
+    _each(app, server_ids, "Stopping", lambda k: service.stop(k, force=force, timeout=timeout))
+
+
+@servers.command("reboot")
+@click.argument("server_ids", nargs=-1, required=True, metavar="SRV...")
+@click.pass_obj
+def reboot_servers(app: Any, server_ids: tuple[str, ...]) -> None:
+    """Reboot servers (ACPI)."""
+    _each(app, server_ids, "Rebooting", app.servers().reboot)
+
+
+@servers.command("destroy")
+@click.argument("server_ids", nargs=-1, required=True, metavar="SRV...")
+@click.pass_obj
+def destroy_servers(app: Any, server_ids: tuple[str, ...]) -> None:
+    """Destroy bbsnap servers: power off, undefine, delete their disk and seed."""
+    _each(app, server_ids, "Destroying", app.servers().destroy)
+
+
+@servers.command("console")
+@click.argument("server_id", metavar="SRV")
+@click.pass_obj
+def console(app: Any, server_id: str) -> None:
+    """Print the server's serial console log."""
+    path = app.servers().console_log(server_id)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    sys.stdout.buffer.write(data)
+
+
+@servers.command("ssh", context_settings={"ignore_unknown_options": True})
+@click.argument("server_id", metavar="SRV")
+@click.option("-l", "--user", help="Login user (default: the image's username, else root).")
+@click.option("-i", "--identity", type=click.Path(dir_okay=False), help="Private key file.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def ssh(app: Any, server_id: str, user: str | None, identity: str | None,
+        command: tuple[str, ...]) -> None:
+    """SSH into a server: SRV [-- COMMAND...]."""
+    from ..proc import exec_replace
+    from ..services.ssh import ssh_argv
+
+    argv = ssh_argv(app.servers().get(server_id), user=user, identity=identity,
+                    command=list(command))
+    app.close()
+    exec_replace(argv)
+
+
+@click.group("types", invoke_without_command=True)
+@click.pass_context
+def types(ctx: click.Context) -> None:
+    """Server types (default: list)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(list_types)
+
+
+@types.command("list")
+@output_options
+def list_types(output_format: str = "table", simple: bool = False) -> None:
+    """List server types."""
+    from ..server_types import SERVER_TYPES
+    from . import render
+
+    rows = [[t.id, t.name, t.vcpus, t.memory_mib, t.disk_gib * 1024] for t in SERVER_TYPES]
+    if output_format != "table":
+        click.echo(render.as_data([{"id": t.id, "name": t.name, "vcpus": t.vcpus,
+                                    "memory_mib": t.memory_mib, "disk_gib": t.disk_gib}
+                                   for t in SERVER_TYPES], output_format), nl=False)
+    elif simple:
+        click.echo(render.simple(rows), nl=False)
+    else:
+        click.echo(render.table(("id", "name", "cores", "ram", "disk"), rows), nl=False)

@@ -1,0 +1,147 @@
+"""cloud-init NoCloud seeds: meta-data, user-data and network-config on a `cidata` ISO.
+
+Built in pure Python with pycdlib (ISO 9660 + Joliet + Rock Ridge, as cloud-init's
+NoCloud datasource and genisoimage-made seeds look). The file holds user-data,
+which can carry secrets, so it is written 0600; libvirt hands it to QEMU's user.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidInputError, UsageError
+
+VOLUME_ID = "cidata"
+MAX_USER_DATA = 16 * 1024 * 1024
+_HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# Regenerate machine-id once per instance: systemd derives the DHCP client id (and so, on a
+# shared network, the leased IP) from it, and a clone would otherwise share its parent's.
+MACHINE_ID_BOOTCMD = ["cloud-init-per", "instance", "bbsnap-machine-id", "sh", "-c",
+                      "rm -f /etc/machine-id /var/lib/dbus/machine-id && "
+                      "(systemd-machine-id-setup || dbus-uuidgen --ensure=/etc/machine-id) || true"]
+
+
+@dataclass(frozen=True)
+class SeedSpec:
+    instance_id: str
+    hostname: str
+    macs: tuple[str, ...]
+    user_data: str
+
+
+def check_hostname(hostname: str) -> str:
+    if not _HOSTNAME.match(hostname):
+        raise UsageError(f"'{hostname}' is not a valid host name",
+                         hint="lowercase letters, digits and '-', at most 63 characters")
+    return hostname
+
+
+def hostname_from_name(name: str, fallback: str) -> str:
+    """A host name derived from a free-text server name ("My Web #1" -> "my-web-1")."""
+    candidate = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
+    return candidate if candidate and _HOSTNAME.match(candidate) else fallback
+
+
+def validate_user_data(text: str) -> str:
+    """Refuse user-data cloud-init would reject, before anything is created.
+
+    ``#cloud-config`` must be a YAML mapping; scripts (``#!``), ``#include`` and MIME
+    multipart are passed through as cloud-init defines them.
+    """
+    if len(text.encode()) > MAX_USER_DATA:
+        raise InvalidInputError("user-data is larger than 16 MiB")
+    first = text.lstrip("\ufeff").split("\n", 1)[0].strip()
+    if first.startswith("#cloud-config"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise InvalidInputError(f"user-data is not valid YAML: {_one_line(exc)}") from exc
+        if data is not None and not isinstance(data, dict):
+            raise InvalidInputError("#cloud-config user-data must be a YAML mapping")
+        return text
+    if first.startswith(("#!", "#include", "#cloud-boothook", "#part-handler", "#upstart-job",
+                         "Content-Type: multipart")):
+        return text
+    raise InvalidInputError(
+        "user-data must start with '#cloud-config' (or '#!' for a script)",
+        hint="see https://cloudinit.readthedocs.io/en/latest/explanation/format.html")
+
+
+def default_user_data(hostname: str, ssh_keys: list[str], username: str | None) -> str:
+    """``#cloud-config`` that installs *ssh_keys* for the image's user (and root)."""
+    import yaml
+
+    config: dict[str, object] = {
+        "hostname": hostname,
+        "ssh_authorized_keys": list(ssh_keys),
+        "bootcmd": [MACHINE_ID_BOOTCMD],
+    }
+    if username and username != "root":
+        config["users"] = ["default", {"name": username, "ssh_authorized_keys": list(ssh_keys),
+                                       "sudo": "ALL=(ALL) NOPASSWD:ALL", "shell": "/bin/bash"}]
+    return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+def meta_data(spec: SeedSpec) -> str:
+    import yaml
+
+    return str(yaml.safe_dump({"instance-id": spec.instance_id,
+                               "local-hostname": spec.hostname}, sort_keys=False))
+
+
+def network_config(spec: SeedSpec) -> str:
+    """DHCP on each NIC matched by MAC; the client id is the MAC, not the machine-id."""
+    import yaml
+
+    ethernets = {f"nic{i}": {"match": {"macaddress": mac}, "dhcp4": True,
+                             "dhcp-identifier": "mac"}
+                 for i, mac in enumerate(spec.macs)}
+    return str(yaml.safe_dump({"version": 2, "ethernets": ethernets}, sort_keys=False))
+
+
+def write_seed_iso(spec: SeedSpec, path: Path) -> Path:
+    import pycdlib
+
+    files = {"meta-data": meta_data(spec), "user-data": spec.user_data,
+             "network-config": network_config(spec)}
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=VOLUME_ID)
+    for name, text in files.items():
+        data = text.encode()
+        iso_name = "/" + name.replace("-", "").upper()[:8] + ".;1"
+        iso.add_fp(io.BytesIO(data), len(data), iso_path=iso_name, rr_name=name,
+                   joliet_path="/" + name, file_mode=0o100444)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        iso.write_fp(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    iso.close()
+    return path
+
+
+def read_seed_iso(path: Path) -> dict[str, str]:
+    """The files of a seed ISO (by Rock Ridge name), for tests and `servers show`."""
+    import pycdlib
+
+    iso = pycdlib.PyCdlib()
+    iso.open(str(path))
+    try:
+        out = {}
+        for name in ("meta-data", "user-data", "network-config"):
+            buffer = io.BytesIO()
+            iso.get_file_from_iso_fp(buffer, joliet_path="/" + name)
+            out[name] = buffer.getvalue().decode()
+        return out
+    finally:
+        iso.close()
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

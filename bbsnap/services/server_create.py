@@ -1,0 +1,228 @@
+"""Create servers from catalogue images: linked clones with a new identity.
+
+The disk is a qcow2 overlay on the image (O(1), whatever the image's size); the
+identity is new (domain name/id, UUID = SMBIOS UUID, MAC, cloud-init
+instance-id, SSH port). Everything is validated before anything is created,
+and every step registers its undo, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import random
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .. import ids
+from ..catalogue import Catalogue, utcnow
+from ..config import Settings
+from ..disks import qemu_img
+from ..errors import ConflictError, InvalidInputError, NotFoundError, UsageError
+from ..hostinfo import default_ssh_public_keys, total_memory_mib
+from ..hypervisor import Hypervisor
+from ..hypervisor.domain_xml import DiskSpec, DomainSpec, NicSpec, build_domain_xml
+from ..layout import DataDir
+from ..models import DependentKind, Image, ImageStatus, Server, ServerType
+from ..netports import choose_port, parse_port_range
+from ..seed import (SeedSpec, check_hostname, default_user_data, hostname_from_name,
+                    validate_user_data, write_seed_iso)
+from ..server_types import DEFAULT_TYPE, find_type
+from ..sizes import GIB
+from . import image_fields
+from .compensation import Compensation
+from .server_records import server_from_domain
+
+DISK_FILE = "disk.qcow2"
+SEED_FILE = "seed.iso"
+CONSOLE_FILE = "console.log"
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    image_id: str
+    name: str | None = None
+    server_type: str | None = None
+    cpus: int | None = None
+    memory_mib: int | None = None
+    disk_gib: int | None = None
+    user_data: str | None = None          # text of --user-data
+    ssh_key_files: tuple[Path, ...] = ()
+    hostname: str | None = None
+    network: str | None = None            # "user" or a libvirt network; None = settings
+    start: bool = True
+
+
+@dataclass(frozen=True)
+class _Plan:
+    image: Image
+    server_type: ServerType
+    vcpus: int
+    memory_mib: int
+    disk_bytes: int
+    name: str
+    user_data: str | None
+    ssh_keys: list[str]
+    hostname: str | None
+    network: str
+
+
+class ServerCreator:
+    def __init__(self, catalogue: Catalogue, data_dir: DataDir, hypervisor: Hypervisor,
+                 settings: Settings, resolve_accel: Callable[[], str],
+                 choose_ssh_port: Callable[[set[int]], int] | None = None) -> None:
+        self._catalogue = catalogue
+        self._data_dir = data_dir
+        self._hv = hypervisor
+        self._settings = settings
+        self._resolve_accel = resolve_accel
+        ports = parse_port_range(settings.ssh_ports)
+        self._choose_port = choose_ssh_port or (lambda taken: choose_port(ports, taken))
+
+    def plan(self, request: CreateRequest) -> _Plan:
+        """Check everything the user gave before anything is created."""
+        image = self._catalogue.get(ids.require(request.image_id, "img"))
+        if image.status is not ImageStatus.AVAILABLE:
+            raise ConflictError(f"image {image.id} is {image.status.value}, not available",
+                                hint="wait for it, or pick another image")
+        server_type = find_type(request.server_type or DEFAULT_TYPE)
+        memory = request.memory_mib or max(server_type.memory_mib, image.min_ram or 0)
+        host_memory = total_memory_mib()
+        if memory > host_memory:
+            raise UsageError(f"{memory} MiB of memory is more than this host has ({host_memory} MiB)")
+        vcpus = request.cpus or server_type.vcpus
+        if vcpus < 1 or vcpus > 64:
+            raise UsageError(f"{vcpus} vCPUs is out of range (1-64)")
+        disk_bytes = (request.disk_gib or server_type.disk_gib) * GIB
+        if request.disk_gib is not None and disk_bytes < image.virtual_size:
+            raise UsageError(f"--disk-size {request.disk_gib} GiB is smaller than the image "
+                             f"({image.virtual_size / GIB:.1f} GiB)")
+        disk_bytes = max(disk_bytes, image.virtual_size)
+        name = image_fields.check_name(request.name) if request.name is not None else ""
+        user_data = validate_user_data(request.user_data) if request.user_data is not None else None
+        hostname = check_hostname(request.hostname) if request.hostname else None
+        network = request.network or self._settings.network
+        return _Plan(image, server_type, vcpus, memory, disk_bytes, name, user_data,
+                     _read_ssh_keys(request.ssh_key_files), hostname, network)
+
+    def create(self, request: CreateRequest) -> Server:
+        plan = self.plan(request)
+        accel = self._resolve_accel()
+        with self._allocation_lock(), Compensation() as undo:
+            taken_ports, taken_macs = self._identities_in_use()
+            server_id = self._new_server_id()
+            mac = _new_mac(taken_macs)
+            name = plan.name or server_id
+            hostname = plan.hostname or hostname_from_name(name, server_id)
+            port = self._choose_port(taken_ports) if plan.network == "user" else None
+
+            directory = self._data_dir.server_dir(server_id)
+            directory.mkdir(mode=0o755)
+            undo.push(f"the directory {directory}", lambda: shutil.rmtree(directory))
+            disk = directory / DISK_FILE
+            qemu_img.create_overlay(disk, self._data_dir.images_dir / str(plan.image.path),
+                                    "qcow2", size=plan.disk_bytes)
+            user_data = plan.user_data or default_user_data(hostname, plan.ssh_keys,
+                                                            plan.image.username)
+            seed = write_seed_iso(SeedSpec(server_id, hostname, (mac,), user_data),
+                                  directory / SEED_FILE)
+
+            self._catalogue.add_dependent(plan.image.id, DependentKind.SERVER, server_id)
+            undo.push("the image dependency", lambda: self._catalogue.remove_dependent(
+                DependentKind.SERVER, server_id, plan.image.id))
+
+            spec = DomainSpec(
+                name=server_id, uuid=str(uuid.uuid4()), memory_mib=plan.memory_mib,
+                vcpus=plan.vcpus, accel=accel, title=name,
+                disks=(DiskSpec(disk),
+                       DiskSpec(seed, format="raw", device="cdrom", target="hdc", bus="ide")),
+                nics=(NicSpec(mac=mac, network=None if plan.network == "user" else plan.network,
+                              ssh_forward_port=port),),
+                console_log=directory / CONSOLE_FILE,
+                metadata=_metadata(plan, name, accel, hostname, port))
+            info = self._hv.define(build_domain_xml(spec))
+            undo.push(f"the definition of {server_id}", lambda: self._hv.undefine(server_id))
+            if request.start:
+                undo.push(f"the running {server_id}", lambda: _stop_quietly(self._hv, server_id))
+                info = self._hv.start(server_id)
+            return server_from_domain(self._hv, info)
+
+    @contextmanager
+    def _allocation_lock(self) -> Iterator[None]:
+        """Serialise id/MAC/port allocation between concurrent bbsnap processes."""
+        lock_path = self._data_dir.servers_dir / ".allocate.lock"
+        with open(lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _identities_in_use(self) -> tuple[set[int], set[str]]:
+        ports: set[int] = set()
+        macs: set[str] = set()
+        for info in self._hv.list_domains():
+            server = server_from_domain(self._hv, info)
+            if server.ssh_port:
+                ports.add(server.ssh_port)
+            macs.update(m.lower() for m in server.macs)
+        return ports, macs
+
+    def _new_server_id(self) -> str:
+        for _ in range(50):
+            candidate = ids.new_id("srv")
+            try:
+                self._hv.info(candidate)
+            except NotFoundError:
+                if not self._data_dir.server_dir(candidate).exists():
+                    return candidate
+        raise ConflictError("could not allocate a free server id")
+
+
+def _metadata(plan: _Plan, name: str, accel: str, hostname: str, port: int | None) -> dict[str, str]:
+    facts = {"name": name, "image_id": plan.image.id, "type_id": plan.server_type.id,
+             "type_name": plan.server_type.name, "created_at": utcnow().isoformat(),
+             "owner": plan.image.owner, "accel": accel, "hostname": hostname,
+             "network": plan.network, "username": plan.image.username or ""}
+    if port is not None:
+        facts["ssh_port"] = str(port)
+    return facts
+
+
+def _new_mac(taken: set[str]) -> str:
+    """A random locally administered MAC in QEMU's 52:54:00 prefix, unique on this host."""
+    rng = random.SystemRandom()
+    while True:
+        mac = "52:54:00:" + ":".join(f"{rng.randrange(256):02x}" for _ in range(3))
+        if mac not in taken:
+            return mac
+
+
+def _read_ssh_keys(files: tuple[Path, ...]) -> list[str]:
+    paths = list(files) or default_ssh_public_keys()
+    keys = []
+    for path in paths:
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            raise NotFoundError(f"SSH key file {path} not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInputError(f"cannot read SSH key file {path}: {exc}") from exc
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if not line.startswith(("ssh-", "ecdsa-", "sk-")) or "PRIVATE KEY" in text:
+                raise InvalidInputError(f"{path} is not an SSH public key")
+            keys.append(line)
+    return keys
+
+
+def _stop_quietly(hv: Hypervisor, server_id: str) -> None:
+    try:
+        hv.destroy(server_id)
+    except NotFoundError:
+        pass

@@ -1,0 +1,102 @@
+"""Server lifecycle: list, show, start, stop, reboot, destroy, console, ssh.
+
+Any libvirt domain on the connection is a server here (named by its name or
+UUID); only bbsnap's own are destroyed with their files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from ..catalogue import Catalogue
+from ..errors import ConflictError, NotFoundError
+from ..hypervisor import DomainState, Hypervisor
+from ..hypervisor.domain_xml import console_log_path
+from ..layout import DataDir
+from ..models import DependentKind, Server, ServerStatus
+from .server_records import server_from_domain
+
+DEFAULT_STOP_TIMEOUT = 60.0
+
+
+class ServerService:
+    def __init__(self, hypervisor: Hypervisor, catalogue: Catalogue, data_dir: DataDir) -> None:
+        self._hv = hypervisor
+        self._catalogue = catalogue
+        self._data_dir = data_dir
+
+    def list(self) -> list[Server]:
+        servers = [server_from_domain(self._hv, info, with_addresses=False)
+                   for info in self._hv.list_domains()]
+        return sorted(servers, key=lambda s: (not s.managed, s.created_at is None,
+                                              s.created_at.isoformat() if s.created_at else "",
+                                              s.id))
+
+    def get(self, key: str, *, with_addresses: bool = True) -> Server:
+        return server_from_domain(self._hv, self._hv.info(key), with_addresses=with_addresses)
+
+    def start(self, key: str) -> Server:
+        server = self.get(key, with_addresses=False)
+        if server.status is ServerStatus.ACTIVE:
+            raise ConflictError(f"server {server.id} is already running")
+        self._hv.start(server.id)
+        return self.get(server.id, with_addresses=False)
+
+    def stop(self, key: str, *, force: bool = False,
+             timeout: float = DEFAULT_STOP_TIMEOUT) -> Server:
+        """ACPI shutdown, waiting up to *timeout*; ``force`` pulls the plug at once."""
+        server = self.get(key, with_addresses=False)
+        if server.status is ServerStatus.INACTIVE:
+            raise ConflictError(f"server {server.id} is not running")
+        if force:
+            self._hv.destroy(server.id)
+        else:
+            self._hv.shutdown(server.id)
+            if not _wait_for_state(self._hv, server.id, DomainState.SHUTOFF, timeout):
+                raise ConflictError(
+                    f"server {server.id} did not shut down within {timeout:g} s",
+                    hint="the guest may ignore ACPI; use --force to power it off")
+        return self.get(server.id, with_addresses=False)
+
+    def reboot(self, key: str) -> Server:
+        server = self.get(key, with_addresses=False)
+        if server.status is not ServerStatus.ACTIVE:
+            raise ConflictError(f"server {server.id} is not running")
+        self._hv.reboot(server.id)
+        return server
+
+    def destroy(self, key: str) -> Server:
+        """Power off, undefine, drop the image dependency, delete the server's files."""
+        server = self.get(key, with_addresses=False)
+        if not server.managed:
+            raise ConflictError(
+                f"{server.id} was not created by bbsnap; bbsnap does not delete its disks",
+                hint=f"use 'virsh undefine {server.id}' if you mean it")
+        if server.status is not ServerStatus.INACTIVE:
+            self._hv.destroy(server.id)
+        self._hv.undefine(server.id)
+        if server.image_id:
+            self._catalogue.remove_dependent(DependentKind.SERVER, server.id, server.image_id)
+        directory = self._data_dir.server_dir(server.id)
+        if directory.exists():
+            shutil.rmtree(directory)
+        return server
+
+    def console_log(self, key: str) -> Path:
+        server = self.get(key, with_addresses=False)
+        path = console_log_path(self._hv.domain_xml(server.id))
+        if path is None:
+            raise NotFoundError(f"server {server.id} has no serial console log",
+                                hint=f"use 'virsh console {server.id}'")
+        return path
+
+
+def _wait_for_state(hv: Hypervisor, name: str, state: DomainState, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if hv.info(name).state is state:
+            return True
+        time.sleep(0.25)
+    return hv.info(name).state is state
