@@ -1,122 +1,18 @@
-"""qemu-ga and the shared libraries it needs, taken from Debian packages.
+"""qemu-ga, from Debian's qemu-guest-agent, with the shared libraries it needs.
 
-The libraries come from the packages qemu-guest-agent depends on, followed only
-as far as an unresolved ``DT_NEEDED`` requires, rather than from the host's
-/lib: the image then depends on the package versions alone, not on what this
-host has installed.
+init.sh starts it on the virtio-serial port named ``org.qemu.guest_agent.0``.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from pathlib import Path
-
-from ..errors import BbsnapError
-from .debpkg import Package, fetch
-from .elf import elf_dynamic
+from .binaries import LibraryPool, add_binary
+from .debpkg import Package
 from .initramfs import Initramfs
 
-LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
-GUEST_LIB_DIR = "lib/x86_64-linux-gnu"
-# Each round fetches one more layer of dependencies; the cap stops a walk that
-# never converges (a soname no dependency provides under the expected name).
-MAX_LIB_ROUNDS = 6
-
-# {soname: (file in an extracted package, that package's name)}
-_Found = dict[str, tuple[Path, str]]
+AGENT_DEST = "usr/sbin/qemu-ga"
 
 
-def add_agent(initramfs: Initramfs, agent: Package, work: Path,
-              say: Callable[[str], None]) -> dict[str, str]:
+def add_agent(initramfs: Initramfs, agent: Package, pool: LibraryPool) -> dict[str, str]:
     """Add qemu-ga, its ELF interpreter and libraries; return {soname: package=version}."""
-    binary = agent.find_one(("usr/sbin/qemu-ga", "usr/bin/qemu-ga", "sbin/qemu-ga"))
-    packages = {agent.name: agent}
-    for _round in range(MAX_LIB_ROUNDS):
-        found, missing = _resolve_libraries(binary, agent.name, packages)
-        if not missing:
-            break
-        wanted = _packages_to_fetch(missing, packages)
-        if not wanted:
-            raise BbsnapError("qemu-ga needs libraries no dependency provides: "
-                              + ", ".join(sorted(missing)))
-        say("fetching qemu-ga dependencies: " + ", ".join(wanted))
-        for package in fetch(wanted, work):
-            packages[package.name] = package
-    else:
-        raise BbsnapError("could not resolve qemu-ga's libraries: " + ", ".join(sorted(missing)))
-    initramfs.add("usr/sbin/qemu-ga", binary.read_bytes(), 0o755)
-    interp = elf_dynamic(binary)[1]
-    libs = {}
-    for soname, (path, owner) in sorted(found.items()):
-        # The interpreter must sit at the exact path baked into qemu-ga.
-        dest = interp.lstrip("/") if interp and Path(interp).name == soname \
-            else f"{GUEST_LIB_DIR}/{soname}"
-        initramfs.add(dest, path.read_bytes(), 0o755)
-        libs[soname] = f"{owner}={packages[owner].version}"
-    return libs
-
-
-def _packages_to_fetch(missing: dict[str, str], packages: dict[str, Package]) -> list[str]:
-    """Dependencies of the needers that may provide the *missing* sonames.
-
-    Debian names library packages after the soname (libpcre2-8.so.0 ->
-    libpcre2-8-0); when that name is among the needer's Depends only it is
-    fetched, otherwise all of the needer's Depends are (libglib-2.0.so.0 lives
-    in libglib2.0-0, libm.so.6 in libc6).
-    """
-    wanted: set[str] = set()
-    for soname, needer in missing.items():
-        depends = [dep for dep in packages[needer].depends if dep not in packages]
-        guess = _package_for_soname(soname)
-        wanted.update([guess] if guess in depends else depends)
-    return sorted(wanted)
-
-
-def _package_for_soname(soname: str) -> str:
-    stem, _, version = soname.partition(".so.")
-    return f"{stem}-{version}" if stem[-1:].isdigit() else f"{stem}{version}"
-
-
-def _resolve_libraries(binary: Path, owner: str, packages: dict[str, Package]
-                       ) -> tuple[_Found, dict[str, str]]:
-    """Walk DT_NEEDED from *binary*: ({soname: (file, package)}, {missing soname: needer})."""
-    found: _Found = {}
-    missing: dict[str, str] = {}
-    needed, interp = elf_dynamic(binary)
-    queue = [(soname, owner) for soname in needed]
-    if interp:
-        queue.append((Path(interp).name, owner))
-    while queue:
-        soname, needer = queue.pop()
-        if soname in found or soname in missing:
-            continue
-        hit = _find_library(soname, packages)
-        if hit is None:
-            missing[soname] = needer
-            continue
-        found[soname] = hit
-        queue.extend((dep, hit[1]) for dep in elf_dynamic(hit[0])[0])
-    return found, missing
-
-
-def _find_library(soname: str, packages: dict[str, Package]) -> tuple[Path, str] | None:
-    for package in packages.values():
-        for libdir in LIB_DIRS:
-            real = _resolve_in_root(package.root, f"{libdir}/{soname}")
-            if real is not None and real.is_file():
-                return real, package.name
-    return None
-
-
-def _resolve_in_root(root: Path, rel: str, depth: int = 0) -> Path | None:
-    """Follow symlinks of an extracted tree without escaping to the host's files."""
-    path = root / rel
-    if depth > 16 or not (path.is_symlink() or path.exists()):
-        return None
-    if not path.is_symlink():
-        return path
-    target = os.readlink(path)
-    if target.startswith("/"):
-        return _resolve_in_root(root, target.lstrip("/"), depth + 1)
-    return _resolve_in_root(root, os.path.normpath(str(Path(rel).parent / target)), depth + 1)
+    return add_binary(initramfs, agent, ("usr/sbin/qemu-ga", "usr/bin/qemu-ga", "sbin/qemu-ga"),
+                      AGENT_DEST, pool)

@@ -2,12 +2,13 @@
 
 Everything comes from ``apt-get download`` + ``dpkg-deb -x`` into a throw-away
 work directory (nothing is installed on the host): Debian's cloud kernel, a
-static busybox, and ``qemu-ga`` with its shared libraries. This module only
-orchestrates; the steps live in their own modules:
+static busybox, ``qemu-ga`` and the ``dropbear`` SSH server with their shared
+libraries. This module only orchestrates; the steps live in their own modules:
 
 * :mod:`.versions` / :mod:`.debpkg` -- which packages, and fetching them;
 * :mod:`.kernel` -- vmlinuz and the kernel modules /init loads;
-* :mod:`.agent` (with :mod:`.elf`) -- qemu-ga and its libraries;
+* :mod:`.binaries` (with :mod:`.elf`) -- a binary plus the libraries it needs;
+* :mod:`.agent` -- qemu-ga; :mod:`.ssh` -- dropbear and the files a login needs;
 * :mod:`.initramfs` -- the newc cpio archive;
 * :mod:`.bootdisk` -- the partitioned, syslinux-bootable qcow2;
 * :mod:`.cache` -- where images live, locking and publishing.
@@ -30,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 
 from .agent import add_agent
+from .binaries import LibraryPool
 from .bootdisk import KERNEL_CMDLINE, make_boot_disk
 from .cache import (
     build_lock,
@@ -42,11 +44,12 @@ from .counter import COUNTER_SECTOR
 from .debpkg import Package, fetch
 from .initramfs import Initramfs, cpio_newc
 from .kernel import add_kernel_modules
-from .versions import AGENT_PACKAGE, BUSYBOX_PACKAGE, resolve_versions
+from .ssh import add_ssh
+from .versions import AGENT_PACKAGE, BUSYBOX_PACKAGE, SSH_PACKAGE, resolve_versions
 
 # Bump whenever the image would come out different for the same inputs (the
 # code is not part of the cache key, so a behaviour change needs this).
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2   # 2: dropbear, login files, devpts
 
 IMAGE_NAME = "tiny-guest.qcow2"
 MANIFEST_NAME = "manifest.json"
@@ -109,8 +112,11 @@ def _build_into(out: Path, work: Path, versions: dict[str, str], say: Progress) 
     _add_busybox(initramfs, fetched[BUSYBOX_PACKAGE])
     say("resolving kernel modules")
     release, vmlinuz, modules = add_kernel_modules(initramfs, kernel_pkg)
+    pool = LibraryPool(work, say)
     say("resolving qemu-ga libraries")
-    libs = add_agent(initramfs, fetched[AGENT_PACKAGE], work, say)
+    agent_libs = add_agent(initramfs, fetched[AGENT_PACKAGE], pool)
+    say("resolving dropbear libraries")
+    ssh_libs = add_ssh(initramfs, fetched[SSH_PACKAGE], pool)
     initramfs.add("etc/bbsnap-tiny.conf", _guest_config(release, modules["load_order"]))
     say("writing initramfs")
     initrd = work / "initrd.gz"
@@ -120,7 +126,8 @@ def _build_into(out: Path, work: Path, versions: dict[str, str], say: Progress) 
     make_boot_disk(work, vmlinuz, initrd, out / IMAGE_NAME)
     manifest = {"builder_version": BUILDER_VERSION, "cache_key": cache_key(versions),
                 "packages": versions, "kernel_release": release, "modules": modules,
-                "agent_libraries": libs, "kernel_cmdline": KERNEL_CMDLINE,
+                "agent_libraries": agent_libs, "ssh_libraries": ssh_libs,
+                "initramfs_paths": initramfs.paths(), "kernel_cmdline": KERNEL_CMDLINE,
                 "build_seconds": round(time.monotonic() - started, 1)}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 

@@ -5,9 +5,13 @@
 # wait for; keep their spelling in step with bbsnap/tinyguest/__init__.py:
 #   BBSNAP-COUNTER <n>          counter start value, then every 50 ticks
 #   BBSNAP-SEED instance-id=<id> hostname=<name> | BBSNAP-SEED none
+#   BBSNAP-USERDATA sha256=<hex>  the seed's user-data file as the guest read it
+#                               (only when a seed with a user-data file is present)
 #   BBSNAP-AGENT started | BBSNAP-AGENT none
 #   BBSNAP-NET <addr> | BBSNAP-NET none
-#   BBSNAP-TINY-READY           boot finished: modules, counter, agent are up
+#   BBSNAP-SSH started | BBSNAP-SSH none   dropbear on port 22 (root, key auth only;
+#                               keys from the seed's user-data) | no keys or no dropbear
+#   BBSNAP-TINY-READY           boot finished: modules, counter, agent, ssh are up
 #   BBSNAP-WARN <text>          something optional failed (never fatal)
 #   BBSNAP-POWEROFF             shutting down on request (ACPI button, agent, signal)
 #
@@ -22,6 +26,9 @@ export PATH=/sbin:/usr/sbin:/bin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# ptys for interactive SSH sessions; gid 5 is group tty in /etc/group.
+mkdir -p /dev/pts
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 # qemu-ga keeps its state in /var/run by default.
 [ -e /var/run ] || ln -s /run /var/run
 # The kernel opened /dev/console from the initramfs before devtmpfs hid it; reopen
@@ -31,6 +38,9 @@ exec </dev/console >/dev/console 2>&1
 . /etc/bbsnap-tiny.conf
 
 warn() { echo "BBSNAP-WARN $*"; }
+
+# The seed's user-data, copied out of the mounted seed by read_seed.
+USER_DATA=/run/seed-user-data
 
 load_modules() {
     for m in $MODULES; do
@@ -109,12 +119,68 @@ read_seed() {
         fi
         id=$(meta_get instance-id)
         host=$(meta_get local-hostname)
+        # Kept for start_ssh, which runs after the seed is unmounted.
+        [ -f /mnt/seed/user-data ] && cp /mnt/seed/user-data "$USER_DATA"
         umount /mnt/seed
-        [ -n "$host" ] && hostname "$host"
+        if [ -n "$host" ]; then
+            hostname "$host"
+            echo "127.0.1.1 $host" >>/etc/hosts
+        fi
         echo "BBSNAP-SEED instance-id=$id hostname=$host"
+        if [ -f "$USER_DATA" ] && command -v sha256sum >/dev/null; then
+            sum=$(sha256sum "$USER_DATA" | cut -d' ' -f1)
+            echo "BBSNAP-USERDATA sha256=$sum"
+        fi
         return
     done
     echo "BBSNAP-SEED none"
+}
+
+# --- ssh ------------------------------------------------------------------------------
+# Public keys from cloud-config user-data, without a YAML parser: every list item
+# ("- key", optionally quoted) whose value starts like an OpenSSH public key. That
+# covers ssh_authorized_keys: at the top level and under users:.
+ssh_keys_from() {
+    sed -n -e 's/[[:space:]]*$//' -e '/^[[:space:]]*- /!d' -e 's/^[[:space:]]*- [[:space:]]*//' \
+        -e "s/^'\(.*\)'\$/\1/" -e 's/^"\(.*\)"$/\1/' -e p "$1" |
+        grep -E '^(ssh-rsa |ssh-ed25519 |ecdsa-sha2-|sk-)'
+}
+
+start_ssh() {
+    keys=/root/.ssh/authorized_keys
+    [ -f "$USER_DATA" ] && ssh_keys_from "$USER_DATA" >"$keys"
+    if [ ! -s "$keys" ] || ! command -v dropbear >/dev/null; then
+        rm -f "$keys"
+        echo "BBSNAP-SSH none"
+        return
+    fi
+    chmod 600 "$keys"
+    # -F -E: stay in the foreground of this background job and log to stderr, so
+    # the log lands in a file (daemonising would close it; syslog is absent).
+    # -R: host keys are made on first use, so every boot has its own.
+    # -s: no password logins (root's shadow entry is "*" anyway).
+    dropbear -F -E -R -s -p 22 -P /run/dropbear.pid >>/var/log/dropbear.log 2>&1 &
+    pid=$!
+    # dropbear binds only after the kernel's RNG is ready (a second or more under
+    # TCG); until then SLIRP resets forwarded connections. "started" promises a
+    # listening server, so wait for the socket (up to 30 s).
+    i=0
+    while ! ssh_listening; do
+        if ! kill -0 "$pid" 2>/dev/null || [ "$i" -ge 300 ]; then
+            warn "dropbear is not listening (see /var/log/dropbear.log)"
+            echo "BBSNAP-SSH none"
+            return
+        fi
+        usleep 100000
+        i=$((i + 1))
+    done
+    echo "BBSNAP-SSH started"
+}
+
+# A TCP socket listening on port 22 (0016 in hex; state 0A is LISTEN).
+ssh_listening() {
+    cat /proc/net/tcp /proc/net/tcp6 2>/dev/null |
+        awk '$2 ~ /:0016$/ && $4 == "0A" { found = 1 } END { exit !found }'
 }
 
 # --- guest agent ---------------------------------------------------------------------
@@ -200,6 +266,7 @@ start_counter
 read_seed
 start_agent
 start_network
+start_ssh
 echo "BBSNAP-TINY-READY"
 
 # Idle forever. `sleep & wait` rather than a foreground sleep: ash runs traps

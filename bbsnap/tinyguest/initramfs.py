@@ -21,18 +21,28 @@ class Initramfs:
     files: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     symlinks: dict[str, str] = field(default_factory=dict)
     chardevs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Directories that must exist even if empty, or need a mode other than 0755.
+    dirs: dict[str, int] = field(default_factory=dict)
 
     def add(self, path: str, data: bytes, mode: int = 0o644) -> None:
         self.files[path.lstrip("/")] = (mode, data)
+
+    def add_dir(self, path: str, mode: int = 0o755) -> None:
+        self.dirs[path.strip("/")] = mode
+
+    def paths(self) -> list[str]:
+        """Every explicitly added path, sorted (what the build manifest lists)."""
+        return sorted({*self.files, *self.symlinks, *self.chardevs, *self.dirs})
 
 
 def cpio_newc(initramfs: Initramfs) -> bytes:
     """*initramfs* as a newc archive, with every parent directory made explicit."""
     entries: dict[str, tuple[int, bytes, tuple[int, int]]] = {}
-    paths = list(initramfs.files) + list(initramfs.symlinks) + list(initramfs.chardevs)
-    for path in paths:
+    for path in initramfs.paths():
         for parent in _parents(path):
             entries.setdefault(parent, (_S_IFDIR | 0o755, b"", (0, 0)))
+    for path, mode in initramfs.dirs.items():
+        entries[path] = (_S_IFDIR | mode, b"", (0, 0))
     for path, (mode, data) in initramfs.files.items():
         entries[path] = (_S_IFREG | mode, data, (0, 0))
     for path, target in initramfs.symlinks.items():

@@ -15,6 +15,7 @@ from .debpkg import apt_show, dependency_names
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 AGENT_PACKAGE = "qemu-guest-agent"
+SSH_PACKAGE = "dropbear-bin"      # the dropbear server, without Debian's init scripts
 
 
 def resolve_versions() -> dict[str, str]:
@@ -28,13 +29,13 @@ def resolve_versions() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def _resolve_versions_once() -> tuple[tuple[str, str], ...]:
-    shown = apt_show([KERNEL_METAPACKAGE, BUSYBOX_PACKAGE, AGENT_PACKAGE])
+    shown = apt_show([KERNEL_METAPACKAGE, BUSYBOX_PACKAGE, AGENT_PACKAGE, SSH_PACKAGE])
     # The metapackage only points at the real, versioned kernel package; pin that
     # one, so a kernel update changes the key even if the metapackage did not.
     kernel_pkg = _kernel_package(shown[KERNEL_METAPACKAGE].get("Depends", ""))
     shown.update(apt_show([kernel_pkg]))
     return tuple((name, _version(shown[name], name))
-                 for name in (kernel_pkg, BUSYBOX_PACKAGE, AGENT_PACKAGE))
+                 for name in (kernel_pkg, BUSYBOX_PACKAGE, AGENT_PACKAGE, SSH_PACKAGE))
 
 
 def _version(fields: dict[str, str], package: str) -> str:

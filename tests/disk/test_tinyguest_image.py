@@ -13,10 +13,20 @@ from pathlib import Path
 import pytest
 
 from bbsnap.proc import run, which
-from bbsnap.tinyguest import (COUNTER_OFFSET, READY_LINE, build_tiny_guest,
-                              decode_counter_sector, encode_counter_sector, read_counter,
-                              read_disk_bytes)
+from bbsnap.tinyguest import (
+    COUNTER_OFFSET,
+    READY_LINE,
+    SSH_NONE_LINE,
+    SSH_STARTED_LINE,
+    USERDATA_PREFIX,
+    build_tiny_guest,
+    decode_counter_sector,
+    encode_counter_sector,
+    read_counter,
+    read_disk_bytes,
+)
 from bbsnap.tinyguest import build as tg_build
+from bbsnap.tinyguest.initramfs import Initramfs, cpio_newc
 
 MIB = 1024 * 1024
 INIT_SH = Path(tg_build.__file__).with_name("init.sh")
@@ -100,6 +110,19 @@ def test_manifest_records_versions_and_module_order(tiny_guest: Path) -> None:
     assert "libglib-2.0.so.0" in manifest["agent_libraries"]
 
 
+def test_manifest_lists_dropbear_and_login_files(tiny_guest: Path) -> None:
+    manifest = json.loads((tiny_guest.parent / tg_build.MANIFEST_NAME).read_text())
+    assert "dropbear-bin" in manifest["packages"]
+    paths = set(manifest["initramfs_paths"])
+    for path in ("usr/sbin/dropbear", "usr/sbin/qemu-ga", "lib64/ld-linux-x86-64.so.2",
+                 "etc/passwd", "etc/group", "etc/shadow", "etc/shells", "etc/hosts",
+                 "root/.ssh", "var/log", "etc/dropbear"):
+        assert path in paths, path
+    assert "libtomcrypt.so.1" in manifest["ssh_libraries"]
+    for soname in manifest["ssh_libraries"]:
+        assert any(p.endswith("/" + soname) for p in paths), soname
+
+
 def test_second_build_uses_the_cache(tiny_guest: Path) -> None:
     assert build_tiny_guest() == tiny_guest
     assert not list(tiny_guest.parent.parent.glob(".tmp-*")), "work dir left behind"
@@ -154,6 +177,67 @@ def test_init_script_parses_and_speaks_the_protocol() -> None:
     run([which("busybox"), "sh", "-n", str(INIT_SH)])
     text = INIT_SH.read_text()
     for line in (READY_LINE, "BBSNAP-COUNTER", "BBSNAP-SEED none", "BBSNAP-AGENT started",
-                 "BBSNAP-AGENT none", "BBSNAP-NET", "org.qemu.guest_agent.0"):
+                 "BBSNAP-AGENT none", "BBSNAP-NET", "org.qemu.guest_agent.0",
+                 SSH_STARTED_LINE, SSH_NONE_LINE, USERDATA_PREFIX + "sha256="):
         assert line in text
     assert tg_build.init_script() == INIT_SH.read_bytes()
+    # SSH must be up (or known absent) before tests are told the boot finished.
+    body = text[text.index("\nload_modules\n"):]
+    assert body.index("start_ssh") < body.index(READY_LINE)
+
+
+USER_DATA = """#cloud-config
+ssh_authorized_keys:
+  - ssh-ed25519 AAAAC3top top@host
+  - "ssh-rsa AAAAB3dq dq@host" \t
+users:
+  - name: root
+    ssh_authorized_keys:
+      - 'ecdsa-sha2-nistp256 AAAAE2sq sq@host'
+      - sk-ssh-ed25519@openssh.com AAAAGsk sk@host
+  - default
+runcmd:
+  - echo ssh-rsa not-a-key
+  - ssh-rsanot-a-key
+# - ssh-ed25519 AAAAcommented
+  - ssh-ed25519 AAAAcrlf crlf@host\r
+"""
+
+
+def test_init_script_finds_ssh_keys_in_user_data(tmp_path: Path) -> None:
+    """init.sh's ssh_keys_from, run by the host's busybox sh on sample cloud-config."""
+    text = INIT_SH.read_text()
+    start = text.index("ssh_keys_from() {")
+    function = text[start:text.index("\n}\n", start) + 3]
+    user_data = tmp_path / "user-data"
+    user_data.write_text(USER_DATA)
+    result = run([which("busybox"), "sh", "-c", function + 'ssh_keys_from "$1"', "sh",
+                  str(user_data)])
+    assert result.stdout.splitlines() == [
+        "ssh-ed25519 AAAAC3top top@host", "ssh-rsa AAAAB3dq dq@host",
+        "ecdsa-sha2-nistp256 AAAAE2sq sq@host", "sk-ssh-ed25519@openssh.com AAAAGsk sk@host",
+        "ssh-ed25519 AAAAcrlf crlf@host"]
+
+
+def test_cpio_keeps_explicit_directory_modes() -> None:
+    # dropbear refuses authorized_keys under a group/other-writable or missing dir.
+    initramfs = Initramfs()
+    initramfs.add_dir("root/.ssh", 0o700)
+    initramfs.add_dir("root", 0o700)
+    initramfs.add("etc/shadow", b"root:*:::::::\n", 0o600)
+    archive = cpio_newc(initramfs)
+    modes = {}
+    pos = 0
+    while True:
+        header = archive[pos:pos + 110]
+        mode, namesize = int(header[14:22], 16), int(header[94:102], 16)
+        filesize = int(header[54:62], 16)
+        name = archive[pos + 110:pos + 110 + namesize - 1].decode()
+        if name == "TRAILER!!!":
+            break
+        modes[name] = mode
+        pos += 110 + namesize
+        pos += -pos % 4
+        pos += filesize + (-filesize % 4)
+    assert modes == {"etc": 0o040755, "etc/shadow": 0o100600, "root": 0o040700,
+                     "root/.ssh": 0o040700}

@@ -1,0 +1,49 @@
+"""SSH into the tiny guest: Debian's dropbear server plus the few userland files
+a root login needs.
+
+Keys are not baked in: init.sh copies the public keys from the cloud-init
+seed's user-data to /root/.ssh/authorized_keys at boot, and dropbear makes its
+host keys on first use (``-R``), so one cached image serves every test.
+"""
+
+from __future__ import annotations
+
+from .binaries import LibraryPool, add_binary
+from .debpkg import Package
+from .initramfs import Initramfs
+
+SSHD_DEST = "usr/sbin/dropbear"
+
+# Root only, key auth only: "*" in /etc/shadow can never match a password, and
+# init.sh starts dropbear with -s as well. dropbear refuses a login whose shell
+# is not in /etc/shells. glibc's NSS reads these through the built-in "files"
+# module (nsswitch.conf says so explicitly rather than trusting the default).
+# tty (gid 5) is the group devpts gives new ptys (init.sh mounts it gid=5).
+NSSWITCH = b"passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"
+LOGIN_FILES: dict[str, tuple[int, bytes]] = {
+    "etc/passwd": (0o644, b"root:x:0:0:root:/root:/bin/sh\n"),
+    "etc/group": (0o644, b"root:x:0:\ntty:x:5:\n"),
+    "etc/shadow": (0o600, b"root:*:19000:0:99999:7:::\n"),
+    "etc/shells": (0o644, b"/bin/sh\n"),
+    "etc/nsswitch.conf": (0o644, NSSWITCH),
+    "etc/hosts": (0o644, b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"),
+}
+# dropbear rejects authorized_keys when its directories are group/other
+# writable; /etc/dropbear is where -R writes the host keys it generates.
+LOGIN_DIRS: dict[str, int] = {
+    "root": 0o700,
+    "root/.ssh": 0o700,
+    "var/log": 0o755,
+    "etc/dropbear": 0o700,
+}
+
+
+def add_ssh(initramfs: Initramfs, package: Package, pool: LibraryPool) -> dict[str, str]:
+    """Add dropbear with its libraries and the login files; return {soname: package=version}."""
+    libs = add_binary(initramfs, package, ("usr/sbin/dropbear", "sbin/dropbear"),
+                      SSHD_DEST, pool)
+    for path, (mode, data) in LOGIN_FILES.items():
+        initramfs.add(path, data, mode)
+    for path, mode in LOGIN_DIRS.items():
+        initramfs.add_dir(path, mode)
+    return libs
