@@ -14,6 +14,7 @@
 #   BBSNAP-TINY-READY           boot finished: modules, counter, agent, ssh are up
 #   BBSNAP-WARN <text>          something optional failed (never fatal)
 #   BBSNAP-POWEROFF             shutting down on request (ACPI button, agent, signal)
+#   BBSNAP-REBOOT               rebooting on request (agent's guest-shutdown mode=reboot)
 #
 # /etc/bbsnap-tiny.conf is written by the builder: KERNEL_RELEASE, COUNTER_SECTOR
 # and MODULES (module files in dependency order, resolved from modules.dep).
@@ -209,13 +210,22 @@ poweroff_now() {
     poweroff -f
 }
 
+reboot_now() {
+    echo "BBSNAP-REBOOT"
+    sync
+    reboot -f
+}
+
 # Graceful stops: busybox poweroff/halt/reboot signal PID 1 (USR2/USR1/TERM);
-# qemu-ga's guest-shutdown runs /sbin/shutdown; the ACPI power button (libvirt's
-# default shutdown) reaches acpid, which runs /etc/acpi/PWRF/00000080.
+# qemu-ga's guest-shutdown runs `/sbin/shutdown -P|-H|-r +0 "..."` (libvirt's
+# reboot goes through the agent when one answers, so -r must reboot); the ACPI
+# power button (libvirt's default shutdown) reaches acpid, which runs
+# /etc/acpi/PWRF/00000080.
 setup_shutdown() {
     trap poweroff_now USR1 USR2
-    trap 'echo BBSNAP-POWEROFF; sync; reboot -f' TERM
-    printf '#!/bin/sh\nkill -USR2 1\n' >/sbin/shutdown
+    trap reboot_now TERM
+    printf '#!/bin/sh\ncase " $* " in *" -r "*) kill -TERM 1 ;; *) kill -USR2 1 ;; esac\n' \
+        >/sbin/shutdown
     chmod 755 /sbin/shutdown
     mkdir -p /etc/acpi/PWRF
     printf '#!/bin/sh\nkill -USR2 1\n' >/etc/acpi/PWRF/00000080

@@ -1,0 +1,226 @@
+"""Servers from catalogue images under the real libvirtd (TCG): identity, seed, lifecycle,
+and failures that must leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from bbsnap.catalogue import Catalogue
+from bbsnap.config import load_settings
+from bbsnap.errors import HypervisorError
+from bbsnap.hypervisor.domain_xml import DiskSpec, DomainSpec, build_domain_xml
+from bbsnap.layout import DataDir
+from bbsnap.models import ImageStatus
+from bbsnap.services.server_create import CreateRequest, ServerCreator
+from bbsnap.tinyguest import READY_LINE
+from tests.conftest import Bbsnap
+from tests.system.conftest import URI, wait_for_console_line, wait_until
+
+SMALL = ("--memory", "128")
+
+
+@pytest.fixture()
+def cloud(data_dir: Path, tiny_guest_image: Path, hypervisor):
+    """A data directory with the tiny guest imported; every server made in it is removed."""
+    runner = Bbsnap(data_dir, env={"BBSNAP_ACCEL": "tcg", "LIBVIRT_DEFAULT_URI": URI})
+    imported = runner("images", "import", str(tiny_guest_image), "--name", "tiny",
+                      "--username", "root")
+    assert imported.exit_code == 0, imported.stderr
+    runner.image_id = imported.stdout.strip()  # type: ignore[attr-defined]
+    yield runner
+    for info in hypervisor.list_domains():
+        xml = hypervisor.domain_xml(info.name)
+        if str(data_dir) in xml:
+            hypervisor.destroy(info.name)
+            hypervisor.undefine(info.name)
+
+
+def _create(cloud, *args: str) -> list[dict]:
+    result = cloud("servers", "create", cloud.image_id, *SMALL, *args, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _console(cloud, server_id: str) -> Path:
+    return cloud.data_dir / "servers" / server_id / "console.log"
+
+
+def _backing_file(disk: str) -> tuple[str, str]:
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", disk],
+                                     check=True, capture_output=True, text=True).stdout)
+    return info["backing-filename"], info["backing-filename-format"]
+
+
+def _nothing_left(cloud, hypervisor) -> None:
+    leftovers = [p.name for p in (cloud.data_dir / "servers").iterdir() if not p.name.startswith(".")]
+    assert leftovers == [], f"server files left behind: {leftovers}"
+    for info in hypervisor.list_domains():
+        assert str(cloud.data_dir) not in hypervisor.domain_xml(info.name), f"domain {info.name} left"
+    catalogue = Catalogue(cloud.data_dir / "catalogue.sqlite3")
+    assert catalogue.dependents(cloud.image_id) == []
+    catalogue.close()
+
+
+def test_server_boots_from_the_image_with_its_own_identity(cloud, hypervisor):
+    result = cloud("servers", "create", cloud.image_id, *SMALL, "-n", "web <1> & 'co'")
+    assert result.exit_code == 0, result.stderr
+    assert "Creating a nano (typ-4nssg) server with image tiny (" + cloud.image_id + ")" in result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["id", "status", "type", "zone", "created_on", "image_id",
+                                "cloud_ips", "name"]
+    server_id = lines[2].split()[0]
+    assert lines[2].rstrip().endswith("web <1> & 'co'")
+
+    wait_for_console_line(_console(cloud, server_id), READY_LINE)
+    seed_line = wait_for_console_line(_console(cloud, server_id), "BBSNAP-SEED")
+    assert seed_line == f"BBSNAP-SEED instance-id={server_id} hostname=web-1-co"
+
+    shown = json.loads(cloud("servers", "show", server_id, "--format", "json").stdout)
+    assert shown["status"] == "active" and shown["image_id"] == cloud.image_id
+    assert shown["name"] == "web <1> & 'co'" and shown["accel"] == "tcg"
+    assert shown["cloud_ips"] == [f"127.0.0.1:{shown['ssh_port']}"]
+    image_file = cloud.data_dir / "images" / f"{cloud.image_id}.qcow2"
+    assert _backing_file(shown["disks"][0]) == (str(image_file), "qcow2")
+
+    root = ET.fromstring(hypervisor.domain_xml(server_id))
+    assert root.findtext("title") == "web <1> & 'co'"
+    assert root.findtext("uuid") == root.find("sysinfo/system/entry[@name='uuid']").text
+    assert root.findtext("uuid") == shown["uuid"]
+
+    # The image is in use: destroy is refused and names the server.
+    refused = cloud("images", "destroy", cloud.image_id)
+    assert refused.exit_code == 4 and server_id in refused.stderr
+
+    assert cloud("servers", "destroy", server_id).exit_code == 0
+    _nothing_left(cloud, hypervisor)
+    assert cloud("images", "destroy", cloud.image_id).exit_code == 0
+
+
+def test_two_servers_from_one_image_differ_and_share_the_image_file(cloud, hypervisor):
+    first, second = _create(cloud, "-i", "2")
+    assert first["id"] != second["id"] and first["uuid"] != second["uuid"]
+    assert first["macs"] != second["macs"] and first["ssh_port"] != second["ssh_port"]
+    assert _backing_file(first["disks"][0]) == _backing_file(second["disks"][0])
+    for server in (first, second):
+        line = wait_for_console_line(_console(cloud, server["id"]), "BBSNAP-SEED")
+        assert f"instance-id={server['id']}" in line
+    assert cloud("servers", "destroy", first["id"], second["id"]).exit_code == 0
+    _nothing_left(cloud, hypervisor)
+
+
+def test_stop_start_and_reboot(cloud, hypervisor):
+    (server,) = _create(cloud)
+    console = _console(cloud, server["id"])
+    wait_for_console_line(console, READY_LINE)
+
+    assert cloud("servers", "stop", server["id"]).exit_code == 0
+    assert json.loads(cloud("servers", "show", server["id"], "--format", "json").stdout)[
+        "status"] == "inactive"
+    assert cloud("servers", "stop", server["id"]).exit_code == 4
+
+    assert cloud("servers", "start", server["id"]).exit_code == 0
+    wait_for_console_line(console, READY_LINE)
+    shown = json.loads(cloud("servers", "show", server["id"], "--format", "json").stdout)
+    assert shown["ssh_port"] == server["ssh_port"], "the SSH port is kept across restarts"
+
+    assert cloud("servers", "reboot", server["id"]).exit_code == 0
+    wait_until(lambda: console.read_text(errors="replace").count(READY_LINE) >= 2, 240,
+               "the guest to boot a second time")
+    assert cloud("servers", "stop", "--force", server["id"]).exit_code == 0
+    assert cloud("servers", "destroy", server["id"]).exit_code == 0
+    _nothing_left(cloud, hypervisor)
+
+
+def test_unknown_and_unavailable_images(cloud, hypervisor):
+    assert cloud("servers", "create", "img-zzzzz", *SMALL).exit_code == 3
+    catalogue = Catalogue(cloud.data_dir / "catalogue.sqlite3")
+    catalogue.update(cloud.image_id, status=ImageStatus.FAILED)
+    catalogue.close()
+    result = cloud("servers", "create", cloud.image_id, *SMALL)
+    assert result.exit_code == 4 and "not available" in result.stderr
+    _nothing_left(cloud, hypervisor)
+
+
+@pytest.mark.parametrize("user_data", ["#cloud-config\nusers: [\n", "#cloud-config\n- a list\n",
+                                       "just text\n"])
+def test_invalid_user_data_creates_nothing(cloud, hypervisor, work_dir, user_data):
+    path = work_dir / "user-data"
+    path.write_text(user_data)
+    result = cloud("servers", "create", cloud.image_id, *SMALL, "--user-data", str(path))
+    assert result.exit_code != 0 and "user-data" in result.stderr
+    _nothing_left(cloud, hypervisor)
+
+
+def test_user_data_reaches_the_guest(cloud, hypervisor, work_dir):
+    path = work_dir / "user-data"
+    path.write_text("#cloud-config\nhostname: custom\n")
+    (server,) = _create(cloud, "--user-data", str(path), "--hostname", "given-name")
+    line = wait_for_console_line(_console(cloud, server["id"]), "BBSNAP-SEED")
+    assert line.endswith("hostname=given-name")
+    assert cloud("servers", "destroy", server["id"]).exit_code == 0
+
+
+def test_more_memory_than_the_host_has(cloud, hypervisor):
+    result = cloud("servers", "create", cloud.image_id, "--memory", str(64 * 1024 * 1024))
+    assert result.exit_code == 2 and "more than this host has" in result.stderr
+    _nothing_left(cloud, hypervisor)
+
+
+def test_no_free_port(cloud, hypervisor):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        result = cloud("servers", "create", cloud.image_id, *SMALL,
+                       env={"BBSNAP_SSH_PORTS": f"{port}-{port}"})
+    finally:
+        holder.close()
+    assert result.exit_code == 4 and "no free port" in result.stderr
+    _nothing_left(cloud, hypervisor)
+
+
+def test_a_domain_that_fails_to_start_leaves_nothing(cloud, hypervisor):
+    """The port is taken after it was chosen: QEMU cannot set up the forward and exits."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    busy = holder.getsockname()[1]
+    settings = load_settings({"data_dir": str(cloud.data_dir)},
+                             environ={"BBSNAP_CONFIG": "", "BBSNAP_ACCEL": "tcg"})
+    catalogue = Catalogue(cloud.data_dir / "catalogue.sqlite3")
+    creator = ServerCreator(catalogue, DataDir(cloud.data_dir).ensure(), hypervisor, settings,
+                            resolve_accel=lambda: "tcg", choose_ssh_port=lambda _taken: busy)
+    try:
+        with pytest.raises(HypervisorError, match="starting"):
+            creator.create(CreateRequest(image_id=cloud.image_id, memory_mib=128))
+    finally:
+        holder.close()
+        catalogue.close()
+    _nothing_left(cloud, hypervisor)
+
+
+def test_domains_bbsnap_did_not_make_are_listed_but_not_destroyed(cloud, hypervisor, domains,
+                                                                   work_dir):
+    name = domains.new_name()
+    disk = work_dir / "foreign.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    domain_uuid = str(uuid.uuid4())
+    hypervisor.define(build_domain_xml(DomainSpec(
+        name=name, uuid=domain_uuid, memory_mib=64, vcpus=1, accel="tcg",
+        disks=(DiskSpec(disk),), console_log=work_dir / "c.log", guest_agent=False)))
+
+    listed = json.loads(cloud("servers", "list", "--format", "json").stdout)
+    assert name in {s["id"] for s in listed}
+    shown = json.loads(cloud("servers", "show", domain_uuid, "--format", "json").stdout)
+    assert shown["id"] == name and shown["managed"] is False and shown["status"] == "inactive"
+    refused = cloud("servers", "destroy", name)
+    assert refused.exit_code == 4 and disk.exists()
+    assert cloud("servers", "show", "no-such-domain").exit_code == 3
