@@ -224,3 +224,20 @@ def test_domains_bbsnap_did_not_make_are_listed_but_not_destroyed(cloud, hypervi
     refused = cloud("servers", "destroy", name)
     assert refused.exit_code == 4 and disk.exists()
     assert cloud("servers", "show", "no-such-domain").exit_code == 3
+
+
+def test_ssh_into_a_server_through_its_127_0_0_1_forward(cloud, hypervisor, work_dir):
+    key = work_dir / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (server,) = _create(cloud, "--ssh-key", f"{key}.pub", "--hostname", "reachable")
+    wait_for_console_line(_console(cloud, server["id"]), "BBSNAP-SSH started")
+
+    result = cloud.process("servers", "ssh", server["id"], "-i", str(key), "--",
+                           "hostname; cat /run/seed-user-data | head -1", timeout=120)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == ["reachable", "#cloud-config"]
+    stopped = cloud("servers", "stop", "--force", server["id"])
+    assert stopped.exit_code == 0
+    refused = cloud.process("servers", "ssh", server["id"], "-i", str(key), "--", "true")
+    assert refused.exit_code == 4 and "not running" in refused.stderr
+    assert cloud("servers", "destroy", server["id"]).exit_code == 0

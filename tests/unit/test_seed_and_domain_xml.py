@@ -1,0 +1,130 @@
+import socket
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bbsnap.errors import ConflictError, InvalidInputError, NotFoundError, UsageError
+from bbsnap.hypervisor.domain_xml import (QEMU_NS, DiskSpec, DomainSpec, NicSpec,
+                                          build_domain_xml, console_log_path, read_domain_facts)
+from bbsnap.models import Server, ServerStatus
+from bbsnap.netports import choose_port, parse_port_range
+from bbsnap.seed import (SeedSpec, check_hostname, default_user_data, hostname_from_name,
+                         read_seed_iso, validate_user_data, write_seed_iso)
+from bbsnap.server_types import find_type
+from bbsnap.services.ssh import ssh_argv
+
+
+def _spec(**changes) -> DomainSpec:
+    base = dict(name="srv-aaaaa", uuid="6b3c6f0a-1b9e-4d0c-9a53-6f1d2e3c4b5a", memory_mib=128,
+                vcpus=1, accel="tcg", disks=(DiskSpec(Path("/d/disk.qcow2")),),
+                console_log=Path("/d/console.log"))
+    base.update(changes)
+    return DomainSpec(**base)
+
+
+def test_seed_iso_round_trip_and_mode(tmp_path):
+    spec = SeedSpec("srv-abcde", "web", ("52:54:00:aa:bb:cc",),
+                    default_user_data("web", ["ssh-ed25519 AAAA me@host"], "debian"))
+    path = write_seed_iso(spec, tmp_path / "seed.iso")
+    assert path.stat().st_mode & 0o777 == 0o600, "user-data may hold secrets"
+    files = read_seed_iso(path)
+    assert yaml.safe_load(files["meta-data"]) == {"instance-id": "srv-abcde", "local-hostname": "web"}
+    network = yaml.safe_load(files["network-config"])
+    assert network["ethernets"]["nic0"]["match"]["macaddress"] == "52:54:00:aa:bb:cc"
+    assert network["ethernets"]["nic0"]["dhcp-identifier"] == "mac"
+    user = yaml.safe_load(files["user-data"])
+    assert files["user-data"].startswith("#cloud-config\n") and "&id" not in files["user-data"]
+    assert user["ssh_authorized_keys"] == ["ssh-ed25519 AAAA me@host"]
+    assert user["users"][1]["name"] == "debian"
+    assert "cloud-init-per" in user["bootcmd"][0], "machine-id is regenerated once per instance"
+    assert path.read_bytes()[32769:32774] == b"CD001"
+    assert b"cidata" in path.read_bytes()[32768:32900].lower()
+
+
+@pytest.mark.parametrize("text", ["#cloud-config\nkey: [unclosed\n", "#cloud-config\n- 1\n",
+                                  "plain text", ""])
+def test_invalid_user_data(text):
+    with pytest.raises(InvalidInputError):
+        validate_user_data(text)
+
+
+@pytest.mark.parametrize("text", ["#cloud-config\n", "#cloud-config\npackages: [vim]\n",
+                                  "#!/bin/sh\necho hi\n"])
+def test_valid_user_data(text):
+    assert validate_user_data(text) == text
+
+
+def test_hostnames():
+    assert hostname_from_name("My Web <1> & co", "srv-x") == "my-web-1-co"
+    assert hostname_from_name("<<>>", "srv-x") == "srv-x"
+    assert check_hostname("a-b1") == "a-b1"
+    for bad in ("-a", "A", "a_b", "x" * 64, "a.b"):
+        with pytest.raises(UsageError):
+            check_hostname(bad)
+
+
+def test_slirp_nic_goes_on_the_qemu_command_line_with_a_loopback_forward():
+    xml = build_domain_xml(_spec(nics=(NicSpec("52:54:00:00:00:01", ssh_forward_port=2345),)))
+    root = ET.fromstring(xml)
+    args = [a.get("value") for a in root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
+    assert args[:2] == ["-netdev", "user,id=bbnet0,hostfwd=tcp:127.0.0.1:2345-:22"]
+    assert "mac=52:54:00:00:00:01" in args[3] and "addr=0x10" in args[3]
+    assert root.find("devices/interface") is None
+    assert read_domain_facts(xml).macs == ("52:54:00:00:00:01",)
+
+
+def test_passt_and_network_nics_are_libvirt_interfaces():
+    root = ET.fromstring(build_domain_xml(_spec(nics=(
+        NicSpec("52:54:00:00:00:02", passt=True, ssh_forward_port=2400),
+        NicSpec("52:54:00:00:00:03", network="default")))))
+    passt, network = root.findall("devices/interface")
+    assert passt.get("type") == "user" and passt.find("backend").get("type") == "passt"
+    forward = passt.find("portForward")
+    assert (forward.get("address"), forward.find("range").get("start"),
+            forward.find("range").get("to")) == ("127.0.0.1", "2400", "22")
+    assert network.get("type") == "network" and network.find("source").get("network") == "default"
+
+
+def test_special_characters_are_escaped_and_read_back():
+    name = "a <b> & 'c' \"d\"\nline"
+    xml = build_domain_xml(_spec(title=name, metadata={"name": name}))
+    facts = read_domain_facts(xml)
+    assert facts.metadata["name"] == name and facts.title == "a <b> & 'c' \"d\" line"
+    assert console_log_path(xml) == Path("/d/console.log")
+    assert facts.disks == ("/d/disk.qcow2",) and facts.memory_mib == 128
+
+
+def test_choose_port_skips_recorded_and_bound_ports():
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    busy = holder.getsockname()[1]
+    try:
+        with pytest.raises(ConflictError):
+            choose_port(range(busy, busy + 1), set())
+    finally:
+        holder.close()
+    assert choose_port(range(busy, busy + 1), set()) == busy
+    with pytest.raises(ConflictError):
+        choose_port(range(busy, busy + 1), {busy})
+    assert parse_port_range("2222-2299") == range(2222, 2300)
+    for bad in ("22-80", "x", "3000-2000"):
+        with pytest.raises(UsageError):
+            parse_port_range(bad)
+
+
+def test_server_types():
+    assert find_type("nano").id == "typ-4nssg" and find_type("typ-4nssg").name == "nano"
+    with pytest.raises(NotFoundError):
+        find_type("huge")
+
+
+def test_ssh_argv():
+    server = Server(id="srv-aaaaa", uuid="u", name="n", status=ServerStatus.ACTIVE, managed=True,
+                    ssh_port=2222, username="debian")
+    argv = ssh_argv(server, identity="/k", command=["uname", "-a"])
+    assert argv[:3] == ["ssh", "-p", "2222"] and "debian@127.0.0.1" in argv
+    assert argv[-3:] == ["--", "uname", "-a"] and "/k" in argv
+    with pytest.raises(ConflictError):
+        ssh_argv(Server(id="s", uuid="u", name="n", status=ServerStatus.INACTIVE, managed=True))
