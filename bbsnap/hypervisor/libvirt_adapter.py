@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import HypervisorError, NotFoundError
+from ..errors import ConflictError, HypervisorError, NotFoundError
 from . import DomainInfo, DomainState, HypervisorVersion
 
 _STATES = {1: DomainState.RUNNING, 3: DomainState.PAUSED, 5: DomainState.SHUTOFF,
@@ -143,6 +143,18 @@ class LibvirtHypervisor:
             if addresses:
                 return addresses
         return []
+
+    def check_network(self, name: str) -> None:
+        """Refuse a libvirt network that does not exist or is not running."""
+        libvirt = _libvirt()
+        try:
+            network = self.conn.networkLookupByName(name)
+        except libvirt.libvirtError as exc:
+            raise NotFoundError(f"libvirt network '{name}' not found",
+                                hint="'virsh net-list --all' lists them; or use --network user") from exc
+        if not network.isActive():
+            raise ConflictError(f"libvirt network '{name}' is not running",
+                                hint=f"virsh net-start {name}")
 
     def domain_xml(self, name: str, *, inactive: bool = False) -> str:
         flags = _libvirt().VIR_DOMAIN_XML_INACTIVE if inactive else 0

@@ -105,6 +105,8 @@ class ServerCreator:
         user_data = validate_user_data(request.user_data) if request.user_data is not None else None
         hostname = check_hostname(request.hostname) if request.hostname else None
         network = request.network or self._settings.network
+        if network != "user":
+            self._hv.check_network(network)
         return _Plan(image, server_type, vcpus, memory, disk_bytes, name, user_data,
                      _read_ssh_keys(request.ssh_key_files), hostname, network)
 
@@ -140,7 +142,8 @@ class ServerCreator:
                 disks=(DiskSpec(disk),
                        DiskSpec(seed, format="raw", device="cdrom", target="hdc", bus="ide")),
                 nics=(NicSpec(mac=mac, network=None if plan.network == "user" else plan.network,
-                              ssh_forward_port=port),),
+                              ssh_forward_port=port, passt=plan.network == "user" and _has_passt(
+                                  self._hv)),),
                 console_log=directory / CONSOLE_FILE,
                 metadata=_metadata(plan, name, accel, hostname, port))
             info = self._hv.define(build_domain_xml(spec))
@@ -219,6 +222,11 @@ def _read_ssh_keys(files: tuple[Path, ...]) -> list[str]:
                 raise InvalidInputError(f"{path} is not an SSH public key")
             keys.append(line)
     return keys
+
+
+def _has_passt(hv: Hypervisor) -> bool:
+    """libvirt >= 9.2 runs user-mode NICs through passt, with port forwards in its XML."""
+    return hv.version().libvirt >= (9, 2, 0) and shutil.which("passt") is not None
 
 
 def _stop_quietly(hv: Hypervisor, server_id: str) -> None:

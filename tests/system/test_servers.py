@@ -167,6 +167,12 @@ def test_user_data_reaches_the_guest(cloud, hypervisor, work_dir):
     assert cloud("servers", "destroy", server["id"]).exit_code == 0
 
 
+def test_unknown_libvirt_network(cloud, hypervisor):
+    result = cloud("servers", "create", cloud.image_id, *SMALL, "--network", "no-such-net")
+    assert result.exit_code == 3 and "no-such-net" in result.stderr
+    _nothing_left(cloud, hypervisor)
+
+
 def test_more_memory_than_the_host_has(cloud, hypervisor):
     result = cloud("servers", "create", cloud.image_id, "--memory", str(64 * 1024 * 1024))
     assert result.exit_code == 2 and "more than this host has" in result.stderr

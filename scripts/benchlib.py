@@ -1,0 +1,87 @@
+"""Shared helpers for the benchmarks: data sets made from this machine's own files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+GIB = 1 << 30
+MIB = 1 << 20
+SOURCES = ("/usr/share", "/usr/lib")
+
+
+def median_time(action: Callable[[], object], runs: int, between: Callable[[], object] | None = None) -> float:
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - start)
+        if between is not None:
+            between()
+    return statistics.median(samples)
+
+
+def stage_files(target: Path, budget: int = GIB) -> int:
+    """Hard-link real system files into *target* until *budget* bytes: real filesystem data."""
+    total = 0
+    for source in SOURCES:
+        for root, _dirs, files in os.walk(source):
+            for name in files:
+                path = Path(root) / name
+                try:
+                    info = path.lstat()
+                except OSError:
+                    continue
+                if not path.is_file() or path.is_symlink() or info.st_size == 0:
+                    continue
+                dest = target / path.relative_to("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(path, dest)
+                except OSError:
+                    try:
+                        shutil.copy2(path, dest)
+                    except OSError:
+                        continue
+                total += info.st_size
+                if total >= budget:
+                    return total
+    return total
+
+
+def filesystem_image(path: Path, virtual_size: int = 8 * GIB, data: int = GIB) -> Path:
+    """A qcow2 of *virtual_size* holding an ext4 filesystem with ~*data* bytes of real files."""
+    with tempfile.TemporaryDirectory(prefix="bbsnap-stage-", dir=path.parent) as stage:
+        stage_files(Path(stage), data)
+        raw = path.with_suffix(".raw")
+        subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", stage, str(raw),
+                        str(virtual_size // MIB) + "M"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
+                   check=True)
+    raw.unlink()
+    return path
+
+
+def small_image(path: Path, size: int = 64 * MIB) -> Path:
+    raw = path.with_suffix(".raw")
+    with open(raw, "wb") as handle:
+        handle.truncate(size)
+        handle.seek(510)
+        handle.write(b"\x55\xaa")
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
+                   check=True)
+    raw.unlink()
+    return path
+
+
+def bench_dir() -> Path:
+    """A scratch directory QEMU's user can traverse (libvirt defines reference files in it)."""
+    path = Path(tempfile.mkdtemp(prefix="bbsnap-bench-", dir="/var/tmp"))
+    os.chmod(path, 0o755)
+    return path
