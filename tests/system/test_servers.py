@@ -247,3 +247,26 @@ def test_ssh_into_a_server_through_its_127_0_0_1_forward(cloud, hypervisor, work
     refused = cloud.process("servers", "ssh", server["id"], "-i", str(key), "--", "true")
     assert refused.exit_code == 4 and "not running" in refused.stderr
     assert cloud("servers", "destroy", server["id"]).exit_code == 0
+
+
+def test_server_on_a_libvirt_network(cloud, hypervisor, work_dir):
+    """Attached to a (test-made, isolated) libvirt network: no port forward, a network NIC.
+    Defined only: tests send no traffic to private-range addresses."""
+    name = "bbsnap-test-" + uuid.uuid4().hex[:6]
+    xml = work_dir / "net.xml"
+    xml.write_text(f"<network><name>{name}</name><bridge name='bbt{name[-6:]}'/>"
+                   "<ip address='192.168.251.1' netmask='255.255.255.0'/></network>")
+    subprocess.run(["virsh", "-q", "-c", URI, "net-create", str(xml)], check=True,
+                   capture_output=True)
+    try:
+        (server,) = _create(cloud, "--network", name, "--no-start")
+        assert server["network"] == name and server["ssh_port"] is None
+        root = ET.fromstring(hypervisor.domain_xml(server["id"]))
+        interface = root.find("devices/interface")
+        assert interface.get("type") == "network"
+        assert interface.find("source").get("network") == name
+        assert interface.find("mac").get("address") == server["macs"][0]
+        assert cloud("servers", "destroy", server["id"]).exit_code == 0
+    finally:
+        subprocess.run(["virsh", "-q", "-c", URI, "net-destroy", name], check=False,
+                       capture_output=True)
