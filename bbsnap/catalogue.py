@@ -8,15 +8,17 @@ the image) cannot interleave with another bbsnap process.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import CatalogueError, ConflictError, InUseError, NotFoundError
 from .models import (Consistency, Dependent, DependentKind, Image, ImageFilter, ImageStatus,
-                     ImageType, Visibility)
+                     ImageType, ImageVolume, SnapshotDisk, SnapshotJob, Visibility)
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -58,6 +60,26 @@ MIGRATIONS: Sequence[str] = (
         PRIMARY KEY (image_id, kind, dependent_id)
     );
     CREATE INDEX dependencies_by_dependent ON dependencies(kind, dependent_id);
+    """,
+    # 2: live snapshots. A snapshot job journals what its (background) worker must finish or
+    # clean up; extra volumes hold the non-primary disks of a multi-disk snapshot.
+    """
+    CREATE TABLE snapshot_jobs (
+        image_id TEXT PRIMARY KEY REFERENCES images(id),
+        domain TEXT NOT NULL,
+        domain_uuid TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        disks TEXT NOT NULL,
+        started_at TEXT NOT NULL
+    );
+    CREATE TABLE image_volumes (
+        image_id TEXT NOT NULL REFERENCES images(id),
+        device TEXT NOT NULL,
+        path TEXT NOT NULL,
+        virtual_size INTEGER NOT NULL,
+        disk_size INTEGER NOT NULL,
+        PRIMARY KEY (image_id, device)
+    );
     """,
 )
 
@@ -113,6 +135,7 @@ class Catalogue:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._depth = 0  # transaction nesting
         try:
             self._db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000,
                                        isolation_level=None, check_same_thread=False)
@@ -147,11 +170,22 @@ class Catalogue:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front (IMMEDIATE) so check-then-act is atomic."""
+        """One write transaction, taken up front (IMMEDIATE) so check-then-act is atomic.
+
+        Nested use joins the outer transaction, so composite operations stay one unit.
+        """
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self._db
+            finally:
+                self._depth -= 1
+            return
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise CatalogueError(f"the image catalogue is unavailable: {exc}") from exc
+        self._depth = 1
         try:
             yield self._db
         except BaseException:
@@ -159,16 +193,28 @@ class Catalogue:
             raise
         else:
             self._db.execute("COMMIT")
+        finally:
+            self._depth = 0
 
     # -- images -----------------------------------------------------------------------------
 
-    def add(self, image: Image) -> Image:
+    def add(self, image: Image, *, snapshot_job: SnapshotJob | None = None,
+            depends_on: str | None = None) -> Image:
+        """Insert an image row, with its snapshot job and its hold on a backing image, atomically."""
         now = _to_db("updated_at", utcnow())
         values = [_to_db(name, getattr(image, name)) for name in _COLUMNS]
         with self.transaction() as db:
             db.execute(
                 f"INSERT INTO images ({', '.join(_COLUMNS)}, updated_at) "
                 f"VALUES ({', '.join('?' for _ in _COLUMNS)}, ?)", (*values, now))
+            if depends_on is not None:
+                self._add_dependent(db, depends_on, DependentKind.IMAGE, image.id)
+            if snapshot_job is not None:
+                db.execute("INSERT INTO snapshot_jobs (image_id, domain, domain_uuid, mode, disks, "
+                           "started_at) VALUES (?, ?, ?, ?, ?, ?)",
+                           (image.id, snapshot_job.domain, snapshot_job.domain_uuid,
+                            snapshot_job.mode, json.dumps([asdict(d) for d in snapshot_job.disks]),
+                            now))
         return image
 
     def get(self, image_id: str, *, include_deleted: bool = False) -> Image:
@@ -251,11 +297,50 @@ class Catalogue:
 
     def add_dependent(self, image_id: str, kind: DependentKind, dependent_id: str) -> None:
         with self.transaction() as db:
-            image = self.get(image_id)
-            if image.status not in (ImageStatus.AVAILABLE, ImageStatus.CREATING):
-                raise ConflictError(f"image {image_id} is {image.status.value} and cannot be used")
-            db.execute("INSERT OR IGNORE INTO dependencies (image_id, kind, dependent_id) "
-                       "VALUES (?, ?, ?)", (image_id, kind.value, dependent_id))
+            self._add_dependent(db, image_id, kind, dependent_id)
+
+    def _add_dependent(self, db: sqlite3.Connection, image_id: str, kind: DependentKind,
+                       dependent_id: str) -> None:
+        image = self.get(image_id)
+        if image.status not in (ImageStatus.AVAILABLE, ImageStatus.CREATING):
+            raise ConflictError(f"image {image_id} is {image.status.value} and cannot be used")
+        db.execute("INSERT OR IGNORE INTO dependencies (image_id, kind, dependent_id) "
+                   "VALUES (?, ?, ?)", (image_id, kind.value, dependent_id))
+
+    # -- snapshot jobs and volumes ------------------------------------------------------------
+
+    def snapshot_job(self, image_id: str) -> SnapshotJob | None:
+        row = self._db.execute("SELECT domain, domain_uuid, mode, disks FROM snapshot_jobs "
+                               "WHERE image_id = ?", (image_id,)).fetchone()
+        if row is None:
+            return None
+        disks = tuple(SnapshotDisk(**d) for d in json.loads(row[3]))
+        return SnapshotJob(domain=row[0], domain_uuid=row[1], mode=row[2], disks=disks)
+
+    def finish_snapshot(self, image_id: str, volumes: list[ImageVolume], **changes: Any) -> Image:
+        """Mark a snapshot available with its volumes and forget its job, in one transaction."""
+        with self.transaction() as db:
+            for volume in volumes:
+                db.execute("INSERT INTO image_volumes (image_id, device, path, virtual_size, "
+                           "disk_size) VALUES (?, ?, ?, ?, ?)",
+                           (image_id, volume.device, volume.path, volume.virtual_size,
+                            volume.disk_size))
+            db.execute("DELETE FROM snapshot_jobs WHERE image_id = ?", (image_id,))
+            return self.update(image_id, expect_status=ImageStatus.CREATING, **changes)
+
+    def fail_snapshot(self, image_id: str, reason: str) -> Image:
+        """A snapshot that will never be available: failed, its job and its holds dropped."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM snapshot_jobs WHERE image_id = ?", (image_id,))
+            db.execute("DELETE FROM dependencies WHERE kind = 'image' AND dependent_id = ?",
+                       (image_id,))
+            return self.update(image_id, status=ImageStatus.FAILED, failure_reason=reason,
+                               job=None, disk_size=0)
+
+    def volumes(self, image_id: str) -> list[ImageVolume]:
+        rows = self._db.execute("SELECT device, path, virtual_size, disk_size FROM image_volumes "
+                                "WHERE image_id = ? ORDER BY device", (image_id,)).fetchall()
+        return [ImageVolume(*row) for row in rows]
 
     def remove_dependent(self, kind: DependentKind, dependent_id: str,
                          image_id: str | None = None) -> None:

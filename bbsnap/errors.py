@@ -74,6 +74,10 @@ class HypervisorError(BbsnapError):
     """libvirt or QEMU refused or failed an operation."""
 
 
+class QuiesceError(HypervisorError):
+    """The guest agent could not freeze the guest's filesystems (absent, silent, refused)."""
+
+
 class CatalogueError(BbsnapError):
     """The SQLite catalogue could not be read or written."""
 

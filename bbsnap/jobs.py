@@ -31,8 +31,12 @@ def boot_id() -> str:
 
 
 def current_job_token() -> str:
-    pid = os.getpid()
-    return f"{pid}:{_start_ticks(pid)}:{boot_id()}"
+    return token_for_pid(os.getpid()) or f"{os.getpid()}:?:{boot_id()}"
+
+
+def token_for_pid(pid: int) -> str | None:
+    ticks = _start_ticks(pid)
+    return f"{pid}:{ticks}:{boot_id()}" if ticks else None
 
 
 def job_alive(token: str | None) -> bool:

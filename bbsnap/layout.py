@@ -40,6 +40,15 @@ class DataDir:
         """One directory per bbsnap server: its disk overlay, seed ISO and console log."""
         return self.root / "servers"
 
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    @property
+    def logs_dir(self) -> Path:
+        """Logs of background workers (one per snapshot)."""
+        return self.root / "logs"
+
     def server_dir(self, server_id: str) -> Path:
         return self.servers_dir / server_id
 
@@ -53,7 +62,8 @@ class DataDir:
         back is not ours to do.
         """
         try:
-            for directory in (self.root, self.images_dir, self.tmp_dir, self.servers_dir):
+            for directory in (self.root, self.images_dir, self.tmp_dir, self.servers_dir,
+                              self.locks_dir, self.logs_dir):
                 directory.mkdir(parents=True, exist_ok=True)
                 os.chmod(directory, DIR_MODE)
         except OSError as exc:

@@ -133,3 +133,32 @@ class Server:
     vcpus: int = 0
     memory_mib: int = 0
     username: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotDisk:
+    """One disk of a snapshot job: where it is copied to and how it is finished."""
+
+    device: str                  # the guest's device name (vda)
+    source: str                  # the server's disk file
+    source_format: str
+    target: str                  # the copy (in the data directory's tmp/)
+    ancestor: str | None = None  # store as a delta on this (immutable catalogue) file
+
+
+@dataclass(frozen=True)
+class SnapshotJob:
+    domain: str
+    domain_uuid: str
+    mode: str                    # "backup" (running: push-mode backup) or "copy" (shut off)
+    disks: tuple[SnapshotDisk, ...]
+
+
+@dataclass(frozen=True)
+class ImageVolume:
+    """A further disk of a multi-disk snapshot image (the first disk is the image itself)."""
+
+    device: str
+    path: str                    # file name relative to the data directory's images/
+    virtual_size: int
+    disk_size: int

@@ -116,3 +116,15 @@ def exec_replace(argv: Sequence[str]) -> None:
         os.execvp(args[0], args)
     except FileNotFoundError as exc:
         raise NotFoundError(f"required program '{args[0]}' is not installed") from exc
+
+
+def spawn_detached(argv: Sequence[str | os.PathLike[str]], *, log_path: Path,
+                   pass_fds: Sequence[int] = ()) -> int:
+    """Start a background worker in its own session, detached from the terminal and the
+    caller's pipes (so `$(bbsnap ...)` returns at once); returns its pid."""
+    args = [os.fspath(a) for a in argv]
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                 start_new_session=True, pass_fds=tuple(pass_fds),
+                                 close_fds=True)
+    return child.pid

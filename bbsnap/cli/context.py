@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..services.images import ImageService
     from ..services.server_create import ServerCreator
     from ..services.servers import ServerService
+    from ..services.snapshot import SnapshotService
 
 
 @dataclass
@@ -53,8 +54,36 @@ class AppContext:
 
             self._catalogue = Catalogue(self.data_dir.catalogue_path)
             self._closers.append(self._catalogue.close)
-            recover_interrupted(self._catalogue, self.data_dir)
+            recover_interrupted(self._catalogue, self.data_dir, self._adopt_snapshot)
         return self._catalogue
+
+    def recover(self) -> None:
+        from ..services.recovery import recover_interrupted
+
+        recover_interrupted(self.catalogue, self.data_dir, self._adopt_snapshot)
+
+    def worker_argv(self) -> list[str]:
+        import sys
+
+        return [sys.executable, "-m", "bbsnap.worker", "--data-dir", str(self.data_dir.root),
+                "--connect", self.settings.connect]
+
+    def _adopt_snapshot(self, image_id: str, lock: Any) -> None:
+        """Recovery: a new worker finishes (or cleanly fails) an orphaned snapshot."""
+        from ..jobs import token_for_pid
+        from ..proc import spawn_detached
+
+        pid = spawn_detached([*self.worker_argv(), "finish-snapshot", image_id,
+                              "--lock-fd", str(lock.fd)],
+                             log_path=self.data_dir.logs_dir / f"{image_id}.log",
+                             pass_fds=[lock.fd])
+        assert self._catalogue is not None
+        self._catalogue.update(image_id, job=token_for_pid(pid))
+
+    def snapshots(self) -> "SnapshotService":
+        from ..services.snapshot import SnapshotService
+
+        return SnapshotService(self.catalogue, self.data_dir, self.hypervisor, self.worker_argv())
 
     def images(self) -> "ImageService":
         from ..services.images import ImageService

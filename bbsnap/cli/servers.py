@@ -102,7 +102,8 @@ def create_servers(app: Any, image_id: str, name: str | None, server_type: str |
     _print_servers(created, output_format, simple)
 
 
-def _each(app: Any, keys: tuple[str, ...], verb: str, action: Callable[[str], Any]) -> None:
+def _each(app: Any, keys: tuple[str, ...], verb: str, action: Callable[[str], Any],
+          quiet: bool = False) -> None:
     """Run *action* on every server; report each failure, exit with the first one's code."""
     from ..errors import BbsnapError
 
@@ -110,7 +111,8 @@ def _each(app: Any, keys: tuple[str, ...], verb: str, action: Callable[[str], An
     for key in keys:
         try:
             action(key)
-            click.echo(f"{verb} server {key}", err=True)
+            if not quiet:
+                click.echo(f"{verb} server {key}", err=True)
         except BbsnapError as exc:
             if len(keys) == 1:
                 raise
@@ -154,6 +156,52 @@ def reboot_servers(app: Any, server_ids: tuple[str, ...]) -> None:
 def destroy_servers(app: Any, server_ids: tuple[str, ...]) -> None:
     """Destroy bbsnap servers: power off, undefine, delete their disk and seed."""
     _each(app, server_ids, "Destroying", app.servers().destroy)
+
+
+@servers.command("snapshot")
+@click.argument("server_ids", nargs=-1, required=True, metavar="SRV...")
+@click.option("-n", "--name", help="Image name (default: 'Snapshot of SRV DD Mon HH:MM (arch)').")
+@click.option("--wait", is_flag=True, help="Wait until the image is available (or failed).")
+@click.option("--no-quiesce", is_flag=True, help="Do not freeze filesystems through the guest agent.")
+@click.pass_obj
+def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wait: bool,
+                     no_quiesce: bool) -> None:
+    """Snapshot running (or stopped) servers into the image catalogue.
+
+    Returns as soon as the point in time is fixed; the copy continues in the background
+    (the image shows `creating`, then private). Prints the new image ids.
+    """
+    from ..services.snapshot import SnapshotRequest
+
+    service = app.snapshots()
+    started = []
+
+    def snap(key: str) -> None:
+        click.echo(f"Snapshotting server {key}", err=True)
+        image = service.begin(
+            SnapshotRequest(server=key, name=name, quiesce=not no_quiesce),
+            on_wait=lambda: click.echo(f"bbsnap: waiting for another operation on {key} "
+                                       "to finish", err=True))
+        started.append(image.id)
+        click.echo(image.id)
+
+    _each(app, server_ids, "Snapshotted", snap, quiet=True)
+    if wait:
+        from .waiting import wait_for_images
+
+        wait_for_images(app, started)
+
+
+@servers.command("rebuild")
+@click.argument("server_id", metavar="SRV")
+@click.argument("image_id", metavar="IMG")
+@output_options
+@click.pass_obj
+def rebuild_server(app: Any, server_id: str, image_id: str, output_format: str,
+                   simple: bool) -> None:
+    """Rebuild SRV's disk from IMG (e.g. one of its snapshots), keeping its identity."""
+    click.echo(f"Rebuilding server {server_id} with image {image_id}", err=True)
+    _print_servers([app.servers().rebuild(server_id, image_id)], output_format, simple)
 
 
 @servers.command("console")

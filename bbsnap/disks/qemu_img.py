@@ -111,6 +111,19 @@ def create_overlay(path: Path, backing: Path, backing_format: str = "qcow2",
     proc.run(argv, timeout=60)
 
 
+def rebase(path: Path, new_backing: Path, backing_format: str = "qcow2") -> None:
+    """Safe rebase: *path* keeps its content but holds only what differs from *new_backing*."""
+    proc.run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", _abs(new_backing),
+              "-F", backing_format, _abs(path)], timeout=3600)
+
+
+def convert_top(source: Path, target: Path, base: Path, base_format: str = "qcow2") -> None:
+    """Copy *source* (whose backing chain ends in *base*) as a new overlay on *base*:
+    only what the layers above *base* hold is written."""
+    proc.run(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", "-B", _abs(base),
+              "-F", base_format, _abs(source), _abs(target)], timeout=3600)
+
+
 def create(path: Path, size: int, fmt: str = "qcow2") -> None:
     proc.run(["qemu-img", "create", "-q", "-f", fmt, _abs(path), str(size)], timeout=60)
 

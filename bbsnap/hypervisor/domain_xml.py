@@ -201,6 +201,72 @@ def read_metadata(xml: str) -> dict[str, str]:
     return {child.tag[len(prefix):]: child.text or "" for child in holder if child.tag.startswith(prefix)}
 
 
+def read_disks(xml: str) -> list["DiskInfo"]:
+    """File-backed disks of a domain, in XML order."""
+    from . import DiskInfo
+
+    disks = []
+    for disk in ET.fromstring(xml).findall("devices/disk"):
+        source, target, driver = disk.find("source"), disk.find("target"), disk.find("driver")
+        if source is None or target is None or not source.get("file"):
+            continue
+        disks.append(DiskInfo(target=target.get("dev", ""), path=source.get("file", ""),
+                              format=driver.get("type", "raw") if driver is not None else "raw",
+                              device=disk.get("device", "disk"),
+                              readonly=disk.find("readonly") is not None))
+    return disks
+
+
+def replace_disk_source(xml: str, target: str, new_path: Path, new_format: str = "qcow2") -> str:
+    """The domain XML with disk *target*'s file replaced (for rebuild)."""
+    root = ET.fromstring(xml)
+    for disk in root.findall("devices/disk"):
+        tgt = disk.find("target")
+        if tgt is not None and tgt.get("dev") == target:
+            source = disk.find("source")
+            if source is None:
+                source = ET.SubElement(disk, "source")
+            source.attrib.clear()
+            source.set("file", str(new_path))
+            driver = disk.find("driver")
+            if driver is not None:
+                driver.set("type", new_format)
+            backing = disk.find("backingStore")
+            if backing is not None:
+                disk.remove(backing)
+            return ET.tostring(root, encoding="unicode")
+    raise ValueError(f"no disk {target} in the domain")
+
+
+def set_metadata(xml: str, facts: dict[str, str]) -> str:
+    """The domain XML with bbsnap's metadata replaced by *facts*."""
+    root = ET.fromstring(xml)
+    metadata = root.find("metadata")
+    if metadata is not None:
+        for old in metadata.findall(f"{{{METADATA_NS}}}server"):
+            metadata.remove(old)
+    else:
+        metadata = ET.SubElement(root, "metadata")
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    holder = ET.SubElement(metadata, f"{{{METADATA_NS}}}server")
+    for key, value in sorted(facts.items()):
+        ET.SubElement(holder, f"{{{METADATA_NS}}}{key}").text = value
+    return ET.tostring(root, encoding="unicode")
+
+
+def build_backup_xml(targets: dict[str, Path], skipped: list[str]) -> str:
+    """A push-mode backup of the disks in *targets* (device -> new qcow2 file), all at one instant."""
+    backup = ET.Element("domainbackup", mode="push")
+    disks = ET.SubElement(backup, "disks")
+    for device, path in targets.items():
+        disk = ET.SubElement(disks, "disk", name=device, backup="yes", type="file")
+        ET.SubElement(disk, "target", file=str(path))
+        ET.SubElement(disk, "driver", type="qcow2")
+    for device in skipped:
+        ET.SubElement(disks, "disk", name=device, backup="no")
+    return ET.tostring(backup, encoding="unicode")
+
+
 def console_log_path(xml: str) -> Path | None:
     """Where the serial console is logged, if it is."""
     root = ET.fromstring(xml)

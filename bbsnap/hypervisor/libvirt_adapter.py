@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConflictError, HypervisorError, NotFoundError
-from . import DomainInfo, DomainState, HypervisorVersion
+from ..errors import ConflictError, HypervisorError, NotFoundError, QuiesceError
+from . import CompletedJob, DiskInfo, DomainInfo, DomainState, HypervisorVersion, JobStatus
+from .domain_xml import read_disks
 
 _STATES = {1: DomainState.RUNNING, 3: DomainState.PAUSED, 5: DomainState.SHUTOFF,
            6: DomainState.CRASHED}
@@ -155,6 +156,64 @@ class LibvirtHypervisor:
         if not network.isActive():
             raise ConflictError(f"libvirt network '{name}' is not running",
                                 hint=f"virsh net-start {name}")
+
+    def disks(self, name: str) -> list[DiskInfo]:
+        return read_disks(self.domain_xml(name))
+
+    def freeze(self, name: str, timeout: int) -> int:
+        """Freeze the guest's filesystems through its agent, waiting at most *timeout* s.
+
+        Raises QuiesceError when there is no agent channel (error 74 in libvirt 9),
+        the agent does not answer (86) or refuses; the caller falls back to a
+        crash-consistent snapshot and records that.
+        """
+        libvirt = _libvirt()
+        dom = self._lookup(name)
+        try:
+            dom.agentSetResponseTimeout(timeout, 0)
+            return int(dom.fsFreeze(None, 0))
+        except libvirt.libvirtError as exc:
+            raise QuiesceError(f"the guest agent of {name} could not freeze its filesystems: "
+                               f"{exc.get_error_message()}") from exc
+
+    def thaw(self, name: str) -> None:
+        libvirt = _libvirt()
+        try:
+            self._lookup(name).fsThaw(None, 0)
+        except libvirt.libvirtError as exc:
+            raise QuiesceError(f"the guest agent of {name} could not thaw: "
+                               f"{exc.get_error_message()}") from exc
+
+    def begin_backup(self, name: str, xml: str) -> None:
+        """Start a push-mode backup; the point in time is fixed when this returns."""
+        self._call(f"starting the backup of {name}", self._lookup(name).backupBegin, xml, None, 0)
+
+    def job_status(self, name: str) -> JobStatus:
+        stats = self._call(f"reading the job of {name}", self._lookup(name).jobStats, 0)
+        libvirt = _libvirt()
+        active = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) not in (
+            libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED,
+            libvirt.VIR_DOMAIN_JOB_FAILED, libvirt.VIR_DOMAIN_JOB_CANCELLED)
+        return JobStatus(active=active, processed=int(stats.get("disk_processed", 0)),
+                         total=int(stats.get("disk_total", 0)))
+
+    def completed_job(self, name: str) -> CompletedJob:
+        libvirt = _libvirt()
+        stats = self._call(f"reading the last job of {name}", self._lookup(name).jobStats,
+                           libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        kind = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)
+        if kind == libvirt.VIR_DOMAIN_JOB_NONE:
+            return CompletedJob(known=False, success=False, message="libvirt has no record of it")
+        success = kind == libvirt.VIR_DOMAIN_JOB_COMPLETED and bool(stats.get("success", True))
+        return CompletedJob(known=True, success=success,
+                            message=str(stats.get("errmsg", "")) or ("" if success else "the job failed"))
+
+    def abort_job(self, name: str) -> None:
+        libvirt = _libvirt()
+        try:
+            self._lookup(name).abortJob()
+        except libvirt.libvirtError:
+            pass  # no job (any more): nothing to abort
 
     def domain_xml(self, name: str, *, inactive: bool = False) -> str:
         flags = _libvirt().VIR_DOMAIN_XML_INACTIVE if inactive else 0

@@ -6,17 +6,43 @@ Run at the start of catalogue-using commands. Cheap when there is nothing to do
 
 from __future__ import annotations
 
+from typing import Callable
+
+from .. import locks
 from ..catalogue import Catalogue
 from ..jobs import job_alive
 from ..layout import DataDir
 from ..models import Image, ImageStatus
+from .snapshot_finish import remove_snapshot_files
+
+# Hands an orphaned snapshot (image id, the server lock now held) to a new worker.
+Adopter = Callable[[str, locks.ServerLock], None]
 
 
-def recover_interrupted(catalogue: Catalogue, data_dir: DataDir) -> list[Image]:
-    """Mark images whose creating process is gone as failed and delete their work files."""
+def recover_interrupted(catalogue: Catalogue, data_dir: DataDir,
+                        adopt_snapshot: Adopter | None = None) -> list[Image]:
+    """Finish or fail images whose creating process is gone; delete their work files.
+
+    A snapshot whose worker died is handed to a new worker (which finishes the copy
+    if libvirt still runs or completed it, and fails it cleanly otherwise). The
+    server's lock tells whether a worker is still alive: it holds the lock.
+    """
     recovered = []
     for image in catalogue.creating():
         if job_alive(image.job):
+            continue
+        job = catalogue.snapshot_job(image.id)
+        if job is not None:
+            lock = locks.try_acquire(data_dir.locks_dir, job.domain_uuid)
+            if lock is None:
+                continue  # a worker (or another command) is working on that server
+            with lock:
+                if adopt_snapshot is not None:
+                    adopt_snapshot(image.id, lock)
+                    continue
+                remove_snapshot_files(data_dir, image.id)
+                recovered.append(catalogue.fail_snapshot(
+                    image.id, "interrupted: the bbsnap worker copying it stopped"))
             continue
         _remove_work_files(data_dir, image.id)
         recovered.append(catalogue.update(

@@ -7,15 +7,20 @@ UUID); only bbsnap's own are destroyed with their files.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
+from .. import ids, locks
 from ..catalogue import Catalogue
+from ..disks import qemu_img
 from ..errors import ConflictError, NotFoundError
 from ..hypervisor import DomainState, Hypervisor
-from ..hypervisor.domain_xml import console_log_path
+from ..hypervisor.domain_xml import (console_log_path, read_domain_facts, replace_disk_source,
+                                     set_metadata)
 from ..layout import DataDir
-from ..models import DependentKind, Server, ServerStatus
+from ..models import DependentKind, ImageStatus, Server, ServerStatus
+from .compensation import Compensation
 from .server_records import server_from_domain
 
 DEFAULT_STOP_TIMEOUT = 60.0
@@ -37,11 +42,17 @@ class ServerService:
     def get(self, key: str, *, with_addresses: bool = True) -> Server:
         return server_from_domain(self._hv, self._hv.info(key), with_addresses=with_addresses)
 
+    def _lock(self, server: Server) -> locks.ServerLock:
+        """Serialise with other bbsnap operations on the server (a snapshot copy holds it)."""
+        return locks.acquire(self._data_dir.locks_dir, server.uuid, on_wait=lambda: print(
+            f"bbsnap: waiting for another operation on {server.id} to finish", file=sys.stderr))
+
     def start(self, key: str) -> Server:
         server = self.get(key, with_addresses=False)
-        if server.status is ServerStatus.ACTIVE:
-            raise ConflictError(f"server {server.id} is already running")
-        self._hv.start(server.id)
+        with self._lock(server):
+            if self._hv.info(server.id).state is DomainState.RUNNING:
+                raise ConflictError(f"server {server.id} is already running")
+            self._hv.start(server.id)
         return self.get(server.id, with_addresses=False)
 
     def stop(self, key: str, *, force: bool = False,
@@ -50,14 +61,15 @@ class ServerService:
         server = self.get(key, with_addresses=False)
         if server.status is ServerStatus.INACTIVE:
             raise ConflictError(f"server {server.id} is not running")
-        if force:
-            self._hv.destroy(server.id)
-        else:
-            self._hv.shutdown(server.id)
-            if not _wait_for_state(self._hv, server.id, DomainState.SHUTOFF, timeout):
-                raise ConflictError(
-                    f"server {server.id} did not shut down within {timeout:g} s",
-                    hint="the guest may ignore ACPI; use --force to power it off")
+        with self._lock(server):
+            if force:
+                self._hv.destroy(server.id)
+            else:
+                self._hv.shutdown(server.id)
+                if not _wait_for_state(self._hv, server.id, DomainState.SHUTOFF, timeout):
+                    raise ConflictError(
+                        f"server {server.id} did not shut down within {timeout:g} s",
+                        hint="the guest may ignore ACPI; use --force to power it off")
         return self.get(server.id, with_addresses=False)
 
     def reboot(self, key: str) -> Server:
@@ -74,15 +86,55 @@ class ServerService:
             raise ConflictError(
                 f"{server.id} was not created by bbsnap; bbsnap does not delete its disks",
                 hint=f"use 'virsh undefine {server.id}' if you mean it")
-        if server.status is not ServerStatus.INACTIVE:
-            self._hv.destroy(server.id)
-        self._hv.undefine(server.id)
-        if server.image_id:
-            self._catalogue.remove_dependent(DependentKind.SERVER, server.id, server.image_id)
-        directory = self._data_dir.server_dir(server.id)
-        if directory.exists():
-            shutil.rmtree(directory)
+        with self._lock(server):
+            if self._hv.info(server.id).state is not DomainState.SHUTOFF:
+                self._hv.destroy(server.id)
+            self._hv.undefine(server.id)
+            if server.image_id:
+                self._catalogue.remove_dependent(DependentKind.SERVER, server.id, server.image_id)
+            directory = self._data_dir.server_dir(server.id)
+            if directory.exists():
+                shutil.rmtree(directory)
         return server
+
+    def rebuild(self, key: str, image_id: str) -> Server:
+        """Give a bbsnap server a fresh overlay on *image_id*, keeping its id, name, MAC and
+        seed: the way to revert a dev VM to one of its snapshots. Writes since are discarded."""
+        server = self.get(key, with_addresses=False)
+        if not server.managed:
+            raise ConflictError(f"{server.id} was not created by bbsnap; bbsnap cannot rebuild it")
+        image = self._catalogue.get(ids.require(image_id, "img"))
+        if image.status is not ImageStatus.AVAILABLE:
+            raise ConflictError(f"image {image.id} is {image.status.value}, not available")
+        with self._lock(server), Compensation() as undo:
+            was_running = self._hv.info(server.id).state is not DomainState.SHUTOFF
+            primary = next(d for d in self._hv.disks(server.id) if d.writable)
+            old_disk = Path(primary.path)
+            size = max(qemu_img.info(old_disk, primary.format, force_share=True).virtual_size,
+                       image.virtual_size)
+            new_disk = self._data_dir.server_dir(server.id) / f"disk-{image.id}-{int(time.time())}.qcow2"
+            qemu_img.create_overlay(new_disk, self._data_dir.images_dir / str(image.path),
+                                    size=size)
+            undo.push("the new overlay", lambda: new_disk.unlink(missing_ok=True))
+            if was_running:
+                self._hv.destroy(server.id)  # its disk is being thrown away: no need to be gentle
+                undo.push(f"restarting {server.id}", lambda: self._hv.start(server.id))
+            old_xml = self._hv.domain_xml(server.id, inactive=True)
+            facts = {**read_domain_facts(old_xml).metadata, "image_id": image.id}
+            if image.id != server.image_id:
+                self._catalogue.add_dependent(image.id, DependentKind.SERVER, server.id)
+                undo.push("the image dependency", lambda: self._catalogue.remove_dependent(
+                    DependentKind.SERVER, server.id, image.id))
+            self._hv.define(set_metadata(replace_disk_source(old_xml, primary.target, new_disk),
+                                         facts))
+            undo.push(f"the old definition of {server.id}", lambda: self._hv.define(old_xml))
+            if was_running:
+                self._hv.start(server.id)
+        if server.image_id and server.image_id != image.id:
+            self._catalogue.remove_dependent(DependentKind.SERVER, server.id, server.image_id)
+        if old_disk.parent == self._data_dir.server_dir(server.id):
+            old_disk.unlink(missing_ok=True)
+        return self.get(server.id, with_addresses=False)
 
     def console_log(self, key: str) -> Path:
         server = self.get(key, with_addresses=False)

@@ -1,0 +1,164 @@
+"""Snapshot a server into the image catalogue: fix the point in time now, copy in the background.
+
+Mechanism: push-mode backup (libvirt ``backupBegin``), not external snapshot +
+copy + block commit. Why:
+- the point in time is fixed when ``backupBegin`` returns (~50 ms); QEMU then
+  copies the disks as they were at that instant (copy-before-write) while the
+  guest keeps writing;
+- the guest's disk chain and domain definition are never touched, so a crash of
+  bbsnap, of libvirtd or of the host mid-copy cannot leave the guest running on
+  a temporary overlay (the external-snapshot route needs a journal and a block
+  commit to undo that, and Debian 12's AppArmor profile denies that commit);
+- all disks in one backup job share the same instant;
+- libvirt removes a failed or aborted job's target itself.
+The copy is a full image of what the guest sees; when the server's disk is an
+overlay on a catalogue image, the worker turns it into a delta on that image
+(see snapshot_finish). Shut-off servers are copied with qemu-img instead.
+
+Quiescing: the guest agent freezes the filesystems (bounded by the agent
+timeout), the backup begins, and the thaw runs in a ``finally``. Without an
+answering agent the snapshot is crash-consistent, and the image says so.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from .. import ids, locks, proc
+from ..catalogue import Catalogue, utcnow
+from ..errors import ConflictError, QuiesceError
+from ..hypervisor import DiskInfo, DomainState, Hypervisor
+from ..hypervisor.domain_xml import build_backup_xml
+from ..jobs import current_job_token, token_for_pid
+from ..layout import DataDir
+from ..models import (Consistency, Image, ImageStatus, ImageType, Server, SnapshotDisk,
+                      SnapshotJob)
+from . import image_fields
+from .server_records import server_from_domain
+
+FREEZE_TIMEOUT = 5  # seconds the agent may take to freeze (or thaw) before we give up on it
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    server: str
+    name: str | None = None
+    quiesce: bool = True
+
+
+class SnapshotService:
+    def __init__(self, catalogue: Catalogue, data_dir: DataDir, hypervisor: Hypervisor,
+                 worker_argv: list[str]) -> None:
+        self._catalogue = catalogue
+        self._data_dir = data_dir
+        self._hv = hypervisor
+        self._worker_argv = worker_argv  # the command that runs `finish-snapshot IMG`
+
+    def begin(self, request: SnapshotRequest, *,
+              on_wait: Callable[[], None] | None = None) -> Image:
+        """Register the image as creating, fix the point in time, hand the copy to a worker."""
+        info = self._hv.info(request.server)
+        lock = locks.acquire(self._data_dir.locks_dir, info.uuid, on_wait=on_wait)
+        try:
+            server = server_from_domain(self._hv, self._hv.info(info.name))
+            disks = [d for d in self._hv.disks(server.id) if d.writable]
+            if not disks:
+                raise ConflictError(f"server {server.id} has no writable file-backed disk")
+            running = self._hv.info(server.id).state in (DomainState.RUNNING, DomainState.PAUSED)
+            image_id = self._new_image_id()
+            ancestor = self._ancestor(server)
+            job = SnapshotJob(
+                domain=server.id, domain_uuid=server.uuid, mode="backup" if running else "copy",
+                disks=tuple(self._plan_disk(image_id, index, disk, ancestor)
+                            for index, disk in enumerate(disks)))
+            consistency = Consistency.CRASH_CONSISTENT
+            image = self._catalogue.add(
+                self._draft(image_id, request, server, ancestor, consistency),
+                snapshot_job=job, depends_on=ancestor.id if ancestor else None)
+            try:
+                if running:
+                    consistency = self._fix_point_in_time(server.id, job, request.quiesce)
+                    image = self._catalogue.update(image.id, consistency=consistency)
+                self._spawn_worker(image.id, lock)
+            except BaseException as exc:
+                self._catalogue.fail_snapshot(image.id, f"could not start the snapshot: {exc}")
+                for disk in job.disks:
+                    Path(disk.target).unlink(missing_ok=True)
+                raise
+            return image
+        finally:
+            lock.release()  # the worker holds its own copy of the lock until it is done
+
+    def _draft(self, image_id: str, request: SnapshotRequest, server: Server,
+               ancestor: Image | None, consistency: Consistency) -> Image:
+        arch = ancestor.arch if ancestor else image_fields.host_arch()
+        stamp = datetime.now().strftime("%d %b %H:%M")
+        name = request.name or f"Snapshot of {server.id} {stamp} ({arch})"
+        return Image(
+            id=image_id, type=ImageType.SNAPSHOT,
+            owner=ancestor.owner if ancestor else (server.owner or "local"),
+            created_at=utcnow(), status=ImageStatus.CREATING,
+            name=image_fields.check_name(name), arch=arch,
+            description=f"Snapshot of server {server.id} ({server.name})",
+            ancestor_id=ancestor.id if ancestor else None, source_server=server.id,
+            consistency=consistency, username=ancestor.username if ancestor else None,
+            min_ram=ancestor.min_ram if ancestor else None, job=current_job_token())
+
+    def _ancestor(self, server: Server) -> Image | None:
+        """The catalogue image a bbsnap server was built from, if it is still there."""
+        if not server.image_id:
+            return None
+        try:
+            image = self._catalogue.get(server.image_id)
+        except Exception:  # noqa: BLE001 - a vanished ancestor only means a standalone snapshot
+            return None
+        return image if image.status is ImageStatus.AVAILABLE else None
+
+    def _plan_disk(self, image_id: str, index: int, disk: DiskInfo,
+                   ancestor: Image | None) -> SnapshotDisk:
+        target = self._data_dir.tmp_dir / f"{image_id}.{disk.target}.copy.qcow2"
+        ancestor_file = None
+        if ancestor is not None and index == 0 and ancestor.path:
+            ancestor_file = str(self._data_dir.images_dir / ancestor.path)
+        return SnapshotDisk(device=disk.target, source=disk.path, source_format=disk.format,
+                            target=str(target), ancestor=ancestor_file)
+
+    def _fix_point_in_time(self, domain: str, job: SnapshotJob, quiesce: bool) -> Consistency:
+        xml = build_backup_xml({d.device: Path(d.target) for d in job.disks},
+                               [d.target for d in self._hv.disks(domain) if not d.writable])
+        frozen = False
+        if quiesce:
+            try:
+                self._hv.freeze(domain, FREEZE_TIMEOUT)
+                frozen = True
+            except QuiesceError as exc:
+                print(f"bbsnap: warning: {exc}; the snapshot is crash-consistent", file=sys.stderr)
+        try:
+            self._hv.begin_backup(domain, xml)
+        finally:
+            if frozen or quiesce:
+                try:
+                    self._hv.thaw(domain)  # also after a freeze that timed out half-way
+                except QuiesceError as exc:
+                    if frozen:
+                        print(f"bbsnap: warning: {exc}", file=sys.stderr)
+        return Consistency.QUIESCED if frozen else Consistency.CRASH_CONSISTENT
+
+    def _spawn_worker(self, image_id: str, lock: locks.ServerLock) -> None:
+        log = self._data_dir.logs_dir / f"{image_id}.log"
+        pid = proc.spawn_detached([*self._worker_argv, "finish-snapshot", image_id,
+                                   "--lock-fd", str(lock.fd)], log_path=log, pass_fds=[lock.fd])
+        token = token_for_pid(pid)
+        if token:
+            self._catalogue.update(image_id, job=token)
+
+    def _new_image_id(self) -> str:
+        for _ in range(50):
+            candidate = ids.new_id("img")
+            if not self._catalogue.exists(candidate):
+                return candidate
+        raise ConflictError("could not allocate a free image id")

@@ -1,0 +1,190 @@
+"""The background half of a snapshot: wait for the copy, make it a catalogue image.
+
+Runs in a detached worker process (``python -m bbsnap.worker finish-snapshot``),
+holding the server's lock it inherited. Only after every disk is copied,
+checked, synced and renamed into ``images/`` does the image turn available;
+any failure marks it failed with the reason, aborts the copy and removes every
+file the snapshot made. Re-running it for the same image (recovery after the
+worker died) is safe: it picks the job up from the catalogue's journal.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..catalogue import Catalogue
+from ..disks import qemu_img
+from ..errors import BbsnapError, HypervisorError, NotFoundError
+from ..hypervisor import Hypervisor
+from ..jobs import current_job_token
+from ..layout import FILE_MODE, DataDir
+from ..models import Image, ImageStatus, ImageVolume, SnapshotDisk, SnapshotJob
+from ..transfer import fsync_directory
+
+POLL_SECONDS = 0.2
+RECONNECT_SECONDS = 120.0  # how long a restarting libvirtd may stay away
+
+
+class SnapshotFailed(BbsnapError):
+    """The copy did not complete; the image is marked failed with this reason."""
+
+
+class SnapshotFinisher:
+    def __init__(self, catalogue: Catalogue, data_dir: DataDir,
+                 connect: Callable[[], Hypervisor]) -> None:
+        self._catalogue = catalogue
+        self._data_dir = data_dir
+        self._connect = connect
+        self._hv = connect()
+
+    def run(self, image_id: str) -> Image:
+        image = self._catalogue.get(image_id, include_deleted=True)
+        if image.status is not ImageStatus.CREATING:
+            return image
+        self._catalogue.update(image_id, job=current_job_token())
+        job = self._catalogue.snapshot_job(image_id)
+        try:
+            if job is None:
+                raise SnapshotFailed("its job journal is missing")
+            if job.mode == "backup":
+                self._wait_for_backup(image_id, job)
+            else:
+                self._copy_shut_off_disks(job)
+            volumes = [self._store_disk(image_id, index, disk, job.mode)
+                       for index, disk in enumerate(job.disks)]
+        except BaseException as exc:
+            self._fail(image_id, job, _reason(exc))
+            raise
+        primary = volumes[0]
+        return self._catalogue.finish_snapshot(
+            image_id, volumes[1:], status=ImageStatus.AVAILABLE, path=primary.path,
+            virtual_size=primary.virtual_size,
+            disk_size=sum(v.disk_size for v in volumes), job=None)
+
+    # -- copying ------------------------------------------------------------------------------
+
+    def _wait_for_backup(self, image_id: str, job: SnapshotJob) -> None:
+        last_report = 0.0
+        while True:
+            try:
+                status = self._hv.job_status(job.domain)
+            except NotFoundError:
+                raise SnapshotFailed(f"server {job.domain} was destroyed during the copy") from None
+            except HypervisorError:
+                self._reconnect()
+                continue
+            if not status.active:
+                break
+            now = time.monotonic()
+            if now - last_report >= 0.5:  # disk_size grows while the copy runs
+                self._catalogue.update(image_id, disk_size=_allocated(job))
+                last_report = now
+            time.sleep(POLL_SECONDS)
+        try:
+            outcome = self._hv.completed_job(job.domain)
+        except NotFoundError:
+            raise SnapshotFailed(f"server {job.domain} was destroyed during the copy") from None
+        except HypervisorError as exc:
+            raise SnapshotFailed(f"the copy's outcome is unknown: {exc}") from exc
+        if not outcome.known:
+            raise SnapshotFailed("libvirt lost track of the copy (was libvirtd restarted, or the "
+                                 "server shut down, during the copy?)")
+        if not outcome.success:
+            raise SnapshotFailed(f"the copy failed: {outcome.message}")
+        missing = [d.target for d in job.disks if not Path(d.target).exists()]
+        if missing:
+            raise SnapshotFailed(f"the copy reported success but {missing[0]} is missing")
+
+    def _copy_shut_off_disks(self, job: SnapshotJob) -> None:
+        """A shut-off server: copy its disks directly (the lock keeps bbsnap from starting it)."""
+        for disk in job.disks:
+            if disk.ancestor:
+                qemu_img.convert_top(Path(disk.source), Path(disk.target), Path(disk.ancestor))
+            else:
+                qemu_img.convert(Path(disk.source), disk.source_format, Path(disk.target), "qcow2")
+
+    def _reconnect(self) -> None:
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while True:
+            try:
+                self._hv.close()
+            except Exception:  # noqa: BLE001 - the old connection is dead anyway
+                pass
+            try:
+                self._hv = self._connect()
+                self._hv.version()
+                return
+            except HypervisorError as exc:
+                if time.monotonic() >= deadline:
+                    raise SnapshotFailed(f"lost the connection to libvirt: {exc}") from exc
+                time.sleep(1.0)
+
+    # -- storing ------------------------------------------------------------------------------
+
+    def _store_disk(self, image_id: str, index: int, disk: SnapshotDisk, mode: str) -> ImageVolume:
+        copy = Path(disk.target)
+        if disk.ancestor and mode == "backup":
+            copy = self._as_delta(copy, Path(disk.ancestor))
+        verdict = qemu_img.check(copy)
+        if verdict.corruptions:
+            raise SnapshotFailed(f"the copy of {disk.device} is corrupt ({verdict.corruptions} errors)")
+        _fsync(copy)
+        os.chmod(copy, FILE_MODE)
+        name = f"{image_id}.qcow2" if index == 0 else f"{image_id}-{disk.device}.qcow2"
+        final = self._data_dir.images_dir / name
+        os.replace(copy, final)
+        fsync_directory(final.parent)
+        info = qemu_img.info(final, "qcow2")
+        return ImageVolume(disk.device, name, info.virtual_size, info.actual_size)
+
+    def _as_delta(self, full_copy: Path, ancestor: Path) -> Path:
+        """Keep only what differs from the ancestor: an overlay on the full copy, safely rebased
+        onto the ancestor, holds exactly the clusters where the two differ."""
+        delta = full_copy.with_name(full_copy.name.replace(".copy.", ".delta."))
+        qemu_img.create_overlay(delta, full_copy)
+        qemu_img.rebase(delta, ancestor)
+        full_copy.unlink()
+        return delta
+
+    def _fail(self, image_id: str, job: SnapshotJob | None, reason: str) -> None:
+        if job is not None and job.mode == "backup":
+            try:
+                if self._hv.job_status(job.domain).active:
+                    self._hv.abort_job(job.domain)
+            except BbsnapError:
+                pass
+        remove_snapshot_files(self._data_dir, image_id)
+        self._catalogue.fail_snapshot(image_id, reason)
+
+
+def remove_snapshot_files(data_dir: DataDir, image_id: str) -> None:
+    for directory in (data_dir.tmp_dir, data_dir.images_dir):
+        for path in directory.glob(f"{image_id}[.-]*"):
+            path.unlink(missing_ok=True)
+
+
+def _allocated(job: SnapshotJob) -> int:
+    total = 0
+    for disk in job.disks:
+        try:
+            total += os.stat(disk.target).st_blocks * 512
+        except OSError:
+            pass
+    return total
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return str(exc) or type(exc).__name__
