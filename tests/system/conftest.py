@@ -6,6 +6,8 @@ not skip): `scripts/test` and `.ci/run` start it before running pytest.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -13,11 +15,15 @@ from typing import Iterator
 
 import pytest
 
+from bbsnap.catalogue import Catalogue
+from tests.conftest import Bbsnap
+
 from bbsnap.hypervisor.libvirt_adapter import LibvirtHypervisor
 from bbsnap.errors import NotFoundError
 from bbsnap.tinyguest import build_tiny_guest
 
 URI = "qemu:///system"
+SMALL = ("--memory", "128")
 TEST_DOMAIN_PREFIX = "bbsnap-test-"
 FIRST_BOOT_TIMEOUT = 240.0  # the first start after installing QEMU re-probes capabilities
 
@@ -90,3 +96,45 @@ def wait_until(predicate, timeout: float, what: str):  # type: ignore[no-untyped
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+@pytest.fixture()
+def cloud(data_dir: Path, tiny_guest_image: Path, hypervisor):
+    """A data directory with the tiny guest imported; every server made in it is removed."""
+    runner = Bbsnap(data_dir, env={"BBSNAP_ACCEL": "tcg", "LIBVIRT_DEFAULT_URI": URI})
+    imported = runner("images", "import", str(tiny_guest_image), "--name", "tiny",
+                      "--username", "root")
+    assert imported.exit_code == 0, imported.stderr
+    runner.image_id = imported.stdout.strip()  # type: ignore[attr-defined]
+    yield runner
+    for info in hypervisor.list_domains():
+        xml = hypervisor.domain_xml(info.name)
+        if str(data_dir) in xml:
+            hypervisor.destroy(info.name)
+            hypervisor.undefine(info.name)
+
+
+def create_server(cloud, *args: str) -> list[dict]:
+    result = cloud("servers", "create", cloud.image_id, *SMALL, *args, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def console_path(cloud, server_id: str) -> Path:
+    return cloud.data_dir / "servers" / server_id / "console.log"
+
+
+def backing_file(disk: str) -> tuple[str, str]:
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", disk],
+                                     check=True, capture_output=True, text=True).stdout)
+    return info["backing-filename"], info["backing-filename-format"]
+
+
+def nothing_left(cloud, hypervisor) -> None:
+    leftovers = [p.name for p in (cloud.data_dir / "servers").iterdir() if not p.name.startswith(".")]
+    assert leftovers == [], f"server files left behind: {leftovers}"
+    for info in hypervisor.list_domains():
+        assert str(cloud.data_dir) not in hypervisor.domain_xml(info.name), f"domain {info.name} left"
+    catalogue = Catalogue(cloud.data_dir / "catalogue.sqlite3")
+    assert catalogue.dependents(cloud.image_id) == []
+    catalogue.close()

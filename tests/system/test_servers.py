@@ -20,53 +20,8 @@ from bbsnap.layout import DataDir
 from bbsnap.models import ImageStatus
 from bbsnap.services.server_create import CreateRequest, ServerCreator
 from bbsnap.tinyguest import READY_LINE
-from tests.conftest import Bbsnap
-from tests.system.conftest import URI, wait_for_console_line, wait_until
-
-SMALL = ("--memory", "128")
-
-
-@pytest.fixture()
-def cloud(data_dir: Path, tiny_guest_image: Path, hypervisor):
-    """A data directory with the tiny guest imported; every server made in it is removed."""
-    runner = Bbsnap(data_dir, env={"BBSNAP_ACCEL": "tcg", "LIBVIRT_DEFAULT_URI": URI})
-    imported = runner("images", "import", str(tiny_guest_image), "--name", "tiny",
-                      "--username", "root")
-    assert imported.exit_code == 0, imported.stderr
-    runner.image_id = imported.stdout.strip()  # type: ignore[attr-defined]
-    yield runner
-    for info in hypervisor.list_domains():
-        xml = hypervisor.domain_xml(info.name)
-        if str(data_dir) in xml:
-            hypervisor.destroy(info.name)
-            hypervisor.undefine(info.name)
-
-
-def _create(cloud, *args: str) -> list[dict]:
-    result = cloud("servers", "create", cloud.image_id, *SMALL, *args, "--format", "json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def _console(cloud, server_id: str) -> Path:
-    return cloud.data_dir / "servers" / server_id / "console.log"
-
-
-def _backing_file(disk: str) -> tuple[str, str]:
-    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", disk],
-                                     check=True, capture_output=True, text=True).stdout)
-    return info["backing-filename"], info["backing-filename-format"]
-
-
-def _nothing_left(cloud, hypervisor) -> None:
-    leftovers = [p.name for p in (cloud.data_dir / "servers").iterdir() if not p.name.startswith(".")]
-    assert leftovers == [], f"server files left behind: {leftovers}"
-    for info in hypervisor.list_domains():
-        assert str(cloud.data_dir) not in hypervisor.domain_xml(info.name), f"domain {info.name} left"
-    catalogue = Catalogue(cloud.data_dir / "catalogue.sqlite3")
-    assert catalogue.dependents(cloud.image_id) == []
-    catalogue.close()
-
+from tests.system.conftest import (SMALL, URI, backing_file, console_path, create_server,
+                                  nothing_left, wait_for_console_line, wait_until)
 
 def test_server_boots_from_the_image_with_its_own_identity(cloud, hypervisor):
     result = cloud("servers", "create", cloud.image_id, *SMALL, "-n", "web <1> & 'co'")
@@ -78,8 +33,8 @@ def test_server_boots_from_the_image_with_its_own_identity(cloud, hypervisor):
     server_id = lines[2].split()[0]
     assert lines[2].rstrip().endswith("web <1> & 'co'")
 
-    wait_for_console_line(_console(cloud, server_id), READY_LINE)
-    seed_line = wait_for_console_line(_console(cloud, server_id), "BBSNAP-SEED")
+    wait_for_console_line(console_path(cloud, server_id), READY_LINE)
+    seed_line = wait_for_console_line(console_path(cloud, server_id), "BBSNAP-SEED")
     assert seed_line == f"BBSNAP-SEED instance-id={server_id} hostname=web-1-co"
 
     shown = json.loads(cloud("servers", "show", server_id, "--format", "json").stdout)
@@ -87,7 +42,7 @@ def test_server_boots_from_the_image_with_its_own_identity(cloud, hypervisor):
     assert shown["name"] == "web <1> & 'co'" and shown["accel"] == "tcg"
     assert shown["cloud_ips"] == [f"127.0.0.1:{shown['ssh_port']}"]
     image_file = cloud.data_dir / "images" / f"{cloud.image_id}.qcow2"
-    assert _backing_file(shown["disks"][0]) == (str(image_file), "qcow2")
+    assert backing_file(shown["disks"][0]) == (str(image_file), "qcow2")
 
     root = ET.fromstring(hypervisor.domain_xml(server_id))
     assert root.findtext("title") == "web <1> & 'co'"
@@ -99,25 +54,25 @@ def test_server_boots_from_the_image_with_its_own_identity(cloud, hypervisor):
     assert refused.exit_code == 4 and server_id in refused.stderr
 
     assert cloud("servers", "destroy", server_id).exit_code == 0
-    _nothing_left(cloud, hypervisor)
+    nothing_left(cloud, hypervisor)
     assert cloud("images", "destroy", cloud.image_id).exit_code == 0
 
 
 def test_two_servers_from_one_image_differ_and_share_the_image_file(cloud, hypervisor):
-    first, second = _create(cloud, "-i", "2")
+    first, second = create_server(cloud, "-i", "2")
     assert first["id"] != second["id"] and first["uuid"] != second["uuid"]
     assert first["macs"] != second["macs"] and first["ssh_port"] != second["ssh_port"]
-    assert _backing_file(first["disks"][0]) == _backing_file(second["disks"][0])
+    assert backing_file(first["disks"][0]) == backing_file(second["disks"][0])
     for server in (first, second):
-        line = wait_for_console_line(_console(cloud, server["id"]), "BBSNAP-SEED")
+        line = wait_for_console_line(console_path(cloud, server["id"]), "BBSNAP-SEED")
         assert f"instance-id={server['id']}" in line
     assert cloud("servers", "destroy", first["id"], second["id"]).exit_code == 0
-    _nothing_left(cloud, hypervisor)
+    nothing_left(cloud, hypervisor)
 
 
 def test_stop_start_and_reboot(cloud, hypervisor):
-    (server,) = _create(cloud)
-    console = _console(cloud, server["id"])
+    (server,) = create_server(cloud)
+    console = console_path(cloud, server["id"])
     wait_for_console_line(console, READY_LINE)
 
     assert cloud("servers", "stop", server["id"]).exit_code == 0
@@ -135,7 +90,7 @@ def test_stop_start_and_reboot(cloud, hypervisor):
                "the guest to boot a second time")
     assert cloud("servers", "stop", "--force", server["id"]).exit_code == 0
     assert cloud("servers", "destroy", server["id"]).exit_code == 0
-    _nothing_left(cloud, hypervisor)
+    nothing_left(cloud, hypervisor)
 
 
 def test_unknown_and_unavailable_images(cloud, hypervisor):
@@ -145,7 +100,7 @@ def test_unknown_and_unavailable_images(cloud, hypervisor):
     catalogue.close()
     result = cloud("servers", "create", cloud.image_id, *SMALL)
     assert result.exit_code == 4 and "not available" in result.stderr
-    _nothing_left(cloud, hypervisor)
+    nothing_left(cloud, hypervisor)
 
 
 @pytest.mark.parametrize("user_data", ["#cloud-config\nusers: [\n", "#cloud-config\n- a list\n",
@@ -155,14 +110,14 @@ def test_invalid_user_data_creates_nothing(cloud, hypervisor, work_dir, user_dat
     path.write_text(user_data)
     result = cloud("servers", "create", cloud.image_id, *SMALL, "--user-data", str(path))
     assert result.exit_code != 0 and "user-data" in result.stderr
-    _nothing_left(cloud, hypervisor)
+    nothing_left(cloud, hypervisor)
 
 
 def test_user_data_reaches_the_guest(cloud, hypervisor, work_dir):
     path = work_dir / "user-data"
     path.write_text("#cloud-config\nhostname: custom\n")
-    (server,) = _create(cloud, "--user-data", str(path), "--hostname", "given-name")
-    line = wait_for_console_line(_console(cloud, server["id"]), "BBSNAP-SEED")
+    (server,) = create_server(cloud, "--user-data", str(path), "--hostname", "given-name")
+    line = wait_for_console_line(console_path(cloud, server["id"]), "BBSNAP-SEED")
     assert line.endswith("hostname=given-name")
     assert cloud("servers", "destroy", server["id"]).exit_code == 0
 
@@ -170,13 +125,13 @@ def test_user_data_reaches_the_guest(cloud, hypervisor, work_dir):
 def test_unknown_libvirt_network(cloud, hypervisor):
     result = cloud("servers", "create", cloud.image_id, *SMALL, "--network", "no-such-net")
     assert result.exit_code == 3 and "no-such-net" in result.stderr
-    _nothing_left(cloud, hypervisor)
+    nothing_left(cloud, hypervisor)
 
 
 def test_more_memory_than_the_host_has(cloud, hypervisor):
     result = cloud("servers", "create", cloud.image_id, "--memory", str(64 * 1024 * 1024))
     assert result.exit_code == 2 and "more than this host has" in result.stderr
-    _nothing_left(cloud, hypervisor)
+    nothing_left(cloud, hypervisor)
 
 
 def test_no_free_port(cloud, hypervisor):
@@ -190,7 +145,7 @@ def test_no_free_port(cloud, hypervisor):
     finally:
         holder.close()
     assert result.exit_code == 4 and "no free port" in result.stderr
-    _nothing_left(cloud, hypervisor)
+    nothing_left(cloud, hypervisor)
 
 
 def test_a_domain_that_fails_to_start_leaves_nothing(cloud, hypervisor):
@@ -210,7 +165,7 @@ def test_a_domain_that_fails_to_start_leaves_nothing(cloud, hypervisor):
     finally:
         holder.close()
         catalogue.close()
-    _nothing_left(cloud, hypervisor)
+    nothing_left(cloud, hypervisor)
 
 
 def test_domains_bbsnap_did_not_make_are_listed_but_not_destroyed(cloud, hypervisor, domains,
@@ -235,8 +190,8 @@ def test_domains_bbsnap_did_not_make_are_listed_but_not_destroyed(cloud, hypervi
 def test_ssh_into_a_server_through_its_127_0_0_1_forward(cloud, hypervisor, work_dir):
     key = work_dir / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    (server,) = _create(cloud, "--ssh-key", f"{key}.pub", "--hostname", "reachable")
-    wait_for_console_line(_console(cloud, server["id"]), "BBSNAP-SSH started")
+    (server,) = create_server(cloud, "--ssh-key", f"{key}.pub", "--hostname", "reachable")
+    wait_for_console_line(console_path(cloud, server["id"]), "BBSNAP-SSH started")
 
     result = cloud.process("servers", "ssh", server["id"], "-i", str(key), "--",
                            "hostname; cat /run/seed-user-data | head -1", timeout=120)
@@ -259,7 +214,7 @@ def test_server_on_a_libvirt_network(cloud, hypervisor, work_dir):
     subprocess.run(["virsh", "-q", "-c", URI, "net-create", str(xml)], check=True,
                    capture_output=True)
     try:
-        (server,) = _create(cloud, "--network", name, "--no-start")
+        (server,) = create_server(cloud, "--network", name, "--no-start")
         assert server["network"] == name and server["ssh_port"] is None
         root = ET.fromstring(hypervisor.domain_xml(server["id"]))
         interface = root.find("devices/interface")
