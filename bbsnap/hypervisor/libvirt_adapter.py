@@ -189,7 +189,10 @@ class LibvirtHypervisor:
         self._call(f"starting the backup of {name}", self._lookup(name).backupBegin, xml, None, 0)
 
     def job_status(self, name: str) -> JobStatus:
-        stats = self._call(f"reading the job of {name}", self._lookup(name).jobStats, 0)
+        dom = self._lookup(name)
+        if not dom.isActive():
+            return JobStatus(active=False, processed=0, total=0)  # no domain, no job
+        stats = self._call(f"reading the job of {name}", dom.jobStats, 0)
         libvirt = _libvirt()
         active = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) not in (
             libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED,
@@ -199,7 +202,11 @@ class LibvirtHypervisor:
 
     def completed_job(self, name: str) -> CompletedJob:
         libvirt = _libvirt()
-        stats = self._call(f"reading the last job of {name}", self._lookup(name).jobStats,
+        dom = self._lookup(name)
+        if not dom.isActive():
+            return CompletedJob(known=False, success=False,
+                                message=f"server {name} stopped during the copy")
+        stats = self._call(f"reading the last job of {name}", dom.jobStats,
                            libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
         kind = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)
         if kind == libvirt.VIR_DOMAIN_JOB_NONE:

@@ -90,7 +90,8 @@ class SnapshotFinisher:
         except HypervisorError as exc:
             raise SnapshotFailed(f"the copy's outcome is unknown: {exc}") from exc
         if not outcome.known:
-            raise SnapshotFailed("libvirt lost track of the copy (was libvirtd restarted, or the "
+            raise SnapshotFailed(outcome.message if "stopped" in outcome.message else
+                                 "libvirt lost track of the copy (was libvirtd restarted, or the "
                                  "server shut down, during the copy?)")
         if not outcome.success:
             raise SnapshotFailed(f"the copy failed: {outcome.message}")

@@ -1,0 +1,196 @@
+"""Faults during a snapshot copy: bbsnap killed, libvirtd restarted, the server destroyed or
+shut down, the target disk full, a guest agent that hangs on freeze.
+
+After each: the server runs on an intact chain (or is cleanly stopped), no partial image is
+ever available, temporary files are gone and `qemu-img check` is clean on what is left.
+To hit the copy mid-way, the server's disk carries 1 GiB of data and the test slows the
+real QEMU backup job down through QEMU's own monitor (block-job-set-speed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bbsnap.disks import qemu_img
+from bbsnap.tinyguest import READY_LINE, read_counter
+from tests.system.conftest import (URI, console_path, create_server, wait_for_console_line,
+                                   wait_until)
+from tests.system.test_snapshots import image_record
+
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def heavy_guest_image(tiny_guest_image, test_root) -> Path:
+    """The tiny guest on a 2 GiB disk with 1 GiB of (non-zero) data past its partition."""
+    path = test_root / "heavy-guest.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tiny_guest_image), str(path)],
+                   check=True)
+    subprocess.run(["qemu-img", "resize", "-q", str(path), "2G"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 512M 1G", str(path)],
+                   check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture()
+def heavy(cloud, heavy_guest_image):
+    result = cloud("images", "import", str(heavy_guest_image), "--name", "heavy")
+    assert result.exit_code == 0, result.stderr
+    cloud.image_id = result.stdout.strip()
+    return cloud
+
+
+def set_backup_speed(domain: str, speed: int) -> int:
+    """Throttle (or release, speed 0) the domain's running backup jobs; returns how many."""
+    import libvirt
+    import libvirt_qemu
+
+    conn = libvirt.open(URI)
+    try:
+        dom = conn.lookupByName(domain)
+        jobs = json.loads(libvirt_qemu.qemuMonitorCommand(
+            dom, '{"execute": "query-block-jobs"}', 0))["return"]
+        for job in jobs:
+            libvirt_qemu.qemuMonitorCommand(dom, json.dumps({
+                "execute": "block-job-set-speed",
+                "arguments": {"device": job["device"], "speed": speed}}), 0)
+        return len(jobs)
+    finally:
+        conn.close()
+
+
+def start_slowed_snapshot(cloud, server_id: str) -> str:
+    result = cloud.process("servers", "snapshot", server_id)
+    assert result.exit_code == 0, result.stderr
+    assert set_backup_speed(server_id, 1) == 1, "the copy finished before it could be slowed"
+    return result.stdout.strip()
+
+
+def job_token(cloud, image_id: str) -> str | None:
+    with sqlite3.connect(cloud.data_dir / "catalogue.sqlite3") as db:
+        return db.execute("SELECT job FROM images WHERE id = ?", (image_id,)).fetchone()[0]
+
+
+def wait_settled(cloud, image_id: str, timeout: float = 180) -> dict:
+    def settled():
+        record = image_record(cloud, image_id)  # each call also runs crash recovery
+        return record if record["state"] != "creating" else None
+    return wait_until(settled, timeout, f"{image_id} to leave creating")
+
+
+def assert_clean_aftermath(cloud, server: dict, image: dict) -> None:
+    assert image["state"] in ("available", "failed")
+    assert list((cloud.data_dir / "tmp").iterdir()) == [], "temporary files left behind"
+    stored = cloud.data_dir / "images" / f"{image['id']}.qcow2"
+    if image["state"] == "failed":
+        assert not stored.exists() and image["disk_size"] == 0
+    else:
+        assert qemu_img.check(stored).clean
+    disk = Path(server["disks"][0])
+    assert qemu_img.check(disk, force_share=True).corruptions == 0
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(disk)],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert info["backing-filename"].endswith(f"{cloud.image_id}.qcow2"), "the chain is intact"
+
+
+def test_worker_killed_mid_copy_is_adopted_and_finished(heavy, hypervisor):
+    (server,) = create_server(heavy)
+    wait_for_console_line(console_path(heavy, server["id"]), READY_LINE)
+    image_id = start_slowed_snapshot(heavy, server["id"])
+    worker = wait_until(lambda: job_token(heavy, image_id), 30, "the worker's token")
+    os.kill(int(worker.split(":")[0]), signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{worker.split(':')[0]}").exists(), 30, "the worker to die")
+
+    # The next bbsnap command notices and hands the copy to a new worker.
+    assert image_record(heavy, image_id)["state"] == "creating"
+    wait_until(lambda: job_token(heavy, image_id) not in (None, worker), 30, "a new worker")
+    set_backup_speed(server["id"], 0)
+    image = wait_settled(heavy, image_id)
+    assert image["state"] == "available", image["failure_reason"]
+    assert read_counter(heavy.data_dir / "images" / f"{image_id}.qcow2") is not None
+    assert_clean_aftermath(heavy, server, image)
+
+
+def test_libvirtd_restarted_mid_copy(heavy, hypervisor):
+    (server,) = create_server(heavy)
+    wait_for_console_line(console_path(heavy, server["id"]), READY_LINE)
+    image_id = start_slowed_snapshot(heavy, server["id"])
+    subprocess.run(["pkill", "-TERM", "-x", "libvirtd"], check=True)
+    wait_until(lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0, 60,
+               "libvirtd to stop")
+    subprocess.run(["libvirtd", "-d"], check=True)
+    wait_until(lambda: subprocess.run(["virsh", "-q", "-c", URI, "version"],
+                                      capture_output=True).returncode == 0, 60, "libvirtd")
+    hypervisor.close()  # the session's connection died with the daemon; reconnect lazily
+    set_backup_speed(server["id"], 0)
+    image = wait_settled(heavy, image_id)
+    assert image["state"] == "available", image["failure_reason"]
+    assert hypervisor.info(server["id"]).state.value == "running"
+    assert_clean_aftermath(heavy, server, image)
+
+
+@pytest.mark.parametrize("how", ["destroy", "shutdown"])
+def test_server_destroyed_or_shut_down_mid_copy(heavy, hypervisor, how):
+    (server,) = create_server(heavy)
+    wait_for_console_line(console_path(heavy, server["id"]), READY_LINE)
+    image_id = start_slowed_snapshot(heavy, server["id"])
+    getattr(hypervisor, how)(server["id"])
+    image = wait_settled(heavy, image_id)
+    assert image["state"] == "failed" and image["failure_reason"]
+    wait_until(lambda: hypervisor.info(server["id"]).state.value == "shutoff", 60,
+               "the server to be stopped")
+    assert_clean_aftermath(heavy, server, image)
+    # The server is intact: it starts again and carries on from its own disk.
+    assert heavy("servers", "start", server["id"]).exit_code == 0
+    wait_for_console_line(console_path(heavy, server["id"]), READY_LINE)
+
+
+def test_target_disk_full(cloud, hypervisor):
+    (server,) = create_server(cloud, "--no-start")
+    tmp = cloud.data_dir / "tmp"
+    # The copy's target directory on a filesystem too small for the copy (~20 MiB), mounted
+    # before QEMU starts: QEMU runs in its own mount namespace, made when it starts.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(tmp)],
+                   check=True)
+    try:
+        assert cloud("servers", "start", server["id"]).exit_code == 0
+        wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
+        result = cloud("servers", "snapshot", server["id"], "--wait")
+        assert result.exit_code == 1 and "failed" in result.stderr, result.stderr
+        image = image_record(cloud, result.stdout.strip())
+        assert image["state"] == "failed"
+        assert list(tmp.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(tmp)], check=True)
+    assert hypervisor.info(server["id"]).state.value == "running"
+    disk = server["disks"][0]
+    before = read_counter(Path(disk))
+    wait_until(lambda: read_counter(Path(disk)) > before, 60, "the guest to keep counting")
+    assert_clean_aftermath(cloud, server, image)
+
+
+def test_guest_agent_hanging_on_freeze(cloud, hypervisor, work_dir):
+    key = work_dir / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (server,) = create_server(cloud, "--ssh-key", f"{key}.pub")
+    wait_for_console_line(console_path(cloud, server["id"]), "BBSNAP-SSH started")
+    stopped = cloud.process("servers", "ssh", server["id"], "-i", str(key), "--",
+                            "kill -STOP $(pidof qemu-ga)")
+    assert stopped.exit_code == 0, stopped.stderr
+
+    result = cloud.process("servers", "snapshot", server["id"], "--wait", timeout=120)
+    assert result.exit_code == 0, result.stderr
+    assert "crash-consistent" in result.stderr
+    image = image_record(cloud, result.stdout.strip())
+    assert image["consistency"] == "crash-consistent" and image["state"] == "available"
+    disk = Path(server["disks"][0])
+    before = read_counter(disk)
+    wait_until(lambda: read_counter(disk) > before, 60, "the guest to keep counting (not frozen)")
+    assert_clean_aftermath(cloud, server, image)
