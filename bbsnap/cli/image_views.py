@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..models import Dependent, Image
+from ..models import Dependent, Image, ImageVolume
 from ..sizes import to_mib
 
 LIST_COLUMNS = ("id", "owner", "type", "created_on", "status", "size", "arch", "name")
@@ -15,7 +15,8 @@ def list_row(image: Image) -> list[Any]:
             image.display_status, to_mib(image.virtual_size), image.arch, image.name]
 
 
-def show_pairs(image: Image, dependents: list[Dependent]) -> list[tuple[str, Any]]:
+def show_pairs(image: Image, dependents: list[Dependent],
+               volumes: list[ImageVolume] | None = None) -> list[tuple[str, Any]]:
     """The seed's fields first (sizes in MiB, minute-precision time), then bbsnap's own."""
     pairs: list[tuple[str, Any]] = [
         ("id", image.id),
@@ -44,12 +45,16 @@ def show_pairs(image: Image, dependents: list[Dependent]) -> list[tuple[str, Any
         pairs.append(("consistency", image.consistency.value))
     if image.failure_reason:
         pairs.append(("failure_reason", image.failure_reason))
+    if volumes:
+        pairs.append(("volumes", ", ".join(f"{v.device} ({to_mib(v.virtual_size)} MiB)"
+                                           for v in volumes)))
     if dependents:
         pairs.append(("dependents", ", ".join(d.dependent_id for d in dependents)))
     return pairs
 
 
-def as_record(image: Image, dependents: list[Dependent] | None = None) -> dict[str, Any]:
+def as_record(image: Image, dependents: list[Dependent] | None = None,
+              volumes: list[ImageVolume] | None = None) -> dict[str, Any]:
     """Data for --format json|yaml: sizes in bytes, ISO-8601 times, every key always present."""
     return {
         "id": image.id,
@@ -76,6 +81,8 @@ def as_record(image: Image, dependents: list[Dependent] | None = None) -> dict[s
         "consistency": image.consistency.value if image.consistency else None,
         "failure_reason": image.failure_reason,
         "dependents": [d.dependent_id for d in dependents or []],
+        "volumes": [{"device": v.device, "virtual_size": v.virtual_size, "disk_size": v.disk_size}
+                    for v in volumes or []],
     }
 
 

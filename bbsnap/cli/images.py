@@ -49,15 +49,15 @@ def show_images(app: Any, image_ids: tuple[str, ...], output_format: str, simple
     from . import image_views, render
 
     service = app.images()
-    found = [(service.get(i), service.dependents(i)) for i in image_ids]
+    found = [(service.get(i), service.dependents(i), service.volumes(i)) for i in image_ids]
     if output_format != "table":
-        records = [image_views.as_record(img, deps) for img, deps in found]
+        records = [image_views.as_record(img, deps, vols) for img, deps, vols in found]
         click.echo(render.as_data(records[0] if len(records) == 1 else records, output_format),
                    nl=False)
         return
     blocks = []
-    for img, deps in found:
-        pairs = image_views.show_pairs(img, deps)
+    for img, deps, vols in found:
+        pairs = image_views.show_pairs(img, deps, vols)
         blocks.append(render.simple([[v for _, v in pairs]]) if simple else render.vertical(pairs))
     click.echo(("" if simple else "\n").join(blocks), nl=False)
 

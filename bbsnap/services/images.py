@@ -8,7 +8,8 @@ from .. import ids
 from ..catalogue import Catalogue
 from ..errors import ConflictError, UsageError
 from ..layout import DataDir
-from ..models import Dependent, Image, ImageFilter, ImageStatus, ImageType, Visibility
+from ..models import (Dependent, Image, ImageFilter, ImageStatus, ImageType, ImageVolume,
+                      Visibility)
 from . import image_fields
 
 STATUS_CHOICES = ("creating", "available", "private", "public", "failed", "deleted")
@@ -73,7 +74,12 @@ class ImageService:
         if image.status is ImageStatus.CREATING:
             raise ConflictError(f"image {image_id} is still being created",
                                 hint="wait until it is available or failed")
+        volumes = self._catalogue.volumes(image_id)
         self._catalogue.mark_deleted(image_id)
-        if image.path:
-            (self._data_dir.images_dir / image.path).unlink(missing_ok=True)
+        for name in [image.path, *(v.path for v in volumes)]:
+            if name:
+                (self._data_dir.images_dir / name).unlink(missing_ok=True)
         return image
+
+    def volumes(self, image_id: str) -> list[ImageVolume]:
+        return self._catalogue.volumes(image_id)

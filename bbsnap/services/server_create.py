@@ -131,6 +131,7 @@ class ServerCreator:
                                                             plan.image.username)
             seed = write_seed_iso(SeedSpec(server_id, hostname, (mac,), user_data),
                                   directory / SEED_FILE)
+            extra_disks = self._volume_overlays(plan.image, directory)
 
             self._catalogue.add_dependent(plan.image.id, DependentKind.SERVER, server_id)
             undo.push("the image dependency", lambda: self._catalogue.remove_dependent(
@@ -139,7 +140,7 @@ class ServerCreator:
             spec = DomainSpec(
                 name=server_id, uuid=str(uuid.uuid4()), memory_mib=plan.memory_mib,
                 vcpus=plan.vcpus, accel=accel, title=name,
-                disks=(DiskSpec(disk),
+                disks=(DiskSpec(disk), *extra_disks,
                        DiskSpec(seed, format="raw", device="cdrom", target="hdc", bus="ide")),
                 nics=(NicSpec(mac=mac, network=None if plan.network == "user" else plan.network,
                               ssh_forward_port=port, passt=plan.network == "user" and _has_passt(
@@ -152,6 +153,15 @@ class ServerCreator:
                 undo.push(f"the running {server_id}", lambda: _stop_quietly(self._hv, server_id))
                 info = self._hv.start(server_id)
             return server_from_domain(self._hv, info)
+
+    def _volume_overlays(self, image: Image, directory: Path) -> list[DiskSpec]:
+        """Overlays for the further disks of a multi-disk snapshot image (vdb, vdc, ...)."""
+        disks = []
+        for index, volume in enumerate(self._catalogue.volumes(image.id), start=1):
+            overlay = directory / f"disk{index}.qcow2"
+            qemu_img.create_overlay(overlay, self._data_dir.images_dir / volume.path)
+            disks.append(DiskSpec(overlay, target="vd" + "abcdefghijklmnop"[index]))
+        return disks
 
     @contextmanager
     def _allocation_lock(self) -> Iterator[None]:

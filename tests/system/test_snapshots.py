@@ -185,3 +185,38 @@ def test_snapshot_of_a_stopped_server(cloud, hypervisor):
     stored = cloud.data_dir / "images" / f"{record['id']}.qcow2"
     assert counter(stored) == on_disk and record["disk_size"] < 4 * 1024 * 1024
     assert backing_file(str(stored))[0].endswith(f"{cloud.image_id}.qcow2")
+
+
+def test_multi_disk_server_is_captured_whole_and_cloned_whole(cloud, hypervisor, domains,
+                                                              work_dir, tiny_guest_image):
+    boot = work_dir / "boot.qcow2"
+    data = work_dir / "data.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tiny_guest_image), str(boot)],
+                   check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "64M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 1M 1M", str(data)],
+                   check=True, capture_output=True)
+    name = domains.new_name()
+    hypervisor.define(build_domain_xml(DomainSpec(
+        name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1, accel="tcg",
+        disks=(DiskSpec(boot), DiskSpec(data, target="vdb")),
+        console_log=work_dir / "console.log")))
+    hypervisor.start(name)
+    wait_for_console_line(work_dir / "console.log", READY_LINE)
+
+    result = cloud("servers", "snapshot", name, "--wait")
+    assert result.exit_code == 0, result.stderr
+    record = image_record(cloud, result.stdout.strip())
+    assert [v["device"] for v in record["volumes"]] == ["vdb"]
+    assert record["volumes"][0]["virtual_size"] == 64 * 1024 * 1024
+
+    (clone,) = create_server_from(cloud, record["id"], "--no-start")
+    assert len(clone["disks"]) == 2
+    raw = work_dir / "vdb.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", clone["disks"][1], str(raw)], check=True)
+    with open(raw, "rb") as handle:
+        handle.seek(1024 * 1024)
+        assert handle.read(4096) == b"\x42" * 4096
+    assert cloud("servers", "destroy", clone["id"]).exit_code == 0
+    assert cloud("images", "destroy", record["id"]).exit_code == 0
+    assert list((cloud.data_dir / "images").glob(f"{record['id']}*")) == []
