@@ -194,3 +194,33 @@ def test_guest_agent_hanging_on_freeze(cloud, hypervisor, work_dir):
     before = read_counter(disk)
     wait_until(lambda: read_counter(disk) > before, 60, "the guest to keep counting (not frozen)")
     assert_clean_aftermath(cloud, server, image)
+
+
+def test_operations_on_one_server_wait_for_its_copy_and_other_servers_do_not(heavy, hypervisor):
+    first, second = create_server(heavy, "-i", "2")
+    for server in (first, second):
+        wait_for_console_line(console_path(heavy, server["id"]), READY_LINE)
+    slow = start_slowed_snapshot(heavy, first["id"])
+
+    # Another server is not held up by the first one's copy.
+    other = heavy.process("servers", "snapshot", second["id"], "--wait", timeout=120)
+    assert other.exit_code == 0, other.stderr
+    assert image_record(heavy, slow)["state"] == "creating"
+
+    # The same server: the second snapshot waits for the first copy to finish.
+    env = {**os.environ, **heavy.env}
+    waiting = subprocess.Popen(
+        ["python3", "-m", "bbsnap.cli.main", "servers", "snapshot", first["id"], "--wait"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = waiting.stderr.readline() + waiting.stderr.readline()
+        assert "waiting for another operation" in line
+        assert waiting.poll() is None and image_record(heavy, slow)["state"] == "creating"
+        set_backup_speed(first["id"], 0)
+        out, err = waiting.communicate(timeout=180)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, err
+    assert wait_settled(heavy, slow)["state"] == "available"
+    assert image_record(heavy, out.strip())["state"] == "available"
