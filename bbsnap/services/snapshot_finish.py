@@ -24,7 +24,7 @@ from ..layout import FILE_MODE, DataDir
 from ..models import Image, ImageStatus, ImageVolume, SnapshotDisk, SnapshotJob
 from ..transfer import fsync_directory
 
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.05  # job polling: cheap (one libvirt call), and it sets the finish latency
 RECONNECT_SECONDS = 120.0  # how long a restarting libvirtd may stay away
 
 
