@@ -30,7 +30,8 @@ from ..jobs import current_job_token
 from ..layout import FILE_MODE, PARTIAL_SUFFIX, DataDir
 from ..models import Image, ImageStatus, ImageType
 from ..sources import open_source
-from ..transfer import Progress, copy_decompressed, fsync_directory, parse_checksum
+from ..transfer import (Progress, copy_decompressed, fsync_directory, fsync_file,
+                        parse_checksum)
 from . import image_fields
 
 
@@ -124,7 +125,7 @@ class ImageImporter:
         else:
             qemu_img.convert(download, "raw", partial, "qcow2", untrusted=True)
             download.unlink()
-        _fsync_file(partial)
+        fsync_file(partial)
         os.chmod(partial, FILE_MODE)
         os.replace(partial, final)
         fsync_directory(final.parent)
@@ -139,10 +140,3 @@ class ImageImporter:
             path.unlink(missing_ok=True)
         self._catalogue.remove_row(image_id)
 
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

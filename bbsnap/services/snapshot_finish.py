@@ -22,7 +22,7 @@ from ..hypervisor import Hypervisor
 from ..jobs import current_job_token
 from ..layout import FILE_MODE, DataDir
 from ..models import Image, ImageStatus, ImageVolume, SnapshotDisk, SnapshotJob
-from ..transfer import fsync_directory
+from ..transfer import fsync_directory, fsync_file
 
 POLL_SECONDS = 0.05  # job polling: cheap (one libvirt call), and it sets the finish latency
 RECONNECT_SECONDS = 120.0  # how long a restarting libvirtd may stay away
@@ -132,7 +132,7 @@ class SnapshotFinisher:
         verdict = qemu_img.check(copy)
         if verdict.corruptions:
             raise SnapshotFailed(f"the copy of {disk.device} is corrupt ({verdict.corruptions} errors)")
-        _fsync(copy)
+        fsync_file(copy)
         os.chmod(copy, FILE_MODE)
         name = f"{image_id}.qcow2" if index == 0 else f"{image_id}-{disk.device}.qcow2"
         final = self._data_dir.images_dir / name
@@ -176,13 +176,6 @@ def _allocated(job: SnapshotJob) -> int:
             pass
     return total
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reason(exc: BaseException) -> str:

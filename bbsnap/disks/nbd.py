@@ -1,0 +1,167 @@
+"""Read the guest-visible bytes of any image, backing chain flattened, without a temp file.
+
+``qemu-nbd --read-only`` serves the image on a private Unix socket and this
+minimal NBD client (fixed-newstyle handshake, NBD_OPT_GO, simple replies) reads
+ranges from it. Which ranges hold data at all comes from ``qemu-img map``, so
+holes and zero clusters are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Iterator
+
+from .. import proc
+from ..errors import ExternalCommandError
+
+NBDMAGIC = b"NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054
+OPT_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+OPT_GO = 7
+REP_ACK = 1
+REP_INFO = 3
+INFO_EXPORT = 0
+CMD_READ = 0
+CMD_DISC = 2
+FLAG_FIXED_NEWSTYLE = 1
+FLAG_NO_ZEROES = 2
+MAX_READ = 4 * 1024 * 1024
+START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Extent:
+    start: int
+    length: int
+    data: bool   # False: reads as zeros (a hole or a zero cluster anywhere in the chain)
+
+
+def extents(image: Path, fmt: str) -> list[Extent]:
+    """The image's guest-visible layout, merged into data / zero runs."""
+    result = proc.run(["qemu-img", "map", "--output=json", "-f", fmt, str(image.absolute())],
+                      timeout=600)
+    merged: list[Extent] = []
+    for entry in json.loads(result.stdout):
+        data = bool(entry.get("data")) and not bool(entry.get("zero"))
+        if merged and merged[-1].data == data and merged[-1].start + merged[-1].length == entry["start"]:
+            last = merged.pop()
+            merged.append(Extent(last.start, last.length + entry["length"], data))
+        else:
+            merged.append(Extent(entry["start"], entry["length"], data))
+    return merged
+
+
+class NbdImageReader:
+    """``with NbdImageReader(path, "qcow2") as r: r.read(offset, length)``."""
+
+    def __init__(self, image: Path, fmt: str) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="bbsnap-nbd-")
+        self._socket_path = Path(self._dir.name) / "nbd.sock"
+        self._server = proc.popen(["qemu-nbd", "--read-only", "--persistent", "--shared=1",
+                                   f"--format={fmt}", f"--socket={self._socket_path}",
+                                   str(image.absolute())],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self._sock = self._connect()
+        self.size = self._handshake()
+        self._handle = 0
+
+    def _connect(self) -> socket.socket:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self._server.poll() is not None:
+                err = self._server.stderr.read().decode(errors="replace") if self._server.stderr else ""
+                raise ExternalCommandError(f"qemu-nbd could not serve the image: {err.strip()}")
+            if self._socket_path.exists():
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.connect(str(self._socket_path))
+                    return sock
+                except OSError:
+                    sock.close()
+            if time.monotonic() > deadline:
+                raise ExternalCommandError("qemu-nbd did not start listening")
+            time.sleep(0.01)
+
+    def _recv(self, size: int) -> bytes:
+        chunks, remaining = [], size
+        while remaining:
+            chunk = self._sock.recv(min(remaining, 1 << 20))
+            if not chunk:
+                raise ExternalCommandError("qemu-nbd closed the connection")
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def _handshake(self) -> int:
+        if self._recv(8) != NBDMAGIC or struct.unpack(">Q", self._recv(8))[0] != IHAVEOPT:
+            raise ExternalCommandError("qemu-nbd spoke no NBD newstyle handshake")
+        (flags,) = struct.unpack(">H", self._recv(2))
+        if not flags & FLAG_FIXED_NEWSTYLE:
+            raise ExternalCommandError("qemu-nbd lacks fixed-newstyle negotiation")
+        self._sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES)))
+        payload = struct.pack(">I", 0) + struct.pack(">H", 0)  # export "" , no info requests
+        self._sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, len(payload)) + payload)
+        size = None
+        while True:
+            magic, _option, reply, length = struct.unpack(">QIII", self._recv(20))
+            data = self._recv(length)
+            if magic != OPT_REPLY_MAGIC:
+                raise ExternalCommandError("qemu-nbd sent a malformed option reply")
+            if reply & 0x80000000:
+                raise ExternalCommandError(f"qemu-nbd refused the export: {data[4:].decode(errors='replace')}")
+            if reply == REP_INFO and struct.unpack(">H", data[:2])[0] == INFO_EXPORT:
+                size = struct.unpack(">Q", data[2:10])[0]
+            if reply == REP_ACK:
+                break
+        if size is None:
+            raise ExternalCommandError("qemu-nbd did not say how large the image is")
+        return size
+
+    def read(self, offset: int, length: int) -> Iterator[bytes]:
+        """The bytes of [offset, offset+length), in chunks of at most 4 MiB."""
+        end = offset + length
+        while offset < end:
+            size = min(MAX_READ, end - offset)
+            self._handle += 1
+            self._sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, self._handle,
+                                           offset, size))
+            magic, error, handle = struct.unpack(">IIQ", self._recv(16))
+            if magic != SIMPLE_REPLY_MAGIC or handle != self._handle:
+                raise ExternalCommandError("qemu-nbd sent a malformed reply")
+            if error:
+                raise ExternalCommandError(f"reading the image failed (NBD error {error})")
+            yield self._recv(size)
+            offset += size
+
+    def close(self) -> None:
+        try:
+            self._sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+        except OSError:
+            pass
+        self._sock.close()
+        self._server.terminate()
+        try:
+            self._server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._server.kill()
+            self._server.wait()
+        if self._server.stderr:
+            self._server.stderr.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> "NbdImageReader":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
