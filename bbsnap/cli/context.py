@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from ..catalogue import Catalogue
     from ..config import Settings
     from ..layout import DataDir
+    from ..services.image_export import ImageExporter
     from ..services.image_import import ImageImporter
     from ..hypervisor.libvirt_adapter import LibvirtHypervisor
     from ..services.images import ImageService
@@ -79,6 +80,11 @@ class AppContext:
                              pass_fds=[lock.fd])
         assert self._catalogue is not None
         self._catalogue.update(image_id, job=token_for_pid(pid))
+
+    def exporter(self) -> "ImageExporter":
+        from ..services.image_export import ImageExporter
+
+        return ImageExporter(self.catalogue, self.data_dir)
 
     def snapshots(self) -> "SnapshotService":
         from ..services.snapshot import SnapshotService

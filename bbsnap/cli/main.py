@@ -9,6 +9,7 @@ import click
 
 from .. import __version__
 from .context import AppContext
+from .image_export import export_image
 from .images import images
 from .servers import servers, types
 
@@ -58,6 +59,7 @@ def cli(ctx: click.Context, data_dir: str | None, connect: str | None, debug: bo
     ctx.obj = AppContext(overrides={"data_dir": data_dir, "connect": connect}, debug=debug)
 
 
+images.add_command(export_image)
 cli.add_command(images)
 cli.add_command(servers)
 cli.add_command(types)
