@@ -6,7 +6,8 @@
 #   3. snapshot the running server (instant; the copy finishes in the background);
 #   4. list the catalogue, show the snapshot image;
 #   5. boot a clone from the snapshot: new id, MAC and IP, the same disk;
-#   6. clean up the servers (the images stay in the catalogue).
+#   6. export the snapshot for download: the raw disk, gzip-compressed, with .sha256 and .json;
+#   7. clean up the servers (the images stay in the catalogue).
 # Uses the default data directory (/var/lib/bbsnap for root) unless BBSNAP_HOME is set.
 set -euo pipefail
 
@@ -56,6 +57,13 @@ bbsnap servers list
 echo >&2
 echo "the clone's console shows the seed it got and where its disk counter started:" >&2
 bbsnap servers console "$clone" | grep -a -E 'BBSNAP-(SEED|COUNTER)' | head -2
+
+out="${TMPDIR:-/tmp}/bbsnap-walkthrough"
+mkdir -p "$out"
+step "bbsnap images export $snapshot -o $out/$snapshot.gz"
+bbsnap images export "$snapshot" -o "$out/$snapshot.gz"
+ls -l "$out/$snapshot.gz"*
+(cd "$out" && sha256sum -c "$snapshot.gz.sha256")
 
 step "bbsnap servers destroy $clone $server"
 bbsnap servers destroy "$clone" "$server"
