@@ -117,8 +117,12 @@ def _slirp_args(index: int, nic: NicSpec) -> list[str]:
 
 
 def _add_metadata(domain: ET.Element, facts: dict[str, str]) -> None:
+    _fill_metadata(ET.SubElement(domain, "metadata"), facts)
+
+
+def _fill_metadata(metadata: ET.Element, facts: dict[str, str]) -> None:
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
-    holder = ET.SubElement(ET.SubElement(domain, "metadata"), f"{{{METADATA_NS}}}server")
+    holder = ET.SubElement(metadata, f"{{{METADATA_NS}}}server")
     for key, value in sorted(facts.items()):
         ET.SubElement(holder, f"{{{METADATA_NS}}}{key}").text = value
 
@@ -247,10 +251,7 @@ def set_metadata(xml: str, facts: dict[str, str]) -> str:
             metadata.remove(old)
     else:
         metadata = ET.SubElement(root, "metadata")
-    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
-    holder = ET.SubElement(metadata, f"{{{METADATA_NS}}}server")
-    for key, value in sorted(facts.items()):
-        ET.SubElement(holder, f"{{{METADATA_NS}}}{key}").text = value
+    _fill_metadata(metadata, facts)
     return ET.tostring(root, encoding="unicode")
 
 
