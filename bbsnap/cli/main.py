@@ -9,6 +9,7 @@ import click
 
 from .. import __version__
 from .context import AppContext
+from .doctor import doctor
 from .image_export import export_image
 from .images import images
 from .servers import servers, types
@@ -63,6 +64,7 @@ images.add_command(export_image)
 cli.add_command(images)
 cli.add_command(servers)
 cli.add_command(types)
+cli.add_command(doctor)
 
 
 def main() -> None:
