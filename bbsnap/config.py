@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import getpass
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import UsageError
 from .sizes import GIB, parse_size
@@ -30,10 +31,26 @@ class Settings:
     qemu_user: str = "libvirt-qemu"
     ssh_ports: str = "2222-2999"   # 127.0.0.1 ports bbsnap may forward to guests' SSH
     network: str = "user"          # "user" (user-mode + 127.0.0.1 forward) or a libvirt network
+    http_timeout: float = 30.0     # seconds to connect, and to wait for each read, on image URLs
+
+
+def _env_seconds(text: str) -> float:
+    return parse_seconds(text, "BBSNAP_HTTP_TIMEOUT")
+
+
+def parse_seconds(value: str | float, setting: str) -> float:
+    """A positive number of seconds (a timeout of 0 would make sockets non-blocking)."""
+    try:
+        seconds = 0.0 if isinstance(value, bool) else float(value)  # YAML `yes` is no duration
+    except (TypeError, ValueError):
+        seconds = 0.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise UsageError(f"{setting} must be a positive number of seconds, not '{value}'")
+    return seconds
 
 
 # setting name -> (environment variable, parser)
-_ENV = {
+_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "data_dir": ("BBSNAP_HOME", Path),
     "connect": ("LIBVIRT_DEFAULT_URI", str),
     "accel": ("BBSNAP_ACCEL", str),
@@ -43,6 +60,7 @@ _ENV = {
     "qemu_user": ("BBSNAP_QEMU_USER", str),
     "ssh_ports": ("BBSNAP_SSH_PORTS", str),
     "network": ("BBSNAP_NETWORK", str),
+    "http_timeout": ("BBSNAP_HTTP_TIMEOUT", _env_seconds),
 }
 
 
@@ -96,6 +114,8 @@ def _coerce(name: str, value: Any) -> Any:
         return Path(str(value)).expanduser()
     if name in ("max_virtual_size", "max_decompressed_size"):
         return parse_size(value if isinstance(value, int) else str(value))
+    if name == "http_timeout":
+        return parse_seconds(value, name)
     return str(value)
 
 

@@ -56,12 +56,31 @@ class AppContext:
             self._catalogue = Catalogue(self.data_dir.catalogue_path)
             self._closers.append(self._catalogue.close)
             recover_interrupted(self._catalogue, self.data_dir, self._adopt_snapshot)
+            self._recover_creates()
         return self._catalogue
+
+    def _recover_creates(self) -> None:
+        """Clean up after a killed `servers create` (cheap: a glob, usually empty)."""
+        if not any(self.data_dir.servers_dir.glob("srv-*/.creating")):
+            return
+        from ..errors import NotFoundError
+        from ..services.recovery import recover_interrupted_creates
+
+        def exists(name: str) -> bool:
+            try:
+                self.hypervisor.info(name)
+                return True
+            except NotFoundError:
+                return False
+
+        assert self._catalogue is not None
+        recover_interrupted_creates(self._catalogue, self.data_dir, exists)
 
     def recover(self) -> None:
         from ..services.recovery import recover_interrupted
 
         recover_interrupted(self.catalogue, self.data_dir, self._adopt_snapshot)
+        self._recover_creates()
 
     def worker_argv(self) -> list[str]:
         import sys

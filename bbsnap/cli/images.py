@@ -64,39 +64,46 @@ def show_images(app: Any, image_ids: tuple[str, ...], output_format: str, simple
 
 @images.command("import")
 @click.argument("source", metavar="SOURCE")
-@click.option("-n", "--name", help="Image name (default: from the file name).")
-@click.option("-d", "--description", default="", help="Free-text description.")
-@click.option("-a", "--arch", help="Architecture (default: the host's, e.g. x86_64).")
+@click.option("-n", "--name", help="Image name (default: the sidecar's, else from the file name).")
+@click.option("-d", "--description", help="Free-text description.")
+@click.option("-a", "--arch", help="Architecture (default: the sidecar's, else the host's).")
 @click.option("-u", "--username", help="Default login user of the guest.")
 @click.option("--min-ram", type=click.IntRange(min=1), help="Minimum RAM in MiB.")
 @click.option("--checksum", metavar="sha256:HEX", help="Refuse the data unless its SHA-256 matches.")
+@click.option("--checksum-file", metavar="URL|PATH",
+              help="A SHA256SUMS list: refuse the data unless it matches its file name's entry.")
+@click.option("--no-sidecar", is_flag=True, help="Ignore SOURCE.json (the metadata sidecar).")
 @click.pass_obj
-def import_image(app: Any, source: str, name: str | None, description: str, arch: str | None,
-                 username: str | None, min_ram: int | None, checksum: str | None) -> None:
-    """Import SOURCE (a file, or - for stdin): qcow2 or raw, plain or gzip/xz/zstd/bzip2.
+def import_image(app: Any, source: str, name: str | None, description: str | None,
+                 arch: str | None, username: str | None, min_ram: int | None,
+                 checksum: str | None, checksum_file: str | None, no_sidecar: bool) -> None:
+    """Import SOURCE (a file, an http(s):// URL, or - for stdin): qcow2 or raw, plain or
+    gzip/xz/zstd/bzip2.
 
-    The format and compression are recognised from the content. Prints the new image id.
+    The format and compression are recognised from the content. SOURCE.json beside the file
+    or URL, when present, gives default metadata and is checked. Prints the new image id.
     """
+    from ..http_source import display, is_url
     from ..services.image_import import ImportRequest
     from .progress import byte_progress
 
+    label = display(source) if is_url(source) else source  # no query string: it may hold a token
     request = ImportRequest(source=source, name=name, description=description, arch=arch,
-                            username=username, min_ram=min_ram, checksum=checksum)
-    total = None
-    if source != "-":
-        import os
+                            username=username, min_ram=min_ram, checksum=checksum,
+                            checksum_file=checksum_file, use_sidecar=not no_sidecar)
+    # The total (file size, Content-Length) is known only once the source is open.
+    bar: list[tuple[Any, Any]] = []
 
-        try:
-            total = os.path.getsize(source) or None
-        except OSError:
-            total = None
-    report, finish = byte_progress("Importing", total)
+    def opened(total: int | None) -> None:
+        bar.append(byte_progress("Importing", total))
+
     try:
         image = app.importer().run(
-            request, progress=report,
-            on_registered=lambda img: click.echo(f"Importing {source} as {img.id}", err=True))
+            request, progress=lambda done: bar[0][0](done) if bar else None, on_opened=opened,
+            on_registered=lambda img: click.echo(f"Importing {label} as {img.id}", err=True))
     finally:
-        finish()
+        if bar:
+            bar[0][1]()
     click.echo(image.id)
 
 

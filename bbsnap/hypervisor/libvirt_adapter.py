@@ -176,10 +176,12 @@ class LibvirtHypervisor:
             raise QuiesceError(f"the guest agent of {name} could not freeze its filesystems: "
                                f"{exc.get_error_message()}") from exc
 
-    def thaw(self, name: str) -> None:
+    def thaw(self, name: str, timeout: int = 5) -> None:
         libvirt = _libvirt()
         try:
-            self._lookup(name).fsThaw(None, 0)
+            dom = self._lookup(name)
+            dom.agentSetResponseTimeout(timeout, 0)  # a silent agent must not block us forever
+            dom.fsThaw(None, 0)
         except libvirt.libvirtError as exc:
             raise QuiesceError(f"the guest agent of {name} could not thaw: "
                                f"{exc.get_error_message()}") from exc

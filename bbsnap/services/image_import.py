@@ -1,7 +1,9 @@
 """Import a disk image into the catalogue: the `creating` -> available path, hostile-safe.
 
 Order matters for "lose nothing and register nothing bad":
-1. open the source (a missing path fails before any row exists);
+0. settle what to check the data against (checksum, checksum list, sidecar):
+   a file name missing from a checksum list fails before the image is fetched;
+1. open the source (a missing path or a 404 fails before any row exists);
 2. register the row as ``creating`` (visible in ``images list`` while it runs);
 3. stream into ``tmp/`` (hash, decompress with a cap, sparse);
 4. recognise the format by content and vet it without QEMU, then with
@@ -15,35 +17,45 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
-from .. import ids
+from .. import checksums, ids
 from ..catalogue import Catalogue, utcnow
 from ..config import Settings
 from ..disks import qemu_img
 from ..disks.formats import PROBE_BYTES, detect_format
 from ..disks.qcow2_header import read_qcow2_header
-from ..errors import HostileImageError
+from ..errors import HostileImageError, InvalidInputError, UsageError
 from ..jobs import current_job_token
 from ..layout import FILE_MODE, PARTIAL_SUFFIX, DataDir
 from ..models import Image, ImageStatus, ImageType
-from ..sources import open_source
-from ..transfer import (Progress, copy_decompressed, fsync_directory, fsync_file,
-                        parse_checksum)
+from ..sidecar import Sidecar
+from ..sources import load_sidecar, open_source, read_document, source_file_name
+from ..transfer import (
+    Progress,
+    copy_decompressed,
+    fsync_directory,
+    fsync_file,
+    parse_checksum,
+)
 from . import image_fields
 
 
 @dataclass(frozen=True)
 class ImportRequest:
-    source: str                   # a path, or "-" for standard input
+    source: str                   # a path, an http(s):// URL, or "-" for standard input
+    # None: the sidecar's value if there is one, else the default.
     name: str | None = None
-    description: str = ""
+    description: str | None = None
     arch: str | None = None
     username: str | None = None
     min_ram: int | None = None    # MiB
     checksum: str | None = None   # "sha256:HEX"
+    checksum_file: str | None = None  # path or URL of a SHA256SUMS listing the source's name
+    use_sidecar: bool = True      # read <source>.json when it exists
 
 
 class ImageImporter:
@@ -55,20 +67,52 @@ class ImageImporter:
         self._stdin = stdin
 
     def run(self, request: ImportRequest, *, progress: Progress | None = None,
-            on_registered: Callable[[Image], None] | None = None) -> Image:
-        expected = parse_checksum(request.checksum) if request.checksum else None
-        source = open_source(request.source, self._stdin)
+            on_registered: Callable[[Image], None] | None = None,
+            on_opened: Callable[[int | None], None] | None = None) -> Image:
+        """Import; *on_opened* gets the source's size (file size, Content-Length) when known."""
+        expected, meta = self._expectations(request)
+        source = open_source(request.source, self._stdin,
+                             http_timeout=self._settings.http_timeout)
         try:
-            image = self._register(request, source.suggested_name)
+            if on_opened is not None:
+                on_opened(source.size)
+            image = self._register(_with_sidecar_defaults(request, meta), source.suggested_name)
             if on_registered is not None:
                 on_registered(image)
             try:
-                return self._fill(image, source.stream, expected, progress)
+                return self._fill(image, source.stream, expected, progress,
+                                  meta.virtual_size if meta is not None else None)
             except BaseException:
                 self._discard(image.id)
                 raise
         finally:
             source.close()
+
+    def _expectations(self, request: ImportRequest) -> tuple[str | None, Sidecar | None]:
+        """The SHA-256 the data must have (if any) and the sidecar, before any image byte."""
+        if request.checksum is not None and request.checksum_file is not None:
+            raise UsageError("--checksum and --checksum-file cannot be used together",
+                             hint="give one of them")
+        expected = parse_checksum(request.checksum) if request.checksum is not None else None
+        if request.checksum_file is not None:
+            expected = self._listed_checksum(request.source, request.checksum_file)
+        meta = (load_sidecar(request.source, http_timeout=self._settings.http_timeout)
+                if request.use_sidecar else None)
+        if meta is not None:
+            _check_sidecar_fields(meta)
+            if expected is None and meta.sha256 is not None:
+                expected = checksums.normalise(meta.sha256, "the metadata sidecar")
+        return expected, meta
+
+    def _listed_checksum(self, source: str, checksum_file: str) -> str:
+        file_name = source_file_name(source)
+        if file_name is None:
+            raise UsageError(f"--checksum-file needs a file name to look up, and {source!r} has "
+                             "none", hint="use --checksum sha256:HEX")
+        data = read_document(checksum_file, what="checksum file", max_bytes=checksums.MAX_BYTES,
+                             http_timeout=self._settings.http_timeout)
+        assert data is not None  # missing_ok is off: absence raised NotFoundError
+        return checksums.lookup(data.decode("utf-8", errors="replace"), file_name, checksum_file)
 
     def _register(self, request: ImportRequest, suggested_name: str) -> Image:
         name = image_fields.check_name(request.name if request.name is not None else suggested_name)
@@ -76,7 +120,7 @@ class ImageImporter:
             id="", type=ImageType.UPLOAD, owner=self._settings.owner, created_at=utcnow(),
             status=ImageStatus.CREATING, name=name,
             arch=image_fields.check_arch(request.arch or image_fields.host_arch()),
-            description=image_fields.check_description(request.description),
+            description=image_fields.check_description(request.description or ""),
             username=image_fields.check_username(request.username) if request.username else None,
             min_ram=image_fields.check_min_ram(request.min_ram) if request.min_ram else None,
             job=current_job_token(),
@@ -96,7 +140,7 @@ class ImageImporter:
         return download, partial, final
 
     def _fill(self, image: Image, stream: BinaryIO, expected_sha256: str | None,
-              progress: Progress | None) -> Image:
+              progress: Progress | None, expected_virtual_size: int | None) -> Image:
         download, partial, final = self._work_files(image.id)
         copied = copy_decompressed(stream, download,
                                    max_output=self._settings.max_decompressed_size,
@@ -110,8 +154,14 @@ class ImageImporter:
                 f"the image's virtual size ({copied.output_bytes} bytes) is over the limit of "
                 f"{self._settings.max_virtual_size} bytes",
                 hint="raise max_virtual_size (BBSNAP_MAX_VIRTUAL_SIZE) if you trust it")
-        qemu_img.vet_untrusted(download, detected.name,
-                               max_virtual_size=self._settings.max_virtual_size)
+        vetted = qemu_img.vet_untrusted(download, detected.name,
+                                        max_virtual_size=self._settings.max_virtual_size)
+        # Checked before converting: no work is spent on an image that will be refused.
+        if expected_virtual_size is not None and vetted.virtual_size != expected_virtual_size:
+            raise InvalidInputError(
+                f"the sidecar says {expected_virtual_size} bytes, the image is "
+                f"{vetted.virtual_size}", hint="the sidecar belongs to another file, or the data "
+                "is not what was published; nothing was imported")
         if detected.name == "qcow2":
             verdict = qemu_img.check(download, "qcow2", untrusted=True)
             if verdict.corruptions:
@@ -140,3 +190,29 @@ class ImageImporter:
             path.unlink(missing_ok=True)
         self._catalogue.remove_row(image_id)
 
+
+def _with_sidecar_defaults(request: ImportRequest, meta: Sidecar | None) -> ImportRequest:
+    """Fill the fields the command line left unset from the sidecar: flags win."""
+    if meta is None:
+        return request
+    return replace(
+        request,
+        name=request.name if request.name is not None else meta.name,
+        description=request.description if request.description is not None else meta.description,
+        arch=request.arch if request.arch is not None else meta.arch,
+        username=request.username if request.username is not None else meta.username,
+        min_ram=request.min_ram if request.min_ram is not None else meta.min_ram)
+
+
+def _check_sidecar_fields(meta: Sidecar) -> None:
+    """A sidecar is input data: a bad field refuses the file (exit 1), not the command line."""
+    try:
+        image_fields.check_name(meta.name)
+        image_fields.check_description(meta.description)
+        image_fields.check_arch(meta.arch)
+        if meta.username is not None:
+            image_fields.check_username(meta.username)
+        if meta.min_ram is not None:
+            image_fields.check_min_ram(meta.min_ram)
+    except UsageError as exc:
+        raise InvalidInputError(f"the metadata sidecar is refused: {exc.message}") from None

@@ -51,6 +51,32 @@ def recover_interrupted(catalogue: Catalogue, data_dir: DataDir,
     return recovered
 
 
+def recover_interrupted_creates(catalogue: Catalogue, data_dir: DataDir,
+                                domain_exists: Callable[[str], bool]) -> list[str]:
+    """Remove what a `servers create` killed before defining its domain left behind."""
+    import shutil
+
+    from ..models import DependentKind
+
+    removed = []
+    for marker in data_dir.servers_dir.glob("srv-*/.creating"):
+        try:
+            token, image_id = marker.read_text().split()
+        except (OSError, ValueError):
+            token, image_id = "", ""
+        if job_alive(token):
+            continue
+        server_id = marker.parent.name
+        if domain_exists(server_id):
+            marker.unlink(missing_ok=True)  # it got as far as a definition: it is a server
+            continue
+        if image_id:
+            catalogue.remove_dependent(DependentKind.SERVER, server_id, image_id)
+        shutil.rmtree(marker.parent, ignore_errors=True)
+        removed.append(server_id)
+    return removed
+
+
 def _remove_work_files(data_dir: DataDir, image_id: str) -> None:
     for path in data_dir.tmp_dir.glob(f"{image_id}.*"):
         path.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ from ..errors import ConflictError, InvalidInputError, NotFoundError, UsageError
 from ..hostinfo import default_ssh_public_keys, total_memory_mib
 from ..hypervisor import Hypervisor
 from ..hypervisor.domain_xml import DiskSpec, DomainSpec, NicSpec, build_domain_xml
+from ..jobs import current_job_token
 from ..layout import DataDir
 from ..models import DependentKind, Image, ImageStatus, Server, ServerType
 from ..netports import choose_port, parse_port_range
@@ -37,6 +38,7 @@ from .compensation import Compensation
 from .server_records import server_from_domain
 
 DISK_FILE = "disk.qcow2"
+CREATING_MARKER = ".creating"
 SEED_FILE = "seed.iso"
 CONSOLE_FILE = "console.log"
 
@@ -124,6 +126,10 @@ class ServerCreator:
             directory = self._data_dir.server_dir(server_id)
             directory.mkdir(mode=0o755)
             undo.push(f"the directory {directory}", lambda: shutil.rmtree(directory))
+            # Crash journal: while this marker names a live process the server is being made;
+            # if that process dies first, recovery removes what it left (services/recovery.py).
+            marker = directory / CREATING_MARKER
+            marker.write_text(f"{current_job_token()} {plan.image.id}\n")
             disk = directory / DISK_FILE
             qemu_img.create_overlay(disk, self._data_dir.images_dir / str(plan.image.path),
                                     "qcow2", size=plan.disk_bytes)
@@ -149,6 +155,7 @@ class ServerCreator:
                 metadata=_metadata(plan, name, accel, hostname, port))
             info = self._hv.define(build_domain_xml(spec))
             undo.push(f"the definition of {server_id}", lambda: self._hv.undefine(server_id))
+            marker.unlink()  # defined: a server now, whatever happens to its start
             if request.start:
                 undo.push(f"the running {server_id}", lambda: _stop_quietly(self._hv, server_id))
                 info = self._hv.start(server_id)

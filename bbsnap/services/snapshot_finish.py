@@ -46,6 +46,13 @@ class SnapshotFinisher:
             return image
         self._catalogue.update(image_id, job=current_job_token())
         job = self._catalogue.snapshot_job(image_id)
+        if job is not None and job.mode == "backup":
+            # A command killed between freeze and thaw would leave the guest frozen; thawing
+            # an unfrozen guest is harmless, so an adopting worker always thaws.
+            try:
+                self._hv.thaw(job.domain)
+            except BbsnapError:
+                pass
         try:
             if job is None:
                 raise SnapshotFailed("its job journal is missing")
