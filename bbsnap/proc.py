@@ -89,12 +89,24 @@ def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float = DEFAULT_TIME
 
 def popen(argv: Sequence[str | os.PathLike[str]], *, stdin: int | None = None,
           stdout: int | None = None, stderr: int | None = subprocess.PIPE,
-          limits: Limits | None = None) -> subprocess.Popen[bytes]:
-    """Start a streaming child (binary pipes); the caller owns waiting for it."""
+          limits: Limits | None = None, die_with_parent: bool = False) -> subprocess.Popen[bytes]:
+    """Start a streaming child (binary pipes); the caller owns waiting for it.
+
+    *die_with_parent*: the kernel sends the child SIGTERM when bbsnap dies (even by
+    SIGKILL), so helpers such as qemu-nbd never outlive a killed command.
+    """
     args = [os.fspath(a) for a in argv]
+    setup = limits.preexec() if limits else None
+
+    def preexec() -> None:
+        if die_with_parent:
+            _set_parent_death_signal()
+        if setup is not None:
+            setup()
+
     try:
         return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr,
-                                preexec_fn=limits.preexec() if limits else None)
+                                preexec_fn=preexec if (setup or die_with_parent) else None)
     except FileNotFoundError as exc:
         raise NotFoundError(f"required program '{args[0]}' is not installed",
                             hint="run scripts/setup") from exc
@@ -128,3 +140,11 @@ def spawn_detached(argv: Sequence[str | os.PathLike[str]], *, log_path: Path,
                                  start_new_session=True, pass_fds=tuple(pass_fds),
                                  close_fds=True)
     return child.pid
+
+
+def _set_parent_death_signal() -> None:
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -70,7 +70,8 @@ class NbdImageReader:
         self._server = proc.popen(["qemu-nbd", "--read-only", "--persistent", "--shared=1",
                                    f"--format={fmt}", f"--socket={self._socket_path}",
                                    str(image.absolute())],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  die_with_parent=True)
         self._sock = self._connect()
         self.size = self._handshake()
         self._handle = 0

@@ -162,6 +162,8 @@ class Doctor:
                 found.append(Orphan(path, _size(path)))
         for path in self._data_dir.tmp_dir.iterdir():
             match = _ID_PREFIX.match(path.name)
+            if path.name.startswith("export.") and job_alive(path.name[7:-8]):
+                continue  # the journal of a running export
             if not (match and match.group(1) in busy) and not _export_in_progress(path):
                 found.append(Orphan(path, _size(path)))
         found.extend(self._orphaned_server_dirs())

@@ -22,6 +22,7 @@ from ..catalogue import Catalogue
 from ..disks import qemu_img
 from ..disks.nbd import NbdImageReader, extents
 from ..errors import BbsnapError, ConflictError, InvalidInputError, NotFoundError, UsageError
+from ..jobs import current_job_token
 from ..export_sinks import COMPRESSORS, EXTENSIONS, FramedSink, HashingOutput, RawSink
 from ..layout import DataDir
 from ..models import Image, ImageStatus
@@ -77,6 +78,9 @@ class ImageExporter:
                                                          request.compress)).absolute()
         _check_destination(final)
         partial = final.with_name(final.name + ".partial")
+        # Crash journal: names the partial file so recovery can remove it if we are killed.
+        journal = self._data_dir.tmp_dir / f"export.{current_job_token()}.journal"
+        journal.write_text(str(partial))
         try:
             with open(partial, "wb") as out:
                 digest, written = self._write(image, source, request, out, progress)
@@ -90,6 +94,8 @@ class ImageExporter:
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
+        finally:
+            journal.unlink(missing_ok=True)
         self._write_sidecars(image, request, final, digest)
         fsync_directory(final.parent)
         return ExportResult(image, final, written, digest)

@@ -6,6 +6,7 @@ Run at the start of catalogue-using commands. Cheap when there is nothing to do
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from .. import locks
@@ -74,6 +75,24 @@ def recover_interrupted_creates(catalogue: Catalogue, data_dir: DataDir,
             catalogue.remove_dependent(DependentKind.SERVER, server_id, image_id)
         shutil.rmtree(marker.parent, ignore_errors=True)
         removed.append(server_id)
+    return removed
+
+
+def recover_interrupted_exports(data_dir: DataDir) -> list[str]:
+    """Remove the `.partial` output of exports whose process died (named by their journal)."""
+    removed = []
+    for journal in data_dir.tmp_dir.glob("export.*.journal"):
+        token = journal.name[len("export."):-len(".journal")]
+        if job_alive(token):
+            continue
+        try:
+            partial = journal.read_text().strip()
+        except OSError:
+            partial = ""
+        if partial.endswith(".partial"):
+            Path(partial).unlink(missing_ok=True)
+            removed.append(partial)
+        journal.unlink(missing_ok=True)
     return removed
 
 
