@@ -12,7 +12,9 @@ from typing import Any, Sequence
 OUTPUT_FORMATS = ("table", "json", "yaml")
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls and Unicode line/paragraph separators: anything that could break a row
+# in two or drive the terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _cell(value: Any) -> str:
@@ -60,7 +62,17 @@ def as_json(data: Any) -> str:
 def as_yaml(data: Any) -> str:
     import yaml
 
-    return str(yaml.safe_dump(data, sort_keys=True, allow_unicode=True, default_flow_style=False))
+    class Dumper(yaml.SafeDumper):
+        """Strings with control or line-break characters go double-quoted, escaped: plain or
+        single-quoted YAML would fold a NEL or U+2028 into a space and lose it."""
+
+    def represent_str(dumper: yaml.SafeDumper, value: str) -> Any:
+        style = '"' if _CONTROL.search(value) else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, represent_str)
+    return str(yaml.dump(data, Dumper=Dumper, sort_keys=True, allow_unicode=True,
+                         default_flow_style=False))
 
 
 def as_data(data: Any, fmt: str) -> str:

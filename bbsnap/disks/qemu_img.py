@@ -8,6 +8,7 @@ Paths are always absolute, so nothing can be read as a ``json:`` or protocol nam
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,12 +104,17 @@ def convert(source: Path, source_format: str, target: Path, target_format: str, 
 
 def create_overlay(path: Path, backing: Path, backing_format: str = "qcow2",
                    size: int | None = None) -> None:
-    """A qcow2 whose backing file is *backing* (always with its format: QEMU >= 6.1 needs it)."""
+    """A qcow2 whose backing file is *backing* (always with its format: QEMU >= 6.1 needs it).
+
+    Mode 0600: an overlay holds what a guest wrote (libvirt hands it to QEMU's user);
+    files that become catalogue images are opened up to 0644 when they are stored.
+    """
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format,
             "-b", _abs(backing), _abs(path)]
     if size is not None:
         argv.append(str(size))
     proc.run(argv, timeout=60)
+    os.chmod(path, 0o600)
 
 
 def rebase(path: Path, new_backing: Path, backing_format: str = "qcow2") -> None:

@@ -160,3 +160,47 @@ def test_interrupted_import_is_recovered_as_failed(bbsnap, work_dir):
     assert record["state"] == "failed" and "interrupted" in record["failure_reason"]
     assert bbsnap.files() == []
     assert bbsnap("images", "destroy", image_id).exit_code == 0
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                min_size=1, max_size=80).filter(lambda t: t.strip())
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(name=_TEXT, description=_TEXT)
+def test_any_name_and_description_round_trip_verbatim(bbsnap, work_dir, name, description):
+    image_id = bbsnap.data_dir.name and _shared_image(bbsnap, work_dir)
+    result = bbsnap("images", "update", image_id, "--name", name, "--description", description,
+                    "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(bbsnap("images", "show", image_id, "--format", "json").stdout)
+    assert (record["name"], record["description"]) == (name, description)
+    assert yaml.safe_load(bbsnap("images", "show", image_id, "--format", "yaml").stdout)[
+        "name"] == name
+    assert len(bbsnap("images", "list").stdout.splitlines()) == 4
+    assert sorted(p.name for p in (bbsnap.data_dir / "images").iterdir()) == [f"{image_id}.qcow2"]
+
+
+def _shared_image(bbsnap, work_dir) -> str:
+    listed = bbsnap("images", "list", "-s").stdout.split()
+    return listed[0] if listed else _import(bbsnap, work_dir, "fuzzed")
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.sampled_from(["../../etc/passwd", "/etc/passwd", "img-../x", "img-abcde/..",
+                                  "srv-abcde;rm -rf /", "img-abcde\n", "$(id)", "`id`",
+                                  "img-*", "img-abcd?"]),
+                 st.text(max_size=30).filter(lambda t: t and not t.startswith("-"))))
+def test_ids_that_look_like_paths_or_commands_are_refused(bbsnap, key):
+    for args in (("images", "show", key), ("images", "destroy", key),
+                 ("images", "export", key, "-o", "/dev/null")):
+        result = bbsnap(*args)
+        assert result.exit_code in (2, 3), (args, result.stderr)
+        assert "bbsnap: error:" in result.stderr
+    assert not (bbsnap.data_dir / "images").exists() or \
+        all(p.name.startswith("img-") for p in (bbsnap.data_dir / "images").iterdir())
