@@ -86,13 +86,29 @@ class Doctor:
         ]
 
     def _tool_checks(self) -> list[Finding]:
-        findings = []
+        findings = [self._qemu_img_check()]
         for tool in ("qemu-img", "qemu-io", "qemu-nbd", "qemu-system-x86_64"):
             path = shutil.which(tool)
             findings.append(Finding(tool, path is not None, path or "not installed",
                                     fix="" if path else "scripts/setup (package qemu-utils / "
                                                         "qemu-system-x86)"))
         return findings
+
+    def _qemu_img_check(self) -> Finding:
+        """qemu-img >= 6.1 refuses overlays without a backing format; bbsnap always gives one
+        (-F), which needs qemu-img to know the option (any 2.x or newer)."""
+        from .. import proc
+
+        try:
+            text = proc.run(["qemu-img", "--version"], timeout=30).stdout
+        except BbsnapError as exc:
+            return Finding("qemu-img version", False, str(exc), fix="scripts/setup")
+        match = re.search(r"version (\d+)\.(\d+)", text)
+        version = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+        ok = version >= (4, 2)
+        return Finding("qemu-img version", ok,
+                       f"{version[0]}.{version[1]} (backing formats, convert -B, map --output=json)",
+                       fix="" if ok else "upgrade qemu-utils to 4.2 or newer")
 
     def _kvm_check(self) -> Finding:
         from ..accel import probe_kvm
