@@ -31,13 +31,9 @@ def list_images(app: Any, image_type: str | None = None, status: str | None = No
     from . import image_views, render
 
     found = app.images().list(image_type, status)
-    if output_format != "table":
-        click.echo(render.as_data([image_views.as_record(i) for i in found], output_format), nl=False)
-    elif simple:
-        click.echo(render.simple([image_views.list_row(i) for i in found]), nl=False)
-    else:
-        click.echo(render.table(image_views.LIST_COLUMNS,
-                                [image_views.list_row(i) for i in found]), nl=False)
+    click.echo(render.listing(image_views.LIST_COLUMNS, [image_views.list_row(i) for i in found],
+                              [image_views.as_record(i) for i in found], output_format, simple),
+               nl=False)
 
 
 @images.command("show")

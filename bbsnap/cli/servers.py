@@ -22,13 +22,9 @@ def servers(ctx: click.Context) -> None:
 def _print_servers(found: list[Any], output_format: str, simple: bool) -> None:
     from . import render, server_views
 
-    if output_format != "table":
-        click.echo(render.as_data([server_views.as_record(s) for s in found], output_format), nl=False)
-    elif simple:
-        click.echo(render.simple([server_views.list_row(s) for s in found]), nl=False)
-    else:
-        click.echo(render.table(server_views.LIST_COLUMNS,
-                                [server_views.list_row(s) for s in found]), nl=False)
+    click.echo(render.listing(server_views.LIST_COLUMNS, [server_views.list_row(s) for s in found],
+                              [server_views.as_record(s) for s in found], output_format, simple),
+               nl=False)
 
 
 @servers.command("list")
@@ -251,11 +247,7 @@ def list_types(output_format: str = "table", simple: bool = False) -> None:
     from . import render
 
     rows = [[t.id, t.name, t.vcpus, t.memory_mib, t.disk_gib * 1024] for t in SERVER_TYPES]
-    if output_format != "table":
-        click.echo(render.as_data([{"id": t.id, "name": t.name, "vcpus": t.vcpus,
-                                    "memory_mib": t.memory_mib, "disk_gib": t.disk_gib}
-                                   for t in SERVER_TYPES], output_format), nl=False)
-    elif simple:
-        click.echo(render.simple(rows), nl=False)
-    else:
-        click.echo(render.table(("id", "name", "cores", "ram", "disk"), rows), nl=False)
+    records = [{"id": t.id, "name": t.name, "vcpus": t.vcpus, "memory_mib": t.memory_mib,
+                "disk_gib": t.disk_gib} for t in SERVER_TYPES]
+    click.echo(render.listing(("id", "name", "cores", "ram", "disk"), rows, records,
+                              output_format, simple), nl=False)
