@@ -56,7 +56,6 @@ def main() -> None:
     work = bench_dir()
     env = {**os.environ, "BBSNAP_HOME": str(work / "data"), "BBSNAP_CONFIG": ""}
     bbsnap = [sys.executable, "-m", "bbsnap.cli.main"]
-    rows: list[tuple[str, float, int | None, str]] = []
     try:
         print("preparing an 8 GiB image with ~1 GiB of files ...", file=sys.stderr)
         image = filesystem_image(work / "fs.qcow2", 8 * GIB, GIB)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchlib import GIB, bench_dir, median_time  # noqa: E402
+from benchlib import bench_dir, median_time  # noqa: E402
 
 RUNS = 5
 URI = "qemu:///system"

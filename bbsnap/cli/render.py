@@ -34,7 +34,7 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
                 widths[i] = len(value)
 
     def line(values: Sequence[str]) -> str:
-        return " " + "  ".join(v.ljust(w) for v, w in zip(values, widths))
+        return " " + "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True))
 
     header = line(columns)
     rule = "-" * len(header)

@@ -13,6 +13,10 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import DiskInfo
 
 METADATA_NS = "https://bbsnap.dev/xmlns/server/1"
 METADATA_PREFIX = "bbsnap"

@@ -8,7 +8,6 @@ import hashlib
 import json
 import lzma
 import os
-from pathlib import Path
 
 import pytest
 

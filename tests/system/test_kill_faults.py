@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from bbsnap.catalogue import Catalogue
 from bbsnap.config import load_settings

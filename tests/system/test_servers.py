@@ -8,7 +8,6 @@ import socket
 import subprocess
 import uuid
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
