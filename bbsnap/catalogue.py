@@ -228,7 +228,7 @@ class Catalogue:
     def exists(self, image_id: str) -> bool:
         return self._db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is not None
 
-    def list(self, flt: ImageFilter | None = None) -> list[Image]:
+    def find(self, flt: ImageFilter | None = None) -> list[Image]:
         flt = flt or ImageFilter()
         where, params = [], []
         if not flt.include_deleted and flt.status != ImageStatus.DELETED.value:

@@ -26,7 +26,7 @@ def new_id(prefix: str) -> str:
 
 def is_valid(value: str, prefix: str | None = None) -> bool:
     match = _PATTERN.fullmatch(value)
-    return bool(match) and (prefix is None or match.group(1) == prefix)
+    return match is not None and (prefix is None or match.group(1) == prefix)
 
 
 def require(value: str, prefix: str) -> str:

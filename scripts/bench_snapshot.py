@@ -136,7 +136,7 @@ def main() -> None:
             from bbsnap.catalogue import Catalogue
 
             catalogue = Catalogue(work / "data" / "catalogue.sqlite3")
-            newest = catalogue.list()[-1].id
+            newest = catalogue.find()[-1].id
             catalogue.close()
             run("images", "destroy", newest)
 

@@ -30,7 +30,7 @@ def list_images(app: Any, image_type: str | None = None, status: str | None = No
     """List images: others first, then snapshots, each by creation time."""
     from . import image_views, render
 
-    found = app.images().list(image_type, status)
+    found = app.images().find(image_type, status)
     click.echo(render.listing(image_views.LIST_COLUMNS, [image_views.list_row(i) for i in found],
                               [image_views.as_record(i) for i in found], output_format, simple),
                nl=False)

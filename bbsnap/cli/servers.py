@@ -32,7 +32,7 @@ def _print_servers(found: list[Any], output_format: str, simple: bool) -> None:
 @click.pass_obj
 def list_servers(app: Any, output_format: str = "table", simple: bool = False) -> None:
     """List servers: bbsnap's first (by creation time), then other domains."""
-    _print_servers(app.servers().list(), output_format, simple)
+    _print_servers(app.servers().find(), output_format, simple)
 
 
 @servers.command("show")

@@ -166,7 +166,7 @@ class Doctor:
     # -- orphans -----------------------------------------------------------------------------
 
     def orphans(self) -> list[Orphan]:
-        rows = self._catalogue.list(ImageFilter(include_deleted=True))
+        rows = self._catalogue.find(ImageFilter(include_deleted=True))
         kept = {i.path for i in rows if i.status is not ImageStatus.DELETED and i.path}
         for image in rows:
             kept.update(v.path for v in self._catalogue.volumes(image.id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .. import ids
 from ..catalogue import Catalogue
@@ -30,10 +31,10 @@ class ImageService:
         self._catalogue = catalogue
         self._data_dir = data_dir
 
-    def list(self, image_type: str | None = None, status: str | None = None) -> list[Image]:
+    def find(self, image_type: str | None = None, status: str | None = None) -> list[Image]:
         if status is not None and status not in STATUS_CHOICES:
             raise UsageError(f"unknown status '{status}'", hint=f"one of {', '.join(STATUS_CHOICES)}")
-        return self._catalogue.list(ImageFilter(
+        return self._catalogue.find(ImageFilter(
             type=ImageType(image_type) if image_type else None, status=status))
 
     def get(self, image_id: str) -> Image:
@@ -44,7 +45,7 @@ class ImageService:
 
     def update(self, image_id: str, changes: ImageChanges) -> Image:
         ids.require(image_id, "img")
-        fields: dict[str, object] = {}
+        fields: dict[str, Any] = {}
         if changes.name is not None:
             fields["name"] = image_fields.check_name(changes.name)
         if changes.description is not None:

@@ -32,7 +32,7 @@ class ServerService:
         self._catalogue = catalogue
         self._data_dir = data_dir
 
-    def list(self) -> list[Server]:
+    def find(self) -> list[Server]:
         servers = [server_from_domain(self._hv, info, with_addresses=False)
                    for info in self._hv.list_domains()]
         return sorted(servers, key=lambda s: (not s.managed, s.created_at is None,

@@ -78,9 +78,9 @@ def test_list_filters_and_hides_deleted(catalogue):
     catalogue.add(_image("img-bbbbb", status=ImageStatus.FAILED))
     catalogue.add(_image("img-ccccc"))
     catalogue.mark_deleted("img-ccccc")
-    assert [i.id for i in catalogue.list()] == ["img-aaaaa", "img-bbbbb"]
-    assert [i.id for i in catalogue.list(ImageFilter(status="failed"))] == ["img-bbbbb"]
-    assert [i.id for i in catalogue.list(ImageFilter(status="deleted"))] == ["img-ccccc"]
+    assert [i.id for i in catalogue.find()] == ["img-aaaaa", "img-bbbbb"]
+    assert [i.id for i in catalogue.find(ImageFilter(status="failed"))] == ["img-bbbbb"]
+    assert [i.id for i in catalogue.find(ImageFilter(status="deleted"))] == ["img-ccccc"]
 
 
 def test_concurrent_writers_lose_no_rows(tmp_path):
@@ -99,5 +99,5 @@ def test_concurrent_writers_lose_no_rows(tmp_path):
     for t in threads:
         t.join()
     check = Catalogue(path)
-    assert len(check.list()) == 100
+    assert len(check.find()) == 100
     check.close()
