@@ -81,8 +81,3 @@ class QuiesceError(HypervisorError):
 class CatalogueError(BbsnapError):
     """The SQLite catalogue could not be read or written."""
 
-
-class Interrupted(BbsnapError):
-    """The user interrupted the operation (Ctrl-C). Exit code 130."""
-
-    exit_code = 130

@@ -55,6 +55,14 @@ class DataDir:
     def image_file(self, image_id: str, fmt: str = "qcow2") -> Path:
         return self.images_dir / f"{image_id}.{fmt}"
 
+    def remove_image_files(self, image_id: str) -> None:
+        """Every file of an image that never became available: work files in tmp/ and
+        anything renamed into images/ (an interrupted job's final file is as untrusted as
+        its partial one). Matches ``img-xxxxx.*`` and volumes ``img-xxxxx-vdb.qcow2``."""
+        for directory in (self.tmp_dir, self.images_dir):
+            for path in directory.glob(f"{image_id}[.-]*"):
+                path.unlink(missing_ok=True)
+
     def ensure(self) -> "DataDir":
         """Create the directories (idempotent) with modes QEMU's user can traverse.
 

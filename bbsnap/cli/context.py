@@ -48,6 +48,16 @@ class AppContext:
         return self._data_dir
 
     @property
+    def catalogue_as_found(self) -> "Catalogue":
+        """The catalogue without crash recovery (`doctor` reports what it would do)."""
+        if self._catalogue is None:
+            from ..catalogue import Catalogue
+
+            self._catalogue = Catalogue(self.data_dir.catalogue_path)
+            self._closers.append(self._catalogue.close)
+        return self._catalogue
+
+    @property
     def catalogue(self) -> "Catalogue":
         if self._catalogue is None:
             from ..catalogue import Catalogue
@@ -91,15 +101,10 @@ class AppContext:
 
     def _adopt_snapshot(self, image_id: str, lock: Any) -> None:
         """Recovery: a new worker finishes (or cleanly fails) an orphaned snapshot."""
-        from ..jobs import token_for_pid
-        from ..proc import spawn_detached
+        from ..services.snapshot import spawn_finisher
 
-        pid = spawn_detached([*self.worker_argv(), "finish-snapshot", image_id,
-                              "--lock-fd", str(lock.fd)],
-                             log_path=self.data_dir.logs_dir / f"{image_id}.log",
-                             pass_fds=[lock.fd])
         assert self._catalogue is not None
-        self._catalogue.update(image_id, job=token_for_pid(pid))
+        spawn_finisher(self.worker_argv(), self.data_dir, self._catalogue, image_id, lock)
 
     def exporter(self) -> "ImageExporter":
         from ..services.image_export import ImageExporter

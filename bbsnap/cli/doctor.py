@@ -8,14 +8,16 @@ import click
 
 
 @click.command("doctor")
-@click.option("--fix", is_flag=True, help="Delete orphaned files (nothing else is changed).")
+@click.option("--fix", is_flag=True,
+              help="Recover stale jobs and delete orphaned files (nothing else is changed).")
 @click.pass_obj
 def doctor(app: Any, fix: bool) -> None:
     """Check libvirt, QEMU, KVM, the data directory and the catalogue; exit 1 on problems."""
     from ..services.doctor import Doctor
 
-    checker = Doctor(app.settings, app.data_dir, app.catalogue, lambda: app.hypervisor)
+    checker = Doctor(app.settings, app.data_dir, app.catalogue_as_found, lambda: app.hypervisor)
     if fix:
+        app.recover()  # stale jobs first: their files are then no longer orphans
         removed = checker.fix()
         freed = sum(o.size for o in removed)
         for orphan in removed:

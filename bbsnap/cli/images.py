@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .options import output_options
+from .options import for_each, output_options
 
 IMAGE_TYPES = ("snapshot", "upload", "official")
 STATUSES = ("creating", "available", "private", "public", "failed", "deleted")
@@ -136,17 +136,4 @@ def update_image(app: Any, image_id: str, name: str | None, description: str | N
 @click.pass_obj
 def destroy_images(app: Any, image_ids: tuple[str, ...]) -> None:
     """Delete images. Refused (exit 4) while servers or images depend on one."""
-    from ..errors import BbsnapError
-
-    failure: BbsnapError | None = None
-    for image_id in image_ids:
-        try:
-            app.images().destroy(image_id)
-            click.echo(f"Destroying image {image_id}", err=True)
-        except BbsnapError as exc:
-            if len(image_ids) == 1:
-                raise
-            click.echo(f"bbsnap: error: {exc}", err=True)
-            failure = failure or exc
-    if failure is not None:
-        raise click.exceptions.Exit(failure.exit_code)
+    for_each(image_ids, app.images().destroy, lambda k: f"Destroying image {k}")

@@ -1,4 +1,4 @@
-"""Options shared by several commands."""
+"""Options and behaviour shared by several commands."""
 
 from __future__ import annotations
 
@@ -17,3 +17,24 @@ def output_options(func: F) -> F:
     func = click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS),
                         default="table", show_default=True, help="Output format.")(func)
     return func
+
+
+def for_each(keys: tuple[str, ...], action: Callable[[str], Any],
+             done_message: Callable[[str], str] | None = None) -> None:
+    """Run *action* on every id of a many-id verb: one failure does not stop the others;
+    each is reported, and the command exits with the first failure's code."""
+    from ..errors import BbsnapError
+
+    failure: BbsnapError | None = None
+    for key in keys:
+        try:
+            action(key)
+            if done_message is not None:
+                click.echo(done_message(key), err=True)
+        except BbsnapError as exc:
+            if len(keys) == 1:
+                raise
+            click.echo(f"bbsnap: error: {exc}", err=True)
+            failure = failure or exc
+    if failure is not None:
+        raise click.exceptions.Exit(failure.exit_code)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
-from .options import output_options
+from .options import for_each, output_options
 
 
 @click.group(invoke_without_command=True)
@@ -98,32 +98,12 @@ def create_servers(app: Any, image_id: str, name: str | None, server_type: str |
     _print_servers(created, output_format, simple)
 
 
-def _each(app: Any, keys: tuple[str, ...], verb: str, action: Callable[[str], Any],
-          quiet: bool = False) -> None:
-    """Run *action* on every server; report each failure, exit with the first one's code."""
-    from ..errors import BbsnapError
-
-    failure: BbsnapError | None = None
-    for key in keys:
-        try:
-            action(key)
-            if not quiet:
-                click.echo(f"{verb} server {key}", err=True)
-        except BbsnapError as exc:
-            if len(keys) == 1:
-                raise
-            click.echo(f"bbsnap: error: {exc}", err=True)
-            failure = failure or exc
-    if failure is not None:
-        raise click.exceptions.Exit(failure.exit_code)
-
-
 @servers.command("start")
 @click.argument("server_ids", nargs=-1, required=True, metavar="SRV...")
 @click.pass_obj
 def start_servers(app: Any, server_ids: tuple[str, ...]) -> None:
     """Start servers."""
-    _each(app, server_ids, "Starting", app.servers().start)
+    for_each(server_ids, app.servers().start, lambda k: f"Starting server {k}")
 
 
 @servers.command("stop")
@@ -135,7 +115,8 @@ def start_servers(app: Any, server_ids: tuple[str, ...]) -> None:
 def stop_servers(app: Any, server_ids: tuple[str, ...], force: bool, timeout: float) -> None:
     """Shut servers down (ACPI), or power them off with --force."""
     service = app.servers()
-    _each(app, server_ids, "Stopping", lambda k: service.stop(k, force=force, timeout=timeout))
+    for_each(server_ids, lambda k: service.stop(k, force=force, timeout=timeout),
+             lambda k: f"Stopping server {k}")
 
 
 @servers.command("reboot")
@@ -143,7 +124,7 @@ def stop_servers(app: Any, server_ids: tuple[str, ...], force: bool, timeout: fl
 @click.pass_obj
 def reboot_servers(app: Any, server_ids: tuple[str, ...]) -> None:
     """Reboot servers (ACPI)."""
-    _each(app, server_ids, "Rebooting", app.servers().reboot)
+    for_each(server_ids, app.servers().reboot, lambda k: f"Rebooting server {k}")
 
 
 @servers.command("destroy")
@@ -151,7 +132,7 @@ def reboot_servers(app: Any, server_ids: tuple[str, ...]) -> None:
 @click.pass_obj
 def destroy_servers(app: Any, server_ids: tuple[str, ...]) -> None:
     """Destroy bbsnap servers: power off, undefine, delete their disk and seed."""
-    _each(app, server_ids, "Destroying", app.servers().destroy)
+    for_each(server_ids, app.servers().destroy, lambda k: f"Destroying server {k}")
 
 
 @servers.command("snapshot")
@@ -181,7 +162,7 @@ def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wa
         started.append(image.id)
         click.echo(image.id)
 
-    _each(app, server_ids, "Snapshotted", snap, quiet=True)
+    for_each(server_ids, snap)
     if wait:
         from .waiting import wait_for_images
 

@@ -130,9 +130,6 @@ def convert_top(source: Path, target: Path, base: Path, base_format: str = "qcow
               "-F", base_format, _abs(source), _abs(target)], timeout=3600)
 
 
-def create(path: Path, size: int, fmt: str = "qcow2") -> None:
-    proc.run(["qemu-img", "create", "-q", "-f", fmt, _abs(path), str(size)], timeout=60)
-
 
 def vet_untrusted(path: Path, fmt: str, *, max_virtual_size: int) -> ImageInfo:
     """qemu-img's own view of an untrusted image, refused if it reaches outside the file."""

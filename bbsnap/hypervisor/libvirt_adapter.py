@@ -212,7 +212,9 @@ class LibvirtHypervisor:
                            libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
         kind = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)
         if kind == libvirt.VIR_DOMAIN_JOB_NONE:
-            return CompletedJob(known=False, success=False, message="libvirt has no record of it")
+            return CompletedJob(known=False, success=False,
+                                message="libvirt lost track of the copy (was libvirtd restarted "
+                                        "while it ran?)")
         success = kind == libvirt.VIR_DOMAIN_JOB_COMPLETED and bool(stats.get("success", True))
         return CompletedJob(known=True, success=success,
                             message=str(stats.get("errmsg", "")) or ("" if success else "the job failed"))

@@ -1,7 +1,7 @@
 """`bbsnap doctor`: check the host and the data directory, and say exactly how to fix things.
 
 Each check returns Findings; a finding that is not ok carries the command or change that
-fixes it. `--fix` only reclaims what is provably orphaned: files no catalogue row, running
+fixes it. `--fix` recovers stale jobs as every command does, and only deletes what is provably orphaned: files no catalogue row, running
 job or libvirt domain refers to.
 """
 
@@ -60,10 +60,6 @@ class Doctor:
             f"{len(orphans)} files hold {wasted // (1024 * 1024)} MiB" if orphans else "none",
             fix="bbsnap doctor --fix" if orphans else ""))
         return findings
-
-    def run_jobs_only(self) -> list[Finding]:
-        """Just the catalogue's stale-jobs check (cheap; no libvirt, no probes)."""
-        return [self._stale_jobs_check()]
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -160,7 +156,7 @@ class Doctor:
     def _stale_jobs_check(self) -> Finding:
         stale = [i.id for i in self._catalogue.creating() if not job_alive(i.job)]
         return Finding("stale jobs", not stale, ", ".join(stale) if stale else "none",
-                       fix="run any bbsnap command (recovery finishes or fails them)"
+                       fix="bbsnap doctor --fix (any bbsnap command also recovers them)"
                        if stale else "")
 
     # -- orphans -----------------------------------------------------------------------------

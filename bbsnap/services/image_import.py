@@ -186,8 +186,7 @@ class ImageImporter:
             path=final.name, format="qcow2", checksum=f"sha256:{copied.source_sha256}", job=None)
 
     def _discard(self, image_id: str) -> None:
-        for path in self._work_files(image_id):
-            path.unlink(missing_ok=True)
+        self._data_dir.remove_image_files(image_id)
         self._catalogue.remove_row(image_id)
 
 

@@ -14,7 +14,6 @@ from ..catalogue import Catalogue
 from ..jobs import job_alive
 from ..layout import DataDir
 from ..models import Image, ImageStatus
-from .snapshot_finish import remove_snapshot_files
 
 # Hands an orphaned snapshot (image id, the server lock now held) to a new worker.
 Adopter = Callable[[str, locks.ServerLock], None]
@@ -41,11 +40,11 @@ def recover_interrupted(catalogue: Catalogue, data_dir: DataDir,
                 if adopt_snapshot is not None:
                     adopt_snapshot(image.id, lock)
                     continue
-                remove_snapshot_files(data_dir, image.id)
+                data_dir.remove_image_files(image.id)
                 recovered.append(catalogue.fail_snapshot(
                     image.id, "interrupted: the bbsnap worker copying it stopped"))
             continue
-        _remove_work_files(data_dir, image.id)
+        data_dir.remove_image_files(image.id)
         recovered.append(catalogue.update(
             image.id, expect_status=ImageStatus.CREATING, status=ImageStatus.FAILED,
             failure_reason="interrupted: the bbsnap process creating it stopped", job=None))
@@ -95,11 +94,3 @@ def recover_interrupted_exports(data_dir: DataDir) -> list[str]:
         journal.unlink(missing_ok=True)
     return removed
 
-
-def _remove_work_files(data_dir: DataDir, image_id: str) -> None:
-    for path in data_dir.tmp_dir.glob(f"{image_id}.*"):
-        path.unlink(missing_ok=True)
-    for path in data_dir.images_dir.glob(f"{image_id}.*"):
-        # A finished file is only renamed into place before the row turns available, so an
-        # interrupted job's final file is as untrusted as its partial one.
-        path.unlink(missing_ok=True)

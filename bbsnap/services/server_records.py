@@ -11,9 +11,6 @@ from ..models import Server, ServerStatus
 _STATUS = {DomainState.RUNNING: ServerStatus.ACTIVE, DomainState.SHUTOFF: ServerStatus.INACTIVE,
            DomainState.PAUSED: ServerStatus.PAUSED, DomainState.CRASHED: ServerStatus.CRASHED}
 
-# Keys bbsnap writes into a domain's <metadata>.
-META_KEYS = ("name", "image_id", "type_id", "type_name", "created_at", "owner", "accel",
-             "hostname", "ssh_port", "username", "network")
 
 
 def server_from_domain(hv: Hypervisor, info: DomainInfo, *, with_addresses: bool = False) -> Server:

@@ -83,11 +83,10 @@ class SnapshotService:
                 if running:
                     consistency = self._fix_point_in_time(server.id, job, request.quiesce)
                     image = self._catalogue.update(image.id, consistency=consistency)
-                self._spawn_worker(image.id, lock)
+                spawn_finisher(self._worker_argv, self._data_dir, self._catalogue, image.id, lock)
             except BaseException as exc:
                 self._catalogue.fail_snapshot(image.id, f"could not start the snapshot: {exc}")
-                for disk in job.disks:
-                    Path(disk.target).unlink(missing_ok=True)
+                self._data_dir.remove_image_files(image.id)
                 raise
             return image
         finally:
@@ -148,17 +147,21 @@ class SnapshotService:
                         print(f"bbsnap: warning: {exc}", file=sys.stderr)
         return Consistency.QUIESCED if frozen else Consistency.CRASH_CONSISTENT
 
-    def _spawn_worker(self, image_id: str, lock: locks.ServerLock) -> None:
-        log = self._data_dir.logs_dir / f"{image_id}.log"
-        pid = proc.spawn_detached([*self._worker_argv, "finish-snapshot", image_id,
-                                   "--lock-fd", str(lock.fd)], log_path=log, pass_fds=[lock.fd])
-        token = token_for_pid(pid)
-        if token:
-            self._catalogue.update(image_id, job=token)
-
     def _new_image_id(self) -> str:
         for _ in range(50):
             candidate = ids.new_id("img")
             if not self._catalogue.exists(candidate):
                 return candidate
         raise ConflictError("could not allocate a free image id")
+
+
+def spawn_finisher(worker_argv: list[str], data_dir: DataDir, catalogue: Catalogue,
+                   image_id: str, lock: locks.ServerLock) -> None:
+    """Hand a snapshot's copy to a detached worker that inherits the server's lock, and
+    record the worker as the job's owner (used by `begin` and by crash recovery)."""
+    pid = proc.spawn_detached([*worker_argv, "finish-snapshot", image_id, "--lock-fd",
+                               str(lock.fd)], log_path=data_dir.logs_dir / f"{image_id}.log",
+                              pass_fds=[lock.fd])
+    token = token_for_pid(pid)
+    if token:
+        catalogue.update(image_id, job=token)

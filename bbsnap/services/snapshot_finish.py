@@ -97,9 +97,7 @@ class SnapshotFinisher:
         except HypervisorError as exc:
             raise SnapshotFailed(f"the copy's outcome is unknown: {exc}") from exc
         if not outcome.known:
-            raise SnapshotFailed(outcome.message if "stopped" in outcome.message else
-                                 "libvirt lost track of the copy (was libvirtd restarted, or the "
-                                 "server shut down, during the copy?)")
+            raise SnapshotFailed(outcome.message)
         if not outcome.success:
             raise SnapshotFailed(f"the copy failed: {outcome.message}")
         missing = [d.target for d in job.disks if not Path(d.target).exists()]
@@ -164,14 +162,8 @@ class SnapshotFinisher:
                     self._hv.abort_job(job.domain)
             except BbsnapError:
                 pass
-        remove_snapshot_files(self._data_dir, image_id)
+        self._data_dir.remove_image_files(image_id)
         self._catalogue.fail_snapshot(image_id, reason)
-
-
-def remove_snapshot_files(data_dir: DataDir, image_id: str) -> None:
-    for directory in (data_dir.tmp_dir, data_dir.images_dir):
-        for path in directory.glob(f"{image_id}[.-]*"):
-            path.unlink(missing_ok=True)
 
 
 def _allocated(job: SnapshotJob) -> int:
