@@ -114,10 +114,26 @@ def cloud(data_dir: Path, tiny_guest_image: Path, hypervisor):
             hypervisor.undefine(info.name)
 
 
-def create_server(cloud, *args: str) -> list[dict]:
-    result = cloud("servers", "create", cloud.image_id, *SMALL, *args, "--format", "json")
+def create_server(cloud, *args: str, image: str | None = None) -> list[dict]:
+    """`servers create` (128 MiB) from *image*, by default the fixture's tiny guest."""
+    result = cloud("servers", "create", image or cloud.image_id, *SMALL, *args,
+                   "--format", "json")
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def image_record(cloud, image_id: str) -> dict:
+    result = cloud("images", "show", image_id, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_settled(cloud, image_id: str, timeout: float = 180) -> dict:
+    """Until the image leaves `creating` (each look also runs crash recovery)."""
+    def settled():
+        record = image_record(cloud, image_id)
+        return record if record["state"] != "creating" else None
+    return wait_until(settled, timeout, f"{image_id} to leave creating")
 
 
 def console_path(cloud, server_id: str) -> Path:

@@ -7,8 +7,8 @@ import gzip
 import subprocess
 
 from bbsnap.tinyguest import READY_LINE, read_counter
-from tests.system.conftest import console_path, create_server, wait_for_console_line
-from tests.system.test_snapshots import create_server_from, image_record
+from tests.system.conftest import (console_path, create_server, image_record,
+                                   wait_for_console_line)
 
 
 def test_snapshot_export_import_boot_round_trip(cloud, hypervisor, work_dir):
@@ -36,7 +36,7 @@ def test_snapshot_export_import_boot_round_trip(cloud, hypervisor, work_dir):
     assert record["type"] == "upload" and record["ancestor_id"] is None
     assert record["virtual_size"] == image_record(cloud, image_id)["virtual_size"]
 
-    (clone,) = create_server_from(cloud, new_id)
+    (clone,) = create_server(cloud, image=new_id)
     line = wait_for_console_line(console_path(cloud, clone["id"]), "BBSNAP-COUNTER")
     assert int(line.split()[1]) == captured
     wait_for_console_line(console_path(cloud, clone["id"]), READY_LINE)

@@ -20,9 +20,8 @@ import pytest
 
 from bbsnap.disks import qemu_img
 from bbsnap.tinyguest import READY_LINE, read_counter
-from tests.system.conftest import (URI, console_path, create_server, wait_for_console_line,
-                                   wait_until)
-from tests.system.test_snapshots import image_record
+from tests.system.conftest import (URI, console_path, create_server, image_record,
+                                   wait_for_console_line, wait_settled, wait_until)
 
 GIB = 1 << 30
 
@@ -76,13 +75,6 @@ def start_slowed_snapshot(cloud, server_id: str) -> str:
 def job_token(cloud, image_id: str) -> str | None:
     with sqlite3.connect(cloud.data_dir / "catalogue.sqlite3") as db:
         return db.execute("SELECT job FROM images WHERE id = ?", (image_id,)).fetchone()[0]
-
-
-def wait_settled(cloud, image_id: str, timeout: float = 180) -> dict:
-    def settled():
-        record = image_record(cloud, image_id)  # each call also runs crash recovery
-        return record if record["state"] != "creating" else None
-    return wait_until(settled, timeout, f"{image_id} to leave creating")
 
 
 def assert_clean_aftermath(cloud, server: dict, image: dict) -> None:

@@ -15,19 +15,12 @@ from pathlib import Path
 from bbsnap.disks import qemu_img
 from bbsnap.hypervisor.domain_xml import DiskSpec, DomainSpec, NicSpec, build_domain_xml
 from bbsnap.tinyguest import READY_LINE, read_counter
-from tests.system.conftest import (backing_file, console_path, create_server,
-                                   wait_for_console_line, wait_until)
+from tests.system.conftest import (backing_file, console_path, create_server, image_record,
+                                   wait_for_console_line, wait_settled, wait_until)
 
 
-def image_record(cloud, image_id: str) -> dict:
-    result = cloud("images", "show", image_id, "--format", "json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def wait_available(cloud, image_id: str, timeout: float = 120) -> dict:
-    record = wait_until(lambda: (r := image_record(cloud, image_id))["state"] != "creating" and r,
-                        timeout, f"{image_id} to leave creating")
+def wait_available(cloud, image_id: str) -> dict:
+    record = wait_settled(cloud, image_id)
     assert record["state"] == "available", record["failure_reason"]
     return record
 
@@ -35,12 +28,6 @@ def wait_available(cloud, image_id: str, timeout: float = 120) -> dict:
 def counter(disk: str | Path) -> int:
     value = read_counter(Path(disk))
     return -1 if value is None else value
-
-
-def create_server_from(cloud, image_id: str, *args: str) -> list[dict]:
-    result = cloud("servers", "create", image_id, "--memory", "128", *args, "--format", "json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def chain_of(disk: str) -> list[tuple[str, str | None]]:
@@ -87,7 +74,7 @@ def test_live_snapshot_holds_the_instant_and_clones_continue_from_it(cloud, hype
     assert qemu_img.check(Path(disk), force_share=True).corruptions == 0
     assert list((cloud.data_dir / "tmp").iterdir()) == []
 
-    (clone,) = create_server_from(cloud, image_id)
+    (clone,) = create_server(cloud, image=image_id)
     line = wait_for_console_line(console_path(cloud, clone["id"]), "BBSNAP-COUNTER")
     assert int(line.split()[1]) == captured
     assert clone["id"] != server["id"] and clone["macs"] != server["macs"]
@@ -142,7 +129,7 @@ def test_snapshot_of_a_domain_bbsnap_did_not_make_with_a_raw_disk(cloud, hypervi
     captured = counter(stored)
     assert captured >= 3 and hypervisor.disks(name)[0].path == str(raw)
 
-    (clone,) = create_server_from(cloud, image_id)
+    (clone,) = create_server(cloud, image=image_id)
     line = wait_for_console_line(console_path(cloud, clone["id"]), "BBSNAP-COUNTER")
     assert int(line.split()[1]) == captured
     assert cloud("servers", "destroy", clone["id"]).exit_code == 0
@@ -210,7 +197,7 @@ def test_multi_disk_server_is_captured_whole_and_cloned_whole(cloud, hypervisor,
     assert [v["device"] for v in record["volumes"]] == ["vdb"]
     assert record["volumes"][0]["virtual_size"] == 64 * 1024 * 1024
 
-    (clone,) = create_server_from(cloud, record["id"], "--no-start")
+    (clone,) = create_server(cloud, "--no-start", image=record["id"])
     assert len(clone["disks"]) == 2
     raw = work_dir / "vdb.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", clone["disks"][1], str(raw)], check=True)
