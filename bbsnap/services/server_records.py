@@ -13,8 +13,10 @@ _STATUS = {DomainState.RUNNING: ServerStatus.ACTIVE, DomainState.SHUTOFF: Server
 
 
 
-def server_from_domain(hv: Hypervisor, info: DomainInfo, *, with_addresses: bool = False) -> Server:
-    facts = read_domain_facts(hv.domain_xml(info.name))
+def server_from_domain(hv: Hypervisor, info: DomainInfo, *, with_addresses: bool = False,
+                       xml: str | None = None) -> Server:
+    """*xml*: the domain's live XML when the caller already read it (one libvirt call less)."""
+    facts = read_domain_facts(xml if xml is not None else hv.domain_xml(info.name))
     meta = facts.metadata
     created = meta.get("created_at")
     addresses: tuple[str, ...] = ()

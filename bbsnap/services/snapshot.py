@@ -32,7 +32,7 @@ from .. import ids, locks, proc
 from ..catalogue import Catalogue, utcnow
 from ..errors import ConflictError, QuiesceError
 from ..hypervisor import DiskInfo, DomainState, Hypervisor
-from ..hypervisor.domain_xml import build_backup_xml
+from ..hypervisor.domain_xml import build_backup_xml, read_disks
 from ..jobs import current_job_token, token_for_pid
 from ..layout import DataDir
 from ..models import (Consistency, Image, ImageStatus, ImageType, Server, SnapshotDisk,
@@ -64,11 +64,16 @@ class SnapshotService:
         info = self._hv.info(request.server)
         lock = locks.acquire(self._data_dir.locks_dir, info.uuid, on_wait=on_wait)
         try:
-            server = server_from_domain(self._hv, self._hv.info(info.name))
-            disks = [d for d in self._hv.disks(server.id) if d.writable]
+            # Read again under the lock (a waited-for operation may have changed it), once:
+            # every libvirt round trip here adds to the command's latency.
+            info = self._hv.info(info.name)
+            xml = self._hv.domain_xml(info.name)
+            server = server_from_domain(self._hv, info, xml=xml)
+            all_disks = read_disks(xml)
+            disks = [d for d in all_disks if d.writable]
             if not disks:
                 raise ConflictError(f"server {server.id} has no writable file-backed disk")
-            running = self._hv.info(server.id).state in (DomainState.RUNNING, DomainState.PAUSED)
+            running = info.state in (DomainState.RUNNING, DomainState.PAUSED)
             image_id = self._new_image_id()
             ancestor = self._ancestor(server)
             job = SnapshotJob(
@@ -81,7 +86,9 @@ class SnapshotService:
                 snapshot_job=job, depends_on=ancestor.id if ancestor else None)
             try:
                 if running:
-                    consistency = self._fix_point_in_time(server.id, job, request.quiesce)
+                    read_only = [d.target for d in all_disks if not d.writable]
+                    consistency = self._fix_point_in_time(server.id, job, read_only,
+                                                          request.quiesce)
                     image = self._catalogue.update(image.id, consistency=consistency)
                 spawn_finisher(self._worker_argv, self._data_dir, self._catalogue, image.id, lock)
             except BaseException as exc:
@@ -126,9 +133,9 @@ class SnapshotService:
         return SnapshotDisk(device=disk.target, source=disk.path, source_format=disk.format,
                             target=str(target), ancestor=ancestor_file)
 
-    def _fix_point_in_time(self, domain: str, job: SnapshotJob, quiesce: bool) -> Consistency:
-        xml = build_backup_xml({d.device: Path(d.target) for d in job.disks},
-                               [d.target for d in self._hv.disks(domain) if not d.writable])
+    def _fix_point_in_time(self, domain: str, job: SnapshotJob, read_only: list[str],
+                           quiesce: bool) -> Consistency:
+        xml = build_backup_xml({d.device: Path(d.target) for d in job.disks}, read_only)
         frozen = False
         if quiesce:
             try:
