@@ -87,6 +87,16 @@ def test_passt_and_network_nics_are_libvirt_interfaces():
     assert network.get("type") == "network" and network.find("source").get("network") == "default"
 
 
+def test_virtio_disks_get_an_io_thread_and_ide_cdroms_do_not():
+    root = ET.fromstring(build_domain_xml(_spec(disks=(
+        DiskSpec(Path("/d/disk.qcow2")),
+        DiskSpec(Path("/d/seed.iso"), format="raw", device="cdrom", target="hdc", bus="ide")))))
+    assert root.findtext("iothreads") == "1"
+    drivers = {d.find("target").get("bus"): d.find("driver") for d in root.findall("devices/disk")}
+    assert drivers["virtio"].get("iothread") == "1"
+    assert drivers["ide"].get("iothread") is None  # only virtio disks run in an I/O thread
+
+
 def test_special_characters_are_escaped_and_read_back():
     name = "a <b> & 'c' \"d\"\nline"
     xml = build_domain_xml(_spec(title=name, metadata={"name": name}))
