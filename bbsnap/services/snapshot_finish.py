@@ -22,7 +22,7 @@ from ..hypervisor import Hypervisor
 from ..jobs import current_job_token
 from ..layout import FILE_MODE, DataDir
 from ..models import Image, ImageStatus, ImageVolume, SnapshotDisk, SnapshotJob
-from ..transfer import fsync_directory, fsync_file, start_writeback
+from ..transfer import fsync_directory, fsync_file
 
 POLL_SECONDS = 0.05  # job polling: cheap (one libvirt call), and it sets the finish latency
 RECONNECT_SECONDS = 120.0  # how long a restarting libvirtd may stay away
@@ -89,8 +89,6 @@ class SnapshotFinisher:
             if now - last_report >= 0.5:  # disk_size grows while the copy runs
                 self._catalogue.update(image_id, disk_size=_allocated(job))
                 last_report = now
-            for disk in job.disks:  # flush as QEMU writes, so the final fsync is short
-                start_writeback(Path(disk.target))
             time.sleep(POLL_SECONDS)
         try:
             outcome = self._hv.completed_job(job.domain)
