@@ -318,6 +318,12 @@ class Catalogue:
         disks = tuple(SnapshotDisk(**d) for d in json.loads(row[3]))
         return SnapshotJob(domain=row[0], domain_uuid=row[1], mode=row[2], disks=disks)
 
+    def replan_snapshot(self, image_id: str, disks: tuple[SnapshotDisk, ...]) -> None:
+        """Record a changed plan for a snapshot's disks (before its copy begins)."""
+        with self.transaction() as db:
+            db.execute("UPDATE snapshot_jobs SET disks = ? WHERE image_id = ?",
+                       (json.dumps([asdict(d) for d in disks]), image_id))
+
     def finish_snapshot(self, image_id: str, volumes: list[ImageVolume], **changes: Any) -> Image:
         """Mark a snapshot available with its volumes and forget its job, in one transaction."""
         with self.transaction() as db:

@@ -78,6 +78,10 @@ class QuiesceError(HypervisorError):
     """The guest agent could not freeze the guest's filesystems (absent, silent, refused)."""
 
 
+class CheckpointBrokenError(HypervisorError):
+    """A checkpoint's dirty bitmap can't be trusted (QEMU died without storing it)."""
+
+
 class CatalogueError(BbsnapError):
     """The SQLite catalogue could not be read or written."""
 

@@ -144,6 +144,7 @@ class SnapshotDisk:
     source_format: str
     target: str                  # the copy (in the data directory's tmp/)
     ancestor: str | None = None  # store as a delta on this (immutable catalogue) file
+    incremental: bool = False    # only clusters written since the disk was made are copied
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,18 @@ def rebase(path: Path, new_backing: Path, backing_format: str = "qcow2") -> None
               "-F", backing_format, _abs(path)], timeout=3600)
 
 
+def set_backing(path: Path, backing: Path, backing_format: str = "qcow2") -> None:
+    """Unsafe rebase: only the header's backing file changes, no data is read or written.
+    Right only when *path* already holds exactly what differs from *backing*."""
+    proc.run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", _abs(backing),
+              "-F", backing_format, _abs(path)], timeout=60)
+
+
+def add_bitmap(path: Path, name: str) -> None:
+    """A persistent dirty bitmap in a qcow2: from now on it records every cluster written."""
+    proc.run(["qemu-img", "bitmap", "--add", "-f", "qcow2", _abs(path), name], timeout=60)
+
+
 def convert_top(source: Path, target: Path, base: Path, base_format: str = "qcow2") -> None:
     """Copy *source* (whose backing chain ends in *base*) as a new overlay on *base*:
     only what the layers above *base* hold is written."""

@@ -227,7 +227,8 @@ def read_disks(xml: str) -> list["DiskInfo"]:
         disks.append(DiskInfo(target=target.get("dev", ""), path=source.get("file", ""),
                               format=driver.get("type", "raw") if driver is not None else "raw",
                               device=disk.get("device", "disk"),
-                              readonly=disk.find("readonly") is not None))
+                              readonly=disk.find("readonly") is not None,
+                              backing=_first_backing_file(disk)))
     return disks
 
 
@@ -265,9 +266,18 @@ def set_metadata(xml: str, facts: dict[str, str]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def build_backup_xml(targets: dict[str, Path], skipped: list[str]) -> str:
-    """A push-mode backup of the disks in *targets* (device -> new qcow2 file), all at one instant."""
+def _first_backing_file(disk: ET.Element) -> str | None:
+    source = disk.find("backingStore/source")
+    return source.get("file") if source is not None else None
+
+
+def build_backup_xml(targets: dict[str, Path], skipped: list[str],
+                     incremental: str | None = None) -> str:
+    """A push-mode backup of the disks in *targets* (device -> new qcow2 file), all at one
+    instant; with *incremental* (a checkpoint), only the clusters written since it."""
     backup = ET.Element("domainbackup", mode="push")
+    if incremental:
+        ET.SubElement(backup, "incremental").text = incremental
     disks = ET.SubElement(backup, "disks")
     for device, path in targets.items():
         disk = ET.SubElement(disks, "disk", name=device, backup="yes", type="file")
@@ -276,6 +286,16 @@ def build_backup_xml(targets: dict[str, Path], skipped: list[str]) -> str:
     for device in skipped:
         ET.SubElement(disks, "disk", name=device, backup="no")
     return ET.tostring(backup, encoding="unicode")
+
+
+def build_checkpoint_xml(name: str, device: str, created: int) -> str:
+    """A checkpoint of *device* whose dirty bitmap, also called *name*, is in its image."""
+    checkpoint = ET.Element("domaincheckpoint")
+    ET.SubElement(checkpoint, "name").text = name
+    ET.SubElement(checkpoint, "creationTime").text = str(created)
+    disks = ET.SubElement(checkpoint, "disks")
+    ET.SubElement(disks, "disk", name=device, checkpoint="bitmap", bitmap=name)
+    return ET.tostring(checkpoint, encoding="unicode")
 
 
 def console_log_path(xml: str) -> Path | None:

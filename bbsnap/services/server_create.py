@@ -33,7 +33,7 @@ from ..seed import (SeedSpec, check_hostname, default_user_data, hostname_from_n
                     validate_user_data, write_seed_iso)
 from ..server_types import DEFAULT_TYPE, find_type
 from ..sizes import GIB
-from . import image_fields
+from . import change_tracking, image_fields
 from .compensation import Compensation
 from .server_records import server_from_domain
 
@@ -133,6 +133,7 @@ class ServerCreator:
             disk = directory / DISK_FILE
             qemu_img.create_overlay(disk, self._data_dir.images_dir / str(plan.image.path),
                                     "qcow2", size=plan.disk_bytes)
+            change_tracking.start(disk)  # snapshots then copy only what the guest writes
             user_data = plan.user_data or default_user_data(hostname, plan.ssh_keys,
                                                             plan.image.username)
             seed = write_seed_iso(SeedSpec(server_id, hostname, (mac,), user_data),
@@ -155,6 +156,7 @@ class ServerCreator:
                 metadata=_metadata(plan, name, accel, hostname, port))
             info = self._hv.define(build_domain_xml(spec))
             undo.push(f"the definition of {server_id}", lambda: self._hv.undefine(server_id))
+            change_tracking.register(self._hv, server_id, spec.disks[0].target)
             marker.unlink()  # defined: a server now, whatever happens to its start
             if request.start:
                 undo.push(f"the running {server_id}", lambda: _stop_quietly(self._hv, server_id))

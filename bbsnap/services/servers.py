@@ -21,6 +21,7 @@ from ..hypervisor.domain_xml import (console_log_path, read_domain_facts, replac
 from ..layout import DataDir
 from ..models import DependentKind, ImageStatus, Server, ServerStatus
 from .compensation import Compensation
+from . import change_tracking
 from .server_records import server_from_domain
 
 DEFAULT_STOP_TIMEOUT = 60.0
@@ -116,6 +117,7 @@ class ServerService:
             qemu_img.create_overlay(new_disk, self._data_dir.images_dir / str(image.path),
                                     size=size)
             undo.push("the new overlay", lambda: new_disk.unlink(missing_ok=True))
+            change_tracking.start(new_disk)
             if was_running:
                 self._hv.destroy(server.id)  # its disk is being thrown away: no need to be gentle
                 undo.push(f"restarting {server.id}", lambda: self._hv.start(server.id))
@@ -128,6 +130,11 @@ class ServerService:
             self._hv.define(set_metadata(replace_disk_source(old_xml, primary.target, new_disk),
                                          facts))
             undo.push(f"the old definition of {server.id}", lambda: self._hv.define(old_xml))
+            # The old checkpoint's bitmap goes with the old overlay; on any failure from here
+            # the server keeps no checkpoint at all (its snapshots then make full copies).
+            change_tracking.forget(self._hv, server.id)
+            change_tracking.register(self._hv, server.id, primary.target)
+            undo.push("the new checkpoint", lambda: change_tracking.forget(self._hv, server.id))
             if was_running:
                 self._hv.start(server.id)
         if server.image_id and server.image_id != image.id:

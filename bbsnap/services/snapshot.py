@@ -23,21 +23,21 @@ answering agent the snapshot is crash-consistent, and the image says so.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 from .. import ids, locks, proc
 from ..catalogue import Catalogue, utcnow
-from ..errors import ConflictError, QuiesceError
+from ..errors import CheckpointBrokenError, ConflictError, QuiesceError
 from ..hypervisor import DiskInfo, DomainState, Hypervisor
 from ..hypervisor.domain_xml import build_backup_xml, read_disks
 from ..jobs import current_job_token, token_for_pid
 from ..layout import DataDir
 from ..models import (Consistency, Image, ImageStatus, ImageType, Server, SnapshotDisk,
                       SnapshotJob)
-from . import image_fields
+from . import change_tracking, image_fields
 from .server_records import server_from_domain
 
 FREEZE_TIMEOUT = 5  # seconds the agent may take to freeze (or thaw) before we give up on it
@@ -76,9 +76,13 @@ class SnapshotService:
             running = info.state in (DomainState.RUNNING, DomainState.PAUSED)
             image_id = self._new_image_id()
             ancestor = self._ancestor(server)
+            ancestor_file = (self._data_dir.images_dir / ancestor.path
+                             if ancestor and ancestor.path else None)
+            incremental = bool(running and ancestor_file and change_tracking.usable(
+                self._hv, server.id, disks, ancestor_file))
             job = SnapshotJob(
                 domain=server.id, domain_uuid=server.uuid, mode="backup" if running else "copy",
-                disks=tuple(self._plan_disk(image_id, index, disk, ancestor)
+                disks=tuple(self._plan_disk(image_id, index, disk, ancestor_file, incremental)
                             for index, disk in enumerate(disks)))
             consistency = Consistency.CRASH_CONSISTENT
             image = self._catalogue.add(
@@ -87,7 +91,7 @@ class SnapshotService:
             try:
                 if running:
                     read_only = [d.target for d in all_disks if not d.writable]
-                    consistency = self._fix_point_in_time(server.id, job, read_only,
+                    consistency = self._fix_point_in_time(image_id, job, read_only,
                                                           request.quiesce)
                     image = self._catalogue.update(image.id, consistency=consistency)
                 spawn_finisher(self._worker_argv, self._data_dir, self._catalogue, image.id, lock)
@@ -124,18 +128,17 @@ class SnapshotService:
             return None
         return image if image.status is ImageStatus.AVAILABLE else None
 
-    def _plan_disk(self, image_id: str, index: int, disk: DiskInfo,
-                   ancestor: Image | None) -> SnapshotDisk:
+    def _plan_disk(self, image_id: str, index: int, disk: DiskInfo, ancestor_file: Path | None,
+                   incremental: bool) -> SnapshotDisk:
         target = self._data_dir.tmp_dir / f"{image_id}.{disk.target}.copy.qcow2"
-        ancestor_file = None
-        if ancestor is not None and index == 0 and ancestor.path:
-            ancestor_file = str(self._data_dir.images_dir / ancestor.path)
+        primary = index == 0 and ancestor_file is not None
         return SnapshotDisk(device=disk.target, source=disk.path, source_format=disk.format,
-                            target=str(target), ancestor=ancestor_file)
+                            target=str(target), ancestor=str(ancestor_file) if primary else None,
+                            incremental=primary and incremental)
 
-    def _fix_point_in_time(self, domain: str, job: SnapshotJob, read_only: list[str],
+    def _fix_point_in_time(self, image_id: str, job: SnapshotJob, read_only: list[str],
                            quiesce: bool) -> Consistency:
-        xml = build_backup_xml({d.device: Path(d.target) for d in job.disks}, read_only)
+        domain = job.domain
         frozen = False
         if quiesce:
             try:
@@ -144,7 +147,7 @@ class SnapshotService:
             except QuiesceError as exc:
                 print(f"bbsnap: warning: {exc}; the snapshot is crash-consistent", file=sys.stderr)
         try:
-            self._hv.begin_backup(domain, xml)
+            self._begin_backup(image_id, job, read_only)
         finally:
             if frozen or quiesce:
                 try:
@@ -154,12 +157,31 @@ class SnapshotService:
                         print(f"bbsnap: warning: {exc}", file=sys.stderr)
         return Consistency.QUIESCED if frozen else Consistency.CRASH_CONSISTENT
 
+    def _begin_backup(self, image_id: str, job: SnapshotJob, read_only: list[str]) -> None:
+        incremental = any(d.incremental for d in job.disks)
+        try:
+            self._hv.begin_backup(job.domain, _backup_xml(job.disks, read_only))
+        except CheckpointBrokenError as exc:
+            if not incremental:
+                raise
+            # QEMU stopped without storing the record of what changed: copy the whole disk.
+            print(f"bbsnap: note: {exc}; copying the whole disk", file=sys.stderr)
+            change_tracking.forget(self._hv, job.domain)
+            full = tuple(replace(d, incremental=False) for d in job.disks)
+            self._catalogue.replan_snapshot(image_id, full)
+            self._hv.begin_backup(job.domain, _backup_xml(full, read_only))
+
     def _new_image_id(self) -> str:
         for _ in range(50):
             candidate = ids.new_id("img")
             if not self._catalogue.exists(candidate):
                 return candidate
         raise ConflictError("could not allocate a free image id")
+
+
+def _backup_xml(disks: tuple[SnapshotDisk, ...], read_only: list[str]) -> str:
+    incremental = change_tracking.CHECKPOINT if any(d.incremental for d in disks) else None
+    return build_backup_xml({d.device: Path(d.target) for d in disks}, read_only, incremental)
 
 
 def spawn_finisher(worker_argv: list[str], data_dir: DataDir, catalogue: Catalogue,

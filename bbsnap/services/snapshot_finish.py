@@ -132,7 +132,11 @@ class SnapshotFinisher:
 
     def _store_disk(self, image_id: str, index: int, disk: SnapshotDisk, mode: str) -> ImageVolume:
         copy = Path(disk.target)
-        if disk.ancestor and mode == "backup":
+        if disk.ancestor and disk.incremental:
+            # Only the clusters written since the disk was made on the ancestor were copied
+            # (services/change_tracking.py): that already is the delta; name its base.
+            qemu_img.set_backing(copy, Path(disk.ancestor))
+        elif disk.ancestor and mode == "backup":
             copy = self._as_delta(copy, Path(disk.ancestor))
         verdict = qemu_img.check(copy)
         if verdict.corruptions:

@@ -3,8 +3,10 @@ shut down, the target disk full, a guest agent that hangs on freeze.
 
 After each: the server runs on an intact chain (or is cleanly stopped), no partial image is
 ever available, temporary files are gone and `qemu-img check` is clean on what is left.
-To hit the copy mid-way, the server's disk carries 1 GiB of data and the test slows the
-real QEMU backup job down through QEMU's own monitor (block-job-set-speed).
+To hit the copy mid-way, the server's own disk carries 512 MiB that the guest "wrote" (with
+qemu-io before its first start, which its change tracking records like any guest write, so
+the snapshot's incremental copy holds them), and the test slows the real QEMU backup job
+down through QEMU's own monitor (block-job-set-speed).
 """
 
 from __future__ import annotations
@@ -23,27 +25,18 @@ from bbsnap.tinyguest import READY_LINE, read_counter
 from tests.system.conftest import (URI, console_path, create_server, image_record,
                                    wait_for_console_line, wait_settled, wait_until)
 
-GIB = 1 << 30
 
-
-@pytest.fixture(scope="module")
-def heavy_guest_image(tiny_guest_image, test_root) -> Path:
-    """The tiny guest on a 2 GiB disk with 1 GiB of (non-zero) data past its partition."""
-    path = test_root / "heavy-guest.qcow2"
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tiny_guest_image), str(path)],
-                   check=True)
-    subprocess.run(["qemu-img", "resize", "-q", str(path), "2G"], check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 512M 1G", str(path)],
-                   check=True, capture_output=True)
-    return path
-
-
-@pytest.fixture()
-def heavy(cloud, heavy_guest_image):
-    result = cloud("images", "import", str(heavy_guest_image), "--name", "heavy")
-    assert result.exit_code == 0, result.stderr
-    cloud.image_id = result.stdout.strip()
-    return cloud
+def create_busy_servers(cloud, *args: str, written: str = "512M") -> list[dict]:
+    """Servers whose disks hold *written* bytes of their own (past the tiny guest's partition),
+    started and booted."""
+    servers = create_server(cloud, "--no-start", *args)
+    for server in servers:
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 512M {written}",
+                        server["disks"][0]], check=True, capture_output=True)
+        assert cloud("servers", "start", server["id"]).exit_code == 0
+    for server in servers:
+        wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
+    return servers
 
 
 def set_backup_speed(domain: str, speed: int) -> int:
@@ -92,28 +85,26 @@ def assert_clean_aftermath(cloud, server: dict, image: dict) -> None:
     assert info["backing-filename"].endswith(f"{cloud.image_id}.qcow2"), "the chain is intact"
 
 
-def test_worker_killed_mid_copy_is_adopted_and_finished(heavy, hypervisor):
-    (server,) = create_server(heavy)
-    wait_for_console_line(console_path(heavy, server["id"]), READY_LINE)
-    image_id = start_slowed_snapshot(heavy, server["id"])
-    worker = wait_until(lambda: job_token(heavy, image_id), 30, "the worker's token")
+def test_worker_killed_mid_copy_is_adopted_and_finished(cloud, hypervisor):
+    (server,) = create_busy_servers(cloud)
+    image_id = start_slowed_snapshot(cloud, server["id"])
+    worker = wait_until(lambda: job_token(cloud, image_id), 30, "the worker's token")
     os.kill(int(worker.split(":")[0]), signal.SIGKILL)
     wait_until(lambda: not Path(f"/proc/{worker.split(':')[0]}").exists(), 30, "the worker to die")
 
     # The next bbsnap command notices and hands the copy to a new worker.
-    assert image_record(heavy, image_id)["state"] == "creating"
-    wait_until(lambda: job_token(heavy, image_id) not in (None, worker), 30, "a new worker")
+    assert image_record(cloud, image_id)["state"] == "creating"
+    wait_until(lambda: job_token(cloud, image_id) not in (None, worker), 30, "a new worker")
     set_backup_speed(server["id"], 0)
-    image = wait_settled(heavy, image_id)
+    image = wait_settled(cloud, image_id)
     assert image["state"] == "available", image["failure_reason"]
-    assert read_counter(heavy.data_dir / "images" / f"{image_id}.qcow2") is not None
-    assert_clean_aftermath(heavy, server, image)
+    assert read_counter(cloud.data_dir / "images" / f"{image_id}.qcow2") is not None
+    assert_clean_aftermath(cloud, server, image)
 
 
-def test_libvirtd_restarted_mid_copy(heavy, hypervisor):
-    (server,) = create_server(heavy)
-    wait_for_console_line(console_path(heavy, server["id"]), READY_LINE)
-    image_id = start_slowed_snapshot(heavy, server["id"])
+def test_libvirtd_restarted_mid_copy(cloud, hypervisor):
+    (server,) = create_busy_servers(cloud)
+    image_id = start_slowed_snapshot(cloud, server["id"])
     subprocess.run(["pkill", "-TERM", "-x", "libvirtd"], check=True)
     wait_until(lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0, 60,
                "libvirtd to stop")
@@ -122,33 +113,34 @@ def test_libvirtd_restarted_mid_copy(heavy, hypervisor):
                                       capture_output=True).returncode == 0, 60, "libvirtd")
     hypervisor.close()  # the session's connection died with the daemon; reconnect lazily
     set_backup_speed(server["id"], 0)
-    image = wait_settled(heavy, image_id)
+    image = wait_settled(cloud, image_id)
     assert image["state"] == "available", image["failure_reason"]
     assert hypervisor.info(server["id"]).state.value == "running"
-    assert_clean_aftermath(heavy, server, image)
+    assert_clean_aftermath(cloud, server, image)
 
 
 @pytest.mark.parametrize("how", ["destroy", "shutdown"])
-def test_server_destroyed_or_shut_down_mid_copy(heavy, hypervisor, how):
-    (server,) = create_server(heavy)
-    wait_for_console_line(console_path(heavy, server["id"]), READY_LINE)
-    image_id = start_slowed_snapshot(heavy, server["id"])
+def test_server_destroyed_or_shut_down_mid_copy(cloud, hypervisor, how):
+    (server,) = create_busy_servers(cloud)
+    image_id = start_slowed_snapshot(cloud, server["id"])
     getattr(hypervisor, how)(server["id"])
-    image = wait_settled(heavy, image_id)
+    image = wait_settled(cloud, image_id)
     assert image["state"] == "failed" and image["failure_reason"]
     wait_until(lambda: hypervisor.info(server["id"]).state.value == "shutoff", 60,
                "the server to be stopped")
-    assert_clean_aftermath(heavy, server, image)
+    assert_clean_aftermath(cloud, server, image)
     # The server is intact: it starts again and carries on from its own disk.
-    assert heavy("servers", "start", server["id"]).exit_code == 0
-    wait_for_console_line(console_path(heavy, server["id"]), READY_LINE)
+    assert cloud("servers", "start", server["id"]).exit_code == 0
+    wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
 
 
 def test_target_disk_full(cloud, hypervisor):
     (server,) = create_server(cloud, "--no-start")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 512M 32M",
+                    server["disks"][0]], check=True, capture_output=True)
     tmp = cloud.data_dir / "tmp"
-    # The copy's target directory on a filesystem too small for the copy (~20 MiB), mounted
-    # before QEMU starts: QEMU runs in its own mount namespace, made when it starts.
+    # The copy's target directory on a filesystem too small for the copy (32 MiB of writes),
+    # mounted before QEMU starts: QEMU runs in its own mount namespace, made when it starts.
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(tmp)],
                    check=True)
     try:
@@ -188,31 +180,29 @@ def test_guest_agent_hanging_on_freeze(cloud, hypervisor, work_dir):
     assert_clean_aftermath(cloud, server, image)
 
 
-def test_operations_on_one_server_wait_for_its_copy_and_other_servers_do_not(heavy, hypervisor):
-    first, second = create_server(heavy, "-i", "2")
-    for server in (first, second):
-        wait_for_console_line(console_path(heavy, server["id"]), READY_LINE)
-    slow = start_slowed_snapshot(heavy, first["id"])
+def test_operations_on_one_server_wait_for_its_copy_and_other_servers_do_not(cloud, hypervisor):
+    first, second = create_busy_servers(cloud, "-i", "2", written="256M")
+    slow = start_slowed_snapshot(cloud, first["id"])
 
     # Another server is not held up by the first one's copy.
-    other = heavy.process("servers", "snapshot", second["id"], "--wait", timeout=120)
+    other = cloud.process("servers", "snapshot", second["id"], "--wait", timeout=120)
     assert other.exit_code == 0, other.stderr
-    assert image_record(heavy, slow)["state"] == "creating"
+    assert image_record(cloud, slow)["state"] == "creating"
 
     # The same server: the second snapshot waits for the first copy to finish.
-    env = {**os.environ, **heavy.env}
+    env = {**os.environ, **cloud.env}
     waiting = subprocess.Popen(
         ["python3", "-m", "bbsnap.cli.main", "servers", "snapshot", first["id"], "--wait"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = waiting.stderr.readline() + waiting.stderr.readline()
         assert "waiting for another operation" in line
-        assert waiting.poll() is None and image_record(heavy, slow)["state"] == "creating"
+        assert waiting.poll() is None and image_record(cloud, slow)["state"] == "creating"
         set_backup_speed(first["id"], 0)
         out, err = waiting.communicate(timeout=180)
     finally:
         if waiting.poll() is None:
             waiting.kill()
     assert waiting.returncode == 0, err
-    assert wait_settled(heavy, slow)["state"] == "available"
-    assert image_record(heavy, out.strip())["state"] == "available"
+    assert wait_settled(cloud, slow)["state"] == "available"
+    assert image_record(cloud, out.strip())["state"] == "available"

@@ -7,7 +7,8 @@ import yaml
 
 from bbsnap.errors import ConflictError, InvalidInputError, NotFoundError, UsageError
 from bbsnap.hypervisor.domain_xml import (QEMU_NS, DiskSpec, DomainSpec, NicSpec,
-                                          build_domain_xml, console_log_path, read_domain_facts)
+                                          build_backup_xml, build_domain_xml, console_log_path,
+                                          read_disks, read_domain_facts)
 from bbsnap.models import Server, ServerStatus
 from bbsnap.netports import choose_port, parse_port_range
 from bbsnap.seed import (SeedSpec, check_hostname, default_user_data, hostname_from_name,
@@ -95,6 +96,30 @@ def test_virtio_disks_get_an_io_thread_and_ide_cdroms_do_not():
     drivers = {d.find("target").get("bus"): d.find("driver") for d in root.findall("devices/disk")}
     assert drivers["virtio"].get("iothread") == "1"
     assert drivers["ide"].get("iothread") is None  # only virtio disks run in an I/O thread
+
+
+def test_backup_xml_full_and_incremental():
+    full = ET.fromstring(build_backup_xml({"vda": Path("/t/a.qcow2")}, ["hdc"]))
+    assert full.find("incremental") is None
+    assert full.find("disks/disk[@name='vda']/target").get("file") == "/t/a.qcow2"
+    assert full.find("disks/disk[@name='hdc']").get("backup") == "no"
+    incremental = ET.fromstring(build_backup_xml({"vda": Path("/t/a.qcow2")}, [], "since"))
+    assert incremental.findtext("incremental") == "since"
+
+
+def test_read_disks_reports_the_first_backing_file_of_live_xml():
+    xml = """<domain><devices>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+        <source file='/s/disk.qcow2' index='2'/>
+        <backingStore type='file' index='1'><format type='qcow2'/>
+          <source file='/i/img.qcow2'/><backingStore/></backingStore>
+        <target dev='vda' bus='virtio'/></disk>
+      <disk type='file' device='disk'><driver name='qemu' type='raw'/>
+        <source file='/s/raw.img'/><backingStore/><target dev='vdb' bus='virtio'/></disk>
+    </devices></domain>"""
+    first, second = read_disks(xml)
+    assert (first.target, first.backing) == ("vda", "/i/img.qcow2")
+    assert (second.target, second.backing) == ("vdb", None)
 
 
 def test_special_characters_are_escaped_and_read_back():
