@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .. import ids, locks, proc
 from ..catalogue import Catalogue, utcnow
@@ -93,8 +93,12 @@ class SnapshotService:
                     read_only = [d.target for d in all_disks if not d.writable]
                     consistency = self._fix_point_in_time(image_id, job, read_only,
                                                           request.quiesce)
-                    image = self._catalogue.update(image.id, consistency=consistency)
-                spawn_finisher(self._worker_argv, self._data_dir, self._catalogue, image.id, lock)
+                worker = _spawn_worker(self._worker_argv, self._data_dir, image.id, lock)
+                # One commit once the copy runs: each fsync now may wait behind its writeback.
+                changes: dict[str, Any] = {"consistency": consistency}
+                if worker:
+                    changes["job"] = worker
+                image = self._catalogue.update(image.id, **changes)
             except BaseException as exc:
                 self._catalogue.fail_snapshot(image.id, f"could not start the snapshot: {exc}")
                 self._data_dir.remove_image_files(image.id)
@@ -187,10 +191,16 @@ def _backup_xml(disks: tuple[SnapshotDisk, ...], read_only: list[str]) -> str:
 def spawn_finisher(worker_argv: list[str], data_dir: DataDir, catalogue: Catalogue,
                    image_id: str, lock: locks.ServerLock) -> None:
     """Hand a snapshot's copy to a detached worker that inherits the server's lock, and
-    record the worker as the job's owner (used by `begin` and by crash recovery)."""
+    record the worker as the job's owner (used by crash recovery)."""
+    token = _spawn_worker(worker_argv, data_dir, image_id, lock)
+    if token:
+        catalogue.update(image_id, job=token)
+
+
+def _spawn_worker(worker_argv: list[str], data_dir: DataDir, image_id: str,
+                  lock: locks.ServerLock) -> str | None:
+    """Start `finish-snapshot IMG` detached, holding the server's lock; its job token."""
     pid = proc.spawn_detached([*worker_argv, "finish-snapshot", image_id, "--lock-fd",
                                str(lock.fd)], log_path=data_dir.logs_dir / f"{image_id}.log",
                               pass_fds=[lock.fd])
-    token = token_for_pid(pid)
-    if token:
-        catalogue.update(image_id, job=token)
+    return token_for_pid(pid)
