@@ -49,6 +49,19 @@ class DataDir:
         """Logs of background workers (one per snapshot)."""
         return self.root / "logs"
 
+    @property
+    def blank_overlays_dir(self) -> Path:
+        """Empty overlays on catalogue images (with their change-tracking bitmap), made once
+        per image and disk size and copied for each new server disk."""
+        return self.root / "blank-overlays"
+
+    def blank_overlay(self, image_id: str, size: int) -> Path:
+        return self.blank_overlays_dir / f"{image_id}-{size}.qcow2"
+
+    def remove_blank_overlays(self, image_id: str) -> None:
+        for path in self.blank_overlays_dir.glob(f"{image_id}-*.qcow2"):
+            path.unlink(missing_ok=True)
+
     def server_dir(self, server_id: str) -> Path:
         return self.servers_dir / server_id
 
@@ -71,7 +84,7 @@ class DataDir:
         """
         try:
             for directory in (self.root, self.images_dir, self.tmp_dir, self.servers_dir,
-                              self.locks_dir, self.logs_dir):
+                              self.locks_dir, self.logs_dir, self.blank_overlays_dir):
                 directory.mkdir(parents=True, exist_ok=True)
                 os.chmod(directory, DIR_MODE)
         except OSError as exc:

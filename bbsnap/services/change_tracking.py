@@ -1,51 +1,80 @@
 """Changed-block tracking for bbsnap's own servers: a snapshot copies only what the guest wrote.
 
 A server's disk starts as an empty overlay on a catalogue image. A persistent dirty
-bitmap added to that overlay before anything opens it records every cluster written
-from then on (QEMU, and any QEMU tool that opens the overlay read-write, keep it up to
-date), and a libvirt checkpoint redefined over that bitmap lets a push-mode backup copy
-only those clusters (``<incremental>``). Rebased onto the image the server was built
-from, that copy *is* the snapshot's delta: no full copy of the disk, no compare.
+bitmap in that overlay from its birth records every cluster written since (QEMU, and
+any QEMU tool that opens the overlay read-write, keep it up to date), and a libvirt
+checkpoint over that bitmap lets a push-mode backup copy only those clusters
+(``<incremental>``). Rebased onto the image the server was built from, that copy *is*
+the snapshot's delta: no full copy of the disk, no compare.
 
-libvirt 9.0 refuses to create a checkpoint of an inactive domain but accepts the
-redefinition of one whose bitmap already exists, which is what ``register`` does. If
-QEMU dies without storing the bitmap (a crash, SIGKILL), QEMU marks it inconsistent and
-libvirt refuses the incremental backup; the snapshot then drops the checkpoint and makes
-a full copy (services/snapshot.py). Tracking is used only where it is provably complete:
-the disk was tracked from its creation and still has the image as its backing file.
+Costs kept off the paths that must be fast:
+- ``servers create`` copies a blank overlay (made once per image and disk size, bitmap
+  included) instead of running ``qemu-img create`` and ``qemu-img bitmap``;
+- the libvirt checkpoint (a redefinition: libvirt 9.0 won't *create* one for an inactive
+  domain, but redefines one whose bitmap exists; ~12 ms) is recorded by the first snapshot.
+
+Tracking is used only where it is provably complete: the server directory's marker says
+the disk was born with the bitmap, the server has that one disk, and the disk still has
+the image as its backing file. If QEMU died without storing the bitmap (a crash,
+SIGKILL), QEMU marks it inconsistent and libvirt refuses the incremental backup; the
+snapshot then gives tracking up for that disk (checkpoint and marker removed) and makes
+a full copy (services/snapshot.py). A rebuild gives the server a new tracked disk.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from ..disks import qemu_img
 from ..hypervisor import DiskInfo, Hypervisor
+from ..layout import DataDir
 
 CHECKPOINT = "bbsnap-since-create"  # the checkpoint's and its bitmap's name
+MARKER = "disk-tracked"  # in the server's directory: its disk was born with the bitmap
 
 
-def start(overlay: Path) -> None:
-    """Begin recording writes to a new, still empty overlay (before any guest opens it)."""
-    qemu_img.add_bitmap(overlay, CHECKPOINT)
+def new_tracked_overlay(data_dir: DataDir, image_id: str, image_file: Path, size: int,
+                        dest: Path) -> None:
+    """A new, empty overlay on *image_file* at *dest* that records every write from now on."""
+    blank = data_dir.blank_overlay(image_id, size)
+    if not blank.exists():
+        making = blank.with_name(f".{blank.name}.{os.getpid()}")
+        try:
+            qemu_img.create_overlay(making, image_file, size=size)
+            qemu_img.add_bitmap(making, CHECKPOINT)
+            os.replace(making, blank)  # concurrent creates each make one; either is right
+        finally:
+            making.unlink(missing_ok=True)
+    shutil.copyfile(blank, dest)
+    os.chmod(dest, 0o600)  # what a guest writes is its own (as qemu_img.create_overlay)
+    (dest.parent / MARKER).write_text(f"{dest.name}\n")
 
 
-def register(hv: Hypervisor, domain: str, device: str) -> None:
-    """Make the overlay's bitmap known to libvirt as the domain's checkpoint."""
-    hv.redefine_checkpoint(domain, CHECKPOINT, device)
-
-
-def forget(hv: Hypervisor, domain: str) -> None:
-    hv.delete_checkpoint(domain, CHECKPOINT)
-
-
-def usable(hv: Hypervisor, domain: str, disks: list[DiskInfo], ancestor_file: Path) -> bool:
+def usable(data_dir: DataDir, domain: str, disks: list[DiskInfo], ancestor_file: Path) -> bool:
     """Whether a snapshot of *domain* may copy only the tracked clusters of its one disk."""
     if len(disks) != 1:
-        return False  # multi-disk servers keep the full copy, so all disks share one instant
+        return False  # multi-disk servers keep the full copy of every disk at one instant
     disk = disks[0]
     if disk.format != "qcow2" or disk.backing is None:
         return False
     if Path(disk.backing).resolve() != ancestor_file.resolve():
         return False  # re-based by someone else: the bitmap no longer describes a delta on it
-    return hv.has_checkpoint(domain, CHECKPOINT)
+    marker = data_dir.server_dir(domain) / MARKER
+    try:
+        return marker.read_text().strip() == Path(disk.path).name
+    except OSError:
+        return False
+
+
+def ensure_registered(hv: Hypervisor, domain: str, device: str) -> None:
+    """Make the disk's bitmap known to libvirt as the domain's checkpoint (once)."""
+    if not hv.has_checkpoint(domain, CHECKPOINT):
+        hv.redefine_checkpoint(domain, CHECKPOINT, device)
+
+
+def give_up(hv: Hypervisor, data_dir: DataDir, domain: str) -> None:
+    """The bitmap can't be trusted any more: its snapshots make full copies from now on."""
+    (data_dir.server_dir(domain) / MARKER).unlink(missing_ok=True)
+    hv.delete_checkpoint(domain, CHECKPOINT)

@@ -80,6 +80,7 @@ class ImageService:
         for name in [image.path, *(v.path for v in volumes)]:
             if name:
                 (self._data_dir.images_dir / name).unlink(missing_ok=True)
+        self._data_dir.remove_blank_overlays(image_id)
         return image
 
     def volumes(self, image_id: str) -> list[ImageVolume]:

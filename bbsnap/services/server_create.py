@@ -131,9 +131,10 @@ class ServerCreator:
             marker = directory / CREATING_MARKER
             marker.write_text(f"{current_job_token()} {plan.image.id}\n")
             disk = directory / DISK_FILE
-            qemu_img.create_overlay(disk, self._data_dir.images_dir / str(plan.image.path),
-                                    "qcow2", size=plan.disk_bytes)
-            change_tracking.start(disk)  # snapshots then copy only what the guest writes
+            # Snapshots of the server then copy only what its guest writes.
+            change_tracking.new_tracked_overlay(
+                self._data_dir, plan.image.id, self._data_dir.images_dir / str(plan.image.path),
+                plan.disk_bytes, disk)
             user_data = plan.user_data or default_user_data(hostname, plan.ssh_keys,
                                                             plan.image.username)
             seed = write_seed_iso(SeedSpec(server_id, hostname, (mac,), user_data),
@@ -156,7 +157,6 @@ class ServerCreator:
                 metadata=_metadata(plan, name, accel, hostname, port))
             info = self._hv.define(build_domain_xml(spec))
             undo.push(f"the definition of {server_id}", lambda: self._hv.undefine(server_id))
-            change_tracking.register(self._hv, server_id, spec.disks[0].target)
             marker.unlink()  # defined: a server now, whatever happens to its start
             if request.start:
                 undo.push(f"the running {server_id}", lambda: _stop_quietly(self._hv, server_id))

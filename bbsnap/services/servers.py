@@ -114,10 +114,10 @@ class ServerService:
             size = max(qemu_img.info(old_disk, primary.format, force_share=True).virtual_size,
                        image.virtual_size)
             new_disk = self._data_dir.server_dir(server.id) / f"disk-{image.id}-{int(time.time())}.qcow2"
-            qemu_img.create_overlay(new_disk, self._data_dir.images_dir / str(image.path),
-                                    size=size)
             undo.push("the new overlay", lambda: new_disk.unlink(missing_ok=True))
-            change_tracking.start(new_disk)
+            change_tracking.new_tracked_overlay(
+                self._data_dir, image.id, self._data_dir.images_dir / str(image.path), size,
+                new_disk)
             if was_running:
                 self._hv.destroy(server.id)  # its disk is being thrown away: no need to be gentle
                 undo.push(f"restarting {server.id}", lambda: self._hv.start(server.id))
@@ -130,11 +130,6 @@ class ServerService:
             self._hv.define(set_metadata(replace_disk_source(old_xml, primary.target, new_disk),
                                          facts))
             undo.push(f"the old definition of {server.id}", lambda: self._hv.define(old_xml))
-            # The old checkpoint's bitmap goes with the old overlay; on any failure from here
-            # the server keeps no checkpoint at all (its snapshots then make full copies).
-            change_tracking.forget(self._hv, server.id)
-            change_tracking.register(self._hv, server.id, primary.target)
-            undo.push("the new checkpoint", lambda: change_tracking.forget(self._hv, server.id))
             if was_running:
                 self._hv.start(server.id)
         if server.image_id and server.image_id != image.id:

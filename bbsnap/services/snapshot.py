@@ -79,7 +79,9 @@ class SnapshotService:
             ancestor_file = (self._data_dir.images_dir / ancestor.path
                              if ancestor and ancestor.path else None)
             incremental = bool(running and ancestor_file and change_tracking.usable(
-                self._hv, server.id, disks, ancestor_file))
+                self._data_dir, server.id, disks, ancestor_file))
+            if incremental:
+                change_tracking.ensure_registered(self._hv, server.id, disks[0].target)
             job = SnapshotJob(
                 domain=server.id, domain_uuid=server.uuid, mode="backup" if running else "copy",
                 disks=tuple(self._plan_disk(image_id, index, disk, ancestor_file, incremental)
@@ -170,7 +172,7 @@ class SnapshotService:
                 raise
             # QEMU stopped without storing the record of what changed: copy the whole disk.
             print(f"bbsnap: note: {exc}; copying the whole disk", file=sys.stderr)
-            change_tracking.forget(self._hv, job.domain)
+            change_tracking.give_up(self._hv, self._data_dir, job.domain)
             full = tuple(replace(d, incremental=False) for d in job.disks)
             self._catalogue.replan_snapshot(image_id, full)
             self._hv.begin_backup(job.domain, _backup_xml(full, read_only))

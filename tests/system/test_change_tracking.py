@@ -72,9 +72,9 @@ def test_snapshot_copies_only_what_the_guest_wrote_and_is_exactly_its_disk(cloud
                     "-c", "write -P 0x33 300M 8M", disk], check=True, capture_output=True)
     assert cloud("servers", "start", server["id"]).exit_code == 0
     wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
-    assert hypervisor.has_checkpoint(server["id"], change_tracking.CHECKPOINT)
+    assert not hypervisor.has_checkpoint(server["id"], change_tracking.CHECKPOINT)
 
-    image, _ = paused_snapshot(cloud, server["id"])
+    image, _ = paused_snapshot(cloud, server["id"])  # records the checkpoint, then uses it
 
     assert image["ancestor_id"] == ancestor
     assert_same_disk(cloud, image, disk)
@@ -102,6 +102,7 @@ def test_a_qemu_killed_without_saving_its_tracking_gives_a_full_copy_that_is_sti
     assert "copying the whole disk" in stderr
     assert_same_disk(cloud, image, disk)
     assert not hypervisor.has_checkpoint(server["id"], change_tracking.CHECKPOINT)
+    assert not (cloud.data_dir / "servers" / server["id"] / change_tracking.MARKER).exists()
     again, stderr = paused_snapshot(cloud, server["id"])  # no retry of the broken tracking
     assert "copying the whole disk" not in stderr
     assert_same_disk(cloud, again, disk)
@@ -117,7 +118,8 @@ def test_rebuild_tracks_the_new_disk(cloud, hypervisor):
     wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
     disk = hypervisor.disks(server["id"])[0].path
     assert backing_file(disk)[0].endswith(f"{first['id']}.qcow2")
-    assert hypervisor.has_checkpoint(server["id"], change_tracking.CHECKPOINT)
+    marker = cloud.data_dir / "servers" / server["id"] / change_tracking.MARKER
+    assert marker.read_text().strip() == Path(disk).name
 
     second, stderr = paused_snapshot(cloud, server["id"])
 
