@@ -74,7 +74,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mib)
     ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
     # Virtio disks get their own I/O thread: QEMU then runs their I/O, and a snapshot's
-    # backup job, outside the main loop; the copy into the catalogue took ~35% less time here.
+    # backup job, outside its main loop. A bare 1 GiB backup job took 0.7-0.8 s instead of
+    # ~1.1 s here; in the whole snapshot flow the difference was within the host's noise.
     if any(d.bus == "virtio" for d in spec.disks):
         ET.SubElement(domain, "iothreads").text = "1"
     sysinfo = ET.SubElement(domain, "sysinfo", type="smbios")
