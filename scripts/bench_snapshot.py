@@ -5,7 +5,7 @@ In one run (needs libvirtd; the tiny guest is built if needed):
   1. `bbsnap servers snapshot` latency (until the command returns, the point in time fixed)
      against `virsh snapshot-create-as --disk-only --atomic --no-metadata` on the same guest
      (goal <= 2x);
-  2. that latency on a guest with a 128 MiB disk against one with an 8 GiB-virtual disk
+  2. that latency on a guest with a 64 MiB disk against one with an 8 GiB-virtual disk
      holding ~1 GiB (goal ratio <= 1.5);
   3. time until the image is available against `qemu-img convert -W` of the same disk
      (goal <= 1.5x), for a server bbsnap made from a catalogue image holding 1 GiB (only the
@@ -87,6 +87,9 @@ def main() -> None:
         big_disk = work / "big.qcow2"
         subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(guest), str(small_disk)], check=True)
         shutil.copy(small_disk, big_disk)
+        # The tiny guest's disk is 128 MiB; it boots from 64 MiB too (the kernel truncates
+        # the partition, whose files all lie in the first ~21 MiB).
+        subprocess.run(["qemu-img", "resize", "-q", "--shrink", str(small_disk), "64M"], check=True)
         subprocess.run(["qemu-img", "resize", "-q", str(big_disk), "8G"], check=True)
         subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1G 1G", str(big_disk)],
                        check=True, capture_output=True)
@@ -188,13 +191,13 @@ def main() -> None:
         return "met" if ok else "MISSED"
 
     print(f"{'measurement':58} {'median':>9}  ratio / goal")
-    print(f"{'virsh snapshot-create-as --disk-only (128 MiB guest)':58} {virsh_time * 1000:7.1f}ms  1.00")
+    print(f"{'virsh snapshot-create-as --disk-only (64 MiB disk)':58} {virsh_time * 1000:7.1f}ms  1.00")
     for label, times in (("CLI", cli), ("API", api)):
         s, b = times[small], times[big]
-        print(f"{'bbsnap snapshot latency (' + label + '), 128 MiB guest':58} {s * 1000:7.1f}ms  "
+        print(f"{'bbsnap snapshot latency (' + label + '), 64 MiB disk':58} {s * 1000:7.1f}ms  "
               f"{s / virsh_time:.2f} vs virsh (goal <= 2: {verdict(s / virsh_time <= 2)})")
-        print(f"{'bbsnap snapshot latency (' + label + '), 8 GiB guest, 1 GiB data':58} "
-              f"{b * 1000:7.1f}ms  {b / s:.2f} vs 128 MiB (goal <= 1.5: {verdict(b / s <= 1.5)})")
+        print(f"{'bbsnap snapshot latency (' + label + '), 8 GiB disk, 1 GiB data':58} "
+              f"{b * 1000:7.1f}ms  {b / s:.2f} vs 64 MiB (goal <= 1.5: {verdict(b / s <= 1.5)})")
     print(f"{'  floor: python3 start-up':58} {floor['start'] * 1000:7.1f}ms  "
           f"{floor['start'] / virsh_time:.2f} vs virsh")
     print(f"{'  floor: python3 start-up + import libvirt':58} {floor['libvirt'] * 1000:7.1f}ms  "
