@@ -64,6 +64,8 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise NotFoundError(f"{what}: no such domain") from exc
+            if exc.get_error_code() == libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT:
+                raise CheckpointBrokenError(exc.get_error_message()) from exc
             raise HypervisorError(f"{what} failed: {exc.get_error_message()}") from exc
 
     def _lookup(self, key: str) -> Any:
@@ -193,16 +195,7 @@ class LibvirtHypervisor:
         """Start a push-mode backup; the point in time is fixed when this returns.
 
         Raises CheckpointBrokenError when an incremental backup's bitmap is unusable."""
-        libvirt = _libvirt()
-        try:
-            self._lookup(name).backupBegin(xml, None, 0)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT:
-                raise CheckpointBrokenError(exc.get_error_message()) from exc
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                raise NotFoundError(f"starting the backup of {name}: no such domain") from exc
-            raise HypervisorError(f"starting the backup of {name} failed: "
-                                  f"{exc.get_error_message()}") from exc
+        self._call(f"starting the backup of {name}", self._lookup(name).backupBegin, xml, None, 0)
 
     def redefine_checkpoint(self, name: str, checkpoint: str, device: str) -> None:
         """Tell libvirt about a checkpoint whose bitmap (named *checkpoint*) is already in
@@ -214,31 +207,30 @@ class LibvirtHypervisor:
                    _libvirt().VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
 
     def has_checkpoint(self, name: str, checkpoint: str) -> bool:
-        libvirt = _libvirt()
-        try:
-            self._lookup(name).checkpointLookupByName(checkpoint, 0)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
-                return False
-            raise HypervisorError(f"looking up checkpoint {checkpoint} of {name} failed: "
-                                  f"{exc.get_error_message()}") from exc
-        return True
+        return self._checkpoint(name, checkpoint) is not None
 
     def delete_checkpoint(self, name: str, checkpoint: str) -> None:
         """Forget a checkpoint: its bitmap too where libvirt can reach it, else the record."""
+        found = self._checkpoint(name, checkpoint)
+        if found is None:
+            return
         libvirt = _libvirt()
-        try:
-            found = self._lookup(name).checkpointLookupByName(checkpoint, 0)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
-                return
-            raise HypervisorError(f"looking up checkpoint {checkpoint} of {name} failed: "
-                                  f"{exc.get_error_message()}") from exc
         try:
             found.delete(0)
         except libvirt.libvirtError:
             self._call(f"forgetting checkpoint {checkpoint} of {name}", found.delete,
                        libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+
+    def _checkpoint(self, name: str, checkpoint: str) -> Any:
+        """The named checkpoint of a domain, or None."""
+        libvirt = _libvirt()
+        try:
+            return self._lookup(name).checkpointLookupByName(checkpoint, 0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                return None
+            raise HypervisorError(f"looking up checkpoint {checkpoint} of {name} failed: "
+                                  f"{exc.get_error_message()}") from exc
 
     def job_status(self, name: str) -> JobStatus:
         dom = self._lookup(name)

@@ -178,12 +178,12 @@ class Doctor:
                 continue  # the journal of a running export
             if not (match and match.group(1) in busy) and not _export_in_progress(path):
                 found.append(Orphan(path, _size(path)))
-        available = {i.id for i in rows if i.status is not ImageStatus.DELETED}
+        listed = {i.id for i in rows if i.status is not ImageStatus.DELETED}
         for path in self._data_dir.blank_overlays_dir.glob("*"):
             if path.name.startswith(".") and _pid_alive(path.suffix[1:]):
                 continue  # being made by a running `servers create`
             match = _ID_PREFIX.match(path.name)
-            if not (match and match.group(1) in available and path.suffix == ".qcow2"):
+            if not (match and match.group(1) in listed and path.suffix == ".qcow2"):
                 found.append(Orphan(path, _size(path)))
         found.extend(self._orphaned_server_dirs())
         return found

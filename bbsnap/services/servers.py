@@ -20,8 +20,8 @@ from ..hypervisor.domain_xml import (console_log_path, read_domain_facts, replac
                                      set_metadata)
 from ..layout import DataDir
 from ..models import DependentKind, ImageStatus, Server, ServerStatus
-from .compensation import Compensation
 from . import change_tracking
+from .compensation import Compensation
 from .server_records import server_from_domain
 
 DEFAULT_STOP_TIMEOUT = 60.0
