@@ -154,3 +154,24 @@ def nothing_left(cloud, hypervisor) -> None:
     catalogue = Catalogue(cloud.data_dir / "catalogue.sqlite3")
     assert catalogue.dependents(cloud.image_id) == []
     catalogue.close()
+
+
+def set_backup_speed(domain: str, speed: int) -> list[int]:
+    """Throttle (or release, speed 0) the domain's running backup jobs through QEMU's own
+    monitor; returns how many bytes each job has to copy in all (QEMU's "len")."""
+    import libvirt
+    import libvirt_qemu
+
+    conn = libvirt.open(URI)
+    try:
+        dom = conn.lookupByName(domain)
+        jobs = json.loads(libvirt_qemu.qemuMonitorCommand(
+            dom, '{"execute": "query-block-jobs"}', 0))["return"]
+        for job in jobs:
+            libvirt_qemu.qemuMonitorCommand(dom, json.dumps({
+                "execute": "block-job-set-speed",
+                "arguments": {"device": job["device"], "speed": speed}}), 0)
+        return [int(job["len"]) for job in jobs]
+    finally:
+        conn.close()
+

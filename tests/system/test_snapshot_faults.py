@@ -23,7 +23,8 @@ import pytest
 from bbsnap.disks import qemu_img
 from bbsnap.tinyguest import READY_LINE, read_counter
 from tests.system.conftest import (URI, console_path, create_server, image_record,
-                                   wait_for_console_line, wait_settled, wait_until)
+                                   set_backup_speed, wait_for_console_line, wait_settled,
+                                   wait_until)
 
 
 def create_busy_servers(cloud, *args: str, written: str = "512M") -> list[dict]:
@@ -39,29 +40,10 @@ def create_busy_servers(cloud, *args: str, written: str = "512M") -> list[dict]:
     return servers
 
 
-def set_backup_speed(domain: str, speed: int) -> int:
-    """Throttle (or release, speed 0) the domain's running backup jobs; returns how many."""
-    import libvirt
-    import libvirt_qemu
-
-    conn = libvirt.open(URI)
-    try:
-        dom = conn.lookupByName(domain)
-        jobs = json.loads(libvirt_qemu.qemuMonitorCommand(
-            dom, '{"execute": "query-block-jobs"}', 0))["return"]
-        for job in jobs:
-            libvirt_qemu.qemuMonitorCommand(dom, json.dumps({
-                "execute": "block-job-set-speed",
-                "arguments": {"device": job["device"], "speed": speed}}), 0)
-        return len(jobs)
-    finally:
-        conn.close()
-
-
 def start_slowed_snapshot(cloud, server_id: str) -> str:
     result = cloud.process("servers", "snapshot", server_id)
     assert result.exit_code == 0, result.stderr
-    assert set_backup_speed(server_id, 1) == 1, "the copy finished before it could be slowed"
+    assert len(set_backup_speed(server_id, 1)) == 1, "the copy finished before it could be slowed"
     return result.stdout.strip()
 
 
