@@ -26,6 +26,11 @@ class BbsnapGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("bbsnap: interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            # The reader went away (`bbsnap images list | head -1`): nothing is wrong and
+            # nothing more can be said; exit as a process killed by SIGPIPE would.
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the flush at exit goes here
+            ctx.exit(128 + 13)
         except click.exceptions.Exit:
             raise
         except click.ClickException:

@@ -204,3 +204,31 @@ def test_ids_that_look_like_paths_or_commands_are_refused(bbsnap, key):
         assert "bbsnap: error:" in result.stderr
     assert not (bbsnap.data_dir / "images").exists() or \
         all(p.name.startswith("img-") for p in (bbsnap.data_dir / "images").iterdir())
+
+
+def test_the_entry_point_flushes_its_output_and_keeps_exit_codes(bbsnap, work_dir):
+    """`bbsnap` leaves with os._exit (cli/main.py): output must be flushed first."""
+    image_id = _import(bbsnap, work_dir, "flushed")
+    listed = bbsnap.process("images", "list")
+    assert listed.exit_code == 0 and image_id in listed.stdout
+    assert listed.stdout.rstrip().endswith("-")  # the whole table, closing rule included
+    missing = bbsnap.process("images", "show", "img-zzzzz")
+    assert missing.exit_code == 3 and "img-zzzzz not found" in missing.stderr
+
+
+def test_a_reader_that_goes_away_is_not_an_error(bbsnap, work_dir):
+    import os
+    import subprocess
+    import sys
+
+    _import(bbsnap, work_dir, "piped")
+    reader, writer = os.pipe()
+    os.close(reader)  # like `bbsnap images list | head -0`: nobody will read
+    try:
+        done = subprocess.run([sys.executable, "-m", "bbsnap.cli.main", "images", "list"],
+                              stdout=writer, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **bbsnap.env}, timeout=60)
+    finally:
+        os.close(writer)
+    assert done.returncode == 141, done.stderr  # as if killed by SIGPIPE
+    assert "error" not in done.stderr
