@@ -3,11 +3,13 @@ and failures that must leave nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import uuid
 import xml.etree.ElementTree as ET
+from typing import Iterator
 
 import pytest
 
@@ -133,36 +135,36 @@ def test_more_memory_than_the_host_has(cloud, hypervisor):
     nothing_left(cloud, hypervisor)
 
 
+@contextlib.contextmanager
+def port_in_use() -> Iterator[int]:
+    """A 127.0.0.1 port something else listens on, for the duration."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
 def test_no_free_port(cloud, hypervisor):
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
-    port = holder.getsockname()[1]
-    try:
+    with port_in_use() as port:
         result = cloud("servers", "create", cloud.image_id, *SMALL,
                        env={"BBSNAP_SSH_PORTS": f"{port}-{port}"})
-    finally:
-        holder.close()
     assert result.exit_code == 4 and "no free port" in result.stderr
     nothing_left(cloud, hypervisor)
 
 
 def test_a_domain_that_fails_to_start_leaves_nothing(cloud, hypervisor):
     """The port is taken after it was chosen: QEMU cannot set up the forward and exits."""
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
-    busy = holder.getsockname()[1]
     settings = load_settings({"data_dir": str(cloud.data_dir)},
                              environ={"BBSNAP_CONFIG": "", "BBSNAP_ACCEL": "tcg"})
     catalogue = Catalogue(cloud.data_dir / "catalogue.sqlite3")
-    creator = ServerCreator(catalogue, DataDir(cloud.data_dir).ensure(), hypervisor, settings,
-                            resolve_accel=lambda: "tcg", choose_ssh_port=lambda _taken: busy)
     try:
-        with pytest.raises(HypervisorError, match="starting"):
-            creator.create(CreateRequest(image_id=cloud.image_id, memory_mib=128))
+        with port_in_use() as busy:
+            creator = ServerCreator(catalogue, DataDir(cloud.data_dir).ensure(), hypervisor,
+                                    settings, resolve_accel=lambda: "tcg",
+                                    choose_ssh_port=lambda _taken: busy)
+            with pytest.raises(HypervisorError, match="starting"):
+                creator.create(CreateRequest(image_id=cloud.image_id, memory_mib=128))
     finally:
-        holder.close()
         catalogue.close()
     nothing_left(cloud, hypervisor)
 
