@@ -2,7 +2,8 @@
 still exactly its disk — also when the tracking broke and the snapshot fell back to a full copy,
 and after a rebuild gave the server a new disk.
 
-Each snapshot here is taken of a paused server, so the image must be identical to the
+Each snapshot here is taken and compared with the server's disk while the server is paused
+(its guest writes a counter sector every 150 ms), so the image must be identical to the
 server's disk (`qemu-img compare`), whatever was copied to make it.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,17 +44,24 @@ def virsh(*args: str) -> None:
     subprocess.run(["virsh", "-q", "-c", URI, *args], check=True, capture_output=True)
 
 
-def paused_snapshot(cloud, server_id: str) -> tuple[dict, str]:
-    """A snapshot of the paused server (nothing changes under it), and the command's stderr."""
+@contextmanager
+def paused(server_id: str) -> Iterator[None]:
+    """The guest's counter writes a sector every 150 ms: anything compared with the live disk
+    must be compared before the guest runs again."""
     virsh("suspend", server_id)
     try:
-        result = cloud("servers", "snapshot", server_id, "--no-quiesce", "--wait")
-        assert result.exit_code == 0, result.stderr
-        record = image_record(cloud, result.stdout.strip())
-        assert record["state"] == "available", record["failure_reason"]
-        return record, result.stderr
+        yield
     finally:
         virsh("resume", server_id)
+
+
+def snapshot_available(cloud, server_id: str) -> tuple[dict, str]:
+    """A snapshot of the server, waited for, and the command's stderr."""
+    result = cloud("servers", "snapshot", server_id, "--no-quiesce", "--wait")
+    assert result.exit_code == 0, result.stderr
+    record = image_record(cloud, result.stdout.strip())
+    assert record["state"] == "available", record["failure_reason"]
+    return record, result.stderr
 
 
 def assert_same_disk(cloud, image: dict, server_disk: str) -> None:
@@ -79,8 +89,7 @@ def test_snapshot_copies_only_what_the_guest_wrote_and_is_exactly_its_disk(cloud
     wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
     assert not hypervisor.has_checkpoint(server["id"], change_tracking.CHECKPOINT)
 
-    virsh("suspend", server["id"])  # nothing changes under the snapshot: compare it after
-    try:
+    with paused(server["id"]):  # nothing changes under the snapshot, nor before the compare
         result = cloud.process("servers", "snapshot", server["id"], "--no-quiesce")
         assert result.exit_code == 0, result.stderr
         # What QEMU's backup job has to copy: the guest's writes, not the 2 GiB disk.
@@ -89,11 +98,9 @@ def test_snapshot_copies_only_what_the_guest_wrote_and_is_exactly_its_disk(cloud
         set_backup_speed(server["id"], 0)
         image = wait_settled(cloud, result.stdout.strip())
         assert image["state"] == "available", image["failure_reason"]
-    finally:
-        virsh("resume", server["id"])
+        assert_same_disk(cloud, image, disk)
 
     assert image["ancestor_id"] == ancestor
-    assert_same_disk(cloud, image, disk)
     stored = str(cloud.data_dir / "images" / f"{image['id']}.qcow2")
     assert backing_file(stored)[0].endswith(f"{ancestor}.qcow2")
     assert hypervisor.has_checkpoint(server["id"], change_tracking.CHECKPOINT)
@@ -111,21 +118,23 @@ def test_a_qemu_killed_without_saving_its_tracking_gives_a_full_copy_that_is_sti
     assert cloud("servers", "start", server["id"]).exit_code == 0
     wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
 
-    image, stderr = paused_snapshot(cloud, server["id"])
+    with paused(server["id"]):
+        image, stderr = snapshot_available(cloud, server["id"])
+        assert_same_disk(cloud, image, disk)
 
     assert "copying the whole disk" in stderr
-    assert_same_disk(cloud, image, disk)
     assert not hypervisor.has_checkpoint(server["id"], change_tracking.CHECKPOINT)
     assert not (cloud.data_dir / "servers" / server["id"] / change_tracking.MARKER).exists()
-    again, stderr = paused_snapshot(cloud, server["id"])  # no retry of the broken tracking
-    assert "copying the whole disk" not in stderr
-    assert_same_disk(cloud, again, disk)
+    with paused(server["id"]):
+        again, stderr = snapshot_available(cloud, server["id"])
+        assert_same_disk(cloud, again, disk)
+    assert "copying the whole disk" not in stderr  # no retry of the broken tracking
 
 
 def test_rebuild_tracks_the_new_disk(cloud, hypervisor):
     (server,) = create_server(cloud)
     wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
-    first, _ = paused_snapshot(cloud, server["id"])
+    first, _ = snapshot_available(cloud, server["id"])
 
     result = cloud("servers", "rebuild", server["id"], first["id"], "--format", "json")
     assert result.exit_code == 0, result.stderr
@@ -135,10 +144,11 @@ def test_rebuild_tracks_the_new_disk(cloud, hypervisor):
     marker = cloud.data_dir / "servers" / server["id"] / change_tracking.MARKER
     assert marker.read_text().strip() == Path(disk).name
 
-    second, stderr = paused_snapshot(cloud, server["id"])
+    with paused(server["id"]):
+        second, stderr = snapshot_available(cloud, server["id"])
+        assert_same_disk(cloud, second, disk)
 
     assert "copying the whole disk" not in stderr
     assert second["ancestor_id"] == first["id"]
-    assert_same_disk(cloud, second, disk)
     settled = wait_settled(cloud, second["id"])
     assert settled["disk_size"] < 32 * MIB, settled["disk_size"]
