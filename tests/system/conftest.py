@@ -156,6 +156,26 @@ def nothing_left(cloud, hypervisor) -> None:
     catalogue.close()
 
 
+def write_into_running_disk(domain: str, command: str) -> None:
+    """Run a qemu-io *command* (e.g. "write -P 0x44 512M 256M") on the running domain's first
+    virtio disk, through the device's own block backend: the writes take the guest's path, so
+    QEMU's dirty bitmaps record them, and need no guest cooperation."""
+    import libvirt
+    import libvirt_qemu
+
+    conn = libvirt.open(URI)
+    try:
+        out = libvirt_qemu.qemuMonitorCommand(
+            conn.lookupByName(domain),
+            f'qemu-io -d virtio-disk0/virtio-backend "{command}"',
+            libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    finally:
+        conn.close()
+    # The monitor answers only when the command could not run; qemu-io's own report (and an
+    # I/O error) goes to QEMU's log, so callers check what the writes did.
+    assert not out.strip(), out
+
+
 def set_backup_speed(domain: str, speed: int) -> list[int]:
     """Throttle (or release, speed 0) the domain's running backup jobs through QEMU's own
     monitor; returns how many bytes each job has to copy in all (QEMU's "len")."""

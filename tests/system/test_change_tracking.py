@@ -23,7 +23,7 @@ from bbsnap.services import change_tracking
 from bbsnap.tinyguest import READY_LINE
 from tests.system.conftest import (URI, backing_file, console_path, create_server, image_record,
                                    set_backup_speed, wait_for_console_line, wait_settled,
-                                   wait_until)
+                                   wait_until, write_into_running_disk)
 
 MIB = 1 << 20
 
@@ -64,6 +64,18 @@ def snapshot_available(cloud, server_id: str) -> tuple[dict, str]:
     return record, result.stderr
 
 
+def throttled_snapshot(cloud, server_id: str) -> tuple[dict, int, str]:
+    """A snapshot of the running server whose copy is held while QEMU is asked how much it has
+    to copy: the image once available, that length, and the command's stderr."""
+    result = cloud.process("servers", "snapshot", server_id, "--no-quiesce")
+    assert result.exit_code == 0, result.stderr
+    (to_copy,) = set_backup_speed(server_id, 1)
+    set_backup_speed(server_id, 0)
+    image = wait_settled(cloud, result.stdout.strip())
+    assert image["state"] == "available", image["failure_reason"]
+    return image, to_copy, result.stderr
+
+
 def assert_same_disk(cloud, image: dict, server_disk: str) -> None:
     stored = cloud.data_dir / "images" / f"{image['id']}.qcow2"
     compared = subprocess.run(["qemu-img", "compare", "-U", str(stored), server_disk],
@@ -90,14 +102,9 @@ def test_snapshot_copies_only_what_the_guest_wrote_and_is_exactly_its_disk(cloud
     assert not hypervisor.has_checkpoint(server["id"], change_tracking.CHECKPOINT)
 
     with paused(server["id"]):  # nothing changes under the snapshot, nor before the compare
-        result = cloud.process("servers", "snapshot", server["id"], "--no-quiesce")
-        assert result.exit_code == 0, result.stderr
-        # What QEMU's backup job has to copy: the guest's writes, not the 2 GiB disk.
-        (to_copy,) = set_backup_speed(server["id"], 1)
+        image, to_copy, _ = throttled_snapshot(cloud, server["id"])
+        # What QEMU's backup job had to copy: the guest's writes, not the 2 GiB disk.
         assert 265 * MIB <= to_copy < 320 * MIB, (to_copy, virtual_size)
-        set_backup_speed(server["id"], 0)
-        image = wait_settled(cloud, result.stdout.strip())
-        assert image["state"] == "available", image["failure_reason"]
         assert_same_disk(cloud, image, disk)
 
     assert image["ancestor_id"] == ancestor
@@ -144,11 +151,13 @@ def test_rebuild_tracks_the_new_disk(cloud, hypervisor):
     marker = cloud.data_dir / "servers" / server["id"] / change_tracking.MARKER
     assert marker.read_text().strip() == Path(disk).name
 
+    # The rebuilt server's own writes, taking the guest's path into its new disk.
+    write_into_running_disk(server["id"], "write -P 0x44 512M 256M")
+
     with paused(server["id"]):
-        second, stderr = snapshot_available(cloud, server["id"])
+        second, to_copy, stderr = throttled_snapshot(cloud, server["id"])
+        assert 256 * MIB <= to_copy < 320 * MIB, to_copy  # the writes, not the 2 GiB disk
         assert_same_disk(cloud, second, disk)
 
     assert "copying the whole disk" not in stderr
     assert second["ancestor_id"] == first["id"]
-    settled = wait_settled(cloud, second["id"])
-    assert settled["disk_size"] < 32 * MIB, settled["disk_size"]
