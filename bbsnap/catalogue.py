@@ -81,6 +81,10 @@ MIGRATIONS: Sequence[str] = (
         PRIMARY KEY (image_id, device)
     );
     """,
+    # 3: how far a snapshot's background copy has got, in percent (NULL when not copying).
+    """
+    ALTER TABLE images ADD COLUMN progress INTEGER;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -88,7 +92,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _COLUMNS = ("id", "type", "owner", "created_at", "status", "visibility", "name", "arch",
             "description", "virtual_size", "disk_size", "compatibility_mode", "official",
             "ancestor_id", "format", "path", "source_server", "consistency", "checksum",
-            "firmware", "username", "min_ram", "failure_reason", "job")
+            "firmware", "username", "min_ram", "failure_reason", "job", "progress")
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at"}
 
 
@@ -116,7 +120,7 @@ _CONSISTENCIES = {e.value: e for e in Consistency}
 def _row_to_image(row: sqlite3.Row | tuple[Any, ...]) -> Image:
     (id_, type_, owner, created_at, status, visibility, name, arch, description, virtual_size,
      disk_size, compatibility_mode, official, ancestor_id, fmt, path, source_server, consistency,
-     checksum, firmware, username, min_ram, failure_reason, job) = row
+     checksum, firmware, username, min_ram, failure_reason, job, progress) = row
     return Image(
         id=id_, type=_TYPES[type_], owner=owner,
         created_at=datetime.fromisoformat(created_at), status=_STATUSES[status],
@@ -126,7 +130,7 @@ def _row_to_image(row: sqlite3.Row | tuple[Any, ...]) -> Image:
         ancestor_id=ancestor_id, format=fmt, path=path, source_server=source_server,
         consistency=_CONSISTENCIES[consistency] if consistency else None, checksum=checksum,
         firmware=firmware, username=username, min_ram=min_ram,
-        failure_reason=failure_reason, job=job,
+        failure_reason=failure_reason, job=job, progress=progress,
     )
 
 
@@ -333,7 +337,8 @@ class Catalogue:
                            (image_id, volume.device, volume.path, volume.virtual_size,
                             volume.disk_size))
             db.execute("DELETE FROM snapshot_jobs WHERE image_id = ?", (image_id,))
-            return self.update(image_id, expect_status=ImageStatus.CREATING, **changes)
+            return self.update(image_id, expect_status=ImageStatus.CREATING, progress=None,
+                               **changes)
 
     def fail_snapshot(self, image_id: str, reason: str) -> Image:
         """A snapshot that will never be available: failed, its job and its holds dropped."""
@@ -342,7 +347,7 @@ class Catalogue:
             db.execute("DELETE FROM dependencies WHERE kind = 'image' AND dependent_id = ?",
                        (image_id,))
             return self.update(image_id, status=ImageStatus.FAILED, failure_reason=reason,
-                               job=None, disk_size=0)
+                               job=None, disk_size=0, progress=None)
 
     def volumes(self, image_id: str) -> list[ImageVolume]:
         rows = self._db.execute("SELECT device, path, virtual_size, disk_size FROM image_volumes "

@@ -45,6 +45,8 @@ def show_pairs(image: Image, dependents: list[Dependent],
         pairs.append(("consistency", image.consistency.value))
     if image.failure_reason:
         pairs.append(("failure_reason", image.failure_reason))
+    if image.progress is not None:
+        pairs.append(("progress", f"{image.progress}%"))
     if volumes:
         pairs.append(("volumes", ", ".join(f"{v.device} ({to_mib(v.virtual_size)} MiB)"
                                            for v in volumes)))
@@ -80,6 +82,7 @@ def as_record(image: Image, dependents: list[Dependent] | None = None,
         "source_server": image.source_server,
         "consistency": image.consistency.value if image.consistency else None,
         "failure_reason": image.failure_reason,
+        "progress": image.progress,
         "dependents": [d.dependent_id for d in dependents or []],
         "volumes": [{"device": v.device, "virtual_size": v.virtual_size, "disk_size": v.disk_size}
                     for v in volumes or []],

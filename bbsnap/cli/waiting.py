@@ -24,7 +24,9 @@ def wait_for_images(app: Any, image_ids: list[str], poll: float = 0.25) -> None:
             if image.status is not ImageStatus.CREATING:
                 break
             if tty:
-                sys.stderr.write(f"\r{image_id}: copying, {image.disk_size // MIB} MiB so far")
+                done = f"{image.progress}%, " if image.progress is not None else ""
+                sys.stderr.write(f"\r{image_id}: copying, {done}{image.disk_size // MIB} MiB "
+                                 "so far")
                 sys.stderr.flush()
             time.sleep(poll)
             app.recover()  # a dead worker is adopted or failed while we wait

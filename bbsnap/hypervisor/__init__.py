@@ -50,8 +50,15 @@ class DiskInfo:
 @dataclass(frozen=True)
 class JobStatus:
     active: bool
-    processed: int
-    total: int
+    processed: int     # bytes the job has copied (all its disks)
+    total: int         # bytes it has to copy: the whole disks, or only the tracked changes
+
+    @property
+    def percent(self) -> int | None:
+        """How far the job has got; never 100 while it runs (the image is not yet available)."""
+        if not self.active or self.total <= 0:
+            return None
+        return min(99, self.processed * 100 // self.total)
 
 
 @dataclass(frozen=True)

@@ -86,8 +86,9 @@ class SnapshotFinisher:
             if not status.active:
                 break
             now = time.monotonic()
-            if now - last_report >= 0.5:  # disk_size grows while the copy runs
-                self._catalogue.update(image_id, disk_size=_allocated(job))
+            if now - last_report >= 0.5:  # for `images show` and `--wait` while it runs
+                self._catalogue.update(image_id, disk_size=_allocated(job),
+                                       progress=status.percent)
                 last_report = now
             time.sleep(POLL_SECONDS)
         try:

@@ -188,3 +188,24 @@ def test_operations_on_one_server_wait_for_its_copy_and_other_servers_do_not(clo
     assert waiting.returncode == 0, err
     assert wait_settled(cloud, slow)["state"] == "available"
     assert image_record(cloud, out.strip())["state"] == "available"
+
+
+def test_a_copy_under_way_shows_how_far_it_has_got(cloud, hypervisor):
+    (server,) = create_busy_servers(cloud, written="256M")
+    image_id = start_slowed_snapshot(cloud, server["id"])
+    wait_until(lambda: image_record(cloud, image_id)["progress"] is not None, 30,
+               "the worker to report the copy's progress")
+    held = image_record(cloud, image_id)["progress"]  # the job is held: it stays there
+    assert 0 <= held < 99
+    shown = cloud("images", "show", image_id)
+    assert shown.exit_code == 0 and f"progress: {held}%" in shown.stdout, shown.stdout
+
+    # Let the rest of the copy take a few seconds, and watch the figure move.
+    (total,) = set_backup_speed(server["id"], 1)
+    set_backup_speed(server["id"], max(total * (100 - held) // 100 // 4, 1 << 20))
+    wait_until(lambda: (image_record(cloud, image_id)["progress"] or -1) > held, 60,
+               "the progress to move on")
+    set_backup_speed(server["id"], 0)
+    done = wait_settled(cloud, image_id)
+    assert done["state"] == "available" and done["progress"] is None
+    assert "progress" not in cloud("images", "show", image_id).stdout

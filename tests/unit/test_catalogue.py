@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from bbsnap.catalogue import SCHEMA_VERSION, Catalogue, utcnow
+from bbsnap.catalogue import MIGRATIONS, SCHEMA_VERSION, Catalogue, utcnow
 from bbsnap.errors import ConflictError, InUseError, NotFoundError
 from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageType
 
@@ -37,9 +37,39 @@ def test_newer_schema_is_refused(tmp_path):
         Catalogue(path)
 
 
+def test_a_catalogue_of_an_older_bbsnap_is_migrated_with_its_rows(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as raw:  # the schema bbsnap shipped before `progress`
+        for script in MIGRATIONS[:2]:
+            raw.executescript(script)
+        raw.execute("PRAGMA user_version = 2")
+        raw.execute("INSERT INTO images (id, type, owner, created_at, updated_at, status, name, "
+                    "arch) VALUES ('img-old00', 'upload', 'me', ?, ?, 'available', 'old', "
+                    "'x86_64')", (utcnow().isoformat(), utcnow().isoformat()))
+    cat = Catalogue(path)
+    try:
+        assert cat.schema_version == SCHEMA_VERSION
+        old = cat.get("img-old00")
+        assert old.name == "old" and old.progress is None
+    finally:
+        cat.close()
+
+
+@pytest.mark.parametrize("ending", ["finish", "fail"])
+def test_a_snapshot_that_ends_no_longer_shows_progress(catalogue, ending):
+    catalogue.add(_image("img-ccccc", type=ImageType.SNAPSHOT, status=ImageStatus.CREATING))
+    assert catalogue.update("img-ccccc", progress=37).progress == 37
+    if ending == "finish":
+        ended = catalogue.finish_snapshot("img-ccccc", [], status=ImageStatus.AVAILABLE)
+    else:
+        ended = catalogue.fail_snapshot("img-ccccc", "the copy failed")
+    assert ended.progress is None
+
+
 def test_round_trip_of_every_field(catalogue):
     image = _image("img-aaaaa", description="d", virtual_size=5, disk_size=3, ancestor_id="img-bbbbb",
-                   username="debian", min_ram=128, checksum="sha256:00", official=True)
+                   username="debian", min_ram=128, checksum="sha256:00", official=True,
+                   progress=42)
     catalogue.add(image)
     assert catalogue.get("img-aaaaa") == image
 

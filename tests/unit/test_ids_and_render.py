@@ -32,3 +32,28 @@ def test_vertical_right_aligns_keys():
 
 def test_json_is_sorted_and_stable():
     assert render.as_json({"b": 1, "a": "é"}) == '{\n  "a": "é",\n  "b": 1\n}\n'
+
+
+@pytest.mark.parametrize("active, processed, total, percent", [
+    (True, 0, 1000, 0), (True, 333, 1000, 33), (True, 1000, 1000, 99),  # 100 only once available
+    (True, 5, 0, None),          # QEMU has not said yet how much there is to copy
+    (False, 1000, 1000, None),   # no job running: nothing to report
+])
+def test_job_progress_in_percent(active, processed, total, percent):
+    from bbsnap.hypervisor import JobStatus
+    assert JobStatus(active=active, processed=processed, total=total).percent == percent
+
+
+def test_progress_is_shown_only_while_there_is_one():
+    from bbsnap.catalogue import utcnow
+    from bbsnap.cli.image_views import as_record, show_pairs
+    from bbsnap.models import Image, ImageStatus, ImageType
+
+    copying = Image(id="img-aaaaa", type=ImageType.SNAPSHOT, owner="me", created_at=utcnow(),
+                    status=ImageStatus.CREATING, name="s", progress=12)
+    assert ("progress", "12%") in show_pairs(copying, [])
+    assert as_record(copying)["progress"] == 12
+    available = Image(id="img-bbbbb", type=ImageType.SNAPSHOT, owner="me", created_at=utcnow(),
+                      status=ImageStatus.AVAILABLE, name="s")
+    assert "progress" not in dict(show_pairs(available, []))
+    assert as_record(available)["progress"] is None
