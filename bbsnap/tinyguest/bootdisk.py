@@ -1,5 +1,9 @@
-"""The BIOS boot disk: MBR + one FAT16 partition holding syslinux, the kernel and
-the initramfs, converted to qcow2.
+"""The boot disk: MBR + one FAT16 partition holding syslinux, the kernel and the
+initramfs, converted to qcow2. It boots both ways: under BIOS through syslinux's MBR
+code, and under UEFI through a unified kernel image (systemd's EFI stub + kernel +
+initramfs + command line, one PE file) at the removable-media path
+``/EFI/BOOT/BOOTX64.EFI``, which OVMF finds with a fresh NVRAM store (no boot entry).
+syslinux.efi was tried first: it hangs after loading the kernel below 256 MiB of RAM.
 
 Assembled without loop devices or mounts (the build machines may have neither):
 sfdisk + mtools on a raw file, syslinux installed at an offset, then
@@ -19,11 +23,14 @@ PARTITION_START = 1024 * 1024        # sector 2048; the counter lives below it
 SECTOR = 512
 MBR_CODE_SIZE = 440                  # boot code before the disk signature/table
 SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
+EFI_STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
+PAGE = 4096
 KERNEL_CMDLINE = "console=ttyS0,115200 panic=0"
 
 
 def make_boot_disk(work: Path, vmlinuz: Path, initrd: Path, out: Path) -> None:
-    """MBR + FAT16 partition with syslinux, kernel and initramfs; then qcow2 at *out*."""
+    """MBR + FAT16 partition with syslinux, kernel and initramfs, and the same as a unified
+    kernel image for UEFI; then qcow2 at *out*."""
     raw = work / "disk.raw"
     with raw.open("wb") as handle:
         handle.truncate(DISK_SIZE)
@@ -37,7 +44,11 @@ def make_boot_disk(work: Path, vmlinuz: Path, initrd: Path, out: Path) -> None:
         env=mtools_env, timeout=120)
     config = work / "syslinux.cfg"
     config.write_text(_syslinux_cfg())
-    for source, name in ((config, "syslinux.cfg"), (vmlinuz, "vmlinuz"), (initrd, "initrd.gz")):
+    uki = work / "BOOTX64.EFI"
+    _make_unified_kernel_image(work, vmlinuz, initrd, uki)
+    run([which("mmd"), "-i", target, "::/EFI", "::/EFI/BOOT"], env=mtools_env, timeout=120)
+    for source, name in ((config, "syslinux.cfg"), (vmlinuz, "vmlinuz"), (initrd, "initrd.gz"),
+                         (uki, "EFI/BOOT/BOOTX64.EFI")):
         run([which("mcopy"), "-i", target, str(source), f"::/{name}"],
             env=mtools_env, timeout=120)
     run([which("syslinux"), "--offset", str(PARTITION_START), "--install", str(raw)],
@@ -59,6 +70,26 @@ def _partition(raw: Path) -> None:
               f"start={start}, type=e, bootable\n")
     run([which("sfdisk"), "--no-reread", "--no-tell-kernel", "-q", str(raw)],
         input_text=script, timeout=60)
+
+
+def _make_unified_kernel_image(work: Path, vmlinuz: Path, initrd: Path, out: Path) -> None:
+    """The EFI stub with the command line, kernel and initramfs added as PE sections.
+
+    The sections sit just past the stub's own and each other (page-aligned): OVMF loads the
+    whole image at once, and gaps (systemd's documented 0x2000000/0x3000000 addresses)
+    make it too large for a 128-256 MiB guest ("Out of Resources").
+    """
+    if not EFI_STUB.is_file():
+        raise NotFoundError(f"{EFI_STUB} is missing", hint="apt-get install systemd-boot-efi")
+    cmdline = work / "cmdline.txt"
+    cmdline.write_text(KERNEL_CMDLINE)
+    address = 0x30000  # past the stub's sections (its image ends below 0x20000)
+    argv = [which("objcopy")]
+    for section, path in ((".cmdline", cmdline), (".linux", vmlinuz), (".initrd", initrd)):
+        argv += ["--add-section", f"{section}={path}",
+                 "--change-section-vma", f"{section}={address:#x}"]
+        address = (address + path.stat().st_size + PAGE - 1) // PAGE * PAGE
+    run([*argv, str(EFI_STUB), str(out)], timeout=120)
 
 
 def _syslinux_cfg() -> str:

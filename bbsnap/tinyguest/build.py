@@ -49,7 +49,7 @@ from .versions import AGENT_PACKAGE, BUSYBOX_PACKAGE, SSH_PACKAGE, resolve_versi
 
 # Bump whenever the image would come out different for the same inputs (the
 # code is not part of the cache key, so a behaviour change needs this).
-BUILDER_VERSION = 2   # 2: dropbear, login files, devpts
+BUILDER_VERSION = 3   # 2: dropbear, login files, devpts; 3: boots under UEFI too
 
 IMAGE_NAME = "tiny-guest.qcow2"
 MANIFEST_NAME = "manifest.json"

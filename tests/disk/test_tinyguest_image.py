@@ -26,6 +26,7 @@ from bbsnap.tinyguest import (
     read_disk_bytes,
 )
 from bbsnap.tinyguest import build as tg_build
+from bbsnap.tinyguest.bootdisk import KERNEL_CMDLINE
 from bbsnap.tinyguest.initramfs import Initramfs, cpio_newc
 
 MIB = 1024 * 1024
@@ -98,6 +99,27 @@ def test_boot_partition_holds_syslinux_kernel_and_initramfs(tiny_guest_raw: Path
                  env={"MTOOLS_SKIP_CHECK": "1"}).stdout
     assert "console=ttyS0" in config
     assert "INITRD /initrd.gz" in config
+
+
+def test_uefi_boot_file_is_the_same_kernel_initramfs_and_command_line(
+        tiny_guest_raw: Path, tmp_path: Path) -> None:
+    """OVMF boots /EFI/BOOT/BOOTX64.EFI (no NVRAM entry needed): the EFI stub with the
+    files syslinux boots under BIOS as its sections."""
+    mtools = {"MTOOLS_SKIP_CHECK": "1"}
+    part = f"{tiny_guest_raw}@@{MIB}"
+    for name in ("BOOTX64.EFI", "vmlinuz", "initrd.gz"):
+        source = f"::/EFI/BOOT/{name}" if name.endswith(".EFI") else f"::/{name}"
+        run([which("mcopy"), "-i", part, source, str(tmp_path / name)], env=mtools)
+    uki = tmp_path / "BOOTX64.EFI"
+    assert uki.read_bytes()[:2] == b"MZ", "a PE image"
+    for section, expected in ((".linux", (tmp_path / "vmlinuz").read_bytes()),
+                              (".initrd", (tmp_path / "initrd.gz").read_bytes())):
+        out = tmp_path / section.lstrip(".")
+        run([which("objcopy"), "-O", "binary", f"--only-section={section}", str(uki), str(out)])
+        assert out.read_bytes() == expected, section
+    out = tmp_path / "cmdline"
+    run([which("objcopy"), "-O", "binary", "--only-section=.cmdline", str(uki), str(out)])
+    assert out.read_text() == KERNEL_CMDLINE
 
 
 def test_manifest_records_versions_and_module_order(tiny_guest: Path) -> None:
