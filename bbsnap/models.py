@@ -60,7 +60,7 @@ class Image:
     source_server: str | None = None
     consistency: Consistency | None = None
     checksum: str | None = None    # "sha256:<hex>" of the data as it was imported
-    firmware: str = "bios"
+    firmware: str = "bios"         # "bios" or "uefi": how servers made from it boot
     username: str | None = None    # default login user of the guest
     min_ram: int | None = None     # MiB
     failure_reason: str | None = None
@@ -134,6 +134,7 @@ class Server:
     vcpus: int = 0
     memory_mib: int = 0
     username: str | None = None
+    firmware: str = "bios"         # "uefi" when the domain boots through OVMF
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ class Sidecar:
     description: str = ""
     username: str | None = None
     min_ram: int | None = None
+    firmware: str = "bios"              # how the disk boots: "bios" or "uefi"
     format: str = "raw"                 # of the disk inside the (compressed) file
     compression: str = "gzip"
     sha256: str | None = None           # of the exported file as written
@@ -54,6 +55,7 @@ def parse(data: bytes) -> Sidecar:
         description=_typed(raw, "description", str) or "",
         username=_typed(raw, "username", str),
         min_ram=_typed(raw, "min_ram", int),
+        firmware=_typed(raw, "firmware", str) or "bios",
         format=_typed(raw, "format", str) or "raw",
         compression=_typed(raw, "compression", str) or "gzip",
         sha256=_typed(raw, "sha256", str),

@@ -65,6 +65,8 @@ def show_images(app: Any, image_ids: tuple[str, ...], output_format: str, simple
 @click.option("-a", "--arch", help="Architecture (default: the sidecar's, else the host's).")
 @click.option("-u", "--username", help="Default login user of the guest.")
 @click.option("--min-ram", type=click.IntRange(min=1), help="Minimum RAM in MiB.")
+@click.option("--firmware", type=click.Choice(["bios", "uefi"]),
+              help="How servers from it boot (default: the sidecar's, else bios).")
 @click.option("--checksum", metavar="sha256:HEX", help="Refuse the data unless its SHA-256 matches.")
 @click.option("--checksum-file", metavar="URL|PATH",
               help="A SHA256SUMS list: refuse the data unless it matches its file name's entry.")
@@ -72,7 +74,8 @@ def show_images(app: Any, image_ids: tuple[str, ...], output_format: str, simple
 @click.pass_obj
 def import_image(app: Any, source: str, name: str | None, description: str | None,
                  arch: str | None, username: str | None, min_ram: int | None,
-                 checksum: str | None, checksum_file: str | None, no_sidecar: bool) -> None:
+                 firmware: str | None, checksum: str | None, checksum_file: str | None,
+                 no_sidecar: bool) -> None:
     """Import SOURCE (a file, an http(s):// URL, or - for stdin): qcow2 or raw, plain or
     gzip/xz/zstd/bzip2.
 
@@ -85,7 +88,8 @@ def import_image(app: Any, source: str, name: str | None, description: str | Non
 
     label = display(source) if is_url(source) else source  # no query string: it may hold a token
     request = ImportRequest(source=source, name=name, description=description, arch=arch,
-                            username=username, min_ram=min_ram, checksum=checksum,
+                            username=username, min_ram=min_ram, firmware=firmware,
+                            checksum=checksum,
                             checksum_file=checksum_file, use_sidecar=not no_sidecar)
     # The total (file size, Content-Length) is known only once the source is open.
     bar: list[tuple[Any, Any]] = []
@@ -110,12 +114,15 @@ def import_image(app: Any, source: str, name: str | None, description: str | Non
 @click.option("-u", "--username", help="Default login user.")
 @click.option("-a", "--arch", help="Architecture.")
 @click.option("--min-ram", type=click.IntRange(min=1), help="Minimum RAM in MiB.")
+@click.option("--firmware", type=click.Choice(["bios", "uefi"]),
+              help="How servers made from it boot from now on.")
 @click.option("--public/--private", "public", default=None, help="Visibility.")
 @output_options
 @click.pass_obj
 def update_image(app: Any, image_id: str, name: str | None, description: str | None,
                  username: str | None, arch: str | None, min_ram: int | None,
-                 public: bool | None, output_format: str, simple: bool) -> None:
+                 firmware: str | None, public: bool | None, output_format: str,
+                 simple: bool) -> None:
     """Change an image's fields; prints the updated image."""
     from ..services.images import ImageChanges
     from . import image_views, render
@@ -123,7 +130,8 @@ def update_image(app: Any, image_id: str, name: str | None, description: str | N
     service = app.images()
     image = service.update(image_id, ImageChanges(name=name, description=description,
                                                   username=username, arch=arch,
-                                                  min_ram=min_ram, public=public))
+                                                  min_ram=min_ram, firmware=firmware,
+                                                  public=public))
     deps = service.dependents(image.id)
     if output_format != "table":
         click.echo(render.as_data(image_views.as_record(image, deps), output_format), nl=False)

@@ -58,6 +58,7 @@ class DomainSpec:
     title: str | None = None
     nics: tuple[NicSpec, ...] = ()
     machine: str = "pc"
+    firmware: str = "bios"      # "uefi": OVMF chosen by libvirt, with a per-domain NVRAM
     guest_agent: bool = True
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -82,7 +83,16 @@ def build_domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(ET.SubElement(sysinfo, "system"), "entry", name="uuid").text = spec.uuid
     os_el = ET.SubElement(domain, "os")
     ET.SubElement(os_el, "type", arch="x86_64", machine=spec.machine).text = "hvm"
-    ET.SubElement(os_el, "boot", dev="hd")
+    if spec.firmware == "uefi":
+        # libvirt picks the OVMF build from QEMU's firmware descriptors and makes the NVRAM
+        # store from its template (removed again by undefine's NVRAM flag). Secure boot
+        # needs q35 + SMM and enrolled keys; bbsnap's guests boot unsigned loaders.
+        os_el.set("firmware", "efi")
+        ET.SubElement(ET.SubElement(os_el, "firmware"), "feature", enabled="no",
+                      name="secure-boot")
+    uefi = spec.firmware == "uefi"
+    if not uefi:
+        ET.SubElement(os_el, "boot", dev="hd")
     ET.SubElement(os_el, "smbios", mode="sysinfo")
     features = ET.SubElement(domain, "features")
     ET.SubElement(features, "acpi")
@@ -91,8 +101,12 @@ def build_domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(domain, "on_reboot").text = "restart"
     ET.SubElement(domain, "on_crash").text = "destroy"
     devices = ET.SubElement(domain, "devices")
-    for disk in spec.disks:
-        _add_disk(devices, disk)
+    for order, disk in enumerate(spec.disks, start=1):
+        # OVMF connects only the devices named in the boot order, and a CD-ROM it left
+        # unconnected was never found by the guest's kernel (ata_piix saw no drive, so the
+        # NoCloud seed went missing). Under UEFI every disk gets a place, the first disk
+        # first; under BIOS <os><boot dev='hd'/> keeps SeaBIOS's order.
+        _add_disk(devices, disk, boot_order=order if uefi else None)
     slirp_args: list[str] = []
     for index, nic in enumerate(spec.nics):
         if nic.network or nic.passt:
@@ -136,13 +150,15 @@ def _fill_metadata(metadata: ET.Element, facts: dict[str, str]) -> None:
         ET.SubElement(holder, f"{{{METADATA_NS}}}{key}").text = value
 
 
-def _add_disk(devices: ET.Element, disk: DiskSpec) -> None:
+def _add_disk(devices: ET.Element, disk: DiskSpec, boot_order: int | None = None) -> None:
     element = ET.SubElement(devices, "disk", type="file", device=disk.device)
     driver = ET.SubElement(element, "driver", name="qemu", type=disk.format)
     if disk.bus == "virtio":
         driver.set("iothread", "1")
     ET.SubElement(element, "source", file=str(disk.path))
     ET.SubElement(element, "target", dev=disk.target, bus=disk.bus)
+    if boot_order is not None:
+        ET.SubElement(element, "boot", order=str(boot_order))
     if disk.readonly or disk.device == "cdrom":
         ET.SubElement(element, "readonly")
 
@@ -172,6 +188,7 @@ class DomainFacts:
     networks: tuple[str, ...]       # libvirt networks the NICs attach to
     memory_mib: int
     vcpus: int
+    firmware: str = "bios"          # "uefi" when it boots through OVMF/edk2
 
 
 def read_domain_facts(xml: str) -> DomainFacts:
@@ -203,7 +220,28 @@ def read_domain_facts(xml: str) -> DomainFacts:
         title=title.text if title is not None else None,
         metadata=read_metadata(xml), macs=tuple(macs), disks=tuple(disks),
         networks=tuple(networks), memory_mib=int(memory_kib * factor) // 1024,
-        vcpus=int(vcpu.text or 0) if vcpu is not None else 0)
+        vcpus=int(vcpu.text or 0) if vcpu is not None else 0, firmware=_firmware(root))
+
+
+_UEFI_LOADER_WORDS = ("ovmf", "edk2", "efi")
+
+
+def _firmware(root: ET.Element) -> str:
+    """bios or uefi, whichever way the domain asks for it: libvirt's autoselection
+    (firmware='efi'), a pflash loader (virt-manager, virt-install --boot uefi), or an
+    OVMF/edk2 ROM given as the loader."""
+    os_el = root.find("os")
+    if os_el is None:
+        return "bios"
+    if os_el.get("firmware") == "efi":
+        return "uefi"
+    loader = os_el.find("loader")
+    if loader is None:
+        return "bios"
+    if loader.get("type") == "pflash":
+        return "uefi"
+    name = Path(loader.text or "").name.lower()
+    return "uefi" if any(word in name for word in _UEFI_LOADER_WORDS) else "bios"
 
 
 def read_metadata(xml: str) -> dict[str, str]:

@@ -154,7 +154,7 @@ class ImageExporter:
         meta = sidecar.Sidecar(
             name=image.name, virtual_size=image.virtual_size, arch=image.arch,
             description=image.description, username=image.username, min_ram=image.min_ram,
-            format=request.format, compression=request.compress, sha256=digest,
+            firmware=image.firmware, format=request.format, compression=request.compress, sha256=digest,
             source={"image_id": image.id, "type": image.type.value,
                     **({"source_server": image.source_server} if image.source_server else {})})
         (final.parent / (final.name + sidecar.SUFFIX)).write_text(sidecar.to_json(meta))

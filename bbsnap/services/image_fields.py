@@ -50,6 +50,17 @@ def check_username(username: str) -> str:
     return username
 
 
+FIRMWARES = ("bios", "uefi")
+
+
+def check_firmware(firmware: str) -> str:
+    """How a guest boots: the image's disk must carry a boot loader for it."""
+    if firmware not in FIRMWARES:
+        raise UsageError(f"'{firmware}' is not a firmware bbsnap boots",
+                         hint=f"one of {', '.join(FIRMWARES)}")
+    return firmware
+
+
 def check_min_ram(mib: int) -> int:
     if mib <= 0 or mib > 16 * 1024 * 1024:
         raise UsageError(f"minimum RAM must be a positive number of MiB, not {mib}")

@@ -53,6 +53,7 @@ class ImportRequest:
     arch: str | None = None
     username: str | None = None
     min_ram: int | None = None    # MiB
+    firmware: str | None = None   # "bios" (the default) or "uefi"
     checksum: str | None = None   # "sha256:HEX"
     checksum_file: str | None = None  # path or URL of a SHA256SUMS listing the source's name
     use_sidecar: bool = True      # read <source>.json when it exists
@@ -123,6 +124,7 @@ class ImageImporter:
             description=image_fields.check_description(request.description or ""),
             username=image_fields.check_username(request.username) if request.username else None,
             min_ram=image_fields.check_min_ram(request.min_ram) if request.min_ram else None,
+            firmware=image_fields.check_firmware(request.firmware or "bios"),
             job=current_job_token(),
         )
         for _ in range(20):  # 36^5 ids: a collision is rare, never fatal
@@ -200,7 +202,8 @@ def _with_sidecar_defaults(request: ImportRequest, meta: Sidecar | None) -> Impo
         description=request.description if request.description is not None else meta.description,
         arch=request.arch if request.arch is not None else meta.arch,
         username=request.username if request.username is not None else meta.username,
-        min_ram=request.min_ram if request.min_ram is not None else meta.min_ram)
+        min_ram=request.min_ram if request.min_ram is not None else meta.min_ram,
+        firmware=request.firmware if request.firmware is not None else meta.firmware)
 
 
 def _check_sidecar_fields(meta: Sidecar) -> None:
@@ -213,5 +216,6 @@ def _check_sidecar_fields(meta: Sidecar) -> None:
             image_fields.check_username(meta.username)
         if meta.min_ram is not None:
             image_fields.check_min_ram(meta.min_ram)
+        image_fields.check_firmware(meta.firmware)
     except UsageError as exc:
         raise InvalidInputError(f"the metadata sidecar is refused: {exc.message}") from None

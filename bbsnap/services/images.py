@@ -23,6 +23,7 @@ class ImageChanges:
     username: str | None = None
     arch: str | None = None
     min_ram: int | None = None
+    firmware: str | None = None
     public: bool | None = None
 
 
@@ -56,6 +57,8 @@ class ImageService:
             fields["arch"] = image_fields.check_arch(changes.arch)
         if changes.min_ram is not None:
             fields["min_ram"] = image_fields.check_min_ram(changes.min_ram)
+        if changes.firmware is not None:
+            fields["firmware"] = image_fields.check_firmware(changes.firmware)
         if changes.public is not None:
             fields["visibility"] = Visibility.PUBLIC if changes.public else Visibility.PRIVATE
         if not fields:

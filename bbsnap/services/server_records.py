@@ -38,5 +38,5 @@ def server_from_domain(hv: Hypervisor, info: DomainInfo, *, with_addresses: bool
         network=meta.get("network") or (facts.networks[0] if facts.networks else None),
         macs=facts.macs, addresses=addresses, disks=facts.disks,
         vcpus=facts.vcpus, memory_mib=facts.memory_mib,
-        username=meta.get("username") or None,
+        username=meta.get("username") or None, firmware=facts.firmware,
     )

@@ -107,6 +107,11 @@ class ServerService:
         image = self._catalogue.get(ids.require(image_id, "img"))
         if image.status is not ImageStatus.AVAILABLE:
             raise ConflictError(f"image {image.id} is {image.status.value}, not available")
+        if image.firmware != server.firmware:
+            # The server keeps its definition, so its firmware: the new disk would not boot.
+            raise ConflictError(
+                f"image {image.id} boots with {image.firmware} and server {server.id} with "
+                f"{server.firmware}", hint="create a new server from the image instead")
         with self._lock(server), Compensation() as undo:
             was_running = self._hv.info(server.id).state is not DomainState.SHUTOFF
             primary = next(d for d in self._hv.disks(server.id) if d.writable)

@@ -121,7 +121,8 @@ class SnapshotService:
             name=image_fields.check_name(name), arch=arch,
             description=f"Snapshot of server {server.id} ({server.name})",
             ancestor_id=ancestor.id if ancestor else None, source_server=server.id,
-            consistency=consistency, username=ancestor.username if ancestor else None,
+            consistency=consistency, firmware=server.firmware,
+            username=ancestor.username if ancestor else None,
             min_ram=ancestor.min_ram if ancestor else None, job=current_job_token())
 
     def _ancestor(self, server: Server) -> Image | None:

@@ -66,6 +66,9 @@ def test_show_has_the_seed_fields_and_data_formats(bbsnap, work_dir):
     assert as_json == as_yaml
     assert as_json["virtual_size"] == 8 * 1024 * 1024 and as_json["created_at"].endswith("+00:00")
     assert as_json["username"] == "debian" and as_json["min_ram"] == 128
+    assert as_json["firmware"] == "bios"  # unless --firmware uefi says otherwise
+    uefi = _import(bbsnap, work_dir, "efi", "--firmware", "uefi")
+    assert "firmware: uefi" in bbsnap("images", "show", uefi).stdout
     both = json.loads(bbsnap("images", "show", image_id, image_id, "--format", "json").stdout)
     assert isinstance(both, list) and len(both) == 2
 
@@ -93,15 +96,16 @@ def test_update_changes_fields(bbsnap, work_dir):
     image_id = _import(bbsnap, work_dir, "old")
     result = bbsnap("images", "update", image_id, "--name", "new", "--description", "d",
                     "--username", "ubuntu", "--arch", "aarch64", "--min-ram", "512", "--public",
-                    "--format", "json")
+                    "--firmware", "uefi", "--format", "json")
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)
     assert (record["name"], record["description"], record["username"], record["arch"],
-            record["min_ram"], record["status"], record["public"]) == (
-        "new", "d", "ubuntu", "aarch64", 512, "public", True)
+            record["min_ram"], record["status"], record["public"], record["firmware"]) == (
+        "new", "d", "ubuntu", "aarch64", 512, "public", True, "uefi")
     assert bbsnap("images", "update", image_id, "--private").stdout.count("status: private") == 1
     assert bbsnap("images", "update", image_id).exit_code == 2
     assert bbsnap("images", "update", image_id, "--username", "Bad User").exit_code == 2
+    assert bbsnap("images", "update", image_id, "--firmware", "coreboot").exit_code == 2
     assert bbsnap("images", "update", "img-zzzzz", "--name", "x").exit_code == 3
 
 

@@ -310,7 +310,7 @@ def test_connection_refused_is_a_clear_error(bbsnap):
 def _sidecar(**fields: object) -> bytes:
     values = {"name": "From the sidecar", "virtual_size": 8 * MIB, "arch": "aarch64",
               "description": "sidecar words", "username": "debian", "min_ram": 768,
-              "format": "qcow2", "compression": "gzip", **fields}
+              "firmware": "uefi", "format": "qcow2", "compression": "gzip", **fields}
     return to_json(Sidecar(**values)).encode()  # type: ignore[arg-type]
 
 
@@ -320,8 +320,8 @@ def test_sidecar_supplies_metadata(bbsnap, server, qcow2_gz):
     server.serve("/d/disk.qcow2.gz.json", _sidecar(sha256=sha256(data)))
     record = imported(bbsnap, bbsnap("images", "import", url))
     assert (record["name"], record["arch"], record["username"], record["min_ram"],
-            record["description"]) == ("From the sidecar", "aarch64", "debian", 768,
-                                       "sidecar words")
+            record["description"], record["firmware"]) == ("From the sidecar", "aarch64",
+                                                           "debian", 768, "sidecar words", "uefi")
     assert record["checksum"] == f"sha256:{sha256(data)}"
 
 
@@ -330,9 +330,11 @@ def test_flags_override_the_sidecar(bbsnap, server, qcow2_gz):
     url = server.serve("/d/disk.qcow2.gz", data)
     server.serve("/d/disk.qcow2.gz.json", _sidecar())
     record = imported(bbsnap, bbsnap("images", "import", url, "-n", "mine", "-a", "x86_64",
-                                     "-u", "admin", "--min-ram", "2048", "-d", ""))
+                                     "-u", "admin", "--min-ram", "2048", "-d", "",
+                                     "--firmware", "bios"))
     assert (record["name"], record["arch"], record["username"], record["min_ram"],
-            record["description"]) == ("mine", "x86_64", "admin", 2048, "")
+            record["description"], record["firmware"]) == ("mine", "x86_64", "admin", 2048, "",
+                                                           "bios")
 
 
 def test_sidecar_beside_a_local_file(bbsnap, work_dir, qcow2_gz):
@@ -352,6 +354,14 @@ def test_sidecar_lying_about_the_size_is_refused(bbsnap, server, qcow2_gz):
     server.serve("/d/disk.qcow2.gz.json", _sidecar(virtual_size=16 * MIB))
     assert_refused(bbsnap, bbsnap("images", "import", url), exit_code=1,
                    words=f"the sidecar says {16 * MIB} bytes, the image is {8 * MIB}")
+
+
+def test_sidecar_with_an_unknown_firmware_is_refused(bbsnap, server, qcow2_gz):
+    _, data = qcow2_gz
+    url = server.serve("/d/disk.qcow2.gz", data)
+    server.serve("/d/disk.qcow2.gz.json", _sidecar(firmware="coreboot"))
+    assert_refused(bbsnap, bbsnap("images", "import", url), exit_code=1,
+                   words="'coreboot' is not a firmware")
 
 
 def test_sidecar_with_the_wrong_digest_is_refused(bbsnap, server, qcow2_gz):

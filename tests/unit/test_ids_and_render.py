@@ -91,3 +91,10 @@ def test_waiting_on_a_terminal_shows_the_copy_s_progress(tmp_path, monkeypatch, 
         catalogue.close()
     assert "\rimg-aaaaa: copying, 41%, 3 MiB so far\n" in terminal.getvalue()
     assert "Image img-aaaaa is available" in capsys.readouterr().err + terminal.getvalue()
+
+
+def test_firmware_names():
+    from bbsnap.services.image_fields import check_firmware
+    assert [check_firmware(f) for f in ("bios", "uefi")] == ["bios", "uefi"]
+    with pytest.raises(UsageError, match="not a firmware"):
+        check_firmware("coreboot")

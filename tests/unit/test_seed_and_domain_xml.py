@@ -163,3 +163,39 @@ def test_ssh_argv():
     assert argv[-3:] == ["--", "uname", "-a"] and "/k" in argv
     with pytest.raises(ConflictError):
         ssh_argv(Server(id="s", uuid="u", name="n", status=ServerStatus.INACTIVE, managed=True))
+
+
+def test_uefi_domains_ask_libvirt_for_ovmf_and_name_every_disk_in_the_boot_order():
+    seed = DiskSpec(Path("/d/seed.iso"), format="raw", device="cdrom", target="hdc", bus="ide")
+    root = ET.fromstring(build_domain_xml(_spec(
+        firmware="uefi", disks=(DiskSpec(Path("/d/disk.qcow2")), seed))))
+    os_el = root.find("os")
+    assert os_el.get("firmware") == "efi" and os_el.find("boot") is None
+    assert os_el.find("firmware/feature").attrib == {"enabled": "no", "name": "secure-boot"}
+    # The seed's CD-ROM is in the order too: OVMF leaves devices outside it unconnected.
+    assert [d.find("boot").get("order") for d in root.findall("devices/disk")] == ["1", "2"]
+    assert read_domain_facts(ET.tostring(root, encoding="unicode")).firmware == "uefi"
+
+    bios = ET.fromstring(build_domain_xml(_spec()))
+    assert bios.find("os").get("firmware") is None and bios.find("os/loader") is None
+    assert bios.find("os/boot").get("dev") == "hd" and bios.find("devices/disk/boot") is None
+
+
+def _with_loader(loader_type: str | None, path: str) -> str:
+    root = ET.fromstring(build_domain_xml(_spec()))
+    loader = ET.SubElement(root.find("os"), "loader", readonly="yes")
+    if loader_type:
+        loader.set("type", loader_type)
+    loader.text = path
+    return ET.tostring(root, encoding="unicode")
+
+
+@pytest.mark.parametrize("loader_type, path, firmware", [
+    ("pflash", "/usr/share/OVMF/OVMF_CODE_4M.fd", "uefi"),    # virt-manager, virt-install
+    ("pflash", "/usr/share/edk2/ovmf/OVMF_CODE.secboot.fd", "uefi"),
+    ("rom", "/usr/share/qemu/OVMF.fd", "uefi"),                # an OVMF ROM as -bios
+    ("rom", "/usr/share/seabios/bios-256k.bin", "bios"),       # another BIOS build
+    (None, "/usr/share/qemu/edk2-x86_64-code.fd", "uefi"),
+])
+def test_the_firmware_of_a_domain_bbsnap_did_not_make(loader_type, path, firmware):
+    assert read_domain_facts(_with_loader(loader_type, path)).firmware == firmware
