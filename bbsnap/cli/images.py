@@ -100,7 +100,8 @@ def import_image(app: Any, source: str, name: str | None, description: str | Non
     try:
         image = app.importer().run(
             request, progress=lambda done: bar[0][0](done) if bar else None, on_opened=opened,
-            on_registered=lambda img: click.echo(f"Importing {label} as {img.id}", err=True))
+            on_registered=lambda img: click.echo(f"Importing {label} as {img.id}", err=True),
+            on_note=lambda text: click.echo(f"bbsnap: note: {text}", err=True))
     finally:
         if bar:
             bar[0][1]()

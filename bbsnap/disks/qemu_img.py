@@ -143,6 +143,18 @@ def convert_top(source: Path, target: Path, base: Path, base_format: str = "qcow
 
 
 
+def read_start(path: Path, fmt: str, length: int, scratch: Path) -> bytes:
+    """The first *length* bytes the guest sees (fewer if the disk is smaller), through a
+    *scratch* file that is removed again. For vetted images: no backing or data file."""
+    try:
+        proc.run(["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={length}", "count=1",
+                  f"if={_abs(path)}", f"of={_abs(scratch)}"], timeout=60,
+                 limits=UNTRUSTED_LIMITS)
+        return scratch.read_bytes()[:length]
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
 def vet_untrusted(path: Path, fmt: str, *, max_virtual_size: int) -> ImageInfo:
     """qemu-img's own view of an untrusted image, refused if it reaches outside the file."""
     image = info(path, fmt, untrusted=True)

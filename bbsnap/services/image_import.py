@@ -25,7 +25,7 @@ from typing import BinaryIO
 from .. import checksums, ids
 from ..catalogue import Catalogue, utcnow
 from ..config import Settings
-from ..disks import qemu_img
+from ..disks import boot_firmware, qemu_img
 from ..disks.formats import PROBE_BYTES, detect_format
 from ..disks.qcow2_header import read_qcow2_header
 from ..errors import HostileImageError, InvalidInputError, UsageError
@@ -69,20 +69,25 @@ class ImageImporter:
 
     def run(self, request: ImportRequest, *, progress: Progress | None = None,
             on_registered: Callable[[Image], None] | None = None,
-            on_opened: Callable[[int | None], None] | None = None) -> Image:
-        """Import; *on_opened* gets the source's size (file size, Content-Length) when known."""
+            on_opened: Callable[[int | None], None] | None = None,
+            on_note: Callable[[str], None] | None = None) -> Image:
+        """Import; *on_opened* gets the source's size (file size, Content-Length) when known,
+        *on_note* what bbsnap decided that the user did not ask for."""
         expected, meta = self._expectations(request)
         source = open_source(request.source, self._stdin,
                              http_timeout=self._settings.http_timeout)
         try:
             if on_opened is not None:
                 on_opened(source.size)
-            image = self._register(_with_sidecar_defaults(request, meta), source.suggested_name)
+            effective = _with_sidecar_defaults(request, meta)
+            image = self._register(effective, source.suggested_name)
             if on_registered is not None:
                 on_registered(image)
             try:
                 return self._fill(image, source.stream, expected, progress,
-                                  meta.virtual_size if meta is not None else None)
+                                  meta.virtual_size if meta is not None else None,
+                                  detect_firmware=effective.firmware is None,
+                                  on_note=on_note or (lambda _text: None))
             except BaseException:
                 self._discard(image.id)
                 raise
@@ -142,7 +147,8 @@ class ImageImporter:
         return download, partial, final
 
     def _fill(self, image: Image, stream: BinaryIO, expected_sha256: str | None,
-              progress: Progress | None, expected_virtual_size: int | None) -> Image:
+              progress: Progress | None, expected_virtual_size: int | None, *,
+              detect_firmware: bool, on_note: Callable[[str], None]) -> Image:
         download, partial, final = self._work_files(image.id)
         copied = copy_decompressed(stream, download,
                                    max_output=self._settings.max_decompressed_size,
@@ -177,6 +183,11 @@ class ImageImporter:
         else:
             qemu_img.convert(download, "raw", partial, "qcow2", untrusted=True)
             download.unlink()
+        firmware = image.firmware
+        if detect_firmware and self._boots_only_under_uefi(image.id, partial):
+            firmware = "uefi"
+            on_note("the disk has an EFI system partition and no BIOS boot code: firmware "
+                    "uefi (--firmware bios to override)")
         fsync_file(partial)
         os.chmod(partial, FILE_MODE)
         os.replace(partial, final)
@@ -185,7 +196,15 @@ class ImageImporter:
         return self._catalogue.update(
             image.id, expect_status=ImageStatus.CREATING, status=ImageStatus.AVAILABLE,
             virtual_size=stored.virtual_size, disk_size=stored.actual_size,
-            path=final.name, format="qcow2", checksum=f"sha256:{copied.source_sha256}", job=None)
+            path=final.name, format="qcow2", checksum=f"sha256:{copied.source_sha256}",
+            firmware=firmware, job=None)
+
+    def _boots_only_under_uefi(self, image_id: str, stored: Path) -> bool:
+        """No --firmware and no sidecar said: a disk with an EFI system partition and no
+        BIOS boot code would not boot under SeaBIOS, so it gets OVMF."""
+        start = qemu_img.read_start(stored, "qcow2", boot_firmware.READ_BYTES,
+                                    self._data_dir.tmp_dir / f"{image_id}.start")
+        return boot_firmware.needs_uefi(start)
 
     def _discard(self, image_id: str) -> None:
         self._data_dir.remove_image_files(image_id)

@@ -56,6 +56,24 @@ def test_format_detection_of_random_bytes(data):
         pass
 
 
+@FUZZ
+@given(st.binary(max_size=4096), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+       st.integers(0, 2**32 - 1))
+def test_boot_firmware_of_a_crafted_partition_table(code, entries_lba, count, size):
+    """A protective MBR and a GPT header whose every number is hostile: a verdict, no error,
+    no read outside the bytes given."""
+    from bbsnap.disks.boot_firmware import needs_uefi
+    import struct
+
+    data = bytearray(code[:440].ljust(512, b"\0"))
+    data[446 + 4] = 0xEE
+    data[510:512] = b"\x55\xaa"
+    header = bytearray(512)
+    header[:8] = b"EFI PART"
+    struct.pack_into("<QII", header, 72, entries_lba, count, size)
+    assert needs_uefi(bytes(data + header + code)) in (True, False)
+
+
 COMPRESSORS = {Compression.GZIP: gzip.compress, Compression.XZ: lzma.compress,
                Compression.BZIP2: bz2.compress}
 
