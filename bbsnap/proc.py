@@ -27,6 +27,16 @@ class Limits:
 
     address_space_bytes: int | None = 1 << 30  # qemu-img info on a crafted header
     cpu_seconds: int | None = 30
+    # glibc reserves up to 64 MiB of address space per malloc arena, one arena per thread
+    # up to 8 per core: a qemu-img convert whose I/O threads multiplied under load ran out
+    # of its address-space limit and aborted in qemu_thread_create (EAGAIN).
+    malloc_arenas: int | None = 2
+
+    def environment(self) -> dict[str, str]:
+        """Variables the limited child needs on top of the caller's environment."""
+        if self.malloc_arenas is None:
+            return {}
+        return {"MALLOC_ARENA_MAX": str(self.malloc_arenas)}
 
     def preexec(self) -> Callable[[], None]:
         def apply() -> None:
@@ -62,6 +72,8 @@ def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float = DEFAULT_TIME
         cwd: str | Path | None = None) -> Result:
     """Run *argv* to completion and capture its text output."""
     args = [os.fspath(a) for a in argv]
+    if limits is not None:
+        env = {**limits.environment(), **(env or {})}
     full_env = None
     if env is not None:
         full_env = dict(os.environ)
@@ -104,8 +116,10 @@ def popen(argv: Sequence[str | os.PathLike[str]], *, stdin: int | None = None,
         if setup is not None:
             setup()
 
+    extra = limits.environment() if limits else {}
     try:
         return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr,
+                                env={**os.environ, **extra} if extra else None,
                                 preexec_fn=preexec if (setup or die_with_parent) else None)
     except FileNotFoundError as exc:
         raise NotFoundError(f"required program '{args[0]}' is not installed",

@@ -8,6 +8,7 @@ import hashlib
 import json
 import lzma
 import os
+import sys
 
 import pytest
 
@@ -113,3 +114,24 @@ def test_image_shows_creating_while_the_import_runs(bbsnap, work_dir):
     assert child.returncode == 0, err
     image_id = out.decode().strip()
     assert _image_json(bbsnap, image_id)["status"] == "private"
+
+
+def test_untrusted_qemu_img_runs_limited_with_few_malloc_arenas():
+    """Children given limits see them (address space, CPU) and MALLOC_ARENA_MAX, without
+    which glibc's per-thread arenas ran qemu-img convert out of its address space."""
+    import subprocess
+
+    from bbsnap import proc
+    from bbsnap.disks.qemu_img import UNTRUSTED_LIMITS
+
+    script = ("import os, resource; print(os.environ.get('MALLOC_ARENA_MAX'), "
+              "resource.getrlimit(resource.RLIMIT_AS)[0], os.environ.get('KEEP'))")
+    limited = proc.run([sys.executable, "-c", script], limits=UNTRUSTED_LIMITS,
+                       env={"KEEP": "yes"}).stdout.split()
+    assert limited == ["2", str(UNTRUSTED_LIMITS.address_space_bytes), "yes"]
+    plain = proc.run([sys.executable, "-c", script]).stdout.split()
+    assert plain[0] == "None"
+    child = proc.popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                       limits=UNTRUSTED_LIMITS)
+    out, _ = child.communicate(timeout=60)
+    assert out.decode().split()[:2] == ["2", str(UNTRUSTED_LIMITS.address_space_bytes)]
