@@ -99,6 +99,54 @@ def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float = DEFAULT_TIME
     return result
 
 
+def run_reporting(argv: Sequence[str | os.PathLike[str]], on_output: Callable[[str], None], *,
+                  timeout: float = DEFAULT_TIMEOUT, limits: Limits | None = None) -> Result:
+    """Run *argv* to completion like :func:`run`, handing each piece of its standard output
+    to *on_output* as it comes (pieces end at a newline or a carriage return: progress
+    meters such as ``qemu-img -p`` rewrite one line with \r)."""
+    import selectors
+    import tempfile
+    import time
+
+    args = [os.fspath(a) for a in argv]
+    deadline = time.monotonic() + timeout
+    with tempfile.TemporaryFile() as errors:  # a file: a chatty stderr cannot block the child
+        try:
+            child = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
+                env={**os.environ, **limits.environment()} if limits else None,
+                preexec_fn=limits.preexec() if limits else None)
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"required program '{args[0]}' is not installed",
+                                hint="run scripts/setup") from exc
+        assert child.stdout is not None
+        pending = b""
+        with child, selectors.DefaultSelector() as selector:
+            selector.register(child.stdout, selectors.EVENT_READ)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    child.kill()
+                    raise ExternalCommandError(
+                        f"{_name(args)} did not finish within {timeout:g} s", argv=args)
+                chunk = os.read(child.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                pieces = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
+                pending = pieces.pop()
+                for piece in pieces:
+                    if piece.strip():
+                        on_output(piece.decode(errors="replace"))
+            returncode = child.wait(timeout=max(deadline - time.monotonic(), 1))
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace")
+    if returncode != 0:
+        raise ExternalCommandError(
+            f"{_name(args)} failed (exit {returncode}): {_last_line(stderr)}",
+            argv=args, returncode=returncode, stderr=stderr)
+    return Result(args, returncode, "", stderr)
+
+
 def popen(argv: Sequence[str | os.PathLike[str]], *, stdin: int | None = None,
           stdout: int | None = None, stderr: int | None = subprocess.PIPE,
           limits: Limits | None = None, die_with_parent: bool = False) -> subprocess.Popen[bytes]:

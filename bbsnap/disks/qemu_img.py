@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import proc
 from ..errors import ExternalCommandError, HostileImageError
@@ -93,13 +94,14 @@ def check(path: Path, fmt: str = "qcow2", *, untrusted: bool = False,
 
 
 def convert(source: Path, source_format: str, target: Path, target_format: str, *,
-            untrusted: bool = False, compress: bool = False, timeout: float = 3600) -> None:
+            untrusted: bool = False, compress: bool = False, timeout: float = 3600,
+            progress: Callable[[float], None] | None = None) -> None:
     """Copy *source* into a new standalone *target* (sparse: zero runs are not written)."""
     argv = ["qemu-img", "convert", "-f", source_format, "-O", target_format, "-S", "64k"]
     if compress:
         argv.append("-c")
     argv += [_abs(source), _abs(target)]
-    proc.run(argv, timeout=timeout, limits=UNTRUSTED_LIMITS if untrusted else None)
+    _run_convert(argv, progress, timeout=timeout, limits=UNTRUSTED_LIMITS if untrusted else None)
 
 
 def create_overlay(path: Path, backing: Path, backing_format: str = "qcow2",
@@ -135,11 +137,30 @@ def add_bitmap(path: Path, name: str) -> None:
     proc.run(["qemu-img", "bitmap", "--add", "-f", "qcow2", _abs(path), name], timeout=60)
 
 
-def convert_top(source: Path, target: Path, base: Path, base_format: str = "qcow2") -> None:
+def convert_top(source: Path, target: Path, base: Path, base_format: str = "qcow2", *,
+                progress: Callable[[float], None] | None = None) -> None:
     """Copy *source* (whose backing chain ends in *base*) as a new overlay on *base*:
-    only what the layers above *base* hold is written."""
-    proc.run(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", "-B", _abs(base),
-              "-F", base_format, _abs(source), _abs(target)], timeout=3600)
+    only what the layers above *base* hold is written. *progress* gets qemu-img's percent."""
+    _run_convert(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", "-B", _abs(base),
+                  "-F", base_format, _abs(source), _abs(target)], progress, timeout=3600)
+
+
+_PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def _run_convert(argv: list[str], progress: Callable[[float], None] | None, *,
+                 timeout: float, limits: proc.Limits | None = None) -> None:
+    """qemu-img convert, with its own progress meter (-p) read when *progress* wants it."""
+    if progress is None:
+        proc.run(argv, timeout=timeout, limits=limits)
+        return
+
+    def meter(line: str) -> None:
+        match = _PERCENT.search(line)
+        if match:
+            progress(float(match.group(1)))
+
+    proc.run_reporting([*argv[:2], "-p", *argv[2:]], meter, timeout=timeout, limits=limits)
 
 
 

@@ -59,7 +59,7 @@ class SnapshotFinisher:
             if job.mode == "backup":
                 self._wait_for_backup(image_id, job)
             else:
-                self._copy_shut_off_disks(job)
+                self._copy_shut_off_disks(image_id, job)
             volumes = [self._store_disk(image_id, index, disk, job.mode)
                        for index, disk in enumerate(job.disks)]
         except BaseException as exc:
@@ -105,13 +105,24 @@ class SnapshotFinisher:
         if missing:
             raise SnapshotFailed(f"the copy reported success but {missing[0]} is missing")
 
-    def _copy_shut_off_disks(self, job: SnapshotJob) -> None:
+    def _copy_shut_off_disks(self, image_id: str, job: SnapshotJob) -> None:
         """A shut-off server: copy its disks directly (the lock keeps bbsnap from starting it)."""
-        for disk in job.disks:
+        last_report = 0.0
+        for index, disk in enumerate(job.disks):
+            def report(percent: float, index: int = index) -> None:
+                nonlocal last_report
+                now = time.monotonic()
+                if now - last_report >= 0.5:  # as often as the backup's reports
+                    done = (index * 100 + percent) / len(job.disks)
+                    self._catalogue.update(image_id, disk_size=_allocated(job),
+                                           progress=min(99, int(done)))
+                    last_report = now
             if disk.ancestor:
-                qemu_img.convert_top(Path(disk.source), Path(disk.target), Path(disk.ancestor))
+                qemu_img.convert_top(Path(disk.source), Path(disk.target), Path(disk.ancestor),
+                                     progress=report)
             else:
-                qemu_img.convert(Path(disk.source), disk.source_format, Path(disk.target), "qcow2")
+                qemu_img.convert(Path(disk.source), disk.source_format, Path(disk.target),
+                                 "qcow2", progress=report)
 
     def _reconnect(self) -> None:
         deadline = time.monotonic() + RECONNECT_SECONDS
