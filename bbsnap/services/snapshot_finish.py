@@ -74,7 +74,7 @@ class SnapshotFinisher:
     # -- copying ------------------------------------------------------------------------------
 
     def _wait_for_backup(self, image_id: str, job: SnapshotJob) -> None:
-        last_report = 0.0
+        report = _ProgressReport(self._catalogue, image_id, job)
         while True:
             try:
                 status = self._hv.job_status(job.domain)
@@ -85,11 +85,7 @@ class SnapshotFinisher:
                 continue
             if not status.active:
                 break
-            now = time.monotonic()
-            if now - last_report >= 0.5:  # for `images show` and `--wait` while it runs
-                self._catalogue.update(image_id, disk_size=_allocated(job),
-                                       progress=status.percent)
-                last_report = now
+            report(status.percent)
             time.sleep(POLL_SECONDS)
         try:
             outcome = self._hv.completed_job(job.domain)
@@ -107,22 +103,16 @@ class SnapshotFinisher:
 
     def _copy_shut_off_disks(self, image_id: str, job: SnapshotJob) -> None:
         """A shut-off server: copy its disks directly (the lock keeps bbsnap from starting it)."""
-        last_report = 0.0
+        report = _ProgressReport(self._catalogue, image_id, job)
         for index, disk in enumerate(job.disks):
-            def report(percent: float, index: int = index) -> None:
-                nonlocal last_report
-                now = time.monotonic()
-                if now - last_report >= 0.5:  # as often as the backup's reports
-                    done = (index * 100 + percent) / len(job.disks)
-                    self._catalogue.update(image_id, disk_size=_allocated(job),
-                                           progress=min(99, int(done)))
-                    last_report = now
+            def progress(percent: float, index: int = index) -> None:  # of this disk
+                report(min(99, int((index * 100 + percent) / len(job.disks))))
             if disk.ancestor:
                 qemu_img.convert_top(Path(disk.source), Path(disk.target), Path(disk.ancestor),
-                                     progress=report)
+                                     progress=progress)
             else:
                 qemu_img.convert(Path(disk.source), disk.source_format, Path(disk.target),
-                                 "qcow2", progress=report)
+                                 "qcow2", progress=progress)
 
     def _reconnect(self) -> None:
         deadline = time.monotonic() + RECONNECT_SECONDS
@@ -180,6 +170,24 @@ class SnapshotFinisher:
                 pass
         self._data_dir.remove_image_files(image_id)
         self._catalogue.fail_snapshot(image_id, reason)
+
+
+class _ProgressReport:
+    """How far a copy has got, for `images show` and `--wait`: the percent and the targets'
+    growing size, written at most every half second (each write is a catalogue commit)."""
+
+    def __init__(self, catalogue: Catalogue, image_id: str, job: SnapshotJob) -> None:
+        self._catalogue = catalogue
+        self._image_id = image_id
+        self._job = job
+        self._last = 0.0
+
+    def __call__(self, percent: int | None) -> None:
+        now = time.monotonic()
+        if now - self._last >= 0.5:
+            self._catalogue.update(self._image_id, disk_size=_allocated(self._job),
+                                   progress=percent)
+            self._last = now
 
 
 def _allocated(job: SnapshotJob) -> int:
