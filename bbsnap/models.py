@@ -65,7 +65,7 @@ class Image:
     min_ram: int | None = None     # MiB
     failure_reason: str | None = None
     job: str | None = None         # "<pid>:<start ticks>" of the process creating it
-    progress: int | None = None    # percent of a snapshot's copy done, while QEMU copies it
+    progress: int | None = None    # percent of a snapshot's copy done, while it runs
 
     @property
     def display_status(self) -> str:

@@ -10,6 +10,7 @@ from .options import for_each, output_options
 
 IMAGE_TYPES = ("snapshot", "upload", "official")
 STATUSES = ("creating", "available", "private", "public", "failed", "deleted")
+FIRMWARES = ("bios", "uefi")  # image_fields.FIRMWARES, without importing it for --help
 
 
 @click.group(invoke_without_command=True)
@@ -65,7 +66,7 @@ def show_images(app: Any, image_ids: tuple[str, ...], output_format: str, simple
 @click.option("-a", "--arch", help="Architecture (default: the sidecar's, else the host's).")
 @click.option("-u", "--username", help="Default login user of the guest.")
 @click.option("--min-ram", type=click.IntRange(min=1), help="Minimum RAM in MiB.")
-@click.option("--firmware", type=click.Choice(["bios", "uefi"]),
+@click.option("--firmware", type=click.Choice(FIRMWARES),
               help="How servers from it boot (default: the sidecar's, else bios).")
 @click.option("--checksum", metavar="sha256:HEX", help="Refuse the data unless its SHA-256 matches.")
 @click.option("--checksum-file", metavar="URL|PATH",
@@ -115,7 +116,7 @@ def import_image(app: Any, source: str, name: str | None, description: str | Non
 @click.option("-u", "--username", help="Default login user.")
 @click.option("-a", "--arch", help="Architecture.")
 @click.option("--min-ram", type=click.IntRange(min=1), help="Minimum RAM in MiB.")
-@click.option("--firmware", type=click.Choice(["bios", "uefi"]),
+@click.option("--firmware", type=click.Choice(FIRMWARES),
               help="How servers made from it boot from now on.")
 @click.option("--public/--private", "public", default=None, help="Visibility.")
 @output_options

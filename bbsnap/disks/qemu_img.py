@@ -163,7 +163,6 @@ def _run_convert(argv: list[str], progress: Callable[[float], None] | None, *,
     proc.run_reporting([*argv[:2], "-p", *argv[2:]], meter, timeout=timeout, limits=limits)
 
 
-
 def read_start(path: Path, fmt: str, length: int, scratch: Path) -> bytes:
     """The first *length* bytes the guest sees (fewer if the disk is smaller), through a
     *scratch* file that is removed again. For vetted images: no backing or data file."""

@@ -83,15 +83,15 @@ def build_domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(ET.SubElement(sysinfo, "system"), "entry", name="uuid").text = spec.uuid
     os_el = ET.SubElement(domain, "os")
     ET.SubElement(os_el, "type", arch="x86_64", machine=spec.machine).text = "hvm"
-    if spec.firmware == "uefi":
+    uefi = spec.firmware == "uefi"
+    if uefi:
         # libvirt picks the OVMF build from QEMU's firmware descriptors and makes the NVRAM
         # store from its template (removed again by undefine's NVRAM flag). Secure boot
         # needs q35 + SMM and enrolled keys; bbsnap's guests boot unsigned loaders.
         os_el.set("firmware", "efi")
         ET.SubElement(ET.SubElement(os_el, "firmware"), "feature", enabled="no",
                       name="secure-boot")
-    uefi = spec.firmware == "uefi"
-    if not uefi:
+    else:
         ET.SubElement(os_el, "boot", dev="hd")
     ET.SubElement(os_el, "smbios", mode="sysinfo")
     features = ET.SubElement(domain, "features")

@@ -98,3 +98,9 @@ def test_firmware_names():
     assert [check_firmware(f) for f in ("bios", "uefi")] == ["bios", "uefi"]
     with pytest.raises(UsageError, match="not a firmware"):
         check_firmware("coreboot")
+
+
+def test_the_cli_offers_the_firmwares_bbsnap_boots():
+    from bbsnap.cli.images import FIRMWARES
+    from bbsnap.services.image_fields import FIRMWARES as CHECKED
+    assert FIRMWARES == CHECKED
