@@ -84,4 +84,3 @@ class CheckpointBrokenError(HypervisorError):
 
 class CatalogueError(BbsnapError):
     """The SQLite catalogue could not be read or written."""
-

@@ -62,6 +62,15 @@ class DataDir:
         for path in self.blank_overlays_dir.glob(f"{image_id}-*.qcow2"):
             path.unlink(missing_ok=True)
 
+    def export_journal(self, token: str) -> Path:
+        """An export's crash journal (it names the partial output), by the export's job token."""
+        return self.tmp_dir / f"export.{token}.journal"
+
+    def export_journals(self) -> list[tuple[str, Path]]:
+        """Every export crash journal, with the job token of the export that wrote it."""
+        return [(path.name[len("export."):-len(".journal")], path)
+                for path in self.tmp_dir.glob("export.*.journal")]
+
     def server_dir(self, server_id: str) -> Path:
         return self.servers_dir / server_id
 
@@ -91,4 +100,3 @@ class DataDir:
             raise BbsnapError(f"cannot prepare data directory {self.root}: {exc.strerror}",
                               hint="choose another with --data-dir or BBSNAP_HOME") from exc
         return self
-

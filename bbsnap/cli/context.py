@@ -59,15 +59,15 @@ class AppContext:
 
     @property
     def catalogue(self) -> "Catalogue":
+        """The catalogue after crash recovery (the first use in a command runs it)."""
         if self._catalogue is None:
-            from ..catalogue import Catalogue
             from ..services.recovery import recover_interrupted, recover_interrupted_exports
 
-            self._catalogue = Catalogue(self.data_dir.catalogue_path)
-            self._closers.append(self._catalogue.close)
-            recover_interrupted(self._catalogue, self.data_dir, self._adopt_snapshot)
+            catalogue = self.catalogue_as_found
+            recover_interrupted(catalogue, self.data_dir, self._adopt_snapshot)
             self._recover_creates()
             recover_interrupted_exports(self.data_dir)
+            return catalogue
         return self._catalogue
 
     def _recover_creates(self) -> None:

@@ -79,7 +79,6 @@ def as_data(data: Any, fmt: str) -> str:
     return as_json(data) if fmt == "json" else as_yaml(data)
 
 
-
 def listing(columns: Sequence[str], rows: Sequence[Sequence[Any]], records: Sequence[Any],
             fmt: str, tab_separated: bool) -> str:
     """A list command's output in the chosen form: data, tab-separated or the seed's table."""

@@ -41,6 +41,7 @@ class NicSpec:
     passt: bool = False                  # user-mode through passt (libvirt >= 9.2) instead of SLIRP
     model: str = "virtio"
 
+
 # SLIRP NICs are given on QEMU's command line (libvirt 9.0 has no XML for SLIRP port
 # forwards), at fixed PCI slots well above the ones libvirt assigns to its own devices.
 _SLIRP_FIRST_PCI_SLOT = 0x10

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..disks import qemu_img
 from ..hypervisor import DiskInfo, Hypervisor
+from ..jobs import current_job_token
 from ..layout import DataDir
 
 CHECKPOINT = "bbsnap-since-create"  # the checkpoint's and its bitmap's name
@@ -40,7 +41,8 @@ def new_tracked_overlay(data_dir: DataDir, image_id: str, image_file: Path, size
     """A new, empty overlay on *image_file* at *dest* that records every write from now on."""
     blank = data_dir.blank_overlay(image_id, size)
     if not blank.exists():
-        making = blank.with_name(f".{blank.name}.{os.getpid()}")
+        # Named by its maker's job token: doctor leaves it alone while that process lives.
+        making = blank.with_name(f".{blank.name}.{current_job_token()}")
         try:
             qemu_img.create_overlay(making, image_file, size=size)
             qemu_img.add_bitmap(making, CHECKPOINT)

@@ -1,8 +1,8 @@
 """`bbsnap doctor`: check the host and the data directory, and say exactly how to fix things.
 
 Each check returns Findings; a finding that is not ok carries the command or change that
-fixes it. `--fix` recovers stale jobs as every command does, and only deletes what is provably orphaned: files no catalogue row, running
-job or libvirt domain refers to.
+fixes it. `--fix` recovers stale jobs as every command does, and only deletes what is
+provably orphaned: files no catalogue row, running job or libvirt domain refers to.
 """
 
 from __future__ import annotations
@@ -172,15 +172,17 @@ class Doctor:
             match = _ID_PREFIX.match(path.name)
             if path.name not in kept and not (match and match.group(1) in busy):
                 found.append(Orphan(path, _size(path)))
+        running_exports = {path for token, path in self._data_dir.export_journals()
+                           if job_alive(token)}
         for path in self._data_dir.tmp_dir.iterdir():
             match = _ID_PREFIX.match(path.name)
-            if path.name.startswith("export.") and job_alive(path.name[7:-8]):
+            if path in running_exports:
                 continue  # the journal of a running export
             if not (match and match.group(1) in busy) and not _export_in_progress(path):
                 found.append(Orphan(path, _size(path)))
         listed = {i.id for i in rows if i.status is not ImageStatus.DELETED}
         for path in self._data_dir.blank_overlays_dir.glob("*"):
-            if path.name.startswith(".") and _pid_alive(path.suffix[1:]):
+            if path.name.startswith(".") and job_alive(path.suffix[1:]):
                 continue  # being made by a running `servers create`
             match = _ID_PREFIX.match(path.name)
             if not (match and match.group(1) in listed and path.suffix == ".qcow2"):
@@ -230,7 +232,3 @@ def _size(path: Path) -> int:
         return path.stat().st_blocks * 512
     except OSError:
         return 0
-
-
-def _pid_alive(pid: str) -> bool:
-    return pid.isdigit() and Path(f"/proc/{pid}").exists()

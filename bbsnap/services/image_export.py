@@ -79,7 +79,7 @@ class ImageExporter:
         _check_destination(final)
         partial = final.with_name(final.name + ".partial")
         # Crash journal: names the partial file so recovery can remove it if we are killed.
-        journal = self._data_dir.tmp_dir / f"export.{current_job_token()}.journal"
+        journal = self._data_dir.export_journal(current_job_token())
         journal.write_text(str(partial))
         try:
             with open(partial, "wb") as out:

@@ -80,8 +80,7 @@ def recover_interrupted_creates(catalogue: Catalogue, data_dir: DataDir,
 def recover_interrupted_exports(data_dir: DataDir) -> list[str]:
     """Remove the `.partial` output of exports whose process died (named by their journal)."""
     removed = []
-    for journal in data_dir.tmp_dir.glob("export.*.journal"):
-        token = journal.name[len("export."):-len(".journal")]
+    for token, journal in data_dir.export_journals():
         if job_alive(token):
             continue
         try:
@@ -93,4 +92,3 @@ def recover_interrupted_exports(data_dir: DataDir) -> list[str]:
             removed.append(partial)
         journal.unlink(missing_ok=True)
     return removed
-

@@ -12,7 +12,6 @@ _STATUS = {DomainState.RUNNING: ServerStatus.ACTIVE, DomainState.SHUTOFF: Server
            DomainState.PAUSED: ServerStatus.PAUSED, DomainState.CRASHED: ServerStatus.CRASHED}
 
 
-
 def server_from_domain(hv: Hypervisor, info: DomainInfo, *, with_addresses: bool = False,
                        xml: str | None = None) -> Server:
     """*xml*: the domain's live XML when the caller already read it (one libvirt call less)."""

@@ -200,7 +200,6 @@ def _allocated(job: SnapshotJob) -> int:
     return total
 
 
-
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"

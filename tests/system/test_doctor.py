@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from bbsnap.catalogue import Catalogue
+from bbsnap.jobs import current_job_token
 from bbsnap.models import ImageStatus
 from tests.system.conftest import create_server
 
@@ -20,19 +21,26 @@ def test_healthy_data_directory(cloud):
 
 def test_orphans_are_found_and_only_they_are_reclaimed(cloud):
     (server,) = create_server(cloud, "--no-start")
-    junk = [cloud.data_dir / "images" / "img-zzzzz.qcow2", cloud.data_dir / "tmp" / "img-yyyyy.vda.copy.qcow2"]
-    for path in junk:
+    tmp, blanks = cloud.data_dir / "tmp", cloud.data_dir / "blank-overlays"
+    dead = "1:1:gone"  # the job token of a process that no longer exists
+    junk = [cloud.data_dir / "images" / "img-zzzzz.qcow2", tmp / "img-yyyyy.vda.copy.qcow2",
+            tmp / f"export.{dead}.journal", blanks / f".{cloud.image_id}-1024.qcow2.{dead}"]
+    # Work files of a process that still runs (this one): theirs, not orphans.
+    busy = [tmp / f"export.{current_job_token()}.journal",
+            blanks / f".{cloud.image_id}-2048.qcow2.{current_job_token()}"]
+    for path in junk + busy:
         path.write_bytes(b"x" * 4096)
     stray = cloud.data_dir / "servers" / "srv-zzzzz"
     stray.mkdir()
     (stray / "disk.qcow2").write_bytes(b"x" * 4096)
 
     report = cloud("doctor")
-    assert report.exit_code == 1 and "3 files hold" in report.stdout
+    assert report.exit_code == 1 and "5 files hold" in report.stdout, report.stdout
     assert "fix: bbsnap doctor --fix" in report.stdout
     fixed = cloud("doctor", "--fix")
     assert fixed.exit_code == 0, fixed.stdout + fixed.stderr
     assert not any(p.exists() for p in junk) and not stray.exists()
+    assert all(p.exists() for p in busy)
     assert (cloud.data_dir / "images" / f"{cloud.image_id}.qcow2").exists()
     assert (cloud.data_dir / "servers" / server["id"] / "disk.qcow2").exists()
     assert cloud("servers", "destroy", server["id"]).exit_code == 0
