@@ -156,21 +156,24 @@ def nothing_left(cloud, hypervisor) -> None:
     catalogue.close()
 
 
-def write_into_running_disk(domain: str, command: str) -> None:
-    """Run a qemu-io *command* (e.g. "write -P 0x44 512M 256M") on the running domain's first
-    virtio disk, through the device's own block backend: the writes take the guest's path, so
-    QEMU's dirty bitmaps record them, and need no guest cooperation."""
+def qemu_monitor(domain: str, command: str, *, hmp: bool = False) -> str:
+    """One command to a running domain's QEMU monitor (QMP JSON, or HMP text)."""
     import libvirt
     import libvirt_qemu
 
     conn = libvirt.open(URI)
     try:
-        out = libvirt_qemu.qemuMonitorCommand(
-            conn.lookupByName(domain),
-            f'qemu-io -d virtio-disk0/virtio-backend "{command}"',
-            libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        flags = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP if hmp else 0
+        return str(libvirt_qemu.qemuMonitorCommand(conn.lookupByName(domain), command, flags))
     finally:
         conn.close()
+
+
+def write_into_running_disk(domain: str, command: str) -> None:
+    """Run a qemu-io *command* (e.g. "write -P 0x44 512M 256M") on the running domain's first
+    virtio disk, through the device's own block backend: the writes take the guest's path, so
+    QEMU's dirty bitmaps record them, and need no guest cooperation."""
+    out = qemu_monitor(domain, f'qemu-io -d virtio-disk0/virtio-backend "{command}"', hmp=True)
     # The monitor answers only when the command could not run; qemu-io's own report (and an
     # I/O error) goes to QEMU's log, so callers check what the writes did.
     assert not out.strip(), out
@@ -179,19 +182,9 @@ def write_into_running_disk(domain: str, command: str) -> None:
 def set_backup_speed(domain: str, speed: int) -> list[int]:
     """Throttle (or release, speed 0) the domain's running backup jobs through QEMU's own
     monitor; returns how many bytes each job has to copy in all (QEMU's "len")."""
-    import libvirt
-    import libvirt_qemu
-
-    conn = libvirt.open(URI)
-    try:
-        dom = conn.lookupByName(domain)
-        jobs = json.loads(libvirt_qemu.qemuMonitorCommand(
-            dom, '{"execute": "query-block-jobs"}', 0))["return"]
-        for job in jobs:
-            libvirt_qemu.qemuMonitorCommand(dom, json.dumps({
-                "execute": "block-job-set-speed",
-                "arguments": {"device": job["device"], "speed": speed}}), 0)
-        return [int(job["len"]) for job in jobs]
-    finally:
-        conn.close()
+    jobs = json.loads(qemu_monitor(domain, '{"execute": "query-block-jobs"}'))["return"]
+    for job in jobs:
+        qemu_monitor(domain, json.dumps({"execute": "block-job-set-speed",
+                                         "arguments": {"device": job["device"], "speed": speed}}))
+    return [int(job["len"]) for job in jobs]
 
