@@ -42,7 +42,8 @@ CREATING_MARKER = ".creating"
 SEED_FILE = "seed.iso"
 CONSOLE_FILE = "console.log"
 # OVMF keeps ~100 MiB more of a small guest's memory than SeaBIOS: the tiny guest's kernel
-# and initramfs did not boot under UEFI in 128 MiB. The type's default is raised to this.
+# and initramfs did not boot under UEFI in 128 MiB. The type's default is raised to this,
+# and less is refused.
 UEFI_MIN_MEMORY_MIB = 256
 
 
@@ -94,8 +95,11 @@ class ServerCreator:
             raise ConflictError(f"image {image.id} is {image.status.value}, not available",
                                 hint="wait for it, or pick another image")
         server_type = find_type(request.server_type or DEFAULT_TYPE)
-        memory = request.memory_mib or max(server_type.memory_mib, image.min_ram or 0,
-                                           UEFI_MIN_MEMORY_MIB if image.firmware == "uefi" else 0)
+        uefi_floor = UEFI_MIN_MEMORY_MIB if image.firmware == "uefi" else 0
+        memory = request.memory_mib or max(server_type.memory_mib, image.min_ram or 0, uefi_floor)
+        if memory < uefi_floor:  # it would hang in OVMF or its loader, saying nothing
+            raise UsageError(f"--memory {memory} MiB is too little for a UEFI guest",
+                             hint=f"give at least {uefi_floor} MiB")
         host_memory = total_memory_mib()
         if memory > host_memory:
             raise UsageError(f"{memory} MiB of memory is more than this host has ({host_memory} MiB)")

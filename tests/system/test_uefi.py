@@ -43,6 +43,9 @@ def test_a_uefi_image_boots_snapshots_and_clones_as_uefi(cloud, hypervisor, tiny
     assert imported.exit_code == 0, imported.stderr
     image_id = imported.stdout.strip()
     assert image_record(cloud, image_id)["firmware"] == "uefi"
+    too_small = cloud("servers", "create", image_id, "--memory", "128")
+    assert too_small.exit_code == 2 and "too little for a UEFI guest" in too_small.stderr
+    assert list((cloud.data_dir / "servers").iterdir()) == []  # nothing was made
 
     server = boot(cloud, image_id)
     assert server["firmware"] == "uefi"
