@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import checksums, ids
+from .. import checksums, ids, safe_files
 from ..catalogue import Catalogue, utcnow
 from ..config import Settings
 from ..disks import boot_firmware, qemu_img
@@ -37,8 +37,6 @@ from ..sources import load_sidecar, open_source, read_document, source_file_name
 from ..transfer import (
     Progress,
     copy_decompressed,
-    fsync_directory,
-    fsync_file,
     parse_checksum,
 )
 from . import image_fields
@@ -188,10 +186,7 @@ class ImageImporter:
             firmware = "uefi"
             on_note("the disk has an EFI system partition and no BIOS boot code: firmware "
                     "uefi (--firmware bios to override)")
-        fsync_file(partial)
-        os.chmod(partial, FILE_MODE)
-        os.replace(partial, final)
-        fsync_directory(final.parent)
+        safe_files.publish(partial, final, mode=FILE_MODE)
         stored = qemu_img.info(final, "qcow2")
         return self._catalogue.update(
             image.id, expect_status=ImageStatus.CREATING, status=ImageStatus.AVAILABLE,

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .. import safe_files
 from ..catalogue import Catalogue
 from ..disks import qemu_img
 from ..errors import BbsnapError, HypervisorError, NotFoundError
@@ -22,7 +23,6 @@ from ..hypervisor import Hypervisor
 from ..jobs import current_job_token
 from ..layout import FILE_MODE, DataDir
 from ..models import Image, ImageStatus, ImageVolume, SnapshotDisk, SnapshotJob
-from ..transfer import fsync_directory, fsync_file
 
 POLL_SECONDS = 0.05  # job polling: cheap (one libvirt call), and it sets the finish latency
 RECONNECT_SECONDS = 120.0  # how long a restarting libvirtd may stay away
@@ -143,12 +143,9 @@ class SnapshotFinisher:
         verdict = qemu_img.check(copy)
         if verdict.corruptions:
             raise SnapshotFailed(f"the copy of {disk.device} is corrupt ({verdict.corruptions} errors)")
-        fsync_file(copy)
-        os.chmod(copy, FILE_MODE)
         name = f"{image_id}.qcow2" if index == 0 else f"{image_id}-{disk.device}.qcow2"
         final = self._data_dir.images_dir / name
-        os.replace(copy, final)
-        fsync_directory(final.parent)
+        safe_files.publish(copy, final, mode=FILE_MODE)
         info = qemu_img.info(final, "qcow2")
         return ImageVolume(disk.device, name, info.virtual_size, info.actual_size)
 
