@@ -38,6 +38,7 @@ class Settings:
     ssh_ports: str = "2222-2999"   # 127.0.0.1 ports bbsnap may forward to guests' SSH
     network: str = "user"          # "user" (user-mode + 127.0.0.1 forward) or a libvirt network
     http_timeout: float = 30.0     # seconds to connect, and to wait for each read, on image URLs
+    lock_timeout: float = 3600.0   # longest wait for another operation's lock (see locks.py)
 
 
 # A parser takes a raw value (a str from a flag or the environment, any YAML value from the
@@ -183,6 +184,7 @@ _ENV: dict[str, str] = {
     "ssh_ports": "BBSNAP_SSH_PORTS",
     "network": "BBSNAP_NETWORK",
     "http_timeout": "BBSNAP_HTTP_TIMEOUT",
+    "lock_timeout": "BBSNAP_LOCK_TIMEOUT",
 }
 # Variables whose owner defines "set but empty" as unset (libvirt's virConnectOpen does).
 # Every other empty BBSNAP_* variable is an error, not a silent fallback to the default.
