@@ -38,6 +38,7 @@ class Settings:
     ssh_ports: str = "2222-2999"   # 127.0.0.1 ports bbsnap may forward to guests' SSH
     network: str = "user"          # "user" (user-mode + 127.0.0.1 forward) or a libvirt network
     http_timeout: float = 30.0     # seconds to connect, and to wait for each read, on image URLs
+    http_min_rate: int = 1024      # bytes/s an image URL must keep up over each http_timeout
     lock_timeout: float = 3600.0   # longest wait for another operation's lock (see locks.py)
 
 
@@ -169,6 +170,7 @@ _PARSERS: dict[str, Parser] = {
     "max_decompressed_size": parse_positive_size,
     "ssh_ports": parse_port_range_setting,
     "http_timeout": parse_seconds,
+    "http_min_rate": parse_positive_size,
 }
 _FLAG_PARSERS: dict[str, Parser] = {"data_dir": parse_data_dir_flag}
 
@@ -185,6 +187,7 @@ _ENV: dict[str, str] = {
     "network": "BBSNAP_NETWORK",
     "http_timeout": "BBSNAP_HTTP_TIMEOUT",
     "lock_timeout": "BBSNAP_LOCK_TIMEOUT",
+    "http_min_rate": "BBSNAP_HTTP_MIN_RATE",
 }
 # Variables whose owner defines "set but empty" as unset (libvirt's virConnectOpen does).
 # Every other empty BBSNAP_* variable is an error, not a silent fallback to the default.

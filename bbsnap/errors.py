@@ -84,3 +84,7 @@ class CheckpointBrokenError(HypervisorError):
 
 class CatalogueError(BbsnapError):
     """The SQLite catalogue could not be read or written."""
+
+
+class CataloguePathError(CatalogueError):
+    """A catalogue row names a file outside the data directory's images/ (refused, not used)."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from .errors import BbsnapError
+from .errors import BbsnapError, CataloguePathError
 
 DIR_MODE = 0o755
 FILE_MODE = 0o644
@@ -76,6 +76,25 @@ class DataDir:
 
     def image_file(self, image_id: str, fmt: str = "qcow2") -> Path:
         return self.images_dir / f"{image_id}.{fmt}"
+
+    def image_path(self, stored: str) -> Path:
+        """The file a catalogue ``path`` (image or volume) names, inside images/ or refused.
+
+        The catalogue is a file too: a row edited (or restored) to name ``/etc/shadow``,
+        ``../x`` or a symlink leading out would make destroy delete and export serve a
+        host file. Only a relative name without ``..`` that resolves (symlinks followed)
+        strictly inside images/ is accepted; the returned path is images/ joined with it.
+        """
+        name = PurePosixPath(stored)
+        if not stored or name.is_absolute() or ".." in name.parts or "\0" in stored:
+            raise CataloguePathError(f"the catalogue names the image file {stored!r}, which "
+                                     f"is not a file name inside {self.images_dir}")
+        path = self.images_dir / name
+        inside, resolved = self.images_dir.resolve(), path.resolve()
+        if resolved == inside or not resolved.is_relative_to(inside):
+            raise CataloguePathError(f"the catalogue's image file {stored!r} resolves to "
+                                     f"{resolved}, not to a file inside {self.images_dir}")
+        return path
 
     def remove_image_files(self, image_id: str) -> None:
         """Every file of an image that never became available: work files in tmp/ and

@@ -71,17 +71,25 @@ class OutputDir:
                 "only replaces regular files")
         return True
 
+    def temp_name(self, final_name: str, suffix: str = ".tmp") -> str:
+        """A fresh unguessable name beside *final_name* (to journal before creating it)."""
+        return f"{final_name}.{secrets.token_hex(8)}{suffix}"
+
+    def create(self, name: str, mode: int = PRIVATE) -> int:
+        """Create the new file *name* (never an existing one, never through a symlink)."""
+        fd = os.open(name, CREATE_FLAGS, mode, dir_fd=self.fd)
+        os.fchmod(fd, mode)  # the umask may have taken bits away: the mode is a decision
+        return fd
+
     def create_temp(self, final_name: str, suffix: str = ".tmp",
                     mode: int = PRIVATE) -> tuple[str, int]:
         """A new, empty, uniquely named file beside *final_name*: its name and a write fd."""
         for _ in range(_NAME_ATTEMPTS):
-            name = f"{final_name}.{secrets.token_hex(8)}{suffix}"
+            name = self.temp_name(final_name, suffix)
             try:
-                fd = os.open(name, CREATE_FLAGS, mode, dir_fd=self.fd)
+                return name, self.create(name, mode)
             except FileExistsError:
                 continue
-            os.fchmod(fd, mode)  # the umask may have taken bits away: the mode is a decision
-            return name, fd
         raise FileExistsError(f"could not create a new file beside {self.path / final_name}")
 
     def publish(self, temp_name: str, final_name: str) -> None:

@@ -3,33 +3,51 @@
 Any image exports as a standalone full disk (its backing chain flattened):
 ``qemu-nbd`` serves the flattened view and ``qemu-img map`` says where data is,
 so zero regions are never read, and the bytes stream straight into the
-compressor (no temporary raw file; ``-o -`` writes to stdout). Written to
-``FILE.partial`` and renamed when complete, so a failure (a full disk, Ctrl-C)
-never leaves a partial file under the final name; then ``FILE.sha256``
-(sha256sum format) and ``FILE.json`` (the metadata sidecar import reads).
+compressor (no temporary raw file; ``-o -`` writes to stdout). Written to a new
+``FILE.<random>.partial`` and renamed when complete, so a failure (a full disk,
+Ctrl-C) never leaves a partial file under the final name; then ``FILE.sha256``
+(sha256sum format) and ``FILE.json`` (the metadata sidecar import reads), each
+also renamed into place. The output directory may be writable by others (a
+sticky /tmp): every file is created exclusively, without following symlinks,
+mode 0600 (what a guest wrote is private), and an existing ``FILE`` or sidecar
+that is not a regular file (a device, FIFO, symlink) is refused (safe_files).
+
+The catalogue's path is resolved inside images/, and every file of the stored
+image's backing chain must be there too: a row or a qcow2 header naming a host
+file would otherwise export that file.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .. import ids, sidecar
+from .. import ids, safe_files, sidecar
 from ..catalogue import Catalogue
 from ..disks import qemu_img
 from ..disks.nbd import NbdImageReader, extents
-from ..errors import BbsnapError, ConflictError, InvalidInputError, NotFoundError, UsageError
+from ..errors import (
+    BbsnapError,
+    CataloguePathError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    UsageError,
+)
 from ..jobs import current_job_token
 from ..export_sinks import COMPRESSORS, EXTENSIONS, FramedSink, HashingOutput, RawSink
-from ..layout import DataDir
+from ..layout import PARTIAL_SUFFIX, DataDir
 from ..models import Image, ImageStatus
-from ..transfer import fsync_directory
+from ..safe_files import PRIVATE, OutputDir
 
 FORMATS = ("raw", "qcow2")
 COMPRESSIONS = ("gzip", "zstd", "xz", "none")
+SHA256_SUFFIX = ".sha256"
+MAX_CHAIN = 256              # backing files followed before giving up (bbsnap's chains are short)
 
 
 @dataclass(frozen=True)
@@ -68,7 +86,8 @@ class ImageExporter:
         if image.status is not ImageStatus.AVAILABLE:
             raise ConflictError(f"image {image.id} is {image.status.value}, not available",
                                 hint="wait until it is available")
-        source = self._data_dir.images_dir / str(image.path)
+        source = self._data_dir.image_path(str(image.path))
+        _check_chain(self._data_dir, image, source)
         if request.output == "-":
             out = self._stdout or sys.stdout.buffer
             digest, written = self._write(image, source, request, out, progress)
@@ -77,28 +96,47 @@ class ImageExporter:
         final = Path(request.output or default_file_name(image.id, request.format,
                                                          request.compress)).absolute()
         _check_destination(final)
-        partial = final.with_name(final.name + ".partial")
+        try:
+            directory = OutputDir(final.parent)
+        except OSError as exc:
+            raise BbsnapError(f"cannot open the directory {final.parent}: "
+                              f"{exc.strerror or exc}") from exc
+        with directory:
+            digest, written = self._write_file(image, source, request, directory, final,
+                                               progress)
+            self._write_sidecars(image, request, directory, final, digest)
+            directory.sync()
+        return ExportResult(image, final, written, digest)
+
+    def _write_file(self, image: Image, source: Path, request: ExportRequest,
+                    directory: OutputDir, final: Path,
+                    progress: Callable[[int, int], None] | None) -> tuple[str, int]:
+        """The export itself, into a new partial file renamed over *final* when complete."""
+        partial_name = directory.temp_name(final.name, PARTIAL_SUFFIX)
         # Crash journal: names the partial file so recovery can remove it if we are killed.
         journal = self._data_dir.export_journal(current_job_token())
-        journal.write_text(str(partial))
+        journal.write_text(str(final.parent / partial_name))
+        created = False
         try:
-            with open(partial, "wb") as out:
+            fd = directory.create(partial_name, PRIVATE)
+            created = True
+            with os.fdopen(fd, "wb") as out:
                 digest, written = self._write(image, source, request, out, progress)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(partial, final)
+            directory.publish(partial_name, final.name)
         except OSError as exc:
-            partial.unlink(missing_ok=True)
+            if created:
+                directory.remove(partial_name)
             raise BbsnapError(f"writing {final} failed: {exc.strerror or exc}",
                               hint="nothing was left under that name") from exc
         except BaseException:
-            partial.unlink(missing_ok=True)
+            if created:
+                directory.remove(partial_name)
             raise
         finally:
             journal.unlink(missing_ok=True)
-        self._write_sidecars(image, request, final, digest)
-        fsync_directory(final.parent)
-        return ExportResult(image, final, written, digest)
+        return digest, written
 
     def _write(self, image: Image, source: Path, request: ExportRequest, out: BinaryIO,
                progress: Callable[[int, int], None] | None) -> tuple[str, int]:
@@ -148,21 +186,67 @@ class ImageExporter:
         finally:
             flat.unlink(missing_ok=True)
 
-    def _write_sidecars(self, image: Image, request: ExportRequest, final: Path,
-                        digest: str) -> None:
-        (final.parent / (final.name + ".sha256")).write_text(f"{digest}  {final.name}\n")
+    def _write_sidecars(self, image: Image, request: ExportRequest, directory: OutputDir,
+                        final: Path, digest: str) -> None:
         meta = sidecar.Sidecar(
             name=image.name, virtual_size=image.virtual_size, arch=image.arch,
             description=image.description, username=image.username, min_ram=image.min_ram,
-            firmware=image.firmware, format=request.format, compression=request.compress, sha256=digest,
+            firmware=image.firmware, format=request.format, compression=request.compress,
+            sha256=digest,
             source={"image_id": image.id, "type": image.type.value,
                     **({"source_server": image.source_server} if image.source_server else {})})
-        (final.parent / (final.name + sidecar.SUFFIX)).write_text(sidecar.to_json(meta))
+        try:
+            directory.write_file(final.name + SHA256_SUFFIX,
+                                 f"{digest}  {final.name}\n".encode(), PRIVATE)
+            directory.write_file(final.name + sidecar.SUFFIX, sidecar.to_json(meta).encode(),
+                                 PRIVATE)
+        except OSError as exc:
+            raise BbsnapError(f"writing the sidecars of {final} failed: {exc.strerror or exc}",
+                              hint=f"{final} itself is complete") from exc
 
 
 def _check_destination(final: Path) -> None:
-    if final.is_dir():
-        raise InvalidInputError(f"{final} is a directory", hint="give a file name with -o")
+    """Refuse, before any work, an output that exists and is not a regular file."""
     if not final.parent.is_dir():
         raise NotFoundError(f"the directory {final.parent} does not exist",
                             hint="create it first or choose another -o path")
+    for name in (final.name, final.name + SHA256_SUFFIX, final.name + sidecar.SUFFIX):
+        try:
+            mode = os.lstat(final.parent / name).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(mode) and name == final.name:
+            raise InvalidInputError(f"{final} is a directory", hint="give a file name with -o")
+        if not stat.S_ISREG(mode):
+            raise InvalidInputError(
+                f"{final.parent / name} exists and is {safe_files.describe_kind(mode)}; "
+                "export replaces only regular files",
+                hint="to write to a device or pipe, use -o - (stdout) and redirect it")
+
+
+def _check_chain(data_dir: DataDir, image: Image, source: Path) -> None:
+    """Every file the export would read (the stored file and its backing chain) is an
+    image file inside images/. A qcow2 header is data: a stored file naming a host file
+    as its backing file (or external data file) would export that host file."""
+    inside = data_dir.images_dir.resolve()
+    path, fmt = source, "qcow2"
+    for _ in range(MAX_CHAIN):
+        info = qemu_img.info(path, fmt, force_share=True)
+        if info.data_file:
+            raise CataloguePathError(
+                f"image {image.id}: {path.name} names the external data file "
+                f"{info.data_file!r}; not exporting it")
+        backing = info.raw.get("full-backing-filename") or info.backing_file
+        if not backing:
+            return
+        resolved = Path(backing).resolve() if str(backing).startswith("/") else None
+        if resolved is None or resolved == inside or not resolved.is_relative_to(inside):
+            raise CataloguePathError(
+                f"image {image.id}: {path.name} has the backing file {backing!r}, which is "
+                f"not inside {data_dir.images_dir}; not exporting it")
+        if info.backing_format not in ("qcow2", "raw"):
+            raise CataloguePathError(
+                f"image {image.id}: {path.name} names its backing file without a format; "
+                "not exporting it")
+        path, fmt = resolved, info.backing_format
+    raise CataloguePathError(f"image {image.id}: its backing chain is longer than {MAX_CHAIN}")

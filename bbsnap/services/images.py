@@ -82,7 +82,7 @@ class ImageService:
         self._catalogue.mark_deleted(image_id)
         for name in [image.path, *(v.path for v in volumes)]:
             if name:
-                (self._data_dir.images_dir / name).unlink(missing_ok=True)
+                self._data_dir.image_path(name).unlink(missing_ok=True)
         self._data_dir.remove_blank_overlays(image_id)
         return image
 

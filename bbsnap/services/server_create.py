@@ -141,7 +141,7 @@ class ServerCreator:
             disk = directory / DISK_FILE
             # Snapshots of the server then copy only what its guest writes.
             change_tracking.new_tracked_overlay(
-                self._data_dir, plan.image.id, self._data_dir.images_dir / str(plan.image.path),
+                self._data_dir, plan.image.id, self._data_dir.image_path(str(plan.image.path)),
                 plan.disk_bytes, disk)
             user_data = plan.user_data or default_user_data(hostname, plan.ssh_keys,
                                                             plan.image.username)
@@ -176,7 +176,7 @@ class ServerCreator:
         disks = []
         for index, volume in enumerate(self._catalogue.volumes(image.id), start=1):
             overlay = directory / f"disk{index}.qcow2"
-            qemu_img.create_overlay(overlay, self._data_dir.images_dir / volume.path)
+            qemu_img.create_overlay(overlay, self._data_dir.image_path(volume.path))
             disks.append(DiskSpec(overlay, target="vd" + "abcdefghijklmnop"[index]))
         return disks
 

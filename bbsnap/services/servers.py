@@ -121,7 +121,7 @@ class ServerService:
             new_disk = self._data_dir.server_dir(server.id) / f"disk-{image.id}-{int(time.time())}.qcow2"
             undo.push("the new overlay", lambda: new_disk.unlink(missing_ok=True))
             change_tracking.new_tracked_overlay(
-                self._data_dir, image.id, self._data_dir.images_dir / str(image.path), size,
+                self._data_dir, image.id, self._data_dir.image_path(str(image.path)), size,
                 new_disk)
             if was_running:
                 self._hv.destroy(server.id)  # its disk is being thrown away: no need to be gentle

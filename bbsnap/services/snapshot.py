@@ -76,7 +76,7 @@ class SnapshotService:
             running = info.state in (DomainState.RUNNING, DomainState.PAUSED)
             image_id = self._new_image_id()
             ancestor = self._ancestor(server)
-            ancestor_file = (self._data_dir.images_dir / ancestor.path
+            ancestor_file = (self._data_dir.image_path(ancestor.path)
                              if ancestor and ancestor.path else None)
             incremental = bool(running and ancestor_file and change_tracking.usable(
                 self._data_dir, server.id, disks, ancestor_file))
