@@ -8,9 +8,12 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
+
+from ..errors import BbsnapError
 
 
 def default_cache_dir() -> Path:
@@ -46,8 +49,20 @@ class BuildLock:
 
 
 def build_lock(root: Path) -> BuildLock:
-    """One builder per cache at a time; the lock dies with its process."""
-    return BuildLock(os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644))
+    """One builder per cache at a time; the lock dies with its process.
+
+    Never through a symlink: root would otherwise create (or lock) any file one names.
+    """
+    path = root / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise BbsnapError(f"cannot open the cache lock {path}: {exc.strerror or exc}",
+                          hint="it must be a regular file (not a symlink)") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BbsnapError(f"the cache lock {path} is not a regular file")
+    return BuildLock(fd)
 
 
 def remove_stale_work_dirs(root: Path) -> None:
@@ -69,9 +84,23 @@ def publish(out: Path, target: Path) -> None:
 
 
 def make_shared_dir(path: Path) -> None:
-    """mkdir -p, world-readable so QEMU's user can reach images below it."""
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        os.chmod(path, 0o755)
-    except PermissionError:
-        pass  # a shared parent we do not own: leave it as it is
+    """mkdir -p: what we create is 0755 so QEMU's user can reach images below it.
+
+    An existing directory is left as it is: never loosened (DESIGN §8), never chmod-ed
+    through a symlink someone put in its place.
+    """
+    missing = []
+    current = path
+    while not os.path.lexists(current):
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o755)
+        except FileExistsError:
+            continue  # a concurrent build made it: theirs, as it is
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o755)  # the umask may have taken bits away
+        finally:
+            os.close(fd)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from bbsnap import safe_files
-from bbsnap.errors import InvalidInputError
+from bbsnap.errors import BbsnapError, InvalidInputError
+from bbsnap.tinyguest.cache import build_lock, make_shared_dir
 from tests.images import MIB, qcow2_disk
 
 VICTIM_TEXT = b"root's file, not to be touched\n"
@@ -164,3 +165,40 @@ def test_read_regular_does_not_follow_symlinks_or_block_on_fifos(work_dir, victi
         safe_files.read_regular(work_dir / "fifo", 100)
     assert safe_files.read_regular(work_dir / "absent", 100) is None
     assert safe_files.read_regular(victim, 100) == VICTIM_TEXT
+
+
+
+# -- the tiny guest cache ($BBSNAP_CACHE may be any directory) -----------------------------
+
+def test_the_cache_lock_is_not_opened_through_a_symlink(work_dir):
+    created = work_dir / "created-by-root"
+    (work_dir / ".lock").symlink_to(created)
+    with pytest.raises(BbsnapError, match="lock"):
+        build_lock(work_dir)
+    assert not created.exists()
+    (work_dir / ".lock").unlink()
+    with build_lock(work_dir):
+        assert stat.S_ISREG(os.lstat(work_dir / ".lock").st_mode)
+
+
+def test_the_cache_never_loosens_an_existing_directory_or_chmods_through_a_link(work_dir):
+    private = work_dir / "private"
+    private.mkdir(mode=0o700)
+    make_shared_dir(private / "tiny-guest")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700, "an existing parent is left alone"
+    assert stat.S_IMODE((private / "tiny-guest").stat().st_mode) == 0o755, "a new one is 0755"
+    secret_dir = work_dir / "secret"
+    secret_dir.mkdir(mode=0o700)
+    (work_dir / "planted").symlink_to(secret_dir)
+    make_shared_dir(work_dir / "planted")
+    assert stat.S_IMODE(secret_dir.stat().st_mode) == 0o700
+
+
+def test_new_cache_directories_are_0755_whatever_the_umask(work_dir):
+    old = os.umask(0o077)
+    try:
+        make_shared_dir(work_dir / "a" / "b")
+    finally:
+        os.umask(old)
+    for path in (work_dir / "a", work_dir / "a" / "b"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755
