@@ -6,7 +6,8 @@
 #   3. snapshot the running server (instant; the copy finishes in the background);
 #   4. list the catalogue, show the snapshot image;
 #   5. boot a clone from the snapshot: new id, MAC and IP, the same disk;
-#   6. export the snapshot for download: the raw disk, gzip-compressed, with .sha256 and .json;
+#   6. export the snapshot for download: the raw disk, gzip-compressed, with .sha256 and .json
+#      (into a new mktemp -d directory; the files are private, 0600);
 #   7. clean up the servers (the images stay in the catalogue).
 # Uses the default data directory (/var/lib/bbsnap for root) unless BBSNAP_HOME is set.
 set -euo pipefail
@@ -58,12 +59,14 @@ echo >&2
 echo "the clone's console shows the seed it got and where its disk counter started:" >&2
 bbsnap servers console "$clone" | grep -a -E 'BBSNAP-(SEED|COUNTER)' | head -2
 
-out="${TMPDIR:-/tmp}/bbsnap-walkthrough"
-mkdir -p "$out"
+# A new private directory each run (mktemp -d: 0700, unpredictable name): a fixed name in a
+# shared /tmp is one another user can create first and fill with symlinks.
+out=$(mktemp -d "${TMPDIR:-/tmp}/bbsnap-walkthrough.XXXXXXXX")
 step "bbsnap images export $snapshot -o $out/$snapshot.gz"
 bbsnap images export "$snapshot" -o "$out/$snapshot.gz"
 ls -l "$out/$snapshot.gz"*
 (cd "$out" && sha256sum -c "$snapshot.gz.sha256")
+echo "the export stays in $out (remove it with: rm -r $out)" >&2
 
 step "bbsnap servers destroy $clone $server"
 bbsnap servers destroy "$clone" "$server"

@@ -14,6 +14,7 @@ from bbsnap import safe_files
 from bbsnap.errors import BbsnapError, InvalidInputError
 from bbsnap.tinyguest.cache import build_lock, make_shared_dir
 from tests.images import MIB, qcow2_disk
+from tests.system.reliability_report import read_report, write_report
 
 VICTIM_TEXT = b"root's file, not to be touched\n"
 
@@ -202,3 +203,30 @@ def test_new_cache_directories_are_0755_whatever_the_umask(work_dir):
         os.umask(old)
     for path in (work_dir / "a", work_dir / "a" / "b"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+# -- the reliability report's fixed name in the shared /var/tmp ----------------------------
+
+def test_the_reliability_report_is_not_written_through_a_planted_symlink(work_dir, victim):
+    report = work_dir / "bbsnap-reliability.json"
+    report.symlink_to(victim)
+    with pytest.raises(InvalidInputError, match="symlink"):
+        write_report({"kills": 24}, report)
+    assert victim.read_bytes() == VICTIM_TEXT and report.is_symlink()
+    assert read_report(report) == {}, "nor read through it"
+
+
+def test_the_reliability_report_merges_only_a_regular_file_of_ours(work_dir):
+    report = work_dir / "bbsnap-reliability.json"
+    write_report({"kills": 24}, report)
+    assert read_report(report) == {"kills": 24}
+    os.chown(report, 65534, 65534)  # someone else's file under the same name: not merged
+    assert read_report(report) == {}
+    write_report({"concurrency": {}}, report)  # replaced by rename, ours again
+    assert read_report(report) == {"concurrency": {}} and report.stat().st_uid == os.geteuid()
+
+
+def test_the_walkthrough_exports_into_a_fresh_private_directory():
+    script = (Path(__file__).parents[2] / "examples" / "walkthrough.sh").read_text()
+    assert 'out=$(mktemp -d "${TMPDIR:-/tmp}/bbsnap-walkthrough.XXXXXXXX")' in script
+    assert "mkdir -p" not in script

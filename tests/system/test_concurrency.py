@@ -18,7 +18,7 @@ from bbsnap.disks import qemu_img
 from bbsnap.tinyguest import READY_LINE
 from tests.images import MIB, raw_disk
 from tests.system.conftest import console_path, create_server, wait_for_console_line, wait_until
-from tests.system.test_kill_faults import REPORT
+from tests.system.reliability_report import read_report, write_report
 
 PROCESSES = 8
 ROUNDS = 8
@@ -121,7 +121,7 @@ def test_eight_processes_at_once(cloud, hypervisor, work_dir):
         assert Path(cloud.data_dir / "servers" / server_id / "disk.qcow2").exists()
 
     counts = {op: sum(1 for e in log if e["op"] == op) for op in OPERATIONS}
-    report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
+    report = read_report()
     report["concurrency"] = {"processes": PROCESSES, "operations": len(log), "by_kind": counts,
                              "refused": sum(1 for e in log if e["rc"] != 0), "seed": seed}
-    REPORT.write_text(json.dumps(report, indent=2))
+    write_report(report)

@@ -27,10 +27,10 @@ from bbsnap.services.doctor import Doctor
 from bbsnap.tinyguest import READY_LINE
 from tests.images import MIB, raw_disk
 from tests.system.conftest import URI, console_path, create_server, wait_for_console_line, wait_until
+from tests.system.reliability_report import write_report
 
 KILLS_PER_OPERATION = 6  # x 4 operations = 24 kills
 OPERATIONS = ("import", "snapshot", "export", "create")
-REPORT = Path(os.environ.get("BBSNAP_RELIABILITY_REPORT", "/var/tmp/bbsnap-reliability.json"))
 
 
 def spawn(cloud, *args: str) -> subprocess.Popen:
@@ -139,8 +139,7 @@ def test_sigkill_at_random_points(cloud, hypervisor, work_dir):
 
     total = sum(r["kills"] for r in report.values())
     assert total >= 20
-    REPORT.write_text(json.dumps({"seed": seed, "kills": total, "by_operation": report,
-                                  "windows_s": windows}, indent=2))
+    write_report({"seed": seed, "kills": total, "by_operation": report, "windows_s": windows})
     for srv in json.loads(cloud("servers", "list", "--format", "json").stdout):
         if str(cloud.data_dir) in "".join(srv["disks"]):
             assert cloud("servers", "destroy", srv["id"]).exit_code == 0
