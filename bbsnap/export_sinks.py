@@ -16,7 +16,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, Callable
 
-BLOCK = 4 * 1024 * 1024           # compression unit: bounds memory (~90 MiB RSS); the ratio does not depend on it
+BLOCK = 4 * 1024 * 1024           # compression unit: bounds memory (~90 MiB RSS), not the ratio
 GZIP_LEVEL = 3                    # ISA-L's best: ~10x faster than gzip -6, output within 8%
 ZSTD_LEVEL = 3
 XZ_PRESET = 6
@@ -35,7 +35,7 @@ def _zstd(block: bytes) -> bytes:
     try:
         from compression import zstd  # type: ignore[import-not-found]
     except ImportError:
-        from backports import zstd  # type: ignore[no-redef]
+        from backports import zstd  # type: ignore[no-redef, unused-ignore]
     return zstd.compress(block, ZSTD_LEVEL)  # type: ignore[no-any-return]
 
 

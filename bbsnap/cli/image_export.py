@@ -11,7 +11,9 @@ import click
 @click.command("export")
 @click.argument("image_id", metavar="IMG")
 @click.option("-o", "--output", metavar="FILE|-",
-              help="Output file, or - for stdout (default: ./IMG.gz and the like).")
+              help="Output file, or - for stdout (default: ./IMG.gz and the like). A new "
+                   "file, or a regular one replaced whole; a device, FIFO or symlink is "
+                   "refused (use - and redirect). Written 0600, with FILE.sha256 and FILE.json.")
 @click.option("--format", "disk_format", type=click.Choice(["raw", "qcow2"]), default="raw",
               show_default=True, help="Disk format inside the file.")
 @click.option("--compress", type=click.Choice(["gzip", "zstd", "xz", "none"]), default="gzip",

@@ -106,7 +106,8 @@ def test_export_flattens_a_backing_chain(bbsnap, work_dir, sample):
     assert raw[41 * MIB:41 * MIB + 4] == b"\x77" * 4 and raw[40 * MIB:40 * MIB + 4] == b"\x33" * 4
 
     qcow = work_dir / "flat.qcow2.gz"
-    assert bbsnap("images", "export", "img-delta", "-o", str(qcow), "--format", "qcow2").exit_code == 0
+    result = bbsnap("images", "export", "img-delta", "-o", str(qcow), "--format", "qcow2")
+    assert result.exit_code == 0
     unpacked = work_dir / "flat.qcow2"
     unpacked.write_bytes(gzip.decompress(qcow.read_bytes()))
     info = json.loads(run("qemu-img", "info", "--output=json", str(unpacked)))
