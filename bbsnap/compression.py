@@ -81,7 +81,7 @@ def _zstd_decompressor() -> _Decompressor:
     try:
         from compression import zstd  # type: ignore[import-not-found]
     except ImportError:
-        from backports import zstd  # type: ignore[no-redef]
+        from backports import zstd  # type: ignore[no-redef, unused-ignore]
     return zstd.ZstdDecompressor()  # type: ignore[no-any-return]
 
 

@@ -31,6 +31,14 @@ MAX_REDIRECTS = 10
 # Pause before each resume attempt; their number is the retry limit. The first retry is
 # immediate (a dropped connection is usually just that), later ones back off.
 RETRY_DELAYS: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+# A resumed connection that drops before delivering this much (unless the body ended) was
+# no progress: a server that sends one byte per connection runs out of retries, not
+# through 95,000 reconnections.
+RESUME_MIN_BYTES = 1 << 20
+# Resumes of one download, whatever each delivered: a real network that drops this often
+# is better served by another tool and a local import.
+MAX_RESUMES = 100
+DEFAULT_MIN_RATE = 1024  # bytes/s over each http_timeout window (settings.http_min_rate)
 _REDIRECT_CODES = (301, 302, 303, 307, 308)
 _MISSING_CODES = (404, 410)
 _HEADERS = {
@@ -154,7 +162,7 @@ def _status_error(url: str, code: int, reason: object) -> BbsnapError:
 def describe(exc: BaseException) -> str:
     """One line for a connection-level failure."""
     if isinstance(exc, urllib.error.URLError) and not isinstance(exc.reason, str):
-        exc = exc.reason  # type: ignore[assignment]
+        exc = exc.reason  # type: ignore[assignment, unused-ignore]
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, http.client.IncompleteRead):
@@ -196,8 +204,13 @@ def fetch(url: str, *, timeout: float, max_bytes: int, what: str,
     return data
 
 
-def open_url(url: str, *, timeout: float) -> ResumingReader:
-    """Start downloading *url*: the response headers are in, the body not yet read."""
+def open_url(url: str, *, timeout: float, min_rate: int = DEFAULT_MIN_RATE) -> ResumingReader:
+    """Start downloading *url*: the response headers are in, the body not yet read.
+
+    The body must keep arriving at *min_rate* bytes/s or more, measured over windows of
+    *timeout* seconds (0: no minimum): a per-read timeout alone lets a server trickle one
+    byte a second for ever.
+    """
     try:
         response = request(url, timeout=timeout)
     except ConnectionFailure as exc:
@@ -206,7 +219,7 @@ def open_url(url: str, *, timeout: float) -> ResumingReader:
         response.close()
         raise BbsnapError(f"{display(url)}: HTTP {response.status} {response.reason} "
                           "(expected 200 with the file)")
-    return ResumingReader(url, response, timeout=timeout)
+    return ResumingReader(url, response, timeout=timeout, min_rate=min_rate)
 
 
 class ResumingReader:
@@ -215,12 +228,15 @@ class ResumingReader:
     Reads go through ``read1`` (one receive at a time) so a timeout or reset never
     takes bytes already received with it; ``position`` counts the bytes handed
     out, and a resume asks for exactly the next one. Retries are counted per
-    stall: each attempt that delivers no new byte uses one of ``RETRY_DELAYS``;
-    receiving data resets the count, so a long download survives many separate
-    drops but a server that stopped serving is given up on quickly.
+    stall: each attempt that delivers less than ``RESUME_MIN_BYTES`` uses one of
+    ``RETRY_DELAYS``; a connection that delivers that much resets the count, so a
+    long download survives many separate drops (up to ``MAX_RESUMES``) but a server
+    that stopped serving, or serves a byte per connection, is given up on quickly.
+    Throughout, the body must arrive at ``min_rate`` bytes/s per ``timeout`` window.
     """
 
-    def __init__(self, url: str, response: http.client.HTTPResponse, *, timeout: float) -> None:
+    def __init__(self, url: str, response: http.client.HTTPResponse, *, timeout: float,
+                 min_rate: int = DEFAULT_MIN_RATE) -> None:
         self.url = url
         # None when chunked or not sent: then only a chunked stream's own framing tells a
         # drop from the end (the decompressor and the checksum catch the rest).
@@ -231,7 +247,11 @@ class ResumingReader:
         self._timeout = timeout
         self._ended = False          # a body of unknown length ended with its connection
         self._failure = ""           # why the last connection was lost
-        self._fruitless = 0          # consecutive resume attempts that delivered nothing yet
+        self._fruitless = 0          # consecutive resume attempts that delivered too little
+        self._resumes = 0            # resume requests made, in all
+        self._connection_bytes = 0   # delivered by the current connection
+        self._min_rate = min_rate
+        self._window = (time.monotonic(), 0)  # (start, position) of the rate window
         self.position = 0
 
     def read(self, size: int = -1) -> bytes:
@@ -261,12 +281,29 @@ class ResumingReader:
             return b""
         if data:
             self.position += len(data)
-            self._fruitless = 0
+            self._connection_bytes += len(data)
+            if self._connection_bytes >= RESUME_MIN_BYTES or self._finished():
+                self._fruitless = 0
+            self._check_rate()
         elif self.length is None:
             self._ended = True  # no length to fall short of: the end of the body
         else:
             self._lost(f"the connection closed at byte {self.position} of {self.length}")
         return data
+
+    def _check_rate(self) -> None:
+        """Refuse a body slower than min_rate over the last window of `timeout` seconds."""
+        started, at = self._window
+        elapsed = time.monotonic() - started
+        if self._min_rate <= 0 or elapsed < self._timeout:
+            return
+        if self.position - at < self._min_rate * elapsed:
+            raise BbsnapError(
+                f"the download of {display(self.url)} is too slow: {self.position - at} bytes "
+                f"in the last {elapsed:.0f} s, under the minimum of {self._min_rate} bytes/s; "
+                "nothing was imported",
+                hint="lower http_min_rate (BBSNAP_HTTP_MIN_RATE) if the link is that slow")
+        self._window = (time.monotonic(), self.position)
 
     def _lost(self, reason: str) -> None:
         self._failure = reason
@@ -285,9 +322,16 @@ class ResumingReader:
                 raise BbsnapError(
                     f"download of {display(self.url)} failed at byte {self.position}"
                     f"{self._of_length()}: {reason}; gave up after {len(RETRY_DELAYS)} attempts "
-                    "to resume")
+                    f"to resume (none delivered {RESUME_MIN_BYTES} bytes)")
+            if self._resumes >= MAX_RESUMES:
+                raise BbsnapError(
+                    f"download of {display(self.url)} failed at byte {self.position}"
+                    f"{self._of_length()}: {reason}; the connection dropped {MAX_RESUMES + 1} "
+                    "times, bbsnap gives up", hint="download it with another tool and import "
+                    "the local copy")
             delay = RETRY_DELAYS[self._fruitless]
             self._fruitless += 1
+            self._resumes += 1
             if delay:
                 time.sleep(delay)
             headers = {"Range": f"bytes={self.position}-"}
@@ -300,6 +344,7 @@ class ResumingReader:
                 reason = describe(exc)
                 continue
             self._response = self._check_resumed(response)
+            self._connection_bytes = 0
             return
 
     def _validator(self) -> str | None:

@@ -17,7 +17,9 @@ from .errors import InvalidInputError, UsageError
 
 VOLUME_ID = "cidata"
 MAX_USER_DATA = 16 * 1024 * 1024
-_HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# RFC 1123 label, lowercase. Always used with fullmatch: `$` alone also matches before a
+# trailing newline, which would then land in meta-data, user-data and the domain metadata.
+_HOSTNAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 # Regenerate machine-id once per instance: systemd derives the DHCP client id (and so, on a
 # shared network, the leased IP) from it, and a clone would otherwise share its parent's.
 MACHINE_ID_BOOTCMD = ["cloud-init-per", "instance", "bbsnap-machine-id", "sh", "-c",
@@ -34,8 +36,8 @@ class SeedSpec:
 
 
 def check_hostname(hostname: str) -> str:
-    if not _HOSTNAME.match(hostname):
-        raise UsageError(f"'{hostname}' is not a valid host name",
+    if not _HOSTNAME.fullmatch(hostname):
+        raise UsageError(f"{hostname!r} is not a valid host name",
                          hint="lowercase letters, digits and '-', at most 63 characters")
     return hostname
 
@@ -43,7 +45,7 @@ def check_hostname(hostname: str) -> str:
 def hostname_from_name(name: str, fallback: str) -> str:
     """A host name derived from a free-text server name ("My Web #1" -> "my-web-1")."""
     candidate = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
-    return candidate if candidate and _HOSTNAME.match(candidate) else fallback
+    return candidate if candidate and _HOSTNAME.fullmatch(candidate) else fallback
 
 
 def validate_user_data(text: str) -> str:
@@ -59,7 +61,7 @@ def validate_user_data(text: str) -> str:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = _load_cloud_config(text)
         except yaml.YAMLError as exc:
             raise InvalidInputError(f"user-data is not valid YAML: {_one_line(exc)}") from exc
         if data is not None and not isinstance(data, dict):
@@ -71,6 +73,61 @@ def validate_user_data(text: str) -> str:
     raise InvalidInputError(
         "user-data must start with '#cloud-config' (or '#!' for a script)",
         hint="see https://cloudinit.readthedocs.io/en/latest/explanation/format.html")
+
+
+# How many nodes a #cloud-config's aliases may add. YAML aliases repeat a node by reference,
+# so ~90 of them ("billion laughs") stand for 10**9 nodes: PyYAML builds shared references
+# quickly, but whatever walks the result (cloud-init in the guest merging or checking its
+# config) pays for the expanded size. Real configs use a few aliases, adding dozens of nodes.
+MAX_ALIAS_EXPANSION = 1_000_000
+
+
+def _load_cloud_config(text: str) -> object:
+    """``yaml.safe_load`` that refuses alias bombs and self-referencing aliases."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        """Counts each composed node's expanded size (a node reached through an alias counts
+        again at every use) against the nodes actually written, before anything is built."""
+
+        def __init__(self, stream: str) -> None:
+            super().__init__(stream)
+            self.sizes: dict[int, int] = {}  # id(node) -> its size with aliases expanded
+            self.written = 0                 # nodes composed from the text itself
+
+        def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+            alias = self.check_event(yaml.AliasEvent)
+            node = super().compose_node(parent, index)
+            if alias:
+                if id(node) not in self.sizes:  # an alias of a node still being composed
+                    raise InvalidInputError("#cloud-config user-data refers to itself "
+                                            "through a YAML alias")
+                return node
+            self.written += 1
+            self.sizes[id(node)] = size = 1 + sum(self.sizes.get(id(child), 1)
+                                                  for child in _children(node))
+            # Without aliases a node's size never exceeds the nodes written so far.
+            if size - self.written > MAX_ALIAS_EXPANSION:
+                raise InvalidInputError(
+                    f"#cloud-config user-data's YAML aliases expand it by more than "
+                    f"{MAX_ALIAS_EXPANSION:,} nodes", hint="write the repeated parts out")
+            return node
+
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _children(node: object) -> list[object]:
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def default_user_data(hostname: str, ssh_keys: list[str], username: str | None) -> str:

@@ -3,7 +3,10 @@
 Export writes one; import reads one when it sits beside the file (or URL), using
 its fields as defaults (flags win) and its size and digest as checks. A sidecar
 is as untrusted as the image: it is size-capped, strictly typed, and a size it
-claims is checked against the image actually read.
+claims is checked against the image actually read. Its ``format`` and
+``compression`` are statements, not hints: import uses them instead of guessing
+from the content, so a raw disk that begins with a qcow2 header (or gzip's magic)
+comes back as the raw disk it was exported from.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .compression import Compression
+from .disks.formats import FORMATS
 from .errors import InvalidInputError
 
 SUFFIX = ".json"
 FORMAT_VERSION = 1
 MAX_BYTES = 64 * 1024
+DISK_FORMATS = FORMATS
+COMPRESSIONS = tuple(kind.value for kind in Compression)
 
 
 @dataclass(frozen=True)
@@ -28,8 +35,10 @@ class Sidecar:
     username: str | None = None
     min_ram: int | None = None
     firmware: str = "bios"              # how the disk boots: "bios" or "uefi"
-    format: str = "raw"                 # of the disk inside the (compressed) file
-    compression: str = "gzip"
+    # Of the disk inside the (compressed) file, and how it is compressed; None: not stated
+    # (import then recognises them by content).
+    format: str | None = None
+    compression: str | None = None
     sha256: str | None = None           # of the exported file as written
     source: dict[str, str] = field(default_factory=dict)  # image id, type, server ... it came from
 
@@ -56,8 +65,8 @@ def parse(data: bytes) -> Sidecar:
         username=_typed(raw, "username", str),
         min_ram=_typed(raw, "min_ram", int),
         firmware=_typed(raw, "firmware", str) or "bios",
-        format=_typed(raw, "format", str) or "raw",
-        compression=_typed(raw, "compression", str) or "gzip",
+        format=_choice(raw, "format", DISK_FORMATS),
+        compression=_choice(raw, "compression", COMPRESSIONS),
         sha256=_typed(raw, "sha256", str),
         source={str(k): str(v) for k, v in (_typed(raw, "source", dict) or {}).items()},
     )
@@ -72,3 +81,11 @@ def _typed(raw: dict[str, Any], key: str, kind: type, required: bool = False) ->
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidInputError(f"the metadata sidecar's '{key}' is not a {kind.__name__}")
     return value
+
+
+def _choice(raw: dict[str, Any], key: str, choices: tuple[str, ...]) -> str | None:
+    value = _typed(raw, key, str)
+    if value is not None and value not in choices:
+        raise InvalidInputError(f"the metadata sidecar's '{key}' is {value!r}, not one of "
+                                f"{', '.join(choices)}")
+    return value  # type: ignore[no-any-return]

@@ -35,12 +35,12 @@ class OpenedSource:
             self.stream.close()
 
 
-def open_source(spec: str, stdin: BinaryIO | None = None, *,
-                http_timeout: float = 30.0) -> OpenedSource:
+def open_source(spec: str, stdin: BinaryIO | None = None, *, http_timeout: float = 30.0,
+                http_min_rate: int = http_source.DEFAULT_MIN_RATE) -> OpenedSource:
     if spec == "-":
         return OpenedSource(stdin or sys.stdin.buffer, "standard input", DEFAULT_NAME, None)
     if http_source.is_url(spec):
-        reader = http_source.open_url(spec, timeout=http_timeout)
+        reader = http_source.open_url(spec, timeout=http_timeout, min_rate=http_min_rate)
         file_name = http_source.file_name(spec)
         # The reader has read(n) and close(), all the pipeline uses of a BinaryIO.
         return OpenedSource(cast(BinaryIO, reader), http_source.display(spec),
@@ -54,12 +54,13 @@ def open_source(spec: str, stdin: BinaryIO | None = None, *,
         raise InvalidInputError(f"{spec}: {exc.strerror}") from exc
     if stat.S_ISDIR(info.st_mode):
         raise InvalidInputError(f"{spec} is a directory, not an image file")
-    if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
+    mode = info.st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)):
         raise InvalidInputError(f"{spec} is not a regular file, block device or pipe")
     if stat.S_ISREG(info.st_mode) and info.st_size == 0:
         raise InvalidInputError(f"{spec} is empty (0 bytes)")
     try:
-        stream = open(path, "rb")  # noqa: SIM115 - OpenedSource.close() closes it
+        stream = open(path, "rb")  # OpenedSource.close() closes it
     except OSError as exc:
         raise InvalidInputError(f"cannot read {spec}: {exc.strerror}") from exc
     size = info.st_size if stat.S_ISREG(info.st_mode) else None

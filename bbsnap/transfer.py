@@ -3,6 +3,11 @@
 One streaming pass over the source: the SHA-256 is of the bytes exactly as the
 user supplied them (what a published SHA256SUMS lists), and the output file
 gets holes where the data is zero so an 8 GiB mostly-empty disk stays small.
+
+Untrusted streams are bounded three ways before they can fill a disk: the
+decompressed head is vetted before a byte is written (a bomb of zeros is refused
+after its first MiB, not after its 2 TiB), what the head allows (a qcow2's
+virtual size) caps the rest, and the data directory's filesystem keeps a reserve.
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from .compression import Compression, check_cap, open_decompressed, sniff_compression
-from .errors import ChecksumMismatchError, UsageError
+from .errors import BbsnapError, ChecksumMismatchError, HostileImageError, InvalidInputError, \
+    UsageError
 
 CHUNK = 1 << 20
+# Free space left on the data directory's filesystem after an import: the catalogue, the
+# guests' overlays and the rest of the host live there too.
+FREE_SPACE_RESERVE_MIN = 1 << 30
+FREE_SPACE_RESERVE_FRACTION = 0.05
 HOLE_BLOCK = 64 * 1024
 _ZEROS = bytes(HOLE_BLOCK)
 _CHECKSUM = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
@@ -66,6 +76,19 @@ class HashingReader:
 
 
 @dataclass(frozen=True)
+class OutputLimit:
+    """What the vetted head allows the whole decompressed image to be."""
+    max_bytes: int
+    message: str              # the error when the data runs past max_bytes
+    hint: str | None = None
+
+
+# Called with the first head_size decompressed bytes (fewer if the stream is shorter);
+# raises to refuse the image, before any byte is written.
+HeadCheck = Callable[[bytes], OutputLimit]
+
+
+@dataclass(frozen=True)
 class CopyResult:
     compression: Compression
     source_bytes: int
@@ -75,25 +98,32 @@ class CopyResult:
 
 def copy_decompressed(source: BinaryIO, target: Path, *, max_output: int,
                       expected_sha256: str | None = None,
-                      progress: Progress | None = None) -> CopyResult:
+                      progress: Progress | None = None,
+                      check_head: HeadCheck | None = None, head_size: int = CHUNK,
+                      compression: Compression | None = None,
+                      stated_by: str = "the sidecar") -> CopyResult:
     """Write *source*'s (decompressed) bytes to the new file *target*, sparsely, and fsync it.
 
-    Raises before returning if the stream is corrupt, truncated, expands past
-    *max_output*, or does not match *expected_sha256*; the caller removes *target*.
+    *compression* (stated by *stated_by*) replaces the guess from the magic bytes.
+    Raises before returning if the head is refused, the stream is corrupt, truncated,
+    expands past *max_output* or the head's limit, would eat into the filesystem's
+    reserve, or does not match *expected_sha256*; the caller removes *target*.
     """
     reader = HashingReader(source, progress)
-    kind = sniff_compression(reader.peek(8))
+    kind = _stream_compression(reader.peek(8), compression, stated_by)
     data = open_decompressed(reader, kind)  # type: ignore[arg-type]
+    head = _read_head(data, head_size, max_output)
+    limit = check_head(head) if check_head is not None else None
     produced = 0
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        while True:
-            chunk = data.read(CHUNK)
-            if not chunk:
-                break
+        chunk = head
+        while chunk:
             produced += len(chunk)
-            check_cap(produced, max_output)
-            _write_sparse(fd, chunk)
+            _check_limits(produced, max_output, limit)
+            if _write_chunk(fd, chunk, target):
+                check_free_space(target.parent)
+            chunk = data.read(CHUNK)
         # Drain any bytes after the compressed stream so the digest covers the whole file.
         while reader.read(CHUNK):
             pass
@@ -109,15 +139,76 @@ def copy_decompressed(source: BinaryIO, target: Path, *, max_output: int,
     return CopyResult(kind, reader.bytes_read, digest, produced)
 
 
-def _write_sparse(fd: int, chunk: bytes) -> None:
+def _stream_compression(magic: bytes, stated: Compression | None, stated_by: str) -> Compression:
+    """The compression by magic bytes, unless stated: a raw disk exported uncompressed may
+    begin with gzip's two magic bytes, and must not be "decompressed" on the way back."""
+    found = sniff_compression(magic)
+    if stated is None:
+        return found
+    if stated is not Compression.NONE and found is not stated:
+        raise InvalidInputError(f"{stated_by} says the file is {stated.value}-compressed, but "
+                                "it is not", hint="--no-sidecar ignores the sidecar")
+    return stated
+
+
+def _read_head(data: BinaryIO, size: int, max_output: int) -> bytes:
+    """Up to *size* decompressed bytes, in bounded reads (never more than *max_output* + 1)."""
+    head = bytearray()
+    want = min(size, max_output + 1)
+    while len(head) < want:
+        chunk = data.read(want - len(head))
+        if not chunk:
+            break
+        head += chunk
+    check_cap(len(head), max_output)
+    return bytes(head)
+
+
+def _check_limits(produced: int, max_output: int, limit: OutputLimit | None) -> None:
+    if limit is not None and produced > limit.max_bytes:
+        raise HostileImageError(limit.message, hint=limit.hint)
+    check_cap(produced, max_output)
+
+
+def free_space_reserve(directory: Path) -> tuple[int, int]:
+    """(bytes available to us, bytes to leave free) on *directory*'s filesystem."""
+    stats = os.statvfs(directory)
+    total = stats.f_blocks * stats.f_frsize
+    reserve = max(FREE_SPACE_RESERVE_MIN, int(total * FREE_SPACE_RESERVE_FRACTION))
+    return stats.f_bavail * stats.f_frsize, reserve
+
+
+def check_free_space(directory: Path, needed: int = 0) -> None:
+    """Refuse to go on if writing *needed* more bytes would eat into the reserve."""
+    available, reserve = free_space_reserve(directory)
+    if available - needed < reserve:
+        shortfall = f" ({needed} more bytes needed)" if needed else ""
+        raise BbsnapError(
+            f"not enough free space in {directory}: {available} bytes left{shortfall}, and "
+            f"bbsnap keeps {reserve} bytes free; nothing was imported",
+            hint="free some space or move the data directory (BBSNAP_HOME)")
+
+
+def _write_chunk(fd: int, chunk: bytes, target: Path) -> bool:
+    try:
+        return _write_sparse(fd, chunk)
+    except OSError as exc:  # ENOSPC, EIO: one line, not a traceback
+        raise BbsnapError(f"cannot write {target}: {exc.strerror}") from exc
+
+
+def _write_sparse(fd: int, chunk: bytes) -> bool:
+    """Write *chunk*, leaving holes for whole zero blocks; True if any data was written."""
     view = memoryview(chunk)
+    wrote = False
     for start in range(0, len(view), HOLE_BLOCK):
         block = view[start:start + HOLE_BLOCK]
         if len(block) == HOLE_BLOCK and block == _ZEROS:
             os.lseek(fd, HOLE_BLOCK, os.SEEK_CUR)
         else:
+            wrote = True
             while block:  # os.write may write less than asked
                 block = block[os.write(fd, block):]
+    return wrote
 
 
 def fsync_file(path: Path) -> None:

@@ -3,7 +3,8 @@
 Each path serves a :class:`Resource` whose fields choose a behaviour: an error
 status, a redirect, no Range support, a connection dropped (cleanly or with a
 reset) or stalled part-way, a resume from the wrong offset, a file that changes
-between requests. Every request is recorded so tests can assert what the client
+between requests, a body that never ends, a trickle, one byte per connection.
+Every request is recorded so tests can assert what the client
 asked for (e.g. ``Range: bytes=N-``). Unknown paths answer 404.
 """
 
@@ -33,6 +34,10 @@ class Resource:
     resume_body: bool = True            # False: 206 headers, then close without a body byte
     range_shift: int = 0                # 206 from a start this many bytes off the one asked
     changed: Resource | None = None     # served (as a new version) to Range requests
+    endless: bytes | None = None        # after body, send this again and again (no length)
+    trickle: float | None = None        # the first full response sends a byte every this many s
+    trickle_bytes: int = 40             # ... this many of them, then drops the connection
+    per_connection: int | None = None   # every response sends this many bytes, then closes
 
 
 @dataclass
@@ -108,9 +113,10 @@ class _Handler(BaseHTTPRequestHandler):
             return None  # RFC 9110: a changed validator means "send the whole new file"
         return int(value[len("bytes="):-1])
 
-    def _headers(self, resource: Resource, status: int, length: int) -> None:
+    def _headers(self, resource: Resource, status: int, length: int | None) -> None:
         self.send_response(status)
-        self.send_header("Content-Length", str(length))
+        if length is not None:
+            self.send_header("Content-Length", str(length))
         if resource.etag:
             self.send_header("ETag", resource.etag)
         if resource.last_modified:
@@ -121,8 +127,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_full(self, resource: Resource, *, allow_faults: bool) -> None:
         body = resource.body
+        if resource.endless is not None:
+            self._send_endless(resource)
+            return
         self._headers(resource, 200, len(body))
         self.end_headers()
+        if resource.per_connection is not None:
+            self._write(body[:resource.per_connection])
+            self._drop(reset=False)
+            return
+        with self.server.state.lock:
+            trickle, resource.trickle = resource.trickle, None
+        if trickle is not None and allow_faults:
+            self._send_trickle(body[:resource.trickle_bytes], trickle)
+            return
         drop_at = stall_at = None
         with self.server.state.lock:  # faults happen once (or `drops` times), then it behaves
             if allow_faults and resource.drop_after is not None and resource.drops > 0:
@@ -140,23 +158,46 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._write(body)
 
+    def _send_endless(self, resource: Resource) -> None:
+        """No Content-Length: the body ends when the connection does, which it never does
+        from this side (until the test ends)."""
+        assert resource.endless is not None
+        self._headers(resource, 200, None)
+        self.end_headers()
+        sent = self._write(resource.body)
+        while sent and not self.server.state.release.is_set():
+            sent = self._write(resource.endless)
+
+    def _send_trickle(self, data: bytes, interval: float) -> None:
+        """A byte every *interval* seconds: never slow enough for a read timeout."""
+        for offset in range(len(data)):
+            if self.server.state.release.wait(interval) or not self._write(data[offset:offset + 1]):
+                return
+        self._drop(reset=False)
+
     def _send_partial(self, resource: Resource, asked: int) -> None:
         start = max(0, asked + resource.range_shift)
         body = resource.body
         self._headers(resource, 206, len(body) - start)
         self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.end_headers()
-        if resource.resume_body:
+        if resource.per_connection is not None:
+            self._write(body[start:start + resource.per_connection])
+            self._drop(reset=False)
+        elif resource.resume_body:
             self._write(body[start:])
         else:
             self._drop(reset=False)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> bool:
+        """Send *data*; False if the client went away (that is its business)."""
         try:
             self.wfile.write(data)
             self.wfile.flush()
         except OSError:
-            self.close_connection = True  # the client went away: that is its business
+            self.close_connection = True
+            return False
+        return True
 
     def _drop(self, reset: bool) -> None:
         self.close_connection = True

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .options import for_each, output_options
+from .options import for_each, output_options, say
 
 IMAGE_TYPES = ("snapshot", "upload", "official")
 STATUSES = ("creating", "available", "private", "public", "failed", "deleted")
@@ -101,8 +101,8 @@ def import_image(app: Any, source: str, name: str | None, description: str | Non
     try:
         image = app.importer().run(
             request, progress=lambda done: bar[0][0](done) if bar else None, on_opened=opened,
-            on_registered=lambda img: click.echo(f"Importing {label} as {img.id}", err=True),
-            on_note=lambda text: click.echo(f"bbsnap: note: {text}", err=True))
+            on_registered=lambda img: say(f"Importing {label} as {img.id}"),
+            on_note=lambda text: say(f"bbsnap: note: {text}"))
     finally:
         if bar:
             bar[0][1]()

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .. import __version__
-from . import context
+from . import context, render
 from .context import AppContext
 from .doctor import doctor
 from .image_export import export_image
@@ -40,13 +40,13 @@ class BbsnapGroup(click.Group):
 
             app = ctx.obj if isinstance(ctx.obj, AppContext) else None
             if isinstance(exc, BbsnapError):
-                click.echo(f"bbsnap: error: {exc}", err=True)
+                click.echo(f"bbsnap: error: {render.escape(exc)}", err=True)
                 if app is not None and app.debug:
                     raise
                 ctx.exit(exc.exit_code)
             if app is not None and app.debug:
                 raise
-            click.echo(f"bbsnap: internal error: {type(exc).__name__}: {exc} "
+            click.echo(f"bbsnap: internal error: {type(exc).__name__}: {render.escape(exc)} "
                        "(rerun with --debug for a traceback)", err=True)
             ctx.exit(1)
         finally:

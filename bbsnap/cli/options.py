@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import click
 
-from .render import OUTPUT_FORMATS
+from .render import OUTPUT_FORMATS, escape
 
 F = Callable[..., Any]
 
@@ -17,6 +17,12 @@ def output_options(func: F) -> F:
     func = click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS),
                         default="table", show_default=True, help="Output format.")(func)
     return func
+
+
+def say(text: str) -> None:
+    """One line for the user on stderr (a note, a step, an error), its control characters
+    escaped: names, file names and guest-reported text are interpolated into these."""
+    click.echo(escape(text), err=True)
 
 
 def for_each(keys: tuple[str, ...], action: Callable[[str], Any],
@@ -30,11 +36,11 @@ def for_each(keys: tuple[str, ...], action: Callable[[str], Any],
         try:
             action(key)
             if done_message is not None:
-                click.echo(done_message(key), err=True)
+                say(done_message(key))
         except BbsnapError as exc:
             if len(keys) == 1:
                 raise
-            click.echo(f"bbsnap: error: {exc}", err=True)
+            say(f"bbsnap: error: {exc}")
             failure = failure or exc
     if failure is not None:
         raise click.exceptions.Exit(failure.exit_code)

@@ -7,13 +7,16 @@ import time
 from typing import Callable
 
 from ..sizes import MIB
+from .render import escape
 
 
-def byte_progress(label: str, total: int | None) -> tuple[Callable[[int], None], Callable[[], None]]:
+def byte_progress(label: str,
+                  total: int | None) -> tuple[Callable[[int], None], Callable[[], None]]:
     """A (report, finish) pair; report(bytes_done) redraws at most 10 times a second."""
     if not sys.stderr.isatty():
         return (lambda _done: None), (lambda: None)
     last = [0.0]
+    label = escape(label)  # a file name in it must not break the line it redraws
 
     def report(done: int) -> None:
         now = time.monotonic()

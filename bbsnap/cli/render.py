@@ -1,7 +1,10 @@
 """Output rendering: the seed's tables, vertical `key: value` tables, JSON, YAML, TSV.
 
-Tables and TSV are for eyes and ``cut``: control characters in cells are escaped
-so one row stays one line. ``show``, JSON and YAML give values verbatim.
+Everything meant for eyes (tables, ``-s``, ``show``, and the notes, progress and errors
+on stderr) goes through :func:`escape`: a name, description, file name or guest-reported
+text can hold terminal control sequences (``ESC ]0;...BEL`` retitles the window,
+``ESC [2J`` clears it) or a newline that splits a row or a progress line. JSON and YAML
+carry the data verbatim, with those characters written as their own escapes.
 """
 
 from __future__ import annotations
@@ -17,16 +20,25 @@ OUTPUT_FORMATS = ("table", "json", "yaml")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def _cell(value: Any) -> str:
+# What JSON's encoder leaves raw with ensure_ascii=False: DEL, the C1 controls (0x9b is CSI
+# to many terminals) and the Unicode line separators (which also end lines in JavaScript).
+_JSON_RAW = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def escape(value: Any) -> str:
+    """*value* as text safe to print on a terminal: each control character becomes its
+    Python escape (``\\n``, ``\\x1b``, ``\\u2028``), so the text stays one line and
+    cannot drive the terminal. None is the empty string."""
     text = value if type(value) is str else ("" if value is None else str(value))
     if _CONTROL.search(text):
         text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
     return text
 
 
+
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """The seed's look: header, a dashed rule, rows, a dashed rule."""
-    cells = [[_cell(v) for v in row] for row in rows]
+    cells = [[escape(v) for v in row] for row in rows]
     widths = [len(c) for c in columns]
     for row in cells:
         for i, value in enumerate(row):
@@ -44,19 +56,21 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def simple(rows: Sequence[Sequence[Any]]) -> str:
     """Tab-separated values, no header: ``-s/--simple``."""
-    return "".join("\t".join(_cell(v) for v in row) + "\n" for row in rows)
+    return "".join("\t".join(escape(v) for v in row) + "\n" for row in rows)
 
 
 def vertical(pairs: Sequence[tuple[str, Any]]) -> str:
     """``show``: keys right-aligned on the colon, as the seed prints them."""
     width = max((len(k) for k, _ in pairs), default=0)
-    return "".join(f"{k.rjust(width)}: {'' if v is None else v}\n" for k, v in pairs)
+    return "".join(f"{k.rjust(width)}: {escape(v)}\n" for k, v in pairs)
 
 
 def as_json(data: Any) -> str:
     import json
 
-    return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    text = json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False)
+    # Outside strings the encoder writes only ASCII, so these are always inside one.
+    return _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
 def as_yaml(data: Any) -> str:

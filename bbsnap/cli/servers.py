@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .options import for_each, output_options
+from .options import for_each, output_options, say
 
 
 @click.group(invoke_without_command=True)
@@ -89,8 +89,8 @@ def create_servers(app: Any, image_id: str, name: str | None, server_type: str |
     creator = app.server_creator(accel)
     image = app.images().get(image_id)
     chosen = find_type(server_type or DEFAULT_TYPE)
-    click.echo(f"Creating {'a' if count == 1 else count} {chosen.name} ({chosen.id}) "
-               f"server{'s' if count > 1 else ''} with image {image.name} ({image.id})", err=True)
+    say(f"Creating {'a' if count == 1 else count} {chosen.name} ({chosen.id}) "
+        f"server{'s' if count > 1 else ''} with image {image.name} ({image.id})")
     if hostname and count > 1:
         from ..errors import UsageError
         raise UsageError("--hostname cannot be used with --count above 1")
@@ -139,7 +139,8 @@ def destroy_servers(app: Any, server_ids: tuple[str, ...]) -> None:
 @click.argument("server_ids", nargs=-1, required=True, metavar="SRV...")
 @click.option("-n", "--name", help="Image name (default: 'Snapshot of SRV DD Mon HH:MM (arch)').")
 @click.option("--wait", is_flag=True, help="Wait until the image is available (or failed).")
-@click.option("--no-quiesce", is_flag=True, help="Do not freeze filesystems through the guest agent.")
+@click.option("--no-quiesce", is_flag=True,
+              help="Do not freeze filesystems through the guest agent.")
 @click.pass_obj
 def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wait: bool,
                      no_quiesce: bool) -> None:
@@ -154,11 +155,10 @@ def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wa
     started = []
 
     def snap(key: str) -> None:
-        click.echo(f"Snapshotting server {key}", err=True)
+        say(f"Snapshotting server {key}")
         image = service.begin(
             SnapshotRequest(server=key, name=name, quiesce=not no_quiesce),
-            on_wait=lambda: click.echo(f"bbsnap: waiting for another operation on {key} "
-                                       "to finish", err=True))
+            on_wait=lambda: say(f"bbsnap: waiting for another operation on {key} to finish"))
         started.append(image.id)
         click.echo(image.id)
 
@@ -177,7 +177,7 @@ def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wa
 def rebuild_server(app: Any, server_id: str, image_id: str, output_format: str,
                    simple: bool) -> None:
     """Rebuild SRV's disk from IMG (e.g. one of its snapshots), keeping its identity."""
-    click.echo(f"Rebuilding server {server_id} with image {image_id}", err=True)
+    say(f"Rebuilding server {server_id} with image {image_id}")
     _print_servers([app.servers().rebuild(server_id, image_id)], output_format, simple)
 
 

@@ -10,6 +10,7 @@ import click
 
 from ..models import ImageStatus
 from ..sizes import MIB
+from .options import say
 
 
 def wait_for_images(app: Any, image_ids: list[str], poll: float = 0.25) -> None:
@@ -33,10 +34,9 @@ def wait_for_images(app: Any, image_ids: list[str], poll: float = 0.25) -> None:
         if tty:
             sys.stderr.write("\n")
         if image.status is ImageStatus.AVAILABLE:
-            click.echo(f"Image {image_id} is available", err=True)
+            say(f"Image {image_id} is available")
         else:
             failed.append(image)
-            click.echo(f"bbsnap: error: snapshot {image_id} failed: {image.failure_reason}",
-                       err=True)
+            say(f"bbsnap: error: snapshot {image_id} failed: {image.failure_reason}")
     if failed:
         raise click.exceptions.Exit(BbsnapError.exit_code)

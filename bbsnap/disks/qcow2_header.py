@@ -34,6 +34,12 @@ EXT_DATA_FILE = 0x44415441
 MAX_HEADER_AREA = 1 << 20  # extensions must end inside the first cluster (≤ 2 MiB); be strict
 
 
+# How much file a qcow2 may take beyond its data clusters, for leaked clusters (a crash
+# between allocation and use), refcount tables that grew and moved, and the header area.
+SLACK_CLUSTERS = 64
+SLACK_FRACTION = 16  # ... plus 1/16 of the virtual size
+
+
 @dataclass(frozen=True)
 class Qcow2Header:
     version: int
@@ -41,14 +47,46 @@ class Qcow2Header:
     cluster_bits: int
     incompatible_features: int
     nb_snapshots: int
+    compatible_features: int = 0
+    refcount_order: int = 4  # v2 images: always 16-bit refcounts
 
     @property
     def dirty(self) -> bool:
         return bool(self.incompatible_features & DIRTY)
 
+    @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible_features & EXTENDED_L2)
+
+    def max_file_size(self) -> int:
+        """The largest file an image with this header's active layer can need.
+
+        What bounds an untrusted download: bytes past this are not the disk (a 6 KB
+        bzip2 claiming 1 MiB must not write GiBs). Every guest cluster allocated, plus
+        the L2 tables that map them (8-byte entries, 16 with extended L2), the L1 table,
+        the refcount blocks and table covering all of that at the header's refcount
+        width, and a slack. Internal snapshots are not budgeted: their clusters are
+        dropped on import anyway, and an image carrying GiBs of them must be flattened.
+        """
+        cluster = 1 << self.cluster_bits
+        data = _ceil_div(self.virtual_size, cluster)
+        l2_tables = _ceil_div(data * (16 if self.extended_l2 else 8), cluster)
+        l1 = _ceil_div(l2_tables * 8, cluster)
+        counted = 1 + data + l2_tables + l1  # 1: the header cluster
+        refcount_bits = 1 << min(self.refcount_order, 6)
+        blocks = _ceil_div(counted * refcount_bits, cluster * 8)
+        blocks += _ceil_div(blocks * refcount_bits, cluster * 8)  # blocks count themselves
+        table = _ceil_div(blocks * 8, cluster)
+        metadata = (counted - data + blocks + table + SLACK_CLUSTERS) * cluster
+        return data * cluster + metadata + self.virtual_size // SLACK_FRACTION
+
+
+def _ceil_div(value: int, divisor: int) -> int:
+    return -(-value // divisor)
+
 
 def read_qcow2_header(stream: BinaryIO, *, max_virtual_size: int) -> Qcow2Header:
-    """Parse and vet the header of the qcow2 at *stream*; raise HostileImageError on anything unsafe."""
+    """Parse and vet the header of the qcow2 at *stream*; HostileImageError on anything unsafe."""
     stream.seek(0)
     base = stream.read(104)
     if len(base) < 72 or base[:4] != b"QFI\xfb":
@@ -69,20 +107,22 @@ def read_qcow2_header(stream: BinaryIO, *, max_virtual_size: int) -> Qcow2Header
         raise HostileImageError(f"the qcow2 cluster size 2^{cluster_bits} is invalid")
     if size > max_virtual_size:
         raise HostileImageError(
-            f"the image's virtual size ({size} bytes) is over the limit of {max_virtual_size} bytes",
+            f"the image's virtual size ({size} bytes) is over the limit of {max_virtual_size} "
+            "bytes",
             hint="raise max_virtual_size (BBSNAP_MAX_VIRTUAL_SIZE) if you trust it")
 
-    incompatible, header_length = 0, 72
+    incompatible, compatible, refcount_order, header_length = 0, 0, 4, 72
     if version == 3:
         if len(base) < 104:
             raise HostileImageError("the qcow2 v3 header is truncated")
-        incompatible, _compatible, _autoclear, _refcount_order, header_length = struct.unpack(
+        incompatible, compatible, _autoclear, refcount_order, header_length = struct.unpack(
             ">QQQII", base[72:104])
         if header_length < 104 or header_length > MAX_HEADER_AREA:
             raise HostileImageError(f"the qcow2 header length {header_length} is invalid")
         _vet_incompatible_features(incompatible)
     _vet_extensions(stream, header_length, 1 << cluster_bits)
-    return Qcow2Header(version, size, cluster_bits, incompatible, nb_snapshots)
+    return Qcow2Header(version, size, cluster_bits, incompatible, nb_snapshots, compatible,
+                       refcount_order)
 
 
 def _vet_incompatible_features(bits: int) -> None:
@@ -94,7 +134,8 @@ def _vet_incompatible_features(bits: int) -> None:
                                 hint="repair it with qemu-img check -r all first")
     unknown = bits & ~KNOWN_INCOMPATIBLE
     if unknown:
-        raise HostileImageError(f"the qcow2 image uses unknown incompatible features (0x{unknown:x})")
+        raise HostileImageError(
+            f"the qcow2 image uses unknown incompatible features (0x{unknown:x})")
 
 
 def _vet_extensions(stream: BinaryIO, start: int, cluster_size: int) -> None:
@@ -112,7 +153,8 @@ def _vet_extensions(stream: BinaryIO, start: int, cluster_size: int) -> None:
             raise HostileImageError("the qcow2 image names an external data file; "
                                     "bbsnap refuses images that would read other files")
         if ext_type == EXT_ENCRYPTION:
-            raise HostileImageError("the qcow2 image is encrypted; bbsnap imports only plain images")
+            raise HostileImageError(
+                "the qcow2 image is encrypted; bbsnap imports only plain images")
         offset += 8 + ((length + 7) & ~7)
     raise HostileImageError("the qcow2 header extensions run past the first cluster")
 

@@ -96,12 +96,30 @@ def check(path: Path, fmt: str = "qcow2", *, untrusted: bool = False,
 def convert(source: Path, source_format: str, target: Path, target_format: str, *,
             untrusted: bool = False, compress: bool = False, timeout: float = 3600,
             progress: Callable[[float], None] | None = None) -> None:
-    """Copy *source* into a new standalone *target* (sparse: zero runs are not written)."""
+    """Copy *source* into a new standalone *target* (sparse: zero runs are not written).
+
+    The target is a fresh image of the guest-visible active layer only: without
+    ``--bitmaps`` (off by default) no persistent bitmap is copied, and internal
+    snapshots, unknown compatible feature bits and a dirty flag stay behind.
+    """
     argv = ["qemu-img", "convert", "-f", source_format, "-O", target_format, "-S", "64k"]
     if compress:
         argv.append("-c")
     argv += [_abs(source), _abs(target)]
     _run_convert(argv, progress, timeout=timeout, limits=UNTRUSTED_LIMITS if untrusted else None)
+
+
+def measure_required(path: Path, fmt: str, target_format: str = "qcow2", *,
+                     untrusted: bool = False) -> int:
+    """Bytes `qemu-img convert -O target_format` will write for *path* (its allocated data,
+    uncompressed, plus metadata): what must be free before converting."""
+    argv = ["qemu-img", "measure", "--output=json", "-f", fmt, "-O", target_format,
+            _abs(path)]
+    result = proc.run(argv, timeout=600, limits=UNTRUSTED_LIMITS if untrusted else None)
+    try:
+        return int(json.loads(result.stdout)["required"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ExternalCommandError("qemu-img measure printed no size", argv=argv) from exc
 
 
 def create_overlay(path: Path, backing: Path, backing_format: str = "qcow2",

@@ -190,20 +190,27 @@ class DomainFacts:
     memory_mib: int
     vcpus: int
     firmware: str = "bios"          # "uefi" when it boots through OVMF/edk2
+    forwarded_ports: tuple[int, ...] = ()  # host ports of SLIRP/passt TCP forwards
 
 
 def read_domain_facts(xml: str) -> DomainFacts:
+    """What bbsnap shows of any domain. Numbers that do not parse read as 0 (unknown):
+    one odd domain on the connection must not break listing the others."""
     root = ET.fromstring(xml)
     macs = [m.get("address", "") for m in root.findall("devices/interface/mac")]
+    forwards = [_int(r.get("start")) for r in root.findall("devices/interface/portForward/range")]
     for arg in root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
         value = arg.get("value", "")
         for part in value.split(","):
             if part.startswith("mac="):
                 macs.append(part[4:])
+            elif part.startswith("hostfwd="):
+                forwards.append(_hostfwd_port(part[len("hostfwd="):]))
     disks = []
     for disk in root.findall("devices/disk"):
         source = disk.find("source")
-        if disk.get("device", "disk") != "disk" or disk.find("readonly") is not None or source is None:
+        if (disk.get("device", "disk") != "disk" or disk.find("readonly") is not None
+                or source is None):
             continue
         path = source.get("file") or source.get("dev")
         if path:
@@ -211,7 +218,7 @@ def read_domain_facts(xml: str) -> DomainFacts:
     networks = [s.get("network", "") for s in root.findall("devices/interface/source")
                 if s.get("network")]
     memory = root.find("memory")
-    memory_kib = int(memory.text or 0) if memory is not None else 0
+    memory_kib = _int(memory.text) if memory is not None else 0
     unit = memory.get("unit", "KiB") if memory is not None else "KiB"
     factor = {"KiB": 1, "k": 1, "MiB": 1024, "M": 1024, "GiB": 1024 * 1024, "G": 1024 * 1024,
               "b": 1 / 1024, "bytes": 1 / 1024}.get(unit, 1)
@@ -221,7 +228,20 @@ def read_domain_facts(xml: str) -> DomainFacts:
         title=title.text if title is not None else None,
         metadata=read_metadata(xml), macs=tuple(macs), disks=tuple(disks),
         networks=tuple(networks), memory_mib=int(memory_kib * factor) // 1024,
-        vcpus=int(vcpu.text or 0) if vcpu is not None else 0, firmware=_firmware(root))
+        vcpus=_int(vcpu.text) if vcpu is not None else 0, firmware=_firmware(root),
+        forwarded_ports=tuple(sorted({p for p in forwards if 0 < p <= 65535})))
+
+
+def _int(text: str | None) -> int:
+    """A non-negative decimal integer, else 0."""
+    text = (text or "").strip()
+    return int(text) if text.isascii() and text.isdigit() else 0
+
+
+def _hostfwd_port(rule: str) -> int:
+    """The host port of a QEMU hostfwd rule, ``tcp:127.0.0.1:2222-:22`` (0 if none)."""
+    host_side = rule.split("-", 1)[0]
+    return _int(host_side.rsplit(":", 1)[-1])
 
 
 _UEFI_LOADER_WORDS = ("ovmf", "edk2", "efi")
@@ -252,7 +272,8 @@ def read_metadata(xml: str) -> dict[str, str]:
     if holder is None:
         return {}
     prefix = f"{{{METADATA_NS}}}"
-    return {child.tag[len(prefix):]: child.text or "" for child in holder if child.tag.startswith(prefix)}
+    return {child.tag[len(prefix):]: child.text or "" for child in holder
+            if child.tag.startswith(prefix)}
 
 
 def read_disks(xml: str) -> list["DiskInfo"]:

@@ -5,17 +5,22 @@ Order matters for "lose nothing and register nothing bad":
    a file name missing from a checksum list fails before the image is fetched;
 1. open the source (a missing path or a 404 fails before any row exists);
 2. register the row as ``creating`` (visible in ``images list`` while it runs);
-3. stream into ``tmp/`` (hash, decompress with a cap, sparse);
-4. recognise the format by content and vet it without QEMU, then with
-   ``qemu-img info`` under resource limits;
-5. produce ``images/<id>.qcow2`` via a ``.partial`` name, fsync, rename;
+3. decompress the head and vet it without QEMU: the format (stated by
+   --disk-format or the sidecar, else recognised by content) and, for qcow2, the
+   header, which also bounds how many bytes the rest may have;
+4. stream the rest into ``tmp/`` (hash, decompress, sparse) within that bound, the
+   decompression cap and the filesystem's reserve; then vet it with ``qemu-img
+   info`` (and ``check``) under resource limits;
+5. produce ``images/<id>.qcow2`` via a ``.partial`` name, always written anew by
+   ``qemu-img convert`` with explicit formats (no bitmap, internal snapshot, unknown
+   compatible feature or dirty flag of the download survives), fsync, rename;
 6. only then mark the row available.
 Any failure removes the row and every file the import made.
 """
 
 from __future__ import annotations
 
-import os
+import io
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,9 +30,10 @@ from typing import BinaryIO
 from .. import checksums, ids, safe_files
 from ..catalogue import Catalogue, utcnow
 from ..config import Settings
+from ..compression import Compression
 from ..disks import boot_firmware, qemu_img
-from ..disks.formats import PROBE_BYTES, detect_format
-from ..disks.qcow2_header import read_qcow2_header
+from ..disks.formats import PROBE_BYTES, DetectedFormat, detect_format
+from ..disks.qcow2_header import MAX_HEADER_AREA, Qcow2Header, read_qcow2_header
 from ..errors import HostileImageError, InvalidInputError, UsageError
 from ..jobs import current_job_token
 from ..layout import FILE_MODE, PARTIAL_SUFFIX, DataDir
@@ -35,7 +41,9 @@ from ..models import Image, ImageStatus, ImageType
 from ..sidecar import Sidecar
 from ..sources import load_sidecar, open_source, read_document, source_file_name
 from ..transfer import (
+    OutputLimit,
     Progress,
+    check_free_space,
     copy_decompressed,
     parse_checksum,
 )
@@ -55,6 +63,7 @@ class ImportRequest:
     checksum: str | None = None   # "sha256:HEX"
     checksum_file: str | None = None  # path or URL of a SHA256SUMS listing the source's name
     use_sidecar: bool = True      # read <source>.json when it exists
+    disk_format: str | None = None  # "raw" or "qcow2": wins over the sidecar's and the content
 
 
 class ImageImporter:
@@ -73,7 +82,8 @@ class ImageImporter:
         *on_note* what bbsnap decided that the user did not ask for."""
         expected, meta = self._expectations(request)
         source = open_source(request.source, self._stdin,
-                             http_timeout=self._settings.http_timeout)
+                             http_timeout=self._settings.http_timeout,
+                             http_min_rate=self._settings.http_min_rate)
         try:
             if on_opened is not None:
                 on_opened(source.size)
@@ -83,7 +93,7 @@ class ImageImporter:
                 on_registered(image)
             try:
                 return self._fill(image, source.stream, expected, progress,
-                                  meta.virtual_size if meta is not None else None,
+                                  _Statements.of(request, meta),
                                   detect_firmware=effective.firmware is None,
                                   on_note=on_note or (lambda _text: None))
             except BaseException:
@@ -145,42 +155,36 @@ class ImageImporter:
         return download, partial, final
 
     def _fill(self, image: Image, stream: BinaryIO, expected_sha256: str | None,
-              progress: Progress | None, expected_virtual_size: int | None, *,
+              progress: Progress | None, stated: _Statements, *,
               detect_firmware: bool, on_note: Callable[[str], None]) -> Image:
         download, partial, final = self._work_files(image.id)
+        head = _HeadVetting(stated, self._settings.max_virtual_size)
         copied = copy_decompressed(stream, download,
                                    max_output=self._settings.max_decompressed_size,
-                                   expected_sha256=expected_sha256, progress=progress)
-        with open(download, "rb") as handle:
-            detected = detect_format(handle.read(PROBE_BYTES))
-            if detected.name == "qcow2":
-                header = read_qcow2_header(handle, max_virtual_size=self._settings.max_virtual_size)
-        if detected.name == "raw" and copied.output_bytes > self._settings.max_virtual_size:
-            raise HostileImageError(
-                f"the image's virtual size ({copied.output_bytes} bytes) is over the limit of "
-                f"{self._settings.max_virtual_size} bytes",
-                hint="raise max_virtual_size (BBSNAP_MAX_VIRTUAL_SIZE) if you trust it")
-        vetted = qemu_img.vet_untrusted(download, detected.name,
+                                   expected_sha256=expected_sha256, progress=progress,
+                                   check_head=head, head_size=HEAD_BYTES,
+                                   compression=stated.compression, stated_by="the sidecar")
+        fmt = head.detected.name
+        vetted = qemu_img.vet_untrusted(download, fmt,
                                         max_virtual_size=self._settings.max_virtual_size)
         # Checked before converting: no work is spent on an image that will be refused.
-        if expected_virtual_size is not None and vetted.virtual_size != expected_virtual_size:
+        if stated.virtual_size is not None and vetted.virtual_size != stated.virtual_size:
             raise InvalidInputError(
-                f"the sidecar says {expected_virtual_size} bytes, the image is "
+                f"the sidecar says {stated.virtual_size} bytes, the image is "
                 f"{vetted.virtual_size}", hint="the sidecar belongs to another file, or the data "
                 "is not what was published; nothing was imported")
-        if detected.name == "qcow2":
+        if fmt == "qcow2":
             verdict = qemu_img.check(download, "qcow2", untrusted=True)
             if verdict.corruptions:
-                raise HostileImageError(f"the qcow2 image is corrupt ({verdict.corruptions} errors)")
-            if header.dirty or verdict.leaks:
-                # Rewrite rather than store metadata that needs repair on first write.
-                qemu_img.convert(download, "qcow2", partial, "qcow2", untrusted=True)
-                download.unlink()
-            else:
-                os.replace(download, partial)  # a checked standalone qcow2 is kept as it came
-        else:
-            qemu_img.convert(download, "raw", partial, "qcow2", untrusted=True)
-            download.unlink()
+                raise HostileImageError(
+                    f"the qcow2 image is corrupt ({verdict.corruptions} errors)")
+        check_free_space(partial.parent,
+                         qemu_img.measure_required(download, fmt, untrusted=True))
+        # Always rewritten, never kept as it came: a persistent bitmap named like bbsnap's
+        # change tracking breaks its clones' live snapshots, internal snapshots hide data
+        # from the active layer, and unknown compatible bits would ride along.
+        qemu_img.convert(download, fmt, partial, "qcow2", untrusted=True)
+        download.unlink()
         firmware = image.firmware
         if detect_firmware and self._boots_only_under_uefi(image.id, partial):
             firmware = "uefi"
@@ -204,6 +208,69 @@ class ImageImporter:
     def _discard(self, image_id: str) -> None:
         self._data_dir.remove_image_files(image_id)
         self._catalogue.remove_row(image_id)
+
+
+# The decompressed head vetted before anything is written: all of a qcow2 header area
+# (extensions may reach 1 MiB), and more than format detection needs.
+HEAD_BYTES = max(PROBE_BYTES, MAX_HEADER_AREA)
+
+
+@dataclass(frozen=True)
+class _Statements:
+    """What the user or the sidecar says the data is; None where nobody said."""
+    disk_format: str | None
+    format_by: str
+    compression: Compression | None
+    virtual_size: int | None
+
+    @classmethod
+    def of(cls, request: ImportRequest, meta: Sidecar | None) -> _Statements:
+        by_user = request.disk_format is not None
+        return cls(
+            disk_format=request.disk_format if by_user else meta.format if meta else None,
+            format_by="--disk-format" if by_user else "the sidecar",
+            compression=(Compression(meta.compression)
+                         if meta is not None and meta.compression is not None else None),
+            virtual_size=meta.virtual_size if meta is not None else None)
+
+
+class _HeadVetting:
+    """The head check of the download: remembers what it found, returns the output bound."""
+
+    def __init__(self, stated: _Statements, max_virtual_size: int) -> None:
+        self._stated = stated
+        self._max_virtual_size = max_virtual_size
+        self.detected = DetectedFormat("raw", "not vetted yet")
+        self.header: Qcow2Header | None = None
+
+    def __call__(self, head: bytes) -> OutputLimit:
+        stated = self._stated
+        self.detected = detect_format(head[:PROBE_BYTES], stated.disk_format,
+                                      stated_by=stated.format_by)
+        if self.detected.name == "qcow2":
+            return self._qcow2_limit(head)
+        if stated.virtual_size is not None and stated.virtual_size < self._max_virtual_size:
+            return OutputLimit(stated.virtual_size, f"the raw disk runs past the "
+                               f"{stated.virtual_size} bytes the sidecar says it has",
+                               hint="the sidecar belongs to another file; nothing was imported")
+        return OutputLimit(self._max_virtual_size, f"the raw disk is over the limit of "
+                           f"{self._max_virtual_size} bytes (max_virtual_size)",
+                           hint="raise max_virtual_size (BBSNAP_MAX_VIRTUAL_SIZE) if you trust it")
+
+    def _qcow2_limit(self, head: bytes) -> OutputLimit:
+        header = read_qcow2_header(io.BytesIO(head), max_virtual_size=self._max_virtual_size)
+        self.header = header
+        claimed = self._stated.virtual_size
+        if claimed is not None and header.virtual_size != claimed:
+            raise InvalidInputError(
+                f"the sidecar says {claimed} bytes, the image is {header.virtual_size}",
+                hint="the sidecar belongs to another file, or the data is not what was "
+                "published; nothing was imported")
+        bound = header.max_file_size()
+        return OutputLimit(bound, f"the qcow2 data runs past the {bound} bytes its header "
+                           f"allows (virtual size {header.virtual_size} bytes)",
+                           hint="a qcow2 carrying internal snapshots must be flattened first: "
+                           "qemu-img convert -O qcow2")
 
 
 def _with_sidecar_defaults(request: ImportRequest, meta: Sidecar | None) -> ImportRequest:

@@ -8,10 +8,13 @@ import hashlib
 import json
 import lzma
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from bbsnap.layout import FILE_MODE
 from tests.images import MIB, qcow2_disk, raw_disk, read_bytes
 
 try:
@@ -56,7 +59,7 @@ def test_import_detects_format_and_compression_by_content(bbsnap, work_dir, fmt,
     assert read_bytes(stored, "qcow2", MIB, 512) == b"\x5a" * 512
     info = json.loads(os.popen(f"qemu-img info --output=json {stored}").read())
     assert info["format"] == "qcow2" and "backing-filename" not in info
-    assert oct(stored.stat().st_mode & 0o777) == "0o644"
+    assert stored.stat().st_mode & 0o777 == FILE_MODE
     assert list((bbsnap.data_dir / "tmp").iterdir()) == []
 
 
@@ -135,3 +138,112 @@ def test_untrusted_qemu_img_runs_limited_with_few_malloc_arenas():
                        limits=UNTRUSTED_LIMITS)
     out, _ = child.communicate(timeout=60)
     assert out.decode().split()[:2] == ["2", str(UNTRUSTED_LIMITS.address_space_bytes)]
+
+
+# --- a stated format wins over the content -------------------------------------------------
+
+def raw_starting_with_a_qcow2_header(work_dir) -> Path:
+    """A raw disk whose first guest-visible bytes are a valid qcow2 image (a nested guest's
+    disk written to the start of the disk), with the raw disk's own data further on."""
+    inner = work_dir / "inner.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(inner), "1M"], check=True)
+    disk = raw_disk(work_dir / "nested.raw", pattern=0x6B)
+    subprocess.run(["dd", f"if={inner}", f"of={disk}", "conv=notrunc", "status=none"], check=True)
+    assert disk.read_bytes()[:4] == b"QFI\xfb" and disk.stat().st_size == 8 * MIB
+    return disk
+
+
+def assert_same_disk(raw: Path, stored: Path) -> None:
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(raw),
+                    str(stored)], check=True)
+
+
+def _stored(bbsnap, result) -> Path:
+    assert result.exit_code == 0, result.stderr
+    return bbsnap.data_dir / "images" / f"{result.stdout.strip()}.qcow2"
+
+
+def test_disk_format_raw_imports_a_raw_disk_that_begins_with_a_qcow2_header(bbsnap, work_dir):
+    disk = raw_starting_with_a_qcow2_header(work_dir)
+    assert_same_disk(disk, _stored(bbsnap, bbsnap("images", "import", str(disk),
+                                                  "--disk-format", "raw")))
+
+
+@pytest.mark.parametrize("compress", ["none", "gzip"])
+def test_export_round_trip_keeps_a_raw_disk_that_begins_with_a_qcow2_header(bbsnap, work_dir,
+                                                                             compress):
+    disk = raw_starting_with_a_qcow2_header(work_dir)
+    first = bbsnap("images", "import", str(disk), "--disk-format", "raw", "-n", "nested")
+    out = work_dir / "out" / "nested.img"
+    out.parent.mkdir()
+    exported = bbsnap("images", "export", first.stdout.strip(), "-o", str(out),
+                      "--format", "raw", "--compress", compress)
+    assert exported.exit_code == 0, exported.stderr
+    assert json.loads((work_dir / "out" / "nested.img.json").read_text())["format"] == "raw"
+
+    again = bbsnap("images", "import", str(out))  # the sidecar says raw
+    assert_same_disk(disk, _stored(bbsnap, again))
+    assert _image_json(bbsnap, again.stdout.strip())["name"] == "nested"
+
+
+def test_disk_format_qcow2_on_a_raw_disk_is_refused(bbsnap, work_dir):
+    from tests.disk.test_hostile_import import assert_refused
+
+    result = bbsnap("images", "import", str(raw_disk(work_dir / "d.raw")), "--disk-format", "qcow2")
+    assert_refused(bbsnap, result, exit_code=1, words="--disk-format says qcow2")
+
+
+def test_sidecar_stating_qcow2_for_a_raw_disk_is_refused(bbsnap, work_dir):
+    from tests.disk.test_hostile_import import assert_refused
+
+    disk = raw_disk(work_dir / "d.raw")
+    (work_dir / "d.raw.json").write_text(json.dumps(
+        {"bbsnap_sidecar": 1, "name": "d", "virtual_size": 8 * MIB, "format": "qcow2"}))
+    assert_refused(bbsnap, bbsnap("images", "import", str(disk)), words="the sidecar says qcow2")
+
+
+def test_flag_wins_over_the_sidecar_format(bbsnap, work_dir):
+    disk = raw_starting_with_a_qcow2_header(work_dir)
+    (work_dir / "nested.raw.json").write_text(json.dumps(
+        {"bbsnap_sidecar": 1, "name": "n", "virtual_size": 8 * MIB, "format": "qcow2"}))
+    assert_same_disk(disk, _stored(bbsnap, bbsnap("images", "import", str(disk),
+                                                  "--disk-format", "raw")))
+
+
+def test_stated_raw_still_has_to_be_what_the_sidecar_says(bbsnap, work_dir):
+    """Stated raw skips the partition-table heuristic, nothing else: the size is checked."""
+    from tests.disk.test_hostile_import import assert_refused
+
+    disk = raw_starting_with_a_qcow2_header(work_dir)
+    (work_dir / "nested.raw.json").write_text(json.dumps(
+        {"bbsnap_sidecar": 1, "name": "n", "virtual_size": 4 * MIB, "format": "raw"}))
+    assert_refused(bbsnap, bbsnap("images", "import", str(disk)),
+                   words=f"runs past the {4 * MIB} bytes the sidecar says")
+
+
+def test_sidecar_stating_no_compression_keeps_a_disk_that_begins_with_gzip_magic(bbsnap,
+                                                                                work_dir):
+    disk = raw_disk(work_dir / "magic.raw", pattern=0x21)
+    with open(disk, "r+b") as handle:
+        handle.write(b"\x1f\x8b\x08\x00")  # gzip's magic in the boot code area
+    (work_dir / "magic.raw.json").write_text(json.dumps(
+        {"bbsnap_sidecar": 1, "name": "m", "virtual_size": 8 * MIB, "format": "raw",
+         "compression": "none"}))
+    assert_same_disk(disk, _stored(bbsnap, bbsnap("images", "import", str(disk))))
+
+
+def test_qcow2_bound_holds_for_fully_allocated_images(work_dir):
+    """The output bound of an untrusted qcow2 is never below what qemu-img itself writes."""
+    from bbsnap.disks.qcow2_header import read_qcow2_header
+
+    for options in ("cluster_size=512,refcount_bits=64", "cluster_size=65536",
+                    "cluster_size=16384,extended_l2=on", "cluster_size=2M"):
+        image = work_dir / "full.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(image),
+                        "24M"], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 0 24M", str(image)],
+                       check=True, capture_output=True)
+        with open(image, "rb") as handle:
+            header = read_qcow2_header(handle, max_virtual_size=1 << 40)
+        assert image.stat().st_size <= header.max_file_size(), options
+        image.unlink()

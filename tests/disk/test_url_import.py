@@ -456,3 +456,68 @@ def test_url_with_a_space_is_a_usage_error(bbsnap, server):
     assert_refused(bbsnap, bbsnap("images", "import", server.url("/my disk.qcow2")),
                    exit_code=2, words="percent-encode")
     assert server.seen == []
+
+
+# --- endless, slow and dribbling servers: refused soon, with nothing left --------------------
+
+def test_endless_body_that_is_no_disk_is_refused_at_its_head(bbsnap, server):
+    url = server.serve("/endless.img", endless=bytes(64 * 1024))
+    assert_refused(bbsnap, bbsnap("images", "import", url), words="not a disk image")
+    assert len(server.requests("/endless.img")) == 1
+
+
+def test_endless_body_after_a_qcow2_header_is_cut_at_what_the_header_allows(bbsnap, server,
+                                                                           work_dir):
+    small = work_dir / "small.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(small), "1M")
+    url = server.serve("/endless.qcow2", small.read_bytes(), endless=b"\xab" * 65536)
+    # The decompression cap only bounds this test on code without the header's bound.
+    result = bbsnap("images", "import", url, env={"BBSNAP_MAX_DECOMPRESSED_SIZE": "64M"})
+    assert_refused(bbsnap, result, words="runs past")
+
+
+def test_endless_raw_disk_is_cut_at_the_virtual_size_limit(bbsnap, server):
+    mbr = bytes(510) + b"\x55\xaa"
+    url = server.serve("/endless.raw", mbr, endless=b"\xab" * 65536)
+    result = bbsnap("images", "import", url, env={"BBSNAP_MAX_VIRTUAL_SIZE": "16M",
+                                                   "BBSNAP_MAX_DECOMPRESSED_SIZE": "64M"})
+    assert_refused(bbsnap, result, words="over the limit")
+
+
+def test_trickle_below_the_minimum_rate_is_refused(bbsnap, server, qcow2_gz):
+    """Four bytes a second never trips the read timeout; the minimum rate stops it within
+    one http_timeout window (code without it waits out the trickle, then imports)."""
+    _, data = qcow2_gz
+    url = server.serve("/trickle.qcow2.gz", data, trickle=0.25, trickle_bytes=16)
+    result = bbsnap("images", "import", url, env={"BBSNAP_HTTP_TIMEOUT": "1"})
+    assert_refused(bbsnap, result, words="too slow")
+    assert "http_min_rate" in result.stderr
+    assert len(server.requests("/trickle.qcow2.gz")) == 1
+
+
+def test_one_byte_per_connection_runs_out_of_resumes(bbsnap, server, monkeypatch):
+    monkeypatch.setattr(http_source, "RETRY_DELAYS", (0.0,) * 5)
+    body = bytes(510) + b"\x55\xaa" + bytes(1536)
+    url = server.serve("/dribble.raw", body, per_connection=1)
+    assert_refused(bbsnap, bbsnap("images", "import", url),
+                   words="gave up after 5 attempts to resume (none delivered")
+    assert len(server.requests("/dribble.raw")) == 1 + 5
+
+
+def test_resumes_are_bounded_overall(bbsnap, server, monkeypatch):
+    """Each connection delivers enough to count as progress; their number is still bounded."""
+    monkeypatch.setattr(http_source, "RETRY_DELAYS", (0.0,) * 5)
+    monkeypatch.setattr(http_source, "RESUME_MIN_BYTES", 100)
+    monkeypatch.setattr(http_source, "MAX_RESUMES", 5)
+    body = bytes(510) + b"\x55\xaa" + bytes(3584)
+    url = server.serve("/drops.raw", body, per_connection=200)
+    assert_refused(bbsnap, bbsnap("images", "import", url), words="dropped 6 times")
+    assert len(server.requests("/drops.raw")) == 6
+
+
+@pytest.mark.parametrize("value", ["0", "fast"])
+def test_bad_http_min_rate_is_a_usage_error(bbsnap, server, value):
+    url = server.serve("/x.qcow2", b"x")
+    result = bbsnap("images", "import", url, env={"BBSNAP_HTTP_MIN_RATE": value})
+    assert_refused(bbsnap, result, exit_code=2, words="BBSNAP_HTTP_MIN_RATE")
+    assert server.seen == []

@@ -159,8 +159,8 @@ def test_ssh_argv():
     server = Server(id="srv-aaaaa", uuid="u", name="n", status=ServerStatus.ACTIVE, managed=True,
                     ssh_port=2222, username="debian")
     argv = ssh_argv(server, identity="/k", command=["uname", "-a"])
-    assert argv[:3] == ["ssh", "-p", "2222"] and "debian@127.0.0.1" in argv
-    assert argv[-3:] == ["--", "uname", "-a"] and "/k" in argv
+    assert argv[:5] == ["ssh", "-l", "debian", "-p", "2222"]
+    assert argv[-4:] == ["--", "127.0.0.1", "uname", "-a"] and "/k" in argv
     with pytest.raises(ConflictError):
         ssh_argv(Server(id="s", uuid="u", name="n", status=ServerStatus.INACTIVE, managed=True))
 
