@@ -33,9 +33,9 @@ from ..seed import (SeedSpec, check_hostname, default_user_data, hostname_from_n
                     validate_user_data, write_seed_iso)
 from ..server_types import DEFAULT_TYPE, find_type
 from ..sizes import GIB
-from . import change_tracking, image_fields
+from . import change_tracking
 from .compensation import Compensation
-from .server_records import server_from_domain
+from .server_records import check_server_name, server_from_domain
 
 DISK_FILE = "disk.qcow2"
 CREATING_MARKER = ".creating"
@@ -111,7 +111,7 @@ class ServerCreator:
             raise UsageError(f"--disk-size {request.disk_gib} GiB is smaller than the image "
                              f"({image.virtual_size / GIB:.1f} GiB)")
         disk_bytes = max(disk_bytes, image.virtual_size)
-        name = image_fields.check_name(request.name) if request.name is not None else ""
+        name = check_server_name(request.name) if request.name is not None else ""
         user_data = validate_user_data(request.user_data) if request.user_data is not None else None
         hostname = check_hostname(request.hostname) if request.hostname else None
         network = request.network or self._settings.network
