@@ -48,6 +48,44 @@ def hostname_from_name(name: str, fallback: str) -> str:
     return candidate if candidate and _HOSTNAME.fullmatch(candidate) else fallback
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def decode_user_data(raw: bytes) -> str:
+    """The text of user-data as given (read at most ``MAX_USER_DATA + 1`` bytes of it).
+
+    gzip-compressed user-data is a cloud-init format (uncompressed, "then used as if it were
+    not compressed"): it is decompressed here, up to the same 16 MiB, and the seed carries
+    the text. That is exactly what cloud-init acts on, so validate_user_data judges what the
+    guest gets, and the seed stays readable text (an ISO has no 16 KiB limit to save).
+    """
+    if len(raw) > MAX_USER_DATA:
+        raise InvalidInputError("user-data is larger than 16 MiB")
+    if raw.startswith(GZIP_MAGIC):
+        raw = _gunzip(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(
+            f"user-data is neither UTF-8 text nor gzip-compressed text (byte {exc.start})",
+            hint="give a #cloud-config or script file, plain or gzip'd") from None
+
+
+def _gunzip(raw: bytes) -> bytes:
+    import gzip
+    import zlib
+
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
+            data = stream.read(MAX_USER_DATA + 1)  # bounded: a small bomb can't fill memory
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InvalidInputError(f"gzip-compressed user-data is damaged: {_one_line(exc)}",
+                                hint="check the file with 'gzip -t'") from None
+    if len(data) > MAX_USER_DATA:
+        raise InvalidInputError("user-data is larger than 16 MiB once decompressed")
+    return data
+
+
 def validate_user_data(text: str) -> str:
     """Refuse user-data cloud-init would reject, before anything is created.
 
@@ -64,6 +102,9 @@ def validate_user_data(text: str) -> str:
             data = _load_cloud_config(text)
         except yaml.YAMLError as exc:
             raise InvalidInputError(f"user-data is not valid YAML: {_one_line(exc)}") from exc
+        except RecursionError:  # PyYAML's composer recurses once per nesting level
+            raise InvalidInputError("#cloud-config user-data is nested too deeply to read",
+                                    hint="flatten its YAML") from None
         if data is not None and not isinstance(data, dict):
             raise InvalidInputError("#cloud-config user-data must be a YAML mapping")
         return text

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,6 +16,9 @@ from .doctor import doctor
 from .image_export import export_image
 from .images import images
 from .servers import servers, types
+
+if TYPE_CHECKING:
+    from ..errors import BbsnapError
 
 
 class BbsnapGroup(click.Group):
@@ -29,21 +33,23 @@ class BbsnapGroup(click.Group):
         except BrokenPipeError:
             # The reader went away (`bbsnap images list | head -1`): nothing is wrong and
             # nothing more can be said; exit as a process killed by SIGPIPE would.
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the flush at exit goes here
+            sys.stdout = open(os.devnull, "w")  # the flush at exit goes here
             ctx.exit(128 + 13)
         except click.exceptions.Exit:
             raise
         except click.ClickException:
             raise
-        except Exception as exc:  # noqa: BLE001 - the one catch point
+        except Exception as exc:  # the one catch point
             from ..errors import BbsnapError
 
             app = ctx.obj if isinstance(ctx.obj, AppContext) else None
-            if isinstance(exc, BbsnapError):
-                click.echo(f"bbsnap: error: {render.escape(exc)}", err=True)
+            known = exc if isinstance(exc, BbsnapError) else None
+            known = _explained(exc, app) or known
+            if known is not None:
+                click.echo(f"bbsnap: error: {render.escape(known)}", err=True)
                 if app is not None and app.debug:
                     raise
-                ctx.exit(exc.exit_code)
+                ctx.exit(known.exit_code)
             if app is not None and app.debug:
                 raise
             click.echo(f"bbsnap: internal error: {type(exc).__name__}: {render.escape(exc)} "
@@ -74,6 +80,142 @@ cli.add_command(types)
 cli.add_command(doctor)
 
 
+# -- failures that are not bugs, though they do not arrive as BbsnapErrors -----------------
+
+def _explained(exc: BaseException, app: AppContext | None) -> "BbsnapError | None":
+    """The BbsnapError *exc* amounts to, or None (a BbsnapError as it is, or a real bug).
+
+    SQLite's errors reach here from any catalogue query (damaged pages show on the first
+    query that reads them), and the catalogue's open/BEGIN wrappers name the failure but not
+    the way out: both are classified once, by catalogue_errors. A failed write to standard
+    output is recognised by identity (_WatchedStdout), never guessed from an errno that any
+    file could have raised.
+    """
+    from ..errors import BbsnapError, CatalogueError
+
+    stdout_error = _watched.last_error if _watched is not None else None
+    if stdout_error is not None and _caused_by(exc, stdout_error):
+        sys.stdout = open(os.devnull, "w")  # the flush at exit must not retry
+        return BbsnapError(f"cannot write to standard output: "
+                           f"{stdout_error.strerror or stdout_error}",
+                           hint="what was written is incomplete; check where the output goes")
+    sqlite3 = sys.modules.get("sqlite3")  # not imported: no SQLite error is possible
+    if sqlite3 is None:
+        return None
+    cause = exc.__cause__ if isinstance(exc, CatalogueError) and exc.hint is None else exc
+    if isinstance(cause, sqlite3.Error):
+        from ..catalogue_errors import catalogue_failure
+
+        return catalogue_failure(cause, _catalogue_path(app))
+    return None
+
+
+def _caused_by(exc: BaseException, cause: BaseException) -> bool:
+    """Whether *cause* is *exc* or in its chain (a service may wrap the OSError)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if seen is cause:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _catalogue_path(app: AppContext | None) -> Any:
+    from ..errors import BbsnapError
+
+    if app is None:
+        return None
+    try:
+        return app.settings.data_dir / "catalogue.sqlite3"
+    except BbsnapError:
+        return None
+
+
+class _WatchedStdout(io.FileIO):
+    """File descriptor 1, remembering the error of a failed write (a full disk, /dev/full,
+    a device gone), so the catch point can say it was standard output that failed."""
+
+    last_error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return super().write(data)
+        except BrokenPipeError:
+            raise  # the reader left: quiet, exit 141 (BbsnapGroup.invoke)
+        except OSError as exc:
+            self.last_error = exc
+            raise
+
+
+_watched: _WatchedStdout | None = None
+
+
+def _watch_stdout() -> None:
+    """Route sys.stdout (text and .buffer) through a _WatchedStdout on the same descriptor."""
+    global _watched
+    stream = sys.stdout
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test harness's capture): nothing to watch
+    _watched = _WatchedStdout(fd, "w", closefd=False)
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(_watched), encoding=stream.encoding,
+                                  errors=stream.errors, line_buffering=bool(stream.line_buffering))
+
+
+class Utf8Text(click.ParamType):
+    """Free text (names, descriptions, ids). On Linux, click hands undecodable bytes of argv
+    over as surrogate escapes, which fail only much later, encoded for SQLite, libvirt's XML
+    or the terminal; they are refused here, before anything is done, as a usage error."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        text = click.STRING.convert(value, param, ctx)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            from ..errors import UsageError
+
+            label = _label(param)
+            raise UsageError(f"{label} is not valid UTF-8: {text!r}",
+                             hint="give it as UTF-8 text") from None
+        return text
+
+
+def _label(param: click.Parameter | None) -> str:
+    if isinstance(param, click.Option):
+        return "/".join(param.opts)
+    if param is not None:
+        return param.metavar or (param.name or "value").upper()
+    return "a value"
+
+
+# String parameters that are file names (or URLs) only read: a file name may hold any
+# bytes, and os.fsencode recovers them from the surrogate escapes, so these pass through.
+# (export's --output is not among them: its name is recorded as text, in the crash journal
+# and the sidecar, so an undecodable one is refused like any other text.)
+PATH_PARAMS = frozenset({"source", "checksum_file"})
+
+
+def _refuse_undecodable_text(group: click.Group) -> None:
+    """Give every plain string parameter of the subcommands the Utf8Text check. The root's
+    own options are not included: a BbsnapError raised while they are parsed would escape
+    the catch point (--connect and --data-dir are checked by config.py instead)."""
+    for command in group.commands.values():
+        for param in command.params:
+            if param.type is click.STRING and param.name not in PATH_PARAMS:
+                param.type = Utf8Text()
+        if isinstance(command, click.Group):
+            _refuse_undecodable_text(command)
+
+
+_refuse_undecodable_text(cli)
+
+
 def main() -> None:
     """The console entry point: run one command, then leave at once.
 
@@ -82,6 +224,7 @@ def main() -> None:
     commands wrote are closed by then, and output is flushed here.
     """
     context.leave_open_at_exit = True
+    _watch_stdout()
     try:
         cli.main(prog_name="bbsnap")
         code = 0

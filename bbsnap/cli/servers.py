@@ -61,7 +61,8 @@ def show_servers(app: Any, server_ids: tuple[str, ...], output_format: str, simp
 @click.option("--cpus", type=click.IntRange(1, 64), help="vCPUs (overrides the type).")
 @click.option("--memory", type=click.IntRange(min=16), help="RAM in MiB (overrides the type).")
 @click.option("--disk-size", type=click.IntRange(min=1), help="Disk size in GiB (grown overlay).")
-@click.option("--user-data", type=click.File("r"), help="cloud-init user-data file, or - for stdin.")
+@click.option("--user-data", type=click.File("rb"),
+              help="cloud-init user-data file (plain or gzip'd), or - for stdin.")
 @click.option("--ssh-key", "ssh_keys", multiple=True, type=click.Path(dir_okay=False),
               help="SSH public key file (repeatable; default: ~/.ssh/*.pub).")
 @click.option("--hostname", help="Guest host name (default: from the name).")
@@ -83,7 +84,7 @@ def create_servers(app: Any, image_id: str, name: str | None, server_type: str |
 
     request = CreateRequest(
         image_id=image_id, name=name, server_type=server_type, cpus=cpus, memory_mib=memory,
-        disk_gib=disk_size, user_data=user_data.read() if user_data is not None else None,
+        disk_gib=disk_size, user_data=_read_user_data(user_data),
         ssh_key_files=tuple(Path(k) for k in ssh_keys), hostname=hostname, network=network,
         start=not no_start)
     creator = app.server_creator(accel)
@@ -96,6 +97,15 @@ def create_servers(app: Any, image_id: str, name: str | None, server_type: str |
         raise UsageError("--hostname cannot be used with --count above 1")
     created = [creator.create(request) for _ in range(count)]
     _print_servers(created, output_format, simple)
+
+
+def _read_user_data(stream: Any) -> str | None:
+    """--user-data's text: read as bytes (it may be gzip'd, or not text at all), bounded."""
+    if stream is None:
+        return None
+    from ..seed import MAX_USER_DATA, decode_user_data
+
+    return decode_user_data(stream.read(MAX_USER_DATA + 1))
 
 
 @servers.command("start")

@@ -23,15 +23,27 @@ def host_arch() -> str:
     return platform.machine() or "x86_64"
 
 
+def _check_utf8(text: str, what: str, hint: str) -> None:
+    """Text with surrogate escapes (undecodable bytes of a file name, argv or a sidecar's
+    "\\udcff") cannot be stored in SQLite: refused here, before any row or file exists."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} must be valid UTF-8 text, not {text!r}", hint=hint) from None
+
+
 def check_name(name: str) -> str:
     if not name.strip():
         raise UsageError("an image name must not be empty")
+    _check_utf8(name, "an image name",
+                "a file name that is not UTF-8 gives no name: give one with -n/--name")
     if len(name) > MAX_NAME or "\x00" in name:
         raise UsageError(f"an image name must be at most {MAX_NAME} characters, without NUL")
     return name
 
 
 def check_description(text: str) -> str:
+    _check_utf8(text, "a description", "give it as UTF-8 text")
     if len(text) > MAX_DESCRIPTION or "\x00" in text:
         raise UsageError(f"a description must be at most {MAX_DESCRIPTION} characters, without NUL")
     return text
