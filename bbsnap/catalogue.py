@@ -9,6 +9,7 @@ the image) cannot interleave with another bbsnap process.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -21,6 +22,9 @@ from .models import (Consistency, Dependent, DependentKind, Image, ImageFilter, 
                      ImageType, ImageVolume, SnapshotDisk, SnapshotJob, Visibility)
 
 BUSY_TIMEOUT_MS = 30_000
+# How long a checkpoint waits for other connections' readers and writers. A checkpoint that
+# cannot finish in time is left to them: every committing bbsnap process checkpoints last.
+CHECKPOINT_WAIT_MS = 5_000
 
 # Each entry migrates the schema from version i to i+1. Never edit a shipped entry: append.
 MIGRATIONS: Sequence[str] = (
@@ -135,24 +139,124 @@ def _row_to_image(row: sqlite3.Row | tuple[Any, ...]) -> Image:
 
 
 class Catalogue:
-    """All reads and writes of image rows and the dependency record."""
+    """All reads and writes of image rows and the dependency record.
 
-    def __init__(self, path: Path) -> None:
+    With *images_dir*, a catalogue that is missing or empty is refused while that directory
+    holds files: those images were catalogued somewhere, and a fresh catalogue would silently
+    disown them (a backup of the main file alone, a deleted ``-wal``).
+    """
+
+    def __init__(self, path: Path, *, images_dir: Path | None = None) -> None:
         self.path = path
         self._depth = 0  # transaction nesting
+        self.committed = False  # whether this connection has committed a change
+        self._touched: set[str] = set()  # image ids whose rows this connection changed
+        if images_dir is not None and not path.exists():
+            _refuse_fresh_catalogue(path, images_dir)  # before connecting creates the file
         try:
             self._db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000,
                                        isolation_level=None, check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if images_dir is not None and self._is_fresh():
+                try:
+                    _refuse_fresh_catalogue(path, images_dir)
+                except CatalogueError:
+                    self._db.close()
+                    raise
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
+            self._files = self._file_identities()
         except sqlite3.Error as exc:
             raise CatalogueError(f"cannot open the image catalogue {path}: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()
+
+    # -- durability ---------------------------------------------------------------------------
+
+    def _is_fresh(self) -> bool:
+        """No schema yet: a new file, or a main file whose tables lived only in a lost WAL."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        tables = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        return bool(version == 0 and tables == 0)
+
+    @property
+    def touched(self) -> list[str]:
+        """Ids of the image rows this connection added, changed or removed."""
+        return sorted(self._touched)
+
+    @property
+    def wal_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
+
+    def _file_identities(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """(device, inode) of the main file and of the WAL at their paths (None: missing)."""
+        def identity(path: Path) -> tuple[int, int] | None:
+            try:
+                info = os.stat(path)
+            except FileNotFoundError:
+                return None
+            return info.st_dev, info.st_ino
+        return identity(self.path), identity(self.wal_path)
+
+    def files_replaced(self) -> bool:
+        """Whether the main file or the WAL at their paths are no longer the ones this
+        connection opened. A WAL that is merely gone is not "replaced": this connection
+        still holds it open, and a checkpoint copies its frames into the main file."""
+        (main_then, wal_then), (main_now, wal_now) = self._files, self._file_identities()
+        return main_now != main_then or (wal_now is not None and wal_now != wal_then)
+
+    def wal_frames(self) -> int:
+        """Frames in the WAL file at the path (0 when it is missing or empty)."""
+        try:
+            size = self.wal_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        return max(0, (size - 32) // (page_size + 24))  # WAL header, frame headers
+
+    def checkpoint(self, wait_ms: int = CHECKPOINT_WAIT_MS) -> bool:
+        """Copy every committed frame into the main file and empty the WAL; True when done.
+
+        TRUNCATE waits (up to *wait_ms*) for other connections' writers and readers; if they
+        outlast it, the checkpoint is theirs to do (every committing bbsnap process does one).
+        """
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {wait_ms}")
+            busy, log, done = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            raise CatalogueError(f"cannot checkpoint the image catalogue {self.path}: {exc}") \
+                from exc
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return bool(busy == 0 and log == done)
+
+    def missing_from_main_file(self) -> list[str]:
+        """Image ids whose state as this connection committed it the main file alone does not
+        hold (call after a checkpoint). Read with ``immutable=1``, which ignores the WAL,
+        inside a read transaction of ours: while it lasts no checkpointer may write into the
+        main file (readers pin it), so the bytes read are not torn."""
+        if not self._touched:
+            return []
+        ids = sorted(self._touched)
+        marks = ", ".join("?" for _ in ids)
+        query = f"SELECT id, status, updated_at FROM images WHERE id IN ({marks})"
+        self._db.execute("BEGIN")
+        try:
+            ours = set(self._db.execute(query, ids).fetchall())
+            try:
+                main = sqlite3.connect(self.path.absolute().as_uri() + "?immutable=1", uri=True)
+                try:
+                    theirs = set(main.execute(query, ids).fetchall())
+                finally:
+                    main.close()
+            except sqlite3.Error:
+                theirs = set()  # no readable schema in the main file: nothing of ours is there
+        finally:
+            self._db.execute("COMMIT")
+        return sorted({row[0] for row in ours ^ theirs})  # missing, stale or not removed
 
     # -- schema -----------------------------------------------------------------------------
 
@@ -167,6 +271,7 @@ class Catalogue:
                 for statement in _split_sql(MIGRATIONS[target]):
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {target + 1}")
+                self.committed = True  # schema changes do not count in total_changes
 
     @property
     def schema_version(self) -> int:
@@ -190,6 +295,7 @@ class Catalogue:
         except sqlite3.Error as exc:
             raise CatalogueError(f"the image catalogue is unavailable: {exc}") from exc
         self._depth = 1
+        changes = self._db.total_changes
         try:
             yield self._db
         except BaseException:
@@ -197,6 +303,7 @@ class Catalogue:
             raise
         else:
             self._db.execute("COMMIT")
+            self.committed = self.committed or self._db.total_changes != changes
         finally:
             self._depth = 0
 
@@ -207,6 +314,7 @@ class Catalogue:
         """Insert an image row, with its snapshot job and its hold on a backing image, atomically."""
         now = _to_db("updated_at", utcnow())
         values = [_to_db(name, getattr(image, name)) for name in _COLUMNS]
+        self._touched.add(image.id)
         with self.transaction() as db:
             db.execute(
                 f"INSERT INTO images ({', '.join(_COLUMNS)}, updated_at) "
@@ -259,6 +367,7 @@ class Catalogue:
         unknown = set(changes) - _UPDATABLE
         if unknown:
             raise ValueError(f"not updatable: {sorted(unknown)}")
+        self._touched.add(image_id)
         with self.transaction() as db:
             current = self.get(image_id, include_deleted=True)
             if expect_status is not None and current.status is not expect_status:
@@ -273,6 +382,7 @@ class Catalogue:
 
     def remove_row(self, image_id: str) -> None:
         """Forget an image entirely (used when a failed import must leave no trace)."""
+        self._touched.add(image_id)
         with self.transaction() as db:
             db.execute("DELETE FROM dependencies WHERE kind = 'image' AND dependent_id = ?",
                        (image_id,))
@@ -280,6 +390,7 @@ class Catalogue:
 
     def mark_deleted(self, image_id: str) -> Image:
         """Destroy an image's row atomically, refusing while anything depends on it."""
+        self._touched.add(image_id)
         with self.transaction() as db:
             image = self.get(image_id)
             dependents = self.dependents(image_id)
@@ -369,6 +480,19 @@ class Catalogue:
             "SELECT image_id, kind, dependent_id FROM dependencies WHERE image_id = ? "
             "ORDER BY kind, dependent_id", (image_id,)).fetchall()
         return [Dependent(r[0], DependentKind(r[1]), r[2]) for r in rows]
+
+
+def _refuse_fresh_catalogue(path: Path, images_dir: Path) -> None:
+    """A new, empty catalogue next to image files would disown them: say so instead."""
+    try:
+        held = sum(1 for _ in images_dir.iterdir())
+    except FileNotFoundError:
+        return
+    if held:
+        raise CatalogueError(
+            f"the image catalogue {path} is missing or empty, but {images_dir} holds "
+            f"{held} files: a new catalogue would disown them",
+            hint=f"restore {path.name} from a backup, or move those files out of {images_dir}")
 
 
 def _split_sql(script: str) -> list[str]:

@@ -55,6 +55,12 @@ class DataDir:
         per image and disk size and copied for each new server disk."""
         return self.root / "blank-overlays"
 
+    @property
+    def quarantine_dir(self) -> Path:
+        """What `doctor --fix` reclaimed, one directory per run (quarantine/<UTC time>/),
+        deleted by a later `doctor --fix` after a grace period (services/doctor.py)."""
+        return self.root / "quarantine"
+
     def blank_overlay(self, image_id: str, size: int) -> Path:
         return self.blank_overlays_dir / f"{image_id}-{size}.qcow2"
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from .errors import BbsnapError
+
+if TYPE_CHECKING:
+    from .catalogue import Catalogue
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = load_settings({"data_dir": args.data_dir, "connect": args.connect})
     data_dir = DataDir(settings.data_dir).ensure()
-    catalogue = Catalogue(data_dir.catalogue_path)
+    catalogue = Catalogue(data_dir.catalogue_path, images_dir=data_dir.images_dir)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     print(f"{stamp} finishing snapshot {args.image_id}", flush=True)
     try:
@@ -42,10 +46,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stamp} snapshot {args.image_id} failed: {exc}", flush=True)
         return 1
     finally:
+        _checkpoint(catalogue)
         catalogue.close()
     print(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} snapshot {image.id} is "
           f"{image.status.value}", flush=True)
     return 0  # the inherited lock (--lock-fd) is released when this process exits
+
+
+def _checkpoint(catalogue: Catalogue) -> None:
+    """After the final commit: the main file alone must hold the image's row (DESIGN §8).
+    The `servers snapshot` that started this worker left its own rows to this checkpoint."""
+    try:
+        catalogue.checkpoint()
+    except BbsnapError as exc:
+        print(f"checkpointing the catalogue failed: {exc}", flush=True)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ class AppContext:
         if self._catalogue is None:
             from ..catalogue import Catalogue
 
-            self._catalogue = Catalogue(self.data_dir.catalogue_path)
+            self._catalogue = Catalogue(self.data_dir.catalogue_path,
+                                        images_dir=self.data_dir.images_dir)
             self._closers.append(self._catalogue.close)
         return self._catalogue
 
@@ -61,12 +62,8 @@ class AppContext:
     def catalogue(self) -> "Catalogue":
         """The catalogue after crash recovery (the first use in a command runs it)."""
         if self._catalogue is None:
-            from ..services.recovery import recover_interrupted, recover_interrupted_exports
-
             catalogue = self.catalogue_as_found
-            recover_interrupted(catalogue, self.data_dir, self._adopt_snapshot)
-            self._recover_creates()
-            recover_interrupted_exports(self.data_dir)
+            self.recover()
             return catalogue
         return self._catalogue
 
@@ -88,10 +85,13 @@ class AppContext:
         recover_interrupted_creates(self._catalogue, self.data_dir, exists)
 
     def recover(self) -> None:
-        from ..services.recovery import recover_interrupted
+        """All crash recovery: stale jobs, killed creates and killed exports (whose journals
+        name the partial output: `doctor --fix` must not take them for orphans)."""
+        from ..services.recovery import recover_interrupted, recover_interrupted_exports
 
-        recover_interrupted(self.catalogue, self.data_dir, self._adopt_snapshot)
+        recover_interrupted(self.catalogue_as_found, self.data_dir, self._adopt_snapshot)
         self._recover_creates()
+        recover_interrupted_exports(self.data_dir)
 
     def worker_argv(self) -> list[str]:
         import sys
@@ -155,14 +155,66 @@ class AppContext:
 
     def close(self) -> None:
         if leave_open_at_exit:
-            return  # the process ends right after (cli/main.py): the OS closes everything
+            _left_open.append(self)  # the process ends right after (cli/main.py)
+            return
         while self._closers:
             self._closers.pop()()
 
+    def settle_catalogue(self) -> None:
+        """Make what this command committed durable in the catalogue's main file alone.
 
-# Set by the `bbsnap` entry point, whose process exits as soon as the command is done. Closing
-# the catalogue then only costs time: the last SQLite connection to close checkpoints the WAL
-# with two fsyncs, and right after `servers snapshot` those wait behind the QEMU copy's
-# writeback on the same filesystem (50-170 ms measured here). Every transaction is already
-# committed and synced (synchronous=FULL); the next opener uses the WAL as it is.
+        Raises CatalogueError when it is not: the WAL or the main file was replaced under
+        this command, or the main file lacks a row this command wrote after a checkpoint.
+        """
+        catalogue = self._catalogue
+        if catalogue is None or not catalogue.committed:
+            return  # nothing of ours to make durable: a read-only command costs nothing more
+        if catalogue.files_replaced():
+            # Another history now builds on the path (a restored file, a WAL another process
+            # started after ours was deleted): writing our frames into it would corrupt it.
+            lost = catalogue.touched or ["its changes"]
+        elif _another_job_commits_later(catalogue):
+            return  # its last commit comes after ours, and its checkpoint then covers ours
+        elif catalogue.checkpoint():
+            # Even a deleted WAL is still open here: the checkpoint copied it into the main
+            # file, and the rows we wrote are looked up there to prove it.
+            lost = catalogue.missing_from_main_file()
+        else:
+            lost = []  # other connections outlasted the wait: their checkpoint covers ours
+        if lost:
+            from ..errors import CatalogueError
+
+            raise CatalogueError(
+                f"the image catalogue {catalogue.path} or its WAL was removed or replaced "
+                f"while this command ran: what it recorded ({', '.join(lost)}) may be lost",
+                hint="run 'bbsnap doctor'; restore catalogue.sqlite3 from a backup if rows "
+                     "are missing")
+
+
+def _another_job_commits_later(catalogue: "Catalogue") -> bool:
+    """Whether a live bbsnap process (a snapshot's worker) still owns a `creating` image.
+
+    Asked after this command's last commit: that process's final commit, and the checkpoint
+    every committing process makes after it, come later and copy our frames too. A
+    `servers snapshot` so returns without the checkpoint's fsyncs, which wait behind the
+    QEMU copy's writeback (50-170 ms measured here). If that process dies instead, the next
+    command recovers its image: a commit, and a checkpoint.
+    """
+    from ..jobs import current_job_token, job_alive
+
+    ours = current_job_token()
+    return any(i.job != ours and job_alive(i.job) for i in catalogue.creating())
+
+
+def settle_at_exit() -> None:
+    """The `bbsnap` process is about to end: checkpoint what its commands committed."""
+    while _left_open:
+        _left_open.pop().settle_catalogue()
+
+
+# Set by the `bbsnap` entry point, whose process exits as soon as the command is done:
+# closing connections would only cost time. What a command committed is checkpointed by
+# settle_at_exit() after its output is flushed, so the catalogue's main file alone holds
+# every committed row (a backup of catalogue.sqlite3 alone is a whole catalogue).
 leave_open_at_exit = False
+_left_open: list[AppContext] = []

@@ -1,4 +1,4 @@
-"""`bbsnap doctor`: checks, explanations and exact fixes; `--fix` reclaims orphaned files."""
+"""`bbsnap doctor`: checks, explanations and exact fixes; `--fix` quarantines orphaned files."""
 
 from __future__ import annotations
 
@@ -9,26 +9,60 @@ import click
 
 @click.command("doctor")
 @click.option("--fix", is_flag=True,
-              help="Recover stale jobs and delete orphaned files (nothing else is changed).")
+              help="Recover interrupted jobs, checkpoint the catalogue, move orphaned files "
+                   "into DATA/quarantine and delete quarantined files older than 7 days.")
 @click.pass_obj
 def doctor(app: Any, fix: bool) -> None:
     """Check libvirt, QEMU, KVM, the data directory and the catalogue; exit 1 on problems."""
+    from ..errors import CatalogueError
     from ..services.doctor import Doctor
 
-    checker = Doctor(app.settings, app.data_dir, app.catalogue_as_found, lambda: app.hypervisor)
+    try:
+        catalogue, error = app.catalogue_as_found, ""
+    except CatalogueError as exc:  # reported as a finding; it then proves nothing
+        catalogue, error = None, str(exc)
+    checker = Doctor(app.settings, app.data_dir, catalogue, lambda: app.hypervisor,
+                     catalogue_error=error)
     if fix:
-        app.recover()  # stale jobs first: their files are then no longer orphans
-        removed = checker.fix()
-        freed = sum(o.size for o in removed)
-        for orphan in removed:
-            click.echo(f"removed {orphan.path}", err=True)
-        click.echo(f"reclaimed {len(removed)} orphaned files, {freed // (1024 * 1024)} MiB", err=True)
+        if catalogue is not None:
+            app.recover()  # every crash recovery first: what it cleans up is no orphan
+        _report_fix(checker.fix())
     findings = checker.run()
+    _echo = _escaped_echo()
     width = max(len(f.check) for f in findings)
     for finding in findings:
         mark = "ok  " if finding.ok and not finding.warning else ("warn" if finding.ok else "FAIL")
-        click.echo(f"{mark}  {finding.check.ljust(width)}  {finding.detail}")
+        _echo(f"{mark}  {finding.check.ljust(width)}  {finding.detail}")
         if finding.fix and (not finding.ok or finding.warning):
-            click.echo(f"      {' ' * width}  fix: {finding.fix}")
+            _echo(f"      {' ' * width}  fix: {finding.fix}")
     if any(not f.ok for f in findings):
         raise click.exceptions.Exit(1)
+
+
+def _escaped_echo(err: bool = False) -> Any:
+    """click.echo of lines naming files (names may hold terminal control sequences)."""
+    from ..services.reclaim import printable
+
+    return lambda line: click.echo(printable(line), err=err)
+
+
+def _report_fix(done: Any) -> None:
+    from ..services.reclaim import QUARANTINE_GRACE
+
+    echo = _escaped_echo(err=True)
+    for batch in done.purged:
+        echo(f"deleted quarantine batch {batch.path.name}: freed {_bytes(batch.size)}")
+    freed = sum(b.size for b in done.purged)
+    if done.purged:
+        echo(f"emptied {len(done.purged)} quarantine batches older than "
+             f"{QUARANTINE_GRACE.days} days, freed {_bytes(freed)}")
+    for orphan in done.moved:
+        echo(f"quarantined {orphan.path} ({_bytes(orphan.size)})")
+    moved = sum(o.size for o in done.moved)
+    where = f" into {done.batch}" if done.batch else ""
+    echo(f"moved {len(done.moved)} orphaned files, {_bytes(moved)},{where}; "
+         f"a doctor --fix deletes them after {QUARANTINE_GRACE.days} days")
+
+
+def _bytes(size: int) -> str:
+    return f"{size} bytes ({size / (1024 * 1024):.1f} MiB)"

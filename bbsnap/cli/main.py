@@ -221,7 +221,8 @@ def main() -> None:
 
     ``os._exit`` skips the interpreter's teardown (~20 ms of freeing modules and closing
     libvirt) and the catalogue's close (see ``context.leave_open_at_exit``); files the
-    commands wrote are closed by then, and output is flushed here.
+    commands wrote are closed by then, output is flushed here, and then the catalogue is
+    checkpointed.
     """
     context.leave_open_at_exit = True
     _watch_stdout()
@@ -230,12 +231,31 @@ def main() -> None:
         code = 0
     except SystemExit as exc:
         code = _exit_status(exc.code)
+    _flush()
+    code = _settle_catalogue(code)
+    os._exit(code)
+
+
+def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass  # a closed pipe (`bbsnap images list | head`): nothing more to say
-    os._exit(code)
+
+
+def _settle_catalogue(code: int) -> int:
+    """Checkpoint what the command committed, after its output is out (a caller reading it
+    is not kept waiting); a command whose rows are not durable does not exit 0."""
+    from ..errors import BbsnapError
+
+    try:
+        context.settle_at_exit()
+    except BbsnapError as exc:
+        print(f"bbsnap: error: {exc}", file=sys.stderr)
+        _flush()
+        return code or exc.exit_code
+    return code
 
 
 def _exit_status(code: object) -> int:

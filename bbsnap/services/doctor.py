@@ -1,8 +1,10 @@
 """`bbsnap doctor`: check the host and the data directory, and say exactly how to fix things.
 
 Each check returns Findings; a finding that is not ok carries the command or change that
-fixes it. `--fix` recovers stale jobs as every command does, and only deletes what is
-provably orphaned: files no catalogue row, running job or libvirt domain refers to.
+fixes it. `--fix` runs the crash recovery every command runs, checkpoints the catalogue,
+and moves what is provably orphaned into a quarantine it empties after a grace period
+(services/reclaim.py says what proves it); nothing is deleted on the strength of an empty
+catalogue or another libvirt connection.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import pwd
 import re
 import shutil
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +24,14 @@ from ..errors import BbsnapError
 from ..hypervisor import Hypervisor
 from ..jobs import job_alive
 from ..layout import DataDir
-from ..models import ImageFilter, ImageStatus
+from . import reclaim
+from .reclaim import Batch, Orphan, Survey
 
-_ID_PREFIX = re.compile(r"^(img-[0-9a-z]{5})")
+__all__ = ["Doctor", "Finding", "Orphan", "Reclaimed"]
+
+# A WAL this small is what a running job's last commits leave; more means nobody
+# checkpointed it, and a copy of catalogue.sqlite3 alone misses those rows.
+SMALL_WAL_FRAMES = 64
 
 
 @dataclass(frozen=True)
@@ -36,29 +44,38 @@ class Finding:
 
 
 @dataclass(frozen=True)
-class Orphan:
-    path: Path
-    size: int
+class Reclaimed:
+    """What one `doctor --fix` did to the quarantine."""
+    batch: Path | None          # where this run's orphans went
+    moved: list[Orphan]
+    purged: list[Batch]         # older batches deleted
 
 
 class Doctor:
-    def __init__(self, settings: Settings, data_dir: DataDir, catalogue: Catalogue,
-                 hypervisor: Callable[[], Hypervisor]) -> None:
+    """*catalogue* None: it could not be opened (*catalogue_error* says why); then it
+    proves nothing about image files and they are all undecidable."""
+
+    def __init__(self, settings: Settings, data_dir: DataDir, catalogue: Catalogue | None,
+                 hypervisor: Callable[[], Hypervisor], catalogue_error: str = "") -> None:
         self._settings = settings
         self._data_dir = data_dir
         self._catalogue = catalogue
+        self._catalogue_error = catalogue_error
         self._hypervisor = hypervisor
 
     def run(self) -> list[Finding]:
         findings = [*self._hypervisor_checks(), *self._tool_checks(), self._kvm_check(),
                     *self._permission_checks(), *self._confinement_hints(),
-                    self._stale_jobs_check()]
-        orphans = self.orphans()
-        wasted = sum(o.size for o in orphans)
+                    self._catalogue_check(), self._stale_jobs_check()]
+        found = self.survey()
+        wasted = sum(o.size for o in found.orphans)
         findings.append(Finding(
-            "orphaned files", not orphans,
-            f"{len(orphans)} files hold {wasted // (1024 * 1024)} MiB" if orphans else "none",
-            fix="bbsnap doctor --fix" if orphans else ""))
+            "orphaned files", not found.orphans,
+            f"{len(found.orphans)} files hold {_bytes(wasted)}" if found.orphans else "none",
+            fix="bbsnap doctor --fix (moves them into quarantine)" if found.orphans else ""))
+        if found.undecidable:
+            findings.append(self._undecidable_finding(found))
+        findings.append(self._quarantine_check())
         return findings
 
     # -- checks ------------------------------------------------------------------------------
@@ -103,7 +120,8 @@ class Doctor:
         version = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
         ok = version >= (4, 2)
         return Finding("qemu-img version", ok,
-                       f"{version[0]}.{version[1]} (backing formats, convert -B, map --output=json)",
+                       f"{version[0]}.{version[1]} "
+                       "(backing formats, convert -B, map --output=json)",
                        fix="" if ok else "upgrade qemu-utils to 4.2 or newer")
 
     def _kvm_check(self) -> Finding:
@@ -153,59 +171,80 @@ class Doctor:
                                   f"{self._data_dir.root}"))
         return hints
 
+    def _catalogue_check(self) -> Finding:
+        """DESIGN §8: the main file alone holds every committed row (a backup of it is whole)."""
+        if self._catalogue is None:
+            return Finding("catalogue", False, self._catalogue_error,
+                           fix="restore catalogue.sqlite3 from a backup, or move the files "
+                               "out of images/ (nothing is reclaimed until then)")
+        frames = self._catalogue.wal_frames()
+        name = self._catalogue.wal_path.name
+        if frames <= SMALL_WAL_FRAMES:
+            return Finding("catalogue", True, f"checkpointed: {self._catalogue.path.name} "
+                           "alone holds every committed row")
+        running = any(job_alive(i.job) for i in self._catalogue.creating())
+        detail = (f"{frames} pages of committed changes are only in {name}: a copy of "
+                  f"{self._catalogue.path.name} alone, or a deleted {name}, loses them")
+        if running:
+            return Finding("catalogue", True, detail + " (a running job checkpoints it when "
+                           "it ends)", warning=True, fix="back it up after the job ends")
+        return Finding("catalogue", False, detail,
+                       fix=f"bbsnap doctor --fix (checkpoints it); never delete {name}")
+
     def _stale_jobs_check(self) -> Finding:
-        stale = [i.id for i in self._catalogue.creating() if not job_alive(i.job)]
+        stale = [i.id for i in self._catalogue.creating() if not job_alive(i.job)] \
+            if self._catalogue is not None else []
+        exports = [t for t, _path in self._data_dir.export_journals() if not job_alive(t)]
+        creates = [p.parent.name for p in self._data_dir.servers_dir.glob("srv-*/.creating")
+                   if not job_alive(_marker_token(p))]
+        stale += [f"export (pid {t.split(':')[0]})" for t in exports]
+        stale += [f"servers create {c}" for c in creates]
         return Finding("stale jobs", not stale, ", ".join(stale) if stale else "none",
                        fix="bbsnap doctor --fix (any bbsnap command also recovers them)"
                        if stale else "")
 
+    def _undecidable_finding(self, found: Survey) -> Finding:
+        first = found.undecidable[0]
+        total = sum(u.size for u in found.undecidable)
+        return Finding(
+            "undecidable files", True,
+            f"{len(found.undecidable)} files or server directories hold {_bytes(total)} and "
+            f"are kept: nothing proves them unused (e.g. {first.path.name}: {first.reason})",
+            warning=True,
+            fix="if they are not yours any more, move them away yourself; for a server made "
+                "on another connection, run doctor with -c that URI")
+
+    def _quarantine_check(self) -> Finding:
+        held = reclaim.batches(self._data_dir)
+        if not held:
+            return Finding("quarantine", True, "empty")
+        now = datetime.now(timezone.utc)
+        due = [b for b in held if reclaim.expired(b, now)]
+        total = sum(b.size for b in held)
+        detail = (f"{len(held)} batches in {self._data_dir.quarantine_dir} hold "
+                  f"{_bytes(total)}, oldest {held[0].path.name}")
+        grace = reclaim.QUARANTINE_GRACE.days
+        return Finding("quarantine", True, detail, warning=bool(due),
+                       fix=f"bbsnap doctor --fix deletes batches older than {grace} days "
+                           f"({len(due)} now); move a file back to undo its reclaiming")
+
     # -- orphans -----------------------------------------------------------------------------
 
+    def survey(self) -> Survey:
+        return reclaim.survey(self._data_dir, self._catalogue, self._settings.connect,
+                              lambda: self._hypervisor().list_domains())
+
     def orphans(self) -> list[Orphan]:
-        rows = self._catalogue.find(ImageFilter(include_deleted=True))
-        kept = {i.path for i in rows if i.status is not ImageStatus.DELETED and i.path}
-        for image in rows:
-            kept.update(v.path for v in self._catalogue.volumes(image.id))
-        busy = {i.id for i in rows if i.status is ImageStatus.CREATING and job_alive(i.job)}
-        found = []
-        for path in self._data_dir.images_dir.iterdir():
-            match = _ID_PREFIX.match(path.name)
-            if path.name not in kept and not (match and match.group(1) in busy):
-                found.append(Orphan(path, _size(path)))
-        running_exports = {path for token, path in self._data_dir.export_journals()
-                           if job_alive(token)}
-        for path in self._data_dir.tmp_dir.iterdir():
-            match = _ID_PREFIX.match(path.name)
-            if path in running_exports:
-                continue  # the journal of a running export
-            if not (match and match.group(1) in busy) and not _export_in_progress(path):
-                found.append(Orphan(path, _size(path)))
-        listed = {i.id for i in rows if i.status is not ImageStatus.DELETED}
-        for path in self._data_dir.blank_overlays_dir.glob("*"):
-            if path.name.startswith(".") and job_alive(path.suffix[1:]):
-                continue  # being made by a running `servers create`
-            match = _ID_PREFIX.match(path.name)
-            if not (match and match.group(1) in listed and path.suffix == ".qcow2"):
-                found.append(Orphan(path, _size(path)))
-        found.extend(self._orphaned_server_dirs())
-        return found
+        return self.survey().orphans
 
-    def _orphaned_server_dirs(self) -> list[Orphan]:
-        try:
-            names = {d.name for d in self._hypervisor().list_domains()}
-        except BbsnapError:
-            return []  # without libvirt we cannot tell: keep everything
-        return [Orphan(path, _size(path)) for path in self._data_dir.servers_dir.iterdir()
-                if path.is_dir() and path.name.startswith("srv-") and path.name not in names]
-
-    def fix(self) -> list[Orphan]:
-        removed = self.orphans()
-        for orphan in removed:
-            if orphan.path.is_dir():
-                shutil.rmtree(orphan.path, ignore_errors=True)
-            else:
-                orphan.path.unlink(missing_ok=True)
-        return removed
+    def fix(self) -> Reclaimed:
+        """Empty expired quarantine batches, then move this run's orphans into a new one.
+        Run crash recovery first: its files are then no longer mistaken for orphans."""
+        purged = reclaim.purge(self._data_dir)
+        batch, moved = reclaim.quarantine(self._data_dir, self.orphans())
+        if self._catalogue is not None:
+            self._catalogue.checkpoint()
+        return Reclaimed(batch, moved, purged)
 
 
 def _traversable_by(path: Path, uid: int, gid: int) -> bool:
@@ -218,17 +257,12 @@ def _traversable_by(path: Path, uid: int, gid: int) -> bool:
     return info.st_gid in groups and bool(info.st_mode & 0o010)
 
 
-def _export_in_progress(path: Path) -> bool:
-    """`img-xxxxx.export.PID.qcow2` belongs to a running export while PID lives."""
-    parts = path.name.split(".")
-    return len(parts) >= 3 and parts[1] == "export" and parts[2].isdigit() and \
-        Path(f"/proc/{parts[2]}").exists()
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(_size(p) for p in path.iterdir())
+def _marker_token(marker: Path) -> str:
     try:
-        return path.stat().st_blocks * 512
-    except OSError:
-        return 0
+        return marker.read_text().split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _bytes(size: int) -> str:
+    return f"{size} bytes ({size / (1024 * 1024):.1f} MiB)"

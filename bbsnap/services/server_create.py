@@ -35,6 +35,7 @@ from ..server_types import DEFAULT_TYPE, find_type
 from ..sizes import GIB
 from . import change_tracking
 from .compensation import Compensation
+from .server_origin import write_origin
 from .server_records import check_server_name, server_from_domain
 
 DISK_FILE = "disk.qcow2"
@@ -171,6 +172,8 @@ class ServerCreator:
                 info = self._hv.start(server_id)
             return server_from_domain(self._hv, info)
 
+            # Which connection and domain own this directory: doctor pointed elsewhere keeps it.
+            write_origin(directory, self._settings.connect, info.uuid)
     def _volume_overlays(self, image: Image, directory: Path) -> list[DiskSpec]:
         """Overlays for the further disks of a multi-disk snapshot image (vdb, vdc, ...)."""
         disks = []

@@ -1,14 +1,17 @@
 """`bbsnap doctor` against the real libvirtd: healthy data dirs pass; orphans, stale jobs and
-directories QEMU's user cannot enter are reported with their fix; --fix reclaims orphans only."""
+directories QEMU's user cannot enter are reported with their fix; --fix quarantines orphans
+only, and never a live server's directory, whichever connection it is pointed at."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from bbsnap.catalogue import Catalogue
 from bbsnap.jobs import current_job_token
 from bbsnap.models import ImageStatus
-from tests.system.conftest import create_server
+from bbsnap.services.server_origin import write_origin
+from tests.system.conftest import URI, create_server
 
 
 def test_healthy_data_directory(cloud):
@@ -30,16 +33,21 @@ def test_orphans_are_found_and_only_they_are_reclaimed(cloud):
             blanks / f".{cloud.image_id}-2048.qcow2.{current_job_token()}"]
     for path in junk + busy:
         path.write_bytes(b"x" * 4096)
-    stray = cloud.data_dir / "servers" / "srv-zzzzz"
+    stray = cloud.data_dir / "servers" / "srv-zzzzz"  # made here; its domain is gone
     stray.mkdir()
     (stray / "disk.qcow2").write_bytes(b"x" * 4096)
+    write_origin(stray, URI, "00000000-0000-0000-0000-000000000000")
 
     report = cloud("doctor")
-    assert report.exit_code == 1 and "5 files hold" in report.stdout, report.stdout
+    # The dead export's journal is crash recovery's (a stale job), not an orphan.
+    assert report.exit_code == 1 and "4 files hold" in report.stdout, report.stdout
     assert "fix: bbsnap doctor --fix" in report.stdout
     fixed = cloud("doctor", "--fix")
     assert fixed.exit_code == 0, fixed.stdout + fixed.stderr
     assert not any(p.exists() for p in junk) and not stray.exists()
+    (batch,) = (cloud.data_dir / "quarantine").iterdir()
+    assert (batch / "servers" / "srv-zzzzz" / "disk.qcow2").exists()
+    assert (batch / "images" / "img-zzzzz.qcow2").exists()
     assert all(p.exists() for p in busy)
     assert (cloud.data_dir / "images" / f"{cloud.image_id}.qcow2").exists()
     assert (cloud.data_dir / "servers" / server["id"] / "disk.qcow2").exists()
@@ -77,3 +85,20 @@ def test_a_data_directory_qemu_cannot_enter(cloud, work_dir):
     result = cloud("--data-dir", str(parent / "data"), "doctor")
     assert result.exit_code == 1
     assert f"cannot enter {parent}" in result.stdout and f"chmod o+x {parent}" in result.stdout
+
+
+def test_a_live_server_is_kept_whichever_connection_doctor_looks_at(cloud, hypervisor):
+    (server,) = create_server(cloud, "--no-start")
+    directory = cloud.data_dir / "servers" / server["id"]
+    origin = directory / "origin.json"
+    assert origin.stat().st_mode & 0o777 == 0o600
+    assert json.loads(origin.read_text()) == {
+        "connect": URI, "domain_uuid": hypervisor.info(server["id"]).uuid}
+
+    for connection in ("test:///default", URI):
+        fixed = cloud("-c", connection, "doctor", "--fix")
+        assert (directory / "disk.qcow2").exists(), fixed.stdout + fixed.stderr
+    assert not (cloud.data_dir / "quarantine").exists()
+    elsewhere = cloud("-c", "test:///default", "doctor").stdout
+    assert "undecidable files" in elsewhere and f"made on {URI}" in elsewhere
+    assert cloud("servers", "destroy", server["id"]).exit_code == 0

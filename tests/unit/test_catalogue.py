@@ -4,7 +4,7 @@ import threading
 import pytest
 
 from bbsnap.catalogue import MIGRATIONS, SCHEMA_VERSION, Catalogue, utcnow
-from bbsnap.errors import ConflictError, InUseError, NotFoundError
+from bbsnap.errors import CatalogueError, ConflictError, InUseError, NotFoundError
 from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageType
 
 
@@ -131,3 +131,73 @@ def test_concurrent_writers_lose_no_rows(tmp_path):
     check = Catalogue(path)
     assert len(check.find()) == 100
     check.close()
+
+
+# -- durability (DESIGN §8: the main file alone holds every committed row) ---------------------
+
+def _main_file_ids(path) -> list[str]:
+    with sqlite3.connect(path.absolute().as_uri() + "?immutable=1", uri=True) as raw:
+        return sorted(r[0] for r in raw.execute("SELECT id FROM images"))
+
+
+def test_checkpoint_puts_every_committed_row_in_the_main_file(tmp_path, catalogue):
+    catalogue.add(_image("img-aaaaa"))
+    catalogue.update("img-aaaaa", description="x")
+    assert catalogue.committed and catalogue.touched == ["img-aaaaa"]
+    assert catalogue.checkpoint()
+    assert _main_file_ids(tmp_path / "c.sqlite3") == ["img-aaaaa"]
+    assert catalogue.wal_path.stat().st_size == 0 and catalogue.wal_frames() == 0
+    assert catalogue.missing_from_main_file() == []
+
+
+def test_rows_only_in_the_wal_are_missing_from_the_main_file(tmp_path, catalogue):
+    catalogue.add(_image("img-aaaaa"))
+    assert catalogue.checkpoint()
+    catalogue.update("img-aaaaa", status=ImageStatus.FAILED)
+    catalogue.add(_image("img-bbbbb"))
+    assert catalogue.wal_frames() > 0
+    assert catalogue.missing_from_main_file() == ["img-aaaaa", "img-bbbbb"]
+
+
+def test_opening_and_reading_commits_nothing(tmp_path, catalogue):
+    catalogue.add(_image("img-aaaaa"))
+    reader = Catalogue(tmp_path / "c.sqlite3")
+    try:
+        reader.find()
+        assert not reader.committed and reader.touched == []
+    finally:
+        reader.close()
+
+
+def test_a_deleted_wal_is_gone_but_not_replaced_a_new_one_is(tmp_path, catalogue):
+    catalogue.add(_image("img-aaaaa"))
+    catalogue.wal_path.unlink()
+    assert not catalogue.files_replaced()
+    catalogue.wal_path.write_bytes(b"")  # another process started a WAL of its own
+    assert catalogue.files_replaced()
+
+
+def test_a_fresh_catalogue_beside_image_files_is_refused(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Catalogue(tmp_path / "empty-images.sqlite3", images_dir=images).close()  # nothing to disown
+    (images / "img-aaaaa.qcow2").write_bytes(b"QFI\xfb")
+    with pytest.raises(CatalogueError, match="missing or empty.*holds 1 files") as caught:
+        Catalogue(tmp_path / "new.sqlite3", images_dir=images)
+    assert "restore new.sqlite3 from a backup" in str(caught.value)
+    assert not (tmp_path / "new.sqlite3").exists()
+
+
+def test_a_main_file_whose_tables_lived_in_a_lost_wal_is_refused(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "img-aaaaa.qcow2").write_bytes(b"QFI\xfb")
+    path = tmp_path / "c.sqlite3"
+    with sqlite3.connect(path) as raw:  # what bbsnap left before checkpoints: a 4 KiB shell
+        raw.execute("PRAGMA journal_mode = WAL")
+    assert path.stat().st_size > 0
+    with pytest.raises(CatalogueError, match="missing or empty"):
+        Catalogue(path, images_dir=images)
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    Catalogue(path).close()  # without images_dir (tests, tools) it is set up as before
