@@ -1,26 +1,46 @@
-"""Where bbsnap keeps things inside its data directory, and the permissions they need.
+"""Where bbsnap keeps things inside its data directory, and who may read them.
 
-QEMU runs as ``libvirt-qemu``: image files must be readable by it and every
-directory on the way must be traversable (o+x), or guests fail to start with a
-permission error that names none of this.
+What a guest wrote is private (DESIGN §8): files are 0600, and libvirt's
+dynamic ownership hands a disk chain to QEMU's user when a guest starts (it
+chowns every layer, DESIGN §4: a 0600 root-owned backing image boots). QEMU's
+user only needs to traverse the directories on the way to a disk: those are
+0710 with QEMU's user's group (0711 where that group cannot be set, e.g. when
+bbsnap does not run as root), so other users can neither list nor enter them.
+Directories QEMU never opens (locks, logs, blank overlays) are 0700.
 """
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from .errors import BbsnapError, CataloguePathError
+from .locks import DEFAULT_LOCK_TIMEOUT
 
-DIR_MODE = 0o755
-FILE_MODE = 0o644
+if TYPE_CHECKING:
+    from .config import Settings
+
+DIR_MODE = 0o710          # owner, and QEMU's user through the directory's group
+OPEN_DIR_MODE = 0o711     # no such group for us: others may traverse, never list
+PRIVATE_DIR_MODE = 0o700  # directories QEMU never opens
+FILE_MODE = 0o600         # images, overlays, logs, locks, the catalogue
 PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
 class DataDir:
     root: Path
+    qemu_user: str = "libvirt-qemu"  # the user QEMU runs as (settings.qemu_user)
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT  # longest wait for a lock in here
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "DataDir":
+        return cls(settings.data_dir, settings.qemu_user, settings.lock_timeout)
 
     @property
     def catalogue_path(self) -> Path:
@@ -111,17 +131,125 @@ class DataDir:
                 path.unlink(missing_ok=True)
 
     def ensure(self) -> "DataDir":
-        """Create the directories (idempotent) with modes QEMU's user can traverse.
+        """Create the directories (idempotent) private to us and QEMU's user; make the
+        catalogue 0600 before SQLite opens it (its -wal and -shm get the main file's mode).
 
+        Existing directories are never loosened: one that others could read (an older
+        bbsnap made them 0755, its files 0644) is tightened once, with what it holds.
         Parents are left alone: changing a home directory's mode behind the user's
         back is not ours to do.
         """
+        gid = _qemu_gid(self.qemu_user)
         try:
-            for directory in (self.root, self.images_dir, self.tmp_dir, self.servers_dir,
-                              self.locks_dir, self.logs_dir, self.blank_overlays_dir):
-                directory.mkdir(parents=True, exist_ok=True)
-                os.chmod(directory, DIR_MODE)
+            # QEMU opens disks in these (backup targets in tmp/), so its user traverses them.
+            for directory in (self.root, self.images_dir, self.tmp_dir, self.servers_dir):
+                _ensure_dir(directory, shared=True, qemu_gid=gid)
+            for directory in (self.locks_dir, self.logs_dir, self.blank_overlays_dir):
+                _ensure_dir(directory, shared=False, qemu_gid=gid)
+            _private_catalogue(self.catalogue_path)
         except OSError as exc:
             raise BbsnapError(f"cannot prepare data directory {self.root}: {exc.strerror}",
                               hint="choose another with --data-dir or BBSNAP_HOME") from exc
         return self
+
+    def make_dir(self, path: Path) -> None:
+        """A new directory QEMU's user may traverse (a server's); FileExistsError if it exists."""
+        path.mkdir(mode=PRIVATE_DIR_MODE)
+        _share_with_qemu(path, _qemu_gid(self.qemu_user))
+
+
+def _qemu_gid(user: str) -> int | None:
+    """The group that gives QEMU's user, and as few others as may be, into our directories;
+    None when there is no such user here (qemu:///session: QEMU runs as us).
+
+    Debian's libvirt-qemu has the primary group kvm, which users get for /dev/kvm; its
+    own group libvirt-qemu holds only itself (libvirt starts QEMU with both): prefer that.
+    """
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    try:
+        own = grp.getgrnam(user)
+    except KeyError:
+        return entry.pw_gid
+    return own.gr_gid if user in own.gr_mem else entry.pw_gid
+
+
+def _share_with_qemu(path: Path, gid: int | None) -> None:
+    """0710 with QEMU's group: only the owner lists it, only QEMU's user enters it. The
+    group can be set by root (or a member); otherwise 0711 keeps QEMU working."""
+    if gid is not None:
+        try:
+            os.chown(path, -1, gid, follow_symlinks=False)
+            os.chmod(path, DIR_MODE)
+            return
+        except PermissionError:
+            pass
+    os.chmod(path, OPEN_DIR_MODE)
+
+
+def _ensure_dir(path: Path, *, shared: bool, qemu_gid: int | None) -> None:
+    """Create *path* 0700 (then shared with QEMU's user if *shared*), or tighten it."""
+    try:
+        path.mkdir(mode=PRIVATE_DIR_MODE, parents=True)
+    except FileExistsError:
+        if _tighten_dir(path, shared=shared, qemu_gid=qemu_gid):
+            _tighten_contents(path, shared=shared, qemu_gid=qemu_gid)
+        return
+    if shared:
+        _share_with_qemu(path, qemu_gid)
+
+
+def _tighten_dir(path: Path, *, shared: bool, qemu_gid: int | None) -> bool:
+    """Take away what others may do in *path*, never adding anything: whether it changed.
+
+    In a *shared* directory QEMU's user keeps the traversal it had (o+x becomes its
+    group's x). Sticky directories (/tmp-like, shared on purpose) are left as they are.
+    """
+    info = os.lstat(path)
+    mode = stat.S_IMODE(info.st_mode)
+    beyond = 0o067 if shared else 0o077  # what the target mode (0710, 0700) does not grant
+    if not stat.S_ISDIR(info.st_mode) or mode & stat.S_ISVTX or not mode & beyond:
+        return False
+    if not shared:
+        os.chmod(path, mode & 0o700)
+    elif mode & 0o001:
+        _share_with_qemu(path, qemu_gid)
+    else:
+        os.chmod(path, mode & ~0o066)
+    return True
+
+
+def _tighten_contents(directory: Path, *, shared: bool, qemu_gid: int | None) -> None:
+    """What an older bbsnap left readable: files 0600 (libvirt hands disks to QEMU's user
+    on start), directories as their parent."""
+    for entry in os.scandir(directory):
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            if _tighten_dir(Path(entry.path), shared=shared, qemu_gid=qemu_gid):
+                _tighten_contents(Path(entry.path), shared=shared, qemu_gid=qemu_gid)
+        elif entry.is_file():
+            _tighten_file(Path(entry.path))
+
+
+def _tighten_file(path: Path) -> None:
+    mode = stat.S_IMODE(os.lstat(path).st_mode)
+    if mode & 0o077:
+        try:
+            os.chmod(path, mode & 0o700)
+        except PermissionError:
+            pass  # chowned to QEMU's user by libvirt, and we are not root: its owner's now
+
+
+def _private_catalogue(path: Path) -> None:
+    """Create the catalogue 0600 before SQLite does (it would make it 0644 and give its
+    WAL the same mode); tighten one an older bbsnap made, and its -wal and -shm."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    os.close(fd)
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            _tighten_file(name)
+        except FileNotFoundError:
+            pass

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from .services.snapshot_finish import SnapshotFinisher
 
     settings = load_settings({"data_dir": args.data_dir, "connect": args.connect})
-    data_dir = DataDir(settings.data_dir).ensure()
+    data_dir = DataDir.from_settings(settings).ensure()
     catalogue = Catalogue(data_dir.catalogue_path, images_dir=data_dir.images_dir)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     print(f"{stamp} finishing snapshot {args.image_id}", flush=True)

@@ -146,12 +146,14 @@ class Doctor:
             return [Finding("data directory access", False,
                             f"{self._settings.qemu_user} cannot enter {blocked[0]}",
                             fix=f"chmod o+x {blocked[0]}  (or choose another --data-dir)")]
-        unreadable = [p for p in self._data_dir.images_dir.glob("*.qcow2")
-                      if not p.stat().st_mode & 0o004 and p.stat().st_uid != user.pw_uid]
-        if unreadable:
-            return [Finding("image files", False, f"{len(unreadable)} image files are not "
-                            f"readable by {self._settings.qemu_user} (e.g. {unreadable[0]})",
-                            fix=f"chmod o+r {self._data_dir.images_dir}/*.qcow2")]
+        # Images are 0600: libvirt's dynamic ownership hands them to QEMU's user on start.
+        # What is wrong is an image others can read (copied in by hand, restored from backup).
+        exposed = [p for p in self._data_dir.images_dir.glob("*.qcow2")
+                   if p.stat().st_mode & 0o077]
+        if exposed:
+            return [Finding("image files", False, f"{len(exposed)} image files can be read "
+                            f"by other users (e.g. {exposed[0]})",
+                            fix=f"chmod go-rwx {self._data_dir.images_dir}/*.qcow2")]
         return [Finding("data directory access", True,
                         f"{self._data_dir.root} is reachable by {self._settings.qemu_user}")]
 

@@ -8,7 +8,6 @@ and every step registers its undo, so a failure leaves nothing behind.
 
 from __future__ import annotations
 
-import fcntl
 import random
 import shutil
 import uuid
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .. import ids
+from .. import ids, locks
 from ..catalogue import Catalogue, utcnow
 from ..config import Settings
 from ..disks import qemu_img
@@ -133,7 +132,7 @@ class ServerCreator:
             port = self._choose_port(taken_ports) if plan.network == "user" else None
 
             directory = self._data_dir.server_dir(server_id)
-            directory.mkdir(mode=0o755)
+            self._data_dir.make_dir(directory)  # QEMU's user may enter it, nobody else
             undo.push(f"the directory {directory}", lambda: shutil.rmtree(directory))
             # Crash journal: while this marker names a live process the server is being made;
             # if that process dies first, recovery removes what it left (services/recovery.py).
@@ -187,12 +186,9 @@ class ServerCreator:
     def _allocation_lock(self) -> Iterator[None]:
         """Serialise id/MAC/port allocation between concurrent bbsnap processes."""
         lock_path = self._data_dir.servers_dir / ".allocate.lock"
-        with open(lock_path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with locks.acquire_path(lock_path, timeout=self._settings.lock_timeout,
+                                purpose="servers create", busy="another servers create"):
+            yield
 
     def _identities_in_use(self) -> tuple[set[int], set[str]]:
         ports: set[int] = set()

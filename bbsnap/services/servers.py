@@ -43,14 +43,16 @@ class ServerService:
     def get(self, key: str, *, with_addresses: bool = True) -> Server:
         return server_from_domain(self._hv, self._hv.info(key), with_addresses=with_addresses)
 
-    def _lock(self, server: Server) -> locks.ServerLock:
+    def _lock(self, server: Server, purpose: str) -> locks.ServerLock:
         """Serialise with other bbsnap operations on the server (a snapshot copy holds it)."""
-        return locks.acquire(self._data_dir.locks_dir, server.uuid, on_wait=lambda: print(
+        return locks.acquire(self._data_dir.locks_dir, server.uuid,
+                             timeout=self._data_dir.lock_timeout,
+                             purpose=f"servers {purpose} {server.id}", on_wait=lambda: print(
             f"bbsnap: waiting for another operation on {server.id} to finish", file=sys.stderr))
 
     def start(self, key: str) -> Server:
         server = self.get(key, with_addresses=False)
-        with self._lock(server):
+        with self._lock(server, "start"):
             if self._hv.info(server.id).state is DomainState.RUNNING:
                 raise ConflictError(f"server {server.id} is already running")
             self._hv.start(server.id)
@@ -62,7 +64,7 @@ class ServerService:
         server = self.get(key, with_addresses=False)
         if server.status is ServerStatus.INACTIVE:
             raise ConflictError(f"server {server.id} is not running")
-        with self._lock(server):
+        with self._lock(server, "stop"):
             if force:
                 self._hv.destroy(server.id)
             else:
@@ -87,7 +89,7 @@ class ServerService:
             raise ConflictError(
                 f"{server.id} was not created by bbsnap; bbsnap does not delete its disks",
                 hint=f"use 'virsh undefine {server.id}' if you mean it")
-        with self._lock(server):
+        with self._lock(server, "destroy") as lock:
             if self._hv.info(server.id).state is not DomainState.SHUTOFF:
                 self._hv.destroy(server.id)
             self._hv.undefine(server.id)
@@ -96,6 +98,7 @@ class ServerService:
             directory = self._data_dir.server_dir(server.id)
             if directory.exists():
                 shutil.rmtree(directory)
+            locks.remove_held(lock)  # while held: a waiter re-checks the path once it gets it
         return server
 
     def rebuild(self, key: str, image_id: str) -> Server:
@@ -112,13 +115,14 @@ class ServerService:
             raise ConflictError(
                 f"image {image.id} boots with {image.firmware} and server {server.id} with "
                 f"{server.firmware}", hint="create a new server from the image instead")
-        with self._lock(server), Compensation() as undo:
+        with self._lock(server, "rebuild"), Compensation() as undo:
             was_running = self._hv.info(server.id).state is not DomainState.SHUTOFF
             primary = next(d for d in self._hv.disks(server.id) if d.writable)
             old_disk = Path(primary.path)
             size = max(qemu_img.info(old_disk, primary.format, force_share=True).virtual_size,
                        image.virtual_size)
-            new_disk = self._data_dir.server_dir(server.id) / f"disk-{image.id}-{int(time.time())}.qcow2"
+            new_disk = (self._data_dir.server_dir(server.id)
+                        / f"disk-{image.id}-{int(time.time())}.qcow2")
             undo.push("the new overlay", lambda: new_disk.unlink(missing_ok=True))
             change_tracking.new_tracked_overlay(
                 self._data_dir, image.id, self._data_dir.image_path(str(image.path)), size,

@@ -62,7 +62,9 @@ class SnapshotService:
               on_wait: Callable[[], None] | None = None) -> Image:
         """Register the image as creating, fix the point in time, hand the copy to a worker."""
         info = self._hv.info(request.server)
-        lock = locks.acquire(self._data_dir.locks_dir, info.uuid, on_wait=on_wait)
+        lock = locks.acquire(self._data_dir.locks_dir, info.uuid, on_wait=on_wait,
+                             timeout=self._data_dir.lock_timeout,
+                             purpose=f"snapshot of {info.name}")
         try:
             # Read again under the lock (a waited-for operation may have changed it), once:
             # every libvirt round trip here adds to the command's latency.
@@ -198,6 +200,7 @@ def spawn_finisher(worker_argv: list[str], data_dir: DataDir, catalogue: Catalog
     token = _spawn_worker(worker_argv, data_dir, image_id, lock)
     if token:
         catalogue.update(image_id, job=token)
+        locks.record_holder(lock, token, f"copying snapshot {image_id}")  # waiters name it
 
 
 def _spawn_worker(worker_argv: list[str], data_dir: DataDir, image_id: str,

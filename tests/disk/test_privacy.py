@@ -1,0 +1,125 @@
+"""Who can read the data directory (real qemu-img, real files, `nobody` as a real second
+process): images, the catalogue and its WAL, locks and logs are their owner's; directories
+let QEMU's user through and nobody else; an older data directory is tightened, never
+loosened."""
+
+from __future__ import annotations
+
+import grp
+import os
+import stat
+import sys
+from pathlib import Path
+
+from bbsnap import locks, proc
+from bbsnap.catalogue import Catalogue
+from bbsnap.layout import DataDir
+from tests.images import qcow2_disk
+from tests.other_user import as_nobody
+
+QEMU_GROUP = grp.getgrnam("libvirt-qemu").gr_gid  # QEMU's user's own group on Debian
+SHARED = ("", "images", "servers", "tmp")          # QEMU opens disks below these
+PRIVATE = ("locks", "logs", "blank-overlays")      # QEMU never does
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_what_bbsnap_makes_is_private(bbsnap, work_dir):
+    source = qcow2_disk(work_dir / "disk.qcow2")
+    os.chmod(source, 0o600)  # a root-only file: importing it must not publish it
+    imported = bbsnap("images", "import", str(source), "--name", "secret")
+    assert imported.exit_code == 0, imported.stderr
+    data = DataDir(bbsnap.data_dir)
+    image = data.image_file(imported.stdout.strip())
+    with locks.acquire(data.locks_dir, "0c4b6f1e-2a39-4a8e-9d6c-3d0f5d0e9a11") as lock, \
+            locks.acquire_path(data.servers_dir / ".allocate.lock"):
+        proc.spawn_detached([sys.executable, "-c", "print('worker')"],
+                            log_path=data.logs_dir / "img-aaaaa.log")
+        catalogue = Catalogue(data.catalogue_path)  # open: its -wal and -shm exist
+        try:
+            files = [data.catalogue_path, Path(f"{data.catalogue_path}-wal"),
+                     Path(f"{data.catalogue_path}-shm"), image, lock.path,
+                     data.servers_dir / ".allocate.lock", data.logs_dir / "img-aaaaa.log"]
+            for path in files:
+                assert mode(path) == 0o600, f"{path} is {oct(mode(path))}"
+            for name in SHARED:
+                assert mode(data.root / name) == 0o710
+                assert os.stat(data.root / name).st_gid == QEMU_GROUP
+            for name in PRIVATE:
+                assert mode(data.root / name) == 0o700
+            verdicts = as_nobody(files + [data.root / n for n in SHARED + PRIVATE])
+        finally:
+            catalogue.close()
+    assert set(verdicts.values()) == {"denied"}, verdicts
+
+
+def test_a_server_directory_is_entered_by_qemu_only(tmp_path):
+    data = DataDir(tmp_path / "data").ensure()
+    data.make_dir(data.server_dir("srv-abcde"))
+    assert mode(data.server_dir("srv-abcde")) == 0o710
+    assert os.stat(data.server_dir("srv-abcde")).st_gid == QEMU_GROUP
+
+
+def _older_data_dir(root: Path) -> dict[str, Path]:
+    """The layout an older bbsnap left: every directory 0755, every file 0644."""
+    made = {}
+    for name in (*SHARED, *PRIVATE, "servers/srv-abcde"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        os.chmod(root / name, 0o755)
+    Catalogue(root / "catalogue.sqlite3").close()
+    os.chmod(root / "catalogue.sqlite3", 0o644)
+    made["catalogue.sqlite3"] = root / "catalogue.sqlite3"
+    for name in ("images/img-abcde.qcow2",
+                 "servers/srv-abcde/disk.qcow2", "servers/.allocate.lock",
+                 "locks/0c4b6f1e.lock", "logs/img-abcde.log", "blank-overlays/img-abcde-1.qcow2"):
+        (root / name).write_bytes(b"guest data")
+        os.chmod(root / name, 0o644)
+        made[name] = root / name
+    return made
+
+
+def test_an_older_data_directory_is_tightened_by_the_next_command(bbsnap):
+    files = _older_data_dir(bbsnap.data_dir)
+    assert as_nobody([files["images/img-abcde.qcow2"]]) == {files["images/img-abcde.qcow2"]: "read"}
+
+    assert bbsnap("images", "list").exit_code == 0
+
+    for path in files.values():
+        assert mode(path) == 0o600, f"{path} is {oct(mode(path))}"
+    for name in (*SHARED, "servers/srv-abcde"):
+        assert mode(bbsnap.data_dir / name) == 0o710, name  # QEMU keeps its way in
+    for name in PRIVATE:
+        assert mode(bbsnap.data_dir / name) == 0o700, name
+    assert set(as_nobody(list(files.values())).values()) == {"denied"}
+
+
+def test_existing_directories_are_never_loosened(bbsnap):
+    root = bbsnap.data_dir
+    for name in SHARED + PRIVATE:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        os.chmod(root / name, 0o700)  # the owner's choice (QEMU cannot enter: doctor says so)
+    os.chmod(root / "logs", 0o750)    # its group may list it: that is taken, its x is kept
+    (root / "tmp" / "work").write_bytes(b"x")
+    os.chmod(root / "tmp" / "work", 0o644)  # where nobody else can get: not walked to
+
+    assert bbsnap("images", "list").exit_code == 0
+
+    for name in SHARED + ("locks", "blank-overlays"):
+        assert mode(root / name) == 0o700, name
+    assert mode(root / "logs") == 0o700
+    assert mode(root / "tmp" / "work") == 0o644
+
+
+def test_the_catalogue_is_created_private_and_an_older_one_tightened(tmp_path):
+    data = DataDir(tmp_path / "data").ensure()
+    assert mode(data.catalogue_path) == 0o600
+    catalogue = Catalogue(data.catalogue_path)
+    try:
+        assert mode(Path(f"{data.catalogue_path}-wal")) == 0o600  # SQLite copies the mode
+    finally:
+        catalogue.close()
+    os.chmod(data.catalogue_path, 0o644)
+    DataDir(tmp_path / "data").ensure()
+    assert mode(data.catalogue_path) == 0o600
