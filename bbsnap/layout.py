@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from . import ids
 from .errors import BbsnapError, CataloguePathError
 from .locks import DEFAULT_LOCK_TIMEOUT
 
@@ -30,6 +31,15 @@ OPEN_DIR_MODE = 0o711     # no such group for us: others may traverse, never lis
 PRIVATE_DIR_MODE = 0o700  # directories QEMU never opens
 FILE_MODE = 0o600         # images, overlays, logs, locks, the catalogue
 PARTIAL_SUFFIX = ".partial"
+
+
+def _as_glob_id(image_id: str) -> str:
+    """An image id about to become a glob pattern: a catalogue row's id is data too, and
+    ``../../etc/passwd`` would make ``[.-]*`` match /etc/passwd- (refused, nothing removed)."""
+    if not ids.is_valid(image_id, "img"):
+        raise CataloguePathError(f"the catalogue has an image id {image_id!r} that is not an "
+                                 "img- id; no files are removed for it")
+    return image_id
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,7 @@ class DataDir:
         return self.blank_overlays_dir / f"{image_id}-{size}.qcow2"
 
     def remove_blank_overlays(self, image_id: str) -> None:
-        for path in self.blank_overlays_dir.glob(f"{image_id}-*.qcow2"):
+        for path in self.blank_overlays_dir.glob(f"{_as_glob_id(image_id)}-*.qcow2"):
             path.unlink(missing_ok=True)
 
     def export_journal(self, token: str) -> Path:
@@ -127,7 +137,7 @@ class DataDir:
         anything renamed into images/ (an interrupted job's final file is as untrusted as
         its partial one). Matches ``img-xxxxx.*`` and volumes ``img-xxxxx-vdb.qcow2``."""
         for directory in (self.tmp_dir, self.images_dir):
-            for path in directory.glob(f"{image_id}[.-]*"):
+            for path in directory.glob(f"{_as_glob_id(image_id)}[.-]*"):
                 path.unlink(missing_ok=True)
 
     def ensure(self) -> "DataDir":

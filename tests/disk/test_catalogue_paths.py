@@ -114,3 +114,17 @@ def test_image_path_accepts_plain_names_and_symlinks_inside(tmp_path):
     assert data.image_path("img-a.qcow2") == images / "img-a.qcow2"
     assert data.image_path("img-b.qcow2") == images / "img-b.qcow2"
     assert data.image_path("img-missing.qcow2") == images / "img-missing.qcow2"
+
+
+def test_recovery_does_not_glob_a_row_id_out_of_the_data_directory(bbsnap, image_id, work_dir):
+    # recovery removes an interrupted image's files by `<id>[.-]*`: an id edited to climb
+    # out of tmp/ and images/ matched host files (here victim-1 and victim.x).
+    victims = [work_dir / "victim-1", work_dir / "victim.x"]
+    for victim in victims:
+        victim.write_text("keep")
+    with sqlite3.connect(bbsnap.data_dir / "catalogue.sqlite3") as conn:
+        conn.execute("UPDATE images SET id = '../../victim', status = 'creating', "
+                     "job = '1:0:gone' WHERE id = ?", (image_id,))
+    result = bbsnap("images", "list")
+    assert all(v.read_text() == "keep" for v in victims)
+    assert "not an img- id" in result.stderr, result.stderr
