@@ -8,6 +8,7 @@ from __future__ import annotations
 import grp
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,11 +16,12 @@ from bbsnap import locks, proc
 from bbsnap.catalogue import Catalogue
 from bbsnap.layout import DataDir
 from tests.images import qcow2_disk
-from tests.other_user import as_nobody
+from tests.other_user import PYTHON, as_nobody
 
 QEMU_GROUP = grp.getgrnam("libvirt-qemu").gr_gid  # QEMU's user's own group on Debian
 SHARED = ("", "images", "servers", "tmp")          # QEMU opens disks below these
 PRIVATE = ("locks", "logs", "blank-overlays")      # QEMU never does
+REPO = Path(__file__).resolve().parents[2]
 
 
 def mode(path: Path) -> int:
@@ -123,3 +125,18 @@ def test_the_catalogue_is_created_private_and_an_older_one_tightened(tmp_path):
     os.chmod(data.catalogue_path, 0o644)
     DataDir(tmp_path / "data").ensure()
     assert mode(data.catalogue_path) == 0o600
+
+
+def test_a_user_who_cannot_give_the_group_away_gets_0711(work_dir):
+    """Not root (qemu:///session, or a user with the libvirt socket): chgrp to QEMU's group
+    is refused, so QEMU's directories are 0711: traversable, never listable."""
+    os.chown(work_dir, 65534, -1)  # nobody's own directory to make the data dir in
+    script = ("import sys; from pathlib import Path; from bbsnap.layout import DataDir; "
+              "DataDir(Path(sys.argv[1])).ensure()")
+    subprocess.run(["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={REPO}", PYTHON,
+                    "-c", script, str(work_dir / "data")], check=True, timeout=60, cwd="/")
+    for name in SHARED:
+        assert mode(work_dir / "data" / name) == 0o711, name
+    for name in PRIVATE:
+        assert mode(work_dir / "data" / name) == 0o700, name
+    assert mode(work_dir / "data" / "catalogue.sqlite3") == 0o600
