@@ -30,24 +30,17 @@ from .. import ids, safe_files, sidecar
 from ..catalogue import Catalogue
 from ..disks import qemu_img
 from ..disks.nbd import NbdImageReader, extents
-from ..errors import (
-    BbsnapError,
-    CataloguePathError,
-    ConflictError,
-    InvalidInputError,
-    NotFoundError,
-    UsageError,
-)
+from ..errors import BbsnapError, ConflictError, InvalidInputError, NotFoundError, UsageError
 from ..jobs import current_job_token
 from ..export_sinks import COMPRESSORS, EXTENSIONS, FramedSink, HashingOutput, RawSink
 from ..layout import PARTIAL_SUFFIX, DataDir
 from ..models import Image, ImageStatus
 from ..safe_files import PRIVATE, OutputDir
+from . import stored_chain
 
 FORMATS = ("raw", "qcow2")
 COMPRESSIONS = ("gzip", "zstd", "xz", "none")
 SHA256_SUFFIX = ".sha256"
-MAX_CHAIN = 256              # backing files followed before giving up (bbsnap's chains are short)
 
 
 @dataclass(frozen=True)
@@ -87,7 +80,7 @@ class ImageExporter:
             raise ConflictError(f"image {image.id} is {image.status.value}, not available",
                                 hint="wait until it is available")
         source = self._data_dir.image_path(str(image.path))
-        _check_chain(self._data_dir, image, source)
+        stored_chain.require_inside(self._data_dir, image.id, source)
         if request.output == "-":
             out = self._stdout or sys.stdout.buffer
             digest, written = self._write(image, source, request, out, progress)
@@ -222,31 +215,3 @@ def _check_destination(final: Path) -> None:
                 f"{final.parent / name} exists and is {safe_files.describe_kind(mode)}; "
                 "export replaces only regular files",
                 hint="to write to a device or pipe, use -o - (stdout) and redirect it")
-
-
-def _check_chain(data_dir: DataDir, image: Image, source: Path) -> None:
-    """Every file the export would read (the stored file and its backing chain) is an
-    image file inside images/. A qcow2 header is data: a stored file naming a host file
-    as its backing file (or external data file) would export that host file."""
-    inside = data_dir.images_dir.resolve()
-    path, fmt = source, "qcow2"
-    for _ in range(MAX_CHAIN):
-        info = qemu_img.info(path, fmt, force_share=True)
-        if info.data_file:
-            raise CataloguePathError(
-                f"image {image.id}: {path.name} names the external data file "
-                f"{info.data_file!r}; not exporting it")
-        backing = info.raw.get("full-backing-filename") or info.backing_file
-        if not backing:
-            return
-        resolved = Path(backing).resolve() if str(backing).startswith("/") else None
-        if resolved is None or resolved == inside or not resolved.is_relative_to(inside):
-            raise CataloguePathError(
-                f"image {image.id}: {path.name} has the backing file {backing!r}, which is "
-                f"not inside {data_dir.images_dir}; not exporting it")
-        if info.backing_format not in ("qcow2", "raw"):
-            raise CataloguePathError(
-                f"image {image.id}: {path.name} names its backing file without a format; "
-                "not exporting it")
-        path, fmt = resolved, info.backing_format
-    raise CataloguePathError(f"image {image.id}: its backing chain is longer than {MAX_CHAIN}")
