@@ -44,7 +44,7 @@ class AppContext:
         if self._data_dir is None:
             from ..layout import DataDir
 
-            self._data_dir = DataDir.from_settings(self.settings).ensure()
+            self._data_dir = DataDir(self.settings.data_dir).ensure()
         return self._data_dir
 
     @property
@@ -192,18 +192,21 @@ class AppContext:
 
 
 def _another_job_commits_later(catalogue: "Catalogue") -> bool:
-    """Whether a live bbsnap process (a snapshot's worker) still owns a `creating` image.
+    """Whether this command handed an image it wrote to another live process (the worker
+    of `servers snapshot`), which still has it `creating`.
 
     Asked after this command's last commit: that process's final commit, and the checkpoint
-    every committing process makes after it, come later and copy our frames too. A
-    `servers snapshot` so returns without the checkpoint's fsyncs, which wait behind the
-    QEMU copy's writeback (50-170 ms measured here). If that process dies instead, the next
-    command recovers its image: a commit, and a checkpoint.
+    the worker makes after it, come later and copy our frames too. `servers snapshot` so
+    returns without the checkpoint's fsyncs, which wait behind the QEMU copy's writeback
+    (50-170 ms measured here). If the worker dies instead, the next command recovers its
+    image: a commit, and a checkpoint. Only images this command wrote count: an unrelated
+    long copy must not leave an import's row in the WAL for its duration.
     """
     from ..jobs import current_job_token, job_alive
 
-    ours = current_job_token()
-    return any(i.job != ours and job_alive(i.job) for i in catalogue.creating())
+    ours, touched = current_job_token(), set(catalogue.touched)
+    return any(i.id in touched and i.job != ours and job_alive(i.job)
+               for i in catalogue.creating())
 
 
 def settle_at_exit() -> None:

@@ -22,7 +22,7 @@ def main_file_rows(catalogue: Path) -> list[tuple[str, str]]:
     try:
         with sqlite3.connect(copy) as db:
             return sorted(db.execute("SELECT id, status FROM images").fetchall())
-    except sqlite3.OperationalError:  # no such table: the schema too lived in the WAL
+    except sqlite3.DatabaseError:  # no such table (the schema too lived in the WAL), torn copy
         return []
     finally:
         copy.unlink()
