@@ -57,7 +57,7 @@ def _report_fix(done: Any) -> None:
         echo(f"emptied {len(done.purged)} quarantine batches older than "
              f"{QUARANTINE_GRACE.days} days, freed {_bytes(freed)}")
     for orphan in done.moved:
-        echo(f"quarantined {orphan.path} ({_bytes(orphan.size)})")
+        echo(f"quarantined {orphan.path}: {_bytes(orphan.size)}")
     moved = sum(o.size for o in done.moved)
     where = f" into {done.batch}" if done.batch else ""
     echo(f"moved {len(done.moved)} orphaned files, {_bytes(moved)},{where}; "
