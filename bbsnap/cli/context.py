@@ -166,29 +166,39 @@ class AppContext:
         Raises CatalogueError when it is not: the WAL or the main file was replaced under
         this command, or the main file lacks a row this command wrote after a checkpoint.
         """
+        import sqlite3
+
+        from ..errors import CatalogueError
+
         catalogue = self._catalogue
         if catalogue is None or not catalogue.committed:
             return  # nothing of ours to make durable: a read-only command costs nothing more
-        if catalogue.files_replaced():
-            # Another history now builds on the path (a restored file, a WAL another process
-            # started after ours was deleted): writing our frames into it would corrupt it.
-            lost = catalogue.touched or ["its changes"]
-        elif _another_job_commits_later(catalogue):
-            return  # its last commit comes after ours, and its checkpoint then covers ours
-        elif catalogue.checkpoint():
-            # Even a deleted WAL is still open here: the checkpoint copied it into the main
-            # file, and the rows we wrote are looked up there to prove it.
-            lost = catalogue.missing_from_main_file()
-        else:
-            lost = []  # other connections outlasted the wait: their checkpoint covers ours
+        try:
+            lost = _not_durable(catalogue)
+        except sqlite3.Error as exc:
+            raise CatalogueError(f"cannot checkpoint the image catalogue {catalogue.path}: "
+                                 f"{exc}", hint="run 'bbsnap doctor'") from exc
         if lost:
-            from ..errors import CatalogueError
-
             raise CatalogueError(
                 f"the image catalogue {catalogue.path} or its WAL was removed or replaced "
                 f"while this command ran: what it recorded ({', '.join(lost)}) may be lost",
                 hint="run 'bbsnap doctor'; restore catalogue.sqlite3 from a backup if rows "
                      "are missing")
+
+
+def _not_durable(catalogue: "Catalogue") -> list[str]:
+    """Checkpoint (or leave it to a live worker) and say which written rows it cannot vouch for."""
+    if catalogue.files_replaced():
+        # Another history now builds on the path (a restored file, a WAL another process
+        # started after ours was deleted): writing our frames into it would corrupt it.
+        return catalogue.touched or ["its changes"]
+    if _another_job_commits_later(catalogue):
+        return []  # its last commit comes after ours, and its checkpoint then covers ours
+    if catalogue.checkpoint():
+        # Even a deleted WAL is still open here: the checkpoint copied it into the main
+        # file, and the rows we wrote are looked up there to prove it.
+        return catalogue.missing_from_main_file()
+    return []  # other writers outlasted the wait: each checkpoints after its last commit
 
 
 def _another_job_commits_later(catalogue: "Catalogue") -> bool:
