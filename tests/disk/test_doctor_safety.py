@@ -164,9 +164,13 @@ def test_doctor_fix_after_a_killed_export_removes_its_partial_and_nothing_else(b
     (partial,) = partials()
     assert len(journals) == 1 and str(partial) in journals[0].read_text()  # as a crash leaves
 
-    fixed = bbsnap("-c", OTHER, "doctor", "--fix")
+    report = bbsnap("-c", OTHER, "doctor")  # says so, and changes nothing
+    stale = next(x for x in report.stdout.splitlines() if " stale jobs " in x)
+    assert stale.startswith("FAIL") and "export (pid" in stale
+    assert partial.exists() and journals[0].exists()
+
+    bbsnap("-c", OTHER, "doctor", "--fix")
     assert not partial.exists()  # crash recovery removed it, as its journal said
     assert not journals[0].exists() and _quarantined(bbsnap) == []
     assert {p: p.read_bytes() for p in out.iterdir()} == mine
     assert (bbsnap.data_dir / "images" / f"{image_id}.qcow2").exists()
-    assert "stale jobs" in fixed.stdout
