@@ -91,14 +91,11 @@ def _explained(exc: BaseException, app: AppContext | None) -> "BbsnapError | Non
     output is recognised by identity (_WatchedStdout), never guessed from an errno that any
     file could have raised.
     """
-    from ..errors import BbsnapError, CatalogueError
+    from ..errors import CatalogueError
 
     stdout_error = _watched.last_error if _watched is not None else None
     if stdout_error is not None and _caused_by(exc, stdout_error):
-        sys.stdout = open(os.devnull, "w")  # the flush at exit must not retry
-        return BbsnapError(f"cannot write to standard output: "
-                           f"{stdout_error.strerror or stdout_error}",
-                           hint="what was written is incomplete; check where the output goes")
+        return _stdout_failure(stdout_error)
     sqlite3 = sys.modules.get("sqlite3")  # not imported: no SQLite error is possible
     if sqlite3 is None:
         return None
@@ -108,6 +105,14 @@ def _explained(exc: BaseException, app: AppContext | None) -> "BbsnapError | Non
 
         return catalogue_failure(cause, _catalogue_path(app))
     return None
+
+
+def _stdout_failure(exc: OSError) -> "BbsnapError":
+    from ..errors import BbsnapError
+
+    sys.stdout = open(os.devnull, "w")  # the flushes at exit must not fail (or say it) again
+    return BbsnapError(f"cannot write to standard output: {exc.strerror or exc}",
+                       hint="what was written is incomplete; check where the output goes")
 
 
 def _caused_by(exc: BaseException, cause: BaseException) -> bool:
@@ -231,17 +236,26 @@ def main() -> None:
         code = 0
     except SystemExit as exc:
         code = _exit_status(exc.code)
-    _flush()
+    code = _flush(code)
     code = _settle_catalogue(code)
     os._exit(code)
 
 
-def _flush() -> None:
+def _flush(code: int = 0) -> int:
+    """Flush what is still buffered; if standard output cannot take it, the output is
+    incomplete, which a command that otherwise succeeded must not hide (exit 1)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
-            pass  # a closed pipe (`bbsnap images list | head`): nothing more to say
+        except BrokenPipeError:
+            pass  # the reader left (`bbsnap images list | head`): nothing more to say
+        except OSError as exc:
+            if stream is sys.stdout:
+                print(f"bbsnap: error: {_stdout_failure(exc)}", file=sys.stderr)
+                code = code or 1
+        except ValueError:
+            pass  # already closed
+    return code
 
 
 def _settle_catalogue(code: int) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import sqlite3
+import sys
 from pathlib import Path
 
 import click
@@ -111,3 +112,22 @@ def test_every_plain_string_parameter_is_checked_for_utf8():
     checked = {where for where, param in _string_params(cli) if isinstance(param.type, Utf8Text)}
     assert {"import name", "import description", "update name", "create name",
             "snapshot name", "export output", "show image_ids"} <= checked
+
+
+# -- standard output at exit -------------------------------------------------------------------
+
+@pytest.mark.parametrize("code,expected", [(0, 1), (3, 3)])
+def test_output_that_fails_only_at_the_exit_flush_fails_the_command(monkeypatch, capsys, code,
+                                                                     expected):
+    """What is still buffered when the command returns (sys.stdout.buffer.write without a
+    flush) is written by main's last flush: a full disk there is reported, not swallowed."""
+    from bbsnap.cli import main as entry
+
+    full = open("/dev/full", "w")
+    monkeypatch.setattr(sys, "stdout", full)
+    full.write("pending output")
+    assert entry._flush(code) == expected
+    assert capsys.readouterr().err == ("bbsnap: error: cannot write to standard output: No space "
+                                       "left on device (what was written is incomplete; check "
+                                       "where the output goes)\n")
+    assert entry._flush(0) == 0, "said once: standard output now goes nowhere"
