@@ -42,7 +42,8 @@ def show_pairs(server: Server) -> list[tuple[str, Any]]:
         ("macs", ", ".join(server.macs)),
         ("private_ips", ", ".join(server.addresses)),
         ("cloud_ips", ", ".join(reachable(server))),
-        ("ssh", f"ssh -p {server.ssh_port} {server.username or 'root'}@127.0.0.1"
+        # The shape `servers ssh` runs: the user after -l is never read as an option.
+        ("ssh", f"ssh -l {server.username or 'root'} -p {server.ssh_port} 127.0.0.1"
          if server.ssh_port else ""),
         ("disks", ", ".join(server.disks)),
         ("managed", "true" if server.managed else "false"),

@@ -23,11 +23,12 @@ from ..disks import qemu_img
 from ..errors import ConflictError, InvalidInputError, NotFoundError, UsageError
 from ..hostinfo import default_ssh_public_keys, total_memory_mib
 from ..hypervisor import Hypervisor
-from ..hypervisor.domain_xml import DiskSpec, DomainSpec, NicSpec, build_domain_xml
+from ..hypervisor.domain_xml import (DiskSpec, DomainSpec, NicSpec, build_domain_xml,
+                                     read_domain_facts)
 from ..jobs import current_job_token
 from ..layout import DataDir
 from ..models import DependentKind, Image, ImageStatus, Server, ServerType
-from ..netports import choose_port, parse_port_range
+from ..netports import PortRegistry, parse_port_range
 from ..seed import (SeedSpec, check_hostname, default_user_data, hostname_from_name,
                     validate_user_data, write_seed_iso)
 from ..server_types import DEFAULT_TYPE, find_type
@@ -79,14 +80,18 @@ class _Plan:
 class ServerCreator:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir, hypervisor: Hypervisor,
                  settings: Settings, resolve_accel: Callable[[], str],
-                 choose_ssh_port: Callable[[set[int]], int] | None = None) -> None:
+                 choose_ssh_port: Callable[[set[int]], int] | None = None,
+                 port_registry: PortRegistry | None = None) -> None:
+        """*choose_ssh_port*: pick ports without claiming them (tests forcing a port);
+        *port_registry*: where ports are claimed (default: this user's, host-wide)."""
         self._catalogue = catalogue
         self._data_dir = data_dir
         self._hv = hypervisor
         self._settings = settings
         self._resolve_accel = resolve_accel
-        ports = parse_port_range(settings.ssh_ports)
-        self._choose_port = choose_ssh_port or (lambda taken: choose_port(ports, taken))
+        self._ports = parse_port_range(settings.ssh_ports)
+        self._choose_port = choose_ssh_port
+        self._port_registry = port_registry
 
     def plan(self, request: CreateRequest) -> _Plan:
         """Check everything the user gave before anything is created."""
@@ -124,12 +129,14 @@ class ServerCreator:
         plan = self.plan(request)
         accel = self._resolve_accel()
         with self._allocation_lock(), Compensation() as undo:
-            taken_ports, taken_macs = self._identities_in_use()
+            in_use = self._identities_in_use()
             server_id = self._new_server_id()
-            mac = _new_mac(taken_macs)
+            domain_uuid = str(uuid.uuid4())
+            mac = _new_mac(in_use.macs)
             name = plan.name or server_id
             hostname = plan.hostname or hostname_from_name(name, server_id)
-            port = self._choose_port(taken_ports) if plan.network == "user" else None
+            port = (self._claim_port(in_use, domain_uuid, undo) if plan.network == "user"
+                    else None)
 
             directory = self._data_dir.server_dir(server_id)
             self._data_dir.make_dir(directory)  # QEMU's user may enter it, nobody else
@@ -154,7 +161,7 @@ class ServerCreator:
                 DependentKind.SERVER, server_id, plan.image.id))
 
             spec = DomainSpec(
-                name=server_id, uuid=str(uuid.uuid4()), memory_mib=plan.memory_mib,
+                name=server_id, uuid=domain_uuid, memory_mib=plan.memory_mib,
                 vcpus=plan.vcpus, accel=accel, title=name,
                 disks=(DiskSpec(disk), *extra_disks,
                        DiskSpec(seed, format="raw", device="cdrom", target="hdc", bus="ide")),
@@ -190,15 +197,33 @@ class ServerCreator:
                                 purpose="servers create", busy="another servers create"):
             yield
 
-    def _identities_in_use(self) -> tuple[set[int], set[str]]:
-        ports: set[int] = set()
-        macs: set[str] = set()
+    def _identities_in_use(self) -> _InUse:
+        """Ports and MACs of every domain on the connection, any data directory's."""
+        found = _InUse(set(), set())
         for info in self._hv.list_domains():
-            server = server_from_domain(self._hv, info)
+            xml = self._hv.domain_xml(info.name)
+            server = server_from_domain(self._hv, info, xml=xml)
             if server.ssh_port:
-                ports.add(server.ssh_port)
-            macs.update(m.lower() for m in server.macs)
-        return ports, macs
+                found.ports.add(server.ssh_port)
+            # What the domain forwards, too: its metadata may be missing or damaged.
+            found.ports.update(read_domain_facts(xml).forwarded_ports)
+            found.macs.update(m.lower() for m in server.macs)
+        return found
+
+    def _claim_port(self, in_use: _InUse, domain_uuid: str, undo: Compensation) -> int:
+        """A port for the SSH forward, claimed host-wide (netports.PortRegistry) until the
+        domain is gone; a create that fails gives it back."""
+        if self._choose_port is not None:
+            return self._choose_port(in_use.ports)
+        registry = self._port_registry or PortRegistry.for_this_user(
+            self._settings.connect, self._settings.lock_timeout)
+        port = registry.claim(self._ports, in_use=in_use.ports, live_domains=self._domain_uuids,
+                              domain_uuid=domain_uuid, data_dir=str(self._data_dir.root))
+        undo.push(f"the claim on port {port}", lambda: registry.release(port, domain_uuid))
+        return port
+
+    def _domain_uuids(self) -> set[str]:
+        return {info.uuid for info in self._hv.list_domains()}
 
     def _new_server_id(self) -> str:
         for _ in range(50):
@@ -209,6 +234,12 @@ class ServerCreator:
                 if not self._data_dir.server_dir(candidate).exists():
                     return candidate
         raise ConflictError("could not allocate a free server id")
+
+
+@dataclass(frozen=True)
+class _InUse:
+    ports: set[int]
+    macs: set[str]
 
 
 def _metadata(plan: _Plan, name: str, accel: str, hostname: str, port: int | None) -> dict[str, str]:
