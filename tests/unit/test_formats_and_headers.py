@@ -55,7 +55,8 @@ def test_format_detection(head, expected):
 
 
 @pytest.mark.parametrize("head,words", [(b"", "empty"), (b"hello world" * 100, "not a disk image"),
-                                       (b"KDMV" + bytes(600), "VMDK"), (b"vhdxfile" + bytes(600), "VHDX")])
+                                       (b"KDMV" + bytes(600), "VMDK"),
+                                       (b"vhdxfile" + bytes(600), "VHDX")])
 def test_format_refusals(head, words):
     with pytest.raises(InvalidInputError, match=words):
         detect_format(head)
@@ -86,3 +87,96 @@ def test_multi_member_gzip_with_padding_and_trailing_garbage():
     reader = DecompressingReader(io.BytesIO(gzip.compress(b"a") + b"junk"), Compression.GZIP)
     with pytest.raises(InvalidInputError, match="trailing garbage"):
         b"".join(iter(lambda: reader.read(100), b""))
+
+
+# --- a stated format, the sidecar's statements, the head's bounds -----------------------------
+
+@pytest.mark.parametrize("head", [b"QFI\xfb" + bytes(100), b"hello world" * 100,
+                                  b"KDMV" + bytes(600), bytes(4096)])
+def test_stated_raw_is_raw_whatever_the_bytes_look_like(head):
+    """Opened with -f raw only, the bytes are guest data: no partition-table heuristic."""
+    assert detect_format(head, "raw").name == "raw"
+
+
+def test_stated_raw_still_refuses_nothing_at_all():
+    with pytest.raises(InvalidInputError, match="empty"):
+        detect_format(b"", "raw")
+
+
+def test_stated_qcow2_needs_the_qcow2_magic():
+    assert detect_format(b"QFI\xfb" + bytes(100), "qcow2").name == "qcow2"
+    with pytest.raises(InvalidInputError, match="the sidecar says qcow2"):
+        detect_format(bytes(510) + b"\x55\xaa", "qcow2", stated_by="the sidecar")
+
+
+def test_unknown_stated_format_is_refused():
+    with pytest.raises(InvalidInputError, match="vmdk"):
+        detect_format(bytes(512), "vmdk")
+
+
+def _sidecar_bytes(**fields) -> bytes:
+    import json
+
+    return json.dumps({"bbsnap_sidecar": 1, "name": "n", "virtual_size": 1, **fields}).encode()
+
+
+def test_sidecar_without_format_or_compression_states_neither():
+    from bbsnap import sidecar
+
+    meta = sidecar.parse(_sidecar_bytes())
+    assert (meta.format, meta.compression) == (None, None)
+    meta = sidecar.parse(_sidecar_bytes(format="raw", compression="none"))
+    assert (meta.format, meta.compression) == ("raw", "none")
+
+
+@pytest.mark.parametrize("field,value", [("format", "vmdk"), ("compression", "lz4"),
+                                         ("format", 7)])
+def test_sidecar_with_an_unknown_format_or_compression_is_refused(field, value):
+    from bbsnap import sidecar
+
+    with pytest.raises(InvalidInputError, match=field):
+        sidecar.parse(_sidecar_bytes(**{field: value}))
+
+
+def test_qcow2_bound_grows_with_the_virtual_size_and_stays_near_it():
+    from bbsnap.disks.qcow2_header import Qcow2Header
+
+    small = Qcow2Header(3, 1 << 20, 16, 0, 0).max_file_size()
+    assert 1 << 20 < small < 8 << 20  # a 1 MiB disk: a few MiB, not GiBs
+    big = Qcow2Header(3, 1 << 40, 16, 0, 0).max_file_size()
+    assert 1 << 40 < big < (1 << 40) * 1.1
+    assert Qcow2Header(3, 1 << 30, 9, 0, 0, refcount_order=6).max_file_size() > 1 << 30
+
+
+def test_copy_refuses_a_head_before_creating_the_file(tmp_path):
+    from bbsnap.transfer import copy_decompressed
+
+    def refuse(head: bytes):
+        raise InvalidInputError(f"refused after {len(head)} bytes")
+
+    with pytest.raises(InvalidInputError, match="refused after 1024 bytes"):
+        copy_decompressed(io.BytesIO(bytes(4096)), tmp_path / "out", max_output=1 << 30,
+                          check_head=refuse, head_size=1024)
+    assert not (tmp_path / "out").exists()
+
+
+def test_copy_stops_at_the_heads_limit(tmp_path):
+    from bbsnap.transfer import OutputLimit, copy_decompressed
+
+    with pytest.raises(HostileImageError, match="too long"):
+        copy_decompressed(io.BytesIO(b"\x01" * (3 << 20)), tmp_path / "out", max_output=1 << 30,
+                          check_head=lambda head: OutputLimit(2 << 20, "too long"))
+
+
+def test_stated_compression_is_used_and_checked(tmp_path):
+    import gzip
+
+    from bbsnap.transfer import copy_decompressed
+
+    data = b"\x1f\x8b" + bytes(1000)  # gzip's magic, not gzip
+    copied = copy_decompressed(io.BytesIO(data), tmp_path / "a", max_output=1 << 20,
+                               compression=Compression.NONE)
+    assert copied.output_bytes == len(data) and (tmp_path / "a").read_bytes() == data
+    with pytest.raises(InvalidInputError, match="says the file is xz-compressed"):
+        copy_decompressed(io.BytesIO(gzip.compress(data)), tmp_path / "b", max_output=1 << 20,
+                          compression=Compression.XZ)

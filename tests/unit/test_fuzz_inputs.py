@@ -45,6 +45,8 @@ def test_header_with_mutated_fields(mutations):
     except InvalidInputError:
         return
     assert header.virtual_size <= 1 << 40 and 9 <= header.cluster_bits <= 21
+    # The output bound derived from an accepted header: finite, and never below the disk.
+    assert header.virtual_size <= header.max_file_size() <= 2 * header.virtual_size + (1 << 30)
 
 
 @FUZZ
@@ -97,3 +99,27 @@ def test_decompression_of_damaged_streams(kind, payload, mutations, cut):
             assert produced <= 16 * len(payload) + 4096
     except InvalidInputError:
         pass
+
+
+@FUZZ
+@given(st.sampled_from(sorted(COMPRESSORS, key=lambda c: c.value)), st.binary(max_size=4096),
+       st.integers(1, 64), st.integers(0, 300_000), st.integers(1, 70_000))
+def test_copy_never_writes_past_the_heads_limit(kind, payload, members, limit, head_size):
+    """Whatever the (concatenated) stream, the file holds at most what the head allowed."""
+    import tempfile
+    from pathlib import Path
+
+    from bbsnap.transfer import OutputLimit, copy_decompressed
+
+    data = COMPRESSORS[kind](payload) * members
+    with tempfile.TemporaryDirectory() as directory:
+        target = Path(directory) / "out"
+        try:
+            copied = copy_decompressed(io.BytesIO(data), target, max_output=1 << 30,
+                                       check_head=lambda head: OutputLimit(limit, "past"),
+                                       head_size=head_size)
+        except InvalidInputError:
+            assert not target.exists() or target.stat().st_size <= limit
+            return
+        assert copied.output_bytes == len(payload) * members <= limit
+        assert target.stat().st_size == copied.output_bytes
