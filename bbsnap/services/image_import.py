@@ -33,7 +33,7 @@ from ..config import Settings
 from ..compression import Compression
 from ..disks import boot_firmware, qemu_img
 from ..disks.formats import PROBE_BYTES, DetectedFormat, detect_format
-from ..disks.qcow2_header import MAX_HEADER_AREA, Qcow2Header, read_qcow2_header
+from ..disks.qcow2_header import MAX_HEADER_AREA, read_qcow2_header
 from ..errors import HostileImageError, InvalidInputError, UsageError
 from ..jobs import current_job_token
 from ..layout import FILE_MODE, PARTIAL_SUFFIX, DataDir
@@ -165,26 +165,8 @@ class ImageImporter:
                                    check_head=head, head_size=HEAD_BYTES,
                                    compression=stated.compression, stated_by="the sidecar")
         fmt = head.detected.name
-        vetted = qemu_img.vet_untrusted(download, fmt,
-                                        max_virtual_size=self._settings.max_virtual_size)
-        # Checked before converting: no work is spent on an image that will be refused.
-        if stated.virtual_size is not None and vetted.virtual_size != stated.virtual_size:
-            raise InvalidInputError(
-                f"the sidecar says {stated.virtual_size} bytes, the image is "
-                f"{vetted.virtual_size}", hint="the sidecar belongs to another file, or the data "
-                "is not what was published; nothing was imported")
-        if fmt == "qcow2":
-            verdict = qemu_img.check(download, "qcow2", untrusted=True)
-            if verdict.corruptions:
-                raise HostileImageError(
-                    f"the qcow2 image is corrupt ({verdict.corruptions} errors)")
-        check_free_space(partial.parent,
-                         qemu_img.measure_required(download, fmt, untrusted=True))
-        # Always rewritten, never kept as it came: a persistent bitmap named like bbsnap's
-        # change tracking breaks its clones' live snapshots, internal snapshots hide data
-        # from the active layer, and unknown compatible bits would ride along.
-        qemu_img.convert(download, fmt, partial, "qcow2", untrusted=True)
-        download.unlink()
+        self._vet(download, fmt, stated)
+        self._rewrite(download, fmt, partial)
         firmware = image.firmware
         if detect_firmware and self._boots_only_under_uefi(image.id, partial):
             firmware = "uefi"
@@ -197,6 +179,32 @@ class ImageImporter:
             virtual_size=stored.virtual_size, disk_size=stored.actual_size,
             path=final.name, format="qcow2", checksum=f"sha256:{copied.source_sha256}",
             firmware=firmware, job=None)
+
+    def _vet(self, download: Path, fmt: str, stated: _Statements) -> None:
+        """QEMU's view of the download, refused if it reaches outside itself, is corrupt, or
+        is not what the sidecar says; before converting, so no work is spent on it."""
+        vetted = qemu_img.vet_untrusted(download, fmt,
+                                        max_virtual_size=self._settings.max_virtual_size)
+        if stated.virtual_size is not None and vetted.virtual_size != stated.virtual_size:
+            raise InvalidInputError(
+                f"the sidecar says {stated.virtual_size} bytes, the image is "
+                f"{vetted.virtual_size}", hint="the sidecar belongs to another file, or the data "
+                "is not what was published; nothing was imported")
+        if fmt == "qcow2":
+            verdict = qemu_img.check(download, "qcow2", untrusted=True)
+            if verdict.corruptions:
+                raise HostileImageError(
+                    f"the qcow2 image is corrupt ({verdict.corruptions} errors)")
+
+    @staticmethod
+    def _rewrite(download: Path, fmt: str, partial: Path) -> None:
+        """The stored qcow2, always written anew, never kept as it came: a persistent bitmap
+        named like bbsnap's change tracking breaks its clones' live snapshots, internal
+        snapshots hide data from the active layer, unknown compatible bits would ride along."""
+        check_free_space(partial.parent,
+                         qemu_img.measure_required(download, fmt, untrusted=True))
+        qemu_img.convert(download, fmt, partial, "qcow2", untrusted=True)
+        download.unlink()
 
     def _boots_only_under_uefi(self, image_id: str, stored: Path) -> bool:
         """No --firmware and no sidecar said: a disk with an EFI system partition and no
@@ -235,13 +243,13 @@ class _Statements:
 
 
 class _HeadVetting:
-    """The head check of the download: remembers what it found, returns the output bound."""
+    """The head check of the download: remembers the format it found, returns the bound
+    on the whole decompressed image."""
 
     def __init__(self, stated: _Statements, max_virtual_size: int) -> None:
         self._stated = stated
         self._max_virtual_size = max_virtual_size
         self.detected = DetectedFormat("raw", "not vetted yet")
-        self.header: Qcow2Header | None = None
 
     def __call__(self, head: bytes) -> OutputLimit:
         stated = self._stated
@@ -259,7 +267,6 @@ class _HeadVetting:
 
     def _qcow2_limit(self, head: bytes) -> OutputLimit:
         header = read_qcow2_header(io.BytesIO(head), max_virtual_size=self._max_virtual_size)
-        self.header = header
         claimed = self._stated.virtual_size
         if claimed is not None and header.virtual_size != claimed:
             raise InvalidInputError(
