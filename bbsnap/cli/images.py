@@ -11,6 +11,7 @@ from .options import for_each, output_options, say
 IMAGE_TYPES = ("snapshot", "upload", "official")
 STATUSES = ("creating", "available", "private", "public", "failed", "deleted")
 FIRMWARES = ("bios", "uefi")  # image_fields.FIRMWARES, without importing it for --help
+DISK_FORMATS = ("raw", "qcow2")  # disks.formats.FORMATS, likewise
 
 
 @click.group(invoke_without_command=True)
@@ -68,20 +69,24 @@ def show_images(app: Any, image_ids: tuple[str, ...], output_format: str, simple
 @click.option("--min-ram", type=click.IntRange(min=1), help="Minimum RAM in MiB.")
 @click.option("--firmware", type=click.Choice(FIRMWARES),
               help="How servers from it boot (default: the sidecar's, else bios).")
-@click.option("--checksum", metavar="sha256:HEX", help="Refuse the data unless its SHA-256 matches.")
+@click.option("--checksum", metavar="sha256:HEX",
+              help="Refuse the data unless its SHA-256 matches.")
 @click.option("--checksum-file", metavar="URL|PATH",
               help="A SHA256SUMS list: refuse the data unless it matches its file name's entry.")
 @click.option("--no-sidecar", is_flag=True, help="Ignore SOURCE.json (the metadata sidecar).")
+@click.option("--disk-format", type=click.Choice(DISK_FORMATS),
+              help="The disk's format (default: the sidecar's, else recognised by content).")
 @click.pass_obj
 def import_image(app: Any, source: str, name: str | None, description: str | None,
                  arch: str | None, username: str | None, min_ram: int | None,
                  firmware: str | None, checksum: str | None, checksum_file: str | None,
-                 no_sidecar: bool) -> None:
+                 no_sidecar: bool, disk_format: str | None) -> None:
     """Import SOURCE (a file, an http(s):// URL, or - for stdin): qcow2 or raw, plain or
     gzip/xz/zstd/bzip2.
 
-    The format and compression are recognised from the content. SOURCE.json beside the file
-    or URL, when present, gives default metadata and is checked. Prints the new image id.
+    The format and compression are recognised from the content unless --disk-format or
+    SOURCE.json beside the file or URL states them; the sidecar, when present, also gives
+    default metadata and is checked. Prints the new image id.
     """
     from ..http_source import display, is_url
     from ..services.image_import import ImportRequest
@@ -91,7 +96,8 @@ def import_image(app: Any, source: str, name: str | None, description: str | Non
     request = ImportRequest(source=source, name=name, description=description, arch=arch,
                             username=username, min_ram=min_ram, firmware=firmware,
                             checksum=checksum,
-                            checksum_file=checksum_file, use_sidecar=not no_sidecar)
+                            checksum_file=checksum_file, use_sidecar=not no_sidecar,
+                            disk_format=disk_format)
     # The total (file size, Content-Length) is known only once the source is open.
     bar: list[tuple[Any, Any]] = []
 
