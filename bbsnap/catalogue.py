@@ -311,7 +311,8 @@ class Catalogue:
 
     def add(self, image: Image, *, snapshot_job: SnapshotJob | None = None,
             depends_on: str | None = None) -> Image:
-        """Insert an image row, with its snapshot job and its hold on a backing image, atomically."""
+        """Insert an image row, with its snapshot job and its hold on a backing image,
+        atomically."""
         now = _to_db("updated_at", utcnow())
         values = [_to_db(name, getattr(image, name)) for name in _COLUMNS]
         self._touched.add(image.id)
@@ -338,7 +339,8 @@ class Catalogue:
         return _row_to_image(row)
 
     def exists(self, image_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is not None
+        row = self._db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone()
+        return row is not None
 
     def find(self, flt: ImageFilter | None = None) -> list[Image]:
         flt = flt or ImageFilter()
@@ -363,7 +365,8 @@ class Catalogue:
 
     def update(self, image_id: str, *, expect_status: ImageStatus | None = None,
                **changes: Any) -> Image:
-        """Change fields of one image; with *expect_status*, only from that status (else conflict)."""
+        """Change fields of one image; with *expect_status*, only from that status (else
+        conflict)."""
         unknown = set(changes) - _UPDATABLE
         if unknown:
             raise ValueError(f"not updatable: {sorted(unknown)}")

@@ -9,8 +9,8 @@ from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageT
 
 
 def _image(image_id: str, **fields) -> Image:
-    base = dict(id=image_id, type=ImageType.UPLOAD, owner="me", created_at=utcnow(),
-                status=ImageStatus.AVAILABLE, name=image_id)
+    base = {"id": image_id, "type": ImageType.UPLOAD, "owner": "me", "created_at": utcnow(),
+            "status": ImageStatus.AVAILABLE, "name": image_id}
     base.update(fields)
     return Image(**base)
 
@@ -67,7 +67,8 @@ def test_a_snapshot_that_ends_no_longer_shows_progress(catalogue, ending):
 
 
 def test_round_trip_of_every_field(catalogue):
-    image = _image("img-aaaaa", description="d", virtual_size=5, disk_size=3, ancestor_id="img-bbbbb",
+    image = _image("img-aaaaa", description="d", virtual_size=5, disk_size=3,
+                   ancestor_id="img-bbbbb",
                    username="debian", min_ram=128, checksum="sha256:00", official=True,
                    progress=42)
     catalogue.add(image)
