@@ -44,7 +44,7 @@ class AppContext:
         if self._data_dir is None:
             from ..layout import DataDir
 
-            self._data_dir = DataDir(self.settings.data_dir).ensure()
+            self._data_dir = DataDir.from_settings(self.settings).ensure()
         return self._data_dir
 
     @property
