@@ -85,7 +85,8 @@ def test_special_characters_are_kept_verbatim_and_never_reach_a_path(bbsnap, wor
     record = json.loads(bbsnap("images", "show", image_id, "--format", "json").stdout)
     assert record["name"] == name and record["description"] == name
     shown = bbsnap("images", "show", image_id).stdout
-    assert name in shown
+    escaped = name.replace("\n", "\\n")  # show escapes control characters, as tables do
+    assert f"       name: {escaped}\n" in shown and f"description: {escaped}\n" in shown
     table = bbsnap("images", "list").stdout
     assert len(table.splitlines()) == 4, "a newline in a name must not break the table"
     files = [p.name for p in (bbsnap.data_dir / "images").iterdir()]

@@ -18,9 +18,9 @@ from bbsnap.services.ssh import ssh_argv
 
 
 def _spec(**changes) -> DomainSpec:
-    base = dict(name="srv-aaaaa", uuid="6b3c6f0a-1b9e-4d0c-9a53-6f1d2e3c4b5a", memory_mib=128,
-                vcpus=1, accel="tcg", disks=(DiskSpec(Path("/d/disk.qcow2")),),
-                console_log=Path("/d/console.log"))
+    base = {"name": "srv-aaaaa", "uuid": "6b3c6f0a-1b9e-4d0c-9a53-6f1d2e3c4b5a",
+            "memory_mib": 128, "vcpus": 1, "accel": "tcg",
+            "disks": (DiskSpec(Path("/d/disk.qcow2")),), "console_log": Path("/d/console.log")}
     base.update(changes)
     return DomainSpec(**base)
 
@@ -31,7 +31,8 @@ def test_seed_iso_round_trip_and_mode(tmp_path):
     path = write_seed_iso(spec, tmp_path / "seed.iso")
     assert path.stat().st_mode & 0o777 == 0o600, "user-data may hold secrets"
     files = read_seed_iso(path)
-    assert yaml.safe_load(files["meta-data"]) == {"instance-id": "srv-abcde", "local-hostname": "web"}
+    assert yaml.safe_load(files["meta-data"]) == {"instance-id": "srv-abcde",
+                                                  "local-hostname": "web"}
     network = yaml.safe_load(files["network-config"])
     assert network["ethernets"]["nic0"]["match"]["macaddress"] == "52:54:00:aa:bb:cc"
     assert network["ethernets"]["nic0"]["dhcp-identifier"] == "mac"
