@@ -161,3 +161,15 @@ def test_a_setting_without_its_own_parser_is_checked_by_its_defaults_type():
     with pytest.raises(UsageError, match="positive whole number"):
         config.parse_positive_int(True, "x")
     assert config.parse_positive_int("12", "x") == 12
+
+
+def test_every_setting_has_a_strict_parser_and_settings_added_later_are_checked(tmp_path):
+    from dataclasses import fields
+
+    from bbsnap import config
+
+    for field in fields(config.Settings):
+        assert callable(config._parser_for(field.name)), field.name
+    # lock_timeout was appended with no parser of its own: its float default picks one.
+    with pytest.raises(UsageError, match="'lock_timeout' in .* positive number of seconds"):
+        load_settings(environ=_config(tmp_path, "lock_timeout: -5\n"))
