@@ -172,14 +172,14 @@ class ServerCreator:
                 metadata=_metadata(plan, name, accel, hostname, port))
             info = self._hv.define(build_domain_xml(spec))
             undo.push(f"the definition of {server_id}", lambda: self._hv.undefine(server_id))
+            # Which connection and domain own this directory: doctor pointed elsewhere keeps it.
+            write_origin(directory, self._settings.connect, info.uuid)
             marker.unlink()  # defined: a server now, whatever happens to its start
             if request.start:
                 undo.push(f"the running {server_id}", lambda: _stop_quietly(self._hv, server_id))
                 info = self._hv.start(server_id)
             return server_from_domain(self._hv, info)
 
-            # Which connection and domain own this directory: doctor pointed elsewhere keeps it.
-            write_origin(directory, self._settings.connect, info.uuid)
     def _volume_overlays(self, image: Image, directory: Path) -> list[DiskSpec]:
         """Overlays for the further disks of a multi-disk snapshot image (vdb, vdc, ...)."""
         disks = []
