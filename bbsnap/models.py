@@ -71,8 +71,8 @@ class Image:
     def display_status(self) -> str:
         """The seed shows available images as private/public."""
         if self.status is ImageStatus.AVAILABLE:
-            return self.visibility.value
-        return self.status.value
+            return str(self.visibility.value)
+        return str(self.status.value)
 
 
 @dataclass(frozen=True)

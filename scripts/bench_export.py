@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import GIB, MIB, bench_dir, filesystem_image  # noqa: E402
+from benchlib import GIB, MIB, bench_dir, filesystem_image
 
 
 def timed(argv: list[str], env: dict[str, str], stdout: object = subprocess.DEVNULL,

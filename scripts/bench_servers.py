@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import GIB, bench_dir, filesystem_image, median_time, small_image  # noqa: E402
+from benchlib import GIB, bench_dir, filesystem_image, median_time, small_image
 
 RUNS = 5
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchlib import bench_dir, median_time  # noqa: E402
+from benchlib import bench_dir, median_time
 
 RUNS = 5
 URI = "qemu:///system"
@@ -182,7 +182,7 @@ def main() -> None:
             try:
                 hv.destroy(domain)
                 hv.undefine(domain)
-            except Exception:  # noqa: BLE001 - best effort clean-up
+            except Exception:
                 pass
         hv.close()
         shutil.rmtree(work, ignore_errors=True)

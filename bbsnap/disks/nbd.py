@@ -121,7 +121,7 @@ class NbdImageReader:
             if reply & 0x80000000:
                 raise ExternalCommandError(f"qemu-nbd refused the export: {data[4:].decode(errors='replace')}")
             if reply == REP_INFO and struct.unpack(">H", data[:2])[0] == INFO_EXPORT:
-                size = struct.unpack(">Q", data[2:10])[0]
+                size = int(struct.unpack(">Q", data[2:10])[0])
             if reply == REP_ACK:
                 break
         if size is None:

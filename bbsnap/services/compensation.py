@@ -30,5 +30,5 @@ class Compensation:
             what, undo = self._undo.pop()
             try:
                 undo()
-            except Exception as cleanup_error:  # noqa: BLE001 - keep rolling back
+            except Exception as cleanup_error:
                 print(f"bbsnap: warning: could not undo {what}: {cleanup_error}", file=sys.stderr)

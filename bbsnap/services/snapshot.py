@@ -133,7 +133,7 @@ class SnapshotService:
             return None
         try:
             image = self._catalogue.get(server.image_id)
-        except Exception:  # noqa: BLE001 - a vanished ancestor only means a standalone snapshot
+        except Exception:
             return None
         return image if image.status is ImageStatus.AVAILABLE else None
 

@@ -119,7 +119,7 @@ class SnapshotFinisher:
         while True:
             try:
                 self._hv.close()
-            except Exception:  # noqa: BLE001 - the old connection is dead anyway
+            except Exception:
                 pass
             try:
                 self._hv = self._connect()

@@ -33,7 +33,7 @@ def hypervisor() -> Iterator[LibvirtHypervisor]:
     hv = LibvirtHypervisor(URI)
     try:
         hv.version()
-    except Exception as exc:  # noqa: BLE001 - turn any failure into a clear test failure
+    except Exception as exc:
         pytest.fail(f"libvirtd does not answer on {URI} ({exc}); run scripts/setup first")
     yield hv
     hv.close()

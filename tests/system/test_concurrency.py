@@ -84,7 +84,7 @@ def test_eight_processes_at_once(cloud, hypervisor, work_dir):
     def guarded(index: int) -> None:
         try:
             worker(index)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             failures.append(exc)
 
     threads = [threading.Thread(target=guarded, args=(i,)) for i in range(PROCESSES)]
