@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from . import safe_files
 from .errors import ConflictError, UsageError
 from .jobs import current_job_token, job_alive
 from .locks import acquire_path
@@ -168,17 +169,10 @@ class PortRegistry:
         return ports
 
     def _write(self, claim: Claim) -> None:
-        """Atomically: a reader sees the old claim or the whole new one."""
-        temporary = self.directory / f".{claim.port}.{os.getpid()}.tmp"
-        temporary.unlink(missing_ok=True)  # left by a crashed process of the same pid
+        """Atomically: a reader sees the old claim or the whole new one. World-readable:
+        other users' bbsnap honour root's claims (a claim holds no secret)."""
         data = json.dumps(asdict(claim), sort_keys=True).encode()
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, self._path(claim.port))
+        safe_files.write_atomic(self._path(claim.port), data, 0o644)
 
 
 def _read_claims(directory: Path) -> dict[int, Claim]:

@@ -209,21 +209,3 @@ def _write_sparse(fd: int, chunk: bytes) -> bool:
             while block:  # os.write may write less than asked
                 block = block[os.write(fd, block):]
     return wrote
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a finished file's data to disk before it is renamed into place."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename inside *directory* durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -79,10 +79,13 @@ class ImageService:
             raise ConflictError(f"image {image_id} is still being created",
                                 hint="wait until it is available or failed")
         volumes = self._catalogue.volumes(image_id)
+        # Resolved before the row changes: a path that leads out of images/ is refused with
+        # the row intact, rather than leaving a deleted row whose file was never removed.
+        files = [self._data_dir.image_path(name)
+                 for name in [image.path, *(v.path for v in volumes)] if name]
         self._catalogue.mark_deleted(image_id)
-        for name in [image.path, *(v.path for v in volumes)]:
-            if name:
-                self._data_dir.image_path(name).unlink(missing_ok=True)
+        for path in files:
+            path.unlink(missing_ok=True)
         self._data_dir.remove_blank_overlays(image_id)
         return image
 

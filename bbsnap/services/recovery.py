@@ -11,6 +11,7 @@ from typing import Callable
 
 from .. import locks
 from ..catalogue import Catalogue
+from ..errors import CataloguePathError
 from ..jobs import job_alive
 from ..layout import DataDir
 from ..models import Image, ImageStatus
@@ -40,15 +41,25 @@ def recover_interrupted(catalogue: Catalogue, data_dir: DataDir,
                 if adopt_snapshot is not None:
                     adopt_snapshot(image.id, lock)
                     continue
-                data_dir.remove_image_files(image.id)
+                _remove_work_files(data_dir, image.id)
                 recovered.append(catalogue.fail_snapshot(
                     image.id, "interrupted: the bbsnap worker copying it stopped"))
             continue
-        data_dir.remove_image_files(image.id)
+        _remove_work_files(data_dir, image.id)
         recovered.append(catalogue.update(
             image.id, expect_status=ImageStatus.CREATING, status=ImageStatus.FAILED,
             failure_reason="interrupted: the bbsnap process creating it stopped", job=None))
     return recovered
+
+
+def _remove_work_files(data_dir: DataDir, image_id: str) -> None:
+    """Remove an interrupted job's files, unless its row's id could not name only them
+    (an id edited into a path): then nothing is removed, the row still fails, and every
+    other command keeps working instead of tripping over that row each time."""
+    try:
+        data_dir.remove_image_files(image_id)
+    except CataloguePathError:
+        pass
 
 
 def recover_interrupted_creates(catalogue: Catalogue, data_dir: DataDir,

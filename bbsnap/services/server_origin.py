@@ -9,9 +9,10 @@ a live server's disks for orphans: with it, another connection's directory is un
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from .. import safe_files
 
 ORIGIN_FILE = "origin.json"
 ORIGIN_MODE = 0o600
@@ -26,23 +27,8 @@ class Origin:
 def write_origin(directory: Path, connect: str, domain_uuid: str) -> Path:
     """Record *directory*'s connection and domain atomically (temporary name, fsync, rename)."""
     final = directory / ORIGIN_FILE
-    temporary = directory / f".{ORIGIN_FILE}.{os.getpid()}"
     data = json.dumps({"connect": connect, "domain_uuid": domain_uuid}, sort_keys=True)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, ORIGIN_MODE)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(data + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    safe_files.write_atomic(final, (data + "\n").encode(), ORIGIN_MODE)
     return final
 
 

@@ -56,6 +56,9 @@ def test_destroy_does_not_delete_a_file_outside_the_data_directory(bbsnap, image
     result = bbsnap("images", "destroy", image_id)
     assert result.exit_code == 1 and "inside" in result.stderr, result.stderr
     assert secret.read_bytes() == before
+    # Refused before the row changed: it is not left deleted with its (real) file behind.
+    shown = bbsnap("images", "show", image_id, "--format", "json")
+    assert shown.exit_code == 0 and '"state": "available"' in shown.stdout, shown.stdout
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -127,4 +130,10 @@ def test_recovery_does_not_glob_a_row_id_out_of_the_data_directory(bbsnap, image
                      "job = '1:0:gone' WHERE id = ?", (image_id,))
     result = bbsnap("images", "list")
     assert all(v.read_text() == "keep" for v in victims)
-    assert "not an img- id" in result.stderr, result.stderr
+    # The row is failed without touching a file, and commands go on working (it does not
+    # trip every later command).
+    assert result.exit_code == 0, result.stderr
+    with sqlite3.connect(bbsnap.data_dir / "catalogue.sqlite3") as conn:
+        status = conn.execute("SELECT status FROM images WHERE id = '../../victim'").fetchone()
+    assert status == ("failed",)
+    assert bbsnap("images", "list").exit_code == 0
