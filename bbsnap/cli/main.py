@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import __version__
-from . import context, render
+from ..text import escape
+from . import context
 from .context import AppContext
 from .doctor import doctor
 from .image_export import export_image
@@ -46,13 +47,13 @@ class BbsnapGroup(click.Group):
             known = exc if isinstance(exc, BbsnapError) else None
             known = _explained(exc, app) or known
             if known is not None:
-                click.echo(f"bbsnap: error: {render.escape(known)}", err=True)
+                click.echo(f"bbsnap: error: {escape(known)}", err=True)
                 if app is not None and app.debug:
                     raise
                 ctx.exit(known.exit_code)
             if app is not None and app.debug:
                 raise
-            click.echo(f"bbsnap: internal error: {type(exc).__name__}: {render.escape(exc)} "
+            click.echo(f"bbsnap: internal error: {type(exc).__name__}: {escape(exc)} "
                        "(rerun with --debug for a traceback)", err=True)
             ctx.exit(1)
         finally:
@@ -251,7 +252,7 @@ def _flush(code: int = 0) -> int:
             pass  # the reader left (`bbsnap images list | head`): nothing more to say
         except OSError as exc:
             if stream is sys.stdout:
-                print(f"bbsnap: error: {_stdout_failure(exc)}", file=sys.stderr)
+                print(f"bbsnap: error: {escape(_stdout_failure(exc))}", file=sys.stderr)
                 code = code or 1
         except ValueError:
             pass  # already closed
@@ -266,7 +267,7 @@ def _settle_catalogue(code: int) -> int:
     try:
         context.settle_at_exit()
     except BbsnapError as exc:
-        print(f"bbsnap: error: {exc}", file=sys.stderr)
+        print(f"bbsnap: error: {escape(exc)}", file=sys.stderr)
         _flush()
         return code or exc.exit_code
     return code
@@ -277,7 +278,7 @@ def _exit_status(code: object) -> int:
         return 0
     if isinstance(code, int):
         return code
-    print(code, file=sys.stderr)  # what sys.exit does with a message
+    print(escape(code), file=sys.stderr)  # what sys.exit does with a message
     return 1
 
 

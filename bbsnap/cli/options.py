@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 import click
 
-from .render import OUTPUT_FORMATS, escape
+from ..text import escape
+from .render import OUTPUT_FORMATS
 
 F = Callable[..., Any]
 

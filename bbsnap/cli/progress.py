@@ -7,7 +7,7 @@ import time
 from typing import Callable
 
 from ..sizes import MIB
-from .render import escape
+from ..text import escape
 
 
 def byte_progress(label: str,

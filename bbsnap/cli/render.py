@@ -12,28 +12,14 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+from ..text import CONTROL_CHARACTERS, escape
+
 OUTPUT_FORMATS = ("table", "json", "yaml")
-
-
-# C0 and C1 controls and Unicode line/paragraph separators: anything that could break a row
-# in two or drive the terminal.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 # What JSON's encoder leaves raw with ensure_ascii=False: DEL, the C1 controls (0x9b is CSI
 # to many terminals) and the Unicode line separators (which also end lines in JavaScript).
 _JSON_RAW = re.compile("[\x7f-\x9f\u2028\u2029]")
-
-
-def escape(value: Any) -> str:
-    """*value* as text safe to print on a terminal: each control character becomes its
-    Python escape (``\\n``, ``\\x1b``, ``\\u2028``), so the text stays one line and
-    cannot drive the terminal. None is the empty string."""
-    text = value if type(value) is str else ("" if value is None else str(value))
-    if _CONTROL.search(text):
-        text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-    return text
-
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -81,7 +67,7 @@ def as_yaml(data: Any) -> str:
         single-quoted YAML would fold a NEL or U+2028 into a space and lose it."""
 
     def represent_str(dumper: yaml.SafeDumper, value: str) -> Any:
-        style = '"' if _CONTROL.search(value) else None
+        style = '"' if CONTROL_CHARACTERS.search(value) else None
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
     Dumper.add_representer(str, represent_str)

@@ -11,6 +11,8 @@ import sys
 from types import TracebackType
 from typing import Callable
 
+from ..text import escape
+
 
 class Compensation:
     def __init__(self) -> None:
@@ -31,4 +33,5 @@ class Compensation:
             try:
                 undo()
             except Exception as cleanup_error:
-                print(f"bbsnap: warning: could not undo {what}: {cleanup_error}", file=sys.stderr)
+                print(f"bbsnap: warning: could not undo {escape(what)}: {escape(cleanup_error)}",
+                      file=sys.stderr)

@@ -50,13 +50,13 @@ def check_description(text: str) -> str:
 
 
 def check_arch(arch: str) -> str:
-    if not _ARCH.match(arch):
+    if not _ARCH.fullmatch(arch):
         raise UsageError(f"'{arch}' is not an architecture name", hint="e.g. x86_64, aarch64, i686")
     return arch
 
 
 def check_username(username: str) -> str:
-    if not _USERNAME.match(username):
+    if not _USERNAME.fullmatch(username):
         raise UsageError(f"'{username}' is not a valid login name",
                          hint="lowercase letters, digits, '_' and '-', starting with a letter")
     return username

@@ -37,6 +37,7 @@ from ..jobs import current_job_token, token_for_pid
 from ..layout import DataDir
 from ..models import (Consistency, Image, ImageStatus, ImageType, Server, SnapshotDisk,
                       SnapshotJob)
+from ..text import escape
 from . import change_tracking, image_fields
 from .server_records import server_from_domain
 
@@ -154,7 +155,8 @@ class SnapshotService:
                 self._hv.freeze(domain, FREEZE_TIMEOUT)
                 frozen = True
             except QuiesceError as exc:
-                print(f"bbsnap: warning: {exc}; the snapshot is crash-consistent", file=sys.stderr)
+                print(f"bbsnap: warning: {escape(exc)}; the snapshot is crash-consistent",
+                      file=sys.stderr)
         try:
             self._begin_backup(image_id, job, read_only)
         finally:
@@ -163,7 +165,7 @@ class SnapshotService:
                     self._hv.thaw(domain)  # also after a freeze that timed out half-way
                 except QuiesceError as exc:
                     if frozen:
-                        print(f"bbsnap: warning: {exc}", file=sys.stderr)
+                        print(f"bbsnap: warning: {escape(exc)}", file=sys.stderr)
         return Consistency.QUIESCED if frozen else Consistency.CRASH_CONSISTENT
 
     def _begin_backup(self, image_id: str, job: SnapshotJob, read_only: list[str]) -> None:
@@ -174,7 +176,7 @@ class SnapshotService:
             if not incremental:
                 raise
             # QEMU stopped without storing the record of what changed: copy the whole disk.
-            print(f"bbsnap: note: {exc}; copying the whole disk", file=sys.stderr)
+            print(f"bbsnap: note: {escape(exc)}; copying the whole disk", file=sys.stderr)
             change_tracking.give_up(self._hv, self._data_dir, job.domain)
             full = tuple(replace(d, incremental=False) for d in job.disks)
             self._catalogue.replan_snapshot(image_id, full)

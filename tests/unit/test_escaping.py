@@ -16,6 +16,7 @@ import yaml
 from bbsnap.catalogue import Catalogue, utcnow
 from bbsnap.cli import render
 from bbsnap.models import Image, ImageStatus, ImageType
+from bbsnap.text import escape
 
 # A sidecar's name that retitles the terminal window and clears the screen.
 HOSTILE = "\u001b]0;owned\u0007\u001b[2J"
@@ -40,9 +41,9 @@ def _add_image(data_dir: Path, name: str, description: str) -> str:
 
 
 def test_escape_turns_every_control_into_its_escape():
-    assert render.escape(HOSTILE) == "\\x1b]0;owned\\x07\\x1b[2J"
-    assert render.escape("a\nb\tc\x9b\u2028é<>") == "a\\nb\\tc\\x9b\\u2028é<>"
-    assert render.escape(None) == "" and render.escape(22) == "22"
+    assert escape(HOSTILE) == "\\x1b]0;owned\\x07\\x1b[2J"
+    assert escape("a\nb\tc\x9b\u2028é<>") == "a\\nb\\tc\\x9b\\u2028é<>"
+    assert escape(None) == "" and escape(22) == "22"
 
 
 def test_vertical_escapes_values():
@@ -197,3 +198,34 @@ def test_servers_show_escapes_names_a_domain_carries(bbsnap, tmp_path):
     listed = bbsnap("-c", uri, "servers", "list").stdout
     _no_raw_controls(listed)
     assert listed.count("\n") == 4
+
+
+def test_library_warnings_escape_what_guests_and_undo_steps_say(capsys):
+    """Warnings that library code writes itself (a rollback step's error, which can quote
+    a guest agent or libvirt) are escaped too, not only the CLI's own lines."""
+    from bbsnap.services.compensation import Compensation
+
+    def failing_undo() -> None:
+        raise RuntimeError("agent said \x1b]0;owned\x07\nsecond line")
+
+    try:
+        with Compensation() as undo:
+            undo.push("the \x1b[2J disk", failing_undo)
+            raise ValueError("the step that failed")
+    except ValueError:
+        pass
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err, err
+    assert "\\x1b]0;owned\\x07\\nsecond line" in err
+
+
+def test_login_names_and_arches_refuse_a_trailing_newline():
+    import pytest
+
+    from bbsnap.errors import UsageError
+    from bbsnap.services.image_fields import check_arch, check_username
+
+    for check, value in ((check_username, "debian\n"), (check_arch, "x86_64\n")):
+        with pytest.raises(UsageError):
+            check(value)
+    assert check_username("debian") == "debian" and check_arch("x86_64") == "x86_64"
