@@ -15,14 +15,6 @@ from tests.images import MIB, qcow2_disk, raw_disk, run
 
 
 @pytest.fixture()
-def image_id(bbsnap, work_dir) -> str:
-    disk = qcow2_disk(work_dir / "small.qcow2", size=4 * MIB)
-    result = bbsnap("images", "import", str(disk), "--name", "small")
-    assert result.exit_code == 0, result.stderr
-    return result.stdout.strip()
-
-
-@pytest.fixture()
 def secret(work_dir) -> Path:
     """A host file outside the data directory that no catalogue row may reach: a qcow2
     (another VM's disk, say), so the old code really deleted and exported it."""

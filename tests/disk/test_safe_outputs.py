@@ -13,18 +13,9 @@ import pytest
 from bbsnap import safe_files
 from bbsnap.errors import BbsnapError, InvalidInputError
 from bbsnap.tinyguest.cache import build_lock, make_shared_dir
-from tests.images import MIB, qcow2_disk
 from tests.system.reliability_report import read_report, write_report
 
 VICTIM_TEXT = b"root's file, not to be touched\n"
-
-
-@pytest.fixture()
-def image_id(bbsnap, work_dir) -> str:
-    disk = qcow2_disk(work_dir / "small.qcow2", size=4 * MIB)
-    result = bbsnap("images", "import", str(disk), "--name", "small")
-    assert result.exit_code == 0, result.stderr
-    return result.stdout.strip()
 
 
 @pytest.fixture()
