@@ -32,10 +32,26 @@ class Settings:
     ssh_ports: str = "2222-2999"   # 127.0.0.1 ports bbsnap may forward to guests' SSH
     network: str = "user"          # "user" (user-mode + 127.0.0.1 forward) or a libvirt network
     http_timeout: float = 30.0     # seconds to connect, and to wait for each read, on image URLs
+    max_chain_depth: int = 32      # files a snapshot chain may take to open; then it restarts
 
 
 def _env_seconds(text: str) -> float:
     return parse_seconds(text, "BBSNAP_HTTP_TIMEOUT")
+
+
+def _env_depth(text: str) -> int:
+    return parse_depth(text, "BBSNAP_MAX_CHAIN_DEPTH")
+
+
+def parse_depth(value: str | int, setting: str) -> int:
+    """A chain length of at least 2 files (a snapshot on the server's image)."""
+    try:
+        depth = -1 if isinstance(value, bool) else int(value)
+    except (TypeError, ValueError):
+        depth = -1
+    if depth < 2:
+        raise UsageError(f"{setting} must be a whole number of files, at least 2, not '{value}'")
+    return depth
 
 
 def parse_seconds(value: str | float, setting: str) -> float:
@@ -61,6 +77,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ssh_ports": ("BBSNAP_SSH_PORTS", str),
     "network": ("BBSNAP_NETWORK", str),
     "http_timeout": ("BBSNAP_HTTP_TIMEOUT", _env_seconds),
+    "max_chain_depth": ("BBSNAP_MAX_CHAIN_DEPTH", _env_depth),
 }
 
 
@@ -116,6 +133,8 @@ def _coerce(name: str, value: Any) -> Any:
         return parse_size(value if isinstance(value, int) else str(value))
     if name == "http_timeout":
         return parse_seconds(value, name)
+    if name == "max_chain_depth":
+        return parse_depth(value, name)
     return str(value)
 
 

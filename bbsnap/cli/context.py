@@ -114,7 +114,8 @@ class AppContext:
     def snapshots(self) -> "SnapshotService":
         from ..services.snapshot import SnapshotService
 
-        return SnapshotService(self.catalogue, self.data_dir, self.hypervisor, self.worker_argv())
+        return SnapshotService(self.catalogue, self.data_dir, self.hypervisor, self.worker_argv(),
+                               max_chain_depth=self.settings.max_chain_depth)
 
     def images(self) -> "ImageService":
         from ..services.images import ImageService

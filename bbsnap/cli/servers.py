@@ -158,7 +158,8 @@ def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wa
         image = service.begin(
             SnapshotRequest(server=key, name=name, quiesce=not no_quiesce),
             on_wait=lambda: click.echo(f"bbsnap: waiting for another operation on {key} "
-                                       "to finish", err=True))
+                                       "to finish", err=True),
+            on_note=lambda text: click.echo(f"bbsnap: {text}", err=True))
         started.append(image.id)
         click.echo(image.id)
 

@@ -1,0 +1,239 @@
+"""Snapshot chains: each snapshot of a running server copies only what was written since the
+previous one, is stored as a delta on it, and is still exactly the server's disk.
+
+As in test_change_tracking, every snapshot is taken and compared with the server's disk while
+the server is paused (its guest writes a counter sector every 150 ms); QEMU's backup job is
+held by a speed limit while the test reads how much it has to copy (QEMU's own "len").
+Writes between snapshots go into the running disk through its device (HMP `qemu-io`), so
+QEMU's dirty bitmaps record them like the guest's own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import libvirt
+
+from bbsnap.hypervisor.domain_xml import DiskSpec, DomainSpec, NicSpec, build_domain_xml
+from bbsnap.services import change_tracking
+from bbsnap.tinyguest import READY_LINE, read_counter
+from tests.system.conftest import (URI, backing_file, console_path, create_server,
+                                   set_backup_speed, wait_for_console_line, wait_until,
+                                   write_into_running_disk)
+from tests.system.test_change_tracking import (assert_same_disk, paused, throttled_snapshot,
+                                               virsh)
+
+MIB = 1 << 20
+FOREIGN_SIZE = 512 * MIB
+
+
+def chained_snapshot(cloud, server_id: str, disk: str) -> tuple[dict, int, str]:
+    """A snapshot of the paused server: the image, QEMU's copy length and the command's
+    stderr; the image is compared with the disk before the guest runs again."""
+    with paused(server_id):
+        image, to_copy, stderr = throttled_snapshot(cloud, server_id)
+        assert_same_disk(cloud, image, disk)
+    return image, to_copy, stderr
+
+
+def stored(cloud, image: dict) -> Path:
+    return cloud.data_dir / "images" / f"{image['id']}.qcow2"
+
+
+def assert_clone_counts_from(cloud, image: dict) -> None:
+    """A server made from *image* boots and starts counting at the value the image holds."""
+    captured = read_counter(stored(cloud, image))
+    assert captured is not None
+    (clone,) = create_server(cloud, image=image["id"])
+    line = wait_for_console_line(console_path(cloud, clone["id"]), "BBSNAP-COUNTER")
+    assert int(line.split()[1]) == captured
+    assert cloud("servers", "destroy", clone["id"]).exit_code == 0
+
+
+def ours(hypervisor, domain: str) -> list[str]:
+    return [c for c in hypervisor.checkpoints(domain) if c.startswith("bbsnap-")]
+
+
+def test_each_snapshot_copies_only_what_was_written_since_the_previous_one(cloud, hypervisor):
+    (server,) = create_server(cloud)
+    disk = server["disks"][0]
+    wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
+
+    write_into_running_disk(server["id"], "write -P 0x11 512M 64M")
+    first, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
+    assert 64 * MIB <= to_copy < 96 * MIB, to_copy  # since the server was made
+
+    write_into_running_disk(server["id"], "write -P 0x22 768M 32M")
+    second, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
+    assert 32 * MIB <= to_copy < 40 * MIB, to_copy  # since the first snapshot only
+
+    write_into_running_disk(server["id"], "write -P 0x33 1024M 16M")
+    third, to_copy, stderr = chained_snapshot(cloud, server["id"], disk)
+    assert 16 * MIB <= to_copy < 24 * MIB, to_copy
+    assert "copying the whole disk" not in stderr
+
+    # Storage follows the chain; ancestor_id keeps the seed's meaning.
+    assert [i["ancestor_id"] for i in (first, second, third)] == [cloud.image_id] * 3
+    assert [i["parent_id"] for i in (first, second, third)] == [
+        cloud.image_id, first["id"], second["id"]]
+    assert backing_file(str(stored(cloud, second))) == (f"{first['id']}.qcow2", "qcow2")
+    assert backing_file(str(stored(cloud, third))) == (f"{second['id']}.qcow2", "qcow2")
+    assert third["disk_size"] < 24 * MIB and second["disk_size"] < 40 * MIB
+    # Only the newest snapshot's checkpoint is kept, with the disk's birth bitmap.
+    assert ours(hypervisor, server["id"]) == [f"bbsnap-{third['id']}", change_tracking.CHECKPOINT]
+
+    for image in (first, second, third):
+        assert_clone_counts_from(cloud, image)
+    refused = cloud("images", "destroy", second["id"])
+    assert refused.exit_code == 4 and third["id"] in refused.stderr
+
+
+def define_foreign(hypervisor, domains, work_dir: Path, disk: Path, fmt: str) -> str:
+    """A domain defined through plain libvirt XML (no bbsnap metadata), started and booted."""
+    name = domains.new_name()
+    hypervisor.define(build_domain_xml(DomainSpec(
+        name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1, accel="tcg",
+        disks=(DiskSpec(disk, format=fmt),), console_log=work_dir / "console.log",
+        nics=(NicSpec("52:54:00:aa:00:02"),), guest_agent=False)))
+    hypervisor.start(name)
+    wait_for_console_line(work_dir / "console.log", READY_LINE)
+    return name
+
+
+def foreign_disk(work_dir: Path, tiny_guest_image: Path, fmt: str) -> Path:
+    disk = work_dir / f"foreign.{fmt}"
+    subprocess.run(["qemu-img", "convert", "-O", fmt, str(tiny_guest_image), str(disk)],
+                   check=True)
+    subprocess.run(["qemu-img", "resize", "-q", "-f", fmt, str(disk), str(FOREIGN_SIZE)],
+                   check=True)
+    return disk
+
+
+def test_a_domain_bbsnap_did_not_make_gets_a_chain_from_a_full_first_copy(
+        cloud, hypervisor, domains, work_dir, tiny_guest_image):
+    disk = foreign_disk(work_dir, tiny_guest_image, "qcow2")
+    name = define_foreign(hypervisor, domains, work_dir, disk, "qcow2")
+
+    first, to_copy, _ = chained_snapshot(cloud, name, str(disk))
+    assert to_copy == FOREIGN_SIZE  # no record of changes yet: the whole disk
+    assert first["parent_id"] is None and first["ancestor_id"] is None
+    assert "backing-filename" not in qemu_info(stored(cloud, first))
+    assert ours(hypervisor, name) == [f"bbsnap-{first['id']}"]
+
+    write_into_running_disk(name, "write -P 0x22 256M 32M")
+    second, to_copy, stderr = chained_snapshot(cloud, name, str(disk))
+    assert 32 * MIB <= to_copy < 40 * MIB, to_copy
+    assert second["parent_id"] == first["id"] and "copying the whole disk" not in stderr
+    write_into_running_disk(name, "write -P 0x33 384M 16M")
+    third, to_copy, _ = chained_snapshot(cloud, name, str(disk))
+    assert 16 * MIB <= to_copy < 24 * MIB, to_copy
+    assert third["parent_id"] == second["id"]
+    assert ours(hypervisor, name) == [f"bbsnap-{third['id']}"]
+    for image in (first, second, third):
+        assert_clone_counts_from(cloud, image)
+
+    # The disk replaced by a copy of itself (another file): its bitmap is not trusted.
+    hypervisor.destroy(name)
+    replaced = disk.with_suffix(".new")
+    subprocess.run(["cp", "--sparse=always", str(disk), str(replaced)], check=True)
+    replaced.rename(disk)
+    hypervisor.start(name)
+    wait_for_console_line(work_dir / "console.log", READY_LINE)
+    fourth, to_copy, stderr = chained_snapshot(cloud, name, str(disk))
+    assert to_copy == FOREIGN_SIZE and "copying the whole disk" in stderr
+    assert fourth["parent_id"] is None
+
+
+def qemu_info(path: Path) -> dict:
+    return json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
+                                     check=True, capture_output=True, text=True).stdout)
+
+
+def test_a_raw_disk_gets_full_copies_with_a_note(cloud, hypervisor, domains, work_dir,
+                                                 tiny_guest_image):
+    disk = foreign_disk(work_dir, tiny_guest_image, "raw")
+    name = define_foreign(hypervisor, domains, work_dir, disk, "raw")
+    for _ in range(2):
+        image, to_copy, stderr = chained_snapshot(cloud, name, str(disk))
+        assert to_copy == FOREIGN_SIZE
+        assert "raw disk" in stderr and "copying the whole disk" in stderr
+        assert image["parent_id"] is None
+    assert hypervisor.checkpoints(name) == []
+    assert_clone_counts_from(cloud, image)
+
+
+def foreign_incremental_backup(domain: str, since: str, target: Path) -> int:
+    """Another tool's incremental backup from its own checkpoint: its copy length (held by
+    a speed limit while it is read), after waiting for it to complete successfully."""
+    conn = libvirt.open(URI)
+    try:
+        dom = conn.lookupByName(domain)
+        dom.backupBegin(f"<domainbackup mode='push'><incremental>{since}</incremental><disks>"
+                        f"<disk name='vda' backup='yes' type='file'><target file='{target}'/>"
+                        "<driver type='qcow2'/></disk></disks></domainbackup>", None, 0)
+        (length,) = set_backup_speed(domain, 1)
+        set_backup_speed(domain, 0)
+        deadline = time.monotonic() + 120
+        while dom.jobStats(0).get("type", 0) not in (0, libvirt.VIR_DOMAIN_JOB_COMPLETED):
+            assert time.monotonic() < deadline, "the foreign backup did not finish"
+            time.sleep(0.1)
+        done = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        assert done["type"] == libvirt.VIR_DOMAIN_JOB_COMPLETED, done
+        return length
+    finally:
+        conn.close()
+
+
+def test_another_tools_checkpoints_and_bbsnaps_chain_both_keep_working(cloud, hypervisor,
+                                                                        work_dir):
+    (server,) = create_server(cloud)
+    disk = server["disks"][0]
+    wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
+    virsh("checkpoint-create-as", server["id"], "--name", "other-1")
+    write_into_running_disk(server["id"], "write -P 0x11 512M 32M")
+    first, _, _ = chained_snapshot(cloud, server["id"], disk)
+
+    write_into_running_disk(server["id"], "write -P 0x22 768M 16M")
+    virsh("checkpoint-create-as", server["id"], "--name", "other-2")
+    write_into_running_disk(server["id"], "write -P 0x33 1024M 8M")
+    second, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
+    assert 24 * MIB <= to_copy < 32 * MIB, to_copy  # both writes since the first, no more
+    assert second["parent_id"] == first["id"]
+    assert set(hypervisor.checkpoints(server["id"])) == {
+        "other-1", "other-2", f"bbsnap-{second['id']}", change_tracking.CHECKPOINT}
+
+    # The other tool's chain: an incremental backup from its first checkpoint still has
+    # every write since (56 MiB), whatever bbsnap made and deleted in between.
+    length = foreign_incremental_backup(server["id"], "other-1", work_dir / "other.qcow2")
+    assert 56 * MIB <= length < 72 * MIB, length
+    write_into_running_disk(server["id"], "write -P 0x44 1280M 8M")
+    third, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
+    assert 8 * MIB <= to_copy < 16 * MIB, to_copy
+    assert {"other-1", "other-2"} <= set(hypervisor.checkpoints(server["id"]))
+
+
+def test_past_the_depth_bound_a_snapshot_is_stored_on_the_servers_image(cloud, hypervisor):
+    cloud.env["BBSNAP_MAX_CHAIN_DEPTH"] = "3"  # the image, then two snapshots on it
+    (server,) = create_server(cloud)
+    disk = server["disks"][0]
+    wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
+    write_into_running_disk(server["id"], "write -P 0x11 512M 32M")
+    first, _, _ = chained_snapshot(cloud, server["id"], disk)
+    write_into_running_disk(server["id"], "write -P 0x22 768M 16M")
+    second, _, _ = chained_snapshot(cloud, server["id"], disk)
+    write_into_running_disk(server["id"], "write -P 0x33 1024M 8M")
+    third, to_copy, stderr = chained_snapshot(cloud, server["id"], disk)
+    # Flattened: everything since the server was made, on the server's image.
+    assert 56 * MIB <= to_copy < 80 * MIB, to_copy
+    assert "max_chain_depth 3" in stderr
+    assert [i["parent_id"] for i in (first, second, third)] == [
+        cloud.image_id, first["id"], cloud.image_id]
+    write_into_running_disk(server["id"], "write -P 0x44 1280M 8M")
+    fourth, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
+    assert 8 * MIB <= to_copy < 16 * MIB, to_copy  # and the chain goes on from there
+    assert fourth["parent_id"] == third["id"]
+    assert_clone_counts_from(cloud, fourth)
