@@ -383,11 +383,12 @@ class Catalogue:
                 return length
             current = self.get(current.parent_id, include_deleted=True)
 
-    def chain_links(self, domain_uuid: str) -> list[ChainLink]:
-        rows = self._db.execute(
+    def chain_link(self, image_id: str) -> ChainLink | None:
+        """The checkpoint record of a snapshot, if its instant made one."""
+        row = self._db.execute(
             "SELECT image_id, domain_uuid, checkpoint, device, disk_path, disk_identity "
-            "FROM chain_links WHERE domain_uuid = ?", (domain_uuid,)).fetchall()
-        return [ChainLink(*row) for row in rows]
+            "FROM chain_links WHERE image_id = ?", (image_id,)).fetchone()
+        return ChainLink(*row) if row else None
 
     def finish_snapshot(self, image_id: str, volumes: list[ImageVolume], **changes: Any) -> Image:
         """Mark a snapshot available with its volumes and forget its job, in one transaction."""

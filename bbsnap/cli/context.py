@@ -111,6 +111,12 @@ class AppContext:
 
         return ImageExporter(self.catalogue, self.data_dir)
 
+    def _forget_checkpoint(self, domain_uuid: str, checkpoint: str) -> None:
+        """A destroyed snapshot's checkpoint, removed from its domain (connects only then)."""
+        from ..services.snapshot_chain import forget
+
+        forget(self.hypervisor, domain_uuid, checkpoint)
+
     def snapshots(self) -> "SnapshotService":
         from ..services.snapshot import SnapshotService
 
@@ -120,7 +126,7 @@ class AppContext:
     def images(self) -> "ImageService":
         from ..services.images import ImageService
 
-        return ImageService(self.catalogue, self.data_dir)
+        return ImageService(self.catalogue, self.data_dir, self._forget_checkpoint)
 
     def importer(self) -> "ImageImporter":
         from ..services.image_import import ImageImporter

@@ -169,7 +169,10 @@ def prune(hv: Hypervisor, domain: str, keep: str) -> None:
 
 
 def forget(hv: Hypervisor, domain: str, checkpoint: str) -> None:
-    """Best effort: a failed snapshot's checkpoint (the chain goes on from the previous one)."""
+    """Best effort: the checkpoint of a failed or destroyed snapshot (the chain goes on from
+    the previous one, or starts again). A domain that is gone took its checkpoints along."""
+    if not checkpoint.startswith(PREFIX):
+        return  # never anybody else's, whatever a catalogue row says
     try:
         hv.delete_checkpoint(domain, checkpoint)
     except BbsnapError:

@@ -215,6 +215,14 @@ def test_another_tools_checkpoints_and_bbsnaps_chain_both_keep_working(cloud, hy
     assert 8 * MIB <= to_copy < 16 * MIB, to_copy
     assert {"other-1", "other-2"} <= set(hypervisor.checkpoints(server["id"]))
 
+    # Deleting the snapshots removes bbsnap's checkpoint (and bitmap) only.
+    for image in (third, second, first):
+        assert cloud("images", "destroy", image["id"]).exit_code == 0
+    assert set(hypervisor.checkpoints(server["id"])) == {"other-1", "other-2",
+                                                         change_tracking.CHECKPOINT}
+    bitmaps = qemu_info(Path(disk))["format-specific"]["data"].get("bitmaps", [])
+    assert {b["name"] for b in bitmaps} == {"other-1", "other-2", change_tracking.CHECKPOINT}
+
 
 def test_past_the_depth_bound_a_snapshot_is_stored_on_the_servers_image(cloud, hypervisor):
     cloud.env["BBSNAP_MAX_CHAIN_DEPTH"] = "3"  # the image, then two snapshots on it

@@ -219,6 +219,25 @@ def test_pruning_and_giving_up_touch_only_bbsnaps_checkpoints(data):
     assert hv.names == {"backup-tool-7", "bbsnapshot-of-someone"}
 
 
+def test_destroying_a_snapshot_forgets_its_checkpoint_only(catalogue, data):
+    from bbsnap.services.images import ImageService
+
+    disk = _disk(data)
+    _snapshot(catalogue, data, "img-aaaa1", disk, None)
+    catalogue.add(_image("img-upld1", type=ImageType.UPLOAD))
+    forgotten: list[tuple[str, str]] = []
+    service = ImageService(catalogue, data, lambda uuid, name: forgotten.append((uuid, name)))
+    service.destroy("img-upld1")
+    service.destroy("img-aaaa1")
+    assert forgotten == [(UUID, "bbsnap-img-aaaa1")]
+
+
+def test_forget_never_deletes_another_tools_checkpoint():
+    hv = FakeHypervisor({"backup-tool-7"})
+    snapshot_chain.forget(hv, "dom", "backup-tool-7")  # type: ignore[arg-type]
+    assert hv.names == {"backup-tool-7"}
+
+
 def test_max_chain_depth_setting(monkeypatch):
     env = {"BBSNAP_CONFIG": "", "BBSNAP_HOME": "/tmp/x"}
     assert load_settings(environ=env).max_chain_depth == 32
