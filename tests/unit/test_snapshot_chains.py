@@ -23,8 +23,8 @@ UUID = "6f1c0c1e-0000-4000-8000-000000000001"
 
 
 def _image(image_id: str, **fields) -> Image:
-    base = dict(id=image_id, type=ImageType.SNAPSHOT, owner="me", created_at=utcnow(),
-                status=ImageStatus.AVAILABLE, name=image_id, path=f"{image_id}.qcow2")
+    base = {"id": image_id, "type": ImageType.SNAPSHOT, "owner": "me", "created_at": utcnow(),
+            "status": ImageStatus.AVAILABLE, "name": image_id, "path": f"{image_id}.qcow2"}
     base.update(fields)
     return Image(**base)
 
@@ -72,8 +72,10 @@ def _disk(data: DataDir, fmt: str = "qcow2", backing: str | None = None) -> Disk
 def _snapshot(catalogue: Catalogue, data: DataDir, image_id: str, disk: DiskInfo,
               parent: str | None, checkpoint: bool = True) -> Image:
     (data.images_dir / f"{image_id}.qcow2").touch()
-    link = ChainLink(image_id, UUID, snapshot_chain.checkpoint_name(image_id), disk.target,
-                     disk.path, snapshot_chain.disk_identity(Path(disk.path))) if checkpoint else None
+    link = None
+    if checkpoint:
+        link = ChainLink(image_id, UUID, snapshot_chain.checkpoint_name(image_id), disk.target,
+                         disk.path, snapshot_chain.disk_identity(Path(disk.path)))
     return catalogue.add(_image(image_id, parent_id=parent), chain_link=link,
                          depends_on=parent)
 
