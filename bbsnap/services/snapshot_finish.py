@@ -140,15 +140,21 @@ class SnapshotFinisher:
 
     def _store_disk(self, image_id: str, index: int, disk: SnapshotDisk, mode: str) -> ImageVolume:
         copy = Path(disk.target)
-        if disk.ancestor and not disk.incremental and mode == "backup":
+        if disk.ancestor and disk.incremental:
+            # Only the clusters written since the parent's instant were copied (its checkpoint,
+            # services/snapshot_chain.py): that already is the delta; name its base. libvirt
+            # made the copy with the server's running disk as its backing file, which
+            # `qemu-img check` could not open (QEMU holds its write lock): rename it first.
+            qemu_img.set_backing(copy, Path(disk.ancestor))
+        elif disk.ancestor and mode == "backup":
             copy = self._as_delta(copy, Path(disk.ancestor))
-        verdict = qemu_img.check(copy)  # before naming a relative backing file, from tmp/
+        verdict = qemu_img.check(copy)
         if verdict.corruptions:
             raise SnapshotFailed(f"the copy of {disk.device} is corrupt "
                                  f"({verdict.corruptions} errors)")
         if disk.ancestor and disk.incremental:
-            # Only the clusters written since the parent's instant were copied (its checkpoint,
-            # services/snapshot_chain.py): that already is the delta; name its base.
+            # Named from images/, where both files live (after the check: from tmp/ the
+            # relative name would not resolve).
             qemu_img.set_backing(copy, Path(disk.ancestor), relative=True)
         fsync_file(copy)
         os.chmod(copy, FILE_MODE)

@@ -5,7 +5,8 @@ As in test_change_tracking, every snapshot is taken and compared with the server
 the server is paused (its guest writes a counter sector every 150 ms); QEMU's backup job is
 held by a speed limit while the test reads how much it has to copy (QEMU's own "len").
 Writes between snapshots go into the running disk through its device (HMP `qemu-io`), so
-QEMU's dirty bitmaps record them like the guest's own.
+QEMU's dirty bitmaps record them like the guest's own. Each copy has at least 32 MiB of data
+to copy: smaller ones (8-16 MiB) were seen to finish here before the test could hold them.
 """
 
 from __future__ import annotations
@@ -67,13 +68,13 @@ def test_each_snapshot_copies_only_what_was_written_since_the_previous_one(cloud
     first, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
     assert 64 * MIB <= to_copy < 96 * MIB, to_copy  # since the server was made
 
-    write_into_running_disk(server["id"], "write -P 0x22 768M 32M")
+    write_into_running_disk(server["id"], "write -P 0x22 768M 48M")
     second, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
-    assert 32 * MIB <= to_copy < 40 * MIB, to_copy  # since the first snapshot only
+    assert 48 * MIB <= to_copy < 56 * MIB, to_copy  # since the first snapshot only
 
-    write_into_running_disk(server["id"], "write -P 0x33 1024M 16M")
+    write_into_running_disk(server["id"], "write -P 0x33 1024M 32M")
     third, to_copy, stderr = chained_snapshot(cloud, server["id"], disk)
-    assert 16 * MIB <= to_copy < 24 * MIB, to_copy
+    assert 32 * MIB <= to_copy < 40 * MIB, to_copy
     assert "copying the whole disk" not in stderr
 
     # Storage follows the chain; ancestor_id keeps the seed's meaning.
@@ -82,7 +83,7 @@ def test_each_snapshot_copies_only_what_was_written_since_the_previous_one(cloud
         cloud.image_id, first["id"], second["id"]]
     assert backing_file(str(stored(cloud, second))) == (f"{first['id']}.qcow2", "qcow2")
     assert backing_file(str(stored(cloud, third))) == (f"{second['id']}.qcow2", "qcow2")
-    assert third["disk_size"] < 24 * MIB and second["disk_size"] < 40 * MIB
+    assert third["disk_size"] < 40 * MIB and second["disk_size"] < 56 * MIB
     # Only the newest snapshot's checkpoint is kept, with the disk's birth bitmap.
     assert ours(hypervisor, server["id"]) == [f"bbsnap-{third['id']}", change_tracking.CHECKPOINT]
 
@@ -110,6 +111,9 @@ def foreign_disk(work_dir: Path, tiny_guest_image: Path, fmt: str) -> Path:
                    check=True)
     subprocess.run(["qemu-img", "resize", "-q", "-f", fmt, str(disk), str(FOREIGN_SIZE)],
                    check=True)
+    # Data past the guest's partition, so that a full copy takes long enough to be held.
+    subprocess.run(["qemu-io", "-f", fmt, "-c", "write -P 0x5a 64M 256M", str(disk)],
+                   check=True, capture_output=True)
     return disk
 
 
@@ -124,13 +128,13 @@ def test_a_domain_bbsnap_did_not_make_gets_a_chain_from_a_full_first_copy(
     assert "backing-filename" not in qemu_info(stored(cloud, first))
     assert ours(hypervisor, name) == [f"bbsnap-{first['id']}"]
 
-    write_into_running_disk(name, "write -P 0x22 256M 32M")
+    write_into_running_disk(name, "write -P 0x22 320M 48M")
     second, to_copy, stderr = chained_snapshot(cloud, name, str(disk))
-    assert 32 * MIB <= to_copy < 40 * MIB, to_copy
+    assert 48 * MIB <= to_copy < 56 * MIB, to_copy
     assert second["parent_id"] == first["id"] and "copying the whole disk" not in stderr
-    write_into_running_disk(name, "write -P 0x33 384M 16M")
+    write_into_running_disk(name, "write -P 0x33 400M 32M")
     third, to_copy, _ = chained_snapshot(cloud, name, str(disk))
-    assert 16 * MIB <= to_copy < 24 * MIB, to_copy
+    assert 32 * MIB <= to_copy < 40 * MIB, to_copy
     assert third["parent_id"] == second["id"]
     assert ours(hypervisor, name) == [f"bbsnap-{third['id']}"]
     for image in (first, second, third):
@@ -199,20 +203,20 @@ def test_another_tools_checkpoints_and_bbsnaps_chain_both_keep_working(cloud, hy
 
     write_into_running_disk(server["id"], "write -P 0x22 768M 16M")
     virsh("checkpoint-create-as", server["id"], "--name", "other-2")
-    write_into_running_disk(server["id"], "write -P 0x33 1024M 8M")
+    write_into_running_disk(server["id"], "write -P 0x33 1024M 16M")
     second, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
-    assert 24 * MIB <= to_copy < 32 * MIB, to_copy  # both writes since the first, no more
+    assert 32 * MIB <= to_copy < 40 * MIB, to_copy  # both writes since the first, no more
     assert second["parent_id"] == first["id"]
     assert set(hypervisor.checkpoints(server["id"])) == {
         "other-1", "other-2", f"bbsnap-{second['id']}", change_tracking.CHECKPOINT}
 
     # The other tool's chain: an incremental backup from its first checkpoint still has
-    # every write since (56 MiB), whatever bbsnap made and deleted in between.
+    # every write since (64 MiB), whatever bbsnap made and deleted in between.
     length = foreign_incremental_backup(server["id"], "other-1", work_dir / "other.qcow2")
-    assert 56 * MIB <= length < 72 * MIB, length
-    write_into_running_disk(server["id"], "write -P 0x44 1280M 8M")
+    assert 64 * MIB <= length < 80 * MIB, length
+    write_into_running_disk(server["id"], "write -P 0x44 1280M 32M")
     third, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
-    assert 8 * MIB <= to_copy < 16 * MIB, to_copy
+    assert 32 * MIB <= to_copy < 40 * MIB, to_copy
     assert {"other-1", "other-2"} <= set(hypervisor.checkpoints(server["id"]))
 
     # Deleting the snapshots removes bbsnap's checkpoint (and bitmap) only.
@@ -239,17 +243,17 @@ def test_past_the_depth_bound_a_snapshot_is_stored_on_the_servers_image(cloud, h
     wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
     write_into_running_disk(server["id"], "write -P 0x11 512M 32M")
     first, _, _ = chained_snapshot(cloud, server["id"], disk)
-    write_into_running_disk(server["id"], "write -P 0x22 768M 16M")
+    write_into_running_disk(server["id"], "write -P 0x22 768M 32M")
     second, _, _ = chained_snapshot(cloud, server["id"], disk)
-    write_into_running_disk(server["id"], "write -P 0x33 1024M 8M")
+    write_into_running_disk(server["id"], "write -P 0x33 1024M 32M")
     third, to_copy, stderr = chained_snapshot(cloud, server["id"], disk)
     # Flattened: everything since the server was made, on the server's image.
-    assert 56 * MIB <= to_copy < 80 * MIB, to_copy
+    assert 96 * MIB <= to_copy < 120 * MIB, to_copy
     assert "max_chain_depth 3" in stderr
     assert [i["parent_id"] for i in (first, second, third)] == [
         cloud.image_id, first["id"], cloud.image_id]
-    write_into_running_disk(server["id"], "write -P 0x44 1280M 8M")
+    write_into_running_disk(server["id"], "write -P 0x44 1280M 32M")
     fourth, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
-    assert 8 * MIB <= to_copy < 16 * MIB, to_copy  # and the chain goes on from there
+    assert 32 * MIB <= to_copy < 40 * MIB, to_copy  # and the chain goes on from there
     assert fourth["parent_id"] == third["id"]
     assert_clone_counts_from(cloud, fourth)
