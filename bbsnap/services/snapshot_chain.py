@@ -87,15 +87,18 @@ class ChainPlanner:
                              "what changed; copying the whole disk")
         checkpoint = checkpoint_name(image_id)
         head, why_not = self._trusted_head(server)
+        too_deep = None
         if head is not None:
             length = self._catalogue.chain_length(head[0].id) + 1
             if length <= self._max_depth:
                 return ChainPlan(head[1].checkpoint, head[0], checkpoint)
-            why_not = (f"a delta on {head[0].id} would need {length} files to open (more than "
-                       f"max_chain_depth {self._max_depth}); storing it on the server's image")
+            too_deep = why_not = (
+                f"a delta on {head[0].id} would need {length} files to open (more than "
+                f"max_chain_depth {self._max_depth}); storing it on the server's image")
         birth = self._birth_bitmap(server, ancestor)
         if birth is not None:
-            return ChainPlan(birth, ancestor, checkpoint)
+            # Silent after a rebuild (a new disk, so a new chain): only the bound is news.
+            return ChainPlan(birth, ancestor, checkpoint, too_deep)
         return ChainPlan(None, ancestor, checkpoint,
                          f"{why_not}; copying the whole disk" if why_not else None)
 

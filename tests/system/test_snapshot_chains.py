@@ -2,43 +2,101 @@
 previous one, is stored as a delta on it, and is still exactly the server's disk.
 
 As in test_change_tracking, every snapshot is taken and compared with the server's disk while
-the server is paused (its guest writes a counter sector every 150 ms); QEMU's backup job is
-held by a speed limit while the test reads how much it has to copy (QEMU's own "len").
+the server is paused (its guest writes a counter sector every 150 ms). How much each backup
+job copied is QEMU's own "len", read from its BLOCK_JOB_COMPLETED event: copies of 16-64 MiB
+were seen to finish here before the test could hold the job with a speed limit to read it.
 Writes between snapshots go into the running disk through its device (HMP `qemu-io`), so
-QEMU's dirty bitmaps record them like the guest's own. Each copy has at least 32 MiB of data
-to copy: smaller ones (8-16 MiB) were seen to finish here before the test could hold them.
+QEMU's dirty bitmaps record them like the guest's own.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
+import libvirt_qemu
+import pytest
 
 from bbsnap.hypervisor.domain_xml import DiskSpec, DomainSpec, NicSpec, build_domain_xml
 from bbsnap.services import change_tracking
 from bbsnap.tinyguest import READY_LINE, read_counter
 from tests.system.conftest import (URI, backing_file, console_path, create_server,
-                                   qemu_monitor, set_backup_speed, wait_for_console_line,
-                                   write_into_running_disk)
-from tests.system.test_change_tracking import (assert_same_disk, paused, throttled_snapshot,
-                                               virsh)
+                                   image_record, qemu_monitor, wait_for_console_line,
+                                   wait_until, write_into_running_disk)
+from tests.system.test_change_tracking import assert_same_disk, paused, virsh
 
 MIB = 1 << 20
 FOREIGN_SIZE = 512 * MIB
 
 
-def chained_snapshot(cloud, server_id: str, disk: str) -> tuple[dict, int, str]:
+_EVENT_LOOP = threading.Lock()
+_event_loop_started: list[bool] = []
+
+
+def _start_event_loop() -> None:
+    with _EVENT_LOOP:
+        if not _event_loop_started:
+            libvirt.virEventRegisterDefaultImpl()
+            threading.Thread(target=_run_events, daemon=True).start()
+            _event_loop_started.append(True)
+
+
+def _run_events() -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+class JobLengths:
+    """The length of every block job QEMU completes on one domain (its own "len")."""
+
+    def __init__(self, domain: str) -> None:
+        _start_event_loop()
+        self.lengths: list[int] = []
+        self._conn = libvirt.open(URI)
+        self._callback = libvirt_qemu.qemuMonitorEventRegister(
+            self._conn, self._conn.lookupByName(domain), "BLOCK_JOB_COMPLETED", self._event,
+            None, 0)
+
+    def _event(self, _conn, _dom, _event, _seconds, _micros, details, _opaque) -> None:
+        data = json.loads(details) if isinstance(details, str) else details
+        self.lengths.append(int(data["len"]))
+
+    def next(self, seen: int) -> int:
+        """The length of the first job completed after *seen* lengths were recorded."""
+        wait_until(lambda: len(self.lengths) > seen, 60, "the backup job to complete")
+        return self.lengths[seen]
+
+    def close(self) -> None:
+        libvirt_qemu.qemuMonitorEventDeregister(self._conn, self._callback)
+        self._conn.close()
+
+
+@pytest.fixture()
+def jobs() -> Iterator[dict[str, JobLengths]]:
+    watched: dict[str, JobLengths] = {}
+    yield watched
+    for watcher in watched.values():
+        watcher.close()
+
+
+def chained_snapshot(cloud, jobs, server_id: str, disk: str) -> tuple[dict, int, str]:
     """A snapshot of the paused server: the image, QEMU's copy length and the command's
     stderr; the image is compared with the disk before the guest runs again."""
+    watcher = jobs.setdefault(server_id, JobLengths(server_id))
+    seen = len(watcher.lengths)
     with paused(server_id):
-        image, to_copy, stderr = throttled_snapshot(cloud, server_id)
+        result = cloud("servers", "snapshot", server_id, "--no-quiesce", "--wait")
+        assert result.exit_code == 0, result.stderr
+        image = image_record(cloud, result.stdout.strip())
+        assert image["state"] == "available", image["failure_reason"]
         assert_same_disk(cloud, image, disk)
-    return image, to_copy, stderr
+    return image, watcher.next(seen), result.stderr
 
 
 def stored(cloud, image: dict) -> Path:
@@ -59,21 +117,21 @@ def ours(hypervisor, domain: str) -> list[str]:
     return [c for c in hypervisor.checkpoints(domain) if c.startswith("bbsnap-")]
 
 
-def test_each_snapshot_copies_only_what_was_written_since_the_previous_one(cloud, hypervisor):
+def test_each_snapshot_copies_only_what_was_written_since_the_previous_one(cloud, hypervisor, jobs):
     (server,) = create_server(cloud)
     disk = server["disks"][0]
     wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
 
     write_into_running_disk(server["id"], "write -P 0x11 512M 64M")
-    first, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
+    first, to_copy, _ = chained_snapshot(cloud, jobs, server["id"], disk)
     assert 64 * MIB <= to_copy < 96 * MIB, to_copy  # since the server was made
 
     write_into_running_disk(server["id"], "write -P 0x22 768M 48M")
-    second, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
+    second, to_copy, _ = chained_snapshot(cloud, jobs, server["id"], disk)
     assert 48 * MIB <= to_copy < 56 * MIB, to_copy  # since the first snapshot only
 
     write_into_running_disk(server["id"], "write -P 0x33 1024M 32M")
-    third, to_copy, stderr = chained_snapshot(cloud, server["id"], disk)
+    third, to_copy, stderr = chained_snapshot(cloud, jobs, server["id"], disk)
     assert 32 * MIB <= to_copy < 40 * MIB, to_copy
     assert "copying the whole disk" not in stderr
 
@@ -118,22 +176,22 @@ def foreign_disk(work_dir: Path, tiny_guest_image: Path, fmt: str) -> Path:
 
 
 def test_a_domain_bbsnap_did_not_make_gets_a_chain_from_a_full_first_copy(
-        cloud, hypervisor, domains, work_dir, tiny_guest_image):
+        cloud, hypervisor, domains, work_dir, tiny_guest_image, jobs):
     disk = foreign_disk(work_dir, tiny_guest_image, "qcow2")
     name = define_foreign(hypervisor, domains, work_dir, disk, "qcow2")
 
-    first, to_copy, _ = chained_snapshot(cloud, name, str(disk))
+    first, to_copy, _ = chained_snapshot(cloud, jobs, name, str(disk))
     assert to_copy == FOREIGN_SIZE  # no record of changes yet: the whole disk
     assert first["parent_id"] is None and first["ancestor_id"] is None
     assert "backing-filename" not in qemu_info(stored(cloud, first))
     assert ours(hypervisor, name) == [f"bbsnap-{first['id']}"]
 
     write_into_running_disk(name, "write -P 0x22 320M 48M")
-    second, to_copy, stderr = chained_snapshot(cloud, name, str(disk))
+    second, to_copy, stderr = chained_snapshot(cloud, jobs, name, str(disk))
     assert 48 * MIB <= to_copy < 56 * MIB, to_copy
     assert second["parent_id"] == first["id"] and "copying the whole disk" not in stderr
     write_into_running_disk(name, "write -P 0x33 400M 32M")
-    third, to_copy, _ = chained_snapshot(cloud, name, str(disk))
+    third, to_copy, _ = chained_snapshot(cloud, jobs, name, str(disk))
     assert 32 * MIB <= to_copy < 40 * MIB, to_copy
     assert third["parent_id"] == second["id"]
     assert ours(hypervisor, name) == [f"bbsnap-{third['id']}"]
@@ -147,7 +205,7 @@ def test_a_domain_bbsnap_did_not_make_gets_a_chain_from_a_full_first_copy(
     replaced.rename(disk)
     hypervisor.start(name)
     wait_for_console_line(work_dir / "console.log", READY_LINE)
-    fourth, to_copy, stderr = chained_snapshot(cloud, name, str(disk))
+    fourth, to_copy, stderr = chained_snapshot(cloud, jobs, name, str(disk))
     assert to_copy == FOREIGN_SIZE and "copying the whole disk" in stderr
     assert fourth["parent_id"] is None
 
@@ -158,11 +216,11 @@ def qemu_info(path: Path) -> dict:
 
 
 def test_a_raw_disk_gets_full_copies_with_a_note(cloud, hypervisor, domains, work_dir,
-                                                 tiny_guest_image):
+                                                 tiny_guest_image, jobs):
     disk = foreign_disk(work_dir, tiny_guest_image, "raw")
     name = define_foreign(hypervisor, domains, work_dir, disk, "raw")
     for _ in range(2):
-        image, to_copy, stderr = chained_snapshot(cloud, name, str(disk))
+        image, to_copy, stderr = chained_snapshot(cloud, jobs, name, str(disk))
         assert to_copy == FOREIGN_SIZE
         assert "raw disk" in stderr and "copying the whole disk" in stderr
         assert image["parent_id"] is None
@@ -170,41 +228,37 @@ def test_a_raw_disk_gets_full_copies_with_a_note(cloud, hypervisor, domains, wor
     assert_clone_counts_from(cloud, image)
 
 
-def foreign_incremental_backup(domain: str, since: str, target: Path) -> int:
-    """Another tool's incremental backup from its own checkpoint: its copy length (held by
-    a speed limit while it is read), after waiting for it to complete successfully."""
+def foreign_incremental_backup(domain: str, since: str, target: Path) -> None:
+    """Another tool's incremental backup from its own checkpoint, waited for: it succeeds."""
     conn = libvirt.open(URI)
     try:
         dom = conn.lookupByName(domain)
         dom.backupBegin(f"<domainbackup mode='push'><incremental>{since}</incremental><disks>"
                         f"<disk name='vda' backup='yes' type='file'><target file='{target}'/>"
                         "<driver type='qcow2'/></disk></disks></domainbackup>", None, 0)
-        (length,) = set_backup_speed(domain, 1)
-        set_backup_speed(domain, 0)
         deadline = time.monotonic() + 120
         while dom.jobStats(0).get("type", 0) not in (0, libvirt.VIR_DOMAIN_JOB_COMPLETED):
             assert time.monotonic() < deadline, "the foreign backup did not finish"
             time.sleep(0.1)
         done = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
         assert done["type"] == libvirt.VIR_DOMAIN_JOB_COMPLETED, done
-        return length
     finally:
         conn.close()
 
 
 def test_another_tools_checkpoints_and_bbsnaps_chain_both_keep_working(cloud, hypervisor,
-                                                                        work_dir):
+                                                                        work_dir, jobs):
     (server,) = create_server(cloud)
     disk = server["disks"][0]
     wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
     virsh("checkpoint-create-as", server["id"], "--name", "other-1")
     write_into_running_disk(server["id"], "write -P 0x11 512M 32M")
-    first, _, _ = chained_snapshot(cloud, server["id"], disk)
+    first, _, _ = chained_snapshot(cloud, jobs, server["id"], disk)
 
     write_into_running_disk(server["id"], "write -P 0x22 768M 16M")
     virsh("checkpoint-create-as", server["id"], "--name", "other-2")
     write_into_running_disk(server["id"], "write -P 0x33 1024M 16M")
-    second, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
+    second, to_copy, _ = chained_snapshot(cloud, jobs, server["id"], disk)
     assert 32 * MIB <= to_copy < 40 * MIB, to_copy  # both writes since the first, no more
     assert second["parent_id"] == first["id"]
     assert set(hypervisor.checkpoints(server["id"])) == {
@@ -212,10 +266,12 @@ def test_another_tools_checkpoints_and_bbsnaps_chain_both_keep_working(cloud, hy
 
     # The other tool's chain: an incremental backup from its first checkpoint still has
     # every write since (64 MiB), whatever bbsnap made and deleted in between.
-    length = foreign_incremental_backup(server["id"], "other-1", work_dir / "other.qcow2")
+    seen = len(jobs[server["id"]].lengths)
+    foreign_incremental_backup(server["id"], "other-1", work_dir / "other.qcow2")
+    length = jobs[server["id"]].next(seen)
     assert 64 * MIB <= length < 80 * MIB, length
     write_into_running_disk(server["id"], "write -P 0x44 1280M 32M")
-    third, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
+    third, to_copy, _ = chained_snapshot(cloud, jobs, server["id"], disk)
     assert 32 * MIB <= to_copy < 40 * MIB, to_copy
     assert {"other-1", "other-2"} <= set(hypervisor.checkpoints(server["id"]))
 
@@ -236,24 +292,24 @@ def live_bitmaps(domain: str, disk: str) -> set[str]:
             for bitmap in node.get("dirty-bitmaps", [])}
 
 
-def test_past_the_depth_bound_a_snapshot_is_stored_on_the_servers_image(cloud, hypervisor):
+def test_past_the_depth_bound_a_snapshot_is_stored_on_the_servers_image(cloud, hypervisor, jobs):
     cloud.env["BBSNAP_MAX_CHAIN_DEPTH"] = "3"  # the image, then two snapshots on it
     (server,) = create_server(cloud)
     disk = server["disks"][0]
     wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
     write_into_running_disk(server["id"], "write -P 0x11 512M 32M")
-    first, _, _ = chained_snapshot(cloud, server["id"], disk)
+    first, _, _ = chained_snapshot(cloud, jobs, server["id"], disk)
     write_into_running_disk(server["id"], "write -P 0x22 768M 32M")
-    second, _, _ = chained_snapshot(cloud, server["id"], disk)
+    second, _, _ = chained_snapshot(cloud, jobs, server["id"], disk)
     write_into_running_disk(server["id"], "write -P 0x33 1024M 32M")
-    third, to_copy, stderr = chained_snapshot(cloud, server["id"], disk)
+    third, to_copy, stderr = chained_snapshot(cloud, jobs, server["id"], disk)
     # Flattened: everything since the server was made, on the server's image.
     assert 96 * MIB <= to_copy < 120 * MIB, to_copy
     assert "max_chain_depth 3" in stderr
     assert [i["parent_id"] for i in (first, second, third)] == [
         cloud.image_id, first["id"], cloud.image_id]
     write_into_running_disk(server["id"], "write -P 0x44 1280M 32M")
-    fourth, to_copy, _ = chained_snapshot(cloud, server["id"], disk)
+    fourth, to_copy, _ = chained_snapshot(cloud, jobs, server["id"], disk)
     assert 32 * MIB <= to_copy < 40 * MIB, to_copy  # and the chain goes on from there
     assert fourth["parent_id"] == third["id"]
     assert_clone_counts_from(cloud, fourth)

@@ -209,6 +209,7 @@ def test_past_the_depth_bound_the_snapshot_is_stored_on_the_servers_image(catalo
                                                        ancestor).parent.id == "img-aaaa2"
     flat = _planner(catalogue, data, hv, depth=3).plan("img-aaaa3", server, ancestor)
     assert (flat.since, flat.parent.id) == (change_tracking.CHECKPOINT, "img-base0")
+    assert "max_chain_depth 3" in flat.note and "copying the whole disk" not in flat.note
 
 
 def test_pruning_and_giving_up_touch_only_bbsnaps_checkpoints(data):
