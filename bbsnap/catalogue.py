@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import CatalogueError, ConflictError, InUseError, NotFoundError
-from .models import (Consistency, Dependent, DependentKind, Image, ImageFilter, ImageStatus,
-                     ImageType, ImageVolume, SnapshotDisk, SnapshotJob, Visibility)
+from .models import (ChainLink, Consistency, Dependent, DependentKind, Image, ImageFilter,
+                     ImageStatus, ImageType, ImageVolume, SnapshotDisk, SnapshotJob, Visibility)
 
 BUSY_TIMEOUT_MS = 30_000
 # How long a checkpoint waits for other connections' readers and writers. A checkpoint that
@@ -89,6 +89,22 @@ MIGRATIONS: Sequence[str] = (
     """
     ALTER TABLE images ADD COLUMN progress INTEGER;
     """,
+    # 4: snapshot chains. parent_id is the image a file is stored on (its backing file); every
+    # snapshot so far was stored on its ancestor, or standalone. chain_links records the
+    # libvirt checkpoint made at a snapshot's instant, and which disk file it was made on.
+    """
+    ALTER TABLE images ADD COLUMN parent_id TEXT;
+    UPDATE images SET parent_id = ancestor_id WHERE type = 'snapshot';
+    CREATE TABLE chain_links (
+        image_id TEXT PRIMARY KEY REFERENCES images(id),
+        domain_uuid TEXT NOT NULL,
+        checkpoint TEXT NOT NULL,
+        device TEXT NOT NULL,
+        disk_path TEXT NOT NULL,
+        disk_identity TEXT NOT NULL
+    );
+    CREATE INDEX chain_links_by_domain ON chain_links(domain_uuid);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -96,7 +112,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _COLUMNS = ("id", "type", "owner", "created_at", "status", "visibility", "name", "arch",
             "description", "virtual_size", "disk_size", "compatibility_mode", "official",
             "ancestor_id", "format", "path", "source_server", "consistency", "checksum",
-            "firmware", "username", "min_ram", "failure_reason", "job", "progress")
+            "firmware", "username", "min_ram", "failure_reason", "job", "progress", "parent_id")
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at"}
 
 
@@ -124,7 +140,7 @@ _CONSISTENCIES = {e.value: e for e in Consistency}
 def _row_to_image(row: sqlite3.Row | tuple[Any, ...]) -> Image:
     (id_, type_, owner, created_at, status, visibility, name, arch, description, virtual_size,
      disk_size, compatibility_mode, official, ancestor_id, fmt, path, source_server, consistency,
-     checksum, firmware, username, min_ram, failure_reason, job, progress) = row
+     checksum, firmware, username, min_ram, failure_reason, job, progress, parent_id) = row
     return Image(
         id=id_, type=_TYPES[type_], owner=owner,
         created_at=datetime.fromisoformat(created_at), status=_STATUSES[status],
@@ -134,7 +150,7 @@ def _row_to_image(row: sqlite3.Row | tuple[Any, ...]) -> Image:
         ancestor_id=ancestor_id, format=fmt, path=path, source_server=source_server,
         consistency=_CONSISTENCIES[consistency] if consistency else None, checksum=checksum,
         firmware=firmware, username=username, min_ram=min_ram,
-        failure_reason=failure_reason, job=job, progress=progress,
+        failure_reason=failure_reason, job=job, progress=progress, parent_id=parent_id,
     )
 
 
@@ -310,9 +326,9 @@ class Catalogue:
     # -- images -----------------------------------------------------------------------------
 
     def add(self, image: Image, *, snapshot_job: SnapshotJob | None = None,
-            depends_on: str | None = None) -> Image:
-        """Insert an image row, with its snapshot job and its hold on a backing image,
-        atomically."""
+            depends_on: str | None = None, chain_link: ChainLink | None = None) -> Image:
+        """Insert an image row, with its snapshot job, its hold on a backing image and its
+        checkpoint record, atomically."""
         now = _to_db("updated_at", utcnow())
         values = [_to_db(name, getattr(image, name)) for name in _COLUMNS]
         self._touched.add(image.id)
@@ -328,6 +344,11 @@ class Catalogue:
                            (image.id, snapshot_job.domain, snapshot_job.domain_uuid,
                             snapshot_job.mode, json.dumps([asdict(d) for d in snapshot_job.disks]),
                             now))
+            if chain_link is not None:
+                db.execute("INSERT INTO chain_links (image_id, domain_uuid, checkpoint, device, "
+                           "disk_path, disk_identity) VALUES (?, ?, ?, ?, ?, ?)",
+                           (chain_link.image_id, chain_link.domain_uuid, chain_link.checkpoint,
+                            chain_link.device, chain_link.disk_path, chain_link.disk_identity))
         return image
 
     def get(self, image_id: str, *, include_deleted: bool = False) -> Image:
@@ -389,6 +410,7 @@ class Catalogue:
         with self.transaction() as db:
             db.execute("DELETE FROM dependencies WHERE kind = 'image' AND dependent_id = ?",
                        (image_id,))
+            db.execute("DELETE FROM chain_links WHERE image_id = ?", (image_id,))
             db.execute("DELETE FROM images WHERE id = ?", (image_id,))
 
     def mark_deleted(self, image_id: str) -> Image:
@@ -436,11 +458,50 @@ class Catalogue:
         disks = tuple(SnapshotDisk(**d) for d in json.loads(row[3]))
         return SnapshotJob(domain=row[0], domain_uuid=row[1], mode=row[2], disks=disks)
 
-    def replan_snapshot(self, image_id: str, disks: tuple[SnapshotDisk, ...]) -> None:
-        """Record a changed plan for a snapshot's disks (before its copy begins)."""
+    def replan_snapshot(self, image_id: str, disks: tuple[SnapshotDisk, ...],
+                        parent_id: str | None = None) -> None:
+        """Record a changed plan for a snapshot's disks (before its copy begins), stored on
+        *parent_id* now (its hold moves there too)."""
         with self.transaction() as db:
             db.execute("UPDATE snapshot_jobs SET disks = ? WHERE image_id = ?",
                        (json.dumps([asdict(d) for d in disks]), image_id))
+            db.execute("DELETE FROM dependencies WHERE kind = 'image' AND dependent_id = ?",
+                       (image_id,))
+            if parent_id is not None:
+                self._add_dependent(db, parent_id, DependentKind.IMAGE, image_id)
+            db.execute("UPDATE images SET parent_id = ?, updated_at = ? WHERE id = ?",
+                       (parent_id, _to_db("updated_at", utcnow()), image_id))
+
+    # -- snapshot chains ----------------------------------------------------------------------
+
+    def chain_head(self, domain_uuid: str) -> tuple[Image, ChainLink] | None:
+        """The domain's newest available snapshot that made a checkpoint, with its record."""
+        row = self._db.execute(
+            "SELECT l.image_id, l.domain_uuid, l.checkpoint, l.device, l.disk_path, "
+            "l.disk_identity FROM chain_links l JOIN images i ON i.id = l.image_id "
+            "WHERE l.domain_uuid = ? AND i.status = 'available' "
+            "ORDER BY i.created_at DESC, i.id DESC LIMIT 1", (domain_uuid,)).fetchone()
+        if row is None:
+            return None
+        return self.get(row[0]), ChainLink(*row)
+
+    def chain_length(self, image_id: str) -> int:
+        """How many files opening *image_id* takes: itself and each parent in turn."""
+        length, current = 0, self.get(image_id, include_deleted=True)
+        seen: set[str] = set()
+        while True:
+            length += 1
+            seen.add(current.id)
+            if current.parent_id is None or current.parent_id in seen:
+                return length
+            current = self.get(current.parent_id, include_deleted=True)
+
+    def chain_link(self, image_id: str) -> ChainLink | None:
+        """The checkpoint record of a snapshot, if its instant made one."""
+        row = self._db.execute(
+            "SELECT image_id, domain_uuid, checkpoint, device, disk_path, disk_identity "
+            "FROM chain_links WHERE image_id = ?", (image_id,)).fetchone()
+        return ChainLink(*row) if row else None
 
     def finish_snapshot(self, image_id: str, volumes: list[ImageVolume], **changes: Any) -> Image:
         """Mark a snapshot available with its volumes and forget its job, in one transaction."""

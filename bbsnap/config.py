@@ -40,6 +40,7 @@ class Settings:
     http_timeout: float = 30.0     # seconds to connect, and to wait for each read, on image URLs
     http_min_rate: int = 1024      # bytes/s an image URL must keep up over each http_timeout
     lock_timeout: float = 3600.0   # longest wait for another operation's lock (see locks.py)
+    max_chain_depth: int = 32      # files a snapshot chain may take to open; then it restarts
 
 
 # A parser takes a raw value (a str from a flag or the environment, any YAML value from the
@@ -162,6 +163,14 @@ def _path(value: Any, where: str) -> Path:
     return Path(_check_utf8(value, where)).expanduser()
 
 
+def parse_depth(value: Any, where: str) -> int:
+    """A chain length of at least 2 files (a snapshot on the server's image)."""
+    depth = parse_positive_int(value, where)
+    if depth < 2:
+        raise UsageError(f"{where} must be a whole number of files, at least 2, not {depth}")
+    return depth
+
+
 # Settings whose parser is not the one their default's type implies (see _parser_for).
 _PARSERS: dict[str, Parser] = {
     "data_dir": parse_data_dir,
@@ -171,6 +180,7 @@ _PARSERS: dict[str, Parser] = {
     "ssh_ports": parse_port_range_setting,
     "http_timeout": parse_seconds,
     "http_min_rate": parse_positive_size,
+    "max_chain_depth": parse_depth,
 }
 _FLAG_PARSERS: dict[str, Parser] = {"data_dir": parse_data_dir_flag}
 
@@ -187,6 +197,7 @@ _ENV: dict[str, str] = {
     "network": "BBSNAP_NETWORK",
     "http_timeout": "BBSNAP_HTTP_TIMEOUT",
     "lock_timeout": "BBSNAP_LOCK_TIMEOUT",
+    "max_chain_depth": "BBSNAP_MAX_CHAIN_DEPTH",
     "http_min_rate": "BBSNAP_HTTP_MIN_RATE",
 }
 # Variables whose owner defines "set but empty" as unset (libvirt's virConnectOpen does).

@@ -54,7 +54,8 @@ class Image:
     disk_size: int = 0             # bytes the file holds on the host
     compatibility_mode: bool = False
     official: bool = False
-    ancestor_id: str | None = None
+    ancestor_id: str | None = None  # the image the server was built from (the seed's meaning)
+    parent_id: str | None = None    # the image whose file this one is stored on (its backing)
     format: str = "qcow2"
     path: str | None = None        # file name relative to the data directory's images/
     source_server: str | None = None
@@ -146,7 +147,10 @@ class SnapshotDisk:
     source_format: str
     target: str                  # the copy (in the data directory's tmp/)
     ancestor: str | None = None  # store as a delta on this (immutable catalogue) file
-    incremental: bool = False    # only clusters written since the disk was made are copied
+    incremental: bool = False    # only clusters written since *ancestor*'s instant are copied
+    since: str | None = None     # the checkpoint an incremental copy starts from (None: the
+                                 # bitmap the disk was born with, as journals before chains)
+    checkpoint: str | None = None  # the checkpoint this snapshot's instant creates
 
 
 @dataclass(frozen=True)
@@ -165,3 +169,16 @@ class ImageVolume:
     path: str                    # file name relative to the data directory's images/
     virtual_size: int
     disk_size: int
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """Where a snapshot's checkpoint lives: the next snapshot of the same disk may copy only
+    what was written since, if the disk is provably the one the checkpoint was made on."""
+
+    image_id: str
+    domain_uuid: str
+    checkpoint: str              # libvirt checkpoint (and dirty bitmap) name
+    device: str                  # the guest's device name (vda)
+    disk_path: str               # the disk file at the snapshot's instant
+    disk_identity: str           # "<st_dev>:<st_ino>" of that file: a replaced file differs

@@ -111,15 +111,22 @@ class AppContext:
 
         return ImageExporter(self.catalogue, self.data_dir)
 
+    def _forget_checkpoint(self, domain_uuid: str, checkpoint: str) -> None:
+        """A destroyed snapshot's checkpoint, removed from its domain (connects only then)."""
+        from ..services.snapshot_chain import forget
+
+        forget(self.hypervisor, domain_uuid, checkpoint)
+
     def snapshots(self) -> "SnapshotService":
         from ..services.snapshot import SnapshotService
 
-        return SnapshotService(self.catalogue, self.data_dir, self.hypervisor, self.worker_argv())
+        return SnapshotService(self.catalogue, self.data_dir, self.hypervisor, self.worker_argv(),
+                               max_chain_depth=self.settings.max_chain_depth)
 
     def images(self) -> "ImageService":
         from ..services.images import ImageService
 
-        return ImageService(self.catalogue, self.data_dir)
+        return ImageService(self.catalogue, self.data_dir, self._forget_checkpoint)
 
     def importer(self) -> "ImageImporter":
         from ..services.image_import import ImageImporter

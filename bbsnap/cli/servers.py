@@ -168,7 +168,8 @@ def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wa
         say(f"Snapshotting server {key}")
         image = service.begin(
             SnapshotRequest(server=key, name=name, quiesce=not no_quiesce),
-            on_wait=lambda: say(f"bbsnap: waiting for another operation on {key} to finish"))
+            on_wait=lambda: say(f"bbsnap: waiting for another operation on {key} to finish"),
+            on_note=lambda text: say(f"bbsnap: {text}"))
         started.append(image.id)
         click.echo(image.id)
 

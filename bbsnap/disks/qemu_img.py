@@ -143,10 +143,14 @@ def rebase(path: Path, new_backing: Path, backing_format: str = "qcow2") -> None
               "-F", backing_format, _abs(path)], timeout=3600)
 
 
-def set_backing(path: Path, backing: Path, backing_format: str = "qcow2") -> None:
+def set_backing(path: Path, backing: Path, backing_format: str = "qcow2", *,
+                relative: bool = False) -> None:
     """Unsafe rebase: only the header's backing file changes, no data is read or written.
-    Right only when *path* already holds exactly what differs from *backing*."""
-    proc.run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", _abs(backing),
+    Right only when *path* already holds exactly what differs from *backing*. *relative*
+    names the backing file by its name alone: it resolves from the directory *path* ends up
+    in (images/, where both live), so a moved data directory keeps its chains."""
+    name = backing.name if relative else _abs(backing)
+    proc.run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", name,
               "-F", backing_format, _abs(path)], timeout=60)
 
 

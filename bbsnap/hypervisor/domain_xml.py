@@ -359,6 +359,19 @@ def build_checkpoint_xml(name: str, device: str, created: int) -> str:
     return ET.tostring(checkpoint, encoding="unicode")
 
 
+def build_new_checkpoint_xml(name: str, device: str, others: list[str], description: str) -> str:
+    """A checkpoint for libvirt to create (with a backup): a new dirty bitmap, also called
+    *name*, on *device*; the domain's *other* disks are left out of it."""
+    checkpoint = ET.Element("domaincheckpoint")
+    ET.SubElement(checkpoint, "name").text = name
+    ET.SubElement(checkpoint, "description").text = description
+    disks = ET.SubElement(checkpoint, "disks")
+    ET.SubElement(disks, "disk", name=device, checkpoint="bitmap", bitmap=name)
+    for other in others:
+        ET.SubElement(disks, "disk", name=other, checkpoint="no")
+    return ET.tostring(checkpoint, encoding="unicode")
+
+
 def console_log_path(xml: str) -> Path | None:
     """Where the serial console is logged, if it is."""
     root = ET.fromstring(xml)

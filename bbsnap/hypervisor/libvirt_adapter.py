@@ -191,11 +191,15 @@ class LibvirtHypervisor:
             raise QuiesceError(f"the guest agent of {name} could not thaw: "
                                f"{exc.get_error_message()}") from exc
 
-    def begin_backup(self, name: str, xml: str) -> None:
-        """Start a push-mode backup; the point in time is fixed when this returns.
+    def begin_backup(self, name: str, xml: str, checkpoint_xml: str | None = None) -> None:
+        """Start a push-mode backup; the point in time is fixed when this returns. With
+        *checkpoint_xml*, libvirt creates that checkpoint at the same instant (atomically: no
+        checkpoint without the backup, and no write falls between the two).
 
-        Raises CheckpointBrokenError when an incremental backup's bitmap is unusable."""
-        self._call(f"starting the backup of {name}", self._lookup(name).backupBegin, xml, None, 0)
+        Raises CheckpointBrokenError when an incremental backup's bitmap is unusable
+        (inconsistent after QEMU was killed, or missing from the disk)."""
+        self._call(f"starting the backup of {name}", self._lookup(name).backupBegin, xml,
+                   checkpoint_xml, 0)
 
     def redefine_checkpoint(self, name: str, checkpoint: str, device: str) -> None:
         """Tell libvirt about a checkpoint whose bitmap (named *checkpoint*) is already in
@@ -220,6 +224,12 @@ class LibvirtHypervisor:
         except libvirt.libvirtError:
             self._call(f"forgetting checkpoint {checkpoint} of {name}", found.delete,
                        libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+
+    def checkpoints(self, name: str) -> list[str]:
+        """Names of every checkpoint of the domain, bbsnap's and other tools' alike."""
+        found = self._call(f"listing the checkpoints of {name}",
+                           self._lookup(name).listAllCheckpoints, 0)
+        return sorted(c.getName() for c in found)
 
     def _checkpoint(self, name: str, checkpoint: str) -> Any:
         """The named checkpoint of a domain, or None."""

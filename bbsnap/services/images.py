@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +28,16 @@ class ImageChanges:
     public: bool | None = None
 
 
+# (domain UUID, checkpoint name): remove a destroyed snapshot's checkpoint from its domain
+ForgetCheckpoint = Callable[[str, str], None]
+
+
 class ImageService:
-    def __init__(self, catalogue: Catalogue, data_dir: DataDir) -> None:
+    def __init__(self, catalogue: Catalogue, data_dir: DataDir,
+                 forget_checkpoint: ForgetCheckpoint | None = None) -> None:
         self._catalogue = catalogue
         self._data_dir = data_dir
+        self._forget_checkpoint = forget_checkpoint
 
     def find(self, image_type: str | None = None, status: str | None = None) -> list[Image]:
         if status is not None and status not in STATUS_CHOICES:
@@ -83,10 +90,15 @@ class ImageService:
         # the row intact, rather than leaving a deleted row whose file was never removed.
         files = [self._data_dir.image_path(name)
                  for name in [image.path, *(v.path for v in volumes)] if name]
+        link = self._catalogue.chain_link(image_id)
         self._catalogue.mark_deleted(image_id)
         for path in files:
             path.unlink(missing_ok=True)
         self._data_dir.remove_blank_overlays(image_id)
+        if link is not None and self._forget_checkpoint is not None:
+            # Only bbsnap's own checkpoint of this snapshot (and its bitmap) goes: the next
+            # snapshot would not start from it any more (services/snapshot_chain.py).
+            self._forget_checkpoint(link.domain_uuid, link.checkpoint)
         return image
 
     def volumes(self, image_id: str) -> list[ImageVolume]:

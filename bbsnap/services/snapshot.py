@@ -11,7 +11,10 @@ copy + block commit. Why:
   commit to undo that, and Debian 12's AppArmor profile denies that commit);
 - all disks in one backup job share the same instant;
 - libvirt removes a failed or aborted job's target itself.
-The copy is a full image of what the guest sees; when the server's disk is an
+Snapshots of a running single-disk qcow2 server form a chain (snapshot_chain): the
+backup copies only what was written since the previous snapshot and creates the next
+checkpoint at the same instant; the copy is stored as a delta on the previous snapshot.
+Otherwise the copy is a full image of what the guest sees; when the server's disk is an
 overlay on a catalogue image, the worker turns it into a delta on that image
 (see snapshot_finish). Shut-off servers are copied with qemu-img instead.
 
@@ -22,7 +25,6 @@ answering agent the snapshot is crash-consistent, and the image says so.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -32,16 +34,18 @@ from .. import ids, locks, proc
 from ..catalogue import Catalogue, utcnow
 from ..errors import CheckpointBrokenError, ConflictError, QuiesceError
 from ..hypervisor import DiskInfo, DomainState, Hypervisor
-from ..hypervisor.domain_xml import build_backup_xml, read_disks
+from ..hypervisor.domain_xml import build_backup_xml, build_new_checkpoint_xml, read_disks
 from ..jobs import current_job_token, token_for_pid
 from ..layout import DataDir
 from ..models import (Consistency, Image, ImageStatus, ImageType, Server, SnapshotDisk,
                       SnapshotJob)
-from ..text import escape
-from . import change_tracking, image_fields
+from . import change_tracking, image_fields, snapshot_chain
 from .server_records import server_from_domain
+from .snapshot_chain import ChainPlan, ChainPlanner, ServerDisk
 
 FREEZE_TIMEOUT = 5  # seconds the agent may take to freeze (or thaw) before we give up on it
+DEFAULT_MAX_CHAIN_DEPTH = 32  # files opening a snapshot may take (config: max_chain_depth)
+Note = Callable[[str], None]  # "warning: ..." / "note: ..." for the user
 
 
 @dataclass(frozen=True)
@@ -53,15 +57,19 @@ class SnapshotRequest:
 
 class SnapshotService:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir, hypervisor: Hypervisor,
-                 worker_argv: list[str]) -> None:
+                 worker_argv: list[str], *,
+                 max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH) -> None:
         self._catalogue = catalogue
         self._data_dir = data_dir
         self._hv = hypervisor
         self._worker_argv = worker_argv  # the command that runs `finish-snapshot IMG`
+        self._chains = ChainPlanner(catalogue, data_dir, hypervisor, max_chain_depth)
+        self._note: Note = _quiet
 
-    def begin(self, request: SnapshotRequest, *,
-              on_wait: Callable[[], None] | None = None) -> Image:
+    def begin(self, request: SnapshotRequest, *, on_wait: Callable[[], None] | None = None,
+              on_note: Note | None = None) -> Image:
         """Register the image as creating, fix the point in time, hand the copy to a worker."""
+        self._note = on_note or _quiet
         info = self._hv.info(request.server)
         lock = locks.acquire(self._data_dir.locks_dir, info.uuid, on_wait=on_wait,
                              timeout=self._data_dir.lock_timeout,
@@ -79,25 +87,25 @@ class SnapshotService:
             running = info.state in (DomainState.RUNNING, DomainState.PAUSED)
             image_id = self._new_image_id()
             ancestor = self._ancestor(server)
-            ancestor_file = (self._data_dir.image_path(ancestor.path)
-                             if ancestor and ancestor.path else None)
-            incremental = bool(running and ancestor_file and change_tracking.usable(
-                self._data_dir, server.id, disks, ancestor_file))
-            if incremental:
-                change_tracking.ensure_registered(self._hv, server.id, disks[0].target)
+            chain = ServerDisk(server.id, server.uuid, disks[0])
+            plan = (self._chains.plan(image_id, chain, ancestor)
+                    if running and len(disks) == 1 else ChainPlan(None, ancestor, None))
+            if plan.note:
+                self._note(f"note: {plan.note}")
             job = SnapshotJob(
                 domain=server.id, domain_uuid=server.uuid, mode="backup" if running else "copy",
-                disks=tuple(self._plan_disk(image_id, index, disk, ancestor_file, incremental)
+                disks=tuple(self._plan_disk(image_id, index, disk, plan)
                             for index, disk in enumerate(disks)))
             consistency = Consistency.CRASH_CONSISTENT
             image = self._catalogue.add(
-                self._draft(image_id, request, server, ancestor, consistency),
-                snapshot_job=job, depends_on=ancestor.id if ancestor else None)
+                self._draft(image_id, request, server, ancestor, consistency, plan.parent),
+                snapshot_job=job, depends_on=plan.parent.id if plan.parent else None,
+                chain_link=self._chains.link(image_id, chain, plan))
             try:
                 if running:
                     read_only = [d.target for d in all_disks if not d.writable]
                     consistency = self._fix_point_in_time(image_id, job, read_only,
-                                                          request.quiesce)
+                                                          request.quiesce, ancestor)
                 worker = _spawn_worker(self._worker_argv, self._data_dir, image.id, lock)
                 # One commit once the copy runs: each fsync now may wait behind its writeback.
                 changes: dict[str, Any] = {"consistency": consistency}
@@ -113,7 +121,7 @@ class SnapshotService:
             lock.release()  # the worker holds its own copy of the lock until it is done
 
     def _draft(self, image_id: str, request: SnapshotRequest, server: Server,
-               ancestor: Image | None, consistency: Consistency) -> Image:
+               ancestor: Image | None, consistency: Consistency, parent: Image | None) -> Image:
         arch = ancestor.arch if ancestor else image_fields.host_arch()
         stamp = datetime.now().strftime("%d %b %H:%M")
         name = request.name or f"Snapshot of {server.id} {stamp} ({arch})"
@@ -123,7 +131,8 @@ class SnapshotService:
             created_at=utcnow(), status=ImageStatus.CREATING,
             name=image_fields.check_name(name), arch=arch,
             description=f"Snapshot of server {server.id} ({server.name})",
-            ancestor_id=ancestor.id if ancestor else None, source_server=server.id,
+            ancestor_id=ancestor.id if ancestor else None, parent_id=parent.id if parent else None,
+            source_server=server.id,
             consistency=consistency, firmware=server.firmware,
             username=ancestor.username if ancestor else None,
             min_ram=ancestor.min_ram if ancestor else None, job=current_job_token())
@@ -138,16 +147,20 @@ class SnapshotService:
             return None
         return image if image.status is ImageStatus.AVAILABLE else None
 
-    def _plan_disk(self, image_id: str, index: int, disk: DiskInfo, ancestor_file: Path | None,
-                   incremental: bool) -> SnapshotDisk:
+    def _plan_disk(self, image_id: str, index: int, disk: DiskInfo,
+                   plan: ChainPlan) -> SnapshotDisk:
+        """The first disk is stored on the plan's parent; further disks are standalone."""
         target = self._data_dir.tmp_dir / f"{image_id}.{disk.target}.copy.qcow2"
-        primary = index == 0 and ancestor_file is not None
+        parent_file = (self._data_dir.image_path(plan.parent.path)
+                       if index == 0 and plan.parent and plan.parent.path else None)
+        incremental = parent_file is not None and plan.incremental
         return SnapshotDisk(device=disk.target, source=disk.path, source_format=disk.format,
-                            target=str(target), ancestor=str(ancestor_file) if primary else None,
-                            incremental=primary and incremental)
+                            target=str(target), ancestor=str(parent_file) if parent_file else None,
+                            incremental=incremental, since=plan.since if incremental else None,
+                            checkpoint=plan.checkpoint if index == 0 else None)
 
     def _fix_point_in_time(self, image_id: str, job: SnapshotJob, read_only: list[str],
-                           quiesce: bool) -> Consistency:
+                           quiesce: bool, ancestor: Image | None) -> Consistency:
         domain = job.domain
         frozen = False
         if quiesce:
@@ -155,32 +168,39 @@ class SnapshotService:
                 self._hv.freeze(domain, FREEZE_TIMEOUT)
                 frozen = True
             except QuiesceError as exc:
-                print(f"bbsnap: warning: {escape(exc)}; the snapshot is crash-consistent",
-                      file=sys.stderr)
+                self._note(f"warning: {exc}; the snapshot is crash-consistent")
         try:
-            self._begin_backup(image_id, job, read_only)
+            self._begin_backup(image_id, job, read_only, ancestor)
         finally:
             if frozen or quiesce:
                 try:
                     self._hv.thaw(domain)  # also after a freeze that timed out half-way
                 except QuiesceError as exc:
                     if frozen:
-                        print(f"bbsnap: warning: {escape(exc)}", file=sys.stderr)
+                        self._note(f"warning: {exc}")
         return Consistency.QUIESCED if frozen else Consistency.CRASH_CONSISTENT
 
-    def _begin_backup(self, image_id: str, job: SnapshotJob, read_only: list[str]) -> None:
+    def _begin_backup(self, image_id: str, job: SnapshotJob, read_only: list[str],
+                      ancestor: Image | None) -> None:
         incremental = any(d.incremental for d in job.disks)
         try:
-            self._hv.begin_backup(job.domain, _backup_xml(job.disks, read_only))
+            self._hv.begin_backup(job.domain, *_backup_xmls(job.disks, read_only))
         except CheckpointBrokenError as exc:
             if not incremental:
                 raise
-            # QEMU stopped without storing the record of what changed: copy the whole disk.
-            print(f"bbsnap: note: {escape(exc)}; copying the whole disk", file=sys.stderr)
-            change_tracking.give_up(self._hv, self._data_dir, job.domain)
-            full = tuple(replace(d, incremental=False) for d in job.disks)
-            self._catalogue.replan_snapshot(image_id, full)
-            self._hv.begin_backup(job.domain, _backup_xml(full, read_only))
+            # QEMU stopped without storing the record of what changed, or the bitmap is gone
+            # from the disk: copy the whole disk, stored on the server's image, and start the
+            # chain again from this snapshot's new checkpoint.
+            self._note(f"note: {exc}; copying the whole disk")
+            snapshot_chain.give_up(self._hv, self._data_dir, job.domain)
+            full = tuple(self._full_copy(d, ancestor, index) for index, d in enumerate(job.disks))
+            self._catalogue.replan_snapshot(image_id, full, ancestor.id if ancestor else None)
+            self._hv.begin_backup(job.domain, *_backup_xmls(full, read_only))
+
+    def _full_copy(self, disk: SnapshotDisk, ancestor: Image | None, index: int) -> SnapshotDisk:
+        parent = (str(self._data_dir.image_path(ancestor.path))
+                  if index == 0 and ancestor and ancestor.path else None)
+        return replace(disk, incremental=False, since=None, ancestor=parent)
 
     def _new_image_id(self) -> str:
         for _ in range(50):
@@ -190,9 +210,21 @@ class SnapshotService:
         raise ConflictError("could not allocate a free image id")
 
 
-def _backup_xml(disks: tuple[SnapshotDisk, ...], read_only: list[str]) -> str:
-    incremental = change_tracking.CHECKPOINT if any(d.incremental for d in disks) else None
-    return build_backup_xml({d.device: Path(d.target) for d in disks}, read_only, incremental)
+def _quiet(_text: str) -> None:
+    pass
+
+
+def _backup_xmls(disks: tuple[SnapshotDisk, ...],
+                 read_only: list[str]) -> tuple[str, str | None]:
+    """The backup's XML, and the XML of the checkpoint it creates (or None)."""
+    since = next((d.since or change_tracking.CHECKPOINT for d in disks if d.incremental), None)
+    backup = build_backup_xml({d.device: Path(d.target) for d in disks}, read_only, since)
+    made = next(((d.device, d.checkpoint) for d in disks if d.checkpoint), None)
+    if made is None:
+        return backup, None
+    others = [d.device for d in disks if d.device != made[0]] + read_only
+    return backup, build_new_checkpoint_xml(made[1], made[0], others,
+                                            "bbsnap snapshot chain (bbsnap deletes it)")
 
 
 def spawn_finisher(worker_argv: list[str], data_dir: DataDir, catalogue: Catalogue,

@@ -23,6 +23,7 @@ from ..hypervisor import Hypervisor
 from ..jobs import current_job_token
 from ..layout import FILE_MODE, DataDir
 from ..models import Image, ImageStatus, ImageVolume, SnapshotDisk, SnapshotJob
+from . import snapshot_chain
 
 POLL_SECONDS = 0.05  # job polling: cheap (one libvirt call), and it sets the finish latency
 RECONNECT_SECONDS = 120.0  # how long a restarting libvirtd may stay away
@@ -66,10 +67,15 @@ class SnapshotFinisher:
             self._fail(image_id, job, _reason(exc))
             raise
         primary = volumes[0]
-        return self._catalogue.finish_snapshot(
+        image = self._catalogue.finish_snapshot(
             image_id, volumes[1:], status=ImageStatus.AVAILABLE, path=primary.path,
             virtual_size=primary.virtual_size,
             disk_size=sum(v.disk_size for v in volumes), job=None)
+        made = job.disks[0].checkpoint
+        if job.mode == "backup" and made:
+            # Only now is the previous checkpoint superseded: the next snapshot starts here.
+            snapshot_chain.prune(self._hv, job.domain, keep=made)
+        return image
 
     # -- copying ------------------------------------------------------------------------------
 
@@ -135,14 +141,21 @@ class SnapshotFinisher:
     def _store_disk(self, image_id: str, index: int, disk: SnapshotDisk, mode: str) -> ImageVolume:
         copy = Path(disk.target)
         if disk.ancestor and disk.incremental:
-            # Only the clusters written since the disk was made on the ancestor were copied
-            # (services/change_tracking.py): that already is the delta; name its base.
+            # Only the clusters written since the parent's instant were copied (its checkpoint,
+            # services/snapshot_chain.py): that already is the delta; name its base. libvirt
+            # made the copy with the server's running disk as its backing file, which
+            # `qemu-img check` could not open (QEMU holds its write lock): rename it first.
             qemu_img.set_backing(copy, Path(disk.ancestor))
         elif disk.ancestor and mode == "backup":
             copy = self._as_delta(copy, Path(disk.ancestor))
         verdict = qemu_img.check(copy)
         if verdict.corruptions:
-            raise SnapshotFailed(f"the copy of {disk.device} is corrupt ({verdict.corruptions} errors)")
+            raise SnapshotFailed(f"the copy of {disk.device} is corrupt "
+                                 f"({verdict.corruptions} errors)")
+        if disk.ancestor and disk.incremental:
+            # Named from images/, where both files live (after the check: from tmp/ the
+            # relative name would not resolve).
+            qemu_img.set_backing(copy, Path(disk.ancestor), relative=True)
         name = f"{image_id}.qcow2" if index == 0 else f"{image_id}-{disk.device}.qcow2"
         final = self._data_dir.images_dir / name
         safe_files.publish(copy, final, mode=FILE_MODE)
@@ -165,6 +178,11 @@ class SnapshotFinisher:
                     self._hv.abort_job(job.domain)
             except BbsnapError:
                 pass
+            made = job.disks[0].checkpoint if job.disks else None
+            if made:
+                # The chain goes on from the last available snapshot's checkpoint, which
+                # still records every write since its instant (libvirt keeps all active).
+                snapshot_chain.forget(self._hv, job.domain, made)
         self._data_dir.remove_image_files(image_id)
         self._catalogue.fail_snapshot(image_id, reason)
 

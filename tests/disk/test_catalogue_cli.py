@@ -57,7 +57,7 @@ def test_show_has_the_seed_fields_and_data_formats(bbsnap, work_dir):
     keys = [line.split(":", 1)[0].strip() for line in text.splitlines()]
     for key in ("id", "type", "owner", "created_at", "status", "arch", "name", "description",
                 "virtual_size", "disk_size", "compatibility_mode", "official", "ancestor_id",
-                "format", "username", "min_ram", "checksum"):
+                "parent_id", "format", "username", "min_ram", "checksum"):
         assert key in keys
     colons = {line.index(":") for line in text.splitlines()}
     assert len(colons) == 1, "keys are right-aligned on the colon"

@@ -107,10 +107,13 @@ def test_snapshot_copies_only_what_the_guest_wrote_and_is_exactly_its_disk(cloud
         assert 265 * MIB <= to_copy < 320 * MIB, (to_copy, virtual_size)
         assert_same_disk(cloud, image, disk)
 
-    assert image["ancestor_id"] == ancestor
+    assert image["ancestor_id"] == ancestor and image["parent_id"] == ancestor
     stored = str(cloud.data_dir / "images" / f"{image['id']}.qcow2")
-    assert backing_file(stored)[0].endswith(f"{ancestor}.qcow2")
+    assert backing_file(stored)[0] == f"{ancestor}.qcow2"
+    # The birth bitmap stays (a chain past its depth bound restarts from it); the snapshot's
+    # own checkpoint starts the chain.
     assert hypervisor.has_checkpoint(server["id"], change_tracking.CHECKPOINT)
+    assert hypervisor.has_checkpoint(server["id"], f"bbsnap-{image['id']}")
 
 
 def test_a_qemu_killed_without_saving_its_tracking_gives_a_full_copy_that_is_still_right(
@@ -132,10 +135,13 @@ def test_a_qemu_killed_without_saving_its_tracking_gives_a_full_copy_that_is_sti
     assert "copying the whole disk" in stderr
     assert not hypervisor.has_checkpoint(server["id"], change_tracking.CHECKPOINT)
     assert not (cloud.data_dir / "servers" / server["id"] / change_tracking.MARKER).exists()
+    assert image["parent_id"] == cloud.image_id  # the full copy, stored on the server's image
     with paused(server["id"]):
         again, stderr = snapshot_available(cloud, server["id"])
         assert_same_disk(cloud, again, disk)
-    assert "copying the whole disk" not in stderr  # no retry of the broken tracking
+    # No retry of the broken tracking: the full copy's own checkpoint started a new chain.
+    assert "copying the whole disk" not in stderr
+    assert again["parent_id"] == image["id"]
 
 
 def test_rebuild_tracks_the_new_disk(cloud, hypervisor):

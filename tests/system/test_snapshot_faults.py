@@ -24,7 +24,8 @@ from bbsnap.disks import qemu_img
 from bbsnap.tinyguest import READY_LINE, read_counter
 from tests.system.conftest import (URI, console_path, create_server, image_record,
                                    set_backup_speed, wait_for_console_line, wait_settled,
-                                   wait_until)
+                                   wait_until, write_into_running_disk)
+from tests.system.test_change_tracking import assert_same_disk, paused
 
 
 def create_busy_servers(cloud, *args: str, written: str = "512M") -> list[dict]:
@@ -82,6 +83,39 @@ def test_worker_killed_mid_copy_is_adopted_and_finished(cloud, hypervisor):
     assert image["state"] == "available", image["failure_reason"]
     assert read_counter(cloud.data_dir / "images" / f"{image_id}.qcow2") is not None
     assert_clean_aftermath(cloud, server, image)
+
+
+def test_worker_killed_mid_copy_of_a_chained_snapshot_loses_nothing(cloud, hypervisor):
+    """The second snapshot of a chain (incremental from the first one's checkpoint), its
+    worker SIGKILLed mid-copy: adopted, finished on the first snapshot, exactly the disk at
+    its instant (the guest is paused meanwhile), and the chain goes on from it."""
+    (server,) = create_busy_servers(cloud, written="32M")
+    disk = server["disks"][0]
+    first = cloud("servers", "snapshot", server["id"], "--no-quiesce", "--wait")
+    assert first.exit_code == 0, first.stderr
+    first_id = first.stdout.strip()
+    write_into_running_disk(server["id"], "write -P 0x66 768M 256M")
+    with paused(server["id"]):
+        result = cloud.process("servers", "snapshot", server["id"], "--no-quiesce")
+        assert result.exit_code == 0, result.stderr
+        image_id = result.stdout.strip()
+        (to_copy,) = set_backup_speed(server["id"], 1)
+        assert 256 << 20 <= to_copy < 272 << 20, to_copy  # since the first snapshot only
+        worker = wait_until(lambda: job_token(cloud, image_id), 30, "the worker's token")
+        os.kill(int(worker.split(":")[0]), signal.SIGKILL)
+        wait_until(lambda: not Path(f"/proc/{worker.split(':')[0]}").exists(), 30,
+                   "the worker to die")
+        assert image_record(cloud, image_id)["state"] == "creating"  # recovery adopts it
+        wait_until(lambda: job_token(cloud, image_id) not in (None, worker), 30, "a new worker")
+        set_backup_speed(server["id"], 0)
+        image = wait_settled(cloud, image_id)
+        assert image["state"] == "available", image["failure_reason"]
+        assert_same_disk(cloud, image, disk)
+    assert image["parent_id"] == first_id
+    assert_clean_aftermath(cloud, server, image)
+    again = cloud("servers", "snapshot", server["id"], "--no-quiesce", "--wait")
+    assert again.exit_code == 0, again.stderr
+    assert image_record(cloud, again.stdout.strip())["parent_id"] == image_id
 
 
 def test_libvirtd_restarted_mid_copy(cloud, hypervisor):

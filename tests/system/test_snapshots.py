@@ -64,9 +64,10 @@ def test_live_snapshot_holds_the_instant_and_clones_continue_from_it(cloud, hype
     assert before <= captured <= after + 1, (before, captured, after)
     wait_until(lambda: counter(disk) > captured + 5, 60, "the live guest to go on counting")
 
-    # A delta on the ancestor, not a full copy; the server's chain and definition untouched.
-    assert backing_file(str(stored)) == (str(cloud.data_dir / "images" / f"{cloud.image_id}.qcow2"),
-                                         "qcow2")
+    # A delta on the ancestor (named from images/, where both live), not a full copy; the
+    # server's chain and definition untouched.
+    assert backing_file(str(stored)) == (f"{cloud.image_id}.qcow2", "qcow2")
+    assert record["parent_id"] == cloud.image_id
     assert record["disk_size"] < 4 * 1024 * 1024 and record["consistency"] == "quiesced"
     assert chain_of(disk) == chain_before
     assert hypervisor.domain_xml(server["id"], inactive=True) == xml_before
