@@ -255,9 +255,21 @@ def _tighten_file(path: Path) -> None:
 
 def _private_catalogue(path: Path) -> None:
     """Create the catalogue 0600 before SQLite does (it would make it 0644 and give its
-    WAL the same mode); tighten one an older bbsnap made, and its -wal and -shm."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-    os.close(fd)
+    WAL the same mode); tighten one an older bbsnap made, and its -wal and -shm.
+
+    An existing catalogue is never opened here: closing any descriptor of a file drops every
+    POSIX lock this process holds on it, SQLite's included, and another process closing its
+    connection would then take ours for gone and delete the WAL and shared-memory files
+    under it (seen: an in-process `--wait` read a deleted WAL and waited forever). Only a
+    file that does not exist yet, which nothing here can have open, is created.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     FILE_MODE)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)
     for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         try:
             _tighten_file(name)

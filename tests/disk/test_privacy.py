@@ -140,3 +140,36 @@ def test_a_user_who_cannot_give_the_group_away_gets_0711(work_dir):
     for name in PRIVATE:
         assert mode(work_dir / "data" / name) == 0o700, name
     assert mode(work_dir / "data" / "catalogue.sqlite3") == 0o600
+
+
+def test_preparing_the_data_directory_keeps_this_processs_catalogue_locks(work_dir):
+    """DataDir.ensure() while this process has the catalogue open (a second command run
+    in-process, a worker's own set-up) must not open and close the catalogue file: closing
+    any descriptor drops this process's POSIX locks, SQLite's included, and the next process
+    to close its connection then deletes the WAL under ours (a `--wait` read the deleted WAL
+    and waited forever)."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from bbsnap.layout import DataDir
+
+    data_dir = DataDir(work_dir / "data").ensure()
+    ours = sqlite3.connect(data_dir.catalogue_path, isolation_level=None)
+    ours.execute("PRAGMA journal_mode = WAL")
+    ours.execute("CREATE TABLE t (x INTEGER)")
+    ours.execute("INSERT INTO t VALUES (1)")
+    data_dir.ensure()
+
+    def other_process_sets(value: int) -> None:
+        code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+                f"c.execute('UPDATE t SET x = {value}'); c.close()")
+        subprocess.run([sys.executable, "-c", code, str(data_dir.catalogue_path)], check=True)
+
+    other_process_sets(2)
+    # Our connection still holds the WAL: the other process, closing, must not take itself
+    # for the last one and delete it (it did once ensure() had closed a descriptor).
+    assert Path(f"{data_dir.catalogue_path}-wal").exists()
+    other_process_sets(3)
+    assert ours.execute("SELECT x FROM t").fetchone() == (3,)
+    ours.close()
