@@ -496,6 +496,17 @@ class Catalogue:
                 return length
             current = self.get(current.parent_id, include_deleted=True)
 
+    def reparent(self, image_id: str, parent_id: str | None, **changes: Any) -> Image:
+        """A file rewritten onto another parent (prune merged its old parent into it): its
+        ``parent_id`` and its hold move there, atomically, with *changes* (its new size)."""
+        self._touched.add(image_id)
+        with self.transaction() as db:
+            db.execute("DELETE FROM dependencies WHERE kind = 'image' AND dependent_id = ?",
+                       (image_id,))
+            if parent_id is not None:
+                self._add_dependent(db, parent_id, DependentKind.IMAGE, image_id)
+            return self.update(image_id, parent_id=parent_id, **changes)
+
     def chain_link(self, image_id: str) -> ChainLink | None:
         """The checkpoint record of a snapshot, if its instant made one."""
         row = self._db.execute(

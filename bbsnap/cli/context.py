@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..services.image_import import ImageImporter
     from ..hypervisor.libvirt_adapter import LibvirtHypervisor
     from ..services.images import ImageService
+    from ..services.prune import PruneService
     from ..services.server_create import ServerCreator
     from ..services.servers import ServerService
     from ..services.snapshot import SnapshotService
@@ -87,9 +88,11 @@ class AppContext:
     def recover(self) -> None:
         """All crash recovery: stale jobs, killed creates and killed exports (whose journals
         name the partial output: `doctor --fix` must not take them for orphans)."""
+        from ..services.prune import recover_interrupted_prunes
         from ..services.recovery import recover_interrupted, recover_interrupted_exports
 
         recover_interrupted(self.catalogue_as_found, self.data_dir, self._adopt_snapshot)
+        recover_interrupted_prunes(self.catalogue_as_found, self.data_dir)
         self._recover_creates()
         recover_interrupted_exports(self.data_dir)
 
@@ -127,6 +130,11 @@ class AppContext:
         from ..services.images import ImageService
 
         return ImageService(self.catalogue, self.data_dir, self._forget_checkpoint)
+
+    def pruner(self) -> "PruneService":
+        from ..services.prune import PruneService
+
+        return PruneService(self.catalogue, self.data_dir, self.hypervisor, self.images())
 
     def importer(self) -> "ImageImporter":
         from ..services.image_import import ImageImporter
