@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..hypervisor.libvirt_adapter import LibvirtHypervisor
     from ..services.images import ImageService
     from ..services.prune import PruneService
+    from ..services.schedule import ScheduleService
     from ..services.server_create import ServerCreator
     from ..services.servers import ServerService
     from ..services.snapshot import SnapshotService
@@ -135,6 +136,18 @@ class AppContext:
         from ..services.prune import PruneService
 
         return PruneService(self.catalogue, self.data_dir, self.hypervisor, self.images())
+
+    def scheduler(self) -> "ScheduleService":
+        from ..services.schedule import ScheduleService
+        from ..services.snapshot import SnapshotRequest
+
+        def snapshot(server: str, quiesce: bool) -> Any:
+            return self.snapshots().begin(SnapshotRequest(server=server, quiesce=quiesce))
+
+        return ScheduleService(self.catalogue, self.data_dir, self.hypervisor,
+                               snapshot=snapshot,
+                               prune=lambda server, policy: self.pruner().prune(server, policy),
+                               recover=self.recover)
 
     def importer(self) -> "ImageImporter":
         from ..services.image_import import ImageImporter

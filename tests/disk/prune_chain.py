@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -117,11 +118,20 @@ def same(a: Path, b: Path) -> bool:
 
 
 class FakeHypervisor:
-    """Just enough of a hypervisor for prune: the server's name and UUID."""
+    """Just enough of a hypervisor for prune and schedules: a server's name and UUID (any
+    name is a server; a UUID names the server it was made from)."""
 
-    def info(self, name: str) -> DomainInfo:
-        return DomainInfo(name=name, uuid="00000000-0000-4000-8000-00000000beef",
-                          state=DomainState.RUNNING, persistent=True)
+    def __init__(self, names: tuple[str, ...] = (SERVER, "srv-other")) -> None:
+        self._by_uuid = {server_uuid(n): n for n in names}
+
+    def info(self, key: str) -> DomainInfo:
+        name = self._by_uuid.get(key, key)
+        return DomainInfo(name=name, uuid=server_uuid(name), state=DomainState.RUNNING,
+                          persistent=True)
+
+
+def server_uuid(name: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, name))
 
 
 def prune(chain_root: Path, policy: Policy, *, dry_run: bool = False,

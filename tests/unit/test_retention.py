@@ -54,7 +54,7 @@ def test_keep_hourly_takes_the_newest_in_each_of_the_n_most_recent_hours_with_sn
 
 
 def test_keep_daily_weekly_monthly_buckets():
-    days = [timedelta(days=d) for d in range(0, 70)]
+    days = [timedelta(days=d) for d in range(70)]
     found = select(snaps(*days), Policy(daily=3, weekly=2, monthly=3))
     by_day = {f"s{d}": (T0 - timedelta(days=d)).date() for d in range(70)}
     dates = sorted(by_day[i] for i in found.keep)
@@ -92,3 +92,28 @@ def test_iso_weeks_cross_the_year():
 
 def test_describe():
     assert Policy(last=3, daily=7).describe() == "last=3 daily=7"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30m", 1800), ("1h", 3600), ("1d", 86400),
+                                               ("2w", 14 * 86400), (" 90m ", 5400)])
+def test_durations(text, seconds):
+    from bbsnap.services.schedule import format_duration, parse_duration
+
+    assert parse_duration(text).total_seconds() == seconds
+    assert parse_duration(format_duration(seconds)).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0m", "1", "h", "1.5h", "-1h", "1y", "1h30m", "01h",
+                                  "9999999m"])
+def test_invalid_durations_are_usage_errors(text):
+    from bbsnap.services.schedule import parse_duration
+
+    with pytest.raises(UsageError):
+        parse_duration(text)
+
+
+def test_format_duration_picks_the_largest_unit():
+    from bbsnap.services.schedule import format_duration
+
+    assert [format_duration(s) for s in (60, 5400, 7200, 86400, 604800)] == [
+        "1m", "90m", "2h", "1d", "1w"]
