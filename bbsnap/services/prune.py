@@ -205,3 +205,18 @@ def recover_interrupted_prunes(catalogue: Catalogue, data_dir: DataDir) -> list[
         done.append(child.id)
         journal.unlink(missing_ok=True)
     return done
+
+
+def live_work_files(data_dir: DataDir) -> set[Path]:
+    """The journals of prunes still running and the merge copies they name: `doctor --fix`
+    must not take them for orphans (a dead prune's are crash recovery's to remove)."""
+    found: set[Path] = set()
+    for journal in data_dir.tmp_dir.glob(f"{JOURNAL_PREFIX}*{JOURNAL_SUFFIX}"):
+        if not job_alive(journal.name[len(JOURNAL_PREFIX):-len(JOURNAL_SUFFIX)]):
+            continue
+        found.add(journal)
+        try:
+            found.add(data_dir.images_dir / Path(str(json.loads(journal.read_text())["temp"])).name)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return found

@@ -214,3 +214,28 @@ def test_partial_prunes_keep_every_remaining_image(work_dir, keep):
     prune(chain.data.root, Policy(last=keep))
     _consistent(chain, refs)
     assert sum(status == "available" for status, _ in rows(chain).values()) == keep + 1
+
+
+def test_doctor_leaves_a_running_prunes_work_files_alone(work_dir):
+    from bbsnap import safe_files
+    from bbsnap.jobs import current_job_token
+    from bbsnap.services import reclaim
+
+    chain = build(work_dir / "data")
+    temp = chain.data.images_dir / "img-snap3.qcow2.0123456789abcdef.merge"
+    temp.write_bytes(b"half a merge")
+    journal = chain.data.tmp_dir / f"prune.{current_job_token()}.journal"  # alive: ours
+    safe_files.write_atomic(journal, json.dumps({"child": "img-snap3", "pruned": "img-snap2",
+                                                 "pruned_file": "img-snap2.qcow2",
+                                                 "new_parent": "img-snap1",
+                                                 "temp": temp.name}).encode())
+    catalogue = chain.catalogue()
+    try:
+        found = reclaim.survey(chain.data, catalogue, "qemu:///system", list)
+        assert not {o.path for o in found.orphans} & {temp, journal}
+        _recover(chain)  # a live prune's journal is not recovery's either
+        assert temp.exists() and journal.exists()
+    finally:
+        catalogue.close()
+    journal.unlink()
+    temp.unlink()
