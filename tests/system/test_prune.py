@@ -1,4 +1,4 @@
-"""`servers prune` on a real chain while servers run on it: a clone runs on the middle
+"""`servers prune` and `schedule run` on a real chain while servers run on it: a clone runs on the middle
 snapshot and another on the newest; the original server keeps running and snapshotting.
 Every remaining image keeps exactly its content (`qemu-img compare` with copies made before),
 the clone's base is kept, the rest merged; the running QEMUs keep the old files (their
@@ -136,3 +136,54 @@ def test_prune_in_the_middle_of_a_chain_while_servers_run_on_it(cloud, jobs):  #
     assert shows(middle_disk, 0x11, 512) and shows(newest_disk, 0x33, 1024)
     for snap in (s2, s4):
         assert same_content(stored(cloud, snap), refs[snap["id"]]), snap["id"]
+
+
+def test_schedule_run_snapshots_and_prunes_a_due_server_and_skips_one_not_due(cloud, jobs):  # noqa: F811
+    from datetime import timedelta
+
+    from bbsnap.catalogue import Catalogue, utcnow
+    from bbsnap.models import Schedule
+
+    (server,) = create_server(cloud)
+    disk = server["disks"][0]
+    wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
+    older = []
+    for pattern, offset in WRITES[:2]:
+        write_into_running_disk(server["id"], f"write -P {pattern:#x} {offset}M {LENGTH_MIB}M")
+        older.append(chained_snapshot(cloud, jobs, server["id"], disk)[0])
+    made = cloud("servers", "schedule", server["id"], "--every", "1h", "--keep-last", "2",
+                 "--no-quiesce")
+    assert made.exit_code == 0, made.stderr
+    # Its last run two hours ago (due), and a server whose last run was just now (not due),
+    # through the catalogue's own API rather than waiting.
+    catalogue = Catalogue(cloud.data_dir / "catalogue.sqlite3")
+    (entry,) = catalogue.schedules()
+    catalogue.mark_schedule_run(entry.server_uuid, utcnow() - timedelta(hours=2), "done")
+    catalogue.set_schedule(Schedule(server_uuid="0c0c0c0c-0000-4000-8000-000000000001",
+                                    server="srv-later", every_seconds=3600,
+                                    retention={"last": 1}, quiesce=True,
+                                    created_at=utcnow() - timedelta(days=1),
+                                    last_run=utcnow() - timedelta(minutes=5)))
+    catalogue.close()
+    kept_ref = cloud.data_dir.parent / "kept.ref.qcow2"
+    subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2",
+                    str(stored(cloud, older[1])), str(kept_ref)], check=True)
+
+    ran = cloud("schedule", "run")
+    assert ran.exit_code == 0, ran.stdout + ran.stderr
+    lines = dict(line.split(": ", 1) for line in ran.stdout.splitlines())
+    assert lines["srv-later"].startswith("not due")
+    done = lines[server["id"]]
+    assert done.startswith("done: snapshot img-") and "removed 1" in done, done
+    new_id = done.split()[2].rstrip(",")
+    new = image_record(cloud, new_id)
+    assert new["state"] == "available" and new["parent_id"] == older[1]["id"]
+    assert cloud("images", "show", older[0]["id"]).exit_code == 3  # pruned, merged
+    assert image_record(cloud, older[1]["id"])["parent_id"] == cloud.image_id
+    assert same_content(stored(cloud, older[1]), kept_ref)
+    assert shows(stored(cloud, older[1]), 0x11, 512)  # the pruned one's data, merged
+
+    again = cloud("schedule", "run")  # idempotent: nothing is due now
+    assert again.exit_code == 0 and "done" not in again.stdout, again.stdout
+    listed = cloud("schedule", "list")
+    assert server["id"] in listed.stdout and "last=2" in listed.stdout
