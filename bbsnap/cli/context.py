@@ -87,8 +87,9 @@ class AppContext:
         recover_interrupted_creates(self._catalogue, self.data_dir, exists)
 
     def recover(self) -> None:
-        """All crash recovery: stale jobs, killed creates and killed exports (whose journals
-        name the partial output: `doctor --fix` must not take them for orphans)."""
+        """All crash recovery: stale jobs, killed prunes' merges, killed creates and killed
+        exports (whose journals name the partial output: `doctor --fix` must not take them
+        for orphans)."""
         from ..services.prune import recover_interrupted_prunes
         from ..services.recovery import recover_interrupted, recover_interrupted_exports
 
