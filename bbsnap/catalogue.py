@@ -19,7 +19,8 @@ from typing import Any, Iterator, Sequence
 
 from .errors import CatalogueError, ConflictError, InUseError, NotFoundError
 from .models import (ChainLink, Consistency, Dependent, DependentKind, Image, ImageFilter,
-                     ImageStatus, ImageType, ImageVolume, SnapshotDisk, SnapshotJob, Visibility)
+                     ImageStatus, ImageType, ImageVolume, Schedule, SnapshotDisk, SnapshotJob,
+                     Visibility)
 
 BUSY_TIMEOUT_MS = 30_000
 # How long a checkpoint waits for other connections' readers and writers. A checkpoint that
@@ -104,6 +105,20 @@ MIGRATIONS: Sequence[str] = (
         disk_identity TEXT NOT NULL
     );
     CREATE INDEX chain_links_by_domain ON chain_links(domain_uuid);
+    """,
+    # 5: snapshot schedules (`servers schedule`, `schedule run`): one per server, by UUID;
+    # retention is the policy's rules as JSON; last_run is when a run last did the server.
+    """
+    CREATE TABLE schedules (
+        server_uuid TEXT PRIMARY KEY,
+        server TEXT NOT NULL,
+        every_seconds INTEGER NOT NULL,
+        retention TEXT NOT NULL,
+        quiesce INTEGER NOT NULL DEFAULT 1,
+        created_at TEXT NOT NULL,
+        last_run TEXT,
+        last_result TEXT
+    );
     """,
 )
 
@@ -496,6 +511,17 @@ class Catalogue:
                 return length
             current = self.get(current.parent_id, include_deleted=True)
 
+    def reparent(self, image_id: str, parent_id: str | None, **changes: Any) -> Image:
+        """A file rewritten onto another parent (prune merged its old parent into it): its
+        ``parent_id`` and its hold move there, atomically, with *changes* (its new size)."""
+        self._touched.add(image_id)
+        with self.transaction() as db:
+            db.execute("DELETE FROM dependencies WHERE kind = 'image' AND dependent_id = ?",
+                       (image_id,))
+            if parent_id is not None:
+                self._add_dependent(db, parent_id, DependentKind.IMAGE, image_id)
+            return self.update(image_id, parent_id=parent_id, **changes)
+
     def chain_link(self, image_id: str) -> ChainLink | None:
         """The checkpoint record of a snapshot, if its instant made one."""
         row = self._db.execute(
@@ -544,6 +570,61 @@ class Catalogue:
             "SELECT image_id, kind, dependent_id FROM dependencies WHERE image_id = ? "
             "ORDER BY kind, dependent_id", (image_id,)).fetchall()
         return [Dependent(r[0], DependentKind(r[1]), r[2]) for r in rows]
+
+
+    # -- snapshot schedules -------------------------------------------------------------------
+
+    def set_schedule(self, schedule: Schedule) -> Schedule:
+        """Add or replace a server's schedule (a replaced one keeps when it last ran)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO schedules (server_uuid, server, every_seconds, retention, quiesce, "
+                "created_at, last_run, last_result) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (server_uuid) DO UPDATE SET server = excluded.server, "
+                "every_seconds = excluded.every_seconds, retention = excluded.retention, "
+                "quiesce = excluded.quiesce",
+                (schedule.server_uuid, schedule.server, schedule.every_seconds,
+                 json.dumps(schedule.retention, sort_keys=True), int(schedule.quiesce),
+                 _to_db("created_at", schedule.created_at),
+                 _to_db("last_run", schedule.last_run) if schedule.last_run else None,
+                 schedule.last_result))
+        found = self.schedule(schedule.server_uuid)
+        assert found is not None
+        return found
+
+    def remove_schedule(self, server_uuid: str) -> bool:
+        """Whether there was a schedule to remove."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM schedules WHERE server_uuid = ?",
+                              (server_uuid,)).rowcount > 0
+
+    def schedule(self, server_uuid: str) -> Schedule | None:
+        row = self._db.execute(f"SELECT {_SCHEDULE_COLUMNS} FROM schedules "
+                               "WHERE server_uuid = ?", (server_uuid,)).fetchone()
+        return _row_to_schedule(row) if row else None
+
+    def schedules(self) -> list[Schedule]:
+        rows = self._db.execute(f"SELECT {_SCHEDULE_COLUMNS} FROM schedules "
+                                "ORDER BY server, server_uuid").fetchall()
+        return [_row_to_schedule(row) for row in rows]
+
+    def mark_schedule_run(self, server_uuid: str, at: datetime, result: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE schedules SET last_run = ?, last_result = ? WHERE server_uuid = ?",
+                       (_to_db("last_run", at), result, server_uuid))
+
+
+_SCHEDULE_COLUMNS = ("server_uuid, server, every_seconds, retention, quiesce, created_at, "
+                     "last_run, last_result")
+
+
+def _row_to_schedule(row: tuple[Any, ...]) -> Schedule:
+    uuid, server, every, retention, quiesce, created_at, last_run, last_result = row
+    return Schedule(server_uuid=uuid, server=server, every_seconds=int(every),
+                    retention={k: int(v) for k, v in json.loads(retention).items()},
+                    quiesce=bool(quiesce), created_at=datetime.fromisoformat(created_at),
+                    last_run=datetime.fromisoformat(last_run) if last_run else None,
+                    last_result=last_result)
 
 
 def _refuse_fresh_catalogue(path: Path, images_dir: Path) -> None:

@@ -182,3 +182,18 @@ class ChainLink:
     device: str                  # the guest's device name (vda)
     disk_path: str               # the disk file at the snapshot's instant
     disk_identity: str           # "<st_dev>:<st_ino>" of that file: a replaced file differs
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A server's snapshot schedule: every *every_seconds*, then prune by *retention*
+    (services/retention.py rules; all 0: no pruning)."""
+
+    server_uuid: str
+    server: str
+    every_seconds: int
+    retention: dict[str, int]
+    quiesce: bool
+    created_at: datetime
+    last_run: datetime | None = None
+    last_result: str | None = None

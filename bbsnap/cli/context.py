@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from ..services.image_import import ImageImporter
     from ..hypervisor.libvirt_adapter import LibvirtHypervisor
     from ..services.images import ImageService
+    from ..services.prune import PruneService
+    from ..services.schedule import ScheduleService
     from ..services.server_create import ServerCreator
     from ..services.servers import ServerService
     from ..services.snapshot import SnapshotService
@@ -85,11 +87,14 @@ class AppContext:
         recover_interrupted_creates(self._catalogue, self.data_dir, exists)
 
     def recover(self) -> None:
-        """All crash recovery: stale jobs, killed creates and killed exports (whose journals
-        name the partial output: `doctor --fix` must not take them for orphans)."""
+        """All crash recovery: stale jobs, killed prunes' merges, killed creates and killed
+        exports (whose journals name the partial output: `doctor --fix` must not take them
+        for orphans)."""
+        from ..services.prune import recover_interrupted_prunes
         from ..services.recovery import recover_interrupted, recover_interrupted_exports
 
         recover_interrupted(self.catalogue_as_found, self.data_dir, self._adopt_snapshot)
+        recover_interrupted_prunes(self.catalogue_as_found, self.data_dir)
         self._recover_creates()
         recover_interrupted_exports(self.data_dir)
 
@@ -127,6 +132,23 @@ class AppContext:
         from ..services.images import ImageService
 
         return ImageService(self.catalogue, self.data_dir, self._forget_checkpoint)
+
+    def pruner(self) -> "PruneService":
+        from ..services.prune import PruneService
+
+        return PruneService(self.catalogue, self.data_dir, self.hypervisor, self.images())
+
+    def scheduler(self) -> "ScheduleService":
+        from ..services.schedule import ScheduleService
+        from ..services.snapshot import SnapshotRequest
+
+        def snapshot(server: str, quiesce: bool) -> Any:
+            return self.snapshots().begin(SnapshotRequest(server=server, quiesce=quiesce))
+
+        return ScheduleService(self.catalogue, self.data_dir, self.hypervisor,
+                               snapshot=snapshot,
+                               prune=lambda server, policy: self.pruner().prune(server, policy),
+                               recover=self.recover)
 
     def importer(self) -> "ImageImporter":
         from ..services.image_import import ImageImporter

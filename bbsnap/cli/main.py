@@ -16,6 +16,8 @@ from .context import AppContext
 from .doctor import doctor
 from .image_export import export_image
 from .images import images
+from .prune import prune_server
+from .schedule import schedule, schedule_server
 from .servers import servers, types
 
 if TYPE_CHECKING:
@@ -76,7 +78,10 @@ def cli(ctx: click.Context, data_dir: str | None, connect: str | None, debug: bo
 
 images.add_command(export_image)
 cli.add_command(images)
+servers.add_command(prune_server)
+servers.add_command(schedule_server)
 cli.add_command(servers)
+cli.add_command(schedule)
 cli.add_command(types)
 cli.add_command(doctor)
 

@@ -28,6 +28,7 @@ from ..hypervisor import DomainInfo
 from ..jobs import job_alive
 from ..layout import DataDir
 from ..models import ImageFilter, ImageStatus
+from . import prune
 from .server_origin import read_origin
 
 QUARANTINE_GRACE = timedelta(days=7)
@@ -87,9 +88,11 @@ def _survey_image_files(data_dir: DataDir, catalogue: Catalogue | None, orphans:
     listed = {i.id for i in rows if i.status is not ImageStatus.DELETED}
     # Journals belong to crash recovery (it removes the partial output they name), not to us.
     journals = {path for _token, path in data_dir.export_journals()}
-    candidates = [p for p in _entries(data_dir.images_dir) if p.name not in kept]
+    merging = prune.live_work_files(data_dir)  # a running prune's journal and merge copy
+    candidates = [p for p in _entries(data_dir.images_dir)
+                  if p.name not in kept and p not in merging]
     candidates += [p for p in _entries(data_dir.tmp_dir)
-                   if p not in journals and not _export_in_progress(p)]
+                   if p not in journals and p not in merging and not _export_in_progress(p)]
     for path in _entries(data_dir.blank_overlays_dir):
         if path.name.startswith(".") and job_alive(path.suffix[1:]):
             continue  # being made by a running `servers create`
