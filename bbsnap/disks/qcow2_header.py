@@ -160,7 +160,9 @@ def _vet_extensions(stream: BinaryIO, start: int, cluster_size: int) -> None:
 
 
 def _read_backing_name(stream: BinaryIO, offset: int, size: int) -> str:
-    if not size or size > 1023:
+    # The offset is a u64 from the file: one past what a file offset can be (2^63) made
+    # seek() raise OverflowError instead of the refusal (found by the header fuzzer).
+    if not size or size > 1023 or offset >= 1 << 62:
         return "<invalid>"
     stream.seek(offset)
     return stream.read(size).decode("utf-8", "replace")

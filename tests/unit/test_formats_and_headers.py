@@ -25,6 +25,8 @@ def test_a_clean_v3_header_is_accepted():
 
 @pytest.mark.parametrize("kwargs,words", [
     ({"backing": (200, 10)}, "backing file"),
+    ({"backing": (1 << 63, 10)}, "backing file"),  # seek() raised OverflowError here
+    ({"backing": ((1 << 64) - 1, 10)}, "backing file"),
     ({"crypt": 2}, "encrypted"),
     ({"incompatible": 1 << 2}, "external data file"),
     ({"incompatible": 1 << 1}, "corrupt"),
