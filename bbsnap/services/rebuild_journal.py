@@ -132,8 +132,17 @@ def _settle(catalogue: Catalogue, data_dir: DataDir, hv: Hypervisor,
             catalogue.remove_dependent(DependentKind.SERVER, journal.server_id,
                                        journal.new_image_id)
         restore_marker(server_dir, journal.old_marker)
-    if journal.was_running and hv.info(journal.server_id).state is DomainState.SHUTOFF:
-        try:
-            hv.start(journal.server_id)
-        except BbsnapError:
-            pass  # the server keeps a whole disk; `servers start` reports why it won't run
+    if journal.was_running:
+        _start_again(hv, journal.server_id)
+
+
+def _start_again(hv: Hypervisor, server_id: str) -> None:
+    """Start the server unless it runs. Asked of libvirt rather than judged by its state: a
+    destroy the killed process asked for goes on in libvirtd after its client died (the state
+    still reads running meanwhile), and libvirt queues the start behind it."""
+    if hv.info(server_id).state is DomainState.PAUSED:
+        return  # paused by someone since: theirs to resume
+    try:
+        hv.start(server_id)
+    except BbsnapError:
+        pass  # running already, or won't start: the disk is whole; `servers start` says why

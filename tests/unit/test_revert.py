@@ -163,6 +163,8 @@ class FakeHypervisor:
         return DomainInfo(name=name, uuid=SERVER.uuid, state=self.state, persistent=True)
 
     def start(self, name: str) -> DomainInfo:
+        if self.state is DomainState.RUNNING:
+            raise ConflictError(f"{name} is already running")  # as libvirt refuses it
         self.started.append(name)
         self.state = DomainState.RUNNING
         return self.info(name)
