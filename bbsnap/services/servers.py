@@ -18,10 +18,10 @@ from ..errors import ConflictError, NotFoundError
 from ..hypervisor import DomainState, Hypervisor
 from ..hypervisor.domain_xml import (console_log_path, read_domain_facts, replace_disk_source,
                                      set_metadata)
+from ..jobs import current_job_token
 from ..layout import DataDir
 from ..models import (DependentKind, Image, ImageFilter, ImageStatus, ImageType, Server,
                       ServerStatus)
-from ..jobs import current_job_token
 from . import change_tracking, rebuild_journal, revert
 from .compensation import Compensation
 from .server_records import server_from_domain
@@ -137,10 +137,12 @@ class ServerService:
                 f"image {image.id} boots with {image.firmware} and server {server.id} with "
                 f"{server.firmware}", hint="create a new server from the image instead")
         with self._lock(server, purpose):
-            journal = self._swap_disk(server, image)
+            # Read again under the lock: a rebuild waited for may have changed its disk.
+            journal = self._swap_disk(self.get(server.id, with_addresses=False), image)
         # The definition names the new overlay now: the old disk and hold can go.
-        if server.image_id and server.image_id != image.id:
-            self._catalogue.remove_dependent(DependentKind.SERVER, server.id, server.image_id)
+        if journal.old_image_id and journal.old_image_id != image.id:
+            self._catalogue.remove_dependent(DependentKind.SERVER, server.id,
+                                             journal.old_image_id)
         old_disk = Path(journal.old_disk)
         if old_disk.parent == self._data_dir.server_dir(server.id):
             old_disk.unlink(missing_ok=True)
