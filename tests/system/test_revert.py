@@ -115,7 +115,7 @@ def test_revert_to_the_newest_and_an_older_snapshot_and_back(cloud, hypervisor):
     assert files == {i: digest(cloud.data_dir / "images" / f"{i}.qcow2") for i in files}
     held = holders(cloud)
     assert srv in held[newer] and srv not in held[older] and srv not in held[cloud.image_id]
-    disks = sorted(p.name for p in (cloud.data_dir / "servers" / srv).glob("disk*"))
+    disks = sorted(p.name for p in (cloud.data_dir / "servers" / srv).glob("disk*.qcow2"))
     assert disks == [Path(again["disks"][0]).name], "one disk file: the one in use"
 
 
@@ -214,7 +214,7 @@ def check_whole(cloud, hypervisor, server_id: str, snapshots: set[str]) -> dict:
     assert not (directory / ".rebuilding").exists()
     assert record["status"] == "active"
     (disk,) = record["disks"]
-    assert sorted(p.name for p in directory.glob("disk*")) == [Path(disk).name]
+    assert sorted(p.name for p in directory.glob("disk*.qcow2")) == [Path(disk).name]
     check = subprocess.run(["qemu-img", "check", "-U", disk], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     backing = backing_file(disk)[0]
