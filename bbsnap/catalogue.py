@@ -386,6 +386,9 @@ class Catalogue:
         if flt.type is not None:
             where.append("type = ?")
             params.append(flt.type.value)
+        if flt.source_server is not None:
+            where.append("source_server = ?")
+            params.append(flt.source_server)
         if flt.status in (Visibility.PRIVATE.value, Visibility.PUBLIC.value):
             where.append("status = 'available' AND visibility = ?")
             params.append(flt.status)

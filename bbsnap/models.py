@@ -90,6 +90,7 @@ class ImageFilter:
     type: ImageType | None = None
     status: str | None = None   # an ImageStatus value or private/public
     include_deleted: bool = False
+    source_server: str | None = None  # only the snapshots of this server (its id or name)
 
 
 @dataclass(frozen=True)

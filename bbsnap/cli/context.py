@@ -86,16 +86,27 @@ class AppContext:
         assert self._catalogue is not None
         recover_interrupted_creates(self._catalogue, self.data_dir, exists)
 
+    def _recover_rebuilds(self) -> None:
+        """Settle a killed `servers rebuild`/`revert` (cheap: a glob, usually empty; only a
+        journal left behind connects to libvirt)."""
+        from ..services.rebuild_journal import JOURNAL, recover_interrupted_rebuilds
+
+        if not any(self.data_dir.servers_dir.glob(f"srv-*/{JOURNAL}")):
+            return
+        assert self._catalogue is not None
+        recover_interrupted_rebuilds(self._catalogue, self.data_dir, self.hypervisor)
+
     def recover(self) -> None:
-        """All crash recovery: stale jobs, killed prunes' merges, killed creates and killed
-        exports (whose journals name the partial output: `doctor --fix` must not take them
-        for orphans)."""
+        """All crash recovery: stale jobs, killed prunes' merges, killed creates, rebuilds
+        and exports (whose journals name the partial output: `doctor --fix` must not take
+        them for orphans)."""
         from ..services.prune import recover_interrupted_prunes
         from ..services.recovery import recover_interrupted, recover_interrupted_exports
 
         recover_interrupted(self.catalogue_as_found, self.data_dir, self._adopt_snapshot)
         recover_interrupted_prunes(self.catalogue_as_found, self.data_dir)
         self._recover_creates()
+        self._recover_rebuilds()
         recover_interrupted_exports(self.data_dir)
 
     def worker_argv(self) -> list[str]:

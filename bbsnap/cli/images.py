@@ -25,17 +25,34 @@ def images(ctx: click.Context) -> None:
 @images.command("list")
 @click.option("-t", "--type", "image_type", type=click.Choice(IMAGE_TYPES), help="Only this type.")
 @click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
+@click.option("--server", "server_id", metavar="SRV",
+              help="Only the snapshots of this server (its history, oldest first).")
 @output_options
 @click.pass_obj
 def list_images(app: Any, image_type: str | None = None, status: str | None = None,
-                output_format: str = "table", simple: bool = False) -> None:
+                server_id: str | None = None, output_format: str = "table",
+                simple: bool = False) -> None:
     """List images: others first, then snapshots, each by creation time."""
     from . import image_views, render
 
-    found = app.images().find(image_type, status)
+    if server_id is not None:
+        image_type = "snapshot"
+        server_id = _server_name(app, server_id)
+    found = app.images().find(image_type, status, source_server=server_id)
     click.echo(render.listing(image_views.LIST_COLUMNS, [image_views.list_row(i) for i in found],
                               [image_views.as_record(i) for i in found], output_format, simple),
                nl=False)
+
+
+def _server_name(app: Any, key: str) -> str:
+    """The name snapshots record for server *key* (a UUID resolves to it); a server that is
+    gone is taken as named: its snapshots are still its history."""
+    from ..errors import NotFoundError
+
+    try:
+        return str(app.servers().get(key, with_addresses=False).id)
+    except NotFoundError:
+        return key
 
 
 @images.command("show")

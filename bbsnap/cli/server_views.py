@@ -23,8 +23,9 @@ def list_row(server: Server) -> list[Any]:
             server.image_id or "-", ", ".join(reachable(server)) or "-", server.name]
 
 
-def show_pairs(server: Server) -> list[tuple[str, Any]]:
-    return [
+def show_pairs(server: Server, snapshots: list[str] | None = None) -> list[tuple[str, Any]]:
+    """*snapshots*: the server's snapshot image ids, oldest first (its history)."""
+    pairs: list[tuple[str, Any]] = [
         ("id", server.id),
         ("uuid", server.uuid),
         ("status", server.status.value),
@@ -48,10 +49,14 @@ def show_pairs(server: Server) -> list[tuple[str, Any]]:
         ("disks", ", ".join(server.disks)),
         ("managed", "true" if server.managed else "false"),
     ]
+    if snapshots is not None:
+        pairs.append(("snapshots", ", ".join(snapshots)))
+    return pairs
 
 
-def as_record(server: Server) -> dict[str, Any]:
-    return {
+def as_record(server: Server, snapshots: list[str] | None = None) -> dict[str, Any]:
+    """*snapshots* (show only, where the catalogue is read): image ids, oldest first."""
+    record = {
         "id": server.id, "uuid": server.uuid, "status": server.status.value, "name": server.name,
         "type_id": server.type_id, "type": server.type_name, "zone": ZONE,
         "created_at": server.created_at.isoformat() if server.created_at else None,
@@ -62,3 +67,6 @@ def as_record(server: Server) -> dict[str, Any]:
         "cloud_ips": reachable(server), "ssh_port": server.ssh_port,
         "username": server.username, "disks": list(server.disks), "managed": server.managed,
     }
+    if snapshots is not None:
+        record["snapshots"] = list(snapshots)
+    return record

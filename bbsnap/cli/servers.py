@@ -43,14 +43,18 @@ def show_servers(app: Any, server_ids: tuple[str, ...], output_format: str, simp
     """Show servers in detail (name or UUID of any domain works too)."""
     from . import render, server_views
 
-    found = [app.servers().get(key) for key in server_ids]
+    service = app.servers()
+    found = []
+    for key in server_ids:
+        server = service.get(key)
+        found.append((server, [i.id for i in service.snapshots(server)]))
     if output_format != "table":
-        records = [server_views.as_record(s) for s in found]
+        records = [server_views.as_record(s, history) for s, history in found]
         click.echo(render.as_data(records[0] if len(records) == 1 else records, output_format),
                    nl=False)
         return
-    blocks = [render.simple([[v for _, v in server_views.show_pairs(s)]]) if simple
-              else render.vertical(server_views.show_pairs(s)) for s in found]
+    blocks = [render.simple([[v for _, v in server_views.show_pairs(s, history)]]) if simple
+              else render.vertical(server_views.show_pairs(s, history)) for s, history in found]
     click.echo(("" if simple else "\n").join(blocks), nl=False)
 
 
@@ -190,6 +194,23 @@ def rebuild_server(app: Any, server_id: str, image_id: str, output_format: str,
     """Rebuild SRV's disk from IMG (e.g. one of its snapshots), keeping its identity."""
     say(f"Rebuilding server {server_id} with image {image_id}")
     _print_servers([app.servers().rebuild(server_id, image_id)], output_format, simple)
+
+
+@servers.command("revert")
+@click.argument("server_id", metavar="SRV")
+@click.argument("image_id", metavar="[IMG]", required=False)
+@output_options
+@click.pass_obj
+def revert_server(app: Any, server_id: str, image_id: str | None, output_format: str,
+                  simple: bool) -> None:
+    """Revert SRV to one of its snapshots (default: its newest available one).
+
+    The disk becomes a new overlay on the snapshot; the server keeps its id, name, UUID,
+    MAC and SSH port, and runs afterwards if it ran before. What the guest wrote since the
+    snapshot is discarded. For another image, use `rebuild`.
+    """
+    say(f"Reverting server {server_id} to {image_id or 'its newest snapshot'}")
+    _print_servers([app.servers().revert(server_id, image_id)], output_format, simple)
 
 
 @servers.command("console")

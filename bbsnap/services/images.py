@@ -39,11 +39,14 @@ class ImageService:
         self._data_dir = data_dir
         self._forget_checkpoint = forget_checkpoint
 
-    def find(self, image_type: str | None = None, status: str | None = None) -> list[Image]:
+    def find(self, image_type: str | None = None, status: str | None = None, *,
+             source_server: str | None = None) -> list[Image]:
+        """*source_server*: only that server's snapshots (its history, oldest first)."""
         if status is not None and status not in STATUS_CHOICES:
             raise UsageError(f"unknown status '{status}'", hint=f"one of {', '.join(STATUS_CHOICES)}")
         return self._catalogue.find(ImageFilter(
-            type=ImageType(image_type) if image_type else None, status=status))
+            type=ImageType(image_type) if image_type else None, status=status,
+            source_server=source_server))
 
     def get(self, image_id: str) -> Image:
         return self._catalogue.get(ids.require(image_id, "img"))

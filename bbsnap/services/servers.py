@@ -18,9 +18,11 @@ from ..errors import ConflictError, NotFoundError
 from ..hypervisor import DomainState, Hypervisor
 from ..hypervisor.domain_xml import (console_log_path, read_domain_facts, replace_disk_source,
                                      set_metadata)
+from ..jobs import current_job_token
 from ..layout import DataDir
-from ..models import DependentKind, ImageStatus, Server, ServerStatus
-from . import change_tracking
+from ..models import (DependentKind, Image, ImageFilter, ImageStatus, ImageType, Server,
+                      ServerStatus)
+from . import change_tracking, rebuild_journal, revert
 from .compensation import Compensation
 from .server_records import server_from_domain
 
@@ -101,13 +103,32 @@ class ServerService:
             locks.remove_held(lock)  # while held: a waiter re-checks the path once it gets it
         return server
 
+    def snapshots(self, server: Server) -> list[Image]:
+        """The server's history: its snapshot images not deleted, oldest first."""
+        return self._catalogue.find(ImageFilter(type=ImageType.SNAPSHOT,
+                                                source_server=server.id))
+
     def rebuild(self, key: str, image_id: str) -> Server:
         """Give a bbsnap server a fresh overlay on *image_id*, keeping its id, name, MAC and
-        seed: the way to revert a dev VM to one of its snapshots. Writes since are discarded."""
+        seed. Writes since are discarded."""
         server = self.get(key, with_addresses=False)
         if not server.managed:
             raise ConflictError(f"{server.id} was not created by bbsnap; bbsnap cannot rebuild it")
-        image = self._catalogue.get(ids.require(image_id, "img"))
+        return self._rebuild(server, self._catalogue.get(ids.require(image_id, "img")),
+                             "rebuild")
+
+    def revert(self, key: str, image_id: str | None = None) -> Server:
+        """Rebuild the server onto one of its own snapshots (by default its newest available
+        one): what the guest wrote since that snapshot is discarded, nothing else."""
+        server = self.get(key, with_addresses=False)
+        writable = [d for d in self._hv.disks(server.id) if d.writable]
+        wanted = ids.require(image_id, "img") if image_id is not None else None
+        image = revert.choose_snapshot(server, self.snapshots(server), wanted,
+                                       self._catalogue.get)
+        revert.check_revertible(server, len(writable), len(self._catalogue.volumes(image.id)))
+        return self._rebuild(server, image, "revert")
+
+    def _rebuild(self, server: Server, image: Image, purpose: str) -> Server:
         if image.status is not ImageStatus.AVAILABLE:
             raise ConflictError(f"image {image.id} is {image.status.value}, not available")
         if image.firmware != server.firmware:
@@ -115,15 +136,40 @@ class ServerService:
             raise ConflictError(
                 f"image {image.id} boots with {image.firmware} and server {server.id} with "
                 f"{server.firmware}", hint="create a new server from the image instead")
-        with self._lock(server, "rebuild"), Compensation() as undo:
-            was_running = self._hv.info(server.id).state is not DomainState.SHUTOFF
-            primary = next(d for d in self._hv.disks(server.id) if d.writable)
-            old_disk = Path(primary.path)
-            size = max(qemu_img.info(old_disk, primary.format, force_share=True).virtual_size,
-                       image.virtual_size)
-            new_disk = (self._data_dir.server_dir(server.id)
-                        / f"disk-{image.id}-{int(time.time())}.qcow2")
+        with self._lock(server, purpose):
+            # Read again under the lock: a rebuild waited for may have changed its disk.
+            journal = self._swap_disk(self.get(server.id, with_addresses=False), image)
+        # The definition names the new overlay now: the old disk and hold can go.
+        if journal.old_image_id and journal.old_image_id != image.id:
+            self._catalogue.remove_dependent(DependentKind.SERVER, server.id,
+                                             journal.old_image_id)
+        old_disk = Path(journal.old_disk)
+        if old_disk.parent == self._data_dir.server_dir(server.id):
+            old_disk.unlink(missing_ok=True)
+        rebuild_journal.remove(self._data_dir, server.id)
+        return self.get(server.id, with_addresses=False)
+
+    def _swap_disk(self, server: Server, image: Image) -> rebuild_journal.RebuildJournal:
+        """Under the server's lock: the new overlay made, the definition pointed at it, the
+        server started again if it ran. Undone on an error; journaled against a SIGKILL."""
+        server_dir = self._data_dir.server_dir(server.id)
+        was_running = self._hv.info(server.id).state is not DomainState.SHUTOFF
+        primary = next(d for d in self._hv.disks(server.id) if d.writable)
+        size = max(qemu_img.info(Path(primary.path), primary.format,
+                                 force_share=True).virtual_size, image.virtual_size)
+        new_disk = server_dir / f"disk-{image.id}-{time.time_ns()}.qcow2"
+        journal = rebuild_journal.RebuildJournal(
+            token=current_job_token(), server_id=server.id, uuid=server.uuid,
+            device=primary.target, old_disk=primary.path, new_disk=str(new_disk),
+            old_image_id=server.image_id, new_image_id=image.id, was_running=was_running,
+            old_marker=rebuild_journal.read_marker(server_dir))
+        with Compensation() as undo:
+            rebuild_journal.write(self._data_dir, journal)
+            undo.push("the rebuild journal",
+                      lambda: rebuild_journal.remove(self._data_dir, server.id))
             undo.push("the new overlay", lambda: new_disk.unlink(missing_ok=True))
+            undo.push("the tracking marker", lambda: rebuild_journal.restore_marker(
+                server_dir, journal.old_marker))
             change_tracking.new_tracked_overlay(
                 self._data_dir, image.id, self._data_dir.image_path(str(image.path)), size,
                 new_disk)
@@ -141,11 +187,7 @@ class ServerService:
             undo.push(f"the old definition of {server.id}", lambda: self._hv.define(old_xml))
             if was_running:
                 self._hv.start(server.id)
-        if server.image_id and server.image_id != image.id:
-            self._catalogue.remove_dependent(DependentKind.SERVER, server.id, server.image_id)
-        if old_disk.parent == self._data_dir.server_dir(server.id):
-            old_disk.unlink(missing_ok=True)
-        return self.get(server.id, with_addresses=False)
+        return journal
 
     def console_log(self, key: str) -> Path:
         server = self.get(key, with_addresses=False)

@@ -1,0 +1,148 @@
+"""The journal of a rebuild (and so of a revert), for the command after a SIGKILL.
+
+A rebuild makes a new overlay, stops the server, points its definition at the overlay and
+starts it again; a killed process can stop anywhere in between. Before it makes anything it
+writes ``.rebuilding`` in the server's directory (atomically: it is whole or absent), and it
+removes the journal once the old disk is gone. The next command settles a journal whose
+process is dead, under the server's lock, by what the definition points at:
+
+- the new overlay: roll forward (the old image's hold dropped, the old disk deleted);
+- the old disk: roll back (the half-made or unused overlay deleted, the new image's hold
+  dropped, the tracking marker restored);
+- anything else (someone redefined it since): nothing is deleted, only the journal.
+
+Either way the server runs again if it ran before. The old disk is deleted only once the
+definition no longer names it, so the server always has a whole disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import locks
+from ..catalogue import Catalogue
+from ..errors import BbsnapError, NotFoundError
+from ..hypervisor import DomainState, Hypervisor
+from ..hypervisor.domain_xml import read_disks
+from ..jobs import job_alive
+from ..layout import DataDir
+from ..models import DependentKind
+from ..safe_files import write_atomic
+from . import change_tracking
+
+JOURNAL = ".rebuilding"
+MAX_JOURNAL = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RebuildJournal:
+    token: str                  # the rebuilding process (jobs.current_job_token)
+    server_id: str
+    uuid: str                   # the server lock's key
+    device: str                 # the disk being replaced (vda)
+    old_disk: str
+    new_disk: str
+    old_image_id: str | None
+    new_image_id: str
+    was_running: bool
+    old_marker: str | None      # the tracking marker's text before the new overlay replaced it
+
+
+def journal_path(data_dir: DataDir, server_id: str) -> Path:
+    return data_dir.server_dir(server_id) / JOURNAL
+
+
+def write(data_dir: DataDir, journal: RebuildJournal) -> None:
+    write_atomic(journal_path(data_dir, journal.server_id),
+                 json.dumps(asdict(journal)).encode())
+
+
+def remove(data_dir: DataDir, server_id: str) -> None:
+    journal_path(data_dir, server_id).unlink(missing_ok=True)
+
+
+def read_marker(server_dir: Path) -> str | None:
+    try:
+        return (server_dir / change_tracking.MARKER).read_text()
+    except OSError:
+        return None
+
+
+def restore_marker(server_dir: Path, text: str | None) -> None:
+    """Put the tracking marker back as it was (a new overlay's birth rewrote it)."""
+    marker = server_dir / change_tracking.MARKER
+    if text is None:
+        marker.unlink(missing_ok=True)
+    else:
+        marker.write_text(text)
+
+
+def _read(path: Path) -> RebuildJournal | None:
+    try:
+        with path.open("rb") as stream:
+            data = json.loads(stream.read(MAX_JOURNAL))
+        return RebuildJournal(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def recover_interrupted_rebuilds(catalogue: Catalogue, data_dir: DataDir,
+                                 hv: Hypervisor) -> list[str]:
+    """Settle the journals of killed rebuilds; the ids of the servers settled."""
+    settled = []
+    for path in sorted(data_dir.servers_dir.glob(f"srv-*/{JOURNAL}")):
+        journal = _read(path)
+        if journal is None or journal.server_id != path.parent.name:
+            continue  # not one this code wrote: leave it for a human (doctor lists the dir)
+        if job_alive(journal.token):
+            continue
+        lock = locks.try_acquire(data_dir.locks_dir, journal.uuid)
+        if lock is None:
+            continue  # another command works on the server; it (or the next one) settles it
+        with lock:
+            _settle(catalogue, data_dir, hv, journal)
+            path.unlink(missing_ok=True)
+        settled.append(journal.server_id)
+    return settled
+
+
+def _settle(catalogue: Catalogue, data_dir: DataDir, hv: Hypervisor,
+            journal: RebuildJournal) -> None:
+    try:
+        disks = read_disks(hv.domain_xml(journal.server_id, inactive=True))
+    except NotFoundError:
+        return  # the server was destroyed since; its directory went with it
+    current = next((d.path for d in disks if d.target == journal.device), None)
+    changed = journal.new_image_id != journal.old_image_id
+    server_dir = data_dir.server_dir(journal.server_id)
+    if current == journal.new_disk:
+        if changed and journal.old_image_id:
+            catalogue.remove_dependent(DependentKind.SERVER, journal.server_id,
+                                       journal.old_image_id)
+        old = Path(journal.old_disk)
+        if old.parent == server_dir and old != Path(journal.new_disk):
+            old.unlink(missing_ok=True)
+    elif current == journal.old_disk:
+        new = Path(journal.new_disk)
+        if new.parent == server_dir:  # only ever made there; never delete anything else
+            new.unlink(missing_ok=True)
+        if changed:
+            catalogue.remove_dependent(DependentKind.SERVER, journal.server_id,
+                                       journal.new_image_id)
+        restore_marker(server_dir, journal.old_marker)
+    if journal.was_running:
+        _start_again(hv, journal.server_id)
+
+
+def _start_again(hv: Hypervisor, server_id: str) -> None:
+    """Start the server unless it runs. Asked of libvirt rather than judged by its state: a
+    destroy the killed process asked for goes on in libvirtd after its client died (the state
+    still reads running meanwhile), and libvirt queues the start behind it."""
+    if hv.info(server_id).state is DomainState.PAUSED:
+        return  # paused by someone since: theirs to resume
+    try:
+        hv.start(server_id)
+    except BbsnapError:
+        pass  # running already, or won't start: the disk is whole; `servers start` says why

@@ -1,0 +1,234 @@
+"""History and revert without a guest: the server's snapshots as the catalogue lists them,
+which one a revert picks, its refusals, and the journal a killed rebuild leaves.
+
+The CLI runs in-process against libvirt's test driver (whose domain ``test`` bbsnap did
+not create); the rebuild journal is settled against a fake that only answers what the
+recovery asks (the disk the definition names, the state, a start).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from bbsnap.catalogue import Catalogue, utcnow
+from bbsnap.errors import ConflictError, NotFoundError
+from bbsnap.hypervisor import DomainInfo, DomainState
+from bbsnap.layout import DataDir
+from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageType, Server
+from bbsnap.models import ServerStatus
+from bbsnap.services import change_tracking, rebuild_journal
+from bbsnap.services.revert import check_revertible, choose_snapshot
+
+SERVER = Server(id="srv-aaaaa", uuid="6f1c0c1e-0000-4000-8000-000000000001", name="dev",
+                status=ServerStatus.ACTIVE, managed=True, image_id="img-base0")
+
+
+def _image(image_id: str, minutes: int, *, source: str | None = "srv-aaaaa",
+           status: ImageStatus = ImageStatus.AVAILABLE,
+           image_type: ImageType = ImageType.SNAPSHOT) -> Image:
+    return Image(id=image_id, type=image_type, owner="me",
+                 created_at=utcnow() - timedelta(minutes=60 - minutes), status=status,
+                 name=image_id, path=f"{image_id}.qcow2", source_server=source)
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> DataDir:
+    return DataDir(tmp_path / "data").ensure()
+
+
+@pytest.fixture()
+def catalogue(data: DataDir):
+    cat = Catalogue(data.catalogue_path)
+    yield cat
+    cat.close()
+
+
+def _history(catalogue: Catalogue) -> list[Image]:
+    return catalogue.find(ImageFilter(type=ImageType.SNAPSHOT, source_server=SERVER.id))
+
+
+def test_a_servers_history_is_its_snapshots_oldest_first_without_deleted_or_others(catalogue):
+    catalogue.add(_image("img-base0", 0, source=None, image_type=ImageType.UPLOAD))
+    catalogue.add(_image("img-newer", 30))
+    catalogue.add(_image("img-older", 10))
+    catalogue.add(_image("img-other", 20, source="srv-bbbbb"))
+    catalogue.add(_image("img-gone0", 15))
+    catalogue.mark_deleted("img-gone0")
+    assert [i.id for i in _history(catalogue)] == ["img-older", "img-newer"]
+
+
+def test_by_default_the_newest_available_snapshot_is_chosen():
+    history = [_image("img-old00", 1), _image("img-new00", 2),
+               _image("img-copy0", 3, status=ImageStatus.CREATING)]
+    assert choose_snapshot(SERVER, history, None, _no_lookup).id == "img-new00"
+    assert choose_snapshot(SERVER, history, "img-old00", _no_lookup).id == "img-old00"
+
+
+def _no_lookup(image_id: str) -> Image:
+    raise NotFoundError(f"image {image_id} not found")
+
+
+def test_no_snapshot_to_revert_to_is_a_conflict_with_the_way_to_take_one():
+    with pytest.raises(ConflictError) as caught:
+        choose_snapshot(SERVER, [_image("img-copy0", 3, status=ImageStatus.CREATING)], None,
+                        _no_lookup)
+    assert "no available snapshot" in str(caught.value)
+    assert "bbsnap servers snapshot srv-aaaaa" in str(caught.value.hint)
+
+
+def test_another_servers_snapshot_or_a_plain_image_is_refused_with_a_hint_to_rebuild():
+    others = {"img-other": _image("img-other", 5, source="srv-bbbbb"),
+              "img-base0": _image("img-base0", 0, source=None, image_type=ImageType.UPLOAD)}
+    for image_id in others:
+        with pytest.raises(ConflictError) as caught:
+            choose_snapshot(SERVER, [_image("img-mine0", 1)], image_id, others.__getitem__)
+        assert caught.value.exit_code == 4
+        assert f"{image_id} is not a snapshot of server srv-aaaaa" in str(caught.value)
+        assert f"bbsnap servers rebuild srv-aaaaa {image_id}" in str(caught.value.hint)
+    with pytest.raises(NotFoundError):
+        choose_snapshot(SERVER, [], "img-nope0", _no_lookup)
+
+
+def test_a_snapshot_still_being_created_or_failed_is_refused():
+    history = [_image("img-copy0", 3, status=ImageStatus.CREATING),
+               _image("img-fail0", 4, status=ImageStatus.FAILED)]
+    with pytest.raises(ConflictError, match="still being created"):
+        choose_snapshot(SERVER, history, "img-copy0", _no_lookup)
+    with pytest.raises(ConflictError, match="is failed"):
+        choose_snapshot(SERVER, history, "img-fail0", _no_lookup)
+
+
+def test_multi_disk_and_foreign_servers_are_refused_clearly():
+    with pytest.raises(ConflictError, match="reverts only single-disk servers"):
+        check_revertible(SERVER, 2, 2)
+    with pytest.raises(ConflictError, match="reverts only single-disk servers"):
+        check_revertible(SERVER, 1, 2)  # a snapshot taken when it had more disks
+    foreign = Server(id="web", uuid="u", name="web", status=ServerStatus.ACTIVE, managed=False)
+    with pytest.raises(ConflictError, match="not created by bbsnap"):
+        check_revertible(foreign, 1, 1)
+    check_revertible(SERVER, 1, 1)
+
+
+# -- the CLI, on libvirt's test driver --------------------------------------------------------
+
+def _add_rows(bbsnap, *images: Image) -> None:
+    catalogue = Catalogue(DataDir(bbsnap.data_dir).ensure().catalogue_path)
+    for image in images:
+        catalogue.add(image)
+    catalogue.close()
+
+
+def test_servers_show_and_images_list_give_the_servers_history(bbsnap):
+    _add_rows(bbsnap, _image("img-later", 20, source="test"), _image("img-first", 10,
+              source="test"), _image("img-other", 15, source="srv-bbbbb"))
+    shown = bbsnap("-c", "test:///default", "servers", "show", "test", "--format", "json")
+    assert shown.exit_code == 0, shown.stderr
+    assert json.loads(shown.stdout)["snapshots"] == ["img-first", "img-later"]
+    table = bbsnap("-c", "test:///default", "servers", "show", "test")
+    assert "snapshots" in table.stdout and "img-first, img-later" in table.stdout
+    listed = bbsnap("-c", "test:///default", "images", "list", "--server", "test", "-s")
+    assert listed.exit_code == 0, listed.stderr
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["img-first",
+                                                                          "img-later"]
+    gone = bbsnap("-c", "test:///default", "images", "list", "--server", "srv-bbbbb", "-s")
+    assert gone.exit_code == 0 and gone.stdout.split("\t")[0] == "img-other"
+
+
+def test_reverting_a_domain_bbsnap_did_not_make_is_refused(bbsnap):
+    _add_rows(bbsnap, _image("img-first", 10, source="test"))
+    result = bbsnap("-c", "test:///default", "servers", "revert", "test")
+    assert result.exit_code == 4
+    assert "not created by bbsnap; bbsnap reverts only its own servers" in result.stderr
+
+
+# -- the journal a killed rebuild leaves -------------------------------------------------------
+
+@dataclass
+class FakeHypervisor:
+    disk: str
+    state: DomainState = DomainState.SHUTOFF
+    started: list[str] = field(default_factory=list)
+
+    def domain_xml(self, name: str, *, inactive: bool = False) -> str:
+        return (f"<domain><name>{name}</name><devices><disk type='file' device='disk'>"
+                f"<driver name='qemu' type='qcow2'/><source file='{self.disk}'/>"
+                "<target dev='vda' bus='virtio'/></disk></devices></domain>")
+
+    def info(self, name: str) -> DomainInfo:
+        return DomainInfo(name=name, uuid=SERVER.uuid, state=self.state, persistent=True)
+
+    def start(self, name: str) -> DomainInfo:
+        if self.state is DomainState.RUNNING:
+            raise ConflictError(f"{name} is already running")  # as libvirt refuses it
+        self.started.append(name)
+        self.state = DomainState.RUNNING
+        return self.info(name)
+
+
+def _killed_rebuild(data: DataDir, catalogue: Catalogue) -> rebuild_journal.RebuildJournal:
+    """What a rebuild killed after making its overlay leaves: both disks, both holds."""
+    server_dir = data.server_dir(SERVER.id)
+    server_dir.mkdir(parents=True)
+    old, new = server_dir / "disk.qcow2", server_dir / "disk-img-snap0-1.qcow2"
+    old.write_bytes(b"old")
+    new.write_bytes(b"new")
+    (server_dir / change_tracking.MARKER).write_text(f"{new.name}\n")
+    for image_id in ("img-base0", "img-snap0"):
+        catalogue.add(_image(image_id, 1))
+        catalogue.add_dependent(image_id, DependentKind.SERVER, SERVER.id)
+    journal = rebuild_journal.RebuildJournal(
+        token="1:1:dead", server_id=SERVER.id, uuid=SERVER.uuid, device="vda",
+        old_disk=str(old), new_disk=str(new), old_image_id="img-base0",
+        new_image_id="img-snap0", was_running=True, old_marker="disk.qcow2\n")
+    rebuild_journal.write(data, journal)
+    return journal
+
+
+def _holders(catalogue: Catalogue) -> list[str]:
+    return [i for i in ("img-base0", "img-snap0") if catalogue.dependents(i)]
+
+
+def test_a_rebuild_killed_before_the_new_definition_rolls_back(data, catalogue):
+    journal = _killed_rebuild(data, catalogue)
+    hv = FakeHypervisor(disk=journal.old_disk)
+    assert rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv) == [SERVER.id]
+    assert Path(journal.old_disk).read_bytes() == b"old"
+    assert not Path(journal.new_disk).exists()
+    assert _holders(catalogue) == ["img-base0"]
+    marker = data.server_dir(SERVER.id) / change_tracking.MARKER
+    assert marker.read_text() == "disk.qcow2\n"
+    assert hv.started == [SERVER.id], "it ran before, so it runs again"
+    assert not rebuild_journal.journal_path(data, SERVER.id).exists()
+
+
+def test_a_rebuild_killed_after_the_new_definition_rolls_forward(data, catalogue):
+    journal = _killed_rebuild(data, catalogue)
+    hv = FakeHypervisor(disk=journal.new_disk, state=DomainState.RUNNING)
+    assert rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv) == [SERVER.id]
+    assert not Path(journal.old_disk).exists()
+    assert Path(journal.new_disk).read_bytes() == b"new"
+    assert _holders(catalogue) == ["img-snap0"]
+    assert hv.started == []
+    assert not rebuild_journal.journal_path(data, SERVER.id).exists()
+
+
+def test_a_live_rebuilds_journal_and_one_naming_other_files_are_left_alone(data, catalogue):
+    from bbsnap.jobs import current_job_token
+
+    journal = _killed_rebuild(data, catalogue)
+    rebuild_journal.write(data, rebuild_journal.RebuildJournal(
+        **{**journal.__dict__, "token": current_job_token()}))
+    hv = FakeHypervisor(disk=journal.old_disk)
+    assert rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv) == []
+    assert Path(journal.new_disk).exists()
+    outside = data.root / "not-ours.qcow2"
+    outside.write_bytes(b"x")
+    rebuild_journal.write(data, rebuild_journal.RebuildJournal(
+        **{**journal.__dict__, "new_disk": str(outside)}))
+    rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv)
+    assert outside.exists(), "a journal is never a licence to delete outside the server's dir"
