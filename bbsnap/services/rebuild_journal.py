@@ -18,6 +18,7 @@ definition no longer names it, so the server always has a whole disk.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -140,9 +141,25 @@ def _start_again(hv: Hypervisor, server_id: str) -> None:
     """Start the server unless it runs. Asked of libvirt rather than judged by its state: a
     destroy the killed process asked for goes on in libvirtd after its client died (the state
     still reads running meanwhile), and libvirt queues the start behind it."""
-    if hv.info(server_id).state is DomainState.PAUSED:
+    if _settled_state(hv, server_id) is DomainState.PAUSED:
         return  # paused by someone since: theirs to resume
     try:
         hv.start(server_id)
     except BbsnapError:
         pass  # running already, or won't start: the disk is whole; `servers start` says why
+
+
+STARTING_UP_WAIT = 30.0  # seconds a domain may read paused while libvirt still starts it
+
+
+def _settled_state(hv: Hypervisor, server_id: str) -> DomainState:
+    """The domain's state once a start in progress is done. libvirt starts QEMU paused (-S)
+    and resumes it when the domain is set up; a start the killed command had asked for goes
+    on in libvirtd, so `paused` read at once may only mean "still starting" (seen: a killed
+    revert's server was left paused when recovery took that for a user's pause)."""
+    deadline = time.monotonic() + STARTING_UP_WAIT
+    state = hv.info(server_id).state
+    while state is DomainState.PAUSED and time.monotonic() < deadline:
+        time.sleep(0.2)
+        state = hv.info(server_id).state
+    return state

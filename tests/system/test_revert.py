@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import time
@@ -184,3 +186,58 @@ def test_a_revert_waits_for_a_snapshot_copy_of_the_server(cloud, hypervisor):
     assert f"waiting for another operation on {srv}" in stderr
     assert wait_settled(cloud, copying)["state"] == "available"
     assert show(cloud, srv)["image_id"] == first
+
+
+# -- SIGKILL ----------------------------------------------------------------------------------
+
+KILLS = 5
+
+
+def kill_revert_after(cloud, server_id: str, image_id: str, delay: float) -> None:
+    child = subprocess.Popen([sys.executable, "-m", "bbsnap.cli.main", "servers", "revert",
+                              server_id, image_id], env={**os.environ, **cloud.env},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    time.sleep(delay)
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    child.wait()
+
+
+def check_whole(cloud, hypervisor, server_id: str, snapshots: set[str]) -> dict:
+    """After recovery: one whole disk, named by the definition, on one of the server's
+    images, which alone holds the server; the server runs; no journal is left."""
+    record = show(cloud, server_id)  # the next command: it recovers first
+    directory = cloud.data_dir / "servers" / server_id
+    assert not (directory / ".rebuilding").exists()
+    assert record["status"] == "active"
+    (disk,) = record["disks"]
+    assert sorted(p.name for p in directory.glob("disk*.qcow2")) == [Path(disk).name]
+    check = subprocess.run(["qemu-img", "check", "-U", disk], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    backing = backing_file(disk)[0]
+    assert any(backing.endswith(f"{i}.qcow2") for i in snapshots | {cloud.image_id})
+    assert backing.endswith(f"{record['image_id']}.qcow2")
+    held = {i for i, who in holders(cloud).items() if server_id in who}
+    assert held == {record["image_id"]}
+    return record
+
+
+def test_a_killed_revert_is_settled_by_the_next_command(cloud, hypervisor):
+    server = running_server_with_writes(cloud)
+    srv = server["id"]
+    first, at_first = snapshot(cloud, srv)
+    second, at_second = snapshot(cloud, srv)
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for kill in range(KILLS):
+        target = (first, second)[kill % 2]
+        kill_revert_after(cloud, srv, target, rng.uniform(0.2, 2.5))
+        record = check_whole(cloud, hypervisor, srv, {first, second})
+        print(f"seed {seed} kill {kill}: on {record['image_id']}")
+    after = revert(cloud, srv, first)
+    assert booted_counter(cloud, srv) == at_first
+    check_whole(cloud, hypervisor, srv, {first, second})
+    assert at_second >= at_first and after["uuid"] == server["uuid"]

@@ -232,3 +232,27 @@ def test_a_live_rebuilds_journal_and_one_naming_other_files_are_left_alone(data,
         **{**journal.__dict__, "new_disk": str(outside)}))
     rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv)
     assert outside.exists(), "a journal is never a licence to delete outside the server's dir"
+
+
+def test_recovery_waits_out_a_start_that_reads_paused(monkeypatch):
+    """libvirt shows a domain paused while it still starts it (QEMU runs -S until set up):
+    recovery of a killed revert waits for that to settle before judging the server paused
+    by someone; a pause that lasts is left alone."""
+    from types import SimpleNamespace
+
+    from bbsnap.hypervisor import DomainState
+    from bbsnap.services import rebuild_journal
+
+    class Starting:
+        def __init__(self, states):
+            self.states = list(states)
+
+        def info(self, name):
+            state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+            return SimpleNamespace(state=state)
+
+    starting = Starting([DomainState.PAUSED, DomainState.PAUSED, DomainState.RUNNING])
+    assert rebuild_journal._settled_state(starting, "srv-aaaaa") is DomainState.RUNNING
+    monkeypatch.setattr(rebuild_journal, "STARTING_UP_WAIT", 0.5)
+    paused = Starting([DomainState.PAUSED])
+    assert rebuild_journal._settled_state(paused, "srv-aaaaa") is DomainState.PAUSED
