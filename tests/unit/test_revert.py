@@ -36,18 +36,6 @@ def _image(image_id: str, minutes: int, *, source: str | None = "srv-aaaaa",
                  name=image_id, path=f"{image_id}.qcow2", source_server=source)
 
 
-@pytest.fixture()
-def data(tmp_path: Path) -> DataDir:
-    return DataDir(tmp_path / "data").ensure()
-
-
-@pytest.fixture()
-def catalogue(data: DataDir):
-    cat = Catalogue(data.catalogue_path)
-    yield cat
-    cat.close()
-
-
 def _history(catalogue: Catalogue) -> list[Image]:
     return catalogue.find(ImageFilter(type=ImageType.SNAPSHOT, source_server=SERVER.id))
 

@@ -50,18 +50,6 @@ class FakeHypervisor:
         self.names.discard(name)
 
 
-@pytest.fixture()
-def data(tmp_path: Path) -> DataDir:
-    return DataDir(tmp_path / "data").ensure()
-
-
-@pytest.fixture()
-def catalogue(data: DataDir):
-    cat = Catalogue(data.catalogue_path)
-    yield cat
-    cat.close()
-
-
 def _disk(data: DataDir, fmt: str = "qcow2", backing: str | None = None) -> DiskInfo:
     path = data.root / "disk.qcow2"
     path.touch()
