@@ -192,8 +192,10 @@ def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wa
 def rebuild_server(app: Any, server_id: str, image_id: str, output_format: str,
                    simple: bool) -> None:
     """Rebuild SRV's disk from IMG (e.g. one of its snapshots), keeping its identity."""
+    service = app.servers()
+    service.get(server_id, with_addresses=False)  # an unknown server fails before any output
     say(f"Rebuilding server {server_id} with image {image_id}")
-    _print_servers([app.servers().rebuild(server_id, image_id)], output_format, simple)
+    _print_servers([service.rebuild(server_id, image_id)], output_format, simple)
 
 
 @servers.command("revert")
@@ -209,8 +211,10 @@ def revert_server(app: Any, server_id: str, image_id: str | None, output_format:
     MAC and SSH port, and runs afterwards if it ran before. What the guest wrote since the
     snapshot is discarded. For another image, use `rebuild`.
     """
+    service = app.servers()
+    service.get(server_id, with_addresses=False)  # an unknown server fails before any output
     say(f"Reverting server {server_id} to {image_id or 'its newest snapshot'}")
-    _print_servers([app.servers().revert(server_id, image_id)], output_format, simple)
+    _print_servers([service.revert(server_id, image_id)], output_format, simple)
 
 
 @servers.command("console")

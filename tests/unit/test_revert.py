@@ -244,3 +244,20 @@ def test_recovery_waits_out_a_start_that_reads_paused(monkeypatch):
     monkeypatch.setattr(rebuild_journal, "STARTING_UP_WAIT", 0.5)
     paused = Starting([DomainState.PAUSED])
     assert rebuild_journal._settled_state(paused, "srv-aaaaa") is DomainState.PAUSED
+
+
+def test_revert_and_rebuild_of_an_unknown_server_say_nothing_before_the_error(tmp_path):
+    """Validation before output: no "Reverting server ..." line for a server that is not
+    there, only the one-line error (exit 3)."""
+    from click.testing import CliRunner
+
+    from bbsnap.cli.main import cli
+
+    env = {"BBSNAP_HOME": str(tmp_path / "data"), "BBSNAP_CONFIG": ""}
+    for args in (["servers", "revert", "srv-zzzzz"],
+                 ["servers", "rebuild", "srv-zzzzz", "img-zzzzz"]):
+        result = CliRunner().invoke(cli, ["-c", "test:///default", *args], env=env)
+        assert result.exit_code == 3, result.stderr
+        assert result.stderr.splitlines() == [line for line in result.stderr.splitlines()
+                                              if line.startswith("bbsnap: error:")], result.stderr
+        assert len(result.stderr.splitlines()) == 1
