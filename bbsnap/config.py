@@ -12,10 +12,11 @@ or out-of-range value is a usage error naming where it came from, never a silent
 from __future__ import annotations
 
 import getpass
+import grp
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,18 @@ from .errors import UsageError
 from .sizes import GIB, parse_size
 
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
+SYSTEM_URI = "qemu:///system"
+SESSION_URI = "qemu:///session"
+# The group whose members may manage qemu:///system: Debian's polkit rule (60-libvirt.rules)
+# and a libvirtd with unix_sock_group both grant it to this group.
+LIBVIRT_GROUP = "libvirt"
 MAX_CONFIG_BYTES = 1024 * 1024  # a settings file is a few lines; refuse to slurp anything huge
 
 
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
-    connect: str = "qemu:///system"
+    connect: str = SYSTEM_URI      # the default is chosen per user: see choose_connection()
     accel: str = "auto"
     owner: str = "local"
     max_virtual_size: int = 2048 * GIB       # refuse images claiming more than this
@@ -41,6 +47,9 @@ class Settings:
     http_min_rate: int = 1024      # bytes/s an image URL must keep up over each http_timeout
     lock_timeout: float = 3600.0   # longest wait for another operation's lock (see locks.py)
     max_chain_depth: int = 32      # files a snapshot chain may take to open; then it restarts
+    # Where `connect` came from ("--connect", "LIBVIRT_DEFAULT_URI", the config file, or
+    # why it was chosen automatically), for `doctor`. Not a setting: no file or variable sets it.
+    connect_origin: str = field(default="", metadata={"internal": True})
 
 
 # A parser takes a raw value (a str from a flag or the environment, any YAML value from the
@@ -220,6 +229,29 @@ def _parser_for(name: str) -> Parser:
     return parse_text
 
 
+def choose_connection(uid: int | None = None,
+                      groups: list[int] | None = None) -> tuple[str, str]:
+    """The libvirt URI a user gets when nothing names one, and why (for `doctor`).
+
+    root manages qemu:///system. Another user gets qemu:///system when this process is in
+    the libvirt group (what polkit's libvirt rule or libvirtd's unix_sock_group allow), and
+    qemu:///session otherwise, which every user reaches without set-up (QEMU then runs as
+    them). Decided from the process's credentials only: settings are loaded by every
+    command, `bbsnap --help` included, and must not cost a connection.
+    """
+    uid = os.geteuid() if uid is None else uid
+    if uid == 0:
+        return SYSTEM_URI, "automatic: running as root"
+    groups = os.getgroups() if groups is None else groups
+    try:
+        libvirt_gid = grp.getgrnam(LIBVIRT_GROUP).gr_gid
+    except KeyError:
+        return SESSION_URI, f"automatic: there is no '{LIBVIRT_GROUP}' group on this host"
+    if libvirt_gid in groups:
+        return SYSTEM_URI, f"automatic: you are in the '{LIBVIRT_GROUP}' group"
+    return SESSION_URI, f"automatic: you are not in the '{LIBVIRT_GROUP}' group"
+
+
 def default_data_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/bbsnap")
@@ -255,7 +287,7 @@ def _read_config_file(path: Path | None, explicit: bool) -> dict[str, Any]:
     data = _parse_yaml(path, _read_text(path)) or {}
     if not isinstance(data, dict):
         raise UsageError(f"config file {_shown_path(path)} must be a mapping of setting: value")
-    known = {f.name for f in fields(Settings)}
+    known = {f.name for f in fields(Settings) if not f.metadata.get("internal")}
     unknown = sorted(str(key) for key in data if key not in known)
     if unknown:
         raise UsageError(f"unknown setting(s) in {_shown_path(path)}: {', '.join(unknown)}",
@@ -325,15 +357,25 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
 def load_settings(overrides: Mapping[str, Any] | None = None,
                   environ: Mapping[str, str] = os.environ) -> Settings:
     """Resolve every setting from *overrides* (flags), *environ* and the config file."""
-    values: dict[str, Any] = {"data_dir": default_data_dir(), "owner": default_owner()}
+    connect, origin = choose_connection()
+    values: dict[str, Any] = {"data_dir": default_data_dir(), "owner": default_owner(),
+                              "connect": connect}
     path = config_file_path(environ)
     for name, value in _read_config_file(path, bool(environ.get("BBSNAP_CONFIG"))).items():
         values[name] = _parser_for(name)(value, f"'{name}' in {_shown_path(path)}" if path
                                          else name)
-    values.update(_from_environment(environ))
+        if name == "connect":
+            origin = f"'connect' in {_shown_path(path)}" if path else "the config file"
+    from_environment = _from_environment(environ)
+    values.update(from_environment)
+    if "connect" in from_environment:
+        origin = _ENV["connect"]
     for name, value in (overrides or {}).items():
         if value is not None:
             parser = _FLAG_PARSERS.get(name) or _parser_for(name)
             values[name] = parser(value, f"--{name.replace('_', '-')}")
+            if name == "connect":
+                origin = "--connect"
+    values["connect_origin"] = origin
     settings = Settings(**values)
     return replace(settings, data_dir=settings.data_dir.absolute())

@@ -192,6 +192,17 @@ def exec_replace(argv: Sequence[str]) -> None:
         raise NotFoundError(f"required program '{args[0]}' is not installed") from exc
 
 
+def run_attached(argv: Sequence[str]) -> int:
+    """Run *argv* on this terminal (stdin, stdout, stderr inherited) and return its exit
+    status: `servers ssh` when it must read ssh's result. No timeout: the user's session
+    lasts as long as they want; Ctrl-C reaches the child, as with exec."""
+    args = [os.fspath(a) for a in argv]
+    try:
+        return subprocess.run(args, check=False).returncode
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"required program '{args[0]}' is not installed") from exc
+
+
 def spawn_detached(argv: Sequence[str | os.PathLike[str]], *, log_path: Path,
                    pass_fds: Sequence[int] = ()) -> int:
     """Start a background worker in its own session, detached from the terminal and the

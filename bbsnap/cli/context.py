@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 class AppContext:
     overrides: dict[str, Any]
     debug: bool = False
+    # Refuse a data directory recorded for another connection (doctor reports it instead).
+    bind_data_dir: bool = True
     _settings: "Settings | None" = None
     _catalogue: "Catalogue | None" = None
     _data_dir: "DataDir | None" = None
@@ -171,9 +173,30 @@ class AppContext:
         if self._hypervisor is None:
             from ..hypervisor.libvirt_adapter import LibvirtHypervisor
 
-            self._hypervisor = LibvirtHypervisor(self.settings.connect)
+            hypervisor = LibvirtHypervisor(self.settings.connect)
+            if self.bind_data_dir:
+                self._bind_data_dir(hypervisor)
+            self._hypervisor = hypervisor
             self._closers.append(self._hypervisor.close)
         return self._hypervisor
+
+    def _bind_data_dir(self, hypervisor: "LibvirtHypervisor") -> None:
+        """A data directory belongs to one connection (host_access.py): refuse another, and
+        record the first one that answers."""
+        from .. import host_access
+
+        root, uri = self.data_dir.root, self.settings.connect
+        host_access.refuse_other_connection(root, uri)
+        if host_access.needs_record(root, uri):
+            hypervisor.version()  # connects: a connection that fails claims nothing
+            host_access.record_connection(root, uri)
+
+    def check_qemu_access(self) -> None:
+        """Before a command makes files QEMU must open: can QEMU's user reach them?"""
+        from .. import host_access
+
+        host_access.require_reachable(self.data_dir.root, self.settings.connect,
+                                      self.settings.qemu_user)
 
     def servers(self) -> "ServerService":
         from ..services.servers import ServerService

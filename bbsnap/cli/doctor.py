@@ -9,14 +9,18 @@ import click
 
 @click.command("doctor")
 @click.option("--fix", is_flag=True,
-              help="Recover interrupted jobs, checkpoint the catalogue, move orphaned files "
-                   "into DATA/quarantine and delete quarantined files older than 7 days.")
+              help="Recover interrupted jobs, let QEMU's user pass the directories above the "
+                   "data directory (setfacl -m u:libvirt-qemu:x), checkpoint the catalogue, "
+                   "move orphaned files into DATA/quarantine and delete quarantined files "
+                   "older than 7 days.")
 @click.pass_obj
 def doctor(app: Any, fix: bool) -> None:
-    """Check libvirt, QEMU, KVM, the data directory and the catalogue; exit 1 on problems."""
+    """Check the connection, libvirt, QEMU, KVM, the data directory and the catalogue; exit 1
+    on problems."""
     from ..errors import CatalogueError
     from ..services.doctor import Doctor
 
+    app.bind_data_dir = False  # another connection's data directory is a finding, not an error
     try:
         catalogue, error = app.catalogue_as_found, ""
     except CatalogueError as exc:  # reported as a finding; it then proves nothing
@@ -50,6 +54,8 @@ def _report_fix(done: Any) -> None:
     from ..services.reclaim import QUARANTINE_GRACE
 
     echo = _escaped_echo(err=True)
+    for command in done.granted:
+        echo(f"granted QEMU's user passage: {command}")
     for batch in done.purged:
         echo(f"deleted quarantine batch {batch.path.name}: freed {_bytes(batch.size)}")
     freed = sum(b.size for b in done.purged)

@@ -91,14 +91,19 @@ def create_servers(app: Any, image_id: str, name: str | None, server_type: str |
         disk_gib=disk_size, user_data=_read_user_data(user_data),
         ssh_key_files=tuple(Path(k) for k in ssh_keys), hostname=hostname, network=network,
         start=not no_start)
-    creator = app.server_creator(accel)
-    image = app.images().get(image_id)
-    chosen = find_type(server_type or DEFAULT_TYPE)
-    say(f"Creating {'a' if count == 1 else count} {chosen.name} ({chosen.id}) "
-        f"server{'s' if count > 1 else ''} with image {image.name} ({image.id})")
     if hostname and count > 1:
         from ..errors import UsageError
         raise UsageError("--hostname cannot be used with --count above 1")
+    # Everything is checked before the first line: the connection (the creator's
+    # hypervisor answers), QEMU's access to the data directory, the image, every option.
+    creator = app.server_creator(accel)
+    app.hypervisor.version()
+    app.check_qemu_access()
+    image = app.images().get(image_id)
+    chosen = find_type(server_type or DEFAULT_TYPE)
+    creator.plan(request)
+    say(f"Creating {'a' if count == 1 else count} {chosen.name} ({chosen.id}) "
+        f"server{'s' if count > 1 else ''} with image {image.name} ({image.id})")
     created = [creator.create(request) for _ in range(count)]
     _print_servers(created, output_format, simple)
 
@@ -155,23 +160,30 @@ def destroy_servers(app: Any, server_ids: tuple[str, ...]) -> None:
 @click.option("--wait", is_flag=True, help="Wait until the image is available (or failed).")
 @click.option("--no-quiesce", is_flag=True,
               help="Do not freeze filesystems through the guest agent.")
+@click.option("-u", "--username",
+              help="The guest's login user, recorded on the image for `servers ssh` on its "
+                   "clones (default: the server's image's).")
 @click.pass_obj
 def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wait: bool,
-                     no_quiesce: bool) -> None:
+                     no_quiesce: bool, username: str | None) -> None:
     """Snapshot running (or stopped) servers into the image catalogue.
 
     Returns as soon as the point in time is fixed; the copy continues in the background
     (the image shows `creating`, then private). Prints the new image ids.
     """
+    from ..services.image_fields import check_username
     from ..services.snapshot import SnapshotRequest
 
+    if username is not None:
+        check_username(username)  # a bad option fails before any output
     service = app.snapshots()
+    app.check_qemu_access()
     started = []
 
     def snap(key: str) -> None:
         say(f"Snapshotting server {key}")
         image = service.begin(
-            SnapshotRequest(server=key, name=name, quiesce=not no_quiesce),
+            SnapshotRequest(server=key, name=name, quiesce=not no_quiesce, username=username),
             on_wait=lambda: say(f"bbsnap: waiting for another operation on {key} to finish"),
             on_note=lambda text: say(f"bbsnap: {text}"))
         started.append(image.id)
@@ -239,13 +251,20 @@ def console(app: Any, server_id: str) -> None:
 def ssh(app: Any, server_id: str, user: str | None, identity: str | None,
         command: tuple[str, ...]) -> None:
     """SSH into a server: SRV [-- COMMAND...]."""
-    from ..proc import exec_replace
-    from ..services.ssh import ssh_argv
+    from ..proc import exec_replace, run_attached
+    from ..services.ssh import SSH_FAILED, guessed_login, login_failed, ssh_argv
 
-    argv = ssh_argv(app.servers().get(server_id), user=user, identity=identity,
-                    command=list(command))
+    server = app.servers().get(server_id)
+    argv = ssh_argv(server, user=user, identity=identity, command=list(command))
     app.close()
-    exec_replace(argv)
+    if not guessed_login(server, user):
+        exec_replace(argv)
+    # Trying root only because nothing says whom: stay to name the user if ssh fails.
+    status = run_attached(argv)
+    if status == SSH_FAILED:
+        raise login_failed(server, status)
+    if status:
+        raise click.exceptions.Exit(status)
 
 
 @click.group("types", invoke_without_command=True)

@@ -13,11 +13,12 @@ import os
 import pwd
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from .. import host_access
 from ..catalogue import Catalogue
 from ..config import Settings
 from ..errors import BbsnapError
@@ -49,6 +50,7 @@ class Reclaimed:
     batch: Path | None          # where this run's orphans went
     moved: list[Orphan]
     purged: list[Batch]         # older batches deleted
+    granted: list[str] = field(default_factory=list)  # ACL commands run for QEMU's user
 
 
 class Doctor:
@@ -64,7 +66,8 @@ class Doctor:
         self._hypervisor = hypervisor
 
     def run(self) -> list[Finding]:
-        findings = [*self._hypervisor_checks(), *self._tool_checks(), self._kvm_check(),
+        findings = [*self._connection_checks(), *self._hypervisor_checks(),
+                    *self._tool_checks(), self._kvm_check(),
                     *self._permission_checks(), *self._confinement_hints(),
                     self._catalogue_check(), self._stale_jobs_check()]
         found = self.survey()
@@ -133,19 +136,36 @@ class Doctor:
                        fix="nothing to do: --accel auto picks tcg; override with --accel or "
                            "BBSNAP_ACCEL=kvm|tcg")
 
+    def _connection_checks(self) -> list[Finding]:
+        """Which connection this is and why, and whether this data directory is its."""
+        connect = self._settings.connect
+        origin = self._settings.connect_origin or "default"
+        findings = [Finding("connection", True, f"{connect} ({origin})")]
+        hint = _group_login_hint(connect, origin)
+        if hint:
+            findings.append(Finding("libvirt group", True, hint, warning=True,
+                                    fix="log out and in again (or: newgrp libvirt)"))
+        recorded = host_access.recorded_connection(self._data_dir.root)
+        if recorded is not None and recorded != connect and host_access.is_local_qemu(connect):
+            findings.append(Finding(
+                "data directory connection", False,
+                f"{self._data_dir.root} belongs to {recorded}: its servers are that "
+                f"connection's domains and its files were handed to that QEMU",
+                fix=f"use -c {recorded} with it, or give {connect} its own --data-dir"))
+        return findings
+
     def _permission_checks(self) -> list[Finding]:
-        """QEMU runs as qemu_user: every directory on the way must be traversable by it."""
-        try:
-            user = pwd.getpwnam(self._settings.qemu_user)
-        except KeyError:
-            return [Finding("QEMU user", True, f"no user {self._settings.qemu_user} here "
-                            "(QEMU may run as you: qemu:///session)", warning=True)]
-        blocked = [p for p in [self._data_dir.root, *self._data_dir.root.parents]
-                   if p.exists() and not _traversable_by(p, user.pw_uid, user.pw_gid)]
+        """QEMU runs as qemu_user under qemu:///system: every directory on the way must let
+        it pass. Under qemu:///session QEMU is the user, who owns the data directory."""
+        qemu = host_access.qemu_user_for(self._settings.connect, self._settings.qemu_user)
+        if qemu is None:
+            return [Finding("data directory access", True,
+                            f"QEMU runs as you on {self._settings.connect}"
+                            if host_access.is_local_qemu(self._settings.connect)
+                            else f"nothing to check on {self._settings.connect}")]
+        blocked = host_access.blocked_directories(self._data_dir.root, qemu)
         if blocked:
-            return [Finding("data directory access", False,
-                            f"{self._settings.qemu_user} cannot enter {blocked[0]}",
-                            fix=f"chmod o+x {blocked[0]}  (or choose another --data-dir)")]
+            return [self._blocked_finding(blocked, qemu)]
         # Images are 0600: libvirt's dynamic ownership hands them to QEMU's user on start.
         # What is wrong is an image others can read (copied in by hand, restored from backup).
         exposed = [p for p in self._data_dir.images_dir.glob("*.qcow2")
@@ -155,7 +175,30 @@ class Doctor:
                             f"by other users (e.g. {exposed[0]})",
                             fix=f"chmod go-rwx {self._data_dir.images_dir}/*.qcow2")]
         return [Finding("data directory access", True,
-                        f"{self._data_dir.root} is reachable by {self._settings.qemu_user}")]
+                        f"{self._data_dir.root} is reachable by {qemu.name}")]
+
+    def _blocked_finding(self, blocked: list[Path], qemu: host_access.QemuUser) -> Finding:
+        shown = ", ".join(f"{p} ({p.stat().st_mode & 0o777:04o})" for p in blocked)
+        detail = (f"{qemu.name} (QEMU on {self._settings.connect}) cannot enter {shown}: "
+                  "guests could not open their disks")
+        mine = [p for p in blocked if host_access.fixable_by_me(p)]
+        commands = "; ".join(" ".join(host_access.grant_command(p, qemu)) for p in blocked)
+        if len(mine) == len(blocked):
+            fix = f"bbsnap doctor --fix (runs: {commands}; grants {qemu.name} passage only)"
+        else:
+            fix = (f"as root: {commands} — or choose a --data-dir {qemu.name} can reach "
+                   f"(outside your home); never chmod your home open")
+        return Finding("data directory access", False, detail, fix=fix)
+
+    def grant_access(self) -> list[str]:
+        """--fix: let QEMU's user pass the directories it cannot (ACL, execute only);
+        returns the commands run."""
+        qemu = host_access.qemu_user_for(self._settings.connect, self._settings.qemu_user)
+        if qemu is None:
+            return []
+        granted = host_access.grant_traversal(
+            host_access.blocked_directories(self._data_dir.root, qemu), qemu)
+        return [" ".join(host_access.grant_command(p, qemu)) for p in granted]
 
     def _confinement_hints(self) -> list[Finding]:
         hints = []
@@ -240,23 +283,35 @@ class Doctor:
         return self.survey().orphans
 
     def fix(self) -> Reclaimed:
-        """Empty expired quarantine batches, then move this run's orphans into a new one.
+        """Let QEMU's user reach the data directory, empty expired quarantine batches, then
+        move this run's orphans into a new one.
         Run crash recovery first: its files are then no longer mistaken for orphans."""
+        granted = self.grant_access()
         purged = reclaim.purge(self._data_dir)
         batch, moved = reclaim.quarantine(self._data_dir, self.orphans())
         if self._catalogue is not None:
             self._catalogue.checkpoint()
-        return Reclaimed(batch, moved, purged)
+        return Reclaimed(batch, moved, purged, granted)
 
 
-def _traversable_by(path: Path, uid: int, gid: int) -> bool:
-    info = path.stat()
-    if uid == 0 or info.st_mode & 0o001:
-        return True
-    if info.st_uid == uid:
-        return bool(info.st_mode & 0o100)
-    groups = {gid, *os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)}
-    return info.st_gid in groups and bool(info.st_mode & 0o010)
+def _group_login_hint(connect: str, origin: str) -> str:
+    """A user added to the libvirt group keeps their old groups until they log in again:
+    the automatic choice then still says qemu:///session."""
+    from ..config import LIBVIRT_GROUP, SESSION_URI
+
+    if connect != SESSION_URI or not origin.startswith("automatic"):
+        return ""
+    try:
+        import grp
+
+        group = grp.getgrnam(LIBVIRT_GROUP)
+        name = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return ""
+    if group.gr_gid in os.getgrouplist(name, os.getgid()) and group.gr_gid not in os.getgroups():
+        return (f"{name} is in the '{LIBVIRT_GROUP}' group, but this login is not yet: "
+                "qemu:///system becomes the default after the next login")
+    return ""
 
 
 def _marker_token(marker: Path) -> str:

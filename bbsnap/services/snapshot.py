@@ -53,6 +53,9 @@ class SnapshotRequest:
     server: str
     name: str | None = None
     quiesce: bool = True
+    # The guest's login user for `servers ssh` on clones; else the ancestor's. A domain
+    # bbsnap did not make has no ancestor to inherit one from.
+    username: str | None = None
 
 
 class SnapshotService:
@@ -134,7 +137,8 @@ class SnapshotService:
             ancestor_id=ancestor.id if ancestor else None, parent_id=parent.id if parent else None,
             source_server=server.id,
             consistency=consistency, firmware=server.firmware,
-            username=ancestor.username if ancestor else None,
+            username=(image_fields.check_username(request.username) if request.username
+                      else ancestor.username if ancestor else None),
             min_ram=ancestor.min_ram if ancestor else None, job=current_job_token())
 
     def _ancestor(self, server: Server) -> Image | None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 
-from ..errors import ConflictError, UsageError
+from ..errors import BbsnapError, ConflictError, UsageError
 from ..models import Server, ServerStatus
 
 MAX_LOGIN_NAME = 256
+FALLBACK_USER = "root"
+SSH_FAILED = 255  # ssh's own failures (refused login, no connection); else the command's
 
 
 def check_login_name(user: str) -> str:
@@ -29,7 +31,7 @@ def ssh_argv(server: Server, *, user: str | None = None, identity: str | None = 
     if server.status is not ServerStatus.ACTIVE:
         raise ConflictError(f"server {server.id} is not running",
                             hint=f"bbsnap servers start {server.id}")
-    login = check_login_name(user or server.username or "root")
+    login = check_login_name(login_user(server, user))
     host, port = _address(server)
     # Host keys are not pinned: every clone (re)generates its own, and the forward ends on
     # 127.0.0.1 at a guest this host runs.
@@ -39,6 +41,29 @@ def ssh_argv(server: Server, *, user: str | None = None, identity: str | None = 
         argv += ["-i", identity, "-o", "IdentitiesOnly=yes"]
     # After "--" ssh reads no more options, not even after the host (it otherwise does).
     return [*argv, "--", host, *(command or [])]
+
+
+def login_user(server: Server, user: str | None) -> str:
+    """-l, else the login user its image records, else root."""
+    return user or server.username or FALLBACK_USER
+
+
+def guessed_login(server: Server, user: str | None) -> bool:
+    """Whether the login user is only the fallback: no -l, and no image says whom."""
+    return not user and not server.username
+
+
+def login_failed(server: Server, status: int) -> BbsnapError:
+    """The error for ssh failing as the fallback user: name the user to pass, and where
+    to record it so its clones know."""
+    image = server.image_id or "IMG"
+    return BbsnapError(
+        f"ssh to server {server.id} as {FALLBACK_USER} failed (exit {status}); bbsnap knows "
+        f"no login user for it (its image records none), and cloud images refuse "
+        f"{FALLBACK_USER}",
+        hint=f"pass the guest's user: bbsnap servers ssh {server.id} -l USER (e.g. debian, "
+             f"ubuntu, fedora, cloud-user); record it with 'bbsnap images update {image} "
+             f"-u USER' or 'bbsnap servers snapshot --username USER'")
 
 
 def _address(server: Server) -> tuple[str, int]:
