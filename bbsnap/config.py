@@ -15,6 +15,7 @@ import getpass
 import grp
 import math
 import os
+import pwd
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -233,16 +234,22 @@ def choose_connection(uid: int | None = None,
                       groups: list[int] | None = None) -> tuple[str, str]:
     """The libvirt URI a user gets when nothing names one, and why (for `doctor`).
 
-    root manages qemu:///system. Another user gets qemu:///system when this process is in
-    the libvirt group (what polkit's libvirt rule or libvirtd's unix_sock_group allow), and
-    qemu:///session otherwise, which every user reaches without set-up (QEMU then runs as
-    them). Decided from the process's credentials only: settings are loaded by every
-    command, `bbsnap --help` included, and must not cost a connection.
+    root manages qemu:///system. Another user gets qemu:///system when they are in the
+    libvirt group — in the group database (what polkit's libvirt rule checks) or in this
+    process's groups (what libvirtd's unix_sock_group checks) — and qemu:///session
+    otherwise, which every user reaches without set-up (QEMU then runs as them). Decided
+    without connecting: settings are loaded by every command, `bbsnap --help` included.
     """
     uid = os.geteuid() if uid is None else uid
     if uid == 0:
         return SYSTEM_URI, "automatic: running as root"
-    groups = os.getgroups() if groups is None else groups
+    if groups is None:
+        groups = os.getgroups()
+        try:
+            entry = pwd.getpwuid(uid)
+            groups = [*groups, *os.getgrouplist(entry.pw_name, entry.pw_gid)]
+        except KeyError:
+            pass
     try:
         libvirt_gid = grp.getgrnam(LIBVIRT_GROUP).gr_gid
     except KeyError:

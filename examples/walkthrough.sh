@@ -9,7 +9,9 @@
 #   6. export the snapshot for download: the raw disk, gzip-compressed, with .sha256 and .json
 #      (into a new mktemp -d directory; the files are private, 0600);
 #   7. clean up the servers (the images stay in the catalogue).
-# Uses the default data directory (/var/lib/bbsnap for root) unless BBSNAP_HOME is set.
+# Uses the default data directory (/var/lib/bbsnap for root, ~/.local/share/bbsnap for other
+# users) and connection (bbsnap doctor shows which) unless BBSNAP_HOME / -c say otherwise.
+# BBSNAP_TINY_GUEST=FILE uses that tiny guest image instead of building one.
 set -euo pipefail
 
 step() { printf '\n$ %s\n' "$*" >&2; }
@@ -21,9 +23,19 @@ wait_for() {  # SERVER TEXT: until the server's console shows TEXT (the guest is
   echo "walkthrough: $1 did not print $2" >&2; exit 1
 }
 export BBSNAP_ACCEL="${BBSNAP_ACCEL:-auto}"
+# The interpreter bbsnap is installed in: this python3, else the all-users one (scripts/setup).
+py="${BBSNAP_PYTHON:-python3}"
+"$py" -c 'import bbsnap' 2>/dev/null || py=/opt/bbsnap/bin/python3
 
-step "python3 -m bbsnap.tinyguest build"
-guest=$(python3 -m bbsnap.tinyguest build)
+step "bbsnap doctor --fix   (which connection; lets QEMU's user reach the data directory)"
+bbsnap doctor --fix || echo "walkthrough: doctor reports problems (above); going on" >&2
+
+if [ -n "${BBSNAP_TINY_GUEST:-}" ]; then
+  guest="$BBSNAP_TINY_GUEST"
+else
+  step "$py -m bbsnap.tinyguest build"
+  guest=$("$py" -m bbsnap.tinyguest build)
+fi
 echo "$guest"
 
 step "bbsnap images import $guest --name 'Tiny test guest' --username root --min-ram 128"
@@ -45,7 +57,7 @@ bbsnap images list
 
 step "bbsnap images show $snapshot   (after the background copy finished)"
 for _ in $(seq 1 600); do
-  state=$(bbsnap images show "$snapshot" --format json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')
+  state=$(bbsnap images show "$snapshot" --format json | "$py" -c 'import json,sys; print(json.load(sys.stdin)["state"])')
   [ "$state" != creating ] && break
   sleep 0.2
 done

@@ -9,8 +9,6 @@ catalogue or another libvirt connection.
 
 from __future__ import annotations
 
-import os
-import pwd
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -141,10 +139,6 @@ class Doctor:
         connect = self._settings.connect
         origin = self._settings.connect_origin or "default"
         findings = [Finding("connection", True, f"{connect} ({origin})")]
-        hint = _group_login_hint(connect, origin)
-        if hint:
-            findings.append(Finding("libvirt group", True, hint, warning=True,
-                                    fix="log out and in again (or: newgrp libvirt)"))
         recorded = host_access.recorded_connection(self._data_dir.root)
         if recorded is not None and recorded != connect and host_access.is_local_qemu(connect):
             findings.append(Finding(
@@ -292,26 +286,6 @@ class Doctor:
         if self._catalogue is not None:
             self._catalogue.checkpoint()
         return Reclaimed(batch, moved, purged, granted)
-
-
-def _group_login_hint(connect: str, origin: str) -> str:
-    """A user added to the libvirt group keeps their old groups until they log in again:
-    the automatic choice then still says qemu:///session."""
-    from ..config import LIBVIRT_GROUP, SESSION_URI
-
-    if connect != SESSION_URI or not origin.startswith("automatic"):
-        return ""
-    try:
-        import grp
-
-        group = grp.getgrnam(LIBVIRT_GROUP)
-        name = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return ""
-    if group.gr_gid in os.getgrouplist(name, os.getgid()) and group.gr_gid not in os.getgroups():
-        return (f"{name} is in the '{LIBVIRT_GROUP}' group, but this login is not yet: "
-                "qemu:///system becomes the default after the next login")
-    return ""
 
 
 def _marker_token(marker: Path) -> str:
