@@ -137,6 +137,40 @@ def grant_traversal(directories: list[Path], user: QemuUser) -> list[Path]:
     return done
 
 
+def hands_files_to_qemu(uri: str) -> bool:
+    """A normal user on qemu:///system: libvirt (root) hands this user's files to QEMU's
+    user, and files it makes itself are root's."""
+    return os.geteuid() != 0 and is_system(uri)
+
+
+def keep_my_access(paths: list[Path], uri: str) -> None:
+    """Before a guest starts on qemu:///system as a normal user: let the owner keep reading
+    *paths* (catalogue images) once libvirt hands them to QEMU's user.
+
+    libvirt chowns a guest's whole backing chain to QEMU's user on start and gives back
+    only the top layer when it stops, so a normal user could no longer export, check or
+    clone from their own images. chown leaves ACLs alone: a named entry for the owner
+    (``setfacl -m u:ME:rw``) keeps them theirs to read, and no one else's.
+    """
+    if not hands_files_to_qemu(uri):
+        return
+    me = os.geteuid()
+    todo = [p for p in paths if p.exists() and p.stat().st_uid == me
+            and (_USER, me) not in _read_acl(p)]
+    if todo:
+        proc.run(["setfacl", "-m", f"u:{me}:rw", *map(str, todo)], timeout=60)
+
+
+def group_bits_are_mine(path: Path) -> bool:
+    """Whether a file's group permission bits are only the ACL mask over a named entry for
+    this user (keep_my_access), not a group or anyone else's access."""
+    acl = _read_acl(path)
+    if not acl or acl.get((_GROUP_OBJ, -1), 0):
+        return False
+    others = [key for key in acl if key[0] == _GROUP or (key[0] == _USER and key[1] != os.geteuid())]
+    return not others
+
+
 # -- the data directory's connection ---------------------------------------------------------
 
 def recorded_connection(root: Path) -> str | None:

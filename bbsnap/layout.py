@@ -212,7 +212,8 @@ def _ensure_dir(path: Path, *, shared: bool, qemu_gid: int | None) -> None:
 
 
 def _tighten_dir(path: Path, *, shared: bool, qemu_gid: int | None) -> bool:
-    """Take away what others may do in *path*, never adding anything: whether it changed.
+    """Take away what others may do in *path*, never adding anything: whether others could
+    list or write it (then what it holds is tightened too).
 
     In a *shared* directory QEMU's user keeps the traversal it had (o+x becomes its
     group's x). Sticky directories (/tmp-like, shared on purpose) are left as they are.
@@ -228,7 +229,10 @@ def _tighten_dir(path: Path, *, shared: bool, qemu_gid: int | None) -> bool:
         _share_with_qemu(path, qemu_gid)
     else:
         os.chmod(path, mode & ~0o066)
-    return True
+    # Its contents were exposed only if others could list or write it: a shared 0711 (a
+    # normal user's, passable only) is not re-tightened on every command, which chmod'ed
+    # away the ACL that keeps its owner reading images libvirt handed to QEMU's user.
+    return bool(mode & (0o066 if shared else 0o077))
 
 
 def _tighten_contents(directory: Path, *, shared: bool, qemu_gid: int | None) -> None:

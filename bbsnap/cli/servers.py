@@ -239,6 +239,11 @@ def console(app: Any, server_id: str) -> None:
         data = path.read_bytes()
     except FileNotFoundError:
         data = b""
+    except PermissionError:
+        from ..errors import BbsnapError
+        raise BbsnapError(f"cannot read the console log {path}: libvirt made it root's",
+                          hint="servers created by this bbsnap on qemu:///system keep theirs "
+                               "yours; for an older one, read it as root") from None
     sys.stdout.buffer.write(data)
 
 

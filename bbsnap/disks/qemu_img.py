@@ -137,6 +137,13 @@ def create_overlay(path: Path, backing: Path, backing_format: str = "qcow2",
     os.chmod(path, 0o600)
 
 
+def create_blank(path: Path, size: int) -> None:
+    """An empty standalone qcow2 of *size* bytes, mode 0600 (made so before qemu-img writes
+    it, so it is never readable by others, even for an instant)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600))
+    proc.run(["qemu-img", "create", "-q", "-f", "qcow2", _abs(path), str(size)], timeout=60)
+
+
 def rebase(path: Path, new_backing: Path, backing_format: str = "qcow2") -> None:
     """Safe rebase: *path* keeps its content but holds only what differs from *new_backing*."""
     proc.run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", _abs(new_backing),

@@ -61,6 +61,10 @@ class DomainSpec:
     machine: str = "pc"
     firmware: str = "bios"      # "uefi": OVMF chosen by libvirt, with a per-domain NVRAM
     guest_agent: bool = True
+    # Keep the console log file across boots (appended to): virtlogd then writes into the
+    # file bbsnap made, which stays its user's; without it virtlogd recreates the log as
+    # root's 0600 (unreadable by a normal user's `servers console` on qemu:///system).
+    console_append: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -115,7 +119,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
         else:
             slirp_args += _slirp_args(index, nic)
     serial = ET.SubElement(devices, "serial", type="pty")
-    ET.SubElement(serial, "log", file=str(spec.console_log), append="off")
+    ET.SubElement(serial, "log", file=str(spec.console_log),
+                  append="on" if spec.console_append else "off")
     ET.SubElement(serial, "target", port="0")
     console = ET.SubElement(devices, "console", type="pty")
     ET.SubElement(console, "target", type="serial", port="0")

@@ -191,15 +191,26 @@ class LibvirtHypervisor:
             raise QuiesceError(f"the guest agent of {name} could not thaw: "
                                f"{exc.get_error_message()}") from exc
 
-    def begin_backup(self, name: str, xml: str, checkpoint_xml: str | None = None) -> None:
+    def disk_capacity(self, name: str, target: str) -> int:
+        """A disk's virtual size in bytes, as libvirt sees it (the running disk's file may
+        belong to QEMU's user, whom the caller cannot read as)."""
+        return int(self._call(f"reading the size of {name}'s {target}",
+                              self._lookup(name).blockInfo, target)[0])
+
+    def begin_backup(self, name: str, xml: str, checkpoint_xml: str | None = None, *,
+                     reuse_targets: bool = False) -> None:
         """Start a push-mode backup; the point in time is fixed when this returns. With
         *checkpoint_xml*, libvirt creates that checkpoint at the same instant (atomically: no
-        checkpoint without the backup, and no write falls between the two).
+        checkpoint without the backup, and no write falls between the two). *reuse_targets*:
+        the caller made the target files (libvirt then hands them back to their owner when
+        the job ends, instead of leaving files it made itself as root's).
 
         Raises CheckpointBrokenError when an incremental backup's bitmap is unusable
         (inconsistent after QEMU was killed, or missing from the disk)."""
+        libvirt = _libvirt()
+        flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL if reuse_targets else 0
         self._call(f"starting the backup of {name}", self._lookup(name).backupBegin, xml,
-                   checkpoint_xml, 0)
+                   checkpoint_xml, flags)
 
     def redefine_checkpoint(self, name: str, checkpoint: str, device: str) -> None:
         """Tell libvirt about a checkpoint whose bitmap (named *checkpoint*) is already in

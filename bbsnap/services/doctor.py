@@ -163,7 +163,8 @@ class Doctor:
         # Images are 0600: libvirt's dynamic ownership hands them to QEMU's user on start.
         # What is wrong is an image others can read (copied in by hand, restored from backup).
         exposed = [p for p in self._data_dir.images_dir.glob("*.qcow2")
-                   if p.stat().st_mode & 0o077]
+                   if p.stat().st_mode & 0o007 or (p.stat().st_mode & 0o070
+                                                    and not host_access.group_bits_are_mine(p))]
         if exposed:
             return [Finding("image files", False, f"{len(exposed)} image files can be read "
                             f"by other users (e.g. {exposed[0]})",

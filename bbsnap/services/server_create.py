@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .. import ids, locks
+from .. import host_access, ids, locks
 from ..catalogue import Catalogue, utcnow
 from ..config import Settings
 from ..disks import qemu_img
@@ -169,7 +169,13 @@ class ServerCreator:
                               ssh_forward_port=port, passt=plan.network == "user" and _has_passt(
                                   self._hv)),),
                 console_log=directory / CONSOLE_FILE, firmware=plan.image.firmware,
+                console_append=host_access.hands_files_to_qemu(self._settings.connect),
                 metadata=_metadata(plan, name, accel, hostname, port))
+            # bbsnap's user makes the console log (virtlogd, root, writes into it) and keeps
+            # reading the images libvirt hands to QEMU's user (host_access.py).
+            spec.console_log.touch(mode=0o600)
+            host_access.keep_my_access(sorted(self._data_dir.images_dir.glob("*.qcow2")),
+                                       self._settings.connect)
             info = self._hv.define(build_domain_xml(spec))
             undo.push(f"the definition of {server_id}", lambda: self._hv.undefine(server_id))
             # Which connection and domain own this directory: doctor pointed elsewhere keeps it.

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import ids, locks, proc
+from ..disks import qemu_img
 from ..catalogue import Catalogue, utcnow
 from ..errors import CheckpointBrokenError, ConflictError, QuiesceError
 from ..hypervisor import DiskInfo, DomainState, Hypervisor
@@ -188,7 +189,9 @@ class SnapshotService:
                       ancestor: Image | None) -> None:
         incremental = any(d.incremental for d in job.disks)
         try:
-            self._hv.begin_backup(job.domain, *_backup_xmls(job.disks, read_only))
+            self._make_targets(job)
+            self._hv.begin_backup(job.domain, *_backup_xmls(job.disks, read_only),
+                                  reuse_targets=True)
         except CheckpointBrokenError as exc:
             if not incremental:
                 raise
@@ -199,7 +202,18 @@ class SnapshotService:
             snapshot_chain.give_up(self._hv, self._data_dir, job.domain)
             full = tuple(self._full_copy(d, ancestor, index) for index, d in enumerate(job.disks))
             self._catalogue.replan_snapshot(image_id, full, ancestor.id if ancestor else None)
-            self._hv.begin_backup(job.domain, *_backup_xmls(full, read_only))
+            self._make_targets(replace(job, disks=full))
+            self._hv.begin_backup(job.domain, *_backup_xmls(full, read_only),
+                                  reuse_targets=True)
+
+    def _make_targets(self, job: SnapshotJob) -> None:
+        """bbsnap makes the backup's target files itself (empty qcow2s, 0600, of each disk's
+        size): libvirt then hands them back to bbsnap's user when the job ends. Files libvirt
+        made were left to root, which a normal user's worker on qemu:///system could not
+        read."""
+        for disk in job.disks:
+            qemu_img.create_blank(Path(disk.target), self._hv.disk_capacity(job.domain,
+                                                                           disk.device))
 
     def _full_copy(self, disk: SnapshotDisk, ancestor: Image | None, index: int) -> SnapshotDisk:
         parent = (str(self._data_dir.image_path(ancestor.path))
