@@ -1,0 +1,170 @@
+"""bbsnap as a normal user's daily work, as that real user (tests/other_user.py): no sudo.
+
+A member of the libvirt group gets qemu:///system (polkit's libvirt rule lets them in; setup
+starts the system bus and polkitd before libvirtd), with the data directory in a 0700 home
+that `doctor --fix` opens to QEMU's user alone with an ACL. A user outside the group gets
+qemu:///session, where a session libvirtd runs as them (autostarted by libvirt), and their
+own domains made with plain virsh are servers too. The tiny guest proves the disks: the
+clone's console shows its own seed and it counts on from the snapshot.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.other_user import Account, throwaway_user
+from tests.system.conftest import wait_for_console_line, wait_until
+
+pytestmark = pytest.mark.system
+
+
+def _ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _create(user: Account, image: str, *args: str) -> str:
+    return _ok(user.bbsnap("servers", "create", "--memory", "128", *args, image, "-s")).split("\t")[0]
+
+
+def _console(user: Account, server: str) -> Path:
+    return user.data_dir / "servers" / server / "console.log"
+
+
+def _counters(log: Path) -> list[int]:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [int(m) for m in re.findall(r"^BBSNAP-COUNTER (\d+)", text, re.MULTILINE)]
+
+
+def _snapshot_and_clone(user: Account, server: str) -> tuple[str, str]:
+    """Snapshot the running tiny guest once it has counted on its disk (waiting for the
+    copy), boot a clone from it: the clone's counter starts where the disk was, not at 0."""
+    wait_until(lambda: max(_counters(_console(user, server)), default=0) >= 50, 180,
+               "the tiny guest to count to 50")
+    snapshot = _ok(user.bbsnap("servers", "snapshot", server, "--wait")).split()[0]
+    clone = _create(user, snapshot)
+    seed = wait_for_console_line(_console(user, clone), "BBSNAP-SEED")
+    assert f"instance-id={clone}" in seed
+    started = wait_for_console_line(_console(user, clone), "BBSNAP-COUNTER")
+    assert int(started.split()[1]) >= 50  # the snapshot holds the original's writes
+    # and the user's own bbsnap reads the console (the log stays theirs)
+    assert "BBSNAP-SEED" in _ok(user.bbsnap("servers", "console", clone))
+    return snapshot, clone
+
+
+def _destroy_all(user: Account, uri: str) -> None:
+    """Whatever a test left: the user's servers, by their directories, through root."""
+    servers = user.data_dir / "servers"
+    names = [p.name for p in servers.iterdir() if p.name.startswith("srv-")] \
+        if servers.is_dir() else []
+    for name in names:
+        for verb in (["destroy", name], ["undefine", "--nvram", name]):
+            if uri == "qemu:///system":
+                subprocess.run(["virsh", "-q", "-c", uri, *verb], capture_output=True, timeout=60)
+            else:
+                user.run("virsh", "-q", "-c", uri, *verb, timeout=60)
+
+
+def test_libvirt_group_member_on_qemu_system_from_a_0700_home(tiny_guest_image):
+    with throwaway_user(libvirt_group=True) as user:
+        try:
+            guest = user.give(tiny_guest_image, "tiny.qcow2")
+            doctor = user.bbsnap("doctor")
+            assert "qemu:///system (automatic: you are in the 'libvirt' group)" in doctor.stdout
+            assert doctor.returncode == 1
+            assert f"cannot enter {user.home} (0700)" in doctor.stdout
+            assert f"setfacl -m u:libvirt-qemu:x {user.home}" in doctor.stdout
+            image = _ok(user.bbsnap("images", "import", str(guest), "-n", "tiny",
+                                    "--min-ram", "128")).strip()
+
+            # Refused before anything is made or printed: QEMU could not open the disk.
+            refused = user.bbsnap("servers", "create", "--memory", "128", image)
+            assert refused.returncode == 4, refused.stderr
+            assert "Creating" not in refused.stderr and "doctor --fix" in refused.stderr
+            assert not list((user.data_dir / "servers").glob("srv-*"))
+
+            fixed = user.bbsnap("doctor", "--fix")
+            assert f"granted QEMU's user passage: setfacl -m u:libvirt-qemu:x {user.home}" \
+                in fixed.stderr
+            assert re.search(r"ok +data directory access", fixed.stdout), fixed.stdout
+            # exactly execute for libvirt-qemu; the home is not opened to anyone else
+            acl = subprocess.run(["getfacl", "-cp", str(user.home)], capture_output=True,
+                                 text=True, check=True).stdout.split()
+            assert sorted(acl) == sorted(["user::rwx", "user:libvirt-qemu:--x", "group::---",
+                                          "mask::--x", "other::---"])
+            assert user.home.stat().st_mode & 0o007 == 0
+
+            server = _create(user, image)
+            snapshot, clone = _snapshot_and_clone(user, server)
+            # the user still reads the images libvirt handed to QEMU's user: export works
+            out = user.home / "snap.gz"
+            _ok(user.bbsnap("images", "export", snapshot, "-o", str(out)))
+            _ok(user.run("sha256sum", "-c", "snap.gz.sha256"))
+            assert (user.data_dir / "connection.json").read_text().strip() == \
+                '{"connect": "qemu:///system"}'
+            _ok(user.bbsnap("servers", "destroy", clone, server))
+        finally:
+            _destroy_all(user, "qemu:///system")
+
+
+def _foreign_domain_xml(name: str, disk: Path) -> str:
+    return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory>"
+            "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>"
+            "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<source file='{disk}'/><target dev='vda' bus='virtio'/></disk>"
+            "<serial type='pty'/><memballoon model='none'/></devices></domain>")
+
+
+def test_user_outside_the_group_gets_qemu_session_and_their_own_domains(tiny_guest_image):
+    with throwaway_user(libvirt_group=False) as user:
+        foreign = "bbsnap-test-user-" + uuid.uuid4().hex[:6]
+        try:
+            doctor = _ok(user.bbsnap("doctor"))
+            assert "qemu:///session (automatic: you are not in the 'libvirt' group)" in doctor
+            assert "QEMU runs as you on qemu:///session" in doctor
+            _ok(user.run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                         str(user.home / ".ssh" / "id_ed25519")))
+            guest = user.give(tiny_guest_image, "tiny.qcow2")
+            image = _ok(user.bbsnap("images", "import", str(guest), "-n", "tiny",
+                                    "--min-ram", "128")).strip()
+            server = _create(user, image)
+            snapshot, clone = _snapshot_and_clone(user, server)
+            # user-mode networking and the 127.0.0.1 forward, with the user's own key
+            wait_for_console_line(_console(user, clone), "BBSNAP-SSH started")
+            assert _ok(user.bbsnap("servers", "ssh", clone, "--", "hostname")).strip() == clone
+            _ok(user.bbsnap("servers", "destroy", clone, server))
+
+            # A domain the user made with plain virsh: listed, snapshotted (with a login
+            # user recorded, or without), cloned.
+            disk = user.give(tiny_guest_image, "foreign.qcow2")
+            xml = user.home / "foreign.xml"
+            xml.write_text(_foreign_domain_xml(foreign, disk))
+            _ok(user.run("virsh", "-q", "-c", "qemu:///session", "define", str(xml)))
+            _ok(user.run("virsh", "-q", "-c", "qemu:///session", "start", foreign))
+            assert foreign in _ok(user.bbsnap("servers", "list", "-s"))
+            named = _ok(user.bbsnap("servers", "snapshot", foreign, "--username", "tiny",
+                                    "--wait")).split()[0]
+            assert '"username": "tiny"' in _ok(user.bbsnap("images", "show", named,
+                                                            "--format", "json"))
+            unnamed = _ok(user.bbsnap("servers", "snapshot", foreign, "--wait")).split()[0]
+            other_key = user.home / "other"
+            _ok(user.run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)))
+            clone = _create(user, unnamed, "--ssh-key", f"{other_key}.pub")
+            wait_for_console_line(_console(user, clone), "BBSNAP-SSH started")
+            # root with the user's key is refused (the guest got another key): the error
+            # names the user to pass and where to record it
+            refused = user.bbsnap("servers", "ssh", clone, "--", "true", timeout=120)
+            assert refused.returncode == 1, refused.stderr
+            assert f"ssh to server {clone} as root failed" in refused.stderr
+            assert f"bbsnap servers ssh {clone} -l USER" in refused.stderr
+            assert f"bbsnap images update {unnamed} -u USER" in refused.stderr
+            _ok(user.bbsnap("servers", "destroy", clone))
+        finally:
+            _destroy_all(user, "qemu:///session")
+            user.run("virsh", "-q", "-c", "qemu:///session", "destroy", foreign, timeout=60)
+            user.run("virsh", "-q", "-c", "qemu:///session", "undefine", foreign, timeout=60)
