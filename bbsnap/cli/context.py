@@ -181,15 +181,23 @@ class AppContext:
         return self._hypervisor
 
     def _bind_data_dir(self, hypervisor: "LibvirtHypervisor") -> None:
-        """A data directory belongs to one connection (host_access.py): refuse another, and
-        record the first one that answers."""
+        """A data directory belongs to one connection (host_access.py): refuse another
+        before connecting; the first one that answers is recorded when the command ends."""
         from .. import host_access
 
-        root, uri = self.data_dir.root, self.settings.connect
-        host_access.refuse_other_connection(root, uri)
-        if host_access.needs_record(root, uri):
-            hypervisor.version()  # connects: a connection that fails claims nothing
-            host_access.record_connection(root, uri)
+        host_access.refuse_other_connection(self.data_dir.root, self.settings.connect)
+
+    def _record_connection(self) -> None:
+        """The connection answered (a connection that failed claims nothing)."""
+        if not (self.bind_data_dir and self._hypervisor is not None
+                and self._hypervisor.connected):
+            return
+        from .. import host_access
+
+        try:
+            host_access.record_connection(self.data_dir.root, self.settings.connect)
+        except OSError:
+            pass  # a read-only data directory: the next command that can write records it
 
     def check_qemu_access(self) -> None:
         """Before a command makes files QEMU must open: can QEMU's user reach them?"""
@@ -217,6 +225,7 @@ class AppContext:
         return ServerCreator(self.catalogue, self.data_dir, self.hypervisor, self.settings, resolve)
 
     def close(self) -> None:
+        self._record_connection()
         if leave_open_at_exit:
             _left_open.append(self)  # the process ends right after (cli/main.py)
             return

@@ -94,14 +94,14 @@ def create_servers(app: Any, image_id: str, name: str | None, server_type: str |
     if hostname and count > 1:
         from ..errors import UsageError
         raise UsageError("--hostname cannot be used with --count above 1")
-    # Everything is checked before the first line: the connection (the creator's
-    # hypervisor answers), QEMU's access to the data directory, the image, every option.
+    # Everything is checked before the first line: the image and every option (before
+    # libvirt is touched), QEMU's access to the data directory, the connection.
     creator = app.server_creator(accel)
-    app.hypervisor.version()
-    app.check_qemu_access()
     image = app.images().get(image_id)
     chosen = find_type(server_type or DEFAULT_TYPE)
     creator.plan(request)
+    app.check_qemu_access()
+    app.hypervisor.version()
     say(f"Creating {'a' if count == 1 else count} {chosen.name} ({chosen.id}) "
         f"server{'s' if count > 1 else ''} with image {image.name} ({image.id})")
     created = [creator.create(request) for _ in range(count)]

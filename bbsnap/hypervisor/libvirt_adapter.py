@@ -50,6 +50,11 @@ class LibvirtHypervisor:
                     hint="is libvirtd running? scripts/setup starts it") from exc
         return self._conn
 
+    @property
+    def connected(self) -> bool:
+        """Whether a connection was opened (and so answered)."""
+        return self._conn is not None
+
     def close(self) -> None:
         if self._conn is not None:
             try:
