@@ -199,6 +199,14 @@ class AppContext:
         except OSError:
             pass  # a read-only data directory: the next command that can write records it
 
+    def keep_image_access(self) -> None:
+        """Before a command starts guests: a normal user on qemu:///system keeps reading the
+        images libvirt is about to hand to QEMU's user (host_access.keep_my_access)."""
+        from .. import host_access
+
+        host_access.keep_my_access(sorted(self.data_dir.images_dir.glob("*.qcow2")),
+                                   self.settings.connect)
+
     def check_qemu_access(self) -> None:
         """Before a command makes files QEMU must open: can QEMU's user reach them?"""
         from .. import host_access

@@ -122,6 +122,7 @@ def _read_user_data(stream: Any) -> str | None:
 @click.pass_obj
 def start_servers(app: Any, server_ids: tuple[str, ...]) -> None:
     """Start servers."""
+    app.keep_image_access()
     for_each(server_ids, app.servers().start, lambda k: f"Starting server {k}")
 
 
@@ -206,6 +207,7 @@ def rebuild_server(app: Any, server_id: str, image_id: str, output_format: str,
     """Rebuild SRV's disk from IMG (e.g. one of its snapshots), keeping its identity."""
     service = app.servers()
     service.get(server_id, with_addresses=False)  # an unknown server fails before any output
+    app.keep_image_access()
     say(f"Rebuilding server {server_id} with image {image_id}")
     _print_servers([service.rebuild(server_id, image_id)], output_format, simple)
 
@@ -225,6 +227,7 @@ def revert_server(app: Any, server_id: str, image_id: str | None, output_format:
     """
     service = app.servers()
     service.get(server_id, with_addresses=False)  # an unknown server fails before any output
+    app.keep_image_access()
     say(f"Reverting server {server_id} to {image_id or 'its newest snapshot'}")
     _print_servers([service.revert(server_id, image_id)], output_format, simple)
 

@@ -10,6 +10,7 @@ clone's console shows its own seed and it counts on from the snapshot.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import uuid
@@ -168,3 +169,27 @@ def test_user_outside_the_group_gets_qemu_session_and_their_own_domains(tiny_gue
             _destroy_all(user, "qemu:///session")
             user.run("virsh", "-q", "-c", "qemu:///session", "destroy", foreign, timeout=60)
             user.run("virsh", "-q", "-c", "qemu:///session", "undefine", foreign, timeout=60)
+
+
+@pytest.mark.parametrize("in_group", [True, False], ids=["qemu-system", "qemu-session"])
+def test_the_walkthrough_as_a_normal_user(tiny_guest_image, in_group):
+    """examples/walkthrough.sh as the quick start runs it for SUDO_USER: doctor --fix, import,
+    create, snapshot while running, clone, export (checked with sha256sum -c), destroy."""
+    uri = "qemu:///system" if in_group else "qemu:///session"
+    with throwaway_user(libvirt_group=in_group) as user:
+        try:
+            script = user.code / "walkthrough.sh"
+            script.write_text((Path(__file__).parents[2] / "examples" / "walkthrough.sh")
+                              .read_text())
+            guest = user.give(tiny_guest_image, "tiny.qcow2")
+            (user.home / "tmp").mkdir()
+            os.chown(user.home / "tmp", user.uid, -1)
+            done = user.run("bash", str(script), timeout=900,
+                            env={"BBSNAP_TINY_GUEST": str(guest), "TMPDIR": str(user.home / "tmp")})
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert f"{uri} (automatic: you are" in done.stdout
+            assert ": OK" in done.stdout  # sha256sum -c of the export
+            assert "BBSNAP-SEED instance-id=" in done.stdout
+            assert re.search(r"ok +data directory access", done.stdout), done.stdout
+        finally:
+            _destroy_all(user, uri)
