@@ -84,7 +84,14 @@ def test_a_data_directory_qemu_cannot_enter(cloud, work_dir):
     os.chmod(parent, 0o700)
     result = cloud("--data-dir", str(parent / "data"), "doctor")
     assert result.exit_code == 1
-    assert f"cannot enter {parent}" in result.stdout and f"chmod o+x {parent}" in result.stdout
+    assert f"cannot enter {parent} (0700)" in result.stdout
+    # the fix grants QEMU's user execute with an ACL; nothing is chmod'ed open
+    grant = f"setfacl -m u:libvirt-qemu:x {parent}"
+    assert f"bbsnap doctor --fix (runs: {grant}" in result.stdout
+    fixed = cloud("--data-dir", str(parent / "data"), "doctor", "--fix")
+    assert f"granted QEMU's user passage: {grant}" in fixed.stderr
+    assert "data directory access" in fixed.stdout and "cannot enter" not in fixed.stdout
+    assert parent.stat().st_mode & 0o007 == 0
 
 
 def test_a_live_server_is_kept_whichever_connection_doctor_looks_at(cloud, hypervisor):
