@@ -40,8 +40,9 @@ def test_newer_schema_is_refused(tmp_path):
 def test_a_catalogue_of_an_older_bbsnap_is_migrated_with_its_rows(tmp_path):
     path = tmp_path / "old.sqlite3"
     with sqlite3.connect(path) as raw:  # the schema bbsnap shipped before `progress`
-        for script in MIGRATIONS[:2]:
-            raw.executescript(script)
+        for migration in MIGRATIONS[:2]:
+            for statement in migration:
+                raw.execute(statement)
         raw.execute("PRAGMA user_version = 2")
         raw.execute("INSERT INTO images (id, type, owner, created_at, updated_at, status, name, "
                     "arch) VALUES ('img-old00', 'upload', 'me', ?, ?, 'available', 'old', "
@@ -53,6 +54,15 @@ def test_a_catalogue_of_an_older_bbsnap_is_migrated_with_its_rows(tmp_path):
         assert old.name == "old" and old.progress is None
     finally:
         cat.close()
+
+
+def test_every_migration_step_is_one_whole_statement():
+    for migration in MIGRATIONS:
+        assert not isinstance(migration, str)  # statements, never a script split on ';'
+        for statement in migration:
+            # Complete once terminated, and not before: exactly one statement.
+            assert sqlite3.complete_statement(statement + ";")
+            assert not sqlite3.complete_statement(statement)
 
 
 @pytest.mark.parametrize("ending", ["finish", "fail"])
