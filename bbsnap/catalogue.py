@@ -377,6 +377,18 @@ class Catalogue:
                                 hint="'bbsnap images list' shows the catalogue")
         return _row_to_image(row)
 
+    def get_available(self, image_id: str) -> Image:
+        """The image, if it can be used now (created from, exported, rebuilt onto); the one
+        refusal for every command that needs an image's data."""
+        image = self.get(image_id)
+        if image.status is ImageStatus.CREATING:
+            raise ConflictError(f"image {image.id} is still being created, not available",
+                                hint=f"wait for it ('bbsnap images show {image.id}')")
+        if image.status is not ImageStatus.AVAILABLE:
+            raise ConflictError(f"image {image.id} is {image.status.value}, not available",
+                                hint="pick another image ('bbsnap images list')")
+        return image
+
     def exists(self, image_id: str) -> bool:
         row = self._db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone()
         return row is not None

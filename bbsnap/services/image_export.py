@@ -30,11 +30,11 @@ from .. import ids, safe_files, sidecar
 from ..catalogue import Catalogue
 from ..disks import qemu_img
 from ..disks.nbd import NbdImageReader, extents
-from ..errors import BbsnapError, ConflictError, InvalidInputError, NotFoundError, UsageError
+from ..errors import BbsnapError, InvalidInputError, NotFoundError, UsageError
 from ..jobs import current_job_token
 from ..export_sinks import COMPRESSORS, EXTENSIONS, FramedSink, HashingOutput, RawSink
 from ..layout import PARTIAL_SUFFIX, DataDir
-from ..models import Image, ImageStatus
+from ..models import Image
 from ..safe_files import PRIVATE, OutputDir
 from . import stored_chain
 
@@ -75,10 +75,7 @@ class ImageExporter:
             progress: Callable[[int, int], None] | None = None) -> ExportResult:
         if request.format not in FORMATS or request.compress not in COMPRESSIONS:
             raise UsageError(f"unknown export format {request.format}/{request.compress}")
-        image = self._catalogue.get(ids.require(request.image_id, "img"))
-        if image.status is not ImageStatus.AVAILABLE:
-            raise ConflictError(f"image {image.id} is {image.status.value}, not available",
-                                hint="wait until it is available")
+        image = self._catalogue.get_available(ids.require(request.image_id, "img"))
         source = self._data_dir.image_path(str(image.path))
         stored_chain.require_inside(self._data_dir, image.id, source)
         if request.output == "-":

@@ -140,13 +140,17 @@ class ImageImporter:
             firmware=image_fields.check_firmware(request.firmware or "bios"),
             job=current_job_token(),
         )
-        for _ in range(20):  # 36^5 ids: a collision is rare, never fatal
-            candidate = replace(draft, id=ids.new_id("img"))
+        added: list[Image] = []
+
+        def claim(candidate: str) -> bool:  # the INSERT itself claims the id, atomically
             try:
-                return self._catalogue.add(candidate)
+                added.append(self._catalogue.add(replace(draft, id=candidate)))
             except sqlite3.IntegrityError:
-                continue
-        raise RuntimeError("could not allocate a free image id")
+                return False
+            return True
+
+        ids.allocate("img", claim)
+        return added[0]
 
     def _work_files(self, image_id: str) -> tuple[Path, Path, Path]:
         download = self._data_dir.tmp_dir / f"{image_id}.download"

@@ -20,14 +20,14 @@ from .. import ids, locks
 from ..catalogue import Catalogue, utcnow
 from ..config import Settings
 from ..disks import qemu_img
-from ..errors import ConflictError, InvalidInputError, NotFoundError, UsageError
+from ..errors import InvalidInputError, NotFoundError, UsageError
 from ..hostinfo import default_ssh_public_keys, total_memory_mib
 from ..hypervisor import Hypervisor
 from ..hypervisor.domain_xml import (DiskSpec, DomainSpec, NicSpec, build_domain_xml,
                                      read_domain_facts)
 from ..jobs import current_job_token
 from ..layout import DataDir
-from ..models import DependentKind, Image, ImageStatus, Server, ServerType
+from ..models import DependentKind, Image, Server, ServerType
 from ..netports import PortRegistry, parse_port_range
 from ..seed import (SeedSpec, check_hostname, default_user_data, hostname_from_name,
                     validate_user_data, write_seed_iso)
@@ -95,10 +95,7 @@ class ServerCreator:
 
     def plan(self, request: CreateRequest) -> _Plan:
         """Check everything the user gave before anything is created."""
-        image = self._catalogue.get(ids.require(request.image_id, "img"))
-        if image.status is not ImageStatus.AVAILABLE:
-            raise ConflictError(f"image {image.id} is {image.status.value}, not available",
-                                hint="wait for it, or pick another image")
+        image = self._catalogue.get_available(ids.require(request.image_id, "img"))
         server_type = find_type(request.server_type or DEFAULT_TYPE)
         uefi_floor = UEFI_MIN_MEMORY_MIB if image.firmware == "uefi" else 0
         memory = request.memory_mib or max(server_type.memory_mib, image.min_ram or 0, uefi_floor)
@@ -226,14 +223,14 @@ class ServerCreator:
         return {info.uuid for info in self._hv.list_domains()}
 
     def _new_server_id(self) -> str:
-        for _ in range(50):
-            candidate = ids.new_id("srv")
-            try:
-                self._hv.info(candidate)
-            except NotFoundError:
-                if not self._data_dir.server_dir(candidate).exists():
-                    return candidate
-        raise ConflictError("could not allocate a free server id")
+        return ids.allocate("srv", self._server_id_free)
+
+    def _server_id_free(self, candidate: str) -> bool:
+        try:
+            self._hv.info(candidate)
+        except NotFoundError:
+            return not self._data_dir.server_dir(candidate).exists()
+        return False
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from ..hypervisor.domain_xml import (console_log_path, read_domain_facts, replac
                                      set_metadata)
 from ..jobs import current_job_token
 from ..layout import DataDir
-from ..models import (DependentKind, Image, ImageFilter, ImageStatus, ImageType, Server,
+from ..models import (DependentKind, Image, ImageFilter, ImageType, Server,
                       ServerStatus)
 from . import change_tracking, rebuild_journal, revert
 from .compensation import Compensation
@@ -114,7 +114,7 @@ class ServerService:
         server = self.get(key, with_addresses=False)
         if not server.managed:
             raise ConflictError(f"{server.id} was not created by bbsnap; bbsnap cannot rebuild it")
-        return self._rebuild(server, self._catalogue.get(ids.require(image_id, "img")),
+        return self._rebuild(server, self._catalogue.get_available(ids.require(image_id, "img")),
                              "rebuild")
 
     def revert(self, key: str, image_id: str | None = None) -> Server:
@@ -129,8 +129,7 @@ class ServerService:
         return self._rebuild(server, image, "revert")
 
     def _rebuild(self, server: Server, image: Image, purpose: str) -> Server:
-        if image.status is not ImageStatus.AVAILABLE:
-            raise ConflictError(f"image {image.id} is {image.status.value}, not available")
+        """Onto *image*, which the caller found available."""
         if image.firmware != server.firmware:
             # The server keeps its definition, so its firmware: the new disk would not boot.
             raise ConflictError(

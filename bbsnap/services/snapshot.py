@@ -203,11 +203,7 @@ class SnapshotService:
         return replace(disk, incremental=False, since=None, ancestor=parent)
 
     def _new_image_id(self) -> str:
-        for _ in range(50):
-            candidate = ids.new_id("img")
-            if not self._catalogue.exists(candidate):
-                return candidate
-        raise ConflictError("could not allocate a free image id")
+        return ids.allocate("img", lambda candidate: not self._catalogue.exists(candidate))
 
 
 def _quiet(_text: str) -> None:

@@ -4,7 +4,7 @@ import threading
 import pytest
 
 from bbsnap.catalogue import MIGRATIONS, SCHEMA_VERSION, Catalogue, utcnow
-from bbsnap.errors import CatalogueError, ConflictError, InUseError, NotFoundError
+from bbsnap.errors import BbsnapError, CatalogueError, ConflictError, InUseError, NotFoundError
 from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageType
 
 
@@ -212,3 +212,20 @@ def test_a_main_file_whose_tables_lived_in_a_lost_wal_is_refused(tmp_path):
     with sqlite3.connect(path) as raw:
         assert raw.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
     Catalogue(path).close()  # without images_dir (tests, tools) it is set up as before
+
+
+@pytest.mark.parametrize(("status", "says", "hint"), [
+    (ImageStatus.CREATING, "still being created", "bbsnap images show img-use01"),
+    (ImageStatus.FAILED, "is failed, not available", "pick another image"),
+    (ImageStatus.DELETED, "not found", "bbsnap images list"),
+])
+def test_only_an_available_image_is_handed_out_for_use(catalogue, status, says, hint):
+    catalogue.add(_image("img-use01", status=status))
+    with pytest.raises(BbsnapError, match=says) as caught:
+        catalogue.get_available("img-use01")
+    assert hint in (caught.value.hint or "")
+
+
+def test_an_available_image_is_handed_out(catalogue):
+    catalogue.add(_image("img-use02"))
+    assert catalogue.get_available("img-use02").id == "img-use02"

@@ -2,7 +2,7 @@ import pytest
 
 from bbsnap import ids
 from bbsnap.cli import render
-from bbsnap.errors import UsageError
+from bbsnap.errors import ConflictError, UsageError
 
 
 def test_new_ids_are_well_formed_and_distinct():
@@ -104,3 +104,20 @@ def test_the_cli_offers_the_firmwares_bbsnap_boots():
     from bbsnap.cli.images import FIRMWARES
     from bbsnap.services.image_fields import FIRMWARES as CHECKED
     assert FIRMWARES == CHECKED
+
+
+def test_allocate_returns_the_first_id_its_claim_accepts():
+    offered: list[str] = []
+
+    def claim(candidate: str) -> bool:
+        offered.append(candidate)
+        return len(offered) == 3  # two ids "taken" first
+
+    allocated = ids.allocate("img", claim)
+    assert allocated == offered[-1] and ids.is_valid(allocated, "img") and len(offered) == 3
+
+
+def test_allocate_gives_up_with_a_conflict_not_an_internal_error():
+    with pytest.raises(ConflictError, match="could not allocate a free srv id after 4") as caught:
+        ids.allocate("srv", lambda _candidate: False, attempts=4)
+    assert caught.value.exit_code == 4
