@@ -167,7 +167,9 @@ class ImageExporter:
 
     def _stream_qcow2(self, image: Image, source: Path, sink: FramedSink | RawSink) -> None:
         """qcow2 cannot be streamed: flatten into a work file, then pass it through."""
-        flat = self._data_dir.tmp_dir / f"{image.id}.export.{os.getpid()}.qcow2"
+        # Named by the job token, not the pid: doctor keeps it while that process lives, and
+        # a reused pid cannot pass for it (jobs.py).
+        flat = self._data_dir.tmp_dir / f"{image.id}.export.{current_job_token()}.qcow2"
         try:
             qemu_img.convert(source, "qcow2", flat, "qcow2")
             with open(flat, "rb") as handle:

@@ -45,7 +45,6 @@ from ..transfer import (
     Progress,
     check_free_space,
     copy_decompressed,
-    parse_checksum,
 )
 from . import image_fields
 
@@ -107,7 +106,7 @@ class ImageImporter:
         if request.checksum is not None and request.checksum_file is not None:
             raise UsageError("--checksum and --checksum-file cannot be used together",
                              hint="give one of them")
-        expected = parse_checksum(request.checksum) if request.checksum is not None else None
+        expected = checksums.parse_option(request.checksum) if request.checksum is not None else None
         if request.checksum_file is not None:
             expected = self._listed_checksum(request.source, request.checksum_file)
         meta = (load_sidecar(request.source, http_timeout=self._settings.http_timeout)
