@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from ..vocabulary import DiskFormat, ExportCompression, values
+
 
 @click.command("export")
 @click.argument("image_id", metavar="IMG")
@@ -14,9 +16,9 @@ import click
               help="Output file, or - for stdout (default: ./IMG.gz and the like). A new "
                    "file, or a regular one replaced whole; a device, FIFO or symlink is "
                    "refused (use - and redirect). Written 0600, with FILE.sha256 and FILE.json.")
-@click.option("--format", "disk_format", type=click.Choice(["raw", "qcow2"]), default="raw",
+@click.option("--format", "disk_format", type=click.Choice(values(DiskFormat)), default="raw",
               show_default=True, help="Disk format inside the file.")
-@click.option("--compress", type=click.Choice(["gzip", "zstd", "xz", "none"]), default="gzip",
+@click.option("--compress", type=click.Choice(values(ExportCompression)), default="gzip",
               show_default=True, help="Compression.")
 @click.pass_obj
 def export_image(app: Any, image_id: str, output: str | None, disk_format: str,

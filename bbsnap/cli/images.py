@@ -6,12 +6,14 @@ from typing import Any
 
 import click
 
+from ..models import ImageStatus, ImageType, Visibility
+from ..vocabulary import DiskFormat, Firmware, values
 from .options import for_each, output_options, say
 
-IMAGE_TYPES = ("snapshot", "upload", "official")
-STATUSES = ("creating", "available", "private", "public", "failed", "deleted")
-FIRMWARES = ("bios", "uefi")  # image_fields.FIRMWARES, without importing it for --help
-DISK_FORMATS = ("raw", "qcow2")  # disks.formats.FORMATS, likewise
+IMAGE_TYPES = values(ImageType)
+STATUSES = values(ImageStatus) + values(Visibility)  # --status filters either
+FIRMWARES = values(Firmware)
+DISK_FORMATS = values(DiskFormat)
 
 
 @click.group(invoke_without_command=True)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .options import for_each, output_options, say
+from ..vocabulary import Accel, values
 
 
 @click.group(invoke_without_command=True)
@@ -71,7 +72,7 @@ def show_servers(app: Any, server_ids: tuple[str, ...], output_format: str, simp
               help="SSH public key file (repeatable; default: ~/.ssh/*.pub).")
 @click.option("--hostname", help="Guest host name (default: from the name).")
 @click.option("--network", help="'user' (127.0.0.1 SSH forward) or a libvirt network name.")
-@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Acceleration.")
+@click.option("--accel", type=click.Choice(values(Accel)), help="Acceleration.")
 @click.option("--no-start", is_flag=True, help="Define the server but do not start it.")
 @click.option("-i", "--count", type=click.IntRange(1, 32), default=1, show_default=True,
               help="How many servers to create.")

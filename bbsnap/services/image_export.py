@@ -37,9 +37,10 @@ from ..layout import PARTIAL_SUFFIX, DataDir
 from ..models import Image
 from ..safe_files import PRIVATE, OutputDir
 from . import stored_chain
+from ..vocabulary import DiskFormat, ExportCompression, values
 
-FORMATS = ("raw", "qcow2")
-COMPRESSIONS = ("gzip", "zstd", "xz", "none")
+FORMATS = values(DiskFormat)
+COMPRESSIONS = values(ExportCompression)
 SHA256_SUFFIX = ".sha256"
 
 

@@ -105,3 +105,14 @@ def test_only_the_adapter_imports_libvirt():
                 names = [node.module]
             if any(n.split(".")[0] in ("libvirt", "libvirt_qemu") for n in names):
                 assert path.name == "libvirt_adapter.py", f"libvirt imported in {path}"
+
+
+def test_cli_choices_come_from_the_shared_vocabulary():
+    """`click.Choice` is never given a literal list: the words the CLI offers are the ones
+    the services accept (bbsnap/vocabulary.py, models.py), defined once."""
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        for call in _calls(ast.parse(path.read_text())):
+            func = call.func
+            if isinstance(func, ast.Attribute) and func.attr == "Choice" and call.args:
+                assert not isinstance(call.args[0], (ast.List, ast.Tuple, ast.Set)), \
+                    f"a literal click.Choice in {path}:{call.lineno}"
