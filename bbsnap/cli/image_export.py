@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
@@ -26,28 +25,10 @@ def export_image(app: Any, image_id: str, output: str | None, disk_format: str,
     """Export IMG as a standalone disk (backing chain flattened), with FILE.sha256 and FILE.json."""
     from ..services.image_export import ExportRequest
 
-    bar = _progress_bar(f"Exporting {image_id}")
-    try:
-        result = app.exporter().run(ExportRequest(image_id=image_id, output=output,
-                                                  format=disk_format, compress=compress),
-                                    progress=bar)
-    finally:
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")
+    result = app.exporter().run(ExportRequest(image_id=image_id, output=output,
+                                              format=disk_format, compress=compress))
     if result.path is not None:
         click.echo(f"Exported {image_id} to {result.path} ({result.bytes_written} bytes, "
                    f"sha256 {result.sha256})", err=True)
         click.echo(str(result.path))
 
-
-def _progress_bar(label: str) -> Any:
-    from .progress import byte_progress
-
-    state: dict[str, Any] = {}
-
-    def report(done: int, total: int) -> None:
-        if "report" not in state:
-            state["report"], _finish = byte_progress(label, total)
-        state["report"](done)
-
-    return report

@@ -35,6 +35,7 @@ from ..jobs import current_job_token
 from ..export_sinks import COMPRESSORS, EXTENSIONS, FramedSink, HashingOutput, RawSink
 from ..layout import PARTIAL_SUFFIX, DataDir
 from ..models import Image
+from ..reporting import SILENT, Reporter
 from ..safe_files import PRIVATE, OutputDir
 from . import stored_chain
 from ..vocabulary import DiskFormat, ExportCompression, values
@@ -67,13 +68,20 @@ def default_file_name(image_id: str, fmt: str, compress: str) -> str:
 
 class ImageExporter:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir,
-                 stdout: BinaryIO | None = None) -> None:
+                 stdout: BinaryIO | None = None, reporter: Reporter = SILENT) -> None:
+        self._reporter = reporter
         self._catalogue = catalogue
         self._data_dir = data_dir
         self._stdout = stdout
 
-    def run(self, request: ExportRequest,
-            progress: Callable[[int, int], None] | None = None) -> ExportResult:
+    def run(self, request: ExportRequest) -> ExportResult:
+        try:
+            return self._run(request, lambda done, total: self._reporter.progress(
+                f"Exporting {request.image_id}", done, total))
+        finally:
+            self._reporter.progress_end()
+
+    def _run(self, request: ExportRequest, progress: Callable[[int, int], None]) -> ExportResult:
         if request.format not in FORMATS or request.compress not in COMPRESSIONS:
             raise UsageError(f"unknown export format {request.format}/{request.compress}")
         image = self._catalogue.get_available(ids.require(request.image_id, "img"))

@@ -59,14 +59,14 @@ def test_progress_is_shown_only_while_there_is_one():
     assert as_record(available)["progress"] is None
 
 
-def test_waiting_on_a_terminal_shows_the_copy_s_progress(tmp_path, monkeypatch, capsys):
+def test_waiting_on_a_terminal_shows_the_copy_s_progress(tmp_path):
     """`--wait`'s line on a terminal, fed by a real catalogue the worker would update."""
     import io
-    import sys
 
     from bbsnap.catalogue import Catalogue, utcnow
-    from bbsnap.cli.waiting import wait_for_images
+    from bbsnap.cli.reporter import TerminalReporter
     from bbsnap.models import Image, ImageStatus, ImageType
+    from bbsnap.services.snapshot_wait import wait_settled
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -76,21 +76,18 @@ def test_waiting_on_a_terminal_shows_the_copy_s_progress(tmp_path, monkeypatch, 
     catalogue.add(Image(id="img-aaaaa", type=ImageType.SNAPSHOT, owner="me", created_at=utcnow(),
                         status=ImageStatus.CREATING, name="s", disk_size=3 << 20, progress=41))
 
-    class App:
-        def __init__(self) -> None:
-            self.catalogue = catalogue
-
-        def recover(self) -> None:  # the worker finishes while the command waits
-            catalogue.finish_snapshot("img-aaaaa", [], status=ImageStatus.AVAILABLE)
+    def recover() -> None:  # the worker finishes while the command waits
+        catalogue.finish_snapshot("img-aaaaa", [], status=ImageStatus.AVAILABLE)
 
     terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
     try:
-        wait_for_images(App(), ["img-aaaaa"], poll=0)
+        (settled,) = wait_settled(catalogue, ["img-aaaaa"], recover,
+                                  reporter=TerminalReporter(terminal), poll=0)
     finally:
         catalogue.close()
-    assert "\rimg-aaaaa: copying, 41%, 3 MiB so far\n" in terminal.getvalue()
-    assert "Image img-aaaaa is available" in capsys.readouterr().err + terminal.getvalue()
+    assert settled.status is ImageStatus.AVAILABLE
+    bar = "#" * 12 + "." * 18
+    assert terminal.getvalue() == f"\rimg-aaaaa: copying [{bar}] 3 MiB so far\n"
 
 
 def test_firmware_names():
