@@ -113,10 +113,9 @@ class AppContext:
         recover_interrupted_exports(self.data_dir)
 
     def worker_argv(self) -> list[str]:
-        import sys
+        from ..worker import base_argv
 
-        return [sys.executable, "-m", "bbsnap.worker", "--data-dir", str(self.data_dir.root),
-                "--connect", self.settings.connect]
+        return base_argv(str(self.data_dir.root), self.settings.connect)
 
     def _adopt_snapshot(self, image_id: str, lock: Any) -> None:
         """Recovery: a new worker finishes (or cleanly fails) an orphaned snapshot."""

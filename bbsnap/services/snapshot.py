@@ -38,6 +38,7 @@ from ..hypervisor.domain_xml import build_backup_xml, build_new_checkpoint_xml, 
 from ..jobs import current_job_token, token_for_pid
 from ..layout import DataDir
 from ..reporting import SILENT, Reporter
+from ..worker import finish_snapshot_argv
 from ..models import (Consistency, Image, ImageStatus, ImageType, Server, SnapshotDisk,
                       SnapshotJob)
 from . import change_tracking, image_fields, snapshot_chain
@@ -233,7 +234,6 @@ def spawn_finisher(worker_argv: list[str], data_dir: DataDir, catalogue: Catalog
 def _spawn_worker(worker_argv: list[str], data_dir: DataDir, image_id: str,
                   lock: locks.ServerLock) -> str | None:
     """Start `finish-snapshot IMG` detached, holding the server's lock; its job token."""
-    pid = proc.spawn_detached([*worker_argv, "finish-snapshot", image_id, "--lock-fd",
-                               str(lock.fd)], log_path=data_dir.logs_dir / f"{image_id}.log",
-                              pass_fds=[lock.fd])
+    pid = proc.spawn_detached(finish_snapshot_argv(worker_argv, image_id, lock.fd),
+                              log_path=data_dir.logs_dir / f"{image_id}.log", pass_fds=[lock.fd])
     return token_for_pid(pid)
