@@ -194,3 +194,22 @@ def env_with_auth(tmp: Path, host: str, user: str = USER, password: str = PASSWO
     path.write_text(json.dumps({"auths": {host: {"auth": token}}}))
     os.chmod(path, 0o600)
     return {"REGISTRY_AUTH_FILE": str(path)}
+
+
+# -- fixtures (imported by the test modules that use them) -------------------------------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[Registry]:
+    """A plain-HTTP docker-registry on 127.0.0.1 (loopback: no --insecure needed)."""
+    with running_registry() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def auth_registry() -> Iterator[Registry]:
+    """A second docker-registry that wants htpasswd basic auth."""
+    with running_registry(auth=True) as started:
+        yield started

@@ -9,6 +9,23 @@ import click
 
 from .options import say
 
+def _chunk_size() -> int:
+    """Upload chunk size: BBSNAP_REGISTRY_CHUNK_SIZE bytes (default 32 MiB). A cut
+    connection or a killed push resends at most the chunk in flight."""
+    import os
+
+    from ..errors import UsageError
+    from ..registry.client import DEFAULT_CHUNK
+
+    text = os.environ.get("BBSNAP_REGISTRY_CHUNK_SIZE", "")
+    if not text:
+        return DEFAULT_CHUNK
+    if not text.isdigit() or not 4096 <= int(text) <= 1 << 32:
+        raise UsageError(f"BBSNAP_REGISTRY_CHUNK_SIZE={text!r} is not a byte count from "
+                         "4096 to 4 GiB")
+    return int(text)
+
+
 INSECURE_HELP = "Plain HTTP to a registry that is not on this machine (loopback always may)."
 
 
@@ -34,12 +51,13 @@ def push_image(app: Any, image_id: str, reference: str, containerdisk: bool,
         from ..registry.containerdisk import push_containerdisk
 
         result = push_containerdisk(app.catalogue, app.data_dir, image_id, ref,
-                                    insecure=insecure, timeout=app.settings.http_timeout)
+                                    insecure=insecure, timeout=app.settings.http_timeout,
+                                    chunk_size=_chunk_size())
     else:
         from ..registry.push import Pusher
 
         pusher = Pusher(app.catalogue, app.data_dir, insecure=insecure,
-                        timeout=app.settings.http_timeout)
+                        timeout=app.settings.http_timeout, chunk_size=_chunk_size())
         result = pusher.push(image_id, ref, on_note=lambda text: say(f"  {text}"))
     say(f"Pushed {ref}@{result.digest} ({result.uploaded} bytes uploaded)")
     click.echo(result.digest)
