@@ -119,8 +119,14 @@ class CuttingProxy:
     *cut_after* (counted over all connections, in the direction given) is closed there,
     once. Later connections pass through whole."""
 
-    def __init__(self, target_port: int, cut_after: int, *, upstream: bool) -> None:
+    def __init__(self, target_port: int, cut_after: int, *, upstream: bool,
+                 stall: bool = False) -> None:
         self.target_port = target_port
+        # stall: hold the connection at the cut (a process to kill mid-transfer) until
+        # release(), then close it.
+        self.stall = stall
+        self.stalled = threading.Event()
+        self._release = threading.Event()
         self.cut_after = cut_after
         self.upstream = upstream      # count client->server bytes (push) or back (pull)
         self.counted = 0
@@ -168,6 +174,9 @@ class CuttingProxy:
                             self.cuts += 1
                     if cut:
                         sink.sendall(data[:self.cut_after - before])
+                        if self.stall:
+                            self.stalled.set()
+                            self._release.wait(60)
                         break
                 sink.sendall(data)
         except OSError:
@@ -179,7 +188,11 @@ class CuttingProxy:
                 pass
             sock.close()
 
+    def release(self) -> None:
+        self._release.set()
+
     def close(self) -> None:
+        self._release.set()
         self._stop = True
         self._server.close()
 
