@@ -96,9 +96,11 @@ class Puller:
                 limit = self._settings.max_decompressed_size
                 return digest, artifact.read_manifest(data, max_layer=limit)
             entries = artifact.index_entries(data)
-            ours = [e for e in entries
-                    if e.annotations.get("artifactType") == artifact.ARTIFACT_TYPE
-                    or e.media_type == artifact.OCI_MANIFEST]
+            # bbsnap's artifact first, then any manifest, then a nested index (bounded).
+            ours = [e for e in entries if e.media_type == artifact.OCI_MANIFEST]
+            ours = ([e for e in ours if e.annotations.get("artifactType") ==
+                     artifact.ARTIFACT_TYPE] or ours or
+                    [e for e in entries if e.media_type == artifact.OCI_INDEX])
             if not ours:
                 raise InvalidInputError(f"{ref} is an index with no bbsnap image in it")
             reference = ours[0].digest
