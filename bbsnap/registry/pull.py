@@ -183,7 +183,7 @@ class Puller:
                 layer.size, self._settings.max_decompressed_size),
                 expected_sha256=layer.digest.split(":", 1)[1], progress=progress,
                 check_head=head, head_size=MAX_HEADER_AREA, compression=Compression.NONE,
-                stated_by="the registry")
+                stated_by="the registry", sync=False)
         finally:
             reader.close()
         info = qemu_img.info(download, "qcow2", untrusted=True)
@@ -197,12 +197,13 @@ class Puller:
                                     f"{info.backing_file!r}; refused")
         if parent is None:
             self._check(download, index)
-            qemu_img.convert(download, "qcow2", partial, "qcow2", untrusted=True)
+            qemu_img.convert(download, "qcow2", partial, "qcow2", untrusted=True,
+                             unsafe_cache=True)
         else:
             parent_file = self._data_dir.image_path(parent.path or "")
             qemu_img.set_backing(download, parent_file)  # our own file, absolute
             self._check(download, index)
-            qemu_img.convert_top(download, partial, parent_file)
+            qemu_img.convert_top(download, partial, parent_file, unsafe_cache=True)
             qemu_img.set_backing(partial, parent_file, relative=True)
         download.unlink()
         safe_files.publish(partial, final, mode=FILE_MODE)
