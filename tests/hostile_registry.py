@@ -31,6 +31,11 @@ class HostileRegistry:
     manifests: dict[str, Served] = field(default_factory=dict)   # tag or digest -> document
     blobs: dict[str, Served] = field(default_factory=dict)       # digest -> blob
     requests: list[str] = field(default_factory=list)
+    # Token auth as Docker Hub, GHCR and Harbor do it: the API answers 401 with a Bearer
+    # challenge naming /token here, which gives TOKEN for basic *credentials*.
+    credentials: tuple[str, str] | None = None
+    tokens_issued: list[str] = field(default_factory=list)
+    TOKEN = "bbsnap-test-token-3f9a"
 
     def start(self) -> HostileRegistry:
         registry = self
@@ -49,6 +54,8 @@ class HostileRegistry:
 
             def _serve(self, body: bool) -> None:
                 registry.requests.append(f"{self.command} {self.path}")
+                if registry.credentials is not None and not self._authorized():
+                    return
                 parts = self.path.split("?")[0].split("/")
                 found: Served | None = None
                 if self.path.rstrip("/") == "/v2":
@@ -76,6 +83,34 @@ class HostileRegistry:
                             left -= piece
                     except OSError:
                         pass
+
+            def _authorized(self) -> bool:
+                import base64
+
+                assert registry.credentials is not None
+                given = self.headers.get("Authorization") or ""
+                if self.path.startswith("/token"):
+                    user, password = registry.credentials
+                    expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+                    status = 200 if given == expected else 401
+                    body = json.dumps({"token": registry.TOKEN}).encode() if status == 200 \
+                        else b"{}"
+                    if status == 200:
+                        registry.tokens_issued.append(self.path)
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return False
+                if given == f"Bearer {registry.TOKEN}":
+                    return True
+                realm = f"http://127.0.0.1:{registry.port}/token"
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", f'Bearer realm="{realm}",'
+                                 f'service="hostile",scope="repository:h/x:pull"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return False
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

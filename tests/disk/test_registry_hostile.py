@@ -14,6 +14,7 @@ from bbsnap.registry import artifact
 from tests.conftest import Bbsnap
 from tests.hostile_registry import HostileRegistry, Served, sha
 from tests.images import MIB, run
+from tests.registry import env_with_auth
 
 SECRET = b"BBSNAP-HOST-SECRET-" + b"s3cr3t" * 50
 SIZE = 16 * MIB
@@ -72,6 +73,22 @@ def test_a_well_formed_artifact_from_our_server_is_pulled(bbsnap, hostile, base)
     result = bbsnap("images", "pull", f"{hostile.host}/h/x:good")
     assert result.exit_code == 0, result.stderr
     assert bbsnap.rows() == 1
+
+
+def test_token_auth_with_credentials_from_the_auth_file(bbsnap, hostile, base, work_dir):
+    """Bearer token auth (a token server answering for basic credentials): without
+    credentials the pull is refused with the login hint; with them it succeeds, and the
+    token request named the repository's pull scope and the service."""
+    hostile.credentials = ("tok-user", "tok-pass")
+    hostile.publish("v1", [base], virtual_sizes=[SIZE])
+    refused(bbsnap, f"{hostile.host}/h/x:v1", "registry login")
+    env = env_with_auth(work_dir, hostile.host, "tok-user", "tok-pass")
+    result = Bbsnap(bbsnap.data_dir, env=env)("images", "pull", f"{hostile.host}/h/x:v1")
+    assert result.exit_code == 0, result.stderr
+    assert hostile.tokens_issued
+    assert "scope=repository%3Ah%2Fx%3Apull" in hostile.tokens_issued[0]
+    assert "service=hostile" in hostile.tokens_issued[0]
+    assert "tok-pass" not in result.stderr
 
 
 def test_layer_whose_bytes_are_not_its_digest(bbsnap, hostile, base):
