@@ -8,6 +8,7 @@ import json
 import os
 import sqlite3
 import stat
+import subprocess
 from pathlib import Path
 
 from tests.conftest import Bbsnap
@@ -39,6 +40,19 @@ def test_push_pull_chain_equal_content_links_and_no_op_again(work_dir, registry)
     pushed = source("images", "push", chain.snapshots[3], ref)
     assert pushed.exit_code == 0, pushed.stderr
     assert pushed.stdout.strip().startswith("sha256:")
+
+    # A standard tool reads the artifact: media types, titles, the backing annotations.
+    raw = json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                     f"docker://{ref}"], check=True, capture_output=True,
+                                    text=True).stdout)
+    assert raw["artifactType"] == "application/vnd.bbsnap.image.v1"
+    assert raw["config"]["mediaType"] == "application/vnd.bbsnap.image.config.v1+json"
+    assert len(raw["layers"]) == 5
+    titles = [layer["annotations"]["org.opencontainers.image.title"] for layer in raw["layers"]]
+    assert [layer["annotations"].get("dev.bbsnap.backing") for layer in raw["layers"]] == \
+        [None, *titles[:-1]]
+    assert all(layer["mediaType"] == "application/vnd.bbsnap.image.layer.v1.qcow2"
+               for layer in raw["layers"])
 
     pulled = target("images", "pull", ref)
     assert pulled.exit_code == 0, pulled.stderr
