@@ -177,7 +177,7 @@ class Puller:
         limit = min(self._settings.max_virtual_size, entry.virtual_size)
         head = _LayerHead(entry.virtual_size, layer.size, backing_title,
                           self._settings.max_virtual_size)
-        reader = BlobReader(client, layer.digest, layer.size)
+        reader = BlobReader(client, layer.digest, layer.size, verify=False)
         try:
             copy_decompressed(cast(BinaryIO, reader), download, max_output=min(
                 layer.size, self._settings.max_decompressed_size),

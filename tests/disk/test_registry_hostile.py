@@ -97,6 +97,14 @@ def test_layer_whose_bytes_are_not_its_digest(bbsnap, hostile, base):
     tampered = bytearray(base.read_bytes())
     tampered[-1] ^= 0xFF
     hostile.blobs[digest] = Served(bytes(tampered))
+    refused(bbsnap, f"{hostile.host}/h/x:v1", "checksum mismatch")
+
+
+def test_config_blob_whose_bytes_are_not_its_digest(bbsnap, hostile, base):
+    manifest = hostile.publish("v1", [base], virtual_sizes=[SIZE])
+    config = json.loads(hostile.manifests[manifest].body)["config"]["digest"]
+    body = hostile.blobs[config].body
+    hostile.blobs[config] = Served(body.replace(b'"layer 0"', b'"layer X"'))
     refused(bbsnap, f"{hostile.host}/h/x:v1", "has the digest")
 
 
