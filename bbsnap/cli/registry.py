@@ -46,6 +46,11 @@ def push_image(app: Any, image_id: str, reference: str, containerdisk: bool,
     from ..registry import reference as refs
 
     ref = refs.parse(reference)
+    if ref.digest is not None:
+        from ..errors import UsageError
+
+        raise UsageError(f"push to a tag, not a digest: {reference}",
+                         hint="the registry names what it stores by digest itself")
     say(f"Pushing {image_id} to {ref}")
     if containerdisk:
         from ..registry.containerdisk import push_containerdisk
