@@ -30,15 +30,24 @@ def free_port() -> int:
 
 
 class Registry:
-    def __init__(self, root: Path, *, auth: bool = False) -> None:
+    def __init__(self, root: Path, *, auth: bool = False, tls: bool = False) -> None:
         self.root = root
         self.auth = auth
+        self.tls = tls
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def certificate(self) -> Path:
+        return self.root / "cert.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.root / "key.pem"
 
     @property
     def storage(self) -> Path:
@@ -58,9 +67,18 @@ class Registry:
                                   capture_output=True, text=True)
             htpasswd.write_text(done.stdout)
             config["auth"] = {"htpasswd": {"realm": "bbsnap-test", "path": str(htpasswd)}}
+        if self.tls:
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                            "-keyout", str(self.key), "-out", str(self.certificate),
+                            "-days", "2", "-subj", "/CN=127.0.0.1",
+                            "-addext", "subjectAltName=IP:127.0.0.1"],
+                           check=True, capture_output=True)
         for _ in range(5):
             self.port = free_port()
             config["http"] = {"addr": f"127.0.0.1:{self.port}", "secret": "bbsnap-test-secret"}
+            if self.tls:
+                config["http"]["tls"] = {"certificate": str(self.certificate),  # type: ignore[index]
+                                         "key": str(self.key)}
             path = self.root / "config.yml"
             path.write_text(yaml.safe_dump(config))
             self.process = subprocess.Popen(["docker-registry", "serve", str(path)],
@@ -78,7 +96,13 @@ class Registry:
             if self.process.poll() is not None:
                 return False
             try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2).close()
+                import ssl
+
+                context = ssl.create_default_context(cafile=str(self.certificate)) \
+                    if self.tls else None
+                scheme = "https" if self.tls else "http"
+                urllib.request.urlopen(f"{scheme}://{self.host}/v2/", timeout=2,
+                                       context=context).close()
                 return True
             except urllib.error.HTTPError as exc:
                 if exc.code == 401:
@@ -104,9 +128,9 @@ class Registry:
 
 
 @contextmanager
-def running_registry(auth: bool = False) -> Iterator[Registry]:
+def running_registry(auth: bool = False, tls: bool = False) -> Iterator[Registry]:
     root = Path(tempfile.mkdtemp(prefix="bbsnap-registry-"))
-    registry = Registry(root, auth=auth).start()
+    registry = Registry(root, auth=auth, tls=tls).start()
     try:
         yield registry
     finally:

@@ -91,7 +91,12 @@ class RegistryClient:
     def __init__(self, ref: Reference, *, insecure: bool = False, timeout: float = 30.0,
                  scopes: Iterable[str] = (), chunk_size: int = DEFAULT_CHUNK) -> None:
         self.ref = ref
-        scheme = "http" if insecure or ref.loopback else "https"
+        # HTTPS always, except with --insecure; a registry on this machine may speak plain
+        # HTTP (test and development registries): TLS is tried first, and a server that
+        # answers the handshake with something else is spoken to in plain HTTP (as docker
+        # does for localhost). A certificate that does not verify is never a reason to.
+        scheme = "http" if insecure else "https"
+        self._may_be_plain = ref.loopback and not insecure
         host = ref.hostname if ref.api_host == ref.host else ref.api_host
         self.endpoint = Endpoint(scheme, host, ref.port, timeout)
         self.scopes = list(scopes) or [f"repository:{ref.repository}:pull"]
@@ -121,7 +126,26 @@ class RegistryClient:
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
             self._conn, self._absolute = self.endpoint.connect()
+            if self._may_be_plain and not self._absolute:
+                self._probe_tls()
         return self._conn
+
+    def _probe_tls(self) -> None:
+        """Settle a loopback registry's scheme on the first connection."""
+        assert self._conn is not None
+        try:
+            self._conn.connect()
+        except ssl.SSLCertVerificationError:
+            self.close()
+            raise
+        except (ssl.SSLError, ConnectionResetError):
+            self._conn.close()
+            self.endpoint.scheme, self.endpoint.port = "http", self.ref.port or 80
+            self._conn, self._absolute = self.endpoint.connect()
+        except BaseException:
+            self.close()
+            raise
+        self._may_be_plain = False
 
     def _target(self, path: str) -> str:
         return self.url(path) if self._absolute else path

@@ -177,3 +177,21 @@ def test_bad_references_are_usage_errors(work_dir, registry):
     unknown = source("images", "push", "img-zzzzz", f"{registry.host}/x:y")
     assert unknown.exit_code == 3, unknown.stderr
     assert os.path.exists(work_dir / "a" / "catalogue.sqlite3")
+
+
+def test_tls_registry_is_spoken_to_over_verified_tls(work_dir):
+    """A registry on 127.0.0.1 that speaks TLS gets TLS (certificates checked: trusted
+    through SSL_CERT_FILE it works, untrusted it is refused, never retried in plain HTTP)."""
+    chain = prune_chain.build(work_dir / "a")
+    with fixtures.running_registry(tls=True) as secure:
+        ref = f"{secure.host}/tls/x:v1"
+        untrusted = Bbsnap(work_dir / "a").process("images", "push", chain.base, ref)
+        assert untrusted.exit_code == 1
+        assert "certificate" in untrusted.stderr.lower(), untrusted.stderr
+        trusted = {"SSL_CERT_FILE": str(secure.certificate)}
+        pushed = Bbsnap(work_dir / "a", env=trusted).process("images", "push", chain.base, ref)
+        assert pushed.exit_code == 0, pushed.stderr
+        pulled = Bbsnap(work_dir / "b", env=trusted).process("images", "pull", ref)
+        assert pulled.exit_code == 0, pulled.stderr
+        stored = work_dir / "b" / "images" / f"{pulled.stdout.strip()}.qcow2"
+        assert prune_chain.same(chain.file(chain.base), stored)
