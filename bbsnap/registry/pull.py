@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from .. import ids, safe_files
+from .. import ids, locks, safe_files
 from ..catalogue import Catalogue, utcnow
 from ..compression import Compression
 from ..config import Settings
@@ -77,7 +77,14 @@ class Puller:
             config = read_small_blob(client, pulled.config.digest, pulled.config.size,
                                      artifact.MAX_CONFIG)
             entries = artifact.read_config(config, pulled)
-            return self._chain(client, pulled, entries, manifest_digest, name, note, progress)
+            # One pull at a time per data directory: two pulls of the same chain would
+            # both find its layers missing and register them twice.
+            self._data_dir.locks_dir.mkdir(mode=0o700, exist_ok=True)
+            with locks.acquire_path(self._data_dir.locks_dir / "registry-pull.lock",
+                                    timeout=self._data_dir.lock_timeout,
+                                    purpose="images pull", busy="another images pull"):
+                return self._chain(client, pulled, entries, manifest_digest, name, note,
+                                   progress)
         finally:
             client.close()
 

@@ -9,6 +9,7 @@ import os
 import sqlite3
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import Bbsnap
@@ -195,3 +196,18 @@ def test_tls_registry_is_spoken_to_over_verified_tls(work_dir):
         assert pulled.exit_code == 0, pulled.stderr
         stored = work_dir / "b" / "images" / f"{pulled.stdout.strip()}.qcow2"
         assert prune_chain.same(chain.file(chain.base), stored)
+
+
+def test_concurrent_pulls_of_one_chain_register_it_once(work_dir, registry):
+    chain = prune_chain.build(work_dir / "a")
+    ref = f"{registry.host}/team/together:s3"
+    assert Bbsnap(work_dir / "a")("images", "push", chain.snapshots[3], ref).exit_code == 0
+    env = {**os.environ, "BBSNAP_HOME": str(work_dir / "b"), "BBSNAP_CONFIG": ""}
+    Bbsnap(work_dir / "b")("images", "list")  # the data directory exists before the race
+    runs = [subprocess.Popen([sys.executable, "-m", "bbsnap.cli.main", "images", "pull", ref],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for _ in range(3)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [o[1] for o in outputs]
+    assert len({out.strip() for out, _err in outputs}) == 1
+    assert len(rows(work_dir / "b")) == 5
