@@ -250,3 +250,61 @@ def auth_registry() -> Iterator[Registry]:
     """A second docker-registry that wants htpasswd basic auth."""
     with running_registry(auth=True) as started:
         yield started
+
+
+class ConnectProxy:
+    """An HTTPS proxy on 127.0.0.1 as https_proxy names one: CONNECT host:port, then bytes
+    both ways. Records what it was asked to connect to."""
+
+    def __init__(self) -> None:
+        self.tunnels: list[str] = []
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(16)
+        self.port = int(self._server.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            more = client.recv(4096)
+            if not more:
+                client.close()
+                return
+            head += more
+        method, target = head.split(b" ", 2)[:2]
+        host, _, port = target.decode().rpartition(":")
+        if method != b"CONNECT" or host != "127.0.0.1":  # loopback only, as every test
+            client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            client.close()
+            return
+        self.tunnels.append(target.decode())
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        pair = [client, upstream]
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=_relay, args=(source, sink, pair), daemon=True).start()
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def _relay(source: socket.socket, sink: socket.socket, pair: list[socket.socket]) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    for sock in pair:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -196,6 +196,15 @@ def test_tls_registry_is_spoken_to_over_verified_tls(work_dir):
         assert pulled.exit_code == 0, pulled.stderr
         stored = work_dir / "b" / "images" / f"{pulled.stdout.strip()}.qcow2"
         assert prune_chain.same(chain.file(chain.base), stored)
+        # Through an HTTPS proxy, as URL import honours https_proxy (and no_proxy).
+        proxy = fixtures.ConnectProxy()
+        try:
+            via = {**trusted, "https_proxy": f"http://127.0.0.1:{proxy.port}", "no_proxy": ""}
+            again = Bbsnap(work_dir / "c", env=via).process("images", "pull", ref)
+        finally:
+            proxy.close()
+        assert again.exit_code == 0, again.stderr
+        assert proxy.tunnels and set(proxy.tunnels) == {secure.host}
 
 
 def test_concurrent_pulls_of_one_chain_register_it_once(work_dir, registry):
