@@ -43,7 +43,8 @@ class UploadJournal:
 
     def save(self, client: RegistryClient, digest: str, location: str) -> None:
         if not self._dir.exists():
-            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for directory in (self._dir.parent, self._dir):  # DATA/registry/uploads
+                directory.mkdir(mode=0o700, exist_ok=True)
         safe_files.write_atomic(self._file(client, digest),
                                 json.dumps({"location": location}).encode(), mode=0o600)
 
