@@ -26,7 +26,8 @@ def _chunk_size() -> int:
     return int(text)
 
 
-INSECURE_HELP = "Plain HTTP to a registry that is not on this machine (loopback always may)."
+INSECURE_HELP = ("Plain HTTP, for a registry without TLS (one on this machine is tried with TLS "
+                 "first, then in plain HTTP by itself).")
 
 
 @click.command("push")
