@@ -166,14 +166,14 @@ def add_bitmap(path: Path, name: str) -> None:
 
 def convert_top(source: Path, target: Path, base: Path, base_format: str = "qcow2", *,
                 progress: Callable[[float], None] | None = None,
-                unsafe_cache: bool = False) -> None:
+                unsafe_cache: bool = False, untrusted: bool = False) -> None:
     """Copy *source* (whose backing chain ends in *base*) as a new overlay on *base*:
     only what the layers above *base* hold is written. *progress* gets qemu-img's percent.
-    *unsafe_cache* as for :func:`convert`."""
+    *unsafe_cache* as for :func:`convert`; *untrusted*: under the resource limits."""
     cache = ["-t", "unsafe"] if unsafe_cache else []
     _run_convert(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", *cache, "-B",
                   _abs(base), "-F", base_format, _abs(source), _abs(target)], progress,
-                 timeout=3600)
+                 timeout=3600, limits=UNTRUSTED_LIMITS if untrusted else None)
 
 
 _PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")

@@ -210,7 +210,8 @@ class Puller:
             parent_file = self._data_dir.image_path(parent.path or "")
             qemu_img.set_backing(download, parent_file)  # our own file, absolute
             self._check(download, index)
-            qemu_img.convert_top(download, partial, parent_file, unsafe_cache=True)
+            qemu_img.convert_top(download, partial, parent_file, unsafe_cache=True,
+                                 untrusted=True)
             qemu_img.set_backing(partial, parent_file, relative=True)
         download.unlink()
         safe_files.publish(partial, final, mode=FILE_MODE)
