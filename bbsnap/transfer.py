@@ -90,13 +90,14 @@ def copy_decompressed(source: BinaryIO, target: Path, *, max_output: int,
                       progress: Progress | None = None,
                       check_head: HeadCheck | None = None, head_size: int = CHUNK,
                       compression: Compression | None = None,
-                      stated_by: str = "the sidecar") -> CopyResult:
+                      stated_by: str = "the sidecar", sync: bool = True) -> CopyResult:
     """Write *source*'s (decompressed) bytes to the new file *target*, sparsely, and fsync it.
 
     *compression* (stated by *stated_by*) replaces the guess from the magic bytes.
     Raises before returning if the head is refused, the stream is corrupt, truncated,
     expands past *max_output* or the head's limit, would eat into the filesystem's
     reserve, or does not match *expected_sha256*; the caller removes *target*.
+    *sync* off: no fsync, for a work file that is rewritten into another and deleted.
     """
     reader = HashingReader(source, progress)
     kind = _stream_compression(reader.peek(8), compression, stated_by)
@@ -117,7 +118,8 @@ def copy_decompressed(source: BinaryIO, target: Path, *, max_output: int,
         while reader.read(CHUNK):
             pass
         os.ftruncate(fd, produced)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     digest = reader.sha256.hexdigest()
