@@ -121,6 +121,21 @@ MIGRATIONS: Sequence[Sequence[str]] = (
             last_result TEXT
         )""",
     ),
+    # 6: registry layers (bbsnap/registry/records.py): which image a layer digest is, pulled
+    # (found again by digest, so a second pull registers nothing) or pushed (not hashed again
+    # while its file is unchanged: file_identity). Rows whose image is gone are ignored.
+    (
+        """CREATE TABLE registry_layers (
+            digest TEXT NOT NULL,
+            image_id TEXT NOT NULL,
+            parent_digest TEXT,
+            size INTEGER NOT NULL,
+            origin TEXT NOT NULL,
+            file_identity TEXT,
+            repository TEXT,
+            PRIMARY KEY (digest, image_id)
+        )""",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -21,6 +21,9 @@ class Reporter(Protocol):
     def waiting(self, what: str) -> None:
         """The operation waits for *what* ("another operation on srv-x") to finish."""
 
+    def step(self, text: str) -> None:
+        """One step of a long operation, as its own line ("layer 1a2b... uploaded")."""
+
     def progress(self, label: str, done: int, total: int | None = None,
                  percent: int | None = None) -> None:
         """*done* bytes of *total* (when known); *percent* when only that is known."""
@@ -37,6 +40,9 @@ class SilentReporter:
         pass
 
     def waiting(self, what: str) -> None:
+        pass
+
+    def step(self, text: str) -> None:
         pass
 
     def progress(self, label: str, done: int, total: int | None = None,

@@ -63,8 +63,9 @@ def push_image(app: Any, image_id: str, reference: str, containerdisk: bool,
         from ..registry.push import Pusher
 
         pusher = Pusher(app.catalogue, app.data_dir, insecure=insecure,
-                        timeout=app.settings.http_timeout, chunk_size=_chunk_size())
-        result = pusher.push(image_id, ref, on_note=lambda text: say(f"  {text}"))
+                        timeout=app.settings.http_timeout, chunk_size=_chunk_size(),
+                        reporter=app.reporter)
+        result = pusher.push(image_id, ref)
     say(f"Pushed {ref}@{result.digest} ({result.uploaded} bytes uploaded)")
     click.echo(result.digest)
 
@@ -82,8 +83,9 @@ def pull_image(app: Any, reference: str, name: str | None, insecure: bool) -> No
 
     ref = refs.parse(reference)
     say(f"Pulling {ref}")
-    puller = Puller(app.catalogue, app.data_dir, app.settings, insecure=insecure)
-    result = puller.pull(ref, name=name, on_note=lambda text: say(f"  {text}"))
+    puller = Puller(app.catalogue, app.data_dir, app.settings, insecure=insecure,
+                    reporter=app.reporter)
+    result = puller.pull(ref, name=name)
     if not result.new:
         say(f"{ref} is already image {result.image.id}")
     click.echo(result.image.id)

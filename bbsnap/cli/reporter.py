@@ -35,6 +35,9 @@ class TerminalReporter:
     def waiting(self, what: str) -> None:
         self._line(f"bbsnap: waiting for {what} to finish")
 
+    def step(self, text: str) -> None:
+        self._line(f"  {text}")  # indented under the command's own line
+
     def progress(self, label: str, done: int, total: int | None = None,
                  percent: int | None = None) -> None:
         if not self._tty:

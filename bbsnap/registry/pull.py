@@ -38,12 +38,13 @@ from ..layout import FILE_MODE, PARTIAL_SUFFIX, DataDir
 from ..models import Image, ImageStatus
 from ..services import image_fields
 from ..transfer import OutputLimit, copy_decompressed
+from ..reporting import SILENT, Reporter
 from . import artifact, layers
 from .client import BlobReader, RegistryClient, read_small_blob
 from .records import LayerRecord, LayerRecords, file_identity
 from .reference import Reference
 
-Note = Callable[[str], None]
+Note = Callable[[str], None]  # a step line for the user (Reporter.step)
 MAX_INDEX_DEPTH = 2
 
 
@@ -57,7 +58,8 @@ class PullResult:
 
 class Puller:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir, settings: Settings, *,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, reporter: Reporter = SILENT) -> None:
+        self._reporter = reporter
         self._catalogue = catalogue
         self._data_dir = data_dir
         self._settings = settings
@@ -65,9 +67,8 @@ class Puller:
         self._insecure = insecure
 
     def pull(self, ref: Reference, *, name: str | None = None,
-             on_note: Note | None = None,
              progress: Callable[[int], None] | None = None) -> PullResult:
-        note = on_note or (lambda _text: None)
+        note = self._reporter.step
         if name is not None:
             image_fields.check_name(name)
         client = RegistryClient(ref, insecure=self._insecure,

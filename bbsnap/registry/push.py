@@ -21,12 +21,13 @@ from ..errors import ConflictError, InvalidInputError
 from ..layout import DataDir
 from ..models import Image, ImageStatus
 from ..services.stored_chain import require_inside
+from ..reporting import SILENT, Reporter
 from . import artifact, layers, uploads
 from .client import DEFAULT_CHUNK, RegistryClient
 from .records import LayerRecord, LayerRecords, file_identity
 from .reference import Reference
 
-Note = Callable[[str], None]
+Note = Callable[[str], None]  # a step line for the user (Reporter.step)
 
 
 @dataclass
@@ -66,7 +67,9 @@ def chain_of(catalogue: Catalogue, data_dir: DataDir, image_id: str) -> list[tup
 
 class Pusher:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir, *, insecure: bool = False,
-                 timeout: float = 30.0, chunk_size: int = DEFAULT_CHUNK) -> None:
+                 timeout: float = 30.0, chunk_size: int = DEFAULT_CHUNK,
+                 reporter: Reporter = SILENT) -> None:
+        self._reporter = reporter
         self._catalogue = catalogue
         self._data_dir = data_dir
         self._records = LayerRecords(catalogue)
@@ -81,11 +84,11 @@ class Pusher:
         return RegistryClient(ref, insecure=self._insecure, timeout=self._timeout,
                               scopes=scopes, chunk_size=self._chunk)
 
-    def push(self, image_id: str, ref: Reference, *, on_note: Note | None = None) -> PushResult:
+    def push(self, image_id: str, ref: Reference) -> PushResult:
         if ref.tag is None:
             raise InvalidInputError(f"push to a tag, not a digest: {ref}")
         chain = chain_of(self._catalogue, self._data_dir, image_id)
-        note = on_note or (lambda _text: None)
+        note = self._reporter.step
         mount_from = self._known_repositories(ref, [image for image, _ in chain])
         client = self.client(ref, mount_from)
         try:

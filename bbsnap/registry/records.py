@@ -2,9 +2,8 @@
 second pull registers nothing) and pushed ones (not hashed again while the file is the
 same, and named by the digest a registry already has).
 
-A table of bbsnap's registry code in the catalogue's database, created when first used
-(``CREATE TABLE IF NOT EXISTS``): it refers to image rows, and a row whose image is gone
-or not available is ignored, so the catalogue's own schema and migrations are untouched.
+The table ``registry_layers`` is the catalogue's (migration 6): it refers to image rows,
+and a row whose image is gone or not available is ignored.
 """
 
 from __future__ import annotations
@@ -16,20 +15,6 @@ from pathlib import Path
 from ..catalogue import Catalogue
 from ..errors import NotFoundError
 from ..models import Image, ImageStatus
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS registry_layers (
-    digest TEXT NOT NULL,
-    image_id TEXT NOT NULL,
-    parent_digest TEXT,
-    size INTEGER NOT NULL,
-    origin TEXT NOT NULL,
-    file_identity TEXT,
-    repository TEXT,
-    PRIMARY KEY (digest, image_id)
-)
-"""
-
 
 @dataclass(frozen=True)
 class LayerRecord:
@@ -51,8 +36,6 @@ def file_identity(path: Path) -> str:
 class LayerRecords:
     def __init__(self, catalogue: Catalogue) -> None:
         self._catalogue = catalogue
-        with catalogue.transaction() as db:
-            db.execute(_SCHEMA)
 
     def image_for(self, digest: str) -> Image | None:
         """An available image whose content is the layer *digest* (pulled, or pushed from
@@ -60,7 +43,7 @@ class LayerRecords:
         with self._catalogue.transaction() as db:
             rows = db.execute("SELECT image_id FROM registry_layers WHERE digest = ? "
                               "ORDER BY origin DESC", (digest,)).fetchall()
-        for (image_id,) in rows:
+        for image_id in (row["image_id"] for row in rows):
             try:
                 image = self._catalogue.get(image_id)
             except NotFoundError:
@@ -74,7 +57,7 @@ class LayerRecords:
             rows = db.execute("SELECT digest, image_id, parent_digest, size, origin, "
                               "file_identity, repository FROM registry_layers "
                               "WHERE image_id = ?", (image_id,)).fetchall()
-        return [LayerRecord(*row) for row in rows]
+        return [LayerRecord(**dict(row)) for row in rows]
 
     def add(self, record: LayerRecord) -> None:
         with self._catalogue.transaction() as db:
