@@ -23,8 +23,9 @@ from typing import Any
 
 from .errors import UsageError
 from .sizes import GIB, parse_size
+from .vocabulary import Accel, values
 
-ACCEL_CHOICES = ("auto", "kvm", "tcg")
+ACCEL_CHOICES = values(Accel)
 SYSTEM_URI = "qemu:///system"
 SESSION_URI = "qemu:///session"
 # The group whose members may manage qemu:///system: Debian's polkit rule (60-libvirt.rules)

@@ -88,3 +88,11 @@ class CatalogueError(BbsnapError):
 
 class CataloguePathError(CatalogueError):
     """A catalogue row names a file outside the data directory's images/ (refused, not used)."""
+
+
+class RegistryError(BbsnapError):
+    """An OCI registry refused a request, failed, or could not be reached."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry wants credentials that were not given or were refused."""

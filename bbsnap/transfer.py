@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 from .compression import Compression, check_cap, open_decompressed, sniff_compression
-from .errors import BbsnapError, ChecksumMismatchError, HostileImageError, InvalidInputError, \
-    UsageError
+from .errors import BbsnapError, ChecksumMismatchError, HostileImageError, InvalidInputError
 
 CHUNK = 1 << 20
 # Free space left on the data directory's filesystem after an import: the catalogue, the
@@ -30,17 +28,8 @@ FREE_SPACE_RESERVE_MIN = 1 << 30
 FREE_SPACE_RESERVE_FRACTION = 0.05
 HOLE_BLOCK = 64 * 1024
 _ZEROS = bytes(HOLE_BLOCK)
-_CHECKSUM = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 
 Progress = Callable[[int], None]  # called with bytes of source read so far
-
-
-def parse_checksum(text: str) -> str:
-    """Normalise ``sha256:HEX`` (the only algorithm accepted) to lowercase hex."""
-    match = _CHECKSUM.match(text.strip())
-    if not match:
-        raise UsageError(f"'{text}' is not a checksum", hint="use sha256:<64 hex digits>")
-    return match.group(1).lower()
 
 
 class HashingReader:
@@ -101,13 +90,14 @@ def copy_decompressed(source: BinaryIO, target: Path, *, max_output: int,
                       progress: Progress | None = None,
                       check_head: HeadCheck | None = None, head_size: int = CHUNK,
                       compression: Compression | None = None,
-                      stated_by: str = "the sidecar") -> CopyResult:
+                      stated_by: str = "the sidecar", sync: bool = True) -> CopyResult:
     """Write *source*'s (decompressed) bytes to the new file *target*, sparsely, and fsync it.
 
     *compression* (stated by *stated_by*) replaces the guess from the magic bytes.
     Raises before returning if the head is refused, the stream is corrupt, truncated,
     expands past *max_output* or the head's limit, would eat into the filesystem's
     reserve, or does not match *expected_sha256*; the caller removes *target*.
+    *sync* off: no fsync, for a work file that is rewritten into another and deleted.
     """
     reader = HashingReader(source, progress)
     kind = _stream_compression(reader.peek(8), compression, stated_by)
@@ -128,7 +118,8 @@ def copy_decompressed(source: BinaryIO, target: Path, *, max_output: int,
         while reader.read(CHUNK):
             pass
         os.ftruncate(fd, produced)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     digest = reader.sha256.hexdigest()

@@ -17,6 +17,7 @@ from .doctor import doctor
 from .image_export import export_image
 from .images import images
 from .prune import prune_server
+from .registry import pull_image, push_image, registry
 from .schedule import schedule, schedule_server
 from .servers import servers, types
 
@@ -77,6 +78,9 @@ def cli(ctx: click.Context, data_dir: str | None, connect: str | None, debug: bo
 
 
 images.add_command(export_image)
+images.add_command(push_image)
+images.add_command(pull_image)
+cli.add_command(registry)
 cli.add_command(images)
 servers.add_command(prune_server)
 servers.add_command(schedule_server)

@@ -49,6 +49,7 @@ class Qcow2Header:
     nb_snapshots: int
     compatible_features: int = 0
     refcount_order: int = 4  # v2 images: always 16-bit refcounts
+    backing_file: str | None = None  # only ever the name the caller allowed
 
     @property
     def dirty(self) -> bool:
@@ -85,8 +86,12 @@ def _ceil_div(value: int, divisor: int) -> int:
     return -(-value // divisor)
 
 
-def read_qcow2_header(stream: BinaryIO, *, max_virtual_size: int) -> Qcow2Header:
-    """Parse and vet the header of the qcow2 at *stream*; HostileImageError on anything unsafe."""
+def read_qcow2_header(stream: BinaryIO, *, max_virtual_size: int,
+                      allowed_backing: str | None = None) -> Qcow2Header:
+    """Parse and vet the header of the qcow2 at *stream*; HostileImageError on anything unsafe.
+
+    *allowed_backing*: the one backing file name accepted (a pulled chain layer names the
+    layer below it); any other name, and any name when it is None, is refused."""
     stream.seek(0)
     base = stream.read(104)
     if len(base) < 72 or base[:4] != b"QFI\xfb":
@@ -96,8 +101,13 @@ def read_qcow2_header(stream: BinaryIO, *, max_virtual_size: int) -> Qcow2Header
      _snap_offset) = struct.unpack(">IQIIQIIQQIIQ", base[4:72])
     if version not in (2, 3):
         raise HostileImageError(f"unsupported qcow2 version {version}")
+    backing = None
     if backing_offset or backing_size:
         name = _read_backing_name(stream, backing_offset, backing_size)
+        if allowed_backing is not None and name == allowed_backing and \
+                backing_offset + backing_size <= 1 << min(max(cluster_bits, 9), 21):
+            backing = name
+    if (backing_offset or backing_size) and backing is None:
         raise HostileImageError(
             f"the qcow2 image names a backing file ({name!r}); bbsnap refuses images "
             "that would read other files", hint="flatten it first: qemu-img convert -O qcow2")
@@ -122,7 +132,7 @@ def read_qcow2_header(stream: BinaryIO, *, max_virtual_size: int) -> Qcow2Header
         _vet_incompatible_features(incompatible)
     _vet_extensions(stream, header_length, 1 << cluster_bits)
     return Qcow2Header(version, size, cluster_bits, incompatible, nb_snapshots, compatible,
-                       refcount_order)
+                       refcount_order, backing)
 
 
 def _vet_incompatible_features(bits: int) -> None:

@@ -95,14 +95,19 @@ def check(path: Path, fmt: str = "qcow2", *, untrusted: bool = False,
 
 def convert(source: Path, source_format: str, target: Path, target_format: str, *,
             untrusted: bool = False, compress: bool = False, timeout: float = 3600,
-            progress: Callable[[float], None] | None = None) -> None:
+            progress: Callable[[float], None] | None = None, unsafe_cache: bool = False) -> None:
     """Copy *source* into a new standalone *target* (sparse: zero runs are not written).
 
     The target is a fresh image of the guest-visible active layer only: without
     ``--bitmaps`` (off by default) no persistent bitmap is copied, and internal
     snapshots, unknown compatible feature bits and a dirty flag stay behind.
+    *unsafe_cache*: qemu-img does not flush the target (``-t unsafe``), for a caller that
+    fsyncs it itself before using it (safe_files.publish): on a 1.2 GiB image here that
+    was 0.7 s + 0.5 s for the fsync against 3.7 s with qemu-img's own flushing.
     """
     argv = ["qemu-img", "convert", "-f", source_format, "-O", target_format, "-S", "64k"]
+    if unsafe_cache:
+        argv += ["-t", "unsafe"]
     if compress:
         argv.append("-c")
     argv += [_abs(source), _abs(target)]
@@ -167,11 +172,15 @@ def add_bitmap(path: Path, name: str) -> None:
 
 
 def convert_top(source: Path, target: Path, base: Path, base_format: str = "qcow2", *,
-                progress: Callable[[float], None] | None = None) -> None:
+                progress: Callable[[float], None] | None = None,
+                unsafe_cache: bool = False, untrusted: bool = False) -> None:
     """Copy *source* (whose backing chain ends in *base*) as a new overlay on *base*:
-    only what the layers above *base* hold is written. *progress* gets qemu-img's percent."""
-    _run_convert(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", "-B", _abs(base),
-                  "-F", base_format, _abs(source), _abs(target)], progress, timeout=3600)
+    only what the layers above *base* hold is written. *progress* gets qemu-img's percent.
+    *unsafe_cache* as for :func:`convert`; *untrusted*: under the resource limits."""
+    cache = ["-t", "unsafe"] if unsafe_cache else []
+    _run_convert(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", *cache, "-B",
+                  _abs(base), "-F", base_format, _abs(source), _abs(target)], progress,
+                 timeout=3600, limits=UNTRUSTED_LIMITS if untrusted else None)
 
 
 _PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")

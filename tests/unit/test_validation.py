@@ -37,7 +37,7 @@ def test_create_refuses_a_bad_hostname_or_server_name_before_anything_exists(bbs
     for args, message in cases:
         result = bbsnap("-c", "test:///default", "servers", "create", image_id, *args)
         assert result.exit_code == 2, result.stderr
-        # The one error line, and no "Creating ..." before it: options are checked first.
+        # The error is the only line: validation happens before "Creating ..." is printed.
         assert result.stderr.count("\n") == 1 and message in result.stderr
         assert "Creating" not in result.stderr
         assert "<domain" not in result.stderr

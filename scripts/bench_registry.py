@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Benchmark: what `images push` uploads and how fast push and pull are, in one run.
+
+On an 8 GiB-virtual image holding ~1 GiB of real files (ext4 by `mke2fs -d`), and ten
+snapshots of a server built on it, each stored as a 64 MiB delta on the one before (made
+with qemu-io, as a server's snapshot chain is stored), against Debian's docker-registry
+on 127.0.0.1:
+  - bytes uploaded pushing snapshot 10 after snapshots 1-9 were pushed, against a full
+    push of snapshot 10 (its flattened disk, `--containerdisk`; goal: >= 10x fewer);
+  - push and pull time of the 1 GiB image against the same file moved as one blob by curl
+    (a monolithic PUT, a GET: the registry's own floor; goal: <= 1.2x). The issue's
+    baseline, the oras CLI, is a Go program Debian does not package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from benchlib import GIB, MIB, bench_dir, filesystem_image  # noqa: E402
+
+from bbsnap.catalogue import Catalogue  # noqa: E402
+from bbsnap.models import Image, ImageStatus, ImageType  # noqa: E402
+from tests.registry import running_registry  # noqa: E402
+
+SNAPSHOTS = 10
+DELTA = 64 * MIB
+
+
+def bbsnap(data: Path, *args: str) -> tuple[float, str, str]:
+    env = {**os.environ, "BBSNAP_HOME": str(data), "BBSNAP_CONFIG": ""}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "bbsnap.cli.main", *args], env=env,
+                          capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"bbsnap {' '.join(args)} failed: {done.stderr}")
+    return elapsed, done.stdout.strip(), done.stderr
+
+
+def uploaded(stderr: str) -> int:
+    line = [x for x in stderr.splitlines() if x.endswith("bytes uploaded)")][-1]
+    return int(line.rsplit("(", 1)[1].split()[0])
+
+
+def snapshot_chain(data: Path, base: str) -> list[str]:
+    """Ten snapshots, each a 64 MiB delta on the previous one, registered as a server's."""
+    catalogue = Catalogue(data / "catalogue.sqlite3")
+    images = data / "images"
+    parent, made = base, []
+    start = datetime.now(timezone.utc)
+    for index in range(1, SNAPSHOTS + 1):
+        image_id = f"img-bnch{index % 10}" if index < 10 else "img-bnchz"
+        path = images / f"{image_id}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                        f"{parent}.qcow2", str(path)], check=True)
+        offset = (index * 512 * MIB) % (7 * GIB)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c",
+                        f"write -P {index} {offset} {DELTA}", str(path)], check=True,
+                       stdout=subprocess.DEVNULL)
+        os.chmod(path, 0o600)
+        catalogue.add(Image(id=image_id, type=ImageType.SNAPSHOT, owner="bench",
+                            created_at=start + timedelta(minutes=index),
+                            status=ImageStatus.AVAILABLE, name=f"snapshot {index}",
+                            path=path.name, virtual_size=8 * GIB, ancestor_id=base,
+                            parent_id=parent, source_server="srv-bench"), depends_on=parent)
+        made.append(image_id)
+        parent = image_id
+    catalogue.close()
+    return made
+
+
+def curl_push(host: str, disk: Path) -> tuple[float, str]:
+    """The floor: the same file as one blob, a monolithic PUT by curl (streamed, no
+    hashing by the client, no chunks), on the same registry API."""
+    digest = hashlib.sha256()
+    start = time.perf_counter()
+    with open(disk, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)  # any client must know the digest before the PUT
+    headers = subprocess.run(["curl", "-sS", "-D", "-", "-o", "/dev/null", "-X", "POST",
+                              f"http://{host}/v2/b/base/blobs/uploads/"], check=True,
+                             capture_output=True, text=True).stdout
+    location = next(line.split(": ", 1)[1].strip() for line in headers.splitlines()
+                    if line.lower().startswith("location:"))
+    url = location if location.startswith("http") else f"http://{host}{location}"
+    glue = "&" if "?" in url else "?"
+    subprocess.run(["curl", "-sS", "-f", "-o", "/dev/null", "-X", "PUT", "-T", str(disk),
+                    "-H", "Content-Type: application/octet-stream",
+                    f"{url}{glue}digest=sha256:{digest.hexdigest()}"], check=True)
+    return time.perf_counter() - start, "sha256:" + digest.hexdigest()
+
+
+def timed(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    work = bench_dir()
+    try:
+        print("preparing an 8 GiB image with ~1 GiB of files and 10 snapshots ...",
+              file=sys.stderr)
+        disk = filesystem_image(work / "base.qcow2")
+        data = work / "data"
+        _t, base, _e = bbsnap(data, "images", "import", str(disk), "--name", "bench base")
+        disk.unlink()
+        snaps = snapshot_chain(data, base)
+        rows = []
+        with running_registry() as registry:
+            for index, image_id in enumerate(snaps[:-1], start=1):
+                bbsnap(data, "images", "push", image_id, f"{registry.host}/bench/srv:s{index}")
+            delta_time, _d, err = bbsnap(data, "images", "push", snaps[-1],
+                                         f"{registry.host}/bench/srv:s10")
+            delta = uploaded(err)
+            full_time, _d, err = bbsnap(data, "images", "push", snaps[-1],
+                                        f"{registry.host}/bench/flat:s10", "--containerdisk")
+            full = uploaded(err)
+            rows.append(("push snapshot 10, snapshots 1-9 pushed before", delta_time, delta,
+                         ""))
+            rows.append(("push snapshot 10 flattened (full push)", full_time, full,
+                         f"{full / delta:.1f}x the bytes of the delta push (goal >= 10x: "
+                         f"{'met' if full / delta >= 10 else 'MISSED'})"))
+
+        # Speed of the transfer itself: the 1 GiB image to registries that hold nothing.
+        stored = data / "images" / f"{base}.qcow2"
+        size = stored.stat().st_size
+        with running_registry() as fresh, running_registry() as floor:
+            curl_up, digest = curl_push(floor.host, stored)
+            push_time, _d, err = bbsnap(data, "images", "push", base,
+                                        f"{fresh.host}/speed/base:1")
+            curl_down = timed(["curl", "-sS", "-f", "-o", str(work / "blob"),
+                               f"http://{floor.host}/v2/b/base/blobs/{digest}"])
+            (work / "blob").unlink()
+            pull_time, _d, _e = bbsnap(work / "data2", "images", "pull",
+                                       f"{fresh.host}/speed/base:1")
+        rows.append(("curl: one monolithic blob PUT (baseline)", curl_up, size, ""))
+        rows.append(("bbsnap images push (1 GiB image)", push_time, uploaded(err),
+                     _goal(push_time / curl_up)))
+        rows.append(("curl: one blob GET (baseline)", curl_down, size, ""))
+        rows.append(("bbsnap images pull (verified, vetted, rewritten)", pull_time, size,
+                     _goal(pull_time / curl_down)))
+        print(f"{'measurement':50} {'time':>8} {'uploaded/size':>14}  ratio / goal")
+        for name, seconds, count, note in rows:
+            print(f"{name:50} {seconds:7.2f}s {count / MIB:10.1f} MiB  {note}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _goal(ratio: float) -> str:
+    return f"{ratio:.2f}x the baseline (goal <= 1.2: {'met' if ratio <= 1.2 else 'MISSED'})"
+
+
+if __name__ == "__main__":
+    main()

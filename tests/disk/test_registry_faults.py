@@ -1,0 +1,134 @@
+"""Interrupted transfers: a connection cut mid-blob (by a proxy in front of the real
+registry) is resumed, and a push or pull killed with SIGKILL mid-blob is recovered by the
+next command.
+
+A pull resumes a cut blob with ``Range`` from the byte it got to. A push asks the
+registry how much of the upload it holds; distribution 2.8 answers that for an upload
+whose last chunk was cut mid-way by dropping the session (its size no longer matches the
+state it signed), so there the cut blob starts over while every blob finished before is
+not sent again: what these tests check against the real registry."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import Bbsnap
+from tests.disk import prune_chain
+from tests import registry as fixtures
+from tests.registry import CuttingProxy
+
+registry = fixtures.registry
+MIB = 1 << 20
+CHUNK = {"BBSNAP_REGISTRY_CHUNK_SIZE": str(4 * MIB)}
+
+
+def uploaded(stderr: str) -> int:
+    line = [x for x in stderr.splitlines() if x.endswith("bytes uploaded)")][-1]
+    return int(line.rsplit("(", 1)[1].split()[0])
+
+
+def same_chain(chain: prune_chain.Chain, data: Path, top: str) -> None:
+    assert prune_chain.same(chain.file(chain.snapshots[-1]), data / "images" / f"{top}.qcow2")
+
+
+def statuses(data: Path) -> list[str]:
+    with sqlite3.connect(data / "catalogue.sqlite3") as db:
+        return [r[0] for r in db.execute("SELECT status FROM images")]
+
+
+def test_push_resumes_after_the_connection_is_cut_mid_blob(work_dir, registry):
+    chain = prune_chain.build(work_dir / "a")
+    proxy = CuttingProxy(registry.port, 10 * MIB + 12345, upstream=True)
+    try:
+        pushed = Bbsnap(work_dir / "a", env=CHUNK)(
+            "images", "push", chain.snapshots[3], f"{proxy.host}/faults/push:v1")
+    finally:
+        proxy.close()
+    assert pushed.exit_code == 0, pushed.stderr
+    assert proxy.cuts == 1
+    total = sum(chain.file(i).stat().st_size for i in [chain.base, *chain.snapshots])
+    # Only the blob that was cut is sent again (from where distribution lets it resume).
+    assert uploaded(pushed.stderr) <= total + 10 * MIB + 12345 + 4 * MIB + 64 * 1024
+    pulled = Bbsnap(work_dir / "b")("images", "pull", f"{registry.host}/faults/push:v1")
+    assert pulled.exit_code == 0, pulled.stderr
+    same_chain(chain, work_dir / "b", pulled.stdout.strip())
+
+
+def test_pull_resumes_after_the_connection_is_cut_mid_blob(work_dir, registry):
+    chain = prune_chain.build(work_dir / "a")
+    assert Bbsnap(work_dir / "a")("images", "push", chain.snapshots[3],
+                                  f"{registry.host}/faults/pull:v1").exit_code == 0
+    proxy = CuttingProxy(registry.port, 20 * MIB + 999, upstream=False)
+    try:
+        pulled = Bbsnap(work_dir / "b")("images", "pull", f"{proxy.host}/faults/pull:v1")
+    finally:
+        proxy.close()
+    assert pulled.exit_code == 0, pulled.stderr
+    assert proxy.cuts == 1
+    same_chain(chain, work_dir / "b", pulled.stdout.strip())
+
+
+def _start(data: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    full = {**os.environ, "BBSNAP_HOME": str(data), "BBSNAP_CONFIG": "", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "bbsnap.cli.main", *args], env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_push_killed_mid_blob_resumes_on_the_next_push(work_dir, registry):
+    chain = prune_chain.build(work_dir / "a")
+    base_size = chain.file(chain.base).stat().st_size
+    # Stalled (then killed) inside the second layer: the base's upload had finished.
+    proxy = CuttingProxy(registry.port, base_size + 6 * MIB, upstream=True, stall=True)
+    ref = f"{proxy.host}/faults/killed-push:v1"
+    try:
+        process = _start(work_dir / "a", "images", "push", chain.snapshots[3], ref, env=CHUNK)
+        assert proxy.stalled.wait(120), "the push never got that far"
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+        proxy.release()
+        journals = list((work_dir / "a" / "registry" / "uploads").glob("*.json"))
+        assert journals, "the killed push left no upload journal"
+        again = Bbsnap(work_dir / "a", env=CHUNK)("images", "push", chain.snapshots[3], ref)
+    finally:
+        proxy.close()
+    assert again.exit_code == 0, again.stderr
+    total = sum(chain.file(i).stat().st_size for i in [chain.base, *chain.snapshots])
+    # The base is not sent again; the killed layer's upload is taken up or started over.
+    base_line = [x for x in again.stderr.splitlines() if "img-base0: layer" in x]
+    assert base_line and base_line[0].endswith("present"), again.stderr
+    assert uploaded(again.stderr) <= total - base_size + 64 * 1024
+    assert not list((work_dir / "a" / "registry" / "uploads").glob("*.json"))
+    pulled = Bbsnap(work_dir / "b")("images", "pull", f"{registry.host}/faults/killed-push:v1")
+    assert pulled.exit_code == 0, pulled.stderr
+    same_chain(chain, work_dir / "b", pulled.stdout.strip())
+
+
+def test_pull_killed_mid_blob_is_recovered_by_the_next_command(work_dir, registry):
+    chain = prune_chain.build(work_dir / "a")
+    assert Bbsnap(work_dir / "a")("images", "push", chain.snapshots[3],
+                                  f"{registry.host}/faults/killed-pull:v1").exit_code == 0
+    proxy = CuttingProxy(registry.port, 20 * MIB, upstream=False, stall=True)
+    target = Bbsnap(work_dir / "b")
+    try:
+        process = _start(work_dir / "b", "images", "pull", f"{proxy.host}/faults/killed-pull:v1")
+        assert proxy.stalled.wait(120), "the pull never got 20 MiB in"
+        assert "creating" in statuses(work_dir / "b")
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    finally:
+        proxy.close()
+    listed = target("images", "list", "--status", "creating")
+    assert listed.exit_code == 0
+    assert "creating" not in statuses(work_dir / "b")
+    assert not list((work_dir / "b" / "tmp").iterdir()), "work files left in tmp/"
+    assert not list((work_dir / "b" / "images").glob("*.partial"))
+    pulled = target("images", "pull", f"{registry.host}/faults/killed-pull:v1")
+    assert pulled.exit_code == 0, pulled.stderr
+    same_chain(chain, work_dir / "b", pulled.stdout.strip())
+    doctor = target("doctor")
+    assert doctor.exit_code == 0, doctor.stdout + doctor.stderr

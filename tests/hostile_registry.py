@@ -1,0 +1,167 @@
+"""A tiny registry of our own on 127.0.0.1 that serves whatever a test crafts: manifests
+that lie, blobs that are not what their digest says, endless bodies. Only GET/HEAD of
+/v2/, manifests and blobs: what a pull asks for."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from bbsnap.models import ImageType
+from bbsnap.registry import artifact
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Served:
+    body: bytes
+    media_type: str = "application/octet-stream"
+    extra: int = 0            # bytes of junk sent after the body (a lying size)
+
+
+@dataclass
+class HostileRegistry:
+    manifests: dict[str, Served] = field(default_factory=dict)   # tag or digest -> document
+    blobs: dict[str, Served] = field(default_factory=dict)       # digest -> blob
+    requests: list[str] = field(default_factory=list)
+    # Token auth as Docker Hub, GHCR and Harbor do it: the API answers 401 with a Bearer
+    # challenge naming /token here, which gives TOKEN for basic *credentials*.
+    credentials: tuple[str, str] | None = None
+    tokens_issued: list[str] = field(default_factory=list)
+    TOKEN = "bbsnap-test-token-3f9a"
+
+    def start(self) -> HostileRegistry:
+        registry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self._serve(body=False)
+
+            def do_GET(self) -> None:
+                self._serve(body=True)
+
+            def _serve(self, body: bool) -> None:
+                registry.requests.append(f"{self.command} {self.path}")
+                if registry.credentials is not None and not self._authorized():
+                    return
+                parts = self.path.split("?")[0].split("/")
+                found: Served | None = None
+                if self.path.rstrip("/") == "/v2":
+                    found = Served(b"{}", "application/json")
+                elif len(parts) >= 5 and parts[-2] == "manifests":
+                    found = registry.manifests.get(parts[-1])
+                elif len(parts) >= 5 and parts[-2] == "blobs":
+                    found = registry.blobs.get(parts[-1])
+                if found is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", found.media_type)
+                self.send_header("Content-Length", str(len(found.body) + found.extra))
+                self.end_headers()
+                if body:
+                    try:
+                        self.wfile.write(found.body)
+                        left = found.extra
+                        while left > 0:
+                            piece = min(left, 1 << 20)
+                            self.wfile.write(bytes(piece))
+                            left -= piece
+                    except OSError:
+                        pass
+
+            def _authorized(self) -> bool:
+                import base64
+
+                assert registry.credentials is not None
+                given = self.headers.get("Authorization") or ""
+                if self.path.startswith("/token"):
+                    user, password = registry.credentials
+                    expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+                    status = 200 if given == expected else 401
+                    body = json.dumps({"token": registry.TOKEN}).encode() if status == 200 \
+                        else b"{}"
+                    if status == 200:
+                        registry.tokens_issued.append(self.path)
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return False
+                if given == f"Bearer {registry.TOKEN}":
+                    return True
+                realm = f"http://127.0.0.1:{registry.port}/token"
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", f'Bearer realm="{realm}",'
+                                 f'service="hostile",scope="repository:h/x:pull"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return False
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # -- building artifacts -----------------------------------------------------------------
+
+    def publish(self, tag: str, layer_files: list[Path], *, virtual_sizes: list[int],
+                sizes: list[int] | None = None, config_override: bytes | None = None) -> str:
+        """Serve *layer_files* as a bbsnap chain under *tag*; the manifest's digest."""
+        descriptors, entries, parent = [], [], None
+        for index, path in enumerate(layer_files):
+            data = path.read_bytes()
+            digest = sha(data)
+            self.blobs[digest] = Served(data)
+            size = sizes[index] if sizes else len(data)
+            descriptors.append(artifact.layer_descriptor(digest, size, parent))
+            entries.append(artifact.ChainEntry(
+                digest=digest, origin_id=f"img-lay{index:02d}",
+                type=ImageType.UPLOAD if index == 0 else ImageType.SNAPSHOT,
+                name=f"layer {index}", description="", arch="x86_64", firmware="bios",
+                username=None, min_ram=None, virtual_size=virtual_sizes[index],
+                consistency=None, created_at="2026-11-01T08:00:00+00:00",
+                parent=f"img-lay{index - 1:02d}" if index else None,
+                ancestor="img-lay00" if index else None))
+            parent = digest
+        config = config_override or artifact.config_blob(entries)
+        self.blobs[sha(config)] = Served(config)
+        body = artifact.manifest(
+            artifact.Descriptor(artifact.CONFIG_MEDIA_TYPE, sha(config), len(config), {}),
+            descriptors, {})
+        return self.serve_manifest(tag, body, artifact.OCI_MANIFEST)
+
+    def serve_manifest(self, tag: str, body: bytes, media_type: str) -> str:
+        self.manifests[tag] = Served(body, media_type)
+        self.manifests[sha(body)] = Served(body, media_type)
+        return sha(body)
+
+    def index_of(self, tag: str, target_digest: str, target_size: int,
+                 media_type: str = artifact.OCI_MANIFEST) -> str:
+        body = json.dumps({"schemaVersion": 2, "mediaType": artifact.OCI_INDEX,
+                           "manifests": [{"mediaType": media_type, "digest": target_digest,
+                                          "size": target_size}]}).encode()
+        return self.serve_manifest(tag, body, artifact.OCI_INDEX)

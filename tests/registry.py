@@ -1,0 +1,310 @@
+"""A real OCI registry for tests: Debian's docker-registry (distribution 2.8) on 127.0.0.1,
+started and stopped by the tests themselves (CI has no systemd), with its own config and
+storage in a temporary directory; optionally with htpasswd basic auth. Also a TCP proxy
+that cuts a connection after a number of bytes, for the interrupted-transfer tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+USER, PASSWORD = "tester", "s3cret-pass"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Registry:
+    def __init__(self, root: Path, *, auth: bool = False, tls: bool = False) -> None:
+        self.root = root
+        self.auth = auth
+        self.tls = tls
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def certificate(self) -> Path:
+        return self.root / "cert.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.root / "key.pem"
+
+    @property
+    def storage(self) -> Path:
+        return self.root / "storage"
+
+    def start(self) -> Registry:
+        config: dict[str, object] = {
+            "version": 0.1,
+            "log": {"level": "error", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": str(self.storage)},
+                        "delete": {"enabled": True}},
+            "http": {"addr": "", "secret": "bbsnap-test-secret"},
+        }
+        if self.auth:
+            htpasswd = self.root / "htpasswd"
+            done = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], check=True,
+                                  capture_output=True, text=True)
+            htpasswd.write_text(done.stdout)
+            config["auth"] = {"htpasswd": {"realm": "bbsnap-test", "path": str(htpasswd)}}
+        if self.tls:
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                            "-keyout", str(self.key), "-out", str(self.certificate),
+                            "-days", "2", "-subj", "/CN=127.0.0.1",
+                            "-addext", "subjectAltName=IP:127.0.0.1"],
+                           check=True, capture_output=True)
+        for _ in range(5):
+            self.port = free_port()
+            config["http"] = {"addr": f"127.0.0.1:{self.port}", "secret": "bbsnap-test-secret"}
+            if self.tls:
+                config["http"]["tls"] = {"certificate": str(self.certificate),  # type: ignore[index]
+                                         "key": str(self.key)}
+            path = self.root / "config.yml"
+            path.write_text(yaml.safe_dump(config))
+            self.process = subprocess.Popen(["docker-registry", "serve", str(path)],
+                                            stdout=subprocess.DEVNULL,
+                                            stderr=open(self.root / "registry.log", "ab"))
+            if self._answers():
+                return self
+            self.stop()
+        raise RuntimeError(f"docker-registry did not start: {(self.root / 'registry.log').read_text()}")
+
+    def _answers(self) -> bool:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                return False
+            try:
+                import ssl
+
+                context = ssl.create_default_context(cafile=str(self.certificate)) \
+                    if self.tls else None
+                scheme = "https" if self.tls else "http"
+                urllib.request.urlopen(f"{scheme}://{self.host}/v2/", timeout=2,
+                                       context=context).close()
+                return True
+            except urllib.error.HTTPError as exc:
+                if exc.code == 401:
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def blob_files(self) -> int:
+        blobs = self.storage / "docker" / "registry" / "v2" / "blobs"
+        return sum(1 for p in blobs.rglob("data")) if blobs.exists() else 0
+
+
+@contextmanager
+def running_registry(auth: bool = False, tls: bool = False) -> Iterator[Registry]:
+    root = Path(tempfile.mkdtemp(prefix="bbsnap-registry-"))
+    registry = Registry(root, auth=auth, tls=tls).start()
+    try:
+        yield registry
+    finally:
+        registry.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class CuttingProxy:
+    """Forwards 127.0.0.1:port to a target; the connection that carries byte number
+    *cut_after* (counted over all connections, in the direction given) is closed there,
+    once. Later connections pass through whole."""
+
+    def __init__(self, target_port: int, cut_after: int, *, upstream: bool,
+                 stall: bool = False) -> None:
+        self.target_port = target_port
+        # stall: hold the connection at the cut (a process to kill mid-transfer) until
+        # release(), then close it.
+        self.stall = stall
+        self.stalled = threading.Event()
+        self._release = threading.Event()
+        self.cut_after = cut_after
+        self.upstream = upstream      # count client->server bytes (push) or back (pull)
+        self.counted = 0
+        self.cuts = 0
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(16)
+        self.port = int(self._server.getsockname()[1])
+        self._stop = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            pair = [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, self.upstream, pair),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, not self.upstream,
+                                                      pair), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool,
+              pair: list[socket.socket]) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if counted:
+                    with self._lock:
+                        before = self.counted
+                        self.counted += len(data)
+                        cut = self.cuts == 0 and before < self.cut_after <= self.counted
+                        if cut:
+                            self.cuts += 1
+                    if cut:
+                        sink.sendall(data[:self.cut_after - before])
+                        if self.stall:
+                            self.stalled.set()
+                            self._release.wait(60)
+                        break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in pair:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def release(self) -> None:
+        self._release.set()
+
+    def close(self) -> None:
+        self._release.set()
+        self._stop = True
+        self._server.close()
+
+
+def env_with_auth(tmp: Path, host: str, user: str = USER, password: str = PASSWORD) -> dict[str, str]:
+    """An auth file holding *host*'s credentials, as `registry login` writes it."""
+    import base64
+    import json
+
+    path = tmp / "auth.json"
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {host: {"auth": token}}}))
+    os.chmod(path, 0o600)
+    return {"REGISTRY_AUTH_FILE": str(path)}
+
+
+# -- fixtures (imported by the test modules that use them) -------------------------------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[Registry]:
+    """A plain-HTTP docker-registry on 127.0.0.1 (loopback: no --insecure needed)."""
+    with running_registry() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def auth_registry() -> Iterator[Registry]:
+    """A second docker-registry that wants htpasswd basic auth."""
+    with running_registry(auth=True) as started:
+        yield started
+
+
+class ConnectProxy:
+    """An HTTPS proxy on 127.0.0.1 as https_proxy names one: CONNECT host:port, then bytes
+    both ways. Records what it was asked to connect to."""
+
+    def __init__(self) -> None:
+        self.tunnels: list[str] = []
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(16)
+        self.port = int(self._server.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            more = client.recv(4096)
+            if not more:
+                client.close()
+                return
+            head += more
+        method, target = head.split(b" ", 2)[:2]
+        host, _, port = target.decode().rpartition(":")
+        if method != b"CONNECT" or host != "127.0.0.1":  # loopback only, as every test
+            client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            client.close()
+            return
+        self.tunnels.append(target.decode())
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        pair = [client, upstream]
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=_relay, args=(source, sink, pair), daemon=True).start()
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def _relay(source: socket.socket, sink: socket.socket, pair: list[socket.socket]) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    for sock in pair:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -1,0 +1,160 @@
+"""Registry pieces without a registry: reference grammar, credentials from auth files and
+helpers, challenges, the vetting of config blobs and manifests."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+
+import pytest
+
+from bbsnap.errors import HostileImageError, InvalidInputError, UsageError
+from bbsnap.registry import artifact, auth
+from bbsnap.registry.reference import parse
+
+
+@pytest.mark.parametrize(("text", "host", "repository", "tag", "loopback"), [
+    ("127.0.0.1:5000/team/devbox:2026-12", "127.0.0.1:5000", "team/devbox", "2026-12", True),
+    ("localhost/a", "localhost", "a", "latest", True),
+    ("[::1]:5000/x/y", "[::1]:5000", "x/y", "latest", True),
+    ("registry.example.com/team/devbox", "registry.example.com", "team/devbox", "latest",
+     False),
+    ("debian", "docker.io", "library/debian", "latest", False),
+    ("team/devbox:v1", "docker.io", "team/devbox", "v1", False),
+])
+def test_references(text, host, repository, tag, loopback):
+    ref = parse(text)
+    assert (ref.host, ref.repository, ref.tag, ref.loopback) == (host, repository, tag, loopback)
+
+
+def test_digest_references_and_docker_hub_api_host():
+    digest = "sha256:" + "ab" * 32
+    ref = parse(f"ghcr.io/o/r@{digest}")
+    assert ref.digest == digest and ref.reference == digest and ref.tag is None
+    assert parse("debian").api_host == "registry-1.docker.io"
+
+
+@pytest.mark.parametrize("text", ["", "http://h/x", "h.io/UPPER", "h.io/x:bad tag", "h.io/x@md5:1",
+                                  "h.io/a//b", "h.io/x:" + "t" * 200, "h.io/-x", "h .io/x",
+                                  "h.io/x\n"])
+def test_bad_references_are_usage_errors(text):
+    with pytest.raises(UsageError):
+        parse(text)
+
+
+@pytest.fixture()
+def auth_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
+    return tmp_path
+
+
+def test_auth_entries_in_both_forms_and_docker_hub_legacy_key(auth_env):
+    token = base64.b64encode(b"alice:pa:ss").decode()
+    (auth_env / "auth.json").write_text(json.dumps({"auths": {
+        "r.example.com": {"auth": token},
+        "https://index.docker.io/v1/": {"username": "bob", "password": "pw"}}}))
+    found = auth.lookup("r.example.com")
+    assert found is not None and (found.username, found.secret) == ("alice", "pa:ss")
+    hub = auth.lookup("docker.io")
+    assert hub is not None and hub.username == "bob"
+    assert auth.lookup("other.example.com") is None
+    assert "pa:ss" not in repr(found)
+
+
+def test_a_damaged_auth_file_is_a_clear_error(auth_env):
+    (auth_env / "auth.json").write_text("{not json")
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        auth.lookup("r.example.com")
+    (auth_env / "auth.json").write_text(json.dumps({"auths": {"h": {"auth": "!!!"}}}))
+    with pytest.raises(InvalidInputError, match="base64"):
+        auth.lookup("h")
+
+
+def test_credential_helper_gets_the_host_on_stdin(auth_env, monkeypatch):
+    bindir = auth_env / "bin"
+    bindir.mkdir()
+    helper = bindir / "docker-credential-fake"
+    helper.write_text('#!/bin/sh\nread host\n[ "$1" = get ] || exit 3\n'
+                      'printf \'{"Username":"u-%s","Secret":"s3"}\' "$host"\n')
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    (auth_env / "auth.json").write_text(json.dumps({"credHelpers": {"h.io": "fake"}}))
+    found = auth.lookup("h.io")
+    assert found is not None and (found.username, found.secret) == ("u-h.io", "s3")
+    (auth_env / "auth.json").write_text(json.dumps({"credsStore": "../evil"}))
+    with pytest.raises(InvalidInputError, match="not a program name"):
+        auth.lookup("h.io")
+
+
+def test_store_writes_a_private_file_and_forget_removes_the_entry(auth_env):
+    path = auth.store("h.io:5000", auth.Credentials("u", "secret"))
+    assert path == auth_env / "auth.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert auth.lookup("h.io:5000") == auth.Credentials("u", "secret")
+    assert auth.forget("h.io:5000") and auth.lookup("h.io:5000") is None
+    assert not auth.forget("h.io:5000")
+
+
+def test_challenges():
+    bearer = auth.parse_challenge('Bearer realm="https://auth.example.com/token",'
+                                  'service="registry.example.com",scope="repository:a/b:pull"')
+    assert bearer is not None and bearer.scheme == "bearer"
+    assert bearer.params["realm"] == "https://auth.example.com/token"
+    assert bearer.params["scope"] == "repository:a/b:pull"
+    basic = auth.parse_challenge('Basic realm="x"')
+    assert basic is not None and basic.scheme == "basic"
+    assert auth.parse_challenge(None) is None
+
+
+def _entry(**changes: object) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "digest": "sha256:" + "1" * 64, "id": "img-aaaaa", "type": "upload", "name": "n",
+        "description": "", "arch": "x86_64", "firmware": "bios", "username": None,
+        "min_ram": None, "virtual_size": 1 << 20, "consistency": None,
+        "created_at": "2026-11-01T08:00:00+00:00", "parent": None, "ancestor": None}
+    entry.update(changes)
+    return entry
+
+
+def _pulled() -> artifact.PulledManifest:
+    layer = artifact.layer_descriptor("sha256:" + "1" * 64, 100, None)
+    return artifact.PulledManifest(artifact.Descriptor(artifact.CONFIG_MEDIA_TYPE,
+                                                       "sha256:" + "2" * 64, 10, {}), [layer])
+
+
+@pytest.mark.parametrize("changes", [
+    {"virtual_size": -1}, {"virtual_size": True}, {"type": "weird"}, {"id": "../../etc"},
+    {"name": 5}, {"parent": "img-bbbbb"}, {"digest": "sha256:" + "3" * 64},
+    {"firmware": "coreboot"}, {"created_at": "yesterday"}, {"min_ram": "lots"},
+])
+def test_config_fields_are_vetted(changes):
+    config = json.dumps({"bbsnap": 1, "chain": [_entry(**changes)]}).encode()
+    with pytest.raises(HostileImageError):
+        artifact.read_config(config, _pulled())
+
+
+def test_a_good_config_round_trips():
+    entries = artifact.read_config(json.dumps({"bbsnap": 1, "chain": [_entry()]}).encode(),
+                                   _pulled())
+    assert entries[0].name == "n" and entries[0].virtual_size == 1 << 20
+
+
+def test_manifest_vetting():
+    good = artifact.manifest(_pulled().config, _pulled().layers, {})
+    assert len(artifact.read_manifest(good, max_layer=1 << 30).layers) == 1
+    doc = json.loads(good)
+    doc["layers"] = doc["layers"] * 2
+    with pytest.raises(HostileImageError):
+        artifact.read_manifest(json.dumps(doc).encode(), max_layer=1 << 30)
+    doc = json.loads(good)
+    doc["config"]["mediaType"] = "application/vnd.oci.image.config.v1+json"
+    with pytest.raises(InvalidInputError, match="not a bbsnap image"):
+        artifact.read_manifest(json.dumps(doc).encode(), max_layer=1 << 30)
+    doc = json.loads(good)
+    doc["layers"][0]["size"] = 1 << 40
+    with pytest.raises(HostileImageError, match="over the limit"):
+        artifact.read_manifest(json.dumps(doc).encode(), max_layer=1 << 30)
