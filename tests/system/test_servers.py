@@ -16,7 +16,7 @@ import pytest
 from bbsnap.catalogue import Catalogue
 from bbsnap.config import load_settings
 from bbsnap.errors import HypervisorError
-from bbsnap.hypervisor.domain_xml import DiskSpec, DomainSpec, build_domain_xml
+from bbsnap.hypervisor import DiskSpec, DomainSpec
 from bbsnap.layout import DataDir
 from bbsnap.models import ImageStatus
 from bbsnap.services.server_create import CreateRequest, ServerCreator
@@ -175,9 +175,9 @@ def test_domains_bbsnap_did_not_make_are_listed_but_not_destroyed(cloud, hypervi
     disk = work_dir / "foreign.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     domain_uuid = str(uuid.uuid4())
-    hypervisor.define(build_domain_xml(DomainSpec(
+    hypervisor.define(DomainSpec(
         name=name, uuid=domain_uuid, memory_mib=64, vcpus=1, accel="tcg",
-        disks=(DiskSpec(disk),), console_log=work_dir / "c.log", guest_agent=False)))
+        disks=(DiskSpec(disk),), console_log=work_dir / "c.log", guest_agent=False))
 
     listed = json.loads(cloud("servers", "list", "--format", "json").stdout)
     assert name in {s["id"] for s in listed}
