@@ -263,12 +263,7 @@ class FakeHypervisor:
 
     def redefine_checkpoint(self, name: str, checkpoint: str, device: str) -> None:
         self.calls.append("redefine_checkpoint")
-        dom = self._domain(name)
-        if checkpoint in dom.checkpoints:
-            raise HypervisorError(f"recording checkpoint {checkpoint} of {name} failed: "
-                                  f"operation failed: domain checkpoint '{checkpoint}' "
-                                  "already exists")
-        dom.checkpoints[checkpoint] = device
+        self._domain(name).checkpoints[checkpoint] = device
 
     def has_checkpoint(self, name: str, checkpoint: str) -> bool:
         self.calls.append("has_checkpoint")
@@ -355,7 +350,10 @@ def _facts(spec: DomainSpec, *, live: bool) -> DomainFacts:
     ports = {n.ssh_forward_port for n in spec.nics if n.ssh_forward_port is not None}
     return DomainFacts(
         title=" ".join(spec.title.splitlines()) if spec.title else None,
-        metadata=dict(spec.metadata), macs=tuple(n.mac for n in spec.nics),
+        # libvirt's <interface>s first, then SLIRP NICs (given on QEMU's command line)
+        metadata=dict(spec.metadata), macs=tuple(
+            [n.mac for n in spec.nics if n.network or n.passt]
+            + [n.mac for n in spec.nics if not (n.network or n.passt)]),
         disks=tuple(str(d.path) for d in writable),
         networks=tuple(n.network for n in spec.nics if n.network),
         memory_mib=spec.memory_mib, vcpus=spec.vcpus, firmware=spec.firmware,

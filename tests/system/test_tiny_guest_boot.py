@@ -7,8 +7,7 @@ import json
 import uuid
 
 from bbsnap.disks import qemu_img
-from bbsnap.hypervisor import DomainState
-from bbsnap.hypervisor import DiskSpec, DomainSpec, NicSpec
+from bbsnap.hypervisor import DiskSpec, DomainSpec, DomainState, NicSpec
 from bbsnap.tinyguest import READY_LINE, read_counter
 from tests.system.conftest import wait_for_console_line, wait_until
 
