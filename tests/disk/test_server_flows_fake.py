@@ -1,6 +1,7 @@
-"""Server create and rebuild on real qcow2 files, against the fake hypervisor: what the
-services hand the port (the domain spec, a disk replacement with its metadata), and that a
-failure at the hypervisor undoes every step. No libvirtd; the real paths are in
+"""Server create, rebuild and snapshot begin on real qcow2 files, against the fake
+hypervisor: what the services hand the port (the domain spec, a disk replacement with its
+metadata, a backup plan), and that a failure at the hypervisor undoes every step or, for a
+broken bitmap, falls back to a full copy. No libvirtd; the real paths are in
 tests/system/test_servers.py and test_revert.py, and tests/contract checks the fake.
 """
 
@@ -15,12 +16,14 @@ from bbsnap.catalogue import Catalogue, utcnow
 from bbsnap.config import Settings
 from bbsnap.disks import qemu_img
 from bbsnap.errors import HypervisorError
-from bbsnap.hypervisor import DomainInfo, DomainState
+from bbsnap.hypervisor import DomainInfo, DomainState, NewCheckpoint
 from bbsnap.layout import DataDir
-from bbsnap.models import Image, ImageStatus, ImageType, ServerStatus
+from bbsnap.models import Consistency, Image, ImageStatus, ImageType, ServerStatus
 from bbsnap.netports import PortRegistry
 from bbsnap.services.server_create import CreateRequest, ServerCreator
+from bbsnap.services import change_tracking
 from bbsnap.services.servers import ServerService
+from bbsnap.services.snapshot import SnapshotRequest, SnapshotService
 from tests.fakes.hypervisor import FakeHypervisor
 
 MIB = 1 << 20
@@ -138,3 +141,59 @@ def test_a_rebuild_whose_restart_fails_puts_the_old_definition_back(data, catalo
     assert catalogue.dependents("img-next0") == []
     assert [d.dependent_id for d in catalogue.dependents("img-base0")] == [server.id]
     assert hv.info(server.id).state is DomainState.SHUTOFF  # its restart is what failed
+
+
+# -- snapshot begin: the backup plan handed to the port ---------------------------------------
+
+def _snapshots(data: DataDir, catalogue: Catalogue, hv: FakeHypervisor) -> SnapshotService:
+    # The worker is `true`: it exits at once, the copy is the test's to finish or not.
+    return SnapshotService(catalogue, data, hv, ["true"])
+
+
+def test_a_snapshot_of_a_new_server_copies_what_it_wrote_since_its_birth(data, catalogue,
+                                                                          work_dir):
+    hv = FakeHypervisor()
+    creator, _ = _creator(data, catalogue, hv, work_dir)
+    server = creator.create(_request(work_dir))
+    notes: list[str] = []
+    image = _snapshots(data, catalogue, hv).begin(SnapshotRequest(server.id),
+                                                  on_note=notes.append)
+    plan = hv.backup_plan(server.id)
+    assert plan is not None and notes == []
+    assert [t.device for t in plan.targets] == ["vda"] and plan.skipped == ("hdc",)
+    assert plan.targets[0].path.parent == data.tmp_dir
+    assert plan.incremental_from == change_tracking.CHECKPOINT, "the birth bitmap"
+    assert plan.new_checkpoint == NewCheckpoint(f"bbsnap-{image.id}", "vda",
+                                                "bbsnap snapshot chain (bbsnap deletes it)")
+    assert image.consistency is Consistency.QUIESCED and not hv.is_frozen(server.id)
+    assert image.status is ImageStatus.CREATING and image.ancestor_id == "img-base0"
+
+
+def test_a_broken_birth_bitmap_falls_back_to_a_full_copy_and_says_so(data, catalogue,
+                                                                    work_dir):
+    hv = FakeHypervisor()
+    creator, _ = _creator(data, catalogue, hv, work_dir)
+    server = creator.create(_request(work_dir))
+    hv.redefine_checkpoint(server.id, change_tracking.CHECKPOINT, "vda")
+    hv.break_checkpoint(server.id, change_tracking.CHECKPOINT)
+    hv.silence_agent(server.id)
+    notes: list[str] = []
+    image = _snapshots(data, catalogue, hv).begin(SnapshotRequest(server.id),
+                                                  on_note=notes.append)
+    plan = hv.backup_plan(server.id)
+    assert plan is not None and plan.incremental_from is None, "the whole disk"
+    assert hv.calls.count("begin_backup") == 2
+    assert not hv.has_checkpoint(server.id, change_tracking.CHECKPOINT), "given up"
+    assert not (data.server_dir(server.id) / change_tracking.MARKER).exists()
+    assert image.consistency is Consistency.CRASH_CONSISTENT
+    assert any("crash-consistent" in n for n in notes)
+    assert any("copying the whole disk" in n for n in notes)
+
+
+def test_a_stopped_server_is_copied_without_a_backup_job(data, catalogue, work_dir):
+    hv = FakeHypervisor()
+    creator, _ = _creator(data, catalogue, hv, work_dir)
+    server = creator.create(_request(work_dir, start=False))
+    image = _snapshots(data, catalogue, hv).begin(SnapshotRequest(server.id))
+    assert "begin_backup" not in hv.calls and "freeze" not in hv.calls
+    assert image.status is ImageStatus.CREATING

@@ -79,6 +79,11 @@ class FakeHypervisor:
     def is_frozen(self, name: str) -> bool:
         return self._domain(name).frozen
 
+    def backup_plan(self, name: str) -> BackupPlan | None:
+        """The plan of the backup running on the domain, if one runs."""
+        job = self._domain(name).job
+        return job.plan if job is not None else None
+
     def advance_job(self, name: str, processed: int) -> None:
         """The running backup has copied *processed* bytes."""
         job = self._job(name)
