@@ -27,99 +27,100 @@ BUSY_TIMEOUT_MS = 30_000
 # cannot finish in time is left to them: every committing bbsnap process checkpoints last.
 CHECKPOINT_WAIT_MS = 5_000
 
-# Each entry migrates the schema from version i to i+1. Never edit a shipped entry: append.
-MIGRATIONS: Sequence[str] = (
-    """
-    CREATE TABLE images (
-        id TEXT PRIMARY KEY,
-        type TEXT NOT NULL,
-        owner TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        status TEXT NOT NULL,
-        visibility TEXT NOT NULL DEFAULT 'private',
-        name TEXT NOT NULL,
-        arch TEXT NOT NULL,
-        description TEXT NOT NULL DEFAULT '',
-        virtual_size INTEGER NOT NULL DEFAULT 0,
-        disk_size INTEGER NOT NULL DEFAULT 0,
-        compatibility_mode INTEGER NOT NULL DEFAULT 0,
-        official INTEGER NOT NULL DEFAULT 0,
-        ancestor_id TEXT,
-        format TEXT NOT NULL DEFAULT 'qcow2',
-        path TEXT,
-        source_server TEXT,
-        consistency TEXT,
-        checksum TEXT,
-        firmware TEXT NOT NULL DEFAULT 'bios',
-        username TEXT,
-        min_ram INTEGER,
-        failure_reason TEXT,
-        job TEXT
-    );
-    CREATE INDEX images_by_status ON images(status, created_at);
-    CREATE TABLE dependencies (
-        image_id TEXT NOT NULL REFERENCES images(id),
-        kind TEXT NOT NULL,
-        dependent_id TEXT NOT NULL,
-        PRIMARY KEY (image_id, kind, dependent_id)
-    );
-    CREATE INDEX dependencies_by_dependent ON dependencies(kind, dependent_id);
-    """,
+# Each entry migrates the schema from version i to i+1: its statements, one string each (a
+# script split on ';' would break on a literal holding one). Never edit a shipped entry: append.
+MIGRATIONS: Sequence[Sequence[str]] = (
+    (
+        """CREATE TABLE images (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            status TEXT NOT NULL,
+            visibility TEXT NOT NULL DEFAULT 'private',
+            name TEXT NOT NULL,
+            arch TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            virtual_size INTEGER NOT NULL DEFAULT 0,
+            disk_size INTEGER NOT NULL DEFAULT 0,
+            compatibility_mode INTEGER NOT NULL DEFAULT 0,
+            official INTEGER NOT NULL DEFAULT 0,
+            ancestor_id TEXT,
+            format TEXT NOT NULL DEFAULT 'qcow2',
+            path TEXT,
+            source_server TEXT,
+            consistency TEXT,
+            checksum TEXT,
+            firmware TEXT NOT NULL DEFAULT 'bios',
+            username TEXT,
+            min_ram INTEGER,
+            failure_reason TEXT,
+            job TEXT
+        )""",
+        "CREATE INDEX images_by_status ON images(status, created_at)",
+        """CREATE TABLE dependencies (
+            image_id TEXT NOT NULL REFERENCES images(id),
+            kind TEXT NOT NULL,
+            dependent_id TEXT NOT NULL,
+            PRIMARY KEY (image_id, kind, dependent_id)
+        )""",
+        "CREATE INDEX dependencies_by_dependent ON dependencies(kind, dependent_id)",
+    ),
     # 2: live snapshots. A snapshot job journals what its (background) worker must finish or
     # clean up; extra volumes hold the non-primary disks of a multi-disk snapshot.
-    """
-    CREATE TABLE snapshot_jobs (
-        image_id TEXT PRIMARY KEY REFERENCES images(id),
-        domain TEXT NOT NULL,
-        domain_uuid TEXT NOT NULL,
-        mode TEXT NOT NULL,
-        disks TEXT NOT NULL,
-        started_at TEXT NOT NULL
-    );
-    CREATE TABLE image_volumes (
-        image_id TEXT NOT NULL REFERENCES images(id),
-        device TEXT NOT NULL,
-        path TEXT NOT NULL,
-        virtual_size INTEGER NOT NULL,
-        disk_size INTEGER NOT NULL,
-        PRIMARY KEY (image_id, device)
-    );
-    """,
+    (
+        """CREATE TABLE snapshot_jobs (
+            image_id TEXT PRIMARY KEY REFERENCES images(id),
+            domain TEXT NOT NULL,
+            domain_uuid TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            disks TEXT NOT NULL,
+            started_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE image_volumes (
+            image_id TEXT NOT NULL REFERENCES images(id),
+            device TEXT NOT NULL,
+            path TEXT NOT NULL,
+            virtual_size INTEGER NOT NULL,
+            disk_size INTEGER NOT NULL,
+            PRIMARY KEY (image_id, device)
+        )""",
+    ),
     # 3: how far a snapshot's background copy has got, in percent (NULL when not copying).
-    """
-    ALTER TABLE images ADD COLUMN progress INTEGER;
-    """,
+    (
+        "ALTER TABLE images ADD COLUMN progress INTEGER",
+    ),
     # 4: snapshot chains. parent_id is the image a file is stored on (its backing file); every
     # snapshot so far was stored on its ancestor, or standalone. chain_links records the
     # libvirt checkpoint made at a snapshot's instant, and which disk file it was made on.
-    """
-    ALTER TABLE images ADD COLUMN parent_id TEXT;
-    UPDATE images SET parent_id = ancestor_id WHERE type = 'snapshot';
-    CREATE TABLE chain_links (
-        image_id TEXT PRIMARY KEY REFERENCES images(id),
-        domain_uuid TEXT NOT NULL,
-        checkpoint TEXT NOT NULL,
-        device TEXT NOT NULL,
-        disk_path TEXT NOT NULL,
-        disk_identity TEXT NOT NULL
-    );
-    CREATE INDEX chain_links_by_domain ON chain_links(domain_uuid);
-    """,
+    (
+        "ALTER TABLE images ADD COLUMN parent_id TEXT",
+        "UPDATE images SET parent_id = ancestor_id WHERE type = 'snapshot'",
+        """CREATE TABLE chain_links (
+            image_id TEXT PRIMARY KEY REFERENCES images(id),
+            domain_uuid TEXT NOT NULL,
+            checkpoint TEXT NOT NULL,
+            device TEXT NOT NULL,
+            disk_path TEXT NOT NULL,
+            disk_identity TEXT NOT NULL
+        )""",
+        "CREATE INDEX chain_links_by_domain ON chain_links(domain_uuid)",
+    ),
     # 5: snapshot schedules (`servers schedule`, `schedule run`): one per server, by UUID;
     # retention is the policy's rules as JSON; last_run is when a run last did the server.
-    """
-    CREATE TABLE schedules (
-        server_uuid TEXT PRIMARY KEY,
-        server TEXT NOT NULL,
-        every_seconds INTEGER NOT NULL,
-        retention TEXT NOT NULL,
-        quiesce INTEGER NOT NULL DEFAULT 1,
-        created_at TEXT NOT NULL,
-        last_run TEXT,
-        last_result TEXT
-    );
-    """,
+    (
+        """CREATE TABLE schedules (
+            server_uuid TEXT PRIMARY KEY,
+            server TEXT NOT NULL,
+            every_seconds INTEGER NOT NULL,
+            retention TEXT NOT NULL,
+            quiesce INTEGER NOT NULL DEFAULT 1,
+            created_at TEXT NOT NULL,
+            last_run TEXT,
+            last_result TEXT
+        )""",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -152,20 +153,20 @@ _VISIBILITIES = {e.value: e for e in Visibility}
 _CONSISTENCIES = {e.value: e for e in Consistency}
 
 
-def _row_to_image(row: sqlite3.Row | tuple[Any, ...]) -> Image:
-    (id_, type_, owner, created_at, status, visibility, name, arch, description, virtual_size,
-     disk_size, compatibility_mode, official, ancestor_id, fmt, path, source_server, consistency,
-     checksum, firmware, username, min_ram, failure_reason, job, progress, parent_id) = row
+def _row_to_image(row: sqlite3.Row) -> Image:
+    consistency = row["consistency"]
     return Image(
-        id=id_, type=_TYPES[type_], owner=owner,
-        created_at=datetime.fromisoformat(created_at), status=_STATUSES[status],
-        visibility=_VISIBILITIES[visibility], name=name, arch=arch, description=description,
-        virtual_size=virtual_size, disk_size=disk_size,
-        compatibility_mode=bool(compatibility_mode), official=bool(official),
-        ancestor_id=ancestor_id, format=fmt, path=path, source_server=source_server,
-        consistency=_CONSISTENCIES[consistency] if consistency else None, checksum=checksum,
-        firmware=firmware, username=username, min_ram=min_ram,
-        failure_reason=failure_reason, job=job, progress=progress, parent_id=parent_id,
+        id=row["id"], type=_TYPES[row["type"]], owner=row["owner"],
+        created_at=datetime.fromisoformat(row["created_at"]), status=_STATUSES[row["status"]],
+        visibility=_VISIBILITIES[row["visibility"]], name=row["name"], arch=row["arch"],
+        description=row["description"], virtual_size=row["virtual_size"],
+        disk_size=row["disk_size"], compatibility_mode=bool(row["compatibility_mode"]),
+        official=bool(row["official"]), ancestor_id=row["ancestor_id"], format=row["format"],
+        path=row["path"], source_server=row["source_server"],
+        consistency=_CONSISTENCIES[consistency] if consistency else None,
+        checksum=row["checksum"], firmware=row["firmware"], username=row["username"],
+        min_ram=row["min_ram"], failure_reason=row["failure_reason"], job=row["job"],
+        progress=row["progress"], parent_id=row["parent_id"],
     )
 
 
@@ -188,6 +189,7 @@ class Catalogue:
             self._db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000,
                                        isolation_level=None, check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.row_factory = sqlite3.Row  # records are read by column name
             if images_dir is not None and self._is_fresh():
                 try:
                     _refuse_fresh_catalogue(path, images_dir)
@@ -262,6 +264,7 @@ class Catalogue:
                 from exc
         finally:
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.row_factory = sqlite3.Row  # records are read by column name
         return bool(busy == 0 and log == done)
 
     def missing_from_main_file(self) -> list[str]:
@@ -276,7 +279,7 @@ class Catalogue:
         query = f"SELECT id, status, updated_at FROM images WHERE id IN ({marks})"
         self._db.execute("BEGIN")
         try:
-            ours = set(self._db.execute(query, ids).fetchall())
+            ours = {tuple(row) for row in self._db.execute(query, ids)}
             try:
                 main = sqlite3.connect(self.path.absolute().as_uri() + "?immutable=1", uri=True)
                 try:
@@ -299,7 +302,7 @@ class Catalogue:
                     f"the catalogue {self.path} has schema version {version}, newer than this "
                     f"bbsnap understands ({SCHEMA_VERSION})", hint="upgrade bbsnap")
             for target in range(version, SCHEMA_VERSION):
-                for statement in _split_sql(MIGRATIONS[target]):
+                for statement in MIGRATIONS[target]:
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {target + 1}")
                 self.committed = True  # schema changes do not count in total_changes
@@ -369,10 +372,22 @@ class Catalogue:
     def get(self, image_id: str, *, include_deleted: bool = False) -> Image:
         row = self._db.execute(
             f"SELECT {', '.join(_COLUMNS)} FROM images WHERE id = ?", (image_id,)).fetchone()
-        if row is None or (not include_deleted and row[4] == ImageStatus.DELETED.value):
+        if row is None or (not include_deleted and row["status"] == ImageStatus.DELETED.value):
             raise NotFoundError(f"image {image_id} not found",
                                 hint="'bbsnap images list' shows the catalogue")
         return _row_to_image(row)
+
+    def get_available(self, image_id: str) -> Image:
+        """The image, if it can be used now (created from, exported, rebuilt onto); the one
+        refusal for every command that needs an image's data."""
+        image = self.get(image_id)
+        if image.status is ImageStatus.CREATING:
+            raise ConflictError(f"image {image.id} is still being created, not available",
+                                hint=f"wait for it ('bbsnap images show {image.id}')")
+        if image.status is not ImageStatus.AVAILABLE:
+            raise ConflictError(f"image {image.id} is {image.status.value}, not available",
+                                hint="pick another image ('bbsnap images list')")
+        return image
 
     def exists(self, image_id: str) -> bool:
         row = self._db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone()
@@ -473,8 +488,9 @@ class Catalogue:
                                "WHERE image_id = ?", (image_id,)).fetchone()
         if row is None:
             return None
-        disks = tuple(SnapshotDisk(**d) for d in json.loads(row[3]))
-        return SnapshotJob(domain=row[0], domain_uuid=row[1], mode=row[2], disks=disks)
+        disks = tuple(SnapshotDisk(**d) for d in json.loads(row["disks"]))
+        return SnapshotJob(domain=row["domain"], domain_uuid=row["domain_uuid"], mode=row["mode"],
+                           disks=disks)
 
     def replan_snapshot(self, image_id: str, disks: tuple[SnapshotDisk, ...],
                         parent_id: str | None = None) -> None:
@@ -501,7 +517,7 @@ class Catalogue:
             "ORDER BY i.created_at DESC, i.id DESC LIMIT 1", (domain_uuid,)).fetchone()
         if row is None:
             return None
-        return self.get(row[0]), ChainLink(*row)
+        return self.get(row["image_id"]), ChainLink(**dict(row))
 
     def chain_length(self, image_id: str) -> int:
         """How many files opening *image_id* takes: itself and each parent in turn."""
@@ -530,7 +546,7 @@ class Catalogue:
         row = self._db.execute(
             "SELECT image_id, domain_uuid, checkpoint, device, disk_path, disk_identity "
             "FROM chain_links WHERE image_id = ?", (image_id,)).fetchone()
-        return ChainLink(*row) if row else None
+        return ChainLink(**dict(row)) if row else None
 
     def finish_snapshot(self, image_id: str, volumes: list[ImageVolume], **changes: Any) -> Image:
         """Mark a snapshot available with its volumes and forget its job, in one transaction."""
@@ -556,7 +572,7 @@ class Catalogue:
     def volumes(self, image_id: str) -> list[ImageVolume]:
         rows = self._db.execute("SELECT device, path, virtual_size, disk_size FROM image_volumes "
                                 "WHERE image_id = ? ORDER BY device", (image_id,)).fetchall()
-        return [ImageVolume(*row) for row in rows]
+        return [ImageVolume(**dict(row)) for row in rows]
 
     def remove_dependent(self, kind: DependentKind, dependent_id: str,
                          image_id: str | None = None) -> None:
@@ -572,7 +588,7 @@ class Catalogue:
         rows = self._db.execute(
             "SELECT image_id, kind, dependent_id FROM dependencies WHERE image_id = ? "
             "ORDER BY kind, dependent_id", (image_id,)).fetchall()
-        return [Dependent(r[0], DependentKind(r[1]), r[2]) for r in rows]
+        return [Dependent(r["image_id"], DependentKind(r["kind"]), r["dependent_id"]) for r in rows]
 
 
     # -- snapshot schedules -------------------------------------------------------------------
@@ -621,13 +637,15 @@ _SCHEDULE_COLUMNS = ("server_uuid, server, every_seconds, retention, quiesce, cr
                      "last_run, last_result")
 
 
-def _row_to_schedule(row: tuple[Any, ...]) -> Schedule:
-    uuid, server, every, retention, quiesce, created_at, last_run, last_result = row
-    return Schedule(server_uuid=uuid, server=server, every_seconds=int(every),
-                    retention={k: int(v) for k, v in json.loads(retention).items()},
-                    quiesce=bool(quiesce), created_at=datetime.fromisoformat(created_at),
+def _row_to_schedule(row: sqlite3.Row) -> Schedule:
+    last_run = row["last_run"]
+    return Schedule(server_uuid=row["server_uuid"], server=row["server"],
+                    every_seconds=int(row["every_seconds"]),
+                    retention={k: int(v) for k, v in json.loads(row["retention"]).items()},
+                    quiesce=bool(row["quiesce"]),
+                    created_at=datetime.fromisoformat(row["created_at"]),
                     last_run=datetime.fromisoformat(last_run) if last_run else None,
-                    last_result=last_result)
+                    last_result=row["last_result"])
 
 
 def _refuse_fresh_catalogue(path: Path, images_dir: Path) -> None:
@@ -642,7 +660,3 @@ def _refuse_fresh_catalogue(path: Path, images_dir: Path) -> None:
             f"{held} files: a new catalogue would disown them",
             hint=f"restore {path.name} from a backup, or move those files out of {images_dir}")
 
-
-def _split_sql(script: str) -> list[str]:
-    """Statements of a migration (executescript would commit our transaction)."""
-    return [s.strip() for s in script.split(";") if s.strip()]

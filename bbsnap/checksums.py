@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, UsageError
 
 MAX_BYTES = 1024 * 1024  # a SHA256SUMS for a whole release is a few KiB
 _GNU = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
 _BSD = re.compile(r"^SHA256 ?\((.+)\) ?= ?([0-9a-fA-F]{64})$")
-_HEX = re.compile(r"^(?:sha256:)?([0-9a-fA-F]{64})$")
+_DIGEST = re.compile(r"^(sha256:)?([0-9a-fA-F]{64})$")  # the one digest syntax
 
 
 def parse_line(line: str) -> tuple[str, str] | None:
@@ -49,7 +49,15 @@ def _same_file(listed: str, file_name: str) -> bool:
 
 def normalise(text: str, label: str) -> str:
     """``HEX`` or ``sha256:HEX`` (a sidecar's digest) -> lowercase hex."""
-    match = _HEX.match(text.strip())
+    match = _DIGEST.match(text.strip())
     if not match:
         raise InvalidInputError(f"{label} has a sha256 that is not 64 hex digits")
-    return match.group(1).lower()
+    return match.group(2).lower()
+
+
+def parse_option(text: str) -> str:
+    """``--checksum sha256:HEX`` (the algorithm named: the only one accepted) -> lowercase hex."""
+    match = _DIGEST.match(text.strip())
+    if not match or not match.group(1):
+        raise UsageError(f"'{text}' is not a checksum", hint="use sha256:<64 hex digits>")
+    return match.group(2).lower()

@@ -21,8 +21,9 @@ from typing import Any
 
 from .errors import UsageError
 from .sizes import GIB, parse_size
+from .vocabulary import Accel, values
 
-ACCEL_CHOICES = ("auto", "kvm", "tcg")
+ACCEL_CHOICES = values(Accel)
 MAX_CONFIG_BYTES = 1024 * 1024  # a settings file is a few lines; refuse to slurp anything huge
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 import secrets
+from typing import Callable
 
-from .errors import UsageError
+from .errors import ConflictError, UsageError
 
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 ID_LENGTH = 5
@@ -22,6 +23,18 @@ def new_id(prefix: str) -> str:
     if prefix not in PREFIXES:
         raise ValueError(f"unknown id prefix {prefix!r}")
     return prefix + "-" + "".join(secrets.choice(ALPHABET) for _ in range(ID_LENGTH))
+
+
+def allocate(prefix: str, claim: Callable[[str], bool], attempts: int = 50) -> str:
+    """A fresh id with *prefix* that *claim* accepted (it returns False for an id already
+    taken, and may take it atomically, as an INSERT does). 36^5 ids: a collision is rare,
+    fifty in a row means something else is wrong."""
+    for _ in range(attempts):
+        candidate = new_id(prefix)
+        if claim(candidate):
+            return candidate
+    raise ConflictError(f"could not allocate a free {prefix} id after {attempts} attempts",
+                        hint="'bbsnap doctor' checks the catalogue")
 
 
 def is_valid(value: str, prefix: str | None = None) -> bool:

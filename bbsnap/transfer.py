@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 from .compression import Compression, check_cap, open_decompressed, sniff_compression
-from .errors import BbsnapError, ChecksumMismatchError, HostileImageError, InvalidInputError, \
-    UsageError
+from .errors import BbsnapError, ChecksumMismatchError, HostileImageError, InvalidInputError
 
 CHUNK = 1 << 20
 # Free space left on the data directory's filesystem after an import: the catalogue, the
@@ -30,17 +28,8 @@ FREE_SPACE_RESERVE_MIN = 1 << 30
 FREE_SPACE_RESERVE_FRACTION = 0.05
 HOLE_BLOCK = 64 * 1024
 _ZEROS = bytes(HOLE_BLOCK)
-_CHECKSUM = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 
 Progress = Callable[[int], None]  # called with bytes of source read so far
-
-
-def parse_checksum(text: str) -> str:
-    """Normalise ``sha256:HEX`` (the only algorithm accepted) to lowercase hex."""
-    match = _CHECKSUM.match(text.strip())
-    if not match:
-        raise UsageError(f"'{text}' is not a checksum", hint="use sha256:<64 hex digits>")
-    return match.group(1).lower()
 
 
 class HashingReader:

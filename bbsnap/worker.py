@@ -1,12 +1,16 @@
-"""Background workers: ``python -m bbsnap.worker finish-snapshot IMG``.
+"""Background workers: ``python -m bbsnap.worker finish-snapshot IMG --lock-fd N``.
 
 Started detached by ``servers snapshot`` (and by crash recovery to adopt an
-orphaned copy); writes only to its log file in ``DATA/logs/``.
+orphaned copy); writes only to its log file in ``DATA/logs/``. The command line is
+built (:func:`base_argv`, :func:`finish_snapshot_argv`) and parsed (:func:`main`) here
+and nowhere else.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import sys
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -17,6 +21,27 @@ if TYPE_CHECKING:
     from .catalogue import Catalogue
 
 
+def base_argv(data_dir: str, connect: str) -> list[str]:
+    """How to run a worker for the data directory *data_dir* on connection *connect*."""
+    return [sys.executable, "-m", "bbsnap.worker", "--data-dir", data_dir, "--connect", connect]
+
+
+def finish_snapshot_argv(base: list[str], image_id: str, lock_fd: int) -> list[str]:
+    """Finish *image_id*'s copy, holding the server's lock the caller passes as *lock_fd*."""
+    return [*base, "finish-snapshot", image_id, "--lock-fd", str(lock_fd)]
+
+
+def _holds_lock(fd: int) -> bool:
+    """Whether *fd* is an open file whose exclusive flock this process holds (inherited: the
+    same open file description, so taking it again succeeds at once; any other holder
+    would make it fail)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bbsnap-worker")
     parser.add_argument("--data-dir")
@@ -24,8 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     finish = sub.add_parser("finish-snapshot")
     finish.add_argument("image_id")
-    finish.add_argument("--lock-fd", type=int, help="the server lock inherited from the caller")
+    finish.add_argument("--lock-fd", type=int, required=True,
+                        help="the server lock inherited from the caller")
     args = parser.parse_args(argv)
+    if not _holds_lock(args.lock_fd):
+        # Copying without the server's lock would race a prune or revert of its chain.
+        print(f"snapshot {args.image_id}: not started with the server's lock (fd "
+              f"{args.lock_fd}); recovery will adopt it", flush=True)
+        return 2
 
     from .catalogue import Catalogue
     from .config import load_settings
@@ -50,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         catalogue.close()
     print(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} snapshot {image.id} is "
           f"{image.status.value}", flush=True)
-    return 0  # the inherited lock (--lock-fd) is released when this process exits
+    os.close(args.lock_fd)  # the server's lock: released once the image is settled
+    return 0
 
 
 def _checkpoint(catalogue: Catalogue) -> None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..services.server_create import ServerCreator
     from ..services.servers import ServerService
     from ..services.snapshot import SnapshotService
+    from ..reporting import Reporter
 
 
 @dataclass
@@ -32,6 +33,8 @@ class AppContext:
     _data_dir: "DataDir | None" = None
     _hypervisor: "LibvirtHypervisor | None" = None
     _closers: list[Any] = field(default_factory=list)
+    # How services talk to the user: every service built here gets this one (cli/reporter.py).
+    reporter: "Reporter" = field(default_factory=lambda: _terminal_reporter())
 
     @property
     def settings(self) -> "Settings":
@@ -110,10 +113,9 @@ class AppContext:
         recover_interrupted_exports(self.data_dir)
 
     def worker_argv(self) -> list[str]:
-        import sys
+        from ..worker import base_argv
 
-        return [sys.executable, "-m", "bbsnap.worker", "--data-dir", str(self.data_dir.root),
-                "--connect", self.settings.connect]
+        return base_argv(str(self.data_dir.root), self.settings.connect)
 
     def _adopt_snapshot(self, image_id: str, lock: Any) -> None:
         """Recovery: a new worker finishes (or cleanly fails) an orphaned snapshot."""
@@ -125,7 +127,7 @@ class AppContext:
     def exporter(self) -> "ImageExporter":
         from ..services.image_export import ImageExporter
 
-        return ImageExporter(self.catalogue, self.data_dir)
+        return ImageExporter(self.catalogue, self.data_dir, reporter=self.reporter)
 
     def _forget_checkpoint(self, domain_uuid: str, checkpoint: str) -> None:
         """A destroyed snapshot's checkpoint, removed from its domain (connects only then)."""
@@ -137,7 +139,8 @@ class AppContext:
         from ..services.snapshot import SnapshotService
 
         return SnapshotService(self.catalogue, self.data_dir, self.hypervisor, self.worker_argv(),
-                               max_chain_depth=self.settings.max_chain_depth)
+                               max_chain_depth=self.settings.max_chain_depth,
+                               reporter=self.reporter)
 
     def images(self) -> "ImageService":
         from ..services.images import ImageService
@@ -147,7 +150,8 @@ class AppContext:
     def pruner(self) -> "PruneService":
         from ..services.prune import PruneService
 
-        return PruneService(self.catalogue, self.data_dir, self.hypervisor, self.images())
+        return PruneService(self.catalogue, self.data_dir, self.hypervisor, self.images(),
+                            reporter=self.reporter)
 
     def scheduler(self) -> "ScheduleService":
         from ..services.schedule import ScheduleService
@@ -164,7 +168,7 @@ class AppContext:
     def importer(self) -> "ImageImporter":
         from ..services.image_import import ImageImporter
 
-        return ImageImporter(self.catalogue, self.data_dir, self.settings)
+        return ImageImporter(self.catalogue, self.data_dir, self.settings, reporter=self.reporter)
 
     @property
     def hypervisor(self) -> "LibvirtHypervisor":
@@ -178,7 +182,7 @@ class AppContext:
     def servers(self) -> "ServerService":
         from ..services.servers import ServerService
 
-        return ServerService(self.hypervisor, self.catalogue, self.data_dir)
+        return ServerService(self.hypervisor, self.catalogue, self.data_dir, self.reporter)
 
     def server_creator(self, accel: str | None = None) -> "ServerCreator":
         from ..accel import cached_probe, resolve_accel
@@ -191,7 +195,8 @@ class AppContext:
                 return resolve_accel(setting)
             return resolve_accel("auto", cached_probe(self.data_dir.root / "accel-probe.json"))
 
-        return ServerCreator(self.catalogue, self.data_dir, self.hypervisor, self.settings, resolve)
+        return ServerCreator(self.catalogue, self.data_dir, self.hypervisor, self.settings, resolve,
+                             reporter=self.reporter)
 
     def close(self) -> None:
         if leave_open_at_exit:
@@ -271,3 +276,9 @@ def settle_at_exit() -> None:
 # every committed row (a backup of catalogue.sqlite3 alone is a whole catalogue).
 leave_open_at_exit = False
 _left_open: list[AppContext] = []
+
+
+def _terminal_reporter() -> "Reporter":
+    from .reporter import TerminalReporter
+
+    return TerminalReporter()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
+
+from ..vocabulary import DiskFormat, ExportCompression, values
 
 
 @click.command("export")
@@ -14,9 +15,9 @@ import click
               help="Output file, or - for stdout (default: ./IMG.gz and the like). A new "
                    "file, or a regular one replaced whole; a device, FIFO or symlink is "
                    "refused (use - and redirect). Written 0600, with FILE.sha256 and FILE.json.")
-@click.option("--format", "disk_format", type=click.Choice(["raw", "qcow2"]), default="raw",
+@click.option("--format", "disk_format", type=click.Choice(values(DiskFormat)), default="raw",
               show_default=True, help="Disk format inside the file.")
-@click.option("--compress", type=click.Choice(["gzip", "zstd", "xz", "none"]), default="gzip",
+@click.option("--compress", type=click.Choice(values(ExportCompression)), default="gzip",
               show_default=True, help="Compression.")
 @click.pass_obj
 def export_image(app: Any, image_id: str, output: str | None, disk_format: str,
@@ -24,28 +25,10 @@ def export_image(app: Any, image_id: str, output: str | None, disk_format: str,
     """Export IMG as a standalone disk (backing chain flattened), with FILE.sha256 and FILE.json."""
     from ..services.image_export import ExportRequest
 
-    bar = _progress_bar(f"Exporting {image_id}")
-    try:
-        result = app.exporter().run(ExportRequest(image_id=image_id, output=output,
-                                                  format=disk_format, compress=compress),
-                                    progress=bar)
-    finally:
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")
+    result = app.exporter().run(ExportRequest(image_id=image_id, output=output,
+                                              format=disk_format, compress=compress))
     if result.path is not None:
         click.echo(f"Exported {image_id} to {result.path} ({result.bytes_written} bytes, "
                    f"sha256 {result.sha256})", err=True)
         click.echo(str(result.path))
 
-
-def _progress_bar(label: str) -> Any:
-    from .progress import byte_progress
-
-    state: dict[str, Any] = {}
-
-    def report(done: int, total: int) -> None:
-        if "report" not in state:
-            state["report"], _finish = byte_progress(label, total)
-        state["report"](done)
-
-    return report

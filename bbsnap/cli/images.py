@@ -6,12 +6,14 @@ from typing import Any
 
 import click
 
+from ..models import ImageStatus, ImageType, Visibility
+from ..vocabulary import DiskFormat, Firmware, values
 from .options import for_each, output_options, say
 
-IMAGE_TYPES = ("snapshot", "upload", "official")
-STATUSES = ("creating", "available", "private", "public", "failed", "deleted")
-FIRMWARES = ("bios", "uefi")  # image_fields.FIRMWARES, without importing it for --help
-DISK_FORMATS = ("raw", "qcow2")  # disks.formats.FORMATS, likewise
+IMAGE_TYPES = values(ImageType)
+STATUSES = values(ImageStatus) + values(Visibility)  # --status filters either
+FIRMWARES = values(Firmware)
+DISK_FORMATS = values(DiskFormat)
 
 
 @click.group(invoke_without_command=True)
@@ -107,28 +109,14 @@ def import_image(app: Any, source: str, name: str | None, description: str | Non
     """
     from ..http_source import display, is_url
     from ..services.image_import import ImportRequest
-    from .progress import byte_progress
-
     label = display(source) if is_url(source) else source  # no query string: it may hold a token
     request = ImportRequest(source=source, name=name, description=description, arch=arch,
                             username=username, min_ram=min_ram, firmware=firmware,
                             checksum=checksum,
                             checksum_file=checksum_file, use_sidecar=not no_sidecar,
                             disk_format=disk_format)
-    # The total (file size, Content-Length) is known only once the source is open.
-    bar: list[tuple[Any, Any]] = []
-
-    def opened(total: int | None) -> None:
-        bar.append(byte_progress("Importing", total))
-
-    try:
-        image = app.importer().run(
-            request, progress=lambda done: bar[0][0](done) if bar else None, on_opened=opened,
-            on_registered=lambda img: say(f"Importing {label} as {img.id}"),
-            on_note=lambda text: say(f"bbsnap: note: {text}"))
-    finally:
-        if bar:
-            bar[0][1]()
+    image = app.importer().run(
+        request, on_registered=lambda img: say(f"Importing {label} as {img.id}"))
     click.echo(image.id)
 
 

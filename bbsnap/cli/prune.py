@@ -40,9 +40,7 @@ def prune_server(app: Any, server_id: str, keep_last: int, keep_hourly: int, kee
 
     policy = policy_from(keep_last, keep_hourly, keep_daily, keep_weekly,
                          keep_monthly).require_rule()
-    report = app.pruner().prune(
-        server_id, policy, dry_run=dry_run,
-        on_wait=lambda: say(f"bbsnap: waiting for another operation on {server_id} to finish"))
+    report = app.pruner().prune(server_id, policy, dry_run=dry_run)
     gone = "would remove" if dry_run else "removed"
     rows, records = [], []
     for d in report.decisions:

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .options import for_each, output_options, say
+from ..vocabulary import Accel, values
 
 
 @click.group(invoke_without_command=True)
@@ -71,7 +72,7 @@ def show_servers(app: Any, server_ids: tuple[str, ...], output_format: str, simp
               help="SSH public key file (repeatable; default: ~/.ssh/*.pub).")
 @click.option("--hostname", help="Guest host name (default: from the name).")
 @click.option("--network", help="'user' (127.0.0.1 SSH forward) or a libvirt network name.")
-@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Acceleration.")
+@click.option("--accel", type=click.Choice(values(Accel)), help="Acceleration.")
 @click.option("--no-start", is_flag=True, help="Define the server but do not start it.")
 @click.option("-i", "--count", type=click.IntRange(1, 32), default=1, show_default=True,
               help="How many servers to create.")
@@ -83,22 +84,21 @@ def create_servers(app: Any, image_id: str, name: str | None, server_type: str |
                    network: str | None, accel: str | None, no_start: bool, count: int,
                    output_format: str, simple: bool) -> None:
     """Create servers from image IMG as linked clones with a new identity."""
-    from ..server_types import DEFAULT_TYPE, find_type
     from ..services.server_create import CreateRequest
 
+    if hostname and count > 1:
+        from ..errors import UsageError
+        raise UsageError("--hostname cannot be used with --count above 1")
     request = CreateRequest(
         image_id=image_id, name=name, server_type=server_type, cpus=cpus, memory_mib=memory,
         disk_gib=disk_size, user_data=_read_user_data(user_data),
         ssh_key_files=tuple(Path(k) for k in ssh_keys), hostname=hostname, network=network,
         start=not no_start)
     creator = app.server_creator(accel)
-    image = app.images().get(image_id)
-    chosen = find_type(server_type or DEFAULT_TYPE)
-    say(f"Creating {'a' if count == 1 else count} {chosen.name} ({chosen.id}) "
-        f"server{'s' if count > 1 else ''} with image {image.name} ({image.id})")
-    if hostname and count > 1:
-        from ..errors import UsageError
-        raise UsageError("--hostname cannot be used with --count above 1")
+    plan = creator.plan(request)  # every check of what the user gave, before any output
+    say(f"Creating {'a' if count == 1 else count} {plan.server_type.name} "
+        f"({plan.server_type.id}) server{'s' if count > 1 else ''} with image "
+        f"{plan.image.name} ({plan.image.id})")
     created = [creator.create(request) for _ in range(count)]
     _print_servers(created, output_format, simple)
 
@@ -170,10 +170,7 @@ def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wa
 
     def snap(key: str) -> None:
         say(f"Snapshotting server {key}")
-        image = service.begin(
-            SnapshotRequest(server=key, name=name, quiesce=not no_quiesce),
-            on_wait=lambda: say(f"bbsnap: waiting for another operation on {key} to finish"),
-            on_note=lambda text: say(f"bbsnap: {text}"))
+        image = service.begin(SnapshotRequest(server=key, name=name, quiesce=not no_quiesce))
         started.append(image.id)
         click.echo(image.id)
 

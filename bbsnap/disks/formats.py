@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InvalidInputError
+from ..vocabulary import DiskFormat, values
 
 QCOW2_MAGIC = b"QFI\xfb"
 PROBE_BYTES = 68 * 1024  # enough to reach the btrfs superblock magic at 64 KiB + 64
-FORMATS = ("raw", "qcow2")  # what a user or a sidecar may state
+FORMATS = values(DiskFormat)  # what a user or a sidecar may state
 
 # Formats QEMU knows that bbsnap does not import; named so the error can say what to do.
 _OTHER_FORMATS: tuple[tuple[int, bytes, str], ...] = (

@@ -7,16 +7,16 @@ that caused the rollback.
 
 from __future__ import annotations
 
-import sys
 from types import TracebackType
 from typing import Callable
 
-from ..text import escape
+from ..reporting import SILENT, Reporter
 
 
 class Compensation:
-    def __init__(self) -> None:
+    def __init__(self, reporter: Reporter = SILENT) -> None:
         self._undo: list[tuple[str, Callable[[], object]]] = []
+        self._reporter = reporter
 
     def push(self, what: str, undo: Callable[[], object]) -> None:
         self._undo.append((what, undo))
@@ -33,5 +33,4 @@ class Compensation:
             try:
                 undo()
             except Exception as cleanup_error:
-                print(f"bbsnap: warning: could not undo {escape(what)}: {escape(cleanup_error)}",
-                      file=sys.stderr)
+                self._reporter.warning(f"could not undo {what}: {cleanup_error}")

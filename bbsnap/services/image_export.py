@@ -30,16 +30,18 @@ from .. import ids, safe_files, sidecar
 from ..catalogue import Catalogue
 from ..disks import qemu_img
 from ..disks.nbd import NbdImageReader, extents
-from ..errors import BbsnapError, ConflictError, InvalidInputError, NotFoundError, UsageError
+from ..errors import BbsnapError, InvalidInputError, NotFoundError, UsageError
 from ..jobs import current_job_token
 from ..export_sinks import COMPRESSORS, EXTENSIONS, FramedSink, HashingOutput, RawSink
 from ..layout import PARTIAL_SUFFIX, DataDir
-from ..models import Image, ImageStatus
+from ..models import Image
+from ..reporting import SILENT, Reporter
 from ..safe_files import PRIVATE, OutputDir
 from . import stored_chain
+from ..vocabulary import DiskFormat, ExportCompression, values
 
-FORMATS = ("raw", "qcow2")
-COMPRESSIONS = ("gzip", "zstd", "xz", "none")
+FORMATS = values(DiskFormat)
+COMPRESSIONS = values(ExportCompression)
 SHA256_SUFFIX = ".sha256"
 
 
@@ -66,19 +68,23 @@ def default_file_name(image_id: str, fmt: str, compress: str) -> str:
 
 class ImageExporter:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir,
-                 stdout: BinaryIO | None = None) -> None:
+                 stdout: BinaryIO | None = None, reporter: Reporter = SILENT) -> None:
+        self._reporter = reporter
         self._catalogue = catalogue
         self._data_dir = data_dir
         self._stdout = stdout
 
-    def run(self, request: ExportRequest,
-            progress: Callable[[int, int], None] | None = None) -> ExportResult:
+    def run(self, request: ExportRequest) -> ExportResult:
+        try:
+            return self._run(request, lambda done, total: self._reporter.progress(
+                f"Exporting {request.image_id}", done, total))
+        finally:
+            self._reporter.progress_end()
+
+    def _run(self, request: ExportRequest, progress: Callable[[int, int], None]) -> ExportResult:
         if request.format not in FORMATS or request.compress not in COMPRESSIONS:
             raise UsageError(f"unknown export format {request.format}/{request.compress}")
-        image = self._catalogue.get(ids.require(request.image_id, "img"))
-        if image.status is not ImageStatus.AVAILABLE:
-            raise ConflictError(f"image {image.id} is {image.status.value}, not available",
-                                hint="wait until it is available")
+        image = self._catalogue.get_available(ids.require(request.image_id, "img"))
         source = self._data_dir.image_path(str(image.path))
         stored_chain.require_inside(self._data_dir, image.id, source)
         if request.output == "-":
@@ -170,7 +176,9 @@ class ImageExporter:
 
     def _stream_qcow2(self, image: Image, source: Path, sink: FramedSink | RawSink) -> None:
         """qcow2 cannot be streamed: flatten into a work file, then pass it through."""
-        flat = self._data_dir.tmp_dir / f"{image.id}.export.{os.getpid()}.qcow2"
+        # Named by the job token, not the pid: doctor keeps it while that process lives, and
+        # a reused pid cannot pass for it (jobs.py).
+        flat = self._data_dir.tmp_dir / f"{image.id}.export.{current_job_token()}.qcow2"
         try:
             qemu_img.convert(source, "qcow2", flat, "qcow2")
             with open(flat, "rb") as handle:

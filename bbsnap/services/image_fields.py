@@ -12,6 +12,7 @@ import platform
 import re
 
 from ..errors import UsageError
+from ..vocabulary import Firmware, values
 
 MAX_NAME = 255
 MAX_DESCRIPTION = 4096
@@ -62,7 +63,7 @@ def check_username(username: str) -> str:
     return username
 
 
-FIRMWARES = ("bios", "uefi")
+FIRMWARES = values(Firmware)
 
 
 def check_firmware(firmware: str) -> str:

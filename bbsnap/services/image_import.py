@@ -38,6 +38,7 @@ from ..errors import HostileImageError, InvalidInputError, UsageError
 from ..jobs import current_job_token
 from ..layout import FILE_MODE, PARTIAL_SUFFIX, DataDir
 from ..models import Image, ImageStatus, ImageType
+from ..reporting import SILENT, Reporter
 from ..sidecar import Sidecar
 from ..sources import load_sidecar, open_source, read_document, source_file_name
 from ..transfer import (
@@ -45,7 +46,6 @@ from ..transfer import (
     Progress,
     check_free_space,
     copy_decompressed,
-    parse_checksum,
 )
 from . import image_fields
 
@@ -68,25 +68,26 @@ class ImportRequest:
 
 class ImageImporter:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir, settings: Settings,
-                 stdin: BinaryIO | None = None) -> None:
+                 stdin: BinaryIO | None = None, reporter: Reporter = SILENT) -> None:
+        self._reporter = reporter
         self._catalogue = catalogue
         self._data_dir = data_dir
         self._settings = settings
         self._stdin = stdin
 
-    def run(self, request: ImportRequest, *, progress: Progress | None = None,
-            on_registered: Callable[[Image], None] | None = None,
-            on_opened: Callable[[int | None], None] | None = None,
-            on_note: Callable[[str], None] | None = None) -> Image:
-        """Import; *on_opened* gets the source's size (file size, Content-Length) when known,
-        *on_note* what bbsnap decided that the user did not ask for."""
+    def run(self, request: ImportRequest, *,
+            on_registered: Callable[[Image], None] | None = None) -> Image:
+        """Import; *on_registered* gets the image once its id is known (still creating)."""
         expected, meta = self._expectations(request)
         source = open_source(request.source, self._stdin,
                              http_timeout=self._settings.http_timeout,
                              http_min_rate=self._settings.http_min_rate)
+        total = source.size  # file size or Content-Length, when known
+
+        def progress(done: int) -> None:
+            self._reporter.progress("Importing", done, total)
+
         try:
-            if on_opened is not None:
-                on_opened(source.size)
             effective = _with_sidecar_defaults(request, meta)
             image = self._register(effective, source.suggested_name)
             if on_registered is not None:
@@ -94,12 +95,12 @@ class ImageImporter:
             try:
                 return self._fill(image, source.stream, expected, progress,
                                   _Statements.of(request, meta),
-                                  detect_firmware=effective.firmware is None,
-                                  on_note=on_note or (lambda _text: None))
+                                  detect_firmware=effective.firmware is None)
             except BaseException:
                 self._discard(image.id)
                 raise
         finally:
+            self._reporter.progress_end()
             source.close()
 
     def _expectations(self, request: ImportRequest) -> tuple[str | None, Sidecar | None]:
@@ -107,7 +108,7 @@ class ImageImporter:
         if request.checksum is not None and request.checksum_file is not None:
             raise UsageError("--checksum and --checksum-file cannot be used together",
                              hint="give one of them")
-        expected = parse_checksum(request.checksum) if request.checksum is not None else None
+        expected = checksums.parse_option(request.checksum) if request.checksum is not None else None
         if request.checksum_file is not None:
             expected = self._listed_checksum(request.source, request.checksum_file)
         meta = (load_sidecar(request.source, http_timeout=self._settings.http_timeout)
@@ -140,13 +141,17 @@ class ImageImporter:
             firmware=image_fields.check_firmware(request.firmware or "bios"),
             job=current_job_token(),
         )
-        for _ in range(20):  # 36^5 ids: a collision is rare, never fatal
-            candidate = replace(draft, id=ids.new_id("img"))
+        added: list[Image] = []
+
+        def claim(candidate: str) -> bool:  # the INSERT itself claims the id, atomically
             try:
-                return self._catalogue.add(candidate)
+                added.append(self._catalogue.add(replace(draft, id=candidate)))
             except sqlite3.IntegrityError:
-                continue
-        raise RuntimeError("could not allocate a free image id")
+                return False
+            return True
+
+        ids.allocate("img", claim)
+        return added[0]
 
     def _work_files(self, image_id: str) -> tuple[Path, Path, Path]:
         download = self._data_dir.tmp_dir / f"{image_id}.download"
@@ -156,7 +161,7 @@ class ImageImporter:
 
     def _fill(self, image: Image, stream: BinaryIO, expected_sha256: str | None,
               progress: Progress | None, stated: _Statements, *,
-              detect_firmware: bool, on_note: Callable[[str], None]) -> Image:
+              detect_firmware: bool) -> Image:
         download, partial, final = self._work_files(image.id)
         head = _HeadVetting(stated, self._settings.max_virtual_size)
         copied = copy_decompressed(stream, download,
@@ -170,7 +175,7 @@ class ImageImporter:
         firmware = image.firmware
         if detect_firmware and self._boots_only_under_uefi(image.id, partial):
             firmware = "uefi"
-            on_note("the disk has an EFI system partition and no BIOS boot code: firmware "
+            self._reporter.note("the disk has an EFI system partition and no BIOS boot code: firmware "
                     "uefi (--firmware bios to override)")
         safe_files.publish(partial, final, mode=FILE_MODE)
         stored = qemu_img.info(final, "qcow2")

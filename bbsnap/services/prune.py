@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from ..hypervisor import Hypervisor
 from ..jobs import current_job_token, job_alive
 from ..layout import FILE_MODE, DataDir
 from ..models import DependentKind, Image, ImageFilter, ImageType
+from ..reporting import SILENT, Reporter
 from . import stored_chain
 from .images import ImageService
 from .retention import Dated, Policy, select
@@ -70,19 +70,20 @@ class PruneReport:
 
 class PruneService:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir, hypervisor: Hypervisor,
-                 images: ImageService) -> None:
+                 images: ImageService, reporter: Reporter = SILENT) -> None:
+        self._reporter = reporter
         self._catalogue = catalogue
         self._data_dir = data_dir
         self._hv = hypervisor
         self._images = images
 
-    def prune(self, server: str, policy: Policy, *, dry_run: bool = False,
-              on_wait: Callable[[], None] | None = None) -> PruneReport:
+    def prune(self, server: str, policy: Policy, *, dry_run: bool = False) -> PruneReport:
         policy.require_rule()
         info = self._hv.info(server)
         # The server's lock: no snapshot copy of it runs (its worker holds the lock until
         # the image is available), so its chain does not grow while we rewrite it.
-        with locks.acquire(self._data_dir.locks_dir, info.uuid, on_wait=on_wait,
+        with locks.acquire(self._data_dir.locks_dir, info.uuid,
+                           on_wait=lambda: self._reporter.waiting(f"another operation on {server}"),
                            timeout=self._data_dir.lock_timeout,
                            purpose=f"prune of {info.name}"):
             snapshots = self.snapshots_of(info.name)

@@ -224,10 +224,10 @@ def _entries(directory: Path) -> list[Path]:
 
 
 def _export_in_progress(path: Path) -> bool:
-    """`img-xxxxx.export.PID.qcow2` belongs to a running export while PID lives."""
+    """`img-xxxxx.export.TOKEN.qcow2` belongs to a running export while its job token lives
+    (a token, not a pid: a reused pid would keep a dead export's file forever)."""
     parts = path.name.split(".")
-    return len(parts) >= 3 and parts[1] == "export" and parts[2].isdigit() and \
-        Path(f"/proc/{parts[2]}").exists()
+    return len(parts) >= 4 and parts[1] == "export" and job_alive(parts[2])
 
 
 def printable(text: str) -> str:

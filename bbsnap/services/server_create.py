@@ -20,12 +20,13 @@ from .. import ids, locks
 from ..catalogue import Catalogue, utcnow
 from ..config import Settings
 from ..disks import qemu_img
-from ..errors import ConflictError, InvalidInputError, NotFoundError, UsageError
+from ..errors import InvalidInputError, NotFoundError, UsageError
 from ..hostinfo import default_ssh_public_keys, total_memory_mib
 from ..hypervisor import DiskSpec, DomainSpec, Hypervisor, NicSpec
 from ..jobs import current_job_token
 from ..layout import DataDir
-from ..models import DependentKind, Image, ImageStatus, Server, ServerType
+from ..models import DependentKind, Image, Server, ServerType
+from ..reporting import SILENT, Reporter
 from ..netports import PortRegistry, parse_port_range
 from ..seed import (SeedSpec, check_hostname, default_user_data, hostname_from_name,
                     validate_user_data, write_seed_iso)
@@ -62,7 +63,7 @@ class CreateRequest:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class CreatePlan:
     image: Image
     server_type: ServerType
     vcpus: int
@@ -79,11 +80,13 @@ class ServerCreator:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir, hypervisor: Hypervisor,
                  settings: Settings, resolve_accel: Callable[[], str],
                  choose_ssh_port: Callable[[set[int]], int] | None = None,
-                 port_registry: PortRegistry | None = None) -> None:
+                 port_registry: PortRegistry | None = None,
+                 reporter: Reporter = SILENT) -> None:
         """*choose_ssh_port*: pick ports without claiming them (tests forcing a port);
         *port_registry*: where ports are claimed (default: this user's, host-wide)."""
         self._catalogue = catalogue
         self._data_dir = data_dir
+        self._reporter = reporter
         self._hv = hypervisor
         self._settings = settings
         self._resolve_accel = resolve_accel
@@ -91,12 +94,9 @@ class ServerCreator:
         self._choose_port = choose_ssh_port
         self._port_registry = port_registry
 
-    def plan(self, request: CreateRequest) -> _Plan:
+    def plan(self, request: CreateRequest) -> CreatePlan:
         """Check everything the user gave before anything is created."""
-        image = self._catalogue.get(ids.require(request.image_id, "img"))
-        if image.status is not ImageStatus.AVAILABLE:
-            raise ConflictError(f"image {image.id} is {image.status.value}, not available",
-                                hint="wait for it, or pick another image")
+        image = self._catalogue.get_available(ids.require(request.image_id, "img"))
         server_type = find_type(request.server_type or DEFAULT_TYPE)
         uefi_floor = UEFI_MIN_MEMORY_MIB if image.firmware == "uefi" else 0
         memory = request.memory_mib or max(server_type.memory_mib, image.min_ram or 0, uefi_floor)
@@ -120,13 +120,13 @@ class ServerCreator:
         network = request.network or self._settings.network
         if network != "user":
             self._hv.check_network(network)
-        return _Plan(image, server_type, vcpus, memory, disk_bytes, name, user_data,
+        return CreatePlan(image, server_type, vcpus, memory, disk_bytes, name, user_data,
                      _read_ssh_keys(request.ssh_key_files), hostname, network)
 
     def create(self, request: CreateRequest) -> Server:
         plan = self.plan(request)
         accel = self._resolve_accel()
-        with self._allocation_lock(), Compensation() as undo:
+        with self._allocation_lock(), Compensation(self._reporter) as undo:
             in_use = self._identities_in_use()
             server_id = self._new_server_id()
             domain_uuid = str(uuid.uuid4())
@@ -224,14 +224,14 @@ class ServerCreator:
         return {info.uuid for info in self._hv.list_domains()}
 
     def _new_server_id(self) -> str:
-        for _ in range(50):
-            candidate = ids.new_id("srv")
-            try:
-                self._hv.info(candidate)
-            except NotFoundError:
-                if not self._data_dir.server_dir(candidate).exists():
-                    return candidate
-        raise ConflictError("could not allocate a free server id")
+        return ids.allocate("srv", self._server_id_free)
+
+    def _server_id_free(self, candidate: str) -> bool:
+        try:
+            self._hv.info(candidate)
+        except NotFoundError:
+            return not self._data_dir.server_dir(candidate).exists()
+        return False
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ class _InUse:
     macs: set[str]
 
 
-def _metadata(plan: _Plan, name: str, accel: str, hostname: str, port: int | None) -> dict[str, str]:
+def _metadata(plan: CreatePlan, name: str, accel: str, hostname: str, port: int | None) -> dict[str, str]:
     facts = {"name": name, "image_id": plan.image.id, "type_id": plan.server_type.id,
              "type_name": plan.server_type.name, "created_at": utcnow().isoformat(),
              "owner": plan.image.owner, "accel": accel, "hostname": hostname,

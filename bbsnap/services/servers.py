@@ -7,7 +7,6 @@ UUID); only bbsnap's own are destroyed with their files.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from ..errors import ConflictError, NotFoundError
 from ..hypervisor import DomainState, Hypervisor
 from ..jobs import current_job_token
 from ..layout import DataDir
-from ..models import (DependentKind, Image, ImageFilter, ImageStatus, ImageType, Server,
+from ..reporting import SILENT, Reporter
+from ..models import (DependentKind, Image, ImageFilter, ImageType, Server,
                       ServerStatus)
 from . import change_tracking, rebuild_journal, revert
 from .compensation import Compensation
@@ -28,10 +28,12 @@ DEFAULT_STOP_TIMEOUT = 60.0
 
 
 class ServerService:
-    def __init__(self, hypervisor: Hypervisor, catalogue: Catalogue, data_dir: DataDir) -> None:
+    def __init__(self, hypervisor: Hypervisor, catalogue: Catalogue, data_dir: DataDir,
+                 reporter: Reporter = SILENT) -> None:
         self._hv = hypervisor
         self._catalogue = catalogue
         self._data_dir = data_dir
+        self._reporter = reporter
 
     def find(self) -> list[Server]:
         servers = [server_from_domain(self._hv, info, with_addresses=False)
@@ -47,8 +49,9 @@ class ServerService:
         """Serialise with other bbsnap operations on the server (a snapshot copy holds it)."""
         return locks.acquire(self._data_dir.locks_dir, server.uuid,
                              timeout=self._data_dir.lock_timeout,
-                             purpose=f"servers {purpose} {server.id}", on_wait=lambda: print(
-            f"bbsnap: waiting for another operation on {server.id} to finish", file=sys.stderr))
+                             purpose=f"servers {purpose} {server.id}",
+                             on_wait=lambda: self._reporter.waiting(
+                                 f"another operation on {server.id}"))
 
     def start(self, key: str) -> Server:
         server = self.get(key, with_addresses=False)
@@ -112,7 +115,7 @@ class ServerService:
         server = self.get(key, with_addresses=False)
         if not server.managed:
             raise ConflictError(f"{server.id} was not created by bbsnap; bbsnap cannot rebuild it")
-        return self._rebuild(server, self._catalogue.get(ids.require(image_id, "img")),
+        return self._rebuild(server, self._catalogue.get_available(ids.require(image_id, "img")),
                              "rebuild")
 
     def revert(self, key: str, image_id: str | None = None) -> Server:
@@ -127,8 +130,7 @@ class ServerService:
         return self._rebuild(server, image, "revert")
 
     def _rebuild(self, server: Server, image: Image, purpose: str) -> Server:
-        if image.status is not ImageStatus.AVAILABLE:
-            raise ConflictError(f"image {image.id} is {image.status.value}, not available")
+        """Onto *image*, which the caller found available."""
         if image.firmware != server.firmware:
             # The server keeps its definition, so its firmware: the new disk would not boot.
             raise ConflictError(
@@ -161,7 +163,7 @@ class ServerService:
             device=primary.target, old_disk=primary.path, new_disk=str(new_disk),
             old_image_id=server.image_id, new_image_id=image.id, was_running=was_running,
             old_marker=rebuild_journal.read_marker(server_dir))
-        with Compensation() as undo:
+        with Compensation(self._reporter) as undo:
             rebuild_journal.write(self._data_dir, journal)
             undo.push("the rebuild journal",
                       lambda: rebuild_journal.remove(self._data_dir, server.id))

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import ids, locks, proc
 from ..catalogue import Catalogue, utcnow
@@ -37,6 +37,8 @@ from ..hypervisor import (BackupPlan, BackupTarget, DiskInfo, DomainState, Hyper
                           NewCheckpoint)
 from ..jobs import current_job_token, token_for_pid
 from ..layout import DataDir
+from ..reporting import SILENT, Reporter
+from ..worker import finish_snapshot_argv
 from ..models import (Consistency, Image, ImageStatus, ImageType, Server, SnapshotDisk,
                       SnapshotJob)
 from . import change_tracking, image_fields, snapshot_chain
@@ -45,7 +47,6 @@ from .snapshot_chain import ChainPlan, ChainPlanner, ServerDisk
 
 FREEZE_TIMEOUT = 5  # seconds the agent may take to freeze (or thaw) before we give up on it
 DEFAULT_MAX_CHAIN_DEPTH = 32  # files opening a snapshot may take (config: max_chain_depth)
-Note = Callable[[str], None]  # "warning: ..." / "note: ..." for the user
 
 
 @dataclass(frozen=True)
@@ -58,20 +59,21 @@ class SnapshotRequest:
 class SnapshotService:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir, hypervisor: Hypervisor,
                  worker_argv: list[str], *,
-                 max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH) -> None:
+                 max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
+                 reporter: Reporter = SILENT) -> None:
         self._catalogue = catalogue
         self._data_dir = data_dir
         self._hv = hypervisor
         self._worker_argv = worker_argv  # the command that runs `finish-snapshot IMG`
         self._chains = ChainPlanner(catalogue, data_dir, hypervisor, max_chain_depth)
-        self._note: Note = _quiet
+        self._reporter = reporter
 
-    def begin(self, request: SnapshotRequest, *, on_wait: Callable[[], None] | None = None,
-              on_note: Note | None = None) -> Image:
+    def begin(self, request: SnapshotRequest) -> Image:
         """Register the image as creating, fix the point in time, hand the copy to a worker."""
-        self._note = on_note or _quiet
         info = self._hv.info(request.server)
-        lock = locks.acquire(self._data_dir.locks_dir, info.uuid, on_wait=on_wait,
+        lock = locks.acquire(self._data_dir.locks_dir, info.uuid,
+                             on_wait=lambda: self._reporter.waiting(
+                                 f"another operation on {request.server}"),
                              timeout=self._data_dir.lock_timeout,
                              purpose=f"snapshot of {info.name}")
         try:
@@ -91,7 +93,7 @@ class SnapshotService:
             plan = (self._chains.plan(image_id, chain, ancestor)
                     if running and len(disks) == 1 else ChainPlan(None, ancestor, None))
             if plan.note:
-                self._note(f"note: {plan.note}")
+                self._reporter.note(plan.note)
             job = SnapshotJob(
                 domain=server.id, domain_uuid=server.uuid, mode="backup" if running else "copy",
                 disks=tuple(self._plan_disk(image_id, index, disk, plan)
@@ -168,7 +170,7 @@ class SnapshotService:
                 self._hv.freeze(domain, FREEZE_TIMEOUT)
                 frozen = True
             except QuiesceError as exc:
-                self._note(f"warning: {exc}; the snapshot is crash-consistent")
+                self._reporter.warning(f"{exc}; the snapshot is crash-consistent")
         try:
             self._begin_backup(image_id, job, read_only, ancestor)
         finally:
@@ -177,7 +179,7 @@ class SnapshotService:
                     self._hv.thaw(domain)  # also after a freeze that timed out half-way
                 except QuiesceError as exc:
                     if frozen:
-                        self._note(f"warning: {exc}")
+                        self._reporter.warning(str(exc))
         return Consistency.QUIESCED if frozen else Consistency.CRASH_CONSISTENT
 
     def _begin_backup(self, image_id: str, job: SnapshotJob, read_only: list[str],
@@ -191,7 +193,7 @@ class SnapshotService:
             # QEMU stopped without storing the record of what changed, or the bitmap is gone
             # from the disk: copy the whole disk, stored on the server's image, and start the
             # chain again from this snapshot's new checkpoint.
-            self._note(f"note: {exc}; copying the whole disk")
+            self._reporter.note(f"{exc}; copying the whole disk")
             snapshot_chain.give_up(self._hv, self._data_dir, job.domain)
             full = tuple(self._full_copy(d, ancestor, index) for index, d in enumerate(job.disks))
             self._catalogue.replan_snapshot(image_id, full, ancestor.id if ancestor else None)
@@ -203,15 +205,7 @@ class SnapshotService:
         return replace(disk, incremental=False, since=None, ancestor=parent)
 
     def _new_image_id(self) -> str:
-        for _ in range(50):
-            candidate = ids.new_id("img")
-            if not self._catalogue.exists(candidate):
-                return candidate
-        raise ConflictError("could not allocate a free image id")
-
-
-def _quiet(_text: str) -> None:
-    pass
+        return ids.allocate("img", lambda candidate: not self._catalogue.exists(candidate))
 
 
 def _backup_plan(disks: tuple[SnapshotDisk, ...], read_only: list[str]) -> BackupPlan:
@@ -236,7 +230,6 @@ def spawn_finisher(worker_argv: list[str], data_dir: DataDir, catalogue: Catalog
 def _spawn_worker(worker_argv: list[str], data_dir: DataDir, image_id: str,
                   lock: locks.ServerLock) -> str | None:
     """Start `finish-snapshot IMG` detached, holding the server's lock; its job token."""
-    pid = proc.spawn_detached([*worker_argv, "finish-snapshot", image_id, "--lock-fd",
-                               str(lock.fd)], log_path=data_dir.logs_dir / f"{image_id}.log",
-                              pass_fds=[lock.fd])
+    pid = proc.spawn_detached(finish_snapshot_argv(worker_argv, image_id, lock.fd),
+                              log_path=data_dir.logs_dir / f"{image_id}.log", pass_fds=[lock.fd])
     return token_for_pid(pid)

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from bbsnap.catalogue import Catalogue
+from bbsnap.jobs import boot_id, token_for_pid
 from bbsnap.services.server_origin import ORIGIN_FILE, read_origin, write_origin
 from tests.images import MIB, raw_disk
 
@@ -174,3 +175,24 @@ def test_doctor_fix_after_a_killed_export_removes_its_partial_and_nothing_else(b
     assert not journals[0].exists() and _quarantined(bbsnap) == []
     assert {p: p.read_bytes() for p in out.iterdir()} == mine
     assert (bbsnap.data_dir / "images" / f"{image_id}.qcow2").exists()
+
+
+def test_an_exports_work_file_is_kept_while_its_job_lives_and_reclaimed_after(bbsnap, work_dir):
+    """The flattened work file of a qcow2 export is named by the exporter's job token, so a
+    live export keeps it, and a dead one's (even if its pid was reused) is an orphan."""
+    image_id = _import(bbsnap, work_dir)
+    tmp = bbsnap.data_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        live = tmp / f"{image_id}.export.{token_for_pid(sleeper.pid)}.qcow2"
+        # The same pid with another start time: what a reused pid looks like.
+        dead = tmp / f"{image_id}.export.{sleeper.pid}:1:{boot_id()}.qcow2"
+        for path in (live, dead):
+            path.write_bytes(b"x" * 4096)
+        fixed = bbsnap("-c", OTHER, "doctor", "--fix")  # (its QEMU check fails: a test driver)
+        assert live.exists() and not dead.exists(), fixed.stderr
+        assert [p for p in _quarantined(bbsnap) if p.endswith(dead.name)]
+    finally:
+        sleeper.kill()
+        sleeper.wait()

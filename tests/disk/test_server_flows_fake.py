@@ -20,6 +20,7 @@ from bbsnap.hypervisor import DomainInfo, DomainState, NewCheckpoint
 from bbsnap.layout import DataDir
 from bbsnap.models import Consistency, Image, ImageStatus, ImageType, ServerStatus
 from bbsnap.netports import PortRegistry
+from bbsnap.reporting import SilentReporter
 from bbsnap.services.server_create import CreateRequest, ServerCreator
 from bbsnap.services import change_tracking
 from bbsnap.services.servers import ServerService
@@ -145,9 +146,23 @@ def test_a_rebuild_whose_restart_fails_puts_the_old_definition_back(data, catalo
 
 # -- snapshot begin: the backup plan handed to the port ---------------------------------------
 
-def _snapshots(data: DataDir, catalogue: Catalogue, hv: FakeHypervisor) -> SnapshotService:
+class Notes(SilentReporter):
+    """What the service tells the user, as "note: ..." / "warning: ..." lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.lines.append(f"note: {text}")
+
+    def warning(self, text: str) -> None:
+        self.lines.append(f"warning: {text}")
+
+
+def _snapshots(data: DataDir, catalogue: Catalogue, hv: FakeHypervisor,
+               notes: Notes | None = None) -> SnapshotService:
     # The worker is `true`: it exits at once, the copy is the test's to finish or not.
-    return SnapshotService(catalogue, data, hv, ["true"])
+    return SnapshotService(catalogue, data, hv, ["true"], reporter=notes or Notes())
 
 
 def test_a_snapshot_of_a_new_server_copies_what_it_wrote_since_its_birth(data, catalogue,
@@ -155,11 +170,10 @@ def test_a_snapshot_of_a_new_server_copies_what_it_wrote_since_its_birth(data, c
     hv = FakeHypervisor()
     creator, _ = _creator(data, catalogue, hv, work_dir)
     server = creator.create(_request(work_dir))
-    notes: list[str] = []
-    image = _snapshots(data, catalogue, hv).begin(SnapshotRequest(server.id),
-                                                  on_note=notes.append)
+    notes = Notes()
+    image = _snapshots(data, catalogue, hv, notes).begin(SnapshotRequest(server.id))
     plan = hv.backup_plan(server.id)
-    assert plan is not None and notes == []
+    assert plan is not None and notes.lines == []
     assert [t.device for t in plan.targets] == ["vda"] and plan.skipped == ("hdc",)
     assert plan.targets[0].path.parent == data.tmp_dir
     assert plan.incremental_from == change_tracking.CHECKPOINT, "the birth bitmap"
@@ -177,17 +191,16 @@ def test_a_broken_birth_bitmap_falls_back_to_a_full_copy_and_says_so(data, catal
     hv.redefine_checkpoint(server.id, change_tracking.CHECKPOINT, "vda")
     hv.break_checkpoint(server.id, change_tracking.CHECKPOINT)
     hv.silence_agent(server.id)
-    notes: list[str] = []
-    image = _snapshots(data, catalogue, hv).begin(SnapshotRequest(server.id),
-                                                  on_note=notes.append)
+    notes = Notes()
+    image = _snapshots(data, catalogue, hv, notes).begin(SnapshotRequest(server.id))
     plan = hv.backup_plan(server.id)
     assert plan is not None and plan.incremental_from is None, "the whole disk"
     assert hv.calls.count("begin_backup") == 2
     assert not hv.has_checkpoint(server.id, change_tracking.CHECKPOINT), "given up"
     assert not (data.server_dir(server.id) / change_tracking.MARKER).exists()
     assert image.consistency is Consistency.CRASH_CONSISTENT
-    assert any("crash-consistent" in n for n in notes)
-    assert any("copying the whole disk" in n for n in notes)
+    assert any(n.startswith("warning:") and "crash-consistent" in n for n in notes.lines)
+    assert any(n.startswith("note:") and "copying the whole disk" in n for n in notes.lines)
 
 
 def test_a_stopped_server_is_copied_without_a_backup_job(data, catalogue, work_dir):

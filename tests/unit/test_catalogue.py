@@ -4,7 +4,7 @@ import threading
 import pytest
 
 from bbsnap.catalogue import MIGRATIONS, SCHEMA_VERSION, Catalogue, utcnow
-from bbsnap.errors import CatalogueError, ConflictError, InUseError, NotFoundError
+from bbsnap.errors import BbsnapError, CatalogueError, ConflictError, InUseError, NotFoundError
 from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageType
 
 
@@ -40,8 +40,9 @@ def test_newer_schema_is_refused(tmp_path):
 def test_a_catalogue_of_an_older_bbsnap_is_migrated_with_its_rows(tmp_path):
     path = tmp_path / "old.sqlite3"
     with sqlite3.connect(path) as raw:  # the schema bbsnap shipped before `progress`
-        for script in MIGRATIONS[:2]:
-            raw.executescript(script)
+        for migration in MIGRATIONS[:2]:
+            for statement in migration:
+                raw.execute(statement)
         raw.execute("PRAGMA user_version = 2")
         raw.execute("INSERT INTO images (id, type, owner, created_at, updated_at, status, name, "
                     "arch) VALUES ('img-old00', 'upload', 'me', ?, ?, 'available', 'old', "
@@ -53,6 +54,15 @@ def test_a_catalogue_of_an_older_bbsnap_is_migrated_with_its_rows(tmp_path):
         assert old.name == "old" and old.progress is None
     finally:
         cat.close()
+
+
+def test_every_migration_step_is_one_whole_statement():
+    for migration in MIGRATIONS:
+        assert not isinstance(migration, str)  # statements, never a script split on ';'
+        for statement in migration:
+            # Complete once terminated, and not before: exactly one statement.
+            assert sqlite3.complete_statement(statement + ";")
+            assert not sqlite3.complete_statement(statement)
 
 
 @pytest.mark.parametrize("ending", ["finish", "fail"])
@@ -202,3 +212,20 @@ def test_a_main_file_whose_tables_lived_in_a_lost_wal_is_refused(tmp_path):
     with sqlite3.connect(path) as raw:
         assert raw.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
     Catalogue(path).close()  # without images_dir (tests, tools) it is set up as before
+
+
+@pytest.mark.parametrize(("status", "says", "hint"), [
+    (ImageStatus.CREATING, "still being created", "bbsnap images show img-use01"),
+    (ImageStatus.FAILED, "is failed, not available", "pick another image"),
+    (ImageStatus.DELETED, "not found", "bbsnap images list"),
+])
+def test_only_an_available_image_is_handed_out_for_use(catalogue, status, says, hint):
+    catalogue.add(_image("img-use01", status=status))
+    with pytest.raises(BbsnapError, match=says) as caught:
+        catalogue.get_available("img-use01")
+    assert hint in (caught.value.hint or "")
+
+
+def test_an_available_image_is_handed_out(catalogue):
+    catalogue.add(_image("img-use02"))
+    assert catalogue.get_available("img-use02").id == "img-use02"

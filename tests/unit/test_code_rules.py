@@ -152,3 +152,34 @@ def test_the_xml_rule_resolves_relative_imports():
     fine = ast.parse("from ..hypervisor import DomainSpec\nfrom . import snapshot_chain\n")
     assert _imports(path, fine) == {"bbsnap.hypervisor", "bbsnap.hypervisor.DomainSpec",
                                     "bbsnap.services", "bbsnap.services.snapshot_chain"}
+
+
+def test_cli_choices_come_from_the_shared_vocabulary():
+    """`click.Choice` is never given a literal list: the words the CLI offers are the ones
+    the services accept (bbsnap/vocabulary.py, models.py), defined once."""
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        for call in _calls(ast.parse(path.read_text())):
+            func = call.func
+            if isinstance(func, ast.Attribute) and func.attr == "Choice" and call.args:
+                assert not isinstance(call.args[0], (ast.List, ast.Tuple, ast.Set)), \
+                    f"a literal click.Choice in {path}:{call.lineno}"
+
+
+# Entry points that own a stream: the CLI, the snapshot worker (its log file), the tiny-guest
+# builder's and the acceleration probe's own commands. Everything else reports through
+# bbsnap/reporting.py.
+_MAY_PRINT = {PACKAGE / "worker.py", PACKAGE / "accel.py", PACKAGE / "tinyguest" / "__main__.py"}
+
+
+def test_library_code_never_prints():
+    for path in SOURCES:
+        if path in _MAY_PRINT or (PACKAGE / "cli") in path.parents:
+            continue
+        tree = ast.parse(path.read_text())
+        for call in _calls(tree):
+            assert not (isinstance(call.func, ast.Name) and call.func.id == "print"), \
+                f"print() in {path}:{call.lineno}"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "stderr" and \
+                    isinstance(node.value, ast.Name) and node.value.id == "sys":
+                raise AssertionError(f"sys.stderr in {path}:{node.lineno}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import yaml
@@ -110,17 +109,47 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_line_with_a_newline_in_its_label_stays_one_line(monkeypatch):
-    from bbsnap.cli.progress import byte_progress
+def test_progress_line_with_a_newline_in_its_label_stays_one_line():
+    from bbsnap.cli.reporter import TerminalReporter
 
     terminal = _Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
-    report, finish = byte_progress("Importing evil\nname.raw" + HOSTILE, 4 << 20)
-    report(2 << 20)
-    finish()
+    reporter = TerminalReporter(terminal)
+    reporter.progress("Importing evil\nname.raw" + HOSTILE, 2 << 20, 4 << 20)
+    reporter.progress_end()
     text = terminal.getvalue()
     _no_raw_controls(text)
     assert text.count("\n") == 1 and "Importing evil\\nname.raw\\x1b]0;owned" in text
+    assert "[" + "#" * 15 + "." * 15 + "] 2/4 MiB" in text
+
+
+def test_reporter_lines_are_escaped_and_never_land_inside_a_progress_bar():
+    from bbsnap.cli.reporter import TerminalReporter
+
+    terminal = _Terminal()
+    reporter = TerminalReporter(terminal)
+    reporter.progress("img-aaaaa: copying", 3 << 20, percent=41)
+    reporter.note("firmware set to uefi\n" + HOSTILE)
+    reporter.warning("the agent did not answer")
+    reporter.waiting("another operation on srv-aaaaa")
+    lines = terminal.getvalue().split("\n")
+    _no_raw_controls(terminal.getvalue())
+    assert lines[0].startswith("\rimg-aaaaa: copying [" + "#" * 12) and "3 MiB so far" in lines[0]
+    assert lines[1:] == ["bbsnap: note: firmware set to uefi\\n\\x1b]0;owned\\x07\\x1b[2J",
+                         "bbsnap: warning: the agent did not answer",
+                         "bbsnap: waiting for another operation on srv-aaaaa to finish", ""]
+
+
+def test_off_a_terminal_there_is_no_progress_at_all():
+    import io
+
+    from bbsnap.cli.reporter import TerminalReporter
+
+    log = io.StringIO()
+    reporter = TerminalReporter(log)
+    reporter.progress("Exporting img-aaaaa", 1 << 20, 2 << 20)
+    reporter.progress_end()
+    reporter.note("done")
+    assert log.getvalue() == "bbsnap: note: done\n"
 
 
 def test_stderr_notes_are_escaped(capsys):
@@ -143,13 +172,19 @@ def test_failed_snapshot_reason_is_escaped_when_waiting(tmp_path, capsys):
                         status=ImageStatus.FAILED, name="s",
                         failure_reason="qemu-img said:\n" + HOSTILE))
 
+    from bbsnap.reporting import SILENT
+
     class App:
         def __init__(self) -> None:
             self.catalogue = catalogue
+            self.reporter = SILENT
+
+        def recover(self) -> None:
+            pass
 
     try:
         with pytest.raises(click.exceptions.Exit):
-            wait_for_images(App(), ["img-aaaaa"], poll=0)
+            wait_for_images(App(), ["img-aaaaa"])
     finally:
         catalogue.close()
     err = capsys.readouterr().err
@@ -200,22 +235,25 @@ def test_servers_show_escapes_names_a_domain_carries(bbsnap, tmp_path):
     assert listed.count("\n") == 4
 
 
-def test_library_warnings_escape_what_guests_and_undo_steps_say(capsys):
-    """Warnings that library code writes itself (a rollback step's error, which can quote
-    a guest agent or libvirt) are escaped too, not only the CLI's own lines."""
+def test_library_warnings_reach_the_reporter_and_are_escaped_there():
+    """Library code never prints: a rollback step's error (which can quote a guest agent or
+    libvirt) goes to the reporter it was given, and the CLI's reporter escapes it."""
+    from bbsnap.cli.reporter import TerminalReporter
     from bbsnap.services.compensation import Compensation
 
     def failing_undo() -> None:
         raise RuntimeError("agent said \x1b]0;owned\x07\nsecond line")
 
+    terminal = _Terminal()
     try:
-        with Compensation() as undo:
+        with Compensation(TerminalReporter(terminal)) as undo:
             undo.push("the \x1b[2J disk", failing_undo)
             raise ValueError("the step that failed")
     except ValueError:
         pass
-    err = capsys.readouterr().err
+    err = terminal.getvalue()
     assert err.count("\n") == 1 and "\x1b" not in err, err
+    assert err.startswith("bbsnap: warning: could not undo the \\x1b[2J disk: ")
     assert "\\x1b]0;owned\\x07\\nsecond line" in err
 
 

@@ -2,7 +2,7 @@ import pytest
 
 from bbsnap import ids
 from bbsnap.cli import render
-from bbsnap.errors import UsageError
+from bbsnap.errors import ConflictError, UsageError
 
 
 def test_new_ids_are_well_formed_and_distinct():
@@ -59,14 +59,14 @@ def test_progress_is_shown_only_while_there_is_one():
     assert as_record(available)["progress"] is None
 
 
-def test_waiting_on_a_terminal_shows_the_copy_s_progress(tmp_path, monkeypatch, capsys):
+def test_waiting_on_a_terminal_shows_the_copy_s_progress(tmp_path):
     """`--wait`'s line on a terminal, fed by a real catalogue the worker would update."""
     import io
-    import sys
 
     from bbsnap.catalogue import Catalogue, utcnow
-    from bbsnap.cli.waiting import wait_for_images
+    from bbsnap.cli.reporter import TerminalReporter
     from bbsnap.models import Image, ImageStatus, ImageType
+    from bbsnap.services.snapshot_wait import wait_settled
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -76,21 +76,18 @@ def test_waiting_on_a_terminal_shows_the_copy_s_progress(tmp_path, monkeypatch, 
     catalogue.add(Image(id="img-aaaaa", type=ImageType.SNAPSHOT, owner="me", created_at=utcnow(),
                         status=ImageStatus.CREATING, name="s", disk_size=3 << 20, progress=41))
 
-    class App:
-        def __init__(self) -> None:
-            self.catalogue = catalogue
-
-        def recover(self) -> None:  # the worker finishes while the command waits
-            catalogue.finish_snapshot("img-aaaaa", [], status=ImageStatus.AVAILABLE)
+    def recover() -> None:  # the worker finishes while the command waits
+        catalogue.finish_snapshot("img-aaaaa", [], status=ImageStatus.AVAILABLE)
 
     terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
     try:
-        wait_for_images(App(), ["img-aaaaa"], poll=0)
+        (settled,) = wait_settled(catalogue, ["img-aaaaa"], recover,
+                                  reporter=TerminalReporter(terminal), poll=0)
     finally:
         catalogue.close()
-    assert "\rimg-aaaaa: copying, 41%, 3 MiB so far\n" in terminal.getvalue()
-    assert "Image img-aaaaa is available" in capsys.readouterr().err + terminal.getvalue()
+    assert settled.status is ImageStatus.AVAILABLE
+    bar = "#" * 12 + "." * 18
+    assert terminal.getvalue() == f"\rimg-aaaaa: copying [{bar}] 3 MiB so far\n"
 
 
 def test_firmware_names():
@@ -104,3 +101,20 @@ def test_the_cli_offers_the_firmwares_bbsnap_boots():
     from bbsnap.cli.images import FIRMWARES
     from bbsnap.services.image_fields import FIRMWARES as CHECKED
     assert FIRMWARES == CHECKED
+
+
+def test_allocate_returns_the_first_id_its_claim_accepts():
+    offered: list[str] = []
+
+    def claim(candidate: str) -> bool:
+        offered.append(candidate)
+        return len(offered) == 3  # two ids "taken" first
+
+    allocated = ids.allocate("img", claim)
+    assert allocated == offered[-1] and ids.is_valid(allocated, "img") and len(offered) == 3
+
+
+def test_allocate_gives_up_with_a_conflict_not_an_internal_error():
+    with pytest.raises(ConflictError, match="could not allocate a free srv id after 4") as caught:
+        ids.allocate("srv", lambda _candidate: False, attempts=4)
+    assert caught.value.exit_code == 4

@@ -71,8 +71,9 @@ def _snapshot(catalogue: Catalogue, data: DataDir, image_id: str, disk: DiskInfo
 def test_a_catalogue_before_chains_gets_parent_ids_of_its_snapshots(tmp_path):
     path = tmp_path / "old.sqlite3"
     with sqlite3.connect(path) as raw:
-        for script in MIGRATIONS[:3]:
-            raw.executescript(script)
+        for migration in MIGRATIONS[:3]:
+            for statement in migration:
+                raw.execute(statement)
         raw.execute("PRAGMA user_version = 3")
         for image_id, kind, ancestor in (("img-base0", "upload", None),
                                          ("img-snap0", "snapshot", "img-base0")):

@@ -36,7 +36,9 @@ def test_create_refuses_a_bad_hostname_or_server_name_before_anything_exists(bbs
     for args, message in cases:
         result = bbsnap("-c", "test:///default", "servers", "create", image_id, *args)
         assert result.exit_code == 2, result.stderr
-        assert result.stderr.count("\n") == 2 and message in result.stderr  # + "Creating ..."
+        # The error is the only line: validation happens before "Creating ..." is printed.
+        assert result.stderr.count("\n") == 1 and message in result.stderr
+        assert "Creating" not in result.stderr
         assert "<domain" not in result.stderr
     assert not (bbsnap.data_dir / "servers").exists() or not any(
         p.name.startswith("srv-") for p in (bbsnap.data_dir / "servers").iterdir())
