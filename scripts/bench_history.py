@@ -37,7 +37,8 @@ HISTORY_MIB = 1024
 
 
 def main() -> None:
-    from bbsnap.hypervisor.domain_xml import DiskSpec, DomainSpec, build_domain_xml
+    from bbsnap.hypervisor import DiskSpec, DomainSpec
+    from bbsnap.hypervisor.domain_xml import build_domain_xml
     from bbsnap.tinyguest import READY_LINE, build_tiny_guest
 
     work = bench_dir()

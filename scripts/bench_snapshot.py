@@ -34,7 +34,7 @@ URI = "qemu:///system"
 
 
 def main() -> None:
-    from bbsnap.hypervisor.domain_xml import DiskSpec, DomainSpec, build_domain_xml
+    from bbsnap.hypervisor import DiskSpec, DomainSpec
     from bbsnap.hypervisor.libvirt_adapter import LibvirtHypervisor
     from bbsnap.tinyguest import READY_LINE, build_tiny_guest
 
@@ -53,9 +53,8 @@ def main() -> None:
     def boot(name: str, disk: Path) -> str:
         domain = f"bbsnap-bench-{name}-{uuid.uuid4().hex[:6]}"
         log = work / f"{domain}.log"
-        hv.define(build_domain_xml(DomainSpec(name=domain, uuid=str(uuid.uuid4()),
-                                              memory_mib=128, vcpus=1, accel="tcg",
-                                              disks=(DiskSpec(disk),), console_log=log)))
+        hv.define(DomainSpec(name=domain, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1,
+                             accel="tcg", disks=(DiskSpec(disk),), console_log=log))
         domains.append(domain)
         hv.start(domain)
         deadline = time.monotonic() + 240

@@ -11,61 +11,19 @@ Choices that matter for the guests bbsnap runs (DESIGN §4):
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from . import DiskInfo
+from . import DiskInfo
+from .models import BackupPlan, DiskSpec, DomainFacts, DomainSpec, NicSpec
 
 METADATA_NS = "https://bbsnap.dev/xmlns/server/1"
 METADATA_PREFIX = "bbsnap"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
-@dataclass(frozen=True)
-class DiskSpec:
-    path: Path
-    format: str = "qcow2"
-    target: str = "vda"
-    bus: str = "virtio"
-    device: str = "disk"       # or "cdrom"
-    readonly: bool = False
-
-
-@dataclass(frozen=True)
-class NicSpec:
-    mac: str
-    network: str | None = None          # a libvirt network name; None = user-mode networking
-    ssh_forward_port: int | None = None  # user-mode: 127.0.0.1:PORT -> guest port 22
-    passt: bool = False                  # user-mode through passt (libvirt >= 9.2) instead of SLIRP
-    model: str = "virtio"
-
-
 # SLIRP NICs are given on QEMU's command line (libvirt 9.0 has no XML for SLIRP port
 # forwards), at fixed PCI slots well above the ones libvirt assigns to its own devices.
 _SLIRP_FIRST_PCI_SLOT = 0x10
-
-
-@dataclass(frozen=True)
-class DomainSpec:
-    name: str
-    uuid: str
-    memory_mib: int
-    vcpus: int
-    accel: str                  # "kvm" or "tcg"
-    disks: tuple[DiskSpec, ...]
-    console_log: Path
-    title: str | None = None
-    nics: tuple[NicSpec, ...] = ()
-    machine: str = "pc"
-    firmware: str = "bios"      # "uefi": OVMF chosen by libvirt, with a per-domain NVRAM
-    guest_agent: bool = True
-    # Keep the console log file across boots (appended to): virtlogd then writes into the
-    # file bbsnap made, which stays its user's; without it virtlogd recreates the log as
-    # root's 0600 (unreadable by a normal user's `servers console` on qemu:///system).
-    console_append: bool = False
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def build_domain_xml(spec: DomainSpec) -> str:
@@ -183,21 +141,6 @@ def _add_nic(devices: ET.Element, nic: NicSpec) -> None:
         ET.SubElement(forward, "range", start=str(nic.ssh_forward_port), to="22")
 
 
-@dataclass(frozen=True)
-class DomainFacts:
-    """What bbsnap reads back from any domain's XML."""
-
-    title: str | None
-    metadata: dict[str, str]
-    macs: tuple[str, ...]
-    disks: tuple[str, ...]          # source files of writable disks
-    networks: tuple[str, ...]       # libvirt networks the NICs attach to
-    memory_mib: int
-    vcpus: int
-    firmware: str = "bios"          # "uefi" when it boots through OVMF/edk2
-    forwarded_ports: tuple[int, ...] = ()  # host ports of SLIRP/passt TCP forwards
-
-
 def read_domain_facts(xml: str) -> DomainFacts:
     """What bbsnap shows of any domain. Numbers that do not parse read as 0 (unknown):
     one odd domain on the connection must not break listing the others."""
@@ -231,10 +174,11 @@ def read_domain_facts(xml: str) -> DomainFacts:
     title = root.find("title")
     return DomainFacts(
         title=title.text if title is not None else None,
-        metadata=read_metadata(xml), macs=tuple(macs), disks=tuple(disks),
+        metadata=_metadata(root), macs=tuple(macs), disks=tuple(disks),
         networks=tuple(networks), memory_mib=int(memory_kib * factor) // 1024,
         vcpus=_int(vcpu.text) if vcpu is not None else 0, firmware=_firmware(root),
-        forwarded_ports=tuple(sorted({p for p in forwards if 0 < p <= 65535})))
+        forwarded_ports=tuple(sorted({p for p in forwards if 0 < p <= 65535})),
+        console_log=_console_log(root), file_disks=tuple(_file_disks(root)))
 
 
 def _int(text: str | None) -> int:
@@ -272,7 +216,10 @@ def _firmware(root: ET.Element) -> str:
 
 def read_metadata(xml: str) -> dict[str, str]:
     """bbsnap's facts from a domain's XML ({} for domains bbsnap did not make)."""
-    root = ET.fromstring(xml)
+    return _metadata(ET.fromstring(xml))
+
+
+def _metadata(root: ET.Element) -> dict[str, str]:
     holder = root.find(f"metadata/{{{METADATA_NS}}}server")
     if holder is None:
         return {}
@@ -281,12 +228,14 @@ def read_metadata(xml: str) -> dict[str, str]:
             if child.tag.startswith(prefix)}
 
 
-def read_disks(xml: str) -> list["DiskInfo"]:
+def read_disks(xml: str) -> list[DiskInfo]:
     """File-backed disks of a domain, in XML order."""
-    from . import DiskInfo
+    return _file_disks(ET.fromstring(xml))
 
+
+def _file_disks(root: ET.Element) -> list[DiskInfo]:
     disks = []
-    for disk in ET.fromstring(xml).findall("devices/disk"):
+    for disk in root.findall("devices/disk"):
         source, target, driver = disk.find("source"), disk.find("target"), disk.find("driver")
         if source is None or target is None or not source.get("file"):
             continue
@@ -337,19 +286,18 @@ def _first_backing_file(disk: ET.Element) -> str | None:
     return source.get("file") if source is not None else None
 
 
-def build_backup_xml(targets: dict[str, Path], skipped: list[str],
-                     incremental: str | None = None) -> str:
-    """A push-mode backup of the disks in *targets* (device -> new qcow2 file), all at one
-    instant; with *incremental* (a checkpoint), only the clusters written since it."""
+def build_backup_xml(plan: BackupPlan) -> str:
+    """A push-mode backup of the plan's target disks (each into a new qcow2 file), all at one
+    instant; incremental from a checkpoint, only the clusters written since it."""
     backup = ET.Element("domainbackup", mode="push")
-    if incremental:
-        ET.SubElement(backup, "incremental").text = incremental
+    if plan.incremental_from:
+        ET.SubElement(backup, "incremental").text = plan.incremental_from
     disks = ET.SubElement(backup, "disks")
-    for device, path in targets.items():
-        disk = ET.SubElement(disks, "disk", name=device, backup="yes", type="file")
-        ET.SubElement(disk, "target", file=str(path))
+    for target in plan.targets:
+        disk = ET.SubElement(disks, "disk", name=target.device, backup="yes", type="file")
+        ET.SubElement(disk, "target", file=str(target.path))
         ET.SubElement(disk, "driver", type="qcow2")
-    for device in skipped:
+    for device in plan.skipped:
         ET.SubElement(disks, "disk", name=device, backup="no")
     return ET.tostring(backup, encoding="unicode")
 
@@ -364,14 +312,18 @@ def build_checkpoint_xml(name: str, device: str, created: int) -> str:
     return ET.tostring(checkpoint, encoding="unicode")
 
 
-def build_new_checkpoint_xml(name: str, device: str, others: list[str], description: str) -> str:
-    """A checkpoint for libvirt to create (with a backup): a new dirty bitmap, also called
-    *name*, on *device*; the domain's *other* disks are left out of it."""
+def build_new_checkpoint_xml(plan: BackupPlan) -> str | None:
+    """The checkpoint the plan's backup creates (None if it creates none): a new dirty
+    bitmap on one device; the backup's other disks are left out of it."""
+    made = plan.new_checkpoint
+    if made is None:
+        return None
     checkpoint = ET.Element("domaincheckpoint")
-    ET.SubElement(checkpoint, "name").text = name
-    ET.SubElement(checkpoint, "description").text = description
+    ET.SubElement(checkpoint, "name").text = made.name
+    ET.SubElement(checkpoint, "description").text = made.description
     disks = ET.SubElement(checkpoint, "disks")
-    ET.SubElement(disks, "disk", name=device, checkpoint="bitmap", bitmap=name)
+    ET.SubElement(disks, "disk", name=made.device, checkpoint="bitmap", bitmap=made.name)
+    others = [t.device for t in plan.targets if t.device != made.device] + list(plan.skipped)
     for other in others:
         ET.SubElement(disks, "disk", name=other, checkpoint="no")
     return ET.tostring(checkpoint, encoding="unicode")
@@ -379,7 +331,10 @@ def build_new_checkpoint_xml(name: str, device: str, others: list[str], descript
 
 def console_log_path(xml: str) -> Path | None:
     """Where the serial console is logged, if it is."""
-    root = ET.fromstring(xml)
+    return _console_log(ET.fromstring(xml))
+
+
+def _console_log(root: ET.Element) -> Path | None:
     log = root.find("devices/serial/log")
     if log is not None and log.get("file"):
         return Path(log.get("file", ""))

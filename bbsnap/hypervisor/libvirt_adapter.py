@@ -7,12 +7,16 @@ hypervisor (the catalogue ones, ``--help``) don't pay for it or need libvirtd.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from ..errors import (CheckpointBrokenError, ConflictError, HypervisorError, NotFoundError,
                       QuiesceError)
-from . import CompletedJob, DiskInfo, DomainInfo, DomainState, HypervisorVersion, JobStatus
-from .domain_xml import build_checkpoint_xml, read_disks
+from . import (BackupPlan, CompletedJob, DiskInfo, DomainFacts, DomainInfo, DomainSpec,
+               DomainState, HypervisorVersion, JobStatus)
+from .domain_xml import (build_backup_xml, build_checkpoint_xml, build_domain_xml,
+                         build_new_checkpoint_xml, read_disks, read_domain_facts,
+                         replace_disk_source, set_metadata)
 
 _STATES = {1: DomainState.RUNNING, 3: DomainState.PAUSED, 5: DomainState.SHUTOFF,
            6: DomainState.CRASHED}
@@ -101,8 +105,31 @@ class LibvirtHypervisor:
             libvirt=_version_tuple(self._call("reading the libvirt version", self.conn.getLibVersion)),
             qemu=_version_tuple(self._call("reading the QEMU version", self.conn.getVersion)))
 
-    def define(self, xml: str) -> DomainInfo:
+    def define(self, spec: DomainSpec) -> DomainInfo:
+        return self._define(build_domain_xml(spec))
+
+    def _define(self, xml: str) -> DomainInfo:
         return self._describe(self._call("defining the domain", self.conn.defineXML, xml))
+
+    def facts(self, name: str, *, inactive: bool = False) -> DomainFacts:
+        return read_domain_facts(self.domain_xml(name, inactive=inactive))
+
+    def replace_disk(self, name: str, target: str, new_path: Path, fmt: str = "qcow2", *,
+                     metadata: dict[str, str] | None = None) -> None:
+        """Point disk *target* of the persistent definition at *new_path* (for a rebuild);
+        libvirt reads the new file's backing chain itself at the next start."""
+        xml = self.domain_xml(name, inactive=True)
+        try:
+            xml = replace_disk_source(xml, target, new_path, fmt)
+        except ValueError:
+            raise NotFoundError(f"server {name} has no disk {target}") from None
+        if metadata is not None:
+            xml = set_metadata(xml, metadata)
+        self._define(xml)
+
+    def set_metadata(self, name: str, metadata: dict[str, str]) -> None:
+        """Replace bbsnap's facts in the persistent definition."""
+        self._define(set_metadata(self.domain_xml(name, inactive=True), metadata))
 
     def start(self, name: str) -> DomainInfo:
         dom = self._lookup(name)
@@ -202,20 +229,19 @@ class LibvirtHypervisor:
         return int(self._call(f"reading the size of {name}'s {target}",
                               self._lookup(name).blockInfo, target)[0])
 
-    def begin_backup(self, name: str, xml: str, checkpoint_xml: str | None = None, *,
-                     reuse_targets: bool = False) -> None:
-        """Start a push-mode backup; the point in time is fixed when this returns. With
-        *checkpoint_xml*, libvirt creates that checkpoint at the same instant (atomically: no
-        checkpoint without the backup, and no write falls between the two). *reuse_targets*:
-        the caller made the target files (libvirt then hands them back to their owner when
-        the job ends, instead of leaving files it made itself as root's).
+    def begin_backup(self, name: str, plan: BackupPlan) -> None:
+        """Start a push-mode backup; the point in time is fixed when this returns. With a
+        new checkpoint in the plan, libvirt creates it at the same instant (atomically: no
+        checkpoint without the backup, and no write falls between the two). With the plan's
+        *reuse_targets*, the caller made the target files (libvirt then hands them back to
+        their owner when the job ends, instead of leaving files it made itself as root's).
 
         Raises CheckpointBrokenError when an incremental backup's bitmap is unusable
         (inconsistent after QEMU was killed, or missing from the disk)."""
         libvirt = _libvirt()
-        flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL if reuse_targets else 0
-        self._call(f"starting the backup of {name}", self._lookup(name).backupBegin, xml,
-                   checkpoint_xml, flags)
+        flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL if plan.reuse_targets else 0
+        self._call(f"starting the backup of {name}", self._lookup(name).backupBegin,
+                   build_backup_xml(plan), build_new_checkpoint_xml(plan), flags)
 
     def redefine_checkpoint(self, name: str, checkpoint: str, device: str) -> None:
         """Tell libvirt about a checkpoint whose bitmap (named *checkpoint*) is already in
@@ -295,6 +321,8 @@ class LibvirtHypervisor:
             pass  # no job (any more): nothing to abort
 
     def domain_xml(self, name: str, *, inactive: bool = False) -> str:
+        """The domain's libvirt XML. Not part of the port (services read facts()); the
+        system tests use it to look at what libvirt was given."""
         flags = _libvirt().VIR_DOMAIN_XML_INACTIVE if inactive else 0
         return str(self._call(f"reading the XML of {name}", self._lookup(name).XMLDesc, flags))
 

@@ -26,7 +26,6 @@ from .. import locks
 from ..catalogue import Catalogue
 from ..errors import BbsnapError, NotFoundError
 from ..hypervisor import DomainState, Hypervisor
-from ..hypervisor.domain_xml import read_disks
 from ..jobs import job_alive
 from ..layout import DataDir
 from ..models import DependentKind
@@ -112,7 +111,7 @@ def recover_interrupted_rebuilds(catalogue: Catalogue, data_dir: DataDir,
 def _settle(catalogue: Catalogue, data_dir: DataDir, hv: Hypervisor,
             journal: RebuildJournal) -> None:
     try:
-        disks = read_disks(hv.domain_xml(journal.server_id, inactive=True))
+        disks = hv.facts(journal.server_id, inactive=True).file_disks
     except NotFoundError:
         return  # the server was destroyed since; its directory went with it
     current = next((d.path for d in disks if d.target == journal.device), None)

@@ -22,9 +22,7 @@ from ..config import Settings
 from ..disks import qemu_img
 from ..errors import InvalidInputError, NotFoundError, UsageError
 from ..hostinfo import default_ssh_public_keys, total_memory_mib
-from ..hypervisor import Hypervisor
-from ..hypervisor.domain_xml import (DiskSpec, DomainSpec, NicSpec, build_domain_xml,
-                                     read_domain_facts)
+from ..hypervisor import DiskSpec, DomainSpec, Hypervisor, NicSpec
 from ..jobs import current_job_token
 from ..layout import DataDir
 from ..models import DependentKind, Image, Server, ServerType
@@ -176,7 +174,7 @@ class ServerCreator:
             spec.console_log.touch(mode=0o600)
             host_access.keep_my_access(sorted(self._data_dir.images_dir.glob("*.qcow2")),
                                        self._settings.connect)
-            info = self._hv.define(build_domain_xml(spec))
+            info = self._hv.define(spec)
             undo.push(f"the definition of {server_id}", lambda: self._hv.undefine(server_id))
             # Which connection and domain own this directory: doctor pointed elsewhere keeps it.
             write_origin(directory, self._settings.connect, info.uuid)
@@ -207,12 +205,12 @@ class ServerCreator:
         """Ports and MACs of every domain on the connection, any data directory's."""
         found = _InUse(set(), set())
         for info in self._hv.list_domains():
-            xml = self._hv.domain_xml(info.name)
-            server = server_from_domain(self._hv, info, xml=xml)
+            facts = self._hv.facts(info.name)
+            server = server_from_domain(self._hv, info, facts=facts)
             if server.ssh_port:
                 found.ports.add(server.ssh_port)
             # What the domain forwards, too: its metadata may be missing or damaged.
-            found.ports.update(read_domain_facts(xml).forwarded_ports)
+            found.ports.update(facts.forwarded_ports)
             found.macs.update(m.lower() for m in server.macs)
         return found
 

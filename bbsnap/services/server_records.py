@@ -11,8 +11,7 @@ import re
 from datetime import datetime
 
 from ..errors import UsageError
-from ..hypervisor import DomainInfo, DomainState, Hypervisor
-from ..hypervisor.domain_xml import read_domain_facts
+from ..hypervisor import DomainFacts, DomainInfo, DomainState, Hypervisor
 from ..models import Server, ServerStatus
 
 _STATUS = {DomainState.RUNNING: ServerStatus.ACTIVE, DomainState.SHUTOFF: ServerStatus.INACTIVE,
@@ -41,9 +40,10 @@ def check_server_name(name: str) -> str:
 
 
 def server_from_domain(hv: Hypervisor, info: DomainInfo, *, with_addresses: bool = False,
-                       xml: str | None = None) -> Server:
-    """*xml*: the domain's live XML when the caller already read it (one libvirt call less)."""
-    facts = read_domain_facts(xml if xml is not None else hv.domain_xml(info.name))
+                       facts: DomainFacts | None = None) -> Server:
+    """*facts*: the domain's live facts when the caller already read them (one libvirt call
+    less)."""
+    facts = facts if facts is not None else hv.facts(info.name)
     meta = facts.metadata
     addresses: tuple[str, ...] = ()
     if with_addresses and info.state is DomainState.RUNNING:

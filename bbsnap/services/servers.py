@@ -15,8 +15,6 @@ from ..catalogue import Catalogue
 from ..disks import qemu_img
 from ..errors import ConflictError, NotFoundError
 from ..hypervisor import DomainState, Hypervisor
-from ..hypervisor.domain_xml import (console_log_path, read_domain_facts, replace_disk_source,
-                                     set_metadata)
 from ..jobs import current_job_token
 from ..layout import DataDir
 from ..reporting import SILENT, Reporter
@@ -178,22 +176,24 @@ class ServerService:
             if was_running:
                 self._hv.destroy(server.id)  # its disk is being thrown away: no need to be gentle
                 undo.push(f"restarting {server.id}", lambda: self._hv.start(server.id))
-            old_xml = self._hv.domain_xml(server.id, inactive=True)
-            facts = {**read_domain_facts(old_xml).metadata, "image_id": image.id}
+            old = self._hv.facts(server.id, inactive=True)
+            old_disk = next(d for d in old.file_disks if d.target == primary.target)
             if image.id != server.image_id:
                 self._catalogue.add_dependent(image.id, DependentKind.SERVER, server.id)
                 undo.push("the image dependency", lambda: self._catalogue.remove_dependent(
                     DependentKind.SERVER, server.id, image.id))
-            self._hv.define(set_metadata(replace_disk_source(old_xml, primary.target, new_disk),
-                                         facts))
-            undo.push(f"the old definition of {server.id}", lambda: self._hv.define(old_xml))
+            self._hv.replace_disk(server.id, primary.target, new_disk,
+                                  metadata={**old.metadata, "image_id": image.id})
+            undo.push(f"the old definition of {server.id}", lambda: self._hv.replace_disk(
+                server.id, old_disk.target, Path(old_disk.path), old_disk.format,
+                metadata=old.metadata))
             if was_running:
                 self._hv.start(server.id)
         return journal
 
     def console_log(self, key: str) -> Path:
         server = self.get(key, with_addresses=False)
-        path = console_log_path(self._hv.domain_xml(server.id))
+        path = self._hv.facts(server.id).console_log
         if path is None:
             raise NotFoundError(f"server {server.id} has no serial console log",
                                 hint=f"use 'virsh console {server.id}'")

@@ -34,8 +34,8 @@ from .. import ids, locks, proc
 from ..disks import qemu_img
 from ..catalogue import Catalogue, utcnow
 from ..errors import CheckpointBrokenError, ConflictError, QuiesceError
-from ..hypervisor import DiskInfo, DomainState, Hypervisor
-from ..hypervisor.domain_xml import build_backup_xml, build_new_checkpoint_xml, read_disks
+from ..hypervisor import (BackupPlan, BackupTarget, DiskInfo, DomainState, Hypervisor,
+                          NewCheckpoint)
 from ..jobs import current_job_token, token_for_pid
 from ..layout import DataDir
 from ..reporting import SILENT, Reporter
@@ -84,9 +84,9 @@ class SnapshotService:
             # Read again under the lock (a waited-for operation may have changed it), once:
             # every libvirt round trip here adds to the command's latency.
             info = self._hv.info(info.name)
-            xml = self._hv.domain_xml(info.name)
-            server = server_from_domain(self._hv, info, xml=xml)
-            all_disks = read_disks(xml)
+            facts = self._hv.facts(info.name)
+            server = server_from_domain(self._hv, info, facts=facts)
+            all_disks = facts.file_disks
             disks = [d for d in all_disks if d.writable]
             if not disks:
                 raise ConflictError(f"server {server.id} has no writable file-backed disk")
@@ -192,8 +192,7 @@ class SnapshotService:
         incremental = any(d.incremental for d in job.disks)
         try:
             self._make_targets(job)
-            self._hv.begin_backup(job.domain, *_backup_xmls(job.disks, read_only),
-                                  reuse_targets=True)
+            self._hv.begin_backup(job.domain, _backup_plan(job.disks, read_only))
         except CheckpointBrokenError as exc:
             if not incremental:
                 raise
@@ -205,8 +204,7 @@ class SnapshotService:
             full = tuple(self._full_copy(d, ancestor, index) for index, d in enumerate(job.disks))
             self._catalogue.replan_snapshot(image_id, full, ancestor.id if ancestor else None)
             self._make_targets(replace(job, disks=full))
-            self._hv.begin_backup(job.domain, *_backup_xmls(full, read_only),
-                                  reuse_targets=True)
+            self._hv.begin_backup(job.domain, _backup_plan(full, read_only))
 
     def _make_targets(self, job: SnapshotJob) -> None:
         """bbsnap makes the backup's target files itself (empty qcow2s, 0600, of each disk's
@@ -226,17 +224,15 @@ class SnapshotService:
         return ids.allocate("img", lambda candidate: not self._catalogue.exists(candidate))
 
 
-def _backup_xmls(disks: tuple[SnapshotDisk, ...],
-                 read_only: list[str]) -> tuple[str, str | None]:
-    """The backup's XML, and the XML of the checkpoint it creates (or None)."""
+def _backup_plan(disks: tuple[SnapshotDisk, ...], read_only: list[str]) -> BackupPlan:
+    """The backup of the job's disks, and the checkpoint it creates (if any)."""
     since = next((d.since or change_tracking.CHECKPOINT for d in disks if d.incremental), None)
-    backup = build_backup_xml({d.device: Path(d.target) for d in disks}, read_only, since)
-    made = next(((d.device, d.checkpoint) for d in disks if d.checkpoint), None)
-    if made is None:
-        return backup, None
-    others = [d.device for d in disks if d.device != made[0]] + read_only
-    return backup, build_new_checkpoint_xml(made[1], made[0], others,
-                                            "bbsnap snapshot chain (bbsnap deletes it)")
+    made = next((NewCheckpoint(d.checkpoint, d.device, "bbsnap snapshot chain (bbsnap deletes it)")
+                 for d in disks if d.checkpoint), None)
+    # The targets are made by _make_targets: libvirt reuses them (and hands them back).
+    return BackupPlan(targets=tuple(BackupTarget(d.device, Path(d.target)) for d in disks),
+                      skipped=tuple(read_only), incremental_from=since, new_checkpoint=made,
+                      reuse_targets=True)
 
 
 def spawn_finisher(worker_argv: list[str], data_dir: DataDir, catalogue: Catalogue,

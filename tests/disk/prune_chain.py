@@ -17,12 +17,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from bbsnap.catalogue import Catalogue
-from bbsnap.hypervisor import DomainInfo, DomainState
+from bbsnap.hypervisor import DomainSpec
 from bbsnap.layout import DataDir
 from bbsnap.models import DependentKind, Image, ImageStatus, ImageType
 from bbsnap.services.images import ImageService
 from bbsnap.services.prune import PruneReport, PruneService
 from bbsnap.services.retention import Policy
+from tests.fakes.hypervisor import FakeHypervisor
 
 MIB = 1 << 20
 SIZE = 64 * MIB
@@ -117,17 +118,14 @@ def same(a: Path, b: Path) -> bool:
     return done.returncode == 0
 
 
-class FakeHypervisor:
-    """Just enough of a hypervisor for prune and schedules: a server's name and UUID (any
-    name is a server; a UUID names the server it was made from)."""
-
-    def __init__(self, names: tuple[str, ...] = (SERVER, "srv-other")) -> None:
-        self._by_uuid = {server_uuid(n): n for n in names}
-
-    def info(self, key: str) -> DomainInfo:
-        name = self._by_uuid.get(key, key)
-        return DomainInfo(name=name, uuid=server_uuid(name), state=DomainState.RUNNING,
-                          persistent=True)
+def fake_hypervisor(names: tuple[str, ...] = (SERVER, "srv-other")) -> FakeHypervisor:
+    """The servers prune and schedules ask about (by name or by UUID), running."""
+    hv = FakeHypervisor()
+    for name in names:
+        hv.define(DomainSpec(name=name, uuid=server_uuid(name), memory_mib=64, vcpus=1,
+                             accel="tcg", disks=(), console_log=Path(f"/nowhere/{name}.log")))
+        hv.start(name)
+    return hv
 
 
 def server_uuid(name: str) -> str:
@@ -139,7 +137,7 @@ def prune(chain_root: Path, policy: Policy, *, dry_run: bool = False,
     data = DataDir(chain_root)
     catalogue = Catalogue(data.catalogue_path)
     try:
-        service = PruneService(catalogue, data, FakeHypervisor(),  # type: ignore[arg-type]
+        service = PruneService(catalogue, data, fake_hypervisor(),
                                ImageService(catalogue, data))
         return service.prune(server, policy, dry_run=dry_run)
     finally:

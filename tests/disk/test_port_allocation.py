@@ -13,19 +13,19 @@ import os
 import random
 import socket
 import uuid
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from bbsnap.catalogue import Catalogue
 from bbsnap.config import Settings
-from bbsnap.errors import ConflictError, NotFoundError
-from bbsnap.hypervisor import DomainInfo, DomainState, HypervisorVersion
+from bbsnap.errors import ConflictError
+from bbsnap.hypervisor import DomainInfo, DomainSpec
 from bbsnap.layout import DataDir
 from bbsnap.netports import PortRegistry
 from bbsnap.services.server_create import CreateRequest, ServerCreator
 from tests.conftest import Bbsnap
+from tests.fakes.hypervisor import FakeHypervisor
 from tests.images import raw_disk
 
 ROUNDS = 25
@@ -134,45 +134,14 @@ def test_an_unreadable_claim_holds_its_port_and_other_registries_are_honoured(tm
 
 # -- through servers create ------------------------------------------------------------------
 
-class OneConnection:
-    """A libvirt connection's domain list, in memory: enough for ServerCreator, which is
-    what decides the port (no guest is started: a stopped server's port is not bound)."""
-
-    def __init__(self) -> None:
-        self.domains: dict[str, str] = {}   # name -> XML
-
-    def version(self) -> HypervisorVersion:
-        return HypervisorVersion(libvirt=(9, 0, 0), qemu=(7, 2, 0))
-
-    def list_domains(self) -> list[DomainInfo]:
-        return [self.info(name) for name in self.domains]
-
-    def info(self, name: str) -> DomainInfo:
-        if name not in self.domains:
-            raise NotFoundError(f"server {name} not found")
-        uuid_text = ET.fromstring(self.domains[name]).findtext("uuid") or ""
-        return DomainInfo(name=name, uuid=uuid_text, state=DomainState.SHUTOFF, persistent=True)
-
-    def domain_xml(self, name: str, *, inactive: bool = False) -> str:
-        return self.domains[name]
-
-    def define(self, xml: str) -> DomainInfo:
-        name = ET.fromstring(xml).findtext("name") or ""
-        self.domains[name] = xml
-        return self.info(name)
-
-    def undefine(self, name: str) -> None:
-        self.domains.pop(name, None)
-
-
-def _creator(bbsnap: Bbsnap, work_dir: Path, connection: OneConnection, registry: Path,
+def _creator(bbsnap: Bbsnap, work_dir: Path, connection: FakeHypervisor, registry: Path,
              uri: str, ports: str) -> tuple[ServerCreator, str, Catalogue]:
     source = raw_disk(work_dir / f"{bbsnap.data_dir.name}.raw")
     result = bbsnap("images", "import", str(source), "-n", "base")
     assert result.exit_code == 0, result.stderr
     catalogue = Catalogue(bbsnap.data_dir / "catalogue.sqlite3")
     settings = Settings(data_dir=bbsnap.data_dir, connect=uri, ssh_ports=ports)
-    creator = ServerCreator(catalogue, DataDir(bbsnap.data_dir).ensure(), connection,  # type: ignore[arg-type]
+    creator = ServerCreator(catalogue, DataDir(bbsnap.data_dir).ensure(), connection,
                             settings, lambda: "tcg",
                             port_registry=PortRegistry(registry, uri))
     return creator, result.stdout.strip(), catalogue
@@ -190,7 +159,7 @@ def test_servers_in_two_data_directories_never_share_a_port(work_dir):
     catalogues = []
     for name, uri in (("a", "qemu:///system"), ("b", "qemu:///session")):
         creator, image_id, catalogue = _creator(Bbsnap(work_dir / name), work_dir,
-                                                OneConnection(), registry, uri, ports)
+                                                FakeHypervisor(), registry, uri, ports)
         catalogues.append(catalogue)
         for _ in range(2):
             made.append(creator.create(CreateRequest(image_id=image_id, start=False,
@@ -206,9 +175,9 @@ def test_a_failed_create_gives_its_port_back(work_dir):
     base = _free_base(2)
     key = work_dir / "id.pub"
     key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG me@host\n")
-    connection = OneConnection()
+    connection = FakeHypervisor()
 
-    def refuse(_xml: str) -> DomainInfo:
+    def refuse(_spec: DomainSpec) -> DomainInfo:
         raise ConflictError("libvirt said no")
 
     creator, image_id, catalogue = _creator(Bbsnap(work_dir / "a"), work_dir, connection,

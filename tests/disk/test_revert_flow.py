@@ -15,7 +15,8 @@ from pathlib import Path
 
 from bbsnap.catalogue import Catalogue, utcnow
 from bbsnap.disks import qemu_img
-from bbsnap.hypervisor.domain_xml import DiskSpec, DomainSpec, build_domain_xml
+from bbsnap.hypervisor import DiskSpec, DomainSpec
+from bbsnap.hypervisor.domain_xml import build_domain_xml
 from bbsnap.layout import DataDir
 from bbsnap.models import DependentKind, Image, ImageStatus, ImageType
 from bbsnap.services import change_tracking

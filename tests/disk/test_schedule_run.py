@@ -17,7 +17,7 @@ from bbsnap.services.prune import PruneService
 from bbsnap.services.retention import Policy
 from bbsnap.services.schedule import ScheduleService, next_due, parse_duration
 from tests.disk import prune_chain
-from tests.disk.prune_chain import SERVER, FakeHypervisor, build, run, same, server_uuid
+from tests.disk.prune_chain import SERVER, build, fake_hypervisor, run, same, server_uuid
 
 HOUR = 3600
 
@@ -28,12 +28,12 @@ class Services:
     def __init__(self, data: DataDir) -> None:
         self.data = data
         self.catalogue = Catalogue(data.catalogue_path)
-        self.hv = FakeHypervisor()
+        self.hv = fake_hypervisor()
         self.taken: list[str] = []
-        pruner = PruneService(self.catalogue, data, self.hv,  # type: ignore[arg-type]
+        pruner = PruneService(self.catalogue, data, self.hv,
                               ImageService(self.catalogue, data))
         self.schedules = ScheduleService(
-            self.catalogue, data, self.hv,  # type: ignore[arg-type]
+            self.catalogue, data, self.hv,
             snapshot=self.snapshot, prune=lambda key, policy: pruner.prune(key, policy))
 
     def snapshot(self, key: str, quiesce: bool) -> Image:

@@ -23,7 +23,7 @@ import libvirt
 import libvirt_qemu
 import pytest
 
-from bbsnap.hypervisor.domain_xml import DiskSpec, DomainSpec, NicSpec, build_domain_xml
+from bbsnap.hypervisor import DiskSpec, DomainSpec, NicSpec
 from bbsnap.services import change_tracking
 from bbsnap.tinyguest import READY_LINE, read_counter
 from tests.system.conftest import (URI, backing_file, console_path, create_server,
@@ -154,10 +154,10 @@ def test_each_snapshot_copies_only_what_was_written_since_the_previous_one(cloud
 def define_foreign(hypervisor, domains, work_dir: Path, disk: Path, fmt: str) -> str:
     """A domain defined through plain libvirt XML (no bbsnap metadata), started and booted."""
     name = domains.new_name()
-    hypervisor.define(build_domain_xml(DomainSpec(
+    hypervisor.define(DomainSpec(
         name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1, accel="tcg",
         disks=(DiskSpec(disk, format=fmt),), console_log=work_dir / "console.log",
-        nics=(NicSpec("52:54:00:aa:00:02"),), guest_agent=False)))
+        nics=(NicSpec("52:54:00:aa:00:02"),), guest_agent=False))
     hypervisor.start(name)
     wait_for_console_line(work_dir / "console.log", READY_LINE)
     return name

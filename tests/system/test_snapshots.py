@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from bbsnap.disks import qemu_img
-from bbsnap.hypervisor.domain_xml import DiskSpec, DomainSpec, NicSpec, build_domain_xml
+from bbsnap.hypervisor import DiskSpec, DomainSpec, NicSpec
 from bbsnap.tinyguest import READY_LINE, read_counter
 from tests.system.conftest import (backing_file, console_path, create_server, image_record,
                                    wait_for_console_line, wait_settled, wait_until)
@@ -108,10 +108,10 @@ def test_snapshot_of_a_domain_bbsnap_did_not_make_with_a_raw_disk(cloud, hypervi
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(tiny_guest_image),
                     str(raw)], check=True)
     name = domains.new_name()
-    hypervisor.define(build_domain_xml(DomainSpec(
+    hypervisor.define(DomainSpec(
         name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1, accel="tcg",
         disks=(DiskSpec(raw, format="raw"),), console_log=work_dir / "console.log",
-        nics=(NicSpec("52:54:00:aa:00:01"),), guest_agent=False)))
+        nics=(NicSpec("52:54:00:aa:00:01"),), guest_agent=False))
     hypervisor.start(name)
     wait_for_console_line(work_dir / "console.log", READY_LINE)
     wait_until(lambda: read_counter(raw, "raw") is not None and read_counter(raw, "raw") >= 3, 60,
@@ -185,10 +185,10 @@ def test_multi_disk_server_is_captured_whole_and_cloned_whole(cloud, hypervisor,
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 1M 1M", str(data)],
                    check=True, capture_output=True)
     name = domains.new_name()
-    hypervisor.define(build_domain_xml(DomainSpec(
+    hypervisor.define(DomainSpec(
         name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1, accel="tcg",
         disks=(DiskSpec(boot), DiskSpec(data, target="vdb")),
-        console_log=work_dir / "console.log")))
+        console_log=work_dir / "console.log"))
     hypervisor.start(name)
     wait_for_console_line(work_dir / "console.log", READY_LINE)
 

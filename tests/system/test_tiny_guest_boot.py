@@ -7,8 +7,7 @@ import json
 import uuid
 
 from bbsnap.disks import qemu_img
-from bbsnap.hypervisor import DomainState
-from bbsnap.hypervisor.domain_xml import DiskSpec, DomainSpec, NicSpec, build_domain_xml, read_metadata
+from bbsnap.hypervisor import DiskSpec, DomainSpec, DomainState, NicSpec
 from bbsnap.tinyguest import READY_LINE, read_counter
 from tests.system.conftest import wait_for_console_line, wait_until
 
@@ -28,8 +27,8 @@ def test_catalogue_image_of_the_tiny_guest_boots_under_libvirt(bbsnap, work_dir,
                       disks=(DiskSpec(overlay),), console_log=console, title="tiny <test> & co",
                       nics=(NicSpec(mac="52:54:00:12:34:56"),),
                       metadata={"image_id": image["id"]})
-    hypervisor.define(build_domain_xml(spec))
-    assert read_metadata(hypervisor.domain_xml(name)) == {"image_id": image["id"]}
+    hypervisor.define(spec)
+    assert hypervisor.facts(name).metadata == {"image_id": image["id"]}
 
     started = hypervisor.start(name)
     assert started.state is DomainState.RUNNING

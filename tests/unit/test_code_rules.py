@@ -1,5 +1,6 @@
 """Rules the code keeps, checked on its source: nothing reaches a shell, XML is built only
-with ElementTree, and only the adapter imports libvirt."""
+with ElementTree, only the adapter imports libvirt, and services and the CLI never handle
+libvirt XML (they speak the hypervisor port's models)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,52 @@ def test_only_the_adapter_imports_libvirt():
                 names = [node.module]
             if any(n.split(".")[0] in ("libvirt", "libvirt_qemu") for n in names):
                 assert path.name == "libvirt_adapter.py", f"libvirt imported in {path}"
+
+
+def _imports(path: Path, tree: ast.AST) -> set[str]:
+    """Every module *path* imports, relative imports resolved (``from ..hypervisor import
+    domain_xml`` names bbsnap.hypervisor.domain_xml too)."""
+    package = list(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
+    return found
+
+
+# Where the use cases and the command line live: they speak the port's models, never XML.
+_MODEL_SPEAKERS = ("services", "cli")
+
+
+def test_services_and_cli_never_touch_libvirt_xml():
+    for path in SOURCES:
+        if path.relative_to(PACKAGE).parts[0] not in _MODEL_SPEAKERS:
+            continue
+        tree = ast.parse(path.read_text())
+        xml = sorted(m for m in _imports(path, tree)
+                     if m in ("xml", "bbsnap.hypervisor.domain_xml")
+                     or m.startswith(("bbsnap.hypervisor.domain_xml.", "xml.", "lxml")))
+        assert xml == [], f"{path} imports {xml}"
+        calls = [c.func.attr for c in _calls(tree) if isinstance(c.func, ast.Attribute)
+                 and c.func.attr == "domain_xml"]
+        assert calls == [], f"{path} reads a domain's XML (use the port's facts())"
+
+
+def test_the_xml_rule_resolves_relative_imports():
+    path = PACKAGE / "services" / "example.py"
+    sneaky = ast.parse("from ..hypervisor import domain_xml\n"
+                       "from ..hypervisor.domain_xml import read_disks\n"
+                       "from xml.etree import ElementTree\n")
+    assert {"bbsnap.hypervisor.domain_xml", "bbsnap.hypervisor.domain_xml.read_disks",
+            "xml.etree", "xml.etree.ElementTree"} <= _imports(path, sneaky)
+    fine = ast.parse("from ..hypervisor import DomainSpec\nfrom . import snapshot_chain\n")
+    assert _imports(path, fine) == {"bbsnap.hypervisor", "bbsnap.hypervisor.DomainSpec",
+                                    "bbsnap.services", "bbsnap.services.snapshot_chain"}
 
 
 def test_cli_choices_come_from_the_shared_vocabulary():

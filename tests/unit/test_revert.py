@@ -2,14 +2,13 @@
 which one a revert picks, its refusals, and the journal a killed rebuild leaves.
 
 The CLI runs in-process against libvirt's test driver (whose domain ``test`` bbsnap did
-not create); the rebuild journal is settled against a fake that only answers what the
-recovery asks (the disk the definition names, the state, a start).
+not create); the rebuild journal is settled against the fake hypervisor
+(tests/fakes/hypervisor.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,12 +16,13 @@ import pytest
 
 from bbsnap.catalogue import Catalogue, utcnow
 from bbsnap.errors import ConflictError, NotFoundError
-from bbsnap.hypervisor import DomainInfo, DomainState
+from bbsnap.hypervisor import DiskSpec, DomainSpec, DomainState
 from bbsnap.layout import DataDir
 from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageType, Server
 from bbsnap.models import ServerStatus
 from bbsnap.services import change_tracking, rebuild_journal
 from bbsnap.services.revert import check_revertible, choose_snapshot
+from tests.fakes.hypervisor import FakeHypervisor
 
 SERVER = Server(id="srv-aaaaa", uuid="6f1c0c1e-0000-4000-8000-000000000001", name="dev",
                 status=ServerStatus.ACTIVE, managed=True, image_id="img-base0")
@@ -136,26 +136,15 @@ def test_reverting_a_domain_bbsnap_did_not_make_is_refused(bbsnap):
 
 # -- the journal a killed rebuild leaves -------------------------------------------------------
 
-@dataclass
-class FakeHypervisor:
-    disk: str
-    state: DomainState = DomainState.SHUTOFF
-    started: list[str] = field(default_factory=list)
-
-    def domain_xml(self, name: str, *, inactive: bool = False) -> str:
-        return (f"<domain><name>{name}</name><devices><disk type='file' device='disk'>"
-                f"<driver name='qemu' type='qcow2'/><source file='{self.disk}'/>"
-                "<target dev='vda' bus='virtio'/></disk></devices></domain>")
-
-    def info(self, name: str) -> DomainInfo:
-        return DomainInfo(name=name, uuid=SERVER.uuid, state=self.state, persistent=True)
-
-    def start(self, name: str) -> DomainInfo:
-        if self.state is DomainState.RUNNING:
-            raise ConflictError(f"{name} is already running")  # as libvirt refuses it
-        self.started.append(name)
-        self.state = DomainState.RUNNING
-        return self.info(name)
+def _fake_server(disk: str, *, running: bool = False) -> FakeHypervisor:
+    """The server as the fake hypervisor holds it, its definition naming *disk*."""
+    hv = FakeHypervisor()
+    hv.define(DomainSpec(name=SERVER.id, uuid=SERVER.uuid, memory_mib=128, vcpus=1,
+                         accel="tcg", disks=(DiskSpec(Path(disk)),),
+                         console_log=Path(disk).parent / "console.log"))
+    if running:
+        hv.start(SERVER.id)
+    return hv
 
 
 def _killed_rebuild(data: DataDir, catalogue: Catalogue) -> rebuild_journal.RebuildJournal:
@@ -183,25 +172,25 @@ def _holders(catalogue: Catalogue) -> list[str]:
 
 def test_a_rebuild_killed_before_the_new_definition_rolls_back(data, catalogue):
     journal = _killed_rebuild(data, catalogue)
-    hv = FakeHypervisor(disk=journal.old_disk)
+    hv = _fake_server(journal.old_disk)
     assert rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv) == [SERVER.id]
     assert Path(journal.old_disk).read_bytes() == b"old"
     assert not Path(journal.new_disk).exists()
     assert _holders(catalogue) == ["img-base0"]
     marker = data.server_dir(SERVER.id) / change_tracking.MARKER
     assert marker.read_text() == "disk.qcow2\n"
-    assert hv.started == [SERVER.id], "it ran before, so it runs again"
+    assert hv.info(SERVER.id).state is DomainState.RUNNING, "it ran before, so it runs again"
     assert not rebuild_journal.journal_path(data, SERVER.id).exists()
 
 
 def test_a_rebuild_killed_after_the_new_definition_rolls_forward(data, catalogue):
     journal = _killed_rebuild(data, catalogue)
-    hv = FakeHypervisor(disk=journal.new_disk, state=DomainState.RUNNING)
+    hv = _fake_server(journal.new_disk, running=True)
     assert rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv) == [SERVER.id]
     assert not Path(journal.old_disk).exists()
     assert Path(journal.new_disk).read_bytes() == b"new"
     assert _holders(catalogue) == ["img-snap0"]
-    assert hv.started == []
+    assert hv.info(SERVER.id).state is DomainState.RUNNING
     assert not rebuild_journal.journal_path(data, SERVER.id).exists()
 
 
@@ -211,7 +200,7 @@ def test_a_live_rebuilds_journal_and_one_naming_other_files_are_left_alone(data,
     journal = _killed_rebuild(data, catalogue)
     rebuild_journal.write(data, rebuild_journal.RebuildJournal(
         **{**journal.__dict__, "token": current_job_token()}))
-    hv = FakeHypervisor(disk=journal.old_disk)
+    hv = _fake_server(journal.old_disk)
     assert rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv) == []
     assert Path(journal.new_disk).exists()
     outside = data.root / "not-ours.qcow2"

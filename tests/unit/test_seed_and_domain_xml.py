@@ -6,8 +6,10 @@ import pytest
 import yaml
 
 from bbsnap.errors import ConflictError, InvalidInputError, NotFoundError, UsageError
-from bbsnap.hypervisor.domain_xml import (QEMU_NS, DiskSpec, DomainSpec, NicSpec,
-                                          build_backup_xml, build_domain_xml, console_log_path,
+from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskSpec, DomainSpec, NewCheckpoint,
+                               NicSpec)
+from bbsnap.hypervisor.domain_xml import (QEMU_NS, build_backup_xml, build_domain_xml,
+                                          build_new_checkpoint_xml, console_log_path,
                                           read_disks, read_domain_facts)
 from bbsnap.models import Server, ServerStatus
 from bbsnap.netports import choose_port, parse_port_range
@@ -100,12 +102,24 @@ def test_virtio_disks_get_an_io_thread_and_ide_cdroms_do_not():
 
 
 def test_backup_xml_full_and_incremental():
-    full = ET.fromstring(build_backup_xml({"vda": Path("/t/a.qcow2")}, ["hdc"]))
+    targets = (BackupTarget("vda", Path("/t/a.qcow2")),)
+    full = ET.fromstring(build_backup_xml(BackupPlan(targets, skipped=("hdc",))))
     assert full.find("incremental") is None
     assert full.find("disks/disk[@name='vda']/target").get("file") == "/t/a.qcow2"
     assert full.find("disks/disk[@name='hdc']").get("backup") == "no"
-    incremental = ET.fromstring(build_backup_xml({"vda": Path("/t/a.qcow2")}, [], "since"))
+    assert build_new_checkpoint_xml(BackupPlan(targets)) is None
+    incremental = ET.fromstring(build_backup_xml(BackupPlan(targets, incremental_from="since")))
     assert incremental.findtext("incremental") == "since"
+
+
+def test_the_checkpoint_a_backup_makes_leaves_the_other_disks_out():
+    plan = BackupPlan((BackupTarget("vda", Path("/t/a.qcow2")), BackupTarget("vdb", Path("/t/b"))),
+                      skipped=("hdc",), new_checkpoint=NewCheckpoint("bbsnap-x", "vda", "why"))
+    root = ET.fromstring(build_new_checkpoint_xml(plan))
+    assert (root.findtext("name"), root.findtext("description")) == ("bbsnap-x", "why")
+    disks = {d.get("name"): (d.get("checkpoint"), d.get("bitmap"))
+             for d in root.findall("disks/disk")}
+    assert disks == {"vda": ("bitmap", "bbsnap-x"), "vdb": ("no", None), "hdc": ("no", None)}
 
 
 def test_read_disks_reports_the_first_backing_file_of_live_xml():

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from bbsnap.errors import InvalidInputError, UsageError
-from bbsnap.hypervisor import DomainInfo, DomainState
-from bbsnap.hypervisor.domain_xml import (DiskSpec, DomainSpec, NicSpec, build_domain_xml,
-                                          read_domain_facts)
+from bbsnap.hypervisor import DiskSpec, DomainInfo, DomainSpec, DomainState, NicSpec
+from bbsnap.hypervisor.domain_xml import build_domain_xml, read_domain_facts
 from bbsnap.models import Server, ServerStatus
 from bbsnap.seed import check_hostname, validate_user_data
 from bbsnap.services.server_records import check_server_name, server_from_domain
@@ -141,7 +140,7 @@ def test_ssh_uses_only_an_address_that_is_an_ip():
 # -- domain metadata -------------------------------------------------------------------------
 
 class _NoHypervisor:
-    """server_from_domain with the XML given and no addresses asks the hypervisor nothing."""
+    """server_from_domain with the facts given and no addresses asks the hypervisor nothing."""
 
 
 def _xml_with(metadata: dict[str, str]) -> str:
@@ -161,8 +160,8 @@ def _xml_with(metadata: dict[str, str]) -> str:
 def test_a_malformed_metadata_field_reads_as_unknown(field, value, attribute, expected):
     """int("22x") raised ValueError out of `servers list` for every user."""
     info = DomainInfo(name="srv-aaaaa", uuid="u", state=DomainState.SHUTOFF, persistent=True)
-    server = server_from_domain(_NoHypervisor(), info,  # type: ignore[arg-type]
-                                xml=_xml_with({"image_id": "img-aaaaa", field: value}))
+    facts = read_domain_facts(_xml_with({"image_id": "img-aaaaa", field: value}))
+    server = server_from_domain(_NoHypervisor(), info, facts=facts)  # type: ignore[arg-type]
     assert getattr(server, attribute) == expected
     assert server.id == "srv-aaaaa" and server.managed
 

@@ -1,0 +1,212 @@
+"""Server create, rebuild and snapshot begin on real qcow2 files, against the fake
+hypervisor: what the services hand the port (the domain spec, a disk replacement with its
+metadata, a backup plan), and that a failure at the hypervisor undoes every step or, for a
+broken bitmap, falls back to a full copy. No libvirtd; the real paths are in
+tests/system/test_servers.py and test_revert.py, and tests/contract checks the fake.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bbsnap.catalogue import Catalogue, utcnow
+from bbsnap.config import Settings
+from bbsnap.disks import qemu_img
+from bbsnap.errors import HypervisorError
+from bbsnap.hypervisor import DomainInfo, DomainState, NewCheckpoint
+from bbsnap.layout import DataDir
+from bbsnap.models import Consistency, Image, ImageStatus, ImageType, ServerStatus
+from bbsnap.netports import PortRegistry
+from bbsnap.reporting import SilentReporter
+from bbsnap.services.server_create import CreateRequest, ServerCreator
+from bbsnap.services import change_tracking
+from bbsnap.services.servers import ServerService
+from bbsnap.services.snapshot import SnapshotRequest, SnapshotService
+from tests.fakes.hypervisor import FakeHypervisor
+
+MIB = 1 << 20
+URI = "test:///fake"
+
+
+class RefusingStart(FakeHypervisor):
+    """The fake, except that starts fail once *allowed* starts have succeeded."""
+
+    def __init__(self, allowed: int = 0) -> None:
+        super().__init__()
+        self.allowed = allowed
+
+    def start(self, name: str) -> DomainInfo:
+        if self.allowed <= 0:
+            self.calls.append("start")
+            raise HypervisorError(f"starting {name} failed: internal error: QEMU exited")
+        self.allowed -= 1
+        return super().start(name)
+
+
+@pytest.fixture()
+def data(work_dir: Path) -> DataDir:
+    return DataDir(work_dir / "data").ensure()
+
+
+@pytest.fixture()
+def catalogue(data: DataDir):
+    cat = Catalogue(data.catalogue_path)
+    for image_id in ("img-base0", "img-next0"):
+        path = data.images_dir / f"{image_id}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(64 * MIB)],
+                       check=True)
+        cat.add(Image(id=image_id, type=ImageType.UPLOAD, owner="me", created_at=utcnow(),
+                      status=ImageStatus.AVAILABLE, name=image_id, path=path.name,
+                      virtual_size=64 * MIB, username="debian"))
+    yield cat
+    cat.close()
+
+
+def _creator(data: DataDir, catalogue: Catalogue, hv: FakeHypervisor, work_dir: Path,
+             ) -> tuple[ServerCreator, PortRegistry]:
+    registry = PortRegistry(work_dir / "registry", URI)
+    settings = Settings(data_dir=data.root, connect=URI, ssh_ports="41000-41999")
+    return ServerCreator(catalogue, data, hv, settings, lambda: "tcg",
+                         port_registry=registry), registry
+
+
+def _request(work_dir: Path, **changes: object) -> CreateRequest:
+    key = work_dir / "id.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG me@host\n")
+    return CreateRequest(**{"image_id": "img-base0", "name": "web", "memory_mib": 128,  # type: ignore[arg-type]
+                            "ssh_key_files": (key,), **changes})
+
+
+def test_create_defines_the_domain_it_describes_and_starts_it(data, catalogue, work_dir):
+    hv = FakeHypervisor()
+    creator, registry = _creator(data, catalogue, hv, work_dir)
+    server = creator.create(_request(work_dir, hostname="web-1"))
+    assert (server.status, server.name, server.image_id) == (ServerStatus.ACTIVE, "web",
+                                                             "img-base0")
+    facts = hv.facts(server.id, inactive=True)
+    directory = data.server_dir(server.id)
+    assert facts.disks == (str(directory / "disk.qcow2"),)
+    assert [(d.target, d.device, d.format) for d in facts.file_disks] == [
+        ("vda", "disk", "qcow2"), ("hdc", "cdrom", "raw")]
+    assert facts.console_log == directory / "console.log"
+    assert facts.metadata["image_id"] == "img-base0" and facts.metadata["hostname"] == "web-1"
+    assert facts.forwarded_ports == (server.ssh_port,) and server.ssh_port in registry.claims()
+    assert qemu_img.info(directory / "disk.qcow2", "qcow2").backing_file == str(
+        data.images_dir / "img-base0.qcow2")
+    assert [d.dependent_id for d in catalogue.dependents("img-base0")] == [server.id]
+
+
+def test_a_create_whose_start_fails_leaves_nothing(data, catalogue, work_dir):
+    hv = RefusingStart()
+    creator, registry = _creator(data, catalogue, hv, work_dir)
+    with pytest.raises(HypervisorError, match="starting"):
+        creator.create(_request(work_dir))
+    assert "define" in hv.calls and "undefine" in hv.calls
+    assert hv.list_domains() == []
+    assert [p.name for p in data.servers_dir.iterdir() if p.name.startswith("srv-")] == []
+    assert catalogue.dependents("img-base0") == [] and registry.claims() == {}
+
+
+def test_rebuild_replaces_the_disk_and_the_image_in_one_definition(data, catalogue, work_dir):
+    hv = FakeHypervisor()
+    creator, _ = _creator(data, catalogue, hv, work_dir)
+    server = creator.create(_request(work_dir))
+    old_disk = hv.facts(server.id).disks[0]
+    rebuilt = ServerService(hv, catalogue, data).rebuild(server.id, "img-next0")
+    (new_disk,) = hv.facts(server.id, inactive=True).disks
+    assert new_disk != old_disk and not Path(old_disk).exists()
+    assert qemu_img.info(Path(new_disk), "qcow2").backing_file == str(
+        data.images_dir / "img-next0.qcow2")
+    assert rebuilt.image_id == "img-next0" and rebuilt.status is ServerStatus.ACTIVE
+    assert hv.facts(server.id).disks == (new_disk,), "restarted on the new disk"
+    assert hv.facts(server.id).metadata["name"] == "web", "the rest of the metadata kept"
+    assert catalogue.dependents("img-base0") == []
+    assert [d.dependent_id for d in catalogue.dependents("img-next0")] == [server.id]
+
+
+def test_a_rebuild_whose_restart_fails_puts_the_old_definition_back(data, catalogue, work_dir):
+    hv = RefusingStart(allowed=1)  # the create's start; the rebuild's restarts fail
+    creator, _ = _creator(data, catalogue, hv, work_dir)
+    server = creator.create(_request(work_dir))
+    before = hv.facts(server.id, inactive=True)
+    with pytest.raises(HypervisorError, match="starting"):
+        ServerService(hv, catalogue, data).rebuild(server.id, "img-next0")
+    assert "replace_disk" in hv.calls
+    assert hv.facts(server.id, inactive=True) == before
+    assert Path(before.disks[0]).exists()
+    assert [p.name for p in data.server_dir(server.id).glob("disk-img-*")] == []
+    assert (data.server_dir(server.id) / "disk-tracked").read_text() == "disk.qcow2\n"
+    assert catalogue.dependents("img-next0") == []
+    assert [d.dependent_id for d in catalogue.dependents("img-base0")] == [server.id]
+    assert hv.info(server.id).state is DomainState.SHUTOFF  # its restart is what failed
+
+
+# -- snapshot begin: the backup plan handed to the port ---------------------------------------
+
+class Notes(SilentReporter):
+    """What the service tells the user, as "note: ..." / "warning: ..." lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.lines.append(f"note: {text}")
+
+    def warning(self, text: str) -> None:
+        self.lines.append(f"warning: {text}")
+
+
+def _snapshots(data: DataDir, catalogue: Catalogue, hv: FakeHypervisor,
+               notes: Notes | None = None) -> SnapshotService:
+    # The worker is `true`: it exits at once, the copy is the test's to finish or not.
+    return SnapshotService(catalogue, data, hv, ["true"], reporter=notes or Notes())
+
+
+def test_a_snapshot_of_a_new_server_copies_what_it_wrote_since_its_birth(data, catalogue,
+                                                                          work_dir):
+    hv = FakeHypervisor()
+    creator, _ = _creator(data, catalogue, hv, work_dir)
+    server = creator.create(_request(work_dir))
+    notes = Notes()
+    image = _snapshots(data, catalogue, hv, notes).begin(SnapshotRequest(server.id))
+    plan = hv.backup_plan(server.id)
+    assert plan is not None and notes.lines == []
+    assert [t.device for t in plan.targets] == ["vda"] and plan.skipped == ("hdc",)
+    assert plan.targets[0].path.parent == data.tmp_dir
+    assert plan.incremental_from == change_tracking.CHECKPOINT, "the birth bitmap"
+    assert plan.new_checkpoint == NewCheckpoint(f"bbsnap-{image.id}", "vda",
+                                                "bbsnap snapshot chain (bbsnap deletes it)")
+    assert image.consistency is Consistency.QUIESCED and not hv.is_frozen(server.id)
+    assert image.status is ImageStatus.CREATING and image.ancestor_id == "img-base0"
+
+
+def test_a_broken_birth_bitmap_falls_back_to_a_full_copy_and_says_so(data, catalogue,
+                                                                    work_dir):
+    hv = FakeHypervisor()
+    creator, _ = _creator(data, catalogue, hv, work_dir)
+    server = creator.create(_request(work_dir))
+    hv.redefine_checkpoint(server.id, change_tracking.CHECKPOINT, "vda")
+    hv.break_checkpoint(server.id, change_tracking.CHECKPOINT)
+    hv.silence_agent(server.id)
+    notes = Notes()
+    image = _snapshots(data, catalogue, hv, notes).begin(SnapshotRequest(server.id))
+    plan = hv.backup_plan(server.id)
+    assert plan is not None and plan.incremental_from is None, "the whole disk"
+    assert hv.calls.count("begin_backup") == 2
+    assert not hv.has_checkpoint(server.id, change_tracking.CHECKPOINT), "given up"
+    assert not (data.server_dir(server.id) / change_tracking.MARKER).exists()
+    assert image.consistency is Consistency.CRASH_CONSISTENT
+    assert any(n.startswith("warning:") and "crash-consistent" in n for n in notes.lines)
+    assert any(n.startswith("note:") and "copying the whole disk" in n for n in notes.lines)
+
+
+def test_a_stopped_server_is_copied_without_a_backup_job(data, catalogue, work_dir):
+    hv = FakeHypervisor()
+    creator, _ = _creator(data, catalogue, hv, work_dir)
+    server = creator.create(_request(work_dir, start=False))
+    image = _snapshots(data, catalogue, hv).begin(SnapshotRequest(server.id))
+    assert "begin_backup" not in hv.calls and "freeze" not in hv.calls
+    assert image.status is ImageStatus.CREATING

@@ -1,0 +1,412 @@
+"""An in-memory stand-in for bbsnap's hypervisor port, for fast tests of the services.
+
+It keeps what libvirt keeps for bbsnap: domains (a persistent definition, and while one
+runs, the live definition it was started with), their states, checkpoints and one backup
+job per domain; it raises bbsnap's errors exactly where, and as, the libvirt adapter does.
+tests/contract/test_hypervisor_contract.py runs the same tests against it and against the
+real adapter on libvirtd, so what it claims is checked.
+
+Disks are real file paths: a domain starts only when its disk files exist, a running
+domain's live disks show the backing file qemu-img reads from the file, and a backup job,
+finished when the test says so (``complete_job``), copies each disk with ``qemu-img
+convert`` into its target (the whole disk even for an incremental backup: the copy then
+holds more than QEMU's would, never less).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from bbsnap.disks import qemu_img
+from bbsnap.errors import (BbsnapError, CheckpointBrokenError, ConflictError, HypervisorError,
+                           NotFoundError, QuiesceError)
+from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskSpec, DomainFacts,
+                               DomainInfo, DomainSpec, DomainState, HypervisorVersion,
+                               JobStatus)
+
+# What libvirt says, as the adapter passes it on ("<what> failed: <libvirt's message>").
+_NOT_RUNNING = "Requested operation is not valid: domain is not running"
+_RUNNING = "Requested operation is not valid: domain is already running"
+
+
+@dataclass
+class _Job:
+    plan: BackupPlan
+    sources: dict[str, DiskInfo]   # device -> the disk it copies
+    total: int
+    processed: int = 0
+
+
+@dataclass
+class _Domain:
+    spec: DomainSpec                          # the persistent definition
+    live: DomainSpec | None = None            # the running domain's definition
+    state: DomainState = DomainState.SHUTOFF
+    persistent: bool = True
+    checkpoints: dict[str, str] = field(default_factory=dict)  # name -> device
+    broken: set[str] = field(default_factory=set)  # checkpoints whose bitmap is unusable
+    frozen: bool = False
+    agent_answers: bool = True
+    job: _Job | None = None
+    completed: CompletedJob | None = None
+    addresses: list[str] = field(default_factory=list)
+
+
+class FakeHypervisor:
+    """Implements :class:`bbsnap.hypervisor.Hypervisor` in memory."""
+
+    def __init__(self, *, version: HypervisorVersion | None = None,
+                 networks: dict[str, bool] | None = None) -> None:
+        self._version = version or HypervisorVersion(libvirt=(9, 0, 0), qemu=(7, 2, 0))
+        self.networks = dict(networks or {})   # libvirt network name -> running
+        self._domains: dict[str, _Domain] = {}
+        self.calls: list[str] = []              # the port's methods called, in order
+
+    # -- what tests set up or steer ------------------------------------------------------
+
+    def break_checkpoint(self, name: str, checkpoint: str) -> None:
+        """The bitmap behind *checkpoint* becomes unusable (QEMU killed before storing it)."""
+        self._domain(name).broken.add(checkpoint)
+
+    def silence_agent(self, name: str) -> None:
+        """The guest agent stops answering: freeze and thaw fail."""
+        self._domain(name).agent_answers = False
+
+    def set_addresses(self, name: str, addresses: list[str]) -> None:
+        self._domain(name).addresses = list(addresses)
+
+    def is_frozen(self, name: str) -> bool:
+        return self._domain(name).frozen
+
+    def backup_plan(self, name: str) -> BackupPlan | None:
+        """The plan of the backup running on the domain, if one runs."""
+        job = self._domain(name).job
+        return job.plan if job is not None else None
+
+    def advance_job(self, name: str, processed: int) -> None:
+        """The running backup has copied *processed* bytes."""
+        job = self._job(name)
+        job.processed = min(processed, job.total)
+
+    def complete_job(self, name: str) -> None:
+        """The backup job finishes: each disk is copied into its target."""
+        dom, job = self._domain(name), self._job(name)
+        for target in job.plan.targets:
+            disk = job.sources[target.device]
+            qemu_img.convert(Path(disk.path), disk.format, target.path, "qcow2")
+        dom.job = None
+        dom.completed = CompletedJob(known=True, success=True, message="")
+
+    def fail_job(self, name: str, message: str) -> None:
+        """The backup job fails (a full target filesystem, ...); libvirt removes the targets."""
+        dom, job = self._domain(name), self._job(name)
+        _remove_targets(job.plan)
+        dom.job = None
+        dom.completed = CompletedJob(known=True, success=False, message=message)
+
+    # -- the port --------------------------------------------------------------------------
+
+    def version(self) -> HypervisorVersion:
+        self.calls.append("version")
+        return self._version
+
+    def define(self, spec: DomainSpec) -> DomainInfo:
+        self.calls.append("define")
+        for other_name, other in self._domains.items():
+            if other.spec.uuid == spec.uuid and other_name != spec.name:
+                raise HypervisorError(f"defining the domain failed: operation failed: domain "
+                                      f"'{other_name}' already exists with uuid {spec.uuid}")
+            if other_name == spec.name and other.spec.uuid != spec.uuid:
+                raise HypervisorError(f"defining the domain failed: operation failed: domain "
+                                      f"'{spec.name}' already exists with uuid "
+                                      f"{other.spec.uuid}")
+        existing = self._domains.get(spec.name)
+        if existing is None:
+            self._domains[spec.name] = _Domain(spec=spec)
+        else:
+            existing.spec, existing.persistent = spec, True  # the live one runs on unchanged
+        return self._describe(spec.name)
+
+    def start(self, name: str) -> DomainInfo:
+        self.calls.append("start")
+        dom = self._domain(name)
+        if dom.state is not DomainState.SHUTOFF:
+            raise HypervisorError(f"starting {name} failed: {_RUNNING}")
+        missing = [d.path for d in dom.spec.disks if not Path(d.path).exists()]
+        if missing:
+            raise HypervisorError(f"starting {name} failed: Cannot access storage file "
+                                  f"'{missing[0]}': No such file or directory")
+        dom.live, dom.state = dom.spec, DomainState.RUNNING
+        return self._describe(name)
+
+    def info(self, name: str) -> DomainInfo:
+        self.calls.append("info")
+        return self._describe(self._domain(name).spec.name)
+
+    def list_domains(self) -> list[DomainInfo]:
+        self.calls.append("list_domains")
+        return [self._describe(name) for name in self._domains]
+
+    def destroy(self, name: str) -> None:
+        self.calls.append("destroy")
+        dom = self._domain(name)
+        if dom.state is DomainState.SHUTOFF:
+            return
+        if dom.job is not None:
+            _remove_targets(dom.job.plan)
+            dom.job = None
+        dom.state, dom.live, dom.frozen, dom.completed = DomainState.SHUTOFF, None, False, None
+        if not dom.persistent:
+            del self._domains[dom.spec.name]
+
+    def undefine(self, name: str) -> None:
+        self.calls.append("undefine")
+        dom = self._domain(name)
+        dom.checkpoints.clear()
+        if dom.state is DomainState.SHUTOFF:
+            del self._domains[dom.spec.name]
+        else:
+            dom.persistent = False  # as libvirt: it runs on, transient, until it stops
+
+    def facts(self, name: str, *, inactive: bool = False) -> DomainFacts:
+        self.calls.append("facts")
+        dom = self._domain(name)
+        spec = dom.spec if inactive or dom.live is None else dom.live
+        return _facts(spec, live=not inactive and dom.live is not None)
+
+    def replace_disk(self, name: str, target: str, new_path: Path, fmt: str = "qcow2", *,
+                     metadata: dict[str, str] | None = None) -> None:
+        self.calls.append("replace_disk")
+        dom = self._domain(name)
+        disks = list(dom.spec.disks)
+        index = next((i for i, d in enumerate(disks) if d.target == target), None)
+        if index is None:
+            raise NotFoundError(f"server {name} has no disk {target}")
+        disks[index] = replace(disks[index], path=Path(new_path), format=fmt)
+        dom.spec = replace(dom.spec, disks=tuple(disks),
+                           metadata=dict(metadata) if metadata is not None else dom.spec.metadata)
+
+    def set_metadata(self, name: str, metadata: dict[str, str]) -> None:
+        self.calls.append("set_metadata")
+        dom = self._domain(name)
+        dom.spec = replace(dom.spec, metadata=dict(metadata))
+
+    def shutdown(self, name: str) -> None:
+        """The fake's guests obey ACPI at once."""
+        self.calls.append("shutdown")
+        dom = self._domain(name)
+        if dom.state is DomainState.SHUTOFF:
+            raise HypervisorError(f"shutting down {name} failed: {_NOT_RUNNING}")
+        self.destroy(name)
+
+    def reboot(self, name: str) -> None:
+        self.calls.append("reboot")
+        if self._domain(name).state is DomainState.SHUTOFF:
+            raise HypervisorError(f"rebooting {name} failed: {_NOT_RUNNING}")
+
+    def addresses(self, name: str) -> list[str]:
+        self.calls.append("addresses")
+        dom = self._domain(name)
+        return list(dom.addresses) if dom.state is not DomainState.SHUTOFF else []
+
+    def check_network(self, name: str) -> None:
+        self.calls.append("check_network")
+        if name not in self.networks:
+            raise NotFoundError(f"libvirt network '{name}' not found",
+                                hint="'virsh net-list --all' lists them; or use --network user")
+        if not self.networks[name]:
+            raise ConflictError(f"libvirt network '{name}' is not running",
+                                hint=f"virsh net-start {name}")
+
+    def disks(self, name: str) -> list[DiskInfo]:
+        self.calls.append("disks")
+        return list(self.facts(name).file_disks)
+
+    def freeze(self, name: str, timeout: int) -> int:
+        self.calls.append("freeze")
+        dom = self._agent(name, "could not freeze its filesystems")
+        dom.frozen = True
+        return 1
+
+    def thaw(self, name: str, timeout: int = 5) -> None:
+        self.calls.append("thaw")
+        self._agent(name, "could not thaw").frozen = False
+
+    def disk_capacity(self, name: str, target: str) -> int:
+        self.calls.append("disk_capacity")
+        disks = {d.target: d for d in self.facts(name).file_disks}
+        if target not in disks:
+            raise HypervisorError(f"reading the size of {name}'s {target} failed: invalid "
+                                  f"argument: invalid path {target} not assigned to domain")
+        disk = disks[target]
+        return qemu_img.info(Path(disk.path), disk.format, force_share=True).virtual_size
+
+    def begin_backup(self, name: str, plan: BackupPlan) -> None:
+        self.calls.append("begin_backup")
+        dom = self._domain(name)
+        what = f"starting the backup of {name}"
+        if dom.state is DomainState.SHUTOFF or dom.live is None:
+            raise HypervisorError(f"{what} failed: {_NOT_RUNNING}")
+        if dom.job is not None:
+            raise HypervisorError(f"{what} failed: Timed out during operation: cannot acquire "
+                                  "state change lock (held by backup job)")
+        if plan.incremental_from is not None:
+            if plan.incremental_from in dom.broken:
+                raise CheckpointBrokenError(f"checkpoint inconsistent: bitmap "
+                                            f"'{plan.incremental_from}' is inconsistent")
+            if plan.incremental_from not in dom.checkpoints:
+                raise HypervisorError(f"{what} failed: Domain checkpoint not found: no domain "
+                                      f"checkpoint with matching name "
+                                      f"'{plan.incremental_from}'")
+        for made in _made_checkpoint(plan):
+            if made[0] in dom.checkpoints:
+                raise HypervisorError(f"{what} failed: operation failed: domain checkpoint "
+                                      f"'{made[0]}' already exists")
+        live = {d.target: d for d in _facts(dom.live, live=True).file_disks}
+        unknown = [t.device for t in plan.targets if t.device not in live]
+        if unknown:
+            raise HypervisorError(f"{what} failed: invalid argument: no disk named "
+                                  f"'{unknown[0]}'")
+        missing = [t.path for t in plan.targets if plan.reuse_targets and not t.path.exists()]
+        if missing:  # libvirt opens a reused target as it is
+            raise HypervisorError(f"{what} failed: Cannot access storage file "
+                                  f"'{missing[0]}': No such file or directory")
+        sources = {t.device: live[t.device] for t in plan.targets}
+        total = sum(qemu_img.info(Path(d.path), d.format, force_share=True).virtual_size
+                    for d in sources.values())
+        dom.job, dom.completed = _Job(plan, sources, total), None
+        for made in _made_checkpoint(plan):  # at the backup's instant, as libvirt does
+            dom.checkpoints[made[0]] = made[1]
+
+    def redefine_checkpoint(self, name: str, checkpoint: str, device: str) -> None:
+        self.calls.append("redefine_checkpoint")
+        self._domain(name).checkpoints[checkpoint] = device
+
+    def has_checkpoint(self, name: str, checkpoint: str) -> bool:
+        self.calls.append("has_checkpoint")
+        return checkpoint in self._domain(name).checkpoints
+
+    def delete_checkpoint(self, name: str, checkpoint: str) -> None:
+        self.calls.append("delete_checkpoint")
+        dom = self._domain(name)
+        dom.checkpoints.pop(checkpoint, None)
+        dom.broken.discard(checkpoint)
+
+    def checkpoints(self, name: str) -> list[str]:
+        self.calls.append("checkpoints")
+        return sorted(self._domain(name).checkpoints)
+
+    def job_status(self, name: str) -> JobStatus:
+        self.calls.append("job_status")
+        job = self._domain(name).job
+        if job is None:
+            return JobStatus(active=False, processed=0, total=0)
+        return JobStatus(active=True, processed=job.processed, total=job.total)
+
+    def completed_job(self, name: str) -> CompletedJob:
+        self.calls.append("completed_job")
+        dom = self._domain(name)
+        if dom.state is DomainState.SHUTOFF:
+            return CompletedJob(known=False, success=False,
+                                message=f"server {name} stopped during the copy")
+        if dom.completed is None:
+            return CompletedJob(known=False, success=False,
+                                message="libvirt lost track of the copy (was libvirtd "
+                                        "restarted while it ran?)")
+        return dom.completed
+
+    def abort_job(self, name: str) -> None:
+        self.calls.append("abort_job")
+        dom = self._domain(name)
+        if dom.job is not None:
+            self.fail_job(name, "operation aborted: job 'backup' canceled by client")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _domain(self, key: str) -> _Domain:
+        """By name, or by UUID, as the adapter looks domains up."""
+        found = self._domains.get(key) or next(
+            (d for d in self._domains.values() if d.spec.uuid == key), None)
+        if found is None:
+            raise NotFoundError(f"server {key} not found",
+                                hint="'bbsnap servers list' shows the domains on this connection")
+        return found
+
+    def _describe(self, name: str) -> DomainInfo:
+        dom = self._domains[name]
+        return DomainInfo(name=name, uuid=dom.spec.uuid, state=dom.state,
+                          persistent=dom.persistent)
+
+    def _job(self, name: str) -> _Job:
+        job = self._domain(name).job
+        if job is None:
+            raise AssertionError(f"no backup job runs on {name}")
+        return job
+
+    def _agent(self, name: str, failed: str) -> _Domain:
+        """The domain, if its guest agent can answer (as QuiesceError says otherwise)."""
+        dom = self._domain(name)
+        if dom.state is DomainState.SHUTOFF:
+            raise QuiesceError(f"the guest agent of {name} {failed}: {_NOT_RUNNING}")
+        spec = dom.live or dom.spec
+        if not spec.guest_agent:
+            raise QuiesceError(f"the guest agent of {name} {failed}: argument unsupported: "
+                               "QEMU guest agent is not configured")
+        if not dom.agent_answers:
+            raise QuiesceError(f"the guest agent of {name} {failed}: Guest agent is not "
+                               "responding: QEMU guest agent is not connected")
+        return dom
+
+
+def _facts(spec: DomainSpec, *, live: bool) -> DomainFacts:
+    """What the adapter reads back from the definition build_domain_xml makes of *spec*."""
+    writable = [d for d in spec.disks if d.device == "disk" and not d.readonly]
+    ports = {n.ssh_forward_port for n in spec.nics if n.ssh_forward_port is not None}
+    return DomainFacts(
+        title=" ".join(spec.title.splitlines()) if spec.title else None,
+        # libvirt's <interface>s first, then SLIRP NICs (given on QEMU's command line)
+        metadata=dict(spec.metadata), macs=tuple(
+            [n.mac for n in spec.nics if n.network or n.passt]
+            + [n.mac for n in spec.nics if not (n.network or n.passt)]),
+        disks=tuple(str(d.path) for d in writable),
+        networks=tuple(n.network for n in spec.nics if n.network),
+        memory_mib=spec.memory_mib, vcpus=spec.vcpus, firmware=spec.firmware,
+        forwarded_ports=tuple(sorted(p for p in ports if 0 < p <= 65535)),
+        console_log=spec.console_log, file_disks=tuple(_disk_info(d, live) for d in spec.disks))
+
+
+def _disk_info(disk: DiskSpec, live: bool) -> DiskInfo:
+    return DiskInfo(target=disk.target, path=str(disk.path), format=disk.format,
+                    device=disk.device, readonly=disk.readonly or disk.device == "cdrom",
+                    backing=_backing(disk) if live else None)
+
+
+def _backing(disk: DiskSpec) -> str | None:
+    """The first backing file, absolute, as a running domain's live XML shows it."""
+    if disk.format != "qcow2" or disk.device != "disk":
+        return None
+    try:
+        found = qemu_img.info(Path(disk.path), "qcow2", force_share=True)
+    except BbsnapError:
+        return None  # not a qcow2 file (a test's placeholder bytes)
+    if not found.backing_file:
+        return None
+    return str(Path(disk.path).parent / found.backing_file)
+
+
+def _made_checkpoint(plan: BackupPlan) -> list[tuple[str, str]]:
+    made = plan.new_checkpoint
+    return [(made.name, made.device)] if made is not None else []
+
+
+def _remove_targets(plan: BackupPlan) -> None:
+    """What libvirt does when a job fails or is aborted: it removes the targets it made,
+    and leaves reused ones (the caller's) in place."""
+    if plan.reuse_targets:
+        return
+    for target in plan.targets:
+        target.path.unlink(missing_ok=True)
