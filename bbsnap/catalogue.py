@@ -120,6 +120,11 @@ MIGRATIONS: Sequence[str] = (
         last_result TEXT
     );
     """,
+    # 6: memory-state snapshots (`servers snapshot --memory`): the file in images/ holding the
+    # guest's saved RAM and device state, compressed; NULL for disk-only images.
+    """
+    ALTER TABLE images ADD COLUMN memory_path TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -127,7 +132,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _COLUMNS = ("id", "type", "owner", "created_at", "status", "visibility", "name", "arch",
             "description", "virtual_size", "disk_size", "compatibility_mode", "official",
             "ancestor_id", "format", "path", "source_server", "consistency", "checksum",
-            "firmware", "username", "min_ram", "failure_reason", "job", "progress", "parent_id")
+            "firmware", "username", "min_ram", "failure_reason", "job", "progress", "parent_id",
+            "memory_path")
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at"}
 
 
@@ -155,7 +161,8 @@ _CONSISTENCIES = {e.value: e for e in Consistency}
 def _row_to_image(row: sqlite3.Row | tuple[Any, ...]) -> Image:
     (id_, type_, owner, created_at, status, visibility, name, arch, description, virtual_size,
      disk_size, compatibility_mode, official, ancestor_id, fmt, path, source_server, consistency,
-     checksum, firmware, username, min_ram, failure_reason, job, progress, parent_id) = row
+     checksum, firmware, username, min_ram, failure_reason, job, progress, parent_id,
+     memory_path) = row
     return Image(
         id=id_, type=_TYPES[type_], owner=owner,
         created_at=datetime.fromisoformat(created_at), status=_STATUSES[status],
@@ -166,6 +173,7 @@ def _row_to_image(row: sqlite3.Row | tuple[Any, ...]) -> Image:
         consistency=_CONSISTENCIES[consistency] if consistency else None, checksum=checksum,
         firmware=firmware, username=username, min_ram=min_ram,
         failure_reason=failure_reason, job=job, progress=progress, parent_id=parent_id,
+        memory_path=memory_path,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 
@@ -68,6 +69,36 @@ class CompletedJob:
     message: str
 
 
+class PauseCause(str, enum.Enum):
+    """Why a domain is paused, as far as a memory snapshot's recovery needs to know."""
+
+    NOT_PAUSED = "not-paused"
+    USER = "user"        # someone paused it (virsh suspend, bbsnap never does): leave it
+    OTHER = "other"      # a memory save left it paused (libvirt reports no reason), or the like
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What a saved memory image needs of the domain it is restored into (domain_xml)."""
+
+    machine: str                  # os/type@machine: pc-i440fx-7.2, q35 ...
+    cpu: str                      # the CPU mode and model: host-model, custom:qemu64 ...
+    memory_kib: int
+    vcpus: int
+    devices: tuple[str, ...]      # one line per guest-visible device, sorted
+    host_devices: tuple[str, ...]  # <hostdev> and the like: migration (so saving) impossible
+
+
+@dataclass(frozen=True)
+class SavedDomain:
+    """A memory image's facts (its header's domain definition)."""
+
+    name: str
+    uuid: str
+    hardware: Hardware
+    disks: dict[str, str]         # guest device -> source file when it was saved
+
+
 class Hypervisor(Protocol):
     def version(self) -> HypervisorVersion: ...
     def define(self, xml: str) -> DomainInfo: ...
@@ -92,4 +123,14 @@ class Hypervisor(Protocol):
     def job_status(self, name: str) -> JobStatus: ...
     def completed_job(self, name: str) -> CompletedJob: ...
     def abort_job(self, name: str) -> None: ...
+    # Memory snapshots (services/memory_snapshot.py, memory_restore.py).
+    def hardware(self, name: str) -> Hardware: ...
+    def save_memory_live(self, name: str, path: Path, manual_disks: list[str],
+                         skipped_disks: list[str], max_downtime_ms: int) -> None: ...
+    def memory_save_running(self, name: str) -> bool: ...
+    def pause_cause(self, name: str) -> PauseCause: ...
+    def resume(self, name: str) -> None: ...
+    def delete_disk_snapshot(self, name: str, disk_path: str, snapshot: str) -> None: ...
+    def saved_domain(self, path: Path) -> SavedDomain: ...
+    def restore_memory(self, path: Path, disk_sources: dict[str, Path]) -> DomainInfo: ...
     def close(self) -> None: ...
