@@ -506,6 +506,8 @@ def replace_disk_sources(xml: str, sources: dict[str, Path]) -> str:
 def copy_descriptive(source_xml: str, xml: str) -> str:
     """*xml* with the title, description and metadata of *source_xml* (none of which the
     guest sees)."""
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    ET.register_namespace("qemu", QEMU_NS)
     source, root = ET.fromstring(source_xml), ET.fromstring(xml)
     for tag in ("title", "description", "metadata"):
         for old in root.findall(tag):
