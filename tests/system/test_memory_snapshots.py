@@ -62,8 +62,7 @@ def digest(path: Path) -> str:
 
 
 def booted(cloud, memory: str = "128", *args: str, image: str | None = None) -> dict:
-    (server,) = create_server(cloud, "--memory", memory, *args, image=image) if memory \
-        else create_server(cloud, *args, image=image)
+    (server,) = create_server(cloud, "--memory", memory, *args, image=image)  # the last wins
     wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
     wait_until(lambda: last_mem_counter(cloud, server["id"]) >= 3, 60, "the memory counter")
     return server
@@ -184,7 +183,7 @@ def test_uefi_guest_memory_snapshot_and_revert(cloud, hypervisor, tiny_guest_ima
     imported = cloud("images", "import", str(tiny_guest_image), "--name", "tiny uefi",
                      "--firmware", "uefi")
     assert imported.exit_code == 0, imported.stderr
-    server = booted(cloud, "", image=imported.stdout.strip())  # the type's 256 MiB for OVMF
+    server = booted(cloud, "256", image=imported.stdout.strip())  # OVMF needs 256 MiB
     srv = server["id"]
     image_id, before, after = memory_snapshot(cloud, srv)
     wait_until(lambda: last_mem_counter(cloud, srv) > after + 4, 60, "the guest to go on")
