@@ -43,7 +43,8 @@ AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 
 __all__ = [
     "AGENT_NONE_LINE", "AGENT_PORT_NAME", "AGENT_STARTED_LINE", "COUNTER_OFFSET",
-    "COUNTER_PREFIX", "MEMCOUNTER_PREFIX", "NET_PREFIX", "POWEROFF_LINE", "READY_LINE", "REBOOT_LINE", "SEED_NONE_LINE",
+    "COUNTER_PREFIX", "MEMCOUNTER_PREFIX", "NET_PREFIX", "POWEROFF_LINE", "READY_LINE",
+    "REBOOT_LINE", "SEED_NONE_LINE",
     "SEED_PREFIX", "SSH_NONE_LINE", "SSH_STARTED_LINE", "USERDATA_PREFIX", "WARN_PREFIX",
     "build_tiny_guest", "decode_counter_sector", "default_cache_dir",
     "encode_counter_sector", "image_path", "read_counter", "read_disk_bytes",
