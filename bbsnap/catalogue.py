@@ -136,6 +136,11 @@ MIGRATIONS: Sequence[Sequence[str]] = (
             PRIMARY KEY (digest, image_id)
         )""",
     ),
+    # 7: memory-state snapshots (`servers snapshot --memory`): the file in images/ holding the
+    # guest's saved RAM and device state, compressed; NULL for disk-only images.
+    (
+        "ALTER TABLE images ADD COLUMN memory_path TEXT",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -143,7 +148,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _COLUMNS = ("id", "type", "owner", "created_at", "status", "visibility", "name", "arch",
             "description", "virtual_size", "disk_size", "compatibility_mode", "official",
             "ancestor_id", "format", "path", "source_server", "consistency", "checksum",
-            "firmware", "username", "min_ram", "failure_reason", "job", "progress", "parent_id")
+            "firmware", "username", "min_ram", "failure_reason", "job", "progress", "parent_id",
+            "memory_path")
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at"}
 
 
@@ -182,6 +188,7 @@ def _row_to_image(row: sqlite3.Row) -> Image:
         checksum=row["checksum"], firmware=row["firmware"], username=row["username"],
         min_ram=row["min_ram"], failure_reason=row["failure_reason"], job=row["job"],
         progress=row["progress"], parent_id=row["parent_id"],
+        memory_path=row["memory_path"],
     )
 
 

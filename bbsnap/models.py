@@ -67,6 +67,13 @@ class Image:
     failure_reason: str | None = None
     job: str | None = None         # "<pid>:<start ticks>" of the process creating it
     progress: int | None = None    # percent of a snapshot's copy done, while it runs
+    memory_path: str | None = None  # a memory snapshot's saved RAM and device state: a file
+                                    # name in images/ (services/memory_snapshot.py)
+
+    @property
+    def memory_state(self) -> bool:
+        """Whether the image holds the guest's memory (a revert resumes it)."""
+        return self.memory_path is not None
 
     @property
     def display_status(self) -> str:
@@ -158,7 +165,9 @@ class SnapshotDisk:
 class SnapshotJob:
     domain: str
     domain_uuid: str
-    mode: str                    # "backup" (running: push-mode backup) or "copy" (shut off)
+    mode: str                    # "backup" (running: push-mode backup), "memory" (running:
+                                 # the RAM saved and the disks' instant kept at one instant,
+                                 # services/memory_snapshot.py) or "copy" (shut off)
     disks: tuple[SnapshotDisk, ...]
 
 

@@ -39,6 +39,7 @@ def show_pairs(image: Image, dependents: list[Dependent],
         ("min_ram", image.min_ram if image.min_ram is not None else ""),
         ("checksum", image.checksum or ""),
         ("firmware", image.firmware),
+        ("memory_state", _bool(image.memory_state)),
     ]
     if image.source_server:
         pairs.append(("source_server", image.source_server))
@@ -81,6 +82,7 @@ def as_record(image: Image, dependents: list[Dependent] | None = None,
         "min_ram": image.min_ram,
         "checksum": image.checksum,
         "firmware": image.firmware,
+        "memory_state": image.memory_state,
         "source_server": image.source_server,
         "consistency": image.consistency.value if image.consistency else None,
         "failure_reason": image.failure_reason,

@@ -163,9 +163,11 @@ def destroy_servers(app: Any, server_ids: tuple[str, ...]) -> None:
 @click.option("-u", "--username",
               help="The guest's login user, recorded on the image for `servers ssh` on its "
                    "clones (default: the server's image's).")
+@click.option("--memory", is_flag=True,
+              help="Also save the guest's memory: a revert resumes it where it was.")
 @click.pass_obj
 def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wait: bool,
-                     no_quiesce: bool, username: str | None) -> None:
+                     no_quiesce: bool, username: str | None, memory: bool) -> None:
     """Snapshot running (or stopped) servers into the image catalogue.
 
     Returns as soon as the point in time is fixed; the copy continues in the background
@@ -183,7 +185,7 @@ def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wa
     def snap(key: str) -> None:
         say(f"Snapshotting server {key}")
         image = service.begin(SnapshotRequest(server=key, name=name, quiesce=not no_quiesce,
-                                              username=username))
+                                              username=username, memory=memory))
         started.append(image.id)
         click.echo(image.id)
 
@@ -212,21 +214,25 @@ def rebuild_server(app: Any, server_id: str, image_id: str, output_format: str,
 @servers.command("revert")
 @click.argument("server_id", metavar="SRV")
 @click.argument("image_id", metavar="[IMG]", required=False)
+@click.option("--disk-only", is_flag=True,
+              help="Of a memory snapshot, revert the disk alone and boot the server afresh.")
 @output_options
 @click.pass_obj
-def revert_server(app: Any, server_id: str, image_id: str | None, output_format: str,
-                  simple: bool) -> None:
+def revert_server(app: Any, server_id: str, image_id: str | None, disk_only: bool,
+                  output_format: str, simple: bool) -> None:
     """Revert SRV to one of its snapshots (default: its newest available one).
 
     The disk becomes a new overlay on the snapshot; the server keeps its id, name, UUID,
     MAC and SSH port, and runs afterwards if it ran before. What the guest wrote since the
-    snapshot is discarded. For another image, use `rebuild`.
+    snapshot is discarded. For another image, use `rebuild`. A memory snapshot's guest
+    continues from the snapshot's instant, processes and all (unless --disk-only).
     """
     service = app.servers()
     service.get(server_id, with_addresses=False)  # an unknown server fails before any output
     app.keep_image_access()
     say(f"Reverting server {server_id} to {image_id or 'its newest snapshot'}")
-    _print_servers([service.revert(server_id, image_id)], output_format, simple)
+    _print_servers([service.revert(server_id, image_id, disk_only=disk_only)], output_format,
+                   simple)
 
 
 @servers.command("console")

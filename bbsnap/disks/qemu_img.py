@@ -183,6 +183,36 @@ def convert_top(source: Path, target: Path, base: Path, base_format: str = "qcow
                  timeout=3600, limits=UNTRUSTED_LIMITS if untrusted else None)
 
 
+def snapshot_create(path: Path, name: str) -> None:
+    """An internal qcow2 snapshot of *path* (metadata only: the L1 table copied and the
+    clusters' refcounts raised; later writes copy on write). Only where no QEMU holds it."""
+    proc.run(["qemu-img", "snapshot", "-q", "-c", name, _abs(path)], timeout=120)
+
+
+def snapshot_delete(path: Path, name: str) -> None:
+    proc.run(["qemu-img", "snapshot", "-q", "-d", name, _abs(path)], timeout=120)
+
+
+def snapshot_names(path: Path) -> list[str]:
+    """The internal snapshots of *path* (read with force-share: a running QEMU may hold it)."""
+    out = proc.run(["qemu-img", "info", "-U", "--output=json", "-f", "qcow2", _abs(path)],
+                   timeout=60).stdout
+    return [str(s.get("name")) for s in json.loads(out).get("snapshots", []) or []]
+
+
+def convert_snapshot(source: Path, snapshot: str, target: Path, base: Path | None, *,
+                     progress: Callable[[float], None] | None = None) -> None:
+    """Copy internal snapshot *snapshot* of the qcow2 *source* into a new qcow2: as an overlay
+    on *base* (only what the layers above it held) or whole. Reads with force-share: the
+    running QEMU keeps writing *source*, but never into a snapshot's clusters (refcount > 1:
+    it copies them on write), so the snapshot's view stands still."""
+    argv = ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2",
+            "-l", f"snapshot.name={snapshot}"]
+    if base is not None:
+        argv += ["-B", _abs(base), "-F", "qcow2"]
+    _run_convert([*argv, _abs(source), _abs(target)], progress, timeout=3600)
+
+
 _PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 

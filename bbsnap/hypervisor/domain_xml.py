@@ -13,7 +13,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from . import DiskInfo
+from . import DiskInfo, Hardware, SavedDomain
 from .models import BackupPlan, DiskSpec, DomainFacts, DomainSpec, NicSpec
 
 METADATA_NS = "https://bbsnap.dev/xmlns/server/1"
@@ -342,3 +342,137 @@ def _console_log(root: ET.Element) -> Path | None:
     if source is not None and source.get("path"):
         return Path(source.get("path", ""))
     return None
+
+
+# -- memory snapshots ------------------------------------------------------------------------
+
+def build_memory_snapshot_xml(name: str, memory_file: Path, manual: list[str],
+                              skipped: list[str]) -> str:
+    """A snapshot of the guest's memory alone into *memory_file*. Disks in *manual* are
+    libvirt's ``snapshot='manual'``: libvirt leaves the domain paused once the RAM is saved,
+    so the caller fixes their instant itself (the push backup) before resuming it."""
+    snapshot = ET.Element("domainsnapshot")
+    ET.SubElement(snapshot, "name").text = name
+    ET.SubElement(snapshot, "memory", snapshot="external", file=str(memory_file))
+    disks = ET.SubElement(snapshot, "disks")
+    for device in manual:
+        ET.SubElement(disks, "disk", name=device, snapshot="manual")
+    for device in skipped:
+        ET.SubElement(disks, "disk", name=device, snapshot="no")
+    return ET.tostring(snapshot, encoding="unicode")
+
+
+# Devices whose presence and kind a saved memory image depends on (QEMU's migration stream
+# carries their state); sources (disk files, log files) and runtime names (aliases) do not.
+_DEVICE_TAGS = ("disk", "controller", "interface", "serial", "console", "channel", "input",
+                "video", "sound", "watchdog", "memballoon", "rng", "tpm", "filesystem",
+                "shmem", "iommu", "vsock", "panic", "smartcard", "redirdev", "graphics")
+_HOST_DEVICE_TAGS = ("hostdev",)
+
+
+def read_hardware(xml: str) -> "Hardware":
+    """The machine a memory image was saved on, or a definition it would be restored into."""
+    from . import Hardware
+
+    root = ET.fromstring(xml)
+    os_type = root.find("os/type")
+    cpu = root.find("cpu")
+    if cpu is None:
+        cpu_text = "default"
+    else:
+        model = cpu.find("model")
+        cpu_text = cpu.get("mode", "custom")
+        if model is not None and model.text and cpu_text == "custom":
+            cpu_text = f"custom:{model.text}"
+    memory = root.find("memory")
+    vcpu = root.find("vcpu")
+    devices = root.find("devices")
+    found: list[str] = []
+    host: list[str] = []
+    for element in (list(devices) if devices is not None else []):
+        if element.tag in _HOST_DEVICE_TAGS:
+            host.append(_describe_device(element))
+        elif element.tag in _DEVICE_TAGS:
+            found.append(_describe_device(element))
+    for arg in root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
+        value = arg.get("value", "")
+        if value.startswith(("virtio-net", "e1000", "rtl8139")):  # SLIRP NICs (Debian 12)
+            found.append("interface " + ",".join(p for p in value.split(",")
+                                                 if p.split("=")[0] in ("mac", "addr") or
+                                                 "=" not in p))
+    return Hardware(
+        machine=os_type.get("machine", "") if os_type is not None else "",
+        cpu=cpu_text, memory_kib=_kib(memory), vcpus=_int(vcpu.text) if vcpu is not None else 0,
+        devices=tuple(sorted(found)), host_devices=tuple(sorted(host)))
+
+
+def _kib(memory: ET.Element | None) -> int:
+    if memory is None:
+        return 0
+    factor = {"KiB": 1, "k": 1, "MiB": 1024, "M": 1024, "GiB": 1024 * 1024,
+              "G": 1024 * 1024}.get(memory.get("unit", "KiB"), 1)
+    return _int(memory.text) * factor
+
+
+def _describe_device(element: ET.Element) -> str:
+    """``disk vda virtio disk``, ``interface virtio 52:54:00:..``: what a restore needs the same."""
+    parts = [element.tag]
+    if element.tag == "disk":
+        target = element.find("target")
+        parts += [target.get("dev", "") if target is not None else "",
+                  target.get("bus", "") if target is not None else "",
+                  element.get("device", "disk")]
+    elif element.tag == "interface":
+        model = element.find("model")
+        mac = element.find("mac")
+        parts += [model.get("type", "") if model is not None else "",
+                  mac.get("address", "") if mac is not None else ""]
+    elif element.tag == "controller":
+        parts += [element.get("type", ""), element.get("index", ""), element.get("model", "")]
+    else:
+        parts += [element.get("type", "") or element.get("model", "")]
+        target = element.find("target")
+        if target is not None and target.get("name"):
+            parts.append(target.get("name", ""))
+        model = element.find("model")
+        if model is not None and model.get("type"):
+            parts.append(model.get("type", ""))
+    return " ".join(p for p in parts if p)
+
+
+def read_saved_domain(xml: str) -> "SavedDomain":
+    """The facts of a memory image's domain definition (``saveImageGetXMLDesc``)."""
+    from . import SavedDomain
+
+    root = ET.fromstring(xml)
+    disks = {}
+    for disk in root.findall("devices/disk"):
+        target, source = disk.find("target"), disk.find("source")
+        if target is not None and source is not None and (source.get("file") or
+                                                          source.get("dev")):
+            disks[target.get("dev", "")] = source.get("file") or source.get("dev") or ""
+    return SavedDomain(name=root.findtext("name", ""), uuid=root.findtext("uuid", ""),
+                       hardware=read_hardware(xml), disks=disks)
+
+
+def replace_disk_sources(xml: str, sources: dict[str, Path]) -> str:
+    """The domain XML with each disk in *sources* (device -> file) pointed at its new file
+    (a memory image restored onto new overlays: never onto the snapshot's own files)."""
+    for target, path in sources.items():
+        xml = replace_disk_source(xml, target, path)
+    return xml
+
+
+def copy_descriptive(source_xml: str, xml: str) -> str:
+    """*xml* with the title, description and metadata of *source_xml* (none of which the
+    guest sees)."""
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    ET.register_namespace("qemu", QEMU_NS)
+    source, root = ET.fromstring(source_xml), ET.fromstring(xml)
+    for tag in ("title", "description", "metadata"):
+        for old in root.findall(tag):
+            root.remove(old)
+        new = source.find(tag)
+        if new is not None:
+            root.insert(2, new)  # after <name> and <uuid>
+    return ET.tostring(root, encoding="unicode")

@@ -92,7 +92,8 @@ class ImageService:
         # Resolved before the row changes: a path that leads out of images/ is refused with
         # the row intact, rather than leaving a deleted row whose file was never removed.
         files = [self._data_dir.image_path(name)
-                 for name in [image.path, *(v.path for v in volumes)] if name]
+                 for name in [image.path, *(v.path for v in volumes), image.memory_path]
+                 if name]
         link = self._catalogue.chain_link(image_id)
         self._catalogue.mark_deleted(image_id)
         for path in files:

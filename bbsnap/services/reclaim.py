@@ -81,6 +81,7 @@ def _survey_image_files(data_dir: DataDir, catalogue: Catalogue | None, orphans:
                         undecidable: list[Undecidable]) -> None:
     rows = catalogue.find(ImageFilter(include_deleted=True)) if catalogue is not None else []
     kept = {i.path for i in rows if i.status is not ImageStatus.DELETED and i.path}
+    kept |= {i.memory_path for i in rows if i.status is not ImageStatus.DELETED and i.memory_path}
     if catalogue is not None:
         for image in rows:
             kept.update(v.path for v in catalogue.volumes(image.id))

@@ -20,7 +20,7 @@ from ..layout import DataDir
 from ..reporting import SILENT, Reporter
 from ..models import (DependentKind, Image, ImageFilter, ImageType, Server,
                       ServerStatus)
-from . import change_tracking, rebuild_journal, revert
+from . import change_tracking, memory_restore, rebuild_journal, revert
 from .compensation import Compensation
 from .server_records import server_from_domain
 
@@ -118,19 +118,25 @@ class ServerService:
         return self._rebuild(server, self._catalogue.get_available(ids.require(image_id, "img")),
                              "rebuild")
 
-    def revert(self, key: str, image_id: str | None = None) -> Server:
+    def revert(self, key: str, image_id: str | None = None, *, disk_only: bool = False) -> Server:
         """Rebuild the server onto one of its own snapshots (by default its newest available
-        one): what the guest wrote since that snapshot is discarded, nothing else."""
+        one): what the guest wrote since that snapshot is discarded, nothing else. A memory
+        snapshot's guest resumes from its instant unless *disk_only* (memory_restore.py)."""
         server = self.get(key, with_addresses=False)
         writable = [d for d in self._hv.disks(server.id) if d.writable]
         wanted = ids.require(image_id, "img") if image_id is not None else None
         image = revert.choose_snapshot(server, self.snapshots(server), wanted,
                                        self._catalogue.get)
         revert.check_revertible(server, len(writable), len(self._catalogue.volumes(image.id)))
+        if image.memory_state and not disk_only:
+            with memory_restore.prepared(self._hv, self._data_dir, server, image) as boot:
+                return self._rebuild(server, image, "revert", boot=boot)
         return self._rebuild(server, image, "revert")
 
-    def _rebuild(self, server: Server, image: Image, purpose: str) -> Server:
-        """Onto *image*, which the caller found available."""
+    def _rebuild(self, server: Server, image: Image, purpose: str,
+                 boot: memory_restore.Boot | None = None) -> Server:
+        """Onto *image*, which the caller found available; *boot* resumes a saved guest on
+        the new disk instead of starting it afresh (memory_restore.py)."""
         if image.firmware != server.firmware:
             # The server keeps its definition, so its firmware: the new disk would not boot.
             raise ConflictError(
@@ -138,7 +144,7 @@ class ServerService:
                 f"{server.firmware}", hint="create a new server from the image instead")
         with self._lock(server, purpose):
             # Read again under the lock: a rebuild waited for may have changed its disk.
-            journal = self._swap_disk(self.get(server.id, with_addresses=False), image)
+            journal = self._swap_disk(self.get(server.id, with_addresses=False), image, boot)
         # The definition names the new overlay now: the old disk and hold can go.
         if journal.old_image_id and journal.old_image_id != image.id:
             self._catalogue.remove_dependent(DependentKind.SERVER, server.id,
@@ -149,9 +155,11 @@ class ServerService:
         rebuild_journal.remove(self._data_dir, server.id)
         return self.get(server.id, with_addresses=False)
 
-    def _swap_disk(self, server: Server, image: Image) -> rebuild_journal.RebuildJournal:
+    def _swap_disk(self, server: Server, image: Image,
+                   boot: memory_restore.Boot | None = None) -> rebuild_journal.RebuildJournal:
         """Under the server's lock: the new overlay made, the definition pointed at it, the
-        server started again if it ran. Undone on an error; journaled against a SIGKILL."""
+        server started again if it ran (or *boot* run: a memory image restored onto it).
+        Undone on an error; journaled against a SIGKILL."""
         server_dir = self._data_dir.server_dir(server.id)
         was_running = self._hv.info(server.id).state is not DomainState.SHUTOFF
         primary = next(d for d in self._hv.disks(server.id) if d.writable)
@@ -161,7 +169,8 @@ class ServerService:
         journal = rebuild_journal.RebuildJournal(
             token=current_job_token(), server_id=server.id, uuid=server.uuid,
             device=primary.target, old_disk=primary.path, new_disk=str(new_disk),
-            old_image_id=server.image_id, new_image_id=image.id, was_running=was_running,
+            old_image_id=server.image_id, new_image_id=image.id,
+            was_running=was_running or boot is not None,  # a restored guest ends running
             old_marker=rebuild_journal.read_marker(server_dir))
         with Compensation(self._reporter) as undo:
             rebuild_journal.write(self._data_dir, journal)
@@ -187,7 +196,9 @@ class ServerService:
             undo.push(f"the old definition of {server.id}", lambda: self._hv.replace_disk(
                 server.id, old_disk.target, Path(old_disk.path), old_disk.format,
                 metadata=old.metadata))
-            if was_running:
+            if boot is not None:
+                boot(new_disk, primary.target)
+            elif was_running:
                 self._hv.start(server.id)
         return journal
 

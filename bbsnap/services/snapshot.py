@@ -43,6 +43,7 @@ from ..worker import finish_snapshot_argv
 from ..models import (Consistency, Image, ImageStatus, ImageType, Server, SnapshotDisk,
                       SnapshotJob)
 from . import change_tracking, image_fields, snapshot_chain
+from . import memory_snapshot as memory_hook
 from .server_records import server_from_domain
 from .snapshot_chain import ChainPlan, ChainPlanner, ServerDisk
 
@@ -58,6 +59,7 @@ class SnapshotRequest:
     # The guest's login user for `servers ssh` on clones; else the ancestor's. A domain
     # bbsnap did not make has no ancestor to inherit one from.
     username: str | None = None
+    memory: bool = False  # also the guest's RAM and device state (memory_snapshot.py)
 
 
 class SnapshotService:
@@ -91,15 +93,19 @@ class SnapshotService:
             if not disks:
                 raise ConflictError(f"server {server.id} has no writable file-backed disk")
             running = info.state in (DomainState.RUNNING, DomainState.PAUSED)
+            if request.memory:
+                memory_hook.check(self._hv, server.id, info.state)
             image_id = self._new_image_id()
             ancestor = self._ancestor(server)
             chain = ServerDisk(server.id, server.uuid, disks[0])
             plan = (self._chains.plan(image_id, chain, ancestor)
-                    if running and len(disks) == 1 else ChainPlan(None, ancestor, None))
+                    if running and len(disks) == 1 and not request.memory
+                    else ChainPlan(None, ancestor, None))
             if plan.note:
                 self._reporter.note(plan.note)
             job = SnapshotJob(
-                domain=server.id, domain_uuid=server.uuid, mode="backup" if running else "copy",
+                domain=server.id, domain_uuid=server.uuid,
+                mode=("memory" if request.memory else "backup") if running else "copy",
                 disks=tuple(self._plan_disk(image_id, index, disk, plan)
                             for index, disk in enumerate(disks)))
             consistency = Consistency.CRASH_CONSISTENT
@@ -108,8 +114,10 @@ class SnapshotService:
                 snapshot_job=job, depends_on=plan.parent.id if plan.parent else None,
                 chain_link=self._chains.link(image_id, chain, plan))
             try:
-                if running:
-                    read_only = [d.target for d in all_disks if not d.writable]
+                read_only = [d.target for d in all_disks if not d.writable]
+                if job.mode == "memory":
+                    memory_hook.capture(self._hv, self._data_dir, image_id, job, read_only)
+                elif running:
                     consistency = self._fix_point_in_time(image_id, job, read_only,
                                                           request.quiesce, ancestor)
                 worker = _spawn_worker(self._worker_argv, self._data_dir, image.id, lock)
@@ -119,6 +127,8 @@ class SnapshotService:
                     changes["job"] = worker
                 image = self._catalogue.update(image.id, **changes)
             except BaseException as exc:
+                if job.mode == "memory":
+                    memory_hook.forget_disk_states(self._hv, job, image.id)
                 self._catalogue.fail_snapshot(image.id, f"could not start the snapshot: {exc}")
                 self._data_dir.remove_image_files(image.id)
                 raise

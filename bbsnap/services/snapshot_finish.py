@@ -23,6 +23,7 @@ from ..hypervisor import Hypervisor
 from ..jobs import current_job_token
 from ..layout import FILE_MODE, DataDir
 from ..models import Image, ImageStatus, ImageVolume, SnapshotDisk, SnapshotJob
+from . import memory_snapshot as memory_hook
 from . import snapshot_chain
 
 POLL_SECONDS = 0.05  # job polling: cheap (one libvirt call), and it sets the finish latency
@@ -54,15 +55,28 @@ class SnapshotFinisher:
                 self._hv.thaw(job.domain)
             except BbsnapError:
                 pass
+        if job is not None and job.mode == "memory":
+            # A command killed during the memory save, or before it resumed the guest, left
+            # it paused (or libvirtd is about to): running again before anything else.
+            try:
+                memory_hook.resume_unless_user_paused(self._hv, job.domain)
+            except BbsnapError:
+                pass  # gone, or libvirtd away for good: the guest is not ours to wait for
         try:
             if job is None:
                 raise SnapshotFailed("its job journal is missing")
             if job.mode == "backup":
                 self._wait_for_backup(image_id, job)
+            elif job.mode == "memory":
+                memory_hook.copy_disks(job, image_id, _ProgressReport(self._catalogue,
+                                                                      image_id, job))
+                memory_hook.forget_disk_states(self._hv, job, image_id)
             else:
                 self._copy_shut_off_disks(image_id, job)
             volumes = [self._store_disk(image_id, index, disk, job.mode)
                        for index, disk in enumerate(job.disks)]
+            memory = (memory_hook.store(self._data_dir, image_id) if job.mode == "memory"
+                      else None)
         except BaseException as exc:
             self._fail(image_id, job, _reason(exc))
             raise
@@ -70,7 +84,8 @@ class SnapshotFinisher:
         image = self._catalogue.finish_snapshot(
             image_id, volumes[1:], status=ImageStatus.AVAILABLE, path=primary.path,
             virtual_size=primary.virtual_size,
-            disk_size=sum(v.disk_size for v in volumes), job=None)
+            disk_size=sum(v.disk_size for v in volumes) + (memory[1] if memory else 0),
+            memory_path=memory[0] if memory else None, job=None)
         made = job.disks[0].checkpoint
         if job.mode == "backup" and made:
             # Only now is the previous checkpoint superseded: the next snapshot starts here.
@@ -183,6 +198,8 @@ class SnapshotFinisher:
                 # The chain goes on from the last available snapshot's checkpoint, which
                 # still records every write since its instant (libvirt keeps all active).
                 snapshot_chain.forget(self._hv, job.domain, made)
+        if job is not None and job.mode == "memory":
+            memory_hook.forget_disk_states(self._hv, job, image_id)
         self._data_dir.remove_image_files(image_id)
         self._catalogue.fail_snapshot(image_id, reason)
 

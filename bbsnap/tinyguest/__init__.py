@@ -23,6 +23,7 @@ from .counter import (
 # Serial console lines printed by init.sh (keep in step with it).
 READY_LINE = "BBSNAP-TINY-READY"
 COUNTER_PREFIX = "BBSNAP-COUNTER "
+MEMCOUNTER_PREFIX = "BBSNAP-MEMCOUNTER "  # the in-memory counter (memory-state reverts)
 SEED_PREFIX = "BBSNAP-SEED "
 SEED_NONE_LINE = "BBSNAP-SEED none"
 # Followed by "sha256=<hex>" of the seed's user-data file, as the guest read it.
@@ -42,7 +43,8 @@ AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 
 __all__ = [
     "AGENT_NONE_LINE", "AGENT_PORT_NAME", "AGENT_STARTED_LINE", "COUNTER_OFFSET",
-    "COUNTER_PREFIX", "NET_PREFIX", "POWEROFF_LINE", "READY_LINE", "REBOOT_LINE", "SEED_NONE_LINE",
+    "COUNTER_PREFIX", "MEMCOUNTER_PREFIX", "NET_PREFIX", "POWEROFF_LINE", "READY_LINE",
+    "REBOOT_LINE", "SEED_NONE_LINE",
     "SEED_PREFIX", "SSH_NONE_LINE", "SSH_STARTED_LINE", "USERDATA_PREFIX", "WARN_PREFIX",
     "build_tiny_guest", "decode_counter_sector", "default_cache_dir",
     "encode_counter_sector", "image_path", "read_counter", "read_disk_bytes",

@@ -4,6 +4,8 @@
 # Lines starting with "BBSNAP-" on the serial console are a protocol that tests
 # wait for; keep their spelling in step with bbsnap/tinyguest/__init__.py:
 #   BBSNAP-COUNTER <n>          counter start value, then every 50 ticks
+#   BBSNAP-MEMCOUNTER <n>       an in-memory counter, from 1 at each boot, every half second
+#                               (never stored: after a memory-state revert it continues)
 #   BBSNAP-SEED instance-id=<id> hostname=<name> | BBSNAP-SEED none
 #   BBSNAP-USERDATA sha256=<hex>  the seed's user-data file as the guest read it
 #                               (only when a seed with a user-data file is present)
@@ -86,6 +88,18 @@ counter_loop() {
     done
 }
 
+# --- in-memory counter -----------------------------------------------------------------
+# Lives only in this shell's memory: a boot starts it at 1, a restored memory image goes on
+# from the value it had at the snapshot.
+mem_counter_loop() {
+    m=0
+    while :; do
+        m=$((m + 1))
+        echo "BBSNAP-MEMCOUNTER $m"
+        usleep 500000
+    done
+}
+
 start_counter() {
     if ! wait_for /dev/vda 50; then
         warn "no /dev/vda: counter not running"
@@ -94,6 +108,7 @@ start_counter() {
     start=$(counter_read)
     echo "BBSNAP-COUNTER $start"
     counter_loop "$start" &
+    mem_counter_loop &
 }
 
 # --- cloud-init style seed ----------------------------------------------------------

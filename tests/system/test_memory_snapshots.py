@@ -1,0 +1,239 @@
+"""Memory-state snapshots under the real libvirtd (TCG), proven with the tiny guest's two
+counters: BBSNAP-MEMCOUNTER lives only in the guest's memory (a boot starts it at 1), the
+disk counter lives on its disk.
+
+A revert to a memory snapshot must show the memory counter going on from its value at the
+snapshot with no boot in between, on the snapshot's disk counter; `--disk-only` and clones
+boot afresh from the disk; refusals change nothing; a SIGKILL at any point of the save or
+the restore leaves the server running on a whole disk with nothing temporary left.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from bbsnap.disks import qemu_img
+from bbsnap.tinyguest import MEMCOUNTER_PREFIX, READY_LINE, read_counter
+from tests.system.conftest import (console_path, create_server, image_record,
+                                   wait_for_console_line, wait_settled, wait_until)
+
+
+def mem_counters(cloud, server_id: str) -> list[int]:
+    log = console_path(cloud, server_id)
+    if not log.exists():
+        return []
+    return [int(line.split()[1]) for line in log.read_text(errors="replace").splitlines()
+            if line.startswith(MEMCOUNTER_PREFIX) and line.split()[1:2] != [""]
+            and line.split()[1].isdigit()]
+
+
+def last_mem_counter(cloud, server_id: str) -> int:
+    found = mem_counters(cloud, server_id)
+    return found[-1] if found else 0
+
+
+def disk_counter(disk: str | Path) -> int:
+    value = read_counter(Path(disk))
+    return -1 if value is None else value
+
+
+def state(server_id: str) -> str:
+    return subprocess.run(["virsh", "-c", "qemu:///system", "domstate", server_id],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def show(cloud, server_id: str) -> dict:
+    result = cloud("servers", "show", server_id, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def booted(cloud, memory: str = "128", *args: str, image: str | None = None) -> dict:
+    (server,) = create_server(cloud, "--memory", memory, *args, image=image)  # the last wins
+    wait_for_console_line(console_path(cloud, server["id"]), READY_LINE)
+    wait_until(lambda: last_mem_counter(cloud, server["id"]) >= 3, 60, "the memory counter")
+    return server
+
+
+def memory_snapshot(cloud, server_id: str) -> tuple[str, int, int]:
+    """A memory snapshot and the memory counter just before and just after the command."""
+    before = last_mem_counter(cloud, server_id)
+    result = cloud("servers", "snapshot", server_id, "--memory")
+    after = last_mem_counter(cloud, server_id)
+    assert result.exit_code == 0, result.stderr
+    image_id = result.stdout.strip()
+    record = wait_settled(cloud, image_id)
+    assert record["state"] == "available", record["failure_reason"]
+    return image_id, before, after
+
+
+def internal_snapshots(disk: str) -> list[str]:
+    return qemu_img.snapshot_names(Path(disk))
+
+
+def work_files(cloud) -> list[str]:
+    return sorted(p.name for p in (cloud.data_dir / "tmp").iterdir())
+
+
+def revert(cloud, server_id: str, *args: str) -> dict:
+    result = cloud("servers", "revert", server_id, *args, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    (after,) = json.loads(result.stdout)
+    return after
+
+
+def test_revert_resumes_the_guest_where_the_memory_snapshot_was(cloud, hypervisor):
+    server = booted(cloud)
+    srv, disk = server["id"], server["disks"][0]
+    image_id, before, after = memory_snapshot(cloud, srv)
+    record = image_record(cloud, image_id)
+    memory_file = cloud.data_dir / "images" / f"{image_id}.memory.gz"
+    assert record["memory_state"] is True
+    assert memory_file.stat().st_mode & 0o777 == 0o600, "the guest's secrets: owner only"
+    with gzip.open(memory_file) as packed:
+        assert packed.read(16) == b"LibvirtQemudSave"  # libvirt's save image, compressed
+    disk_file = cloud.data_dir / "images" / f"{image_id}.qcow2"
+    assert record["disk_size"] > memory_file.stat().st_size, "the memory volume is counted"
+    assert show(cloud, srv)["disks"] == [disk], "the guest's disk chain is as before"
+    assert internal_snapshots(disk) == [] and work_files(cloud) == []
+    at_snapshot = disk_counter(disk_file)
+    files = {p: digest(p) for p in (memory_file, disk_file)}
+
+    wait_until(lambda: last_mem_counter(cloud, srv) > after + 4, 60, "the guest to go on")
+    wait_until(lambda: disk_counter(disk) > at_snapshot + 5, 60, "disk writes after it")
+    assert state(srv) == "running"
+    reverted = revert(cloud, srv, image_id)
+    assert reverted["status"] == "active" and reverted["image_id"] == image_id
+    wait_until(lambda: mem_counters(cloud, srv), 60, "the memory counter after the revert")
+    first = mem_counters(cloud, srv)[0]
+    assert before < first <= after + 2, (before, first, after)
+    log = console_path(cloud, srv).read_text(errors="replace")
+    assert READY_LINE not in log and "BBSNAP-SEED" not in log, "no boot in between"
+    new_disk = reverted["disks"][0]
+    assert new_disk != disk and not Path(disk).exists()
+    assert at_snapshot <= disk_counter(new_disk) < at_snapshot + 20, "the snapshot's disk"
+    assert files == {p: digest(p) for p in files}, "the snapshot's files are never written"
+    assert work_files(cloud) == []
+
+    # --disk-only: the same image's disk, booted afresh.
+    cold = revert(cloud, srv, image_id, "--disk-only")
+    wait_for_console_line(console_path(cloud, srv), READY_LINE)
+    first_line = wait_for_console_line(console_path(cloud, srv), "BBSNAP-COUNTER")
+    assert int(first_line.split()[1]) == at_snapshot
+    assert mem_counters(cloud, srv)[0] == 1
+    assert cold["status"] == "active"
+
+    # A clone boots from the disk alone, with its own identity.
+    (clone,) = create_server(cloud, "--memory", "128", image=image_id)
+    seed = wait_for_console_line(console_path(cloud, clone["id"]), "BBSNAP-SEED")
+    assert f"instance-id={clone['id']}" in seed
+    first_line = wait_for_console_line(console_path(cloud, clone["id"]), "BBSNAP-COUNTER")
+    assert int(first_line.split()[1]) == at_snapshot
+
+
+def test_refusals_change_nothing(cloud, hypervisor):
+    server = booted(cloud)
+    srv = server["id"]
+    image_id, _, _ = memory_snapshot(cloud, srv)
+    other = booted(cloud)
+
+    def unchanged(server_id: str, disk: str) -> None:
+        assert state(server_id) == "running"
+        assert show(cloud, server_id)["disks"] == [disk]
+        assert work_files(cloud) == []
+
+    refused = cloud("servers", "revert", other["id"], image_id)
+    assert refused.exit_code == 4 and "not a snapshot of server" in refused.stderr
+    unchanged(other["id"], other["disks"][0])
+
+    # The server's definition now asks for more RAM: the saved RAM would not fit it.
+    xml = ET.fromstring(hypervisor.domain_xml(srv, inactive=True))
+    for tag in ("memory", "currentMemory"):
+        element = xml.find(tag)
+        assert element is not None
+        element.text, element.attrib["unit"] = "160", "MiB"
+    hypervisor.define(ET.tostring(xml, encoding="unicode"))
+    refused = cloud("servers", "revert", srv, image_id)
+    assert refused.exit_code == 4, refused.stderr
+    assert "RAM 128 MiB then, 160 MiB now" in refused.stderr
+    unchanged(srv, server["disks"][0])
+
+    stopped = cloud("servers", "stop", other["id"], "--force")
+    assert stopped.exit_code == 0, stopped.stderr
+    refused = cloud("servers", "snapshot", other["id"], "--memory")
+    assert refused.exit_code == 4 and "needs a running server" in refused.stderr
+    assert [i["id"] for i in json.loads(cloud("images", "list", "--format", "json").stdout)
+            ] == [cloud.image_id, image_id], "no image was made"
+
+
+def test_uefi_guest_memory_snapshot_and_revert(cloud, hypervisor, tiny_guest_image):
+    imported = cloud("images", "import", str(tiny_guest_image), "--name", "tiny uefi",
+                     "--firmware", "uefi")
+    assert imported.exit_code == 0, imported.stderr
+    server = booted(cloud, "256", image=imported.stdout.strip())  # OVMF needs 256 MiB
+    srv = server["id"]
+    image_id, before, after = memory_snapshot(cloud, srv)
+    wait_until(lambda: last_mem_counter(cloud, srv) > after + 4, 60, "the guest to go on")
+    reverted = revert(cloud, srv, image_id)
+    assert reverted["firmware"] == "uefi"
+    wait_until(lambda: mem_counters(cloud, srv), 60, "the memory counter after the revert")
+    assert before < mem_counters(cloud, srv)[0] <= after + 2
+    assert READY_LINE not in console_path(cloud, srv).read_text(errors="replace")
+
+
+def kill_after(cloud, delay: float, *args: str) -> None:
+    """Run a bbsnap command as its own process and SIGKILL it after *delay* seconds."""
+    process = subprocess.Popen([sys.executable, "-m", "bbsnap.cli.main", *args],
+                               env={**os.environ, **cloud.env}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        process.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def test_sigkill_during_the_save_and_the_restore(cloud, hypervisor):
+    server = booted(cloud)
+    srv = server["id"]
+    rng = random.Random(13)
+    for _ in range(3):
+        kill_after(cloud, rng.uniform(0.3, 1.5), "servers", "snapshot", srv, "--memory")
+        listed = cloud("images", "list", "--format", "json")  # runs crash recovery
+        assert listed.exit_code == 0, listed.stderr
+        for image in json.loads(listed.stdout):
+            if image["state"] == "creating":
+                wait_settled(cloud, image["id"])
+        wait_until(lambda: state(srv) == "running", 60, "the server running again")
+        disk = show(cloud, srv)["disks"][0]
+        assert disk == server["disks"][0] and internal_snapshots(disk) == []
+        assert work_files(cloud) == []
+        for image in json.loads(cloud("images", "list", "--format", "json").stdout):
+            if image["memory_state"]:
+                assert image["state"] == "available"
+                assert (cloud.data_dir / "images" / f"{image['id']}.memory.gz").is_file()
+
+    image_id, _, _ = memory_snapshot(cloud, srv)
+    for _ in range(3):
+        kill_after(cloud, rng.uniform(0.2, 2.0), "servers", "revert", srv, image_id)
+        shown = cloud("servers", "show", srv, "--format", "json")  # runs crash recovery
+        assert shown.exit_code == 0, shown.stderr
+        wait_until(lambda: state(srv) == "running", 90, "the server running again")
+        disk = show(cloud, srv)["disks"][0]
+        assert Path(disk).is_file() and disk_counter(disk) >= 0, "a whole disk"
+        assert work_files(cloud) == []
+        files = sorted(p.name for p in (cloud.data_dir / "servers" / srv).glob("disk*.qcow2"))
+        assert files == [Path(disk).name]
