@@ -17,7 +17,6 @@ guests never share the two cores during a measured copy.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchlib import bench_dir
+from benchlib import BBSNAP, cli_runner, guest_env, bench_dir
 
 RUNS = 5
 GOAL = 1.2
@@ -42,15 +41,11 @@ def main() -> None:
     from bbsnap.tinyguest import READY_LINE, build_tiny_guest
 
     work = bench_dir()
-    env = {**os.environ, "BBSNAP_HOME": str(work / "data"), "BBSNAP_CONFIG": "",
-           "BBSNAP_ACCEL": "tcg", "LIBVIRT_DEFAULT_URI": URI}
-    bbsnap = [sys.executable, "-m", "bbsnap.cli.main"]
+    env = guest_env(work, LIBVIRT_DEFAULT_URI=URI)
+    bbsnap = BBSNAP
     foreign: list[str] = []
     servers: list[str] = []
-
-    def run(*args: str) -> str:
-        return subprocess.run([*bbsnap, *args], env=env, check=True, capture_output=True,
-                              text=True).stdout.strip()
+    run = cli_runner(env)
 
     def virsh(*args: str) -> str:
         return subprocess.run(["virsh", "-q", "-c", URI, *args], check=True,

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import bench_dir
+from benchlib import BBSNAP, cli_runner, guest_env, bench_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bbsnap.tinyguest import READY_LINE, build_tiny_guest
@@ -84,13 +84,9 @@ class ConsoleWatch:
 
 def main() -> None:
     work = bench_dir()
-    env = {**os.environ, "BBSNAP_HOME": str(work / "data"), "BBSNAP_CONFIG": "",
-           "BBSNAP_ACCEL": "tcg"}
-    bbsnap = [sys.executable, "-m", "bbsnap.cli.main"]
-
-    def run(*args: str) -> str:
-        return subprocess.run([*bbsnap, *args], env=env, check=True, capture_output=True,
-                              text=True).stdout.strip()
+    env = guest_env(work)
+    bbsnap = BBSNAP
+    run = cli_runner(env)
 
     def wait_line(log: Path, wanted: str, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout

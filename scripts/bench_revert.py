@@ -12,14 +12,13 @@ Goal: revert <= 2x create. Each figure is the median of several runs. Needs libv
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import bench_dir, median_time
+from benchlib import BBSNAP, cli_runner, guest_env, bench_dir, median_time
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bbsnap.tinyguest import build_tiny_guest
@@ -30,14 +29,10 @@ GOAL = 2.0
 
 def main() -> None:
     work = bench_dir()
-    env = {**os.environ, "BBSNAP_HOME": str(work / "data"), "BBSNAP_CONFIG": "",
-           "BBSNAP_ACCEL": "tcg"}
-    bbsnap = [sys.executable, "-m", "bbsnap.cli.main"]
+    env = guest_env(work)
+    bbsnap = BBSNAP
     created: list[str] = []
-
-    def run(*args: str) -> str:
-        return subprocess.run([*bbsnap, *args], env=env, check=True, capture_output=True,
-                              text=True).stdout.strip()
+    run = cli_runner(env)
 
     def create(image_id: str) -> str:
         server = run("servers", "create", image_id, "--memory", "128", "-s").split("\t")[0]

@@ -21,20 +21,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import GIB, bench_dir, filesystem_image, median_time, small_image
+from benchlib import BBSNAP, cli_runner, guest_env, GIB, bench_dir, filesystem_image, median_time, small_image
 
 RUNS = 5
 
 
 def main() -> None:
     work = bench_dir()
-    env = {**os.environ, "BBSNAP_HOME": str(work / "data"), "BBSNAP_CONFIG": "",
-           "BBSNAP_ACCEL": "tcg"}
-    bbsnap = [sys.executable, "-m", "bbsnap.cli.main"]
-
-    def run(*args: str) -> str:
-        return subprocess.run([*bbsnap, *args], env=env, check=True, capture_output=True,
-                              text=True).stdout.strip()
+    env = guest_env(work)
+    bbsnap = BBSNAP
+    run = cli_runner(env)
 
     try:
         print("preparing images (8 GiB virtual with ~1 GiB of files, and 64 MiB) ...", file=sys.stderr)

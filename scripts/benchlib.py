@@ -6,6 +6,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +15,24 @@ from typing import Callable
 GIB = 1 << 30
 MIB = 1 << 20
 SOURCES = ("/usr/share", "/usr/lib")
+
+
+BBSNAP = [sys.executable, "-m", "bbsnap.cli.main"]  # the CLI, a new process per command
+
+
+def guest_env(work: Path, **extra: str) -> dict[str, str]:
+    """The environment of a benchmark's bbsnap commands: their own data directory under
+    *work*, no user configuration, TCG guests (KVM does not boot guests here)."""
+    return {**os.environ, "BBSNAP_HOME": str(work / "data"), "BBSNAP_CONFIG": "",
+            "BBSNAP_ACCEL": "tcg", **extra}
+
+
+def cli_runner(env: dict[str, str]) -> Callable[..., str]:
+    """run(*args): one bbsnap command in *env*, which must succeed; its stripped stdout."""
+    def run(*args: str) -> str:
+        return subprocess.run([*BBSNAP, *args], env=env, check=True, capture_output=True,
+                              text=True).stdout.strip()
+    return run
 
 
 def median_time(action: Callable[[], object], runs: int, between: Callable[[], object] | None = None) -> float:

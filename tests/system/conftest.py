@@ -6,6 +6,7 @@ not skip): `scripts/test` and `.ci/run` start it before running pytest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import time
@@ -120,6 +121,18 @@ def create_server(cloud, *args: str, image: str | None = None) -> list[dict]:
                    "--format", "json")
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def server_record(cloud, server_id: str) -> dict:
+    """`servers show SRV --format json`, which must succeed."""
+    result = cloud("servers", "show", server_id, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: proof that a snapshot's stored files were not written."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def image_record(cloud, image_id: str) -> dict:

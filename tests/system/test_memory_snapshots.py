@@ -11,7 +11,6 @@ the restore leaves the server running on a whole disk with nothing temporary lef
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import random
@@ -23,8 +22,9 @@ from pathlib import Path
 
 from bbsnap.disks import qemu_img
 from bbsnap.tinyguest import MEMCOUNTER_PREFIX, READY_LINE, read_counter
-from tests.system.conftest import (console_path, create_server, image_record,
-                                   wait_for_console_line, wait_settled, wait_until)
+from tests.system.conftest import (console_path, create_server, file_digest, image_record,
+                                   server_record, wait_for_console_line, wait_settled,
+                                   wait_until)
 
 
 def mem_counters(cloud, server_id: str) -> list[int]:
@@ -49,16 +49,6 @@ def disk_counter(disk: str | Path) -> int:
 def state(server_id: str) -> str:
     return subprocess.run(["virsh", "-c", "qemu:///system", "domstate", server_id],
                           capture_output=True, text=True).stdout.strip()
-
-
-def show(cloud, server_id: str) -> dict:
-    result = cloud("servers", "show", server_id, "--format", "json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def booted(cloud, memory: str = "128", *args: str, image: str | None = None) -> dict:
@@ -107,10 +97,10 @@ def test_revert_resumes_the_guest_where_the_memory_snapshot_was(cloud, hyperviso
         assert packed.read(16) == b"LibvirtQemudSave"  # libvirt's save image, compressed
     disk_file = cloud.data_dir / "images" / f"{image_id}.qcow2"
     assert record["disk_size"] > memory_file.stat().st_size, "the memory volume is counted"
-    assert show(cloud, srv)["disks"] == [disk], "the guest's disk chain is as before"
+    assert server_record(cloud, srv)["disks"] == [disk], "the guest's disk chain is as before"
     assert internal_snapshots(disk) == [] and work_files(cloud) == []
     at_snapshot = disk_counter(disk_file)
-    files = {p: digest(p) for p in (memory_file, disk_file)}
+    files = {p: file_digest(p) for p in (memory_file, disk_file)}
 
     wait_until(lambda: last_mem_counter(cloud, srv) > after + 4, 60, "the guest to go on")
     wait_until(lambda: disk_counter(disk) > at_snapshot + 5, 60, "disk writes after it")
@@ -125,7 +115,7 @@ def test_revert_resumes_the_guest_where_the_memory_snapshot_was(cloud, hyperviso
     new_disk = reverted["disks"][0]
     assert new_disk != disk and not Path(disk).exists()
     assert at_snapshot <= disk_counter(new_disk) < at_snapshot + 20, "the snapshot's disk"
-    assert files == {p: digest(p) for p in files}, "the snapshot's files are never written"
+    assert files == {p: file_digest(p) for p in files}, "the snapshot's files are never written"
     assert work_files(cloud) == []
 
     # --disk-only: the same image's disk, booted afresh.
@@ -152,7 +142,7 @@ def test_refusals_change_nothing(cloud, hypervisor):
 
     def unchanged(server_id: str, disk: str) -> None:
         assert state(server_id) == "running"
-        assert show(cloud, server_id)["disks"] == [disk]
+        assert server_record(cloud, server_id)["disks"] == [disk]
         assert work_files(cloud) == []
 
     refused = cloud("servers", "revert", other["id"], image_id)
@@ -218,7 +208,7 @@ def test_sigkill_during_the_save_and_the_restore(cloud, hypervisor):
             if image["state"] == "creating":
                 wait_settled(cloud, image["id"])
         wait_until(lambda: state(srv) == "running", 60, "the server running again")
-        disk = show(cloud, srv)["disks"][0]
+        disk = server_record(cloud, srv)["disks"][0]
         assert disk == server["disks"][0] and internal_snapshots(disk) == []
         assert work_files(cloud) == []
         for image in json.loads(cloud("images", "list", "--format", "json").stdout):
@@ -232,7 +222,7 @@ def test_sigkill_during_the_save_and_the_restore(cloud, hypervisor):
         shown = cloud("servers", "show", srv, "--format", "json")  # runs crash recovery
         assert shown.exit_code == 0, shown.stderr
         wait_until(lambda: state(srv) == "running", 90, "the server running again")
-        disk = show(cloud, srv)["disks"][0]
+        disk = server_record(cloud, srv)["disks"][0]
         assert Path(disk).is_file() and disk_counter(disk) >= 0, "a whole disk"
         assert work_files(cloud) == []
         files = sorted(p.name for p in (cloud.data_dir / "servers" / srv).glob("disk*.qcow2"))

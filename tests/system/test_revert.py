@@ -8,7 +8,6 @@ survive a SIGKILL at any point.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -22,9 +21,10 @@ import libvirt
 
 from bbsnap.catalogue import Catalogue
 from bbsnap.tinyguest import READY_LINE, read_counter
-from tests.system.conftest import (URI, backing_file, console_path, create_server,
-                                   image_record, set_backup_speed, wait_for_console_line,
-                                   wait_settled, wait_until, write_into_running_disk)
+from tests.system.conftest import (URI, backing_file, console_path, create_server, file_digest,
+                                   image_record, server_record, set_backup_speed,
+                                   wait_for_console_line, wait_settled, wait_until,
+                                   write_into_running_disk)
 
 IDENTITY = ("id", "uuid", "name", "macs", "ssh_port")
 
@@ -57,16 +57,6 @@ def booted_counter(cloud, server_id: str) -> int:
     return int(line.split()[1])
 
 
-def show(cloud, server_id: str) -> dict:
-    result = cloud("servers", "show", server_id, "--format", "json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def holders(cloud) -> dict[str, list[str]]:
     catalogue = Catalogue(cloud.data_dir / "catalogue.sqlite3")
     try:
@@ -90,10 +80,10 @@ def test_revert_to_the_newest_and_an_older_snapshot_and_back(cloud, hypervisor):
     wait_until(lambda: counter(server["disks"][0]) > at_older + 5, 60, "writes after it")
     newer, at_newer = snapshot(cloud, srv)
     wait_until(lambda: counter(server["disks"][0]) > at_newer + 5, 60, "writes after it")
-    assert show(cloud, srv)["snapshots"] == [older, newer]
+    assert server_record(cloud, srv)["snapshots"] == [older, newer]
     listed = cloud("images", "list", "--server", srv, "-s")
     assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == [older, newer]
-    files = {i: digest(cloud.data_dir / "images" / f"{i}.qcow2")
+    files = {i: file_digest(cloud.data_dir / "images" / f"{i}.qcow2")
              for i in (cloud.image_id, older, newer)}
 
     after = revert(cloud, srv)  # the newest by default
@@ -111,8 +101,8 @@ def test_revert_to_the_newest_and_an_older_snapshot_and_back(cloud, hypervisor):
     assert {k: again[k] for k in IDENTITY} == {k: server[k] for k in IDENTITY}
 
     # Nothing else changed: the same images, files and history; only the server's hold moved.
-    assert show(cloud, srv)["snapshots"] == [older, newer]
-    assert files == {i: digest(cloud.data_dir / "images" / f"{i}.qcow2") for i in files}
+    assert server_record(cloud, srv)["snapshots"] == [older, newer]
+    assert files == {i: file_digest(cloud.data_dir / "images" / f"{i}.qcow2") for i in files}
     held = holders(cloud)
     assert srv in held[newer] and srv not in held[older] and srv not in held[cloud.image_id]
     disks = sorted(p.name for p in (cloud.data_dir / "servers" / srv).glob("disk*.qcow2"))
@@ -130,7 +120,7 @@ def test_revert_refuses_what_is_not_one_of_the_servers_snapshots(cloud, hypervis
         assert refused.exit_code == 4, refused.stderr
         assert f"servers rebuild {server['id']} {image}" in refused.stderr
     assert cloud("servers", "revert", server["id"], "img-zzzzz").exit_code == 3
-    assert show(cloud, server["id"])["disks"] == server["disks"], "the disk is untouched"
+    assert server_record(cloud, server["id"])["disks"] == server["disks"], "the disk is untouched"
 
 
 def test_after_a_revert_the_next_snapshot_is_a_delta_on_the_reverted_to_snapshot(cloud,
@@ -185,7 +175,7 @@ def test_a_revert_waits_for_a_snapshot_copy_of_the_server(cloud, hypervisor):
     assert child.returncode == 0, stderr
     assert f"waiting for another operation on {srv}" in stderr
     assert wait_settled(cloud, copying)["state"] == "available"
-    assert show(cloud, srv)["image_id"] == first
+    assert server_record(cloud, srv)["image_id"] == first
 
 
 # -- SIGKILL ----------------------------------------------------------------------------------
@@ -209,7 +199,7 @@ def kill_revert_after(cloud, server_id: str, image_id: str, delay: float) -> Non
 def check_whole(cloud, hypervisor, server_id: str, snapshots: set[str]) -> dict:
     """After recovery: one whole disk, named by the definition, on one of the server's
     images, which alone holds the server; the server runs; no journal is left."""
-    record = show(cloud, server_id)  # the next command: it recovers first
+    record = server_record(cloud, server_id)  # the next command: it recovers first
     directory = cloud.data_dir / "servers" / server_id
     assert not (directory / ".rebuilding").exists()
     assert record["status"] == "active"
