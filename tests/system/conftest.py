@@ -169,6 +169,18 @@ def nothing_left(cloud, hypervisor) -> None:
     catalogue.close()
 
 
+def define_xml(xml: str) -> None:
+    """(Re)define a domain from raw libvirt XML, as another tool or a user with virsh would:
+    the port itself only takes bbsnap's DomainSpec."""
+    import libvirt
+
+    conn = libvirt.open(URI)
+    try:
+        conn.defineXML(xml)
+    finally:
+        conn.close()
+
+
 def qemu_monitor(domain: str, command: str, *, hmp: bool = False) -> str:
     """One command to a running domain's QEMU monitor (QMP JSON, or HMP text)."""
     import libvirt

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from bbsnap.disks import qemu_img
 from bbsnap.tinyguest import MEMCOUNTER_PREFIX, READY_LINE, read_counter
-from tests.system.conftest import (console_path, create_server, file_digest, image_record,
-                                   server_record, wait_for_console_line, wait_settled,
-                                   wait_until)
+from tests.system.conftest import (console_path, create_server, define_xml, file_digest,
+                                   image_record, server_record, wait_for_console_line,
+                                   wait_settled, wait_until)
 
 
 def mem_counters(cloud, server_id: str) -> list[int]:
@@ -155,7 +155,7 @@ def test_refusals_change_nothing(cloud, hypervisor):
         element = xml.find(tag)
         assert element is not None
         element.text, element.attrib["unit"] = "160", "MiB"
-    hypervisor.define(ET.tostring(xml, encoding="unicode"))
+    define_xml(ET.tostring(xml, encoding="unicode"))
     refused = cloud("servers", "revert", srv, image_id)
     assert refused.exit_code == 4, refused.stderr
     assert "RAM 128 MiB then, 160 MiB now" in refused.stderr
