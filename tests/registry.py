@@ -205,12 +205,7 @@ class CuttingProxy:
                 sink.sendall(data)
         except OSError:
             pass
-        for sock in pair:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+        _shut(pair, close=True)
 
     def release(self) -> None:
         self._release.set()
@@ -303,8 +298,17 @@ def _relay(source: socket.socket, sink: socket.socket, pair: list[socket.socket]
             sink.sendall(data)
     except OSError:
         pass
+    _shut(pair)
+
+
+def _shut(pair: list[socket.socket], *, close: bool = False) -> None:
+    """End both directions of a relayed connection, so each peer sees EOF rather than a
+    hang; *close* also frees the sockets (the relay threads share them, so only the side
+    that knows both are done closes)."""
     for sock in pair:
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        if close:
+            sock.close()

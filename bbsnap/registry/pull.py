@@ -66,8 +66,7 @@ class Puller:
         self._records = LayerRecords(catalogue)
         self._insecure = insecure
 
-    def pull(self, ref: Reference, *, name: str | None = None,
-             progress: Callable[[int], None] | None = None) -> PullResult:
+    def pull(self, ref: Reference, *, name: str | None = None) -> PullResult:
         note = self._reporter.step
         if name is not None:
             image_fields.check_name(name)
@@ -84,8 +83,7 @@ class Puller:
             with locks.acquire_path(self._data_dir.locks_dir / "registry-pull.lock",
                                     timeout=self._data_dir.lock_timeout,
                                     purpose="images pull", busy="another images pull"):
-                return self._chain(client, pulled, entries, manifest_digest, name, note,
-                                   progress)
+                return self._chain(client, pulled, entries, manifest_digest, name, note)
         finally:
             client.close()
 
@@ -117,7 +115,7 @@ class Puller:
 
     def _chain(self, client: RegistryClient, pulled: artifact.PulledManifest,
                entries: list[artifact.ChainEntry], manifest_digest: str, name: str | None,
-               note: Note, progress: Callable[[int], None] | None) -> PullResult:
+               note: Note) -> PullResult:
         local: dict[str, str] = {}          # origin id -> local id
         made: list[tuple[Image, artifact.Descriptor, str | None]] = []
         reused: list[str] = []
@@ -136,7 +134,7 @@ class Puller:
                 made.append((image, desc, below))
                 local[entry.origin_id] = image.id
                 note(f"pulling layer {desc.digest[7:19]} ({desc.size} bytes) as {image.id}")
-                self._fill(client, image, desc, entry, parent, below, index, progress)
+                self._fill(client, image, desc, entry, parent, below, index)
                 parent, below = self._catalogue.get(image.id), desc.digest
             where = f"{client.ref.host}/{client.ref.repository}"
             for image, desc, under in made:
@@ -176,7 +174,7 @@ class Puller:
 
     def _fill(self, client: RegistryClient, image: Image, layer: artifact.Descriptor,
               entry: artifact.ChainEntry, parent: Image | None, below: str | None,
-              index: int, progress: Callable[[int], None] | None) -> None:
+              index: int) -> None:
         tmp = self._data_dir.tmp_dir
         download = tmp / f"{image.id}.download"
         final = self._data_dir.image_file(image.id)
@@ -186,6 +184,11 @@ class Puller:
         head = _LayerHead(entry.virtual_size, layer.size, backing_title,
                           self._settings.max_virtual_size)
         reader = BlobReader(client, layer.digest, layer.size, verify=False)
+        label = f"Pulling layer {index + 1}"
+
+        def progress(done: int) -> None:
+            self._reporter.progress(label, done, layer.size)
+
         try:
             copy_decompressed(cast(BinaryIO, reader), download, max_output=min(
                 layer.size, self._settings.max_decompressed_size),
@@ -193,6 +196,7 @@ class Puller:
                 check_head=head, head_size=MAX_HEADER_AREA, compression=Compression.NONE,
                 stated_by="the registry", sync=False)
         finally:
+            self._reporter.progress_end()
             reader.close()
         info = qemu_img.info(download, "qcow2", untrusted=True)
         if info.format != "qcow2" or info.data_file:
