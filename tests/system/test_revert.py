@@ -205,8 +205,12 @@ def check_whole(cloud, hypervisor, server_id: str, snapshots: set[str]) -> dict:
     assert record["status"] == "active"
     (disk,) = record["disks"]
     assert sorted(p.name for p in directory.glob("disk*.qcow2")) == [Path(disk).name]
-    check = subprocess.run(["qemu-img", "check", "-U", disk], capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
+    # The guest is writing to it: a refcount check of a live qcow2 races QEMU's cached metadata
+    # (a cluster counted before its data reaches the file), so live, only the header and
+    # chain are read; the killed-revert test checks the whole image once the server is off.
+    info = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", disk],
+                          capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
     backing = backing_file(disk)[0]
     assert any(backing.endswith(f"{i}.qcow2") for i in snapshots | {cloud.image_id})
     assert backing.endswith(f"{record['image_id']}.qcow2")
@@ -229,5 +233,9 @@ def test_a_killed_revert_is_settled_by_the_next_command(cloud, hypervisor):
         print(f"seed {seed} kill {kill}: on {record['image_id']}")
     after = revert(cloud, srv, first)
     assert booted_counter(cloud, srv) == at_first
-    check_whole(cloud, hypervisor, srv, {first, second})
+    (disk,) = check_whole(cloud, hypervisor, srv, {first, second})["disks"]
     assert at_second >= at_first and after["uuid"] == server["uuid"]
+    stopped = cloud("servers", "stop", "--force", srv)
+    assert stopped.exit_code == 0, stopped.stderr
+    check = subprocess.run(["qemu-img", "check", disk], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
