@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import proc
-from .errors import NotFoundError, UsageError
+from bbsnap import proc
+from bbsnap.errors import NotFoundError, UsageError
 
 # Assembled from this (GNU as --32, objcopy -O binary); trailing zeros omitted:
 #   cli; xor ax,ax; mov ds,ax; lgdt [gdtr]; set CR0.PE; ljmp 0x08:pm
@@ -117,7 +117,7 @@ def cached_probe(cache_file: Path) -> AccelProbe:
     import json
     import shutil
 
-    from .jobs import boot_id
+    from bbsnap.state.process_tokens import boot_id
 
     binary = shutil.which("qemu-system-x86_64") or ""
     stamp = f"{boot_id()}:{binary}:{os.stat(binary).st_mtime if binary else 0}"

@@ -21,9 +21,9 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .sizes import GIB, parse_size
-from .vocabulary import Accel, values
+from bbsnap.errors import UsageError
+from bbsnap.sizes import GIB, parse_size
+from bbsnap.vocabulary import Accel, values
 
 ACCEL_CHOICES = values(Accel)
 SYSTEM_URI = "qemu:///system"
@@ -47,7 +47,7 @@ class Settings:
     network: str = "user"          # "user" (user-mode + 127.0.0.1 forward) or a libvirt network
     http_timeout: float = 30.0     # seconds to connect, and to wait for each read, on image URLs
     http_min_rate: int = 1024      # bytes/s an image URL must keep up over each http_timeout
-    lock_timeout: float = 3600.0   # longest wait for another operation's lock (see locks.py)
+    lock_timeout: float = 3600.0   # longest wait for another operation's lock (see state/locks.py)
     max_chain_depth: int = 32      # files a snapshot chain may take to open; then it restarts
     # Where `connect` came from ("--connect", "LIBVIRT_DEFAULT_URI", the config file, or
     # why it was chosen automatically), for `doctor`. Not a setting: no file or variable sets it.
@@ -136,7 +136,7 @@ def parse_choice(choices: tuple[str, ...]) -> Parser:
 
 def parse_port_range_setting(value: Any, where: str) -> str:
     """"LOW-HIGH" within 1024-65535, checked now rather than at the first `servers create`."""
-    from .netports import parse_port_range  # deferred: imports socket
+    from bbsnap.netports import parse_port_range  # deferred: imports socket
 
     text = parse_text(value, where)
     try:

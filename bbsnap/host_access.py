@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import proc
-from .errors import ConflictError
+from bbsnap import proc
+from bbsnap.errors import ConflictError
 
 CONNECTION_RECORD = "connection.json"
 

@@ -10,7 +10,7 @@ import re
 import secrets
 from typing import Callable
 
-from .errors import ConflictError, UsageError
+from bbsnap.errors import ConflictError, UsageError
 
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 ID_LENGTH = 5

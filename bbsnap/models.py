@@ -68,7 +68,7 @@ class Image:
     job: str | None = None         # "<pid>:<start ticks>" of the process creating it
     progress: int | None = None    # percent of a snapshot's copy done, while it runs
     memory_path: str | None = None  # a memory snapshot's saved RAM and device state: a file
-                                    # name in images/ (services/memory_snapshot.py)
+                                    # name in images/ (services/snapshots/memory.py)
 
     @property
     def memory_state(self) -> bool:
@@ -167,7 +167,7 @@ class SnapshotJob:
     domain_uuid: str
     mode: str                    # "backup" (running: push-mode backup), "memory" (running:
                                  # the RAM saved and the disks' instant kept at one instant,
-                                 # services/memory_snapshot.py) or "copy" (shut off)
+                                 # services/snapshots/memory.py) or "copy" (shut off)
     disks: tuple[SnapshotDisk, ...]
 
 

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from . import safe_files
-from .errors import ConflictError, UsageError
-from .jobs import current_job_token, job_alive
-from .locks import acquire_path
+from bbsnap import safe_files
+from bbsnap.errors import ConflictError, UsageError
+from bbsnap.state.process_tokens import current_job_token, job_alive
+from bbsnap.state.locks import acquire_path
 
 
 def parse_port_range(text: str) -> range:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .errors import ExternalCommandError, NotFoundError
+from bbsnap.errors import ExternalCommandError, NotFoundError
 
 DEFAULT_TIMEOUT = 600.0
 

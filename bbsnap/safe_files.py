@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from .errors import InvalidInputError
+from bbsnap.errors import InvalidInputError
 
 PRIVATE = 0o600            # exports and work files: what a guest wrote is private
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

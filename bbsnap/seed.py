@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidInputError, UsageError
+from bbsnap.errors import InvalidInputError, UsageError
 
 VOLUME_ID = "cidata"
 MAX_USER_DATA = 16 * 1024 * 1024

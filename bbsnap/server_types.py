@@ -6,8 +6,8 @@ Sizes suit a workstation: the smallest boots a cloud image in 256 MiB.
 
 from __future__ import annotations
 
-from .errors import NotFoundError
-from .models import ServerType
+from bbsnap.errors import NotFoundError
+from bbsnap.models import ServerType
 
 SERVER_TYPES: tuple[ServerType, ...] = (
     ServerType("typ-4nssg", "nano", vcpus=1, memory_mib=256, disk_gib=2),

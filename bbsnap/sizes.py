@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import UsageError
+from bbsnap.errors import UsageError
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

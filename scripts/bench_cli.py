@@ -32,8 +32,8 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
 
 def fill_catalogue(data_dir: Path, rows: int) -> None:
     from bbsnap import ids
-    from bbsnap.catalogue import Catalogue, utcnow
-    from bbsnap.layout import DataDir
+    from bbsnap.state.catalogue import Catalogue, utcnow
+    from bbsnap.state.layout import DataDir
     from bbsnap.models import Image, ImageStatus, ImageType
 
     layout = DataDir(data_dir).ensure()

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from benchlib import GIB, MIB, bench_dir, filesystem_image  # noqa: E402
 
-from bbsnap.catalogue import Catalogue  # noqa: E402
+from bbsnap.state.catalogue import Catalogue  # noqa: E402
 from bbsnap.models import Image, ImageStatus, ImageType  # noqa: E402
 from tests.registry import running_registry  # noqa: E402
 

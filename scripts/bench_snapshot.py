@@ -66,7 +66,7 @@ def main() -> None:
 
     def wait_available(image_id: str) -> None:
         """Poll the catalogue in this process (a CLI call per poll would blur the figure)."""
-        from bbsnap.catalogue import Catalogue
+        from bbsnap.state.catalogue import Catalogue
 
         catalogue = Catalogue(work / "data" / "catalogue.sqlite3")
         try:
@@ -126,7 +126,7 @@ def main() -> None:
                  "libvirt": median_time(lambda: python("import libvirt"), RUNS)}
 
         from bbsnap.cli.context import AppContext
-        from bbsnap.services.snapshot import SnapshotRequest
+        from bbsnap.services.snapshots.start import SnapshotRequest
 
         app = AppContext(overrides={})
         service = app.snapshots()
@@ -139,7 +139,7 @@ def main() -> None:
         copy = work / "copy.qcow2"
 
         def forget_last() -> None:
-            from bbsnap.catalogue import Catalogue
+            from bbsnap.state.catalogue import Catalogue
 
             catalogue = Catalogue(work / "data" / "catalogue.sqlite3")
             newest = catalogue.find()[-1].id
@@ -164,7 +164,7 @@ def main() -> None:
         hv.destroy(big)
 
         # bbsnap's own server, on a catalogue image holding the same 1 GiB: its snapshot
-        # copies only what the guest wrote (services/change_tracking.py).
+        # copies only what the guest wrote (services/snapshots/change_tracking.py).
         ancestor = run("images", "import", str(big_disk), "--name", "bench-1g")
         server = json.loads(run("servers", "create", ancestor, "--memory", "128",
                                 "--format", "json"))[0]

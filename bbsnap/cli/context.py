@@ -9,19 +9,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..catalogue import Catalogue
-    from ..config import Settings
-    from ..layout import DataDir
-    from ..services.image_export import ImageExporter
-    from ..services.image_import import ImageImporter
-    from ..hypervisor.libvirt_adapter import LibvirtHypervisor
-    from ..services.images import ImageService
-    from ..services.prune import PruneService
-    from ..services.schedule import ScheduleService
-    from ..services.server_create import ServerCreator
-    from ..services.servers import ServerService
-    from ..services.snapshot import SnapshotService
-    from ..reporting import Reporter
+    from bbsnap.state.catalogue import Catalogue
+    from bbsnap.config import Settings
+    from bbsnap.state.layout import DataDir
+    from bbsnap.services.image_export import ImageExporter
+    from bbsnap.services.image_import import ImageImporter
+    from bbsnap.hypervisor.libvirt_adapter import LibvirtHypervisor
+    from bbsnap.services.images import ImageService
+    from bbsnap.services.prune import PruneService
+    from bbsnap.services.schedule import ScheduleService
+    from bbsnap.services.server_create import ServerCreator
+    from bbsnap.services.servers import ServerService
+    from bbsnap.services.snapshots.start import SnapshotService
+    from bbsnap.reporting import Reporter
 
 
 @dataclass
@@ -41,7 +41,7 @@ class AppContext:
     @property
     def settings(self) -> "Settings":
         if self._settings is None:
-            from ..config import load_settings
+            from bbsnap.config import load_settings
 
             self._settings = load_settings(self.overrides)
         return self._settings
@@ -49,7 +49,7 @@ class AppContext:
     @property
     def data_dir(self) -> "DataDir":
         if self._data_dir is None:
-            from ..layout import DataDir
+            from bbsnap.state.layout import DataDir
 
             self._data_dir = DataDir.from_settings(self.settings).ensure()
         return self._data_dir
@@ -58,7 +58,7 @@ class AppContext:
     def catalogue_as_found(self) -> "Catalogue":
         """The catalogue without crash recovery (`doctor` reports what it would do)."""
         if self._catalogue is None:
-            from ..catalogue import Catalogue
+            from bbsnap.state.catalogue import Catalogue
 
             self._catalogue = Catalogue(self.data_dir.catalogue_path,
                                         images_dir=self.data_dir.images_dir)
@@ -78,8 +78,8 @@ class AppContext:
         """Clean up after a killed `servers create` (cheap: a glob, usually empty)."""
         if not any(self.data_dir.servers_dir.glob("srv-*/.creating")):
             return
-        from ..errors import NotFoundError
-        from ..services.recovery import recover_interrupted_creates
+        from bbsnap.errors import NotFoundError
+        from bbsnap.services.recovery import recover_interrupted_creates
 
         def exists(name: str) -> bool:
             try:
@@ -94,7 +94,7 @@ class AppContext:
     def _recover_rebuilds(self) -> None:
         """Settle a killed `servers rebuild`/`revert` (cheap: a glob, usually empty; only a
         journal left behind connects to libvirt)."""
-        from ..services.rebuild_journal import JOURNAL, recover_interrupted_rebuilds
+        from bbsnap.services.rebuild_journal import JOURNAL, recover_interrupted_rebuilds
 
         if not any(self.data_dir.servers_dir.glob(f"srv-*/{JOURNAL}")):
             return
@@ -105,9 +105,9 @@ class AppContext:
         """All crash recovery: stale jobs, killed prunes' merges, killed creates, rebuilds
         and exports (whose journals name the partial output: `doctor --fix` must not take
         them for orphans)."""
-        from ..services import memory_restore
-        from ..services.prune import recover_interrupted_prunes
-        from ..services.recovery import recover_interrupted, recover_interrupted_exports
+        from bbsnap.services import memory_restore
+        from bbsnap.services.prune import recover_interrupted_prunes
+        from bbsnap.services.recovery import recover_interrupted, recover_interrupted_exports
 
         recover_interrupted(self.catalogue_as_found, self.data_dir, self._adopt_snapshot)
         recover_interrupted_prunes(self.catalogue_as_found, self.data_dir)
@@ -117,49 +117,49 @@ class AppContext:
         recover_interrupted_exports(self.data_dir)
 
     def worker_argv(self) -> list[str]:
-        from ..worker import base_argv
+        from bbsnap.services.snapshots.worker import base_argv
 
         return base_argv(str(self.data_dir.root), self.settings.connect)
 
     def _adopt_snapshot(self, image_id: str, lock: Any) -> None:
         """Recovery: a new worker finishes (or cleanly fails) an orphaned snapshot."""
-        from ..services.snapshot import spawn_finisher
+        from bbsnap.services.snapshots.start import spawn_finisher
 
         assert self._catalogue is not None
         spawn_finisher(self.worker_argv(), self.data_dir, self._catalogue, image_id, lock)
 
     def exporter(self) -> "ImageExporter":
-        from ..services.image_export import ImageExporter
+        from bbsnap.services.image_export import ImageExporter
 
         return ImageExporter(self.catalogue, self.data_dir, reporter=self.reporter)
 
     def _forget_checkpoint(self, domain_uuid: str, checkpoint: str) -> None:
         """A destroyed snapshot's checkpoint, removed from its domain (connects only then)."""
-        from ..services.snapshot_chain import forget
+        from bbsnap.services.snapshots.chain import forget
 
         forget(self.hypervisor, domain_uuid, checkpoint)
 
     def snapshots(self) -> "SnapshotService":
-        from ..services.snapshot import SnapshotService
+        from bbsnap.services.snapshots.start import SnapshotService
 
         return SnapshotService(self.catalogue, self.data_dir, self.hypervisor, self.worker_argv(),
                                max_chain_depth=self.settings.max_chain_depth,
                                reporter=self.reporter)
 
     def images(self) -> "ImageService":
-        from ..services.images import ImageService
+        from bbsnap.services.images import ImageService
 
         return ImageService(self.catalogue, self.data_dir, self._forget_checkpoint)
 
     def pruner(self) -> "PruneService":
-        from ..services.prune import PruneService
+        from bbsnap.services.prune import PruneService
 
         return PruneService(self.catalogue, self.data_dir, self.hypervisor, self.images(),
                             reporter=self.reporter)
 
     def scheduler(self) -> "ScheduleService":
-        from ..services.schedule import ScheduleService
-        from ..services.snapshot import SnapshotRequest
+        from bbsnap.services.schedule import ScheduleService
+        from bbsnap.services.snapshots.start import SnapshotRequest
 
         def snapshot(server: str, quiesce: bool) -> Any:
             return self.snapshots().begin(SnapshotRequest(server=server, quiesce=quiesce))
@@ -170,14 +170,14 @@ class AppContext:
                                recover=self.recover)
 
     def importer(self) -> "ImageImporter":
-        from ..services.image_import import ImageImporter
+        from bbsnap.services.image_import import ImageImporter
 
         return ImageImporter(self.catalogue, self.data_dir, self.settings, reporter=self.reporter)
 
     @property
     def hypervisor(self) -> "LibvirtHypervisor":
         if self._hypervisor is None:
-            from ..hypervisor.libvirt_adapter import LibvirtHypervisor
+            from bbsnap.hypervisor.libvirt_adapter import LibvirtHypervisor
 
             hypervisor = LibvirtHypervisor(self.settings.connect)
             if self.bind_data_dir:
@@ -189,7 +189,7 @@ class AppContext:
     def _bind_data_dir(self, hypervisor: "LibvirtHypervisor") -> None:
         """A data directory belongs to one connection (host_access.py): refuse another
         before connecting; the first one that answers is recorded when the command ends."""
-        from .. import host_access
+        from bbsnap import host_access
 
         host_access.refuse_other_connection(self.data_dir.root, self.settings.connect)
 
@@ -198,7 +198,7 @@ class AppContext:
         if not (self.bind_data_dir and self._hypervisor is not None
                 and self._hypervisor.connected):
             return
-        from .. import host_access
+        from bbsnap import host_access
 
         try:
             host_access.record_connection(self.data_dir.root, self.settings.connect)
@@ -208,26 +208,26 @@ class AppContext:
     def keep_image_access(self) -> None:
         """Before a command starts guests: a normal user on qemu:///system keeps reading the
         images libvirt is about to hand to QEMU's user (host_access.keep_my_access)."""
-        from .. import host_access
+        from bbsnap import host_access
 
         host_access.keep_my_access(sorted(self.data_dir.images_dir.glob("*.qcow2")),
                                    self.settings.connect)
 
     def check_qemu_access(self) -> None:
         """Before a command makes files QEMU must open: can QEMU's user reach them?"""
-        from .. import host_access
+        from bbsnap import host_access
 
         host_access.require_reachable(self.data_dir.root, self.settings.connect,
                                       self.settings.qemu_user)
 
     def servers(self) -> "ServerService":
-        from ..services.servers import ServerService
+        from bbsnap.services.servers import ServerService
 
         return ServerService(self.hypervisor, self.catalogue, self.data_dir, self.reporter)
 
     def server_creator(self, accel: str | None = None) -> "ServerCreator":
-        from ..accel import cached_probe, resolve_accel
-        from ..services.server_create import ServerCreator
+        from bbsnap.accel import cached_probe, resolve_accel
+        from bbsnap.services.server_create import ServerCreator
 
         setting = accel or self.settings.accel
 
@@ -255,7 +255,7 @@ class AppContext:
         """
         import sqlite3
 
-        from ..errors import CatalogueError
+        from bbsnap.errors import CatalogueError
 
         catalogue = self._catalogue
         if catalogue is None or not catalogue.committed:
@@ -299,7 +299,7 @@ def _another_job_commits_later(catalogue: "Catalogue") -> bool:
     image: a commit, and a checkpoint. Only images this command wrote count: an unrelated
     long copy must not leave an import's row in the WAL for its duration.
     """
-    from ..jobs import current_job_token, job_alive
+    from bbsnap.state.process_tokens import current_job_token, job_alive
 
     ours, touched = current_job_token(), set(catalogue.touched)
     return any(i.id in touched and i.job != ours and job_alive(i.job)
@@ -321,6 +321,6 @@ _left_open: list[AppContext] = []
 
 
 def _terminal_reporter() -> "Reporter":
-    from .reporter import TerminalReporter
+    from bbsnap.cli.reporter import TerminalReporter
 
     return TerminalReporter()

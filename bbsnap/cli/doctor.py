@@ -17,8 +17,8 @@ import click
 def doctor(app: Any, fix: bool) -> None:
     """Check the connection, libvirt, QEMU, KVM, the data directory and the catalogue; exit 1
     on problems."""
-    from ..errors import CatalogueError
-    from ..services.doctor import Doctor
+    from bbsnap.errors import CatalogueError
+    from bbsnap.services.doctor import Doctor
 
     app.bind_data_dir = False  # another connection's data directory is a finding, not an error
     try:
@@ -45,13 +45,13 @@ def doctor(app: Any, fix: bool) -> None:
 
 def _escaped_echo(err: bool = False) -> Any:
     """click.echo of lines naming files (names may hold terminal control sequences)."""
-    from ..services.reclaim import printable
+    from bbsnap.services.reclaim import printable
 
     return lambda line: click.echo(printable(line), err=err)
 
 
 def _report_fix(done: Any) -> None:
-    from ..services.reclaim import QUARANTINE_GRACE
+    from bbsnap.services.reclaim import QUARANTINE_GRACE
 
     echo = _escaped_echo(err=True)
     for command in done.granted:

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..vocabulary import DiskFormat, ExportCompression, values
+from bbsnap.vocabulary import DiskFormat, ExportCompression, values
 
 
 @click.command("export")
@@ -23,7 +23,7 @@ from ..vocabulary import DiskFormat, ExportCompression, values
 def export_image(app: Any, image_id: str, output: str | None, disk_format: str,
                  compress: str) -> None:
     """Export IMG as a standalone disk (backing chain flattened), with FILE.sha256 and FILE.json."""
-    from ..services.image_export import ExportRequest
+    from bbsnap.services.image_export import ExportRequest
 
     result = app.exporter().run(ExportRequest(image_id=image_id, output=output,
                                               format=disk_format, compress=compress))

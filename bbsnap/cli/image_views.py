@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..models import Dependent, Image, ImageVolume
-from ..sizes import to_mib
+from bbsnap.models import Dependent, Image, ImageVolume
+from bbsnap.sizes import to_mib
 
 LIST_COLUMNS = ("id", "owner", "type", "created_on", "status", "size", "arch", "name")
 

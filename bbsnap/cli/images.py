@@ -6,9 +6,9 @@ from typing import Any
 
 import click
 
-from ..models import ImageStatus, ImageType, Visibility
-from ..vocabulary import DiskFormat, Firmware, values
-from .options import for_each, output_options, say
+from bbsnap.models import ImageStatus, ImageType, Visibility
+from bbsnap.vocabulary import DiskFormat, Firmware, values
+from bbsnap.cli.options import for_each, output_options, say
 
 IMAGE_TYPES = values(ImageType)
 STATUSES = values(ImageStatus) + values(Visibility)  # --status filters either
@@ -35,7 +35,7 @@ def list_images(app: Any, image_type: str | None = None, status: str | None = No
                 server_id: str | None = None, output_format: str = "table",
                 simple: bool = False) -> None:
     """List images: others first, then snapshots, each by creation time."""
-    from . import image_views, render
+    from bbsnap.cli import image_views, render
 
     if server_id is not None:
         image_type = "snapshot"
@@ -49,7 +49,7 @@ def list_images(app: Any, image_type: str | None = None, status: str | None = No
 def _server_name(app: Any, key: str) -> str:
     """The name snapshots record for server *key* (a UUID resolves to it); a server that is
     gone is taken as named: its snapshots are still its history."""
-    from ..errors import NotFoundError
+    from bbsnap.errors import NotFoundError
 
     try:
         return str(app.servers().get(key, with_addresses=False).id)
@@ -63,7 +63,7 @@ def _server_name(app: Any, key: str) -> str:
 @click.pass_obj
 def show_images(app: Any, image_ids: tuple[str, ...], output_format: str, simple: bool) -> None:
     """Show images in detail (JSON/YAML: one object, or a list for several ids)."""
-    from . import image_views, render
+    from bbsnap.cli import image_views, render
 
     service = app.images()
     found = [(service.get(i), service.dependents(i), service.volumes(i)) for i in image_ids]
@@ -107,8 +107,8 @@ def import_image(app: Any, source: str, name: str | None, description: str | Non
     SOURCE.json beside the file or URL states them; the sidecar, when present, also gives
     default metadata and is checked. Prints the new image id.
     """
-    from ..http_source import display, is_url
-    from ..services.image_import import ImportRequest
+    from bbsnap.transfer.http_source import display, is_url
+    from bbsnap.services.image_import import ImportRequest
     label = display(source) if is_url(source) else source  # no query string: it may hold a token
     request = ImportRequest(source=source, name=name, description=description, arch=arch,
                             username=username, min_ram=min_ram, firmware=firmware,
@@ -137,8 +137,8 @@ def update_image(app: Any, image_id: str, name: str | None, description: str | N
                  firmware: str | None, public: bool | None, output_format: str,
                  simple: bool) -> None:
     """Change an image's fields; prints the updated image."""
-    from ..services.images import ImageChanges
-    from . import image_views, render
+    from bbsnap.services.images import ImageChanges
+    from bbsnap.cli import image_views, render
 
     service = app.images()
     image = service.update(image_id, ImageChanges(name=name, description=description,

@@ -9,20 +9,20 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .. import __version__
-from ..text import escape
-from . import context
-from .context import AppContext
-from .doctor import doctor
-from .image_export import export_image
-from .images import images
-from .prune import prune_server
-from .registry import pull_image, push_image, registry
-from .schedule import schedule, schedule_server
-from .servers import servers, types
+from bbsnap import __version__
+from bbsnap.text import escape
+from bbsnap.cli import context
+from bbsnap.cli.context import AppContext
+from bbsnap.cli.doctor import doctor
+from bbsnap.cli.image_export import export_image
+from bbsnap.cli.images import images
+from bbsnap.cli.prune import prune_server
+from bbsnap.cli.registry import pull_image, push_image, registry
+from bbsnap.cli.schedule import schedule, schedule_server
+from bbsnap.cli.servers import servers, types
 
 if TYPE_CHECKING:
-    from ..errors import BbsnapError
+    from bbsnap.errors import BbsnapError
 
 
 class BbsnapGroup(click.Group):
@@ -44,7 +44,7 @@ class BbsnapGroup(click.Group):
         except click.ClickException:
             raise
         except Exception as exc:  # the one catch point
-            from ..errors import BbsnapError
+            from bbsnap.errors import BbsnapError
 
             app = ctx.obj if isinstance(ctx.obj, AppContext) else None
             known = exc if isinstance(exc, BbsnapError) else None
@@ -101,7 +101,7 @@ def _explained(exc: BaseException, app: AppContext | None) -> "BbsnapError | Non
     output is recognised by identity (_WatchedStdout), never guessed from an errno that any
     file could have raised.
     """
-    from ..errors import CatalogueError
+    from bbsnap.errors import CatalogueError
 
     stdout_error = _watched.last_error if _watched is not None else None
     if stdout_error is not None and _caused_by(exc, stdout_error):
@@ -111,14 +111,14 @@ def _explained(exc: BaseException, app: AppContext | None) -> "BbsnapError | Non
         return None
     cause = exc.__cause__ if isinstance(exc, CatalogueError) and exc.hint is None else exc
     if isinstance(cause, sqlite3.Error):
-        from ..catalogue_errors import catalogue_failure
+        from bbsnap.state.catalogue_errors import catalogue_failure
 
         return catalogue_failure(cause, _catalogue_path(app))
     return None
 
 
 def _stdout_failure(exc: OSError) -> "BbsnapError":
-    from ..errors import BbsnapError
+    from bbsnap.errors import BbsnapError
 
     sys.stdout = open(os.devnull, "w")  # the flushes at exit must not fail (or say it) again
     return BbsnapError(f"cannot write to standard output: {exc.strerror or exc}",
@@ -138,7 +138,7 @@ def _caused_by(exc: BaseException, cause: BaseException) -> bool:
 
 
 def _catalogue_path(app: AppContext | None) -> Any:
-    from ..errors import BbsnapError
+    from bbsnap.errors import BbsnapError
 
     if app is None:
         return None
@@ -193,7 +193,7 @@ class Utf8Text(click.ParamType):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            from ..errors import UsageError
+            from bbsnap.errors import UsageError
 
             label = _label(param)
             raise UsageError(f"{label} is not valid UTF-8: {text!r}",
@@ -271,7 +271,7 @@ def _flush(code: int = 0) -> int:
 def _settle_catalogue(code: int) -> int:
     """Checkpoint what the command committed, after its output is out (a caller reading it
     is not kept waiting); a command whose rows are not durable does not exit 0."""
-    from ..errors import BbsnapError
+    from bbsnap.errors import BbsnapError
 
     try:
         context.settle_at_exit()

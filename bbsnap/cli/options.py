@@ -6,8 +6,8 @@ from typing import Any, Callable
 
 import click
 
-from ..text import escape
-from .render import OUTPUT_FORMATS
+from bbsnap.text import escape
+from bbsnap.cli.render import OUTPUT_FORMATS
 
 F = Callable[..., Any]
 
@@ -30,7 +30,7 @@ def for_each(keys: tuple[str, ...], action: Callable[[str], Any],
              done_message: Callable[[str], str] | None = None) -> None:
     """Run *action* on every id of a many-id verb: one failure does not stop the others;
     each is reported, and the command exits with the first failure's code."""
-    from ..errors import BbsnapError
+    from bbsnap.errors import BbsnapError
 
     failure: BbsnapError | None = None
     for key in keys:

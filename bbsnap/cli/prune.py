@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .options import output_options, say
+from bbsnap.cli.options import output_options, say
 
 
 def keep_options(func: Any) -> Any:
@@ -36,7 +36,7 @@ def prune_server(app: Any, server_id: str, keep_last: int, keep_hourly: int, kee
     A removed snapshot that later ones are stored on is merged into them; snapshots that
     servers or other images use as their base are kept.
     """
-    from . import render
+    from bbsnap.cli import render
 
     policy = policy_from(keep_last, keep_hourly, keep_daily, keep_weekly,
                          keep_monthly).require_rule()
@@ -59,6 +59,6 @@ def prune_server(app: Any, server_id: str, keep_last: int, keep_hourly: int, kee
 
 def policy_from(keep_last: int, keep_hourly: int, keep_daily: int, keep_weekly: int,
                 keep_monthly: int) -> Any:
-    from ..services.retention import Policy
+    from bbsnap.services.retention import Policy
 
     return Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)

@@ -7,15 +7,15 @@ from typing import Any
 
 import click
 
-from .options import say
+from bbsnap.cli.options import say
 
 def _chunk_size() -> int:
     """Upload chunk size: BBSNAP_REGISTRY_CHUNK_SIZE bytes (default 32 MiB). A cut
     connection or a killed push resends at most the chunk in flight."""
     import os
 
-    from ..errors import UsageError
-    from ..registry.client import DEFAULT_CHUNK
+    from bbsnap.errors import UsageError
+    from bbsnap.registry.client import DEFAULT_CHUNK
 
     text = os.environ.get("BBSNAP_REGISTRY_CHUNK_SIZE", "")
     if not text:
@@ -44,23 +44,23 @@ def push_image(app: Any, image_id: str, reference: str, containerdisk: bool,
     The image goes up as its storage chain, one layer per file: layers the repository
     already has, or that another repository of the registry can lend, are not sent again.
     """
-    from ..registry import reference as refs
+    from bbsnap.registry import reference as refs
 
     ref = refs.parse(reference)
     if ref.digest is not None:
-        from ..errors import UsageError
+        from bbsnap.errors import UsageError
 
         raise UsageError(f"push to a tag, not a digest: {reference}",
                          hint="the registry names what it stores by digest itself")
     say(f"Pushing {image_id} to {ref}")
     if containerdisk:
-        from ..registry.containerdisk import push_containerdisk
+        from bbsnap.registry.containerdisk import push_containerdisk
 
         result = push_containerdisk(app.catalogue, app.data_dir, image_id, ref,
                                     insecure=insecure, timeout=app.settings.http_timeout,
                                     chunk_size=_chunk_size())
     else:
-        from ..registry.push import Pusher
+        from bbsnap.registry.push import Pusher
 
         pusher = Pusher(app.catalogue, app.data_dir, insecure=insecure,
                         timeout=app.settings.http_timeout, chunk_size=_chunk_size(),
@@ -78,8 +78,8 @@ def push_image(app: Any, image_id: str, reference: str, containerdisk: bool,
 def pull_image(app: Any, reference: str, name: str | None, insecure: bool) -> None:
     """Pull REF into the catalogue (its whole chain; images already held are reused);
     prints the image id."""
-    from ..registry import reference as refs
-    from ..registry.pull import Puller
+    from bbsnap.registry import reference as refs
+    from bbsnap.registry.pull import Puller
 
     ref = refs.parse(reference)
     say(f"Pulling {ref}")
@@ -106,9 +106,9 @@ def registry() -> None:
 def login(app: Any, host: str, username: str, password_stdin: bool, insecure: bool) -> None:
     """Check the credentials against HOST and store them (0600) in the auth file:
     $REGISTRY_AUTH_FILE, else podman's, else ~/.docker/config.json."""
-    from ..errors import UsageError
-    from ..registry import auth, reference as refs
-    from ..registry.client import RegistryClient
+    from bbsnap.errors import UsageError
+    from bbsnap.registry import auth, reference as refs
+    from bbsnap.registry.client import RegistryClient
 
     ref = refs.parse(f"{host.rstrip('/')}/bbsnap/login")
     if password_stdin:
@@ -133,8 +133,8 @@ def login(app: Any, host: str, username: str, password_stdin: bool, insecure: bo
 @click.argument("host", metavar="HOST")
 def logout(host: str) -> None:
     """Remove HOST's stored credentials."""
-    from ..errors import NotFoundError
-    from ..registry import auth, reference as refs
+    from bbsnap.errors import NotFoundError
+    from bbsnap.registry import auth, reference as refs
 
     ref = refs.parse(f"{host.rstrip('/')}/bbsnap/login")
     if not auth.forget(ref.host):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-from ..text import CONTROL_CHARACTERS, escape
+from bbsnap.text import CONTROL_CHARACTERS, escape
 
 OUTPUT_FORMATS = ("table", "json", "yaml")
 

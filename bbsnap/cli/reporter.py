@@ -7,8 +7,8 @@ import sys
 import time
 from typing import TextIO
 
-from ..sizes import MIB
-from ..text import escape
+from bbsnap.sizes import MIB
+from bbsnap.text import escape
 
 BAR_WIDTH = 30
 REDRAW_INTERVAL = 0.1  # seconds: at most ten redraws a second

@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from .options import output_options, say
-from .prune import keep_options, policy_from
+from bbsnap.cli.options import output_options, say
+from bbsnap.cli.prune import keep_options, policy_from
 
 
 @click.command("schedule")
@@ -23,8 +23,8 @@ def schedule_server(app: Any, server_id: str, every: str | None, keep_last: int,
                     no_quiesce: bool, off: bool) -> None:
     """Snapshot SRV every DURATION and prune it by the --keep rules (`bbsnap schedule run`
     does the work: run it from cron or a systemd timer)."""
-    from ..errors import UsageError
-    from ..services.schedule import format_duration, parse_duration
+    from bbsnap.errors import UsageError
+    from bbsnap.services.schedule import format_duration, parse_duration
 
     policy = policy_from(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
     if off:
@@ -54,8 +54,8 @@ def schedule(ctx: click.Context) -> None:
 @click.pass_obj
 def list_schedules(app: Any, output_format: str = "table", simple: bool = False) -> None:
     """The schedules and when each server is next due."""
-    from ..services.schedule import format_duration, policy_of
-    from . import render
+    from bbsnap.services.schedule import format_duration, policy_of
+    from bbsnap.cli import render
 
     rows, records = [], []
     for entry, due in app.scheduler().entries():
@@ -76,8 +76,8 @@ def list_schedules(app: Any, output_format: str = "table", simple: bool = False)
 @click.pass_obj
 def run_schedules(app: Any) -> None:
     """Do every due snapshot and prune once, then exit (1 if any failed)."""
-    from ..errors import BbsnapError
-    from ..text import escape
+    from bbsnap.errors import BbsnapError
+    from bbsnap.text import escape
 
     results = app.scheduler().run()
     for result in results:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..models import Server
+from bbsnap.models import Server
 
 LIST_COLUMNS = ("id", "status", "type", "zone", "created_on", "image_id", "cloud_ips", "name")
 ZONE = "local"

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from .options import for_each, output_options, say
-from ..vocabulary import Accel, values
+from bbsnap.cli.options import for_each, output_options, say
+from bbsnap.vocabulary import Accel, values
 
 
 @click.group(invoke_without_command=True)
@@ -21,7 +21,7 @@ def servers(ctx: click.Context) -> None:
 
 
 def _print_servers(found: list[Any], output_format: str, simple: bool) -> None:
-    from . import render, server_views
+    from bbsnap.cli import render, server_views
 
     click.echo(render.listing(server_views.LIST_COLUMNS, [server_views.list_row(s) for s in found],
                               [server_views.as_record(s) for s in found], output_format, simple),
@@ -42,7 +42,7 @@ def list_servers(app: Any, output_format: str = "table", simple: bool = False) -
 @click.pass_obj
 def show_servers(app: Any, server_ids: tuple[str, ...], output_format: str, simple: bool) -> None:
     """Show servers in detail (name or UUID of any domain works too)."""
-    from . import render, server_views
+    from bbsnap.cli import render, server_views
 
     service = app.servers()
     found = []
@@ -84,10 +84,10 @@ def create_servers(app: Any, image_id: str, name: str | None, server_type: str |
                    network: str | None, accel: str | None, no_start: bool, count: int,
                    output_format: str, simple: bool) -> None:
     """Create servers from image IMG as linked clones with a new identity."""
-    from ..services.server_create import CreateRequest
+    from bbsnap.services.server_create import CreateRequest
 
     if hostname and count > 1:
-        from ..errors import UsageError
+        from bbsnap.errors import UsageError
         raise UsageError("--hostname cannot be used with --count above 1")
     request = CreateRequest(
         image_id=image_id, name=name, server_type=server_type, cpus=cpus, memory_mib=memory,
@@ -111,7 +111,7 @@ def _read_user_data(stream: Any) -> str | None:
     """--user-data's text: read as bytes (it may be gzip'd, or not text at all), bounded."""
     if stream is None:
         return None
-    from ..seed import MAX_USER_DATA, decode_user_data
+    from bbsnap.seed import MAX_USER_DATA, decode_user_data
 
     return decode_user_data(stream.read(MAX_USER_DATA + 1))
 
@@ -173,8 +173,8 @@ def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wa
     Returns as soon as the point in time is fixed; the copy continues in the background
     (the image shows `creating`, then private). Prints the new image ids.
     """
-    from ..services.image_fields import check_username
-    from ..services.snapshot import SnapshotRequest
+    from bbsnap.services.image_fields import check_username
+    from bbsnap.services.snapshots.start import SnapshotRequest
 
     if username is not None:
         check_username(username)  # a bad option fails before any output
@@ -191,7 +191,7 @@ def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wa
 
     for_each(server_ids, snap)
     if wait:
-        from .waiting import wait_for_images
+        from bbsnap.cli.waiting import wait_for_images
 
         wait_for_images(app, started)
 
@@ -246,7 +246,7 @@ def console(app: Any, server_id: str) -> None:
     except FileNotFoundError:
         data = b""
     except PermissionError:
-        from ..errors import BbsnapError
+        from bbsnap.errors import BbsnapError
         raise BbsnapError(f"cannot read the console log {path}: libvirt made it root's",
                           hint="servers created by this bbsnap on qemu:///system keep theirs "
                                "yours; for an older one, read it as root") from None
@@ -262,8 +262,8 @@ def console(app: Any, server_id: str) -> None:
 def ssh(app: Any, server_id: str, user: str | None, identity: str | None,
         command: tuple[str, ...]) -> None:
     """SSH into a server: SRV [-- COMMAND...]."""
-    from ..proc import exec_replace, run_attached
-    from ..services.ssh import SSH_FAILED, guessed_login, login_failed, ssh_argv
+    from bbsnap.proc import exec_replace, run_attached
+    from bbsnap.services.ssh import SSH_FAILED, guessed_login, login_failed, ssh_argv
 
     server = app.servers().get(server_id)
     argv = ssh_argv(server, user=user, identity=identity, command=list(command))
@@ -290,8 +290,8 @@ def types(ctx: click.Context) -> None:
 @output_options
 def list_types(output_format: str = "table", simple: bool = False) -> None:
     """List server types."""
-    from ..server_types import SERVER_TYPES
-    from . import render
+    from bbsnap.server_types import SERVER_TYPES
+    from bbsnap.cli import render
 
     rows = [[t.id, t.name, t.vcpus, t.memory_mib, t.disk_gib * 1024] for t in SERVER_TYPES]
     records = [{"id": t.id, "name": t.name, "vcpus": t.vcpus, "memory_mib": t.memory_mib,

@@ -1,4 +1,4 @@
-"""`--wait`: the outcome of each image waited for (services/snapshot_wait.py waits)."""
+"""`--wait`: the outcome of each image waited for (services/snapshots/wait.py waits)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ from typing import Any
 
 import click
 
-from ..models import ImageStatus
-from .options import say
+from bbsnap.models import ImageStatus
+from bbsnap.cli.options import say
 
 
 def wait_for_images(app: Any, image_ids: list[str]) -> None:
     """Block until every image is available or failed; exit 1 if any failed."""
-    from ..errors import BbsnapError
-    from ..services.snapshot_wait import wait_settled
+    from bbsnap.errors import BbsnapError
+    from bbsnap.services.snapshots.wait import wait_settled
 
     failed = False
     for image in wait_settled(app.catalogue, image_ids, app.recover, reporter=app.reporter):

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import InvalidInputError
-from ..vocabulary import DiskFormat, values
+from bbsnap.errors import InvalidInputError
+from bbsnap.vocabulary import DiskFormat, values
 
 QCOW2_MAGIC = b"QFI\xfb"
 PROBE_BYTES = 68 * 1024  # enough to reach the btrfs superblock magic at 64 KiB + 64

@@ -19,8 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Iterator
 
-from .. import proc
-from ..errors import ExternalCommandError
+from bbsnap import proc
+from bbsnap.errors import ExternalCommandError
 
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054

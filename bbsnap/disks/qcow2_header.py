@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ..errors import HostileImageError
+from bbsnap.errors import HostileImageError
 
 # incompatible feature bits
 DIRTY = 1 << 0

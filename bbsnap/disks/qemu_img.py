@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import proc
-from ..errors import ExternalCommandError, HostileImageError
+from bbsnap import proc
+from bbsnap.errors import ExternalCommandError, HostileImageError
 
 UNTRUSTED_LIMITS = proc.Limits(address_space_bytes=1 << 30, cpu_seconds=60)
 

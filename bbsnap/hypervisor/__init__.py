@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .models import (BackupPlan, BackupTarget, DiskSpec, DomainFacts, DomainSpec, NewCheckpoint,
-                     NicSpec)
+from bbsnap.hypervisor.models import (BackupPlan, BackupTarget, DiskSpec, DomainFacts, DomainSpec, NewCheckpoint,
+                                      NicSpec)
 
 __all__ = ["BackupPlan", "BackupTarget", "CompletedJob", "DiskInfo", "DiskSpec", "DomainFacts",
            "DomainInfo", "DomainSpec", "DomainState", "Hypervisor", "HypervisorVersion",
@@ -140,7 +140,7 @@ class Hypervisor(Protocol):
     def job_status(self, name: str) -> JobStatus: ...
     def completed_job(self, name: str) -> CompletedJob: ...
     def abort_job(self, name: str) -> None: ...
-    # Memory snapshots (services/memory_snapshot.py, memory_restore.py).
+    # Memory snapshots (services/snapshots/memory.py, memory_restore.py).
     def hardware(self, name: str) -> Hardware: ...
     def save_memory_live(self, name: str, path: Path, manual_disks: list[str],
                          skipped_disks: list[str], max_downtime_ms: int) -> None: ...

@@ -13,8 +13,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from . import DiskInfo, Hardware, SavedDomain
-from .models import BackupPlan, DiskSpec, DomainFacts, DomainSpec, NicSpec
+from bbsnap.hypervisor import DiskInfo, Hardware, SavedDomain
+from bbsnap.hypervisor.models import BackupPlan, DiskSpec, DomainFacts, DomainSpec, NicSpec
 
 METADATA_NS = "https://bbsnap.dev/xmlns/server/1"
 METADATA_PREFIX = "bbsnap"
@@ -372,7 +372,7 @@ _HOST_DEVICE_TAGS = ("hostdev",)
 
 def read_hardware(xml: str) -> "Hardware":
     """The machine a memory image was saved on, or a definition it would be restored into."""
-    from . import Hardware
+    from bbsnap.hypervisor import Hardware
 
     root = ET.fromstring(xml)
     os_type = root.find("os/type")
@@ -442,7 +442,7 @@ def _describe_device(element: ET.Element) -> str:
 
 def read_saved_domain(xml: str) -> "SavedDomain":
     """The facts of a memory image's domain definition (``saveImageGetXMLDesc``)."""
-    from . import SavedDomain
+    from bbsnap.hypervisor import SavedDomain
 
     root = ET.fromstring(xml)
     disks = {}

@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import (CheckpointBrokenError, ConflictError, HypervisorError, NotFoundError,
-                      QuiesceError)
-from . import (BackupPlan, CompletedJob, DiskInfo, DomainFacts, DomainInfo, DomainSpec,
-               DomainState, Hardware, HypervisorVersion, JobStatus, PauseCause, SavedDomain)
-from .domain_xml import (build_backup_xml, build_checkpoint_xml, build_domain_xml,
-                         build_memory_snapshot_xml, build_new_checkpoint_xml, copy_descriptive,
-                         read_disks, read_domain_facts, read_hardware, read_saved_domain,
-                         replace_disk_source, replace_disk_sources, set_metadata)
+from bbsnap.errors import (CheckpointBrokenError, ConflictError, HypervisorError, NotFoundError,
+                           QuiesceError)
+from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DomainFacts, DomainInfo, DomainSpec,
+                               DomainState, Hardware, HypervisorVersion, JobStatus, PauseCause, SavedDomain)
+from bbsnap.hypervisor.domain_xml import (build_backup_xml, build_checkpoint_xml, build_domain_xml,
+                                          build_memory_snapshot_xml, build_new_checkpoint_xml, copy_descriptive,
+                                          read_disks, read_domain_facts, read_hardware, read_saved_domain,
+                                          replace_disk_source, replace_disk_sources, set_metadata)
 
 _STATES = {1: DomainState.RUNNING, 3: DomainState.PAUSED, 5: DomainState.SHUTOFF,
            6: DomainState.CRASHED}
@@ -322,7 +322,7 @@ class LibvirtHypervisor:
             pass  # no job (any more): nothing to abort
 
     # -- memory snapshots ------------------------------------------------------------------
-    # Measured on Debian 12 (libvirt 9.0, QEMU 7.2, TCG): see services/memory_snapshot.py.
+    # Measured on Debian 12 (libvirt 9.0, QEMU 7.2, TCG): see services/snapshots/memory.py.
 
     def hardware(self, name: str) -> Hardware:
         """The machine, CPU, RAM and devices of the domain's persistent definition."""

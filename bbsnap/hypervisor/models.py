@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from . import DiskInfo
+    from bbsnap.hypervisor import DiskInfo
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ..errors import HostileImageError, InvalidInputError, UsageError
-from ..models import Consistency, Image, ImageType
-from ..services import image_fields
-from . import layers
+from bbsnap.errors import HostileImageError, InvalidInputError, UsageError
+from bbsnap.models import Consistency, Image, ImageType
+from bbsnap.services import image_fields
+from bbsnap.registry import layers
 
 ARTIFACT_TYPE = "application/vnd.bbsnap.image.v1"
 CONFIG_MEDIA_TYPE = "application/vnd.bbsnap.image.config.v1+json"

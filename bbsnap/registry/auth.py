@@ -20,8 +20,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import proc, safe_files
-from ..errors import BbsnapError, ExternalCommandError, InvalidInputError
+from bbsnap import proc, safe_files
+from bbsnap.errors import BbsnapError, ExternalCommandError, InvalidInputError
 
 MAX_CONFIG_BYTES = 1 << 20
 

@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .. import __version__
-from ..errors import (BbsnapError, HostileImageError, NotFoundError, RegistryAuthError,
-                      RegistryError)
-from . import auth
-from .reference import Reference
+from bbsnap import __version__
+from bbsnap.errors import (BbsnapError, HostileImageError, NotFoundError, RegistryAuthError,
+                           RegistryError)
+from bbsnap.registry import auth
+from bbsnap.registry.reference import Reference
 
 MAX_SMALL_BODY = 4 << 20        # manifests, configs, token and error answers
 MAX_REDIRECTS = 5

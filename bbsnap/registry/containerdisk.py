@@ -18,15 +18,15 @@ import tarfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from ..catalogue import Catalogue
-from ..disks import qemu_img
-from ..jobs import current_job_token, job_alive
-from ..layout import DataDir
-from ..transfer import check_free_space
-from . import uploads
-from .client import DEFAULT_CHUNK, Readable, RegistryClient
-from .push import PushResult, chain_of, registry_dir
-from .reference import Reference
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.disks import qemu_img
+from bbsnap.state.process_tokens import current_job_token, job_alive
+from bbsnap.state.layout import DataDir
+from bbsnap.transfer.stream import check_free_space
+from bbsnap.registry import uploads
+from bbsnap.registry.client import DEFAULT_CHUNK, Readable, RegistryClient
+from bbsnap.registry.push import PushResult, chain_of, registry_dir
+from bbsnap.registry.reference import Reference
 
 OWNER = 107
 FILE_MODE = 0o440

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BbsnapError
-from .client import Readable
+from bbsnap.errors import BbsnapError
+from bbsnap.registry.client import Readable
 
 READ = 1 << 20
 

@@ -26,23 +26,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from .. import ids, locks, safe_files
-from ..catalogue import Catalogue, utcnow
-from ..compression import Compression
-from ..config import Settings
-from ..disks import qemu_img
-from ..disks.qcow2_header import MAX_HEADER_AREA, read_qcow2_header
-from ..errors import HostileImageError, InvalidInputError
-from ..jobs import current_job_token
-from ..layout import FILE_MODE, PARTIAL_SUFFIX, DataDir
-from ..models import Image, ImageStatus
-from ..services import image_fields
-from ..transfer import OutputLimit, copy_decompressed
-from ..reporting import SILENT, Reporter
-from . import artifact, layers
-from .client import BlobReader, RegistryClient, read_small_blob
-from .records import LayerRecord, LayerRecords, file_identity
-from .reference import Reference
+from bbsnap import ids, safe_files
+from bbsnap.state import locks
+from bbsnap.state.catalogue import Catalogue, utcnow
+from bbsnap.transfer.compression import Compression
+from bbsnap.config import Settings
+from bbsnap.disks import qemu_img
+from bbsnap.disks.qcow2_header import MAX_HEADER_AREA, read_qcow2_header
+from bbsnap.errors import HostileImageError, InvalidInputError
+from bbsnap.state.process_tokens import current_job_token
+from bbsnap.state.layout import FILE_MODE, PARTIAL_SUFFIX, DataDir
+from bbsnap.models import Image, ImageStatus
+from bbsnap.services import image_fields
+from bbsnap.transfer.stream import OutputLimit, copy_decompressed
+from bbsnap.reporting import SILENT, Reporter
+from bbsnap.registry import artifact, layers
+from bbsnap.registry.client import BlobReader, RegistryClient, read_small_blob
+from bbsnap.registry.records import LayerRecord, LayerRecords, file_identity
+from bbsnap.registry.reference import Reference
 
 Note = Callable[[str], None]  # a step line for the user (Reporter.step)
 MAX_INDEX_DEPTH = 2

@@ -16,16 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..catalogue import Catalogue
-from ..errors import ConflictError, InvalidInputError
-from ..layout import DataDir
-from ..models import Image, ImageStatus
-from ..services.stored_chain import require_inside
-from ..reporting import SILENT, Reporter
-from . import artifact, layers, uploads
-from .client import DEFAULT_CHUNK, RegistryClient
-from .records import LayerRecord, LayerRecords, file_identity
-from .reference import Reference
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.errors import ConflictError, InvalidInputError
+from bbsnap.state.layout import DataDir
+from bbsnap.models import Image, ImageStatus
+from bbsnap.services.stored_chain import require_inside
+from bbsnap.reporting import SILENT, Reporter
+from bbsnap.registry import artifact, layers, uploads
+from bbsnap.registry.client import DEFAULT_CHUNK, RegistryClient
+from bbsnap.registry.records import LayerRecord, LayerRecords, file_identity
+from bbsnap.registry.reference import Reference
 
 Note = Callable[[str], None]  # a step line for the user (Reporter.step)
 

@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..catalogue import Catalogue
-from ..errors import NotFoundError
-from ..models import Image, ImageStatus
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.errors import NotFoundError
+from bbsnap.models import Image, ImageStatus
 
 @dataclass(frozen=True)
 class LayerRecord:

@@ -18,9 +18,9 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .. import safe_files
-from ..errors import RegistryError
-from .client import RETRY_DELAYS, ConnectionFailure, Readable, RegistryClient
+from bbsnap import safe_files
+from bbsnap.errors import RegistryError
+from bbsnap.registry.client import RETRY_DELAYS, ConnectionFailure, Readable, RegistryClient
 
 Opener = Callable[[int], Readable]
 

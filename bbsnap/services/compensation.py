@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Callable
 
-from ..reporting import SILENT, Reporter
+from bbsnap.reporting import SILENT, Reporter
 
 
 class Compensation:

@@ -16,15 +16,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from .. import host_access
-from ..catalogue import Catalogue
-from ..config import Settings
-from ..errors import BbsnapError
-from ..hypervisor import Hypervisor
-from ..jobs import job_alive
-from ..layout import DataDir
-from . import reclaim
-from .reclaim import Batch, Orphan, Survey
+from bbsnap import host_access
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.config import Settings
+from bbsnap.errors import BbsnapError
+from bbsnap.hypervisor import Hypervisor
+from bbsnap.state.process_tokens import job_alive
+from bbsnap.state.layout import DataDir
+from bbsnap.services import reclaim
+from bbsnap.services.reclaim import Batch, Orphan, Survey
 
 __all__ = ["Doctor", "Finding", "Orphan", "Reclaimed"]
 
@@ -111,7 +111,7 @@ class Doctor:
     def _qemu_img_check(self) -> Finding:
         """qemu-img >= 6.1 refuses overlays without a backing format; bbsnap always gives one
         (-F), which needs qemu-img to know the option (any 2.x or newer)."""
-        from .. import proc
+        from bbsnap import proc
 
         try:
             text = proc.run(["qemu-img", "--version"], timeout=30).stdout
@@ -126,7 +126,7 @@ class Doctor:
                        fix="" if ok else "upgrade qemu-utils to 4.2 or newer")
 
     def _kvm_check(self) -> Finding:
-        from ..accel import probe_kvm
+        from bbsnap.accel import probe_kvm
 
         probe = probe_kvm()
         return Finding("KVM", True, ("usable: " if probe.usable else "not usable, TCG will be "

@@ -26,19 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .. import ids, safe_files, sidecar
-from ..catalogue import Catalogue
-from ..disks import qemu_img
-from ..disks.nbd import NbdImageReader, extents
-from ..errors import BbsnapError, InvalidInputError, NotFoundError, UsageError
-from ..jobs import current_job_token
-from ..export_sinks import COMPRESSORS, EXTENSIONS, FramedSink, HashingOutput, RawSink
-from ..layout import PARTIAL_SUFFIX, DataDir
-from ..models import Image
-from ..reporting import SILENT, Reporter
-from ..safe_files import PRIVATE, OutputDir
-from . import stored_chain
-from ..vocabulary import DiskFormat, ExportCompression, values
+from bbsnap import ids, safe_files
+from bbsnap.transfer import sidecar
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.disks import qemu_img
+from bbsnap.disks.nbd import NbdImageReader, extents
+from bbsnap.errors import BbsnapError, InvalidInputError, NotFoundError, UsageError
+from bbsnap.state.process_tokens import current_job_token
+from bbsnap.transfer.export_sinks import COMPRESSORS, EXTENSIONS, FramedSink, HashingOutput, RawSink
+from bbsnap.state.layout import PARTIAL_SUFFIX, DataDir
+from bbsnap.models import Image
+from bbsnap.reporting import SILENT, Reporter
+from bbsnap.safe_files import PRIVATE, OutputDir
+from bbsnap.services import stored_chain
+from bbsnap.vocabulary import DiskFormat, ExportCompression, values
 
 FORMATS = values(DiskFormat)
 COMPRESSIONS = values(ExportCompression)
@@ -177,7 +178,7 @@ class ImageExporter:
     def _stream_qcow2(self, image: Image, source: Path, sink: FramedSink | RawSink) -> None:
         """qcow2 cannot be streamed: flatten into a work file, then pass it through."""
         # Named by the job token, not the pid: doctor keeps it while that process lives, and
-        # a reused pid cannot pass for it (jobs.py).
+        # a reused pid cannot pass for it (state/process_tokens.py).
         flat = self._data_dir.tmp_dir / f"{image.id}.export.{current_job_token()}.qcow2"
         try:
             qemu_img.convert(source, "qcow2", flat, "qcow2")

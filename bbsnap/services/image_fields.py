@@ -11,8 +11,8 @@ from __future__ import annotations
 import platform
 import re
 
-from ..errors import UsageError
-from ..vocabulary import Firmware, values
+from bbsnap.errors import UsageError
+from bbsnap.vocabulary import Firmware, values
 
 MAX_NAME = 255
 MAX_DESCRIPTION = 4096

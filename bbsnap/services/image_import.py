@@ -27,27 +27,28 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import checksums, ids, safe_files
-from ..catalogue import Catalogue, utcnow
-from ..config import Settings
-from ..compression import Compression
-from ..disks import boot_firmware, qemu_img
-from ..disks.formats import PROBE_BYTES, DetectedFormat, detect_format
-from ..disks.qcow2_header import MAX_HEADER_AREA, read_qcow2_header
-from ..errors import HostileImageError, InvalidInputError, UsageError
-from ..jobs import current_job_token
-from ..layout import FILE_MODE, PARTIAL_SUFFIX, DataDir
-from ..models import Image, ImageStatus, ImageType
-from ..reporting import SILENT, Reporter
-from ..sidecar import Sidecar
-from ..sources import load_sidecar, open_source, read_document, source_file_name
-from ..transfer import (
+from bbsnap import ids, safe_files
+from bbsnap.transfer import checksums
+from bbsnap.state.catalogue import Catalogue, utcnow
+from bbsnap.config import Settings
+from bbsnap.transfer.compression import Compression
+from bbsnap.disks import boot_firmware, qemu_img
+from bbsnap.disks.formats import PROBE_BYTES, DetectedFormat, detect_format
+from bbsnap.disks.qcow2_header import MAX_HEADER_AREA, read_qcow2_header
+from bbsnap.errors import HostileImageError, InvalidInputError, UsageError
+from bbsnap.state.process_tokens import current_job_token
+from bbsnap.state.layout import FILE_MODE, PARTIAL_SUFFIX, DataDir
+from bbsnap.models import Image, ImageStatus, ImageType
+from bbsnap.reporting import SILENT, Reporter
+from bbsnap.transfer.sidecar import Sidecar
+from bbsnap.transfer.sources import load_sidecar, open_source, read_document, source_file_name
+from bbsnap.transfer.stream import (
     OutputLimit,
     Progress,
     check_free_space,
     copy_decompressed,
 )
-from . import image_fields
+from bbsnap.services import image_fields
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import ids
-from ..catalogue import Catalogue
-from ..errors import ConflictError, UsageError
-from ..layout import DataDir
-from ..models import (Dependent, Image, ImageFilter, ImageStatus, ImageType, ImageVolume,
-                      Visibility)
-from . import image_fields
+from bbsnap import ids
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.errors import ConflictError, UsageError
+from bbsnap.state.layout import DataDir
+from bbsnap.models import (Dependent, Image, ImageFilter, ImageStatus, ImageType, ImageVolume,
+                           Visibility)
+from bbsnap.services import image_fields
 
 STATUS_CHOICES = ("creating", "available", "private", "public", "failed", "deleted")
 
@@ -101,7 +101,7 @@ class ImageService:
         self._data_dir.remove_blank_overlays(image_id)
         if link is not None and self._forget_checkpoint is not None:
             # Only bbsnap's own checkpoint of this snapshot (and its bitmap) goes: the next
-            # snapshot would not start from it any more (services/snapshot_chain.py).
+            # snapshot would not start from it any more (services/snapshots/chain.py).
             self._forget_checkpoint(link.domain_uuid, link.checkpoint)
         return image
 

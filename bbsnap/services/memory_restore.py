@@ -28,11 +28,11 @@ from typing import Callable, Iterator
 
 import isal.igzip as igzip
 
-from ..errors import ConflictError, InvalidInputError
-from ..hypervisor import Hardware, Hypervisor, SavedDomain
-from ..jobs import current_job_token, job_alive
-from ..layout import FILE_MODE, DataDir
-from ..models import Image, Server
+from bbsnap.errors import ConflictError, InvalidInputError
+from bbsnap.hypervisor import Hardware, Hypervisor, SavedDomain
+from bbsnap.state.process_tokens import current_job_token, job_alive
+from bbsnap.state.layout import FILE_MODE, DataDir
+from bbsnap.models import Image, Server
 
 CHUNK = 1024 * 1024
 PREFIX = "restore."

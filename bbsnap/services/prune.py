@@ -27,18 +27,19 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import locks, safe_files
-from ..catalogue import Catalogue
-from ..disks import qemu_img
-from ..errors import BbsnapError, CataloguePathError
-from ..hypervisor import Hypervisor
-from ..jobs import current_job_token, job_alive
-from ..layout import FILE_MODE, DataDir
-from ..models import DependentKind, Image, ImageFilter, ImageType
-from ..reporting import SILENT, Reporter
-from . import stored_chain
-from .images import ImageService
-from .retention import Dated, Policy, select
+from bbsnap import safe_files
+from bbsnap.state import locks
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.disks import qemu_img
+from bbsnap.errors import BbsnapError, CataloguePathError
+from bbsnap.hypervisor import Hypervisor
+from bbsnap.state.process_tokens import current_job_token, job_alive
+from bbsnap.state.layout import FILE_MODE, DataDir
+from bbsnap.models import DependentKind, Image, ImageFilter, ImageType
+from bbsnap.reporting import SILENT, Reporter
+from bbsnap.services import stored_chain
+from bbsnap.services.images import ImageService
+from bbsnap.services.retention import Dated, Policy, select
 
 JOURNAL_PREFIX = "prune."
 JOURNAL_SUFFIX = ".journal"

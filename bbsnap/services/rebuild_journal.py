@@ -22,15 +22,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import locks
-from ..catalogue import Catalogue
-from ..errors import BbsnapError, NotFoundError
-from ..hypervisor import DomainState, Hypervisor
-from ..jobs import job_alive
-from ..layout import DataDir
-from ..models import DependentKind
-from ..safe_files import write_atomic
-from . import change_tracking
+from bbsnap.state import locks
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.errors import BbsnapError, NotFoundError
+from bbsnap.hypervisor import DomainState, Hypervisor
+from bbsnap.state.process_tokens import job_alive
+from bbsnap.state.layout import DataDir
+from bbsnap.models import DependentKind
+from bbsnap.safe_files import write_atomic
+from bbsnap.services.snapshots import change_tracking
 
 JOURNAL = ".rebuilding"
 MAX_JOURNAL = 64 * 1024

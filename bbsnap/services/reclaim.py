@@ -22,14 +22,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
-from ..catalogue import Catalogue
-from ..errors import BbsnapError
-from ..hypervisor import DomainInfo
-from ..jobs import job_alive
-from ..layout import DataDir
-from ..models import ImageFilter, ImageStatus
-from . import prune
-from .server_origin import read_origin
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.errors import BbsnapError
+from bbsnap.hypervisor import DomainInfo
+from bbsnap.state.process_tokens import job_alive
+from bbsnap.state.layout import DataDir
+from bbsnap.models import ImageFilter, ImageStatus
+from bbsnap.services import prune
+from bbsnap.services.server_origin import read_origin
 
 QUARANTINE_GRACE = timedelta(days=7)
 QUARANTINE_DIR_MODE = 0o700  # reclaimed disks are as private as they were

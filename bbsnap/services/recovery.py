@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .. import locks
-from ..catalogue import Catalogue
-from ..errors import CataloguePathError
-from ..jobs import job_alive
-from ..layout import DataDir
-from ..models import Image, ImageStatus
+from bbsnap.state import locks
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.errors import CataloguePathError
+from bbsnap.state.process_tokens import job_alive
+from bbsnap.state.layout import DataDir
+from bbsnap.models import Image, ImageStatus
 
 # Hands an orphaned snapshot (image id, the server lock now held) to a new worker.
 Adopter = Callable[[str, locks.ServerLock], None]
@@ -67,7 +67,7 @@ def recover_interrupted_creates(catalogue: Catalogue, data_dir: DataDir,
     """Remove what a `servers create` killed before defining its domain left behind."""
     import shutil
 
-    from ..models import DependentKind
+    from bbsnap.models import DependentKind
 
     removed = []
     for marker in data_dir.servers_dir.glob("srv-*/.creating"):

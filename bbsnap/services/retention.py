@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from ..errors import UsageError
+from bbsnap.errors import UsageError
 
 RULES = ("last", "hourly", "daily", "weekly", "monthly")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import ConflictError
-from ..models import Image, ImageStatus, Server
+from bbsnap.errors import ConflictError
+from bbsnap.models import Image, ImageStatus, Server
 
 
 def choose_snapshot(server: Server, history: list[Image], wanted: str | None,

@@ -19,14 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from .. import locks
-from ..catalogue import Catalogue, utcnow
-from ..errors import BbsnapError, ConflictError, NotFoundError, UsageError
-from ..hypervisor import Hypervisor
-from ..layout import DataDir
-from ..models import Image, ImageStatus, Schedule
-from .prune import PruneReport
-from .retention import RULES, Policy
+from bbsnap.state import locks
+from bbsnap.state.catalogue import Catalogue, utcnow
+from bbsnap.errors import BbsnapError, ConflictError, NotFoundError, UsageError
+from bbsnap.hypervisor import Hypervisor
+from bbsnap.state.layout import DataDir
+from bbsnap.models import Image, ImageStatus, Schedule
+from bbsnap.services.prune import PruneReport
+from bbsnap.services.retention import RULES, Policy
 
 _DURATION = re.compile(r"([1-9][0-9]{0,5})([mhdw])")
 _UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60}

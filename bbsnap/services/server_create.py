@@ -16,26 +16,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .. import host_access, ids, locks
-from ..catalogue import Catalogue, utcnow
-from ..config import Settings
-from ..disks import qemu_img
-from ..errors import InvalidInputError, NotFoundError, UsageError
-from ..hostinfo import default_ssh_public_keys, total_memory_mib
-from ..hypervisor import DiskSpec, DomainSpec, Hypervisor, NicSpec
-from ..jobs import current_job_token
-from ..layout import DataDir
-from ..models import DependentKind, Image, Server, ServerType
-from ..reporting import SILENT, Reporter
-from ..netports import PortRegistry, parse_port_range
-from ..seed import (SeedSpec, check_hostname, default_user_data, hostname_from_name,
-                    validate_user_data, write_seed_iso)
-from ..server_types import DEFAULT_TYPE, find_type
-from ..sizes import GIB
-from . import change_tracking
-from .compensation import Compensation
-from .server_origin import write_origin
-from .server_records import check_server_name, server_from_domain
+from bbsnap import host_access, ids
+from bbsnap.state import locks
+from bbsnap.state.catalogue import Catalogue, utcnow
+from bbsnap.config import Settings
+from bbsnap.disks import qemu_img
+from bbsnap.errors import InvalidInputError, NotFoundError, UsageError
+from bbsnap.hostinfo import default_ssh_public_keys, total_memory_mib
+from bbsnap.hypervisor import DiskSpec, DomainSpec, Hypervisor, NicSpec
+from bbsnap.state.process_tokens import current_job_token
+from bbsnap.state.layout import DataDir
+from bbsnap.models import DependentKind, Image, Server, ServerType
+from bbsnap.reporting import SILENT, Reporter
+from bbsnap.netports import PortRegistry, parse_port_range
+from bbsnap.seed import (SeedSpec, check_hostname, default_user_data, hostname_from_name,
+                         validate_user_data, write_seed_iso)
+from bbsnap.server_types import DEFAULT_TYPE, find_type
+from bbsnap.sizes import GIB
+from bbsnap.services.snapshots import change_tracking
+from bbsnap.services.compensation import Compensation
+from bbsnap.services.server_origin import write_origin
+from bbsnap.services.server_records import check_server_name, server_from_domain
 
 DISK_FILE = "disk.qcow2"
 CREATING_MARKER = ".creating"

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import safe_files
+from bbsnap import safe_files
 
 ORIGIN_FILE = "origin.json"
 ORIGIN_MODE = 0o600

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from ..errors import UsageError
-from ..hypervisor import DomainFacts, DomainInfo, DomainState, Hypervisor
-from ..models import Server, ServerStatus
+from bbsnap.errors import UsageError
+from bbsnap.hypervisor import DomainFacts, DomainInfo, DomainState, Hypervisor
+from bbsnap.models import Server, ServerStatus
 
 _STATUS = {DomainState.RUNNING: ServerStatus.ACTIVE, DomainState.SHUTOFF: ServerStatus.INACTIVE,
            DomainState.PAUSED: ServerStatus.PAUSED, DomainState.CRASHED: ServerStatus.CRASHED}

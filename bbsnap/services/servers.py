@@ -10,19 +10,21 @@ import shutil
 import time
 from pathlib import Path
 
-from .. import ids, locks
-from ..catalogue import Catalogue
-from ..disks import qemu_img
-from ..errors import ConflictError, NotFoundError
-from ..hypervisor import DomainState, Hypervisor
-from ..jobs import current_job_token
-from ..layout import DataDir
-from ..reporting import SILENT, Reporter
-from ..models import (DependentKind, Image, ImageFilter, ImageType, Server,
-                      ServerStatus)
-from . import change_tracking, memory_restore, rebuild_journal, revert
-from .compensation import Compensation
-from .server_records import server_from_domain
+from bbsnap import ids
+from bbsnap.state import locks
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.disks import qemu_img
+from bbsnap.errors import ConflictError, NotFoundError
+from bbsnap.hypervisor import DomainState, Hypervisor
+from bbsnap.state.process_tokens import current_job_token
+from bbsnap.state.layout import DataDir
+from bbsnap.reporting import SILENT, Reporter
+from bbsnap.models import (DependentKind, Image, ImageFilter, ImageType, Server,
+                           ServerStatus)
+from bbsnap.services import memory_restore, rebuild_journal, revert
+from bbsnap.services.snapshots import change_tracking
+from bbsnap.services.compensation import Compensation
+from bbsnap.services.server_records import server_from_domain
 
 DEFAULT_STOP_TIMEOUT = 60.0
 

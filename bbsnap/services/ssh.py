@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from ..errors import BbsnapError, ConflictError, UsageError
-from ..models import Server, ServerStatus
+from bbsnap.errors import BbsnapError, ConflictError, UsageError
+from bbsnap.models import Server, ServerStatus
 
 MAX_LOGIN_NAME = 256
 FALLBACK_USER = "root"

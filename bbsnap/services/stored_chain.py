@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..disks import qemu_img
-from ..errors import CataloguePathError
-from ..layout import DataDir
+from bbsnap.disks import qemu_img
+from bbsnap.errors import CataloguePathError
+from bbsnap.state.layout import DataDir
 
 MAX_CHAIN = 256              # backing files followed before giving up (bbsnap's chains are short)
 BACKING_FORMATS = ("qcow2", "raw")

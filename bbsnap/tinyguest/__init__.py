@@ -10,9 +10,9 @@ over SSH on port 22 with those keys.
 
 from __future__ import annotations
 
-from .build import build_tiny_guest, image_path
-from .cache import default_cache_dir
-from .counter import (
+from bbsnap.tinyguest.build import build_tiny_guest, image_path
+from bbsnap.tinyguest.cache import default_cache_dir
+from bbsnap.tinyguest.counter import (
     COUNTER_OFFSET,
     decode_counter_sector,
     encode_counter_sector,

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import BbsnapError
-from .build import build_tiny_guest, image_path
+from bbsnap.errors import BbsnapError
+from bbsnap.tinyguest.build import build_tiny_guest, image_path
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,9 +5,9 @@ init.sh starts it on the virtio-serial port named ``org.qemu.guest_agent.0``.
 
 from __future__ import annotations
 
-from .binaries import LibraryPool, add_binary
-from .debpkg import Package
-from .initramfs import Initramfs
+from bbsnap.tinyguest.binaries import LibraryPool, add_binary
+from bbsnap.tinyguest.debpkg import Package
+from bbsnap.tinyguest.initramfs import Initramfs
 
 AGENT_DEST = "usr/sbin/qemu-ga"
 

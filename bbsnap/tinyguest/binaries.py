@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BbsnapError
-from .debpkg import Package, fetch
-from .elf import elf_dynamic
-from .initramfs import Initramfs
+from bbsnap.errors import BbsnapError
+from bbsnap.tinyguest.debpkg import Package, fetch
+from bbsnap.tinyguest.elf import elf_dynamic
+from bbsnap.tinyguest.initramfs import Initramfs
 
 LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
 GUEST_LIB_DIR = "lib/x86_64-linux-gnu"

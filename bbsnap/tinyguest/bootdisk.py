@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import BbsnapError, NotFoundError
-from ..proc import run, which
+from bbsnap.errors import BbsnapError, NotFoundError
+from bbsnap.proc import run, which
 
 DISK_SIZE = 128 * 1024 * 1024
 PARTITION_START = 1024 * 1024        # sector 2048; the counter lives below it

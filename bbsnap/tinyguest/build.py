@@ -30,22 +30,22 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from .agent import add_agent
-from .binaries import LibraryPool
-from .bootdisk import KERNEL_CMDLINE, make_boot_disk
-from .cache import (
+from bbsnap.tinyguest.agent import add_agent
+from bbsnap.tinyguest.binaries import LibraryPool
+from bbsnap.tinyguest.bootdisk import KERNEL_CMDLINE, make_boot_disk
+from bbsnap.tinyguest.cache import (
     build_lock,
     guest_root,
     make_shared_dir,
     publish,
     remove_stale_work_dirs,
 )
-from .counter import COUNTER_SECTOR
-from .debpkg import Package, fetch
-from .initramfs import Initramfs, cpio_newc
-from .kernel import add_kernel_modules
-from .ssh import add_ssh
-from .versions import AGENT_PACKAGE, BUSYBOX_PACKAGE, SSH_PACKAGE, resolve_versions
+from bbsnap.tinyguest.counter import COUNTER_SECTOR
+from bbsnap.tinyguest.debpkg import Package, fetch
+from bbsnap.tinyguest.initramfs import Initramfs, cpio_newc
+from bbsnap.tinyguest.kernel import add_kernel_modules
+from bbsnap.tinyguest.ssh import add_ssh
+from bbsnap.tinyguest.versions import AGENT_PACKAGE, BUSYBOX_PACKAGE, SSH_PACKAGE, resolve_versions
 
 # Bump whenever the image would come out different for the same inputs (the
 # code is not part of the cache key, so a behaviour change needs this).

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from ..errors import BbsnapError
+from bbsnap.errors import BbsnapError
 
 
 def default_cache_dir() -> Path:

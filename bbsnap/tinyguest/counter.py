@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import ExternalCommandError
-from ..proc import run, which
+from bbsnap.errors import ExternalCommandError
+from bbsnap.proc import run, which
 
 SECTOR_SIZE = 512
 COUNTER_OFFSET = 512 * 1024          # sector 1024; partition 1 starts at 1 MiB

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BbsnapError, ExternalCommandError, NotFoundError
-from ..proc import run, which
+from bbsnap.errors import BbsnapError, ExternalCommandError, NotFoundError
+from bbsnap.proc import run, which
 
 
 @dataclass

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import BbsnapError
-from ..proc import run, which
-from .debpkg import Package
-from .initramfs import Initramfs
+from bbsnap.errors import BbsnapError
+from bbsnap.proc import run, which
+from bbsnap.tinyguest.debpkg import Package
+from bbsnap.tinyguest.initramfs import Initramfs
 
 # Wanted modules, in the order they should load; each one's dependencies (from
 # modules.dep) are loaded before it. Built-in ones (modules.builtin) are skipped.

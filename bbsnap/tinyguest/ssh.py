@@ -8,9 +8,9 @@ host keys on first use (``-R``), so one cached image serves every test.
 
 from __future__ import annotations
 
-from .binaries import LibraryPool, add_binary
-from .debpkg import Package
-from .initramfs import Initramfs
+from bbsnap.tinyguest.binaries import LibraryPool, add_binary
+from bbsnap.tinyguest.debpkg import Package
+from bbsnap.tinyguest.initramfs import Initramfs
 
 SSHD_DEST = "usr/sbin/dropbear"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 import re
 
-from ..errors import BbsnapError
-from .debpkg import apt_show, dependency_names
+from bbsnap.errors import BbsnapError
+from bbsnap.tinyguest.debpkg import apt_show, dependency_names
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from bbsnap.catalogue import Catalogue
+from bbsnap.state.catalogue import Catalogue
 from bbsnap.hypervisor import DomainSpec
-from bbsnap.layout import DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.models import DependentKind, Image, ImageStatus, ImageType
 from bbsnap.services.images import ImageService
 from bbsnap.services.prune import PruneReport, PruneService

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import yaml
 
-from bbsnap.catalogue import Catalogue
+from bbsnap.state.catalogue import Catalogue
 from bbsnap.models import DependentKind, ImageStatus, ImageType
 from tests.images import raw_disk
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from bbsnap.catalogue import Catalogue
+from bbsnap.state.catalogue import Catalogue
 from tests.images import MIB, raw_disk
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bbsnap.errors import CataloguePathError
-from bbsnap.layout import DataDir
+from bbsnap.state.layout import DataDir
 from tests.images import MIB, qcow2_disk, raw_disk, run
 
 

@@ -16,8 +16,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from bbsnap.catalogue import Catalogue
-from bbsnap.jobs import boot_id, token_for_pid
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.state.process_tokens import boot_id, token_for_pid
 from bbsnap.services.server_origin import ORIGIN_FILE, read_origin, write_origin
 from tests.images import MIB, raw_disk
 

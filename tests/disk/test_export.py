@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bbsnap.catalogue import Catalogue, utcnow
+from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.models import Image, ImageStatus, ImageType
 from tests.images import MIB, qcow2_disk, run
 

@@ -291,7 +291,7 @@ BOMB_COMPRESSORS = {"gzip": gzip.compress, "xz": lzma.compress, "zstd": zstd.com
 @pytest.fixture()
 def written(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """[bytes the import has written into its download file so far, holes included]."""
-    from bbsnap import transfer
+    from bbsnap.transfer import stream as transfer
 
     count = [0]
     original = transfer._write_sparse
@@ -356,7 +356,7 @@ def dense_raw(path: Path, size: int) -> Path:
 @pytest.fixture()
 def small_data_dir(data_dir: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """The data directory on a 64 MiB tmpfs, with a reserve of 8 MiB (5% would be 3.2)."""
-    from bbsnap import transfer
+    from bbsnap.transfer import stream as transfer
 
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")

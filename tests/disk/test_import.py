@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bbsnap.layout import FILE_MODE
+from bbsnap.state.layout import FILE_MODE
 from tests.images import MIB, qcow2_disk, raw_disk, read_bytes
 
 try:

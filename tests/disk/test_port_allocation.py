@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from bbsnap.catalogue import Catalogue
+from bbsnap.state.catalogue import Catalogue
 from bbsnap.config import Settings
 from bbsnap.errors import ConflictError
 from bbsnap.hypervisor import DomainInfo, DomainSpec
-from bbsnap.layout import DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.netports import PortRegistry
 from bbsnap.services.server_create import CreateRequest, ServerCreator
 from tests.conftest import Bbsnap

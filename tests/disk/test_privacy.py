@@ -12,9 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bbsnap import locks, proc
-from bbsnap.catalogue import Catalogue
-from bbsnap.layout import DataDir
+from bbsnap import proc
+from bbsnap.state import locks
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.state.layout import DataDir
 from tests.images import qcow2_disk
 from tests.other_user import PYTHON, as_nobody
 
@@ -131,7 +132,7 @@ def test_a_user_who_cannot_give_the_group_away_gets_0711(work_dir):
     """Not root (qemu:///session, or a user with the libvirt socket): chgrp to QEMU's group
     is refused, so QEMU's directories are 0711: traversable, never listable."""
     os.chown(work_dir, 65534, -1)  # nobody's own directory to make the data dir in
-    script = ("import sys; from pathlib import Path; from bbsnap.layout import DataDir; "
+    script = ("import sys; from pathlib import Path; from bbsnap.state.layout import DataDir; "
               "DataDir(Path(sys.argv[1])).ensure()")
     subprocess.run(["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={REPO}", PYTHON,
                     "-c", script, str(work_dir / "data")], check=True, timeout=60, cwd="/")
@@ -152,7 +153,7 @@ def test_preparing_the_data_directory_keeps_this_processs_catalogue_locks(work_d
     import subprocess
     import sys
 
-    from bbsnap.layout import DataDir
+    from bbsnap.state.layout import DataDir
 
     data_dir = DataDir(work_dir / "data").ensure()
     ours = sqlite3.connect(data_dir.catalogue_path, isolation_level=None)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bbsnap.layout import FILE_MODE
+from bbsnap.state.layout import FILE_MODE
 from bbsnap.models import DependentKind
 from bbsnap.services.retention import Policy
 from tests.disk import prune_chain
@@ -218,7 +218,7 @@ def test_partial_prunes_keep_every_remaining_image(work_dir, keep):
 
 def test_doctor_leaves_a_running_prunes_work_files_alone(work_dir):
     from bbsnap import safe_files
-    from bbsnap.jobs import current_job_token
+    from bbsnap.state.process_tokens import current_job_token
     from bbsnap.services import reclaim
 
     chain = build(work_dir / "data")

@@ -13,13 +13,13 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from bbsnap.catalogue import Catalogue, utcnow
+from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.disks import qemu_img
 from bbsnap.hypervisor import DiskSpec, DomainSpec
 from bbsnap.hypervisor.domain_xml import build_domain_xml
-from bbsnap.layout import DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.models import DependentKind, Image, ImageStatus, ImageType
-from bbsnap.services import change_tracking
+from bbsnap.services.snapshots import change_tracking
 
 SERVER = "srv-revrt"
 MIB = 1 << 20

@@ -8,9 +8,9 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from bbsnap import locks
-from bbsnap.catalogue import Catalogue, utcnow
-from bbsnap.layout import DataDir
+from bbsnap.state import locks
+from bbsnap.state.catalogue import Catalogue, utcnow
+from bbsnap.state.layout import DataDir
 from bbsnap.models import Image, ImageStatus, ImageType, Schedule
 from bbsnap.services.images import ImageService
 from bbsnap.services.prune import PruneService

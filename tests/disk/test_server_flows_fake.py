@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from bbsnap.catalogue import Catalogue, utcnow
+from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.config import Settings
 from bbsnap.disks import qemu_img
 from bbsnap.errors import HypervisorError
 from bbsnap.hypervisor import DomainInfo, DomainState, NewCheckpoint
-from bbsnap.layout import DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.models import Consistency, Image, ImageStatus, ImageType, ServerStatus
 from bbsnap.netports import PortRegistry
 from bbsnap.reporting import SilentReporter
 from bbsnap.services.server_create import CreateRequest, ServerCreator
-from bbsnap.services import change_tracking
+from bbsnap.services.snapshots import change_tracking
 from bbsnap.services.servers import ServerService
-from bbsnap.services.snapshot import SnapshotRequest, SnapshotService
+from bbsnap.services.snapshots.start import SnapshotRequest, SnapshotService
 from tests.fakes.hypervisor import FakeHypervisor
 
 MIB = 1 << 20

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bbsnap.sidecar import FORMAT_VERSION
+from bbsnap.transfer.sidecar import FORMAT_VERSION
 from tests.images import MIB, raw_disk
 
 HOSTILE = "\u001b]0;owned\u0007\u001b[2J"

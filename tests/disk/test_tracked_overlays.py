@@ -9,8 +9,8 @@ import stat
 import subprocess
 from pathlib import Path
 
-from bbsnap.layout import DataDir
-from bbsnap.services import change_tracking
+from bbsnap.state.layout import DataDir
+from bbsnap.services.snapshots import change_tracking
 
 MIB = 1 << 20
 

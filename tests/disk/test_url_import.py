@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from bbsnap import checksums, http_source
+from bbsnap.transfer import checksums
+from bbsnap.transfer import http_source
 from bbsnap.errors import BbsnapError, InvalidInputError
-from bbsnap.sidecar import Sidecar, to_json
+from bbsnap.transfer.sidecar import Sidecar, to_json
 from tests.disk.test_hostile_import import assert_no_secret_copied, assert_refused
 from tests.httpserver import HttpServer, Resource, running
 from tests.images import MIB, qcow2_disk, raw_disk, read_bytes, run

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from bbsnap.catalogue import Catalogue
+from bbsnap.state.catalogue import Catalogue
 from tests.conftest import Bbsnap
 
 from bbsnap.hypervisor.libvirt_adapter import LibvirtHypervisor

@@ -4,7 +4,7 @@ commit. Real libvirtd, real processes (the CLI's exit path only runs in a real p
 
 from __future__ import annotations
 
-from bbsnap.catalogue import Catalogue
+from bbsnap.state.catalogue import Catalogue
 from tests.disk.test_catalogue_durability import main_file_rows
 from tests.system.conftest import create_server, wait_until
 

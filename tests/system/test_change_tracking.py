@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bbsnap.disks import qemu_img
-from bbsnap.services import change_tracking
+from bbsnap.services.snapshots import change_tracking
 from bbsnap.tinyguest import READY_LINE
 from tests.system.conftest import (URI, backing_file, console_path, create_server, image_record,
                                    set_backup_speed, wait_for_console_line, wait_settled,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import os
 
-from bbsnap.catalogue import Catalogue
-from bbsnap.jobs import current_job_token
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.state.process_tokens import current_job_token
 from bbsnap.models import ImageStatus
 from bbsnap.services.server_origin import write_origin
 from tests.system.conftest import URI, create_server

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 
-from bbsnap.catalogue import Catalogue
+from bbsnap.state.catalogue import Catalogue
 from bbsnap.config import load_settings
 from bbsnap.disks import qemu_img
-from bbsnap.layout import DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.services.doctor import Doctor
 from bbsnap.tinyguest import READY_LINE
 from tests.images import MIB, raw_disk

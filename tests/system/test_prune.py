@@ -136,7 +136,7 @@ def test_prune_in_the_middle_of_a_chain_while_servers_run_on_it(cloud, jobs):  #
 def test_schedule_run_snapshots_and_prunes_a_due_server_and_skips_one_not_due(cloud, jobs):  # noqa: F811
     from datetime import timedelta
 
-    from bbsnap.catalogue import Catalogue, utcnow
+    from bbsnap.state.catalogue import Catalogue, utcnow
     from bbsnap.models import Schedule
 
     (server,) = create_server(cloud)

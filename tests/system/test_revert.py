@@ -19,7 +19,7 @@ from pathlib import Path
 
 import libvirt
 
-from bbsnap.catalogue import Catalogue
+from bbsnap.state.catalogue import Catalogue
 from bbsnap.tinyguest import READY_LINE, read_counter
 from tests.system.conftest import (URI, backing_file, console_path, create_server, file_digest,
                                    image_record, server_record, set_backup_speed,

@@ -13,15 +13,15 @@ from typing import Iterator
 
 import pytest
 
-from bbsnap.catalogue import Catalogue
+from bbsnap.state.catalogue import Catalogue
 from bbsnap.config import load_settings
 from bbsnap.errors import HypervisorError
 from bbsnap.hypervisor import DiskSpec, DomainSpec
-from bbsnap.layout import DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.services.server_create import CreateRequest, ServerCreator
 from bbsnap.tinyguest import READY_LINE
 from tests.system.conftest import (SMALL, URI, backing_file, console_path, create_server,
-                                  nothing_left, wait_for_console_line, wait_until)
+                                   nothing_left, wait_for_console_line, wait_until)
 
 def test_server_boots_from_the_image_with_its_own_identity(cloud, hypervisor):
     result = cloud("servers", "create", cloud.image_id, *SMALL, "-n", "web <1> & 'co'")

@@ -24,7 +24,7 @@ import libvirt_qemu
 import pytest
 
 from bbsnap.hypervisor import DiskSpec, DomainSpec, NicSpec
-from bbsnap.services import change_tracking
+from bbsnap.services.snapshots import change_tracking
 from bbsnap.tinyguest import READY_LINE, read_counter
 from tests.system.conftest import (URI, backing_file, console_path, create_server,
                                    image_record, qemu_monitor, wait_for_console_line,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bbsnap.catalogue import Catalogue
-from bbsnap.layout import DataDir
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.state.layout import DataDir
 
 
 @pytest.fixture()

@@ -3,7 +3,8 @@ import threading
 
 import pytest
 
-from bbsnap.catalogue import MIGRATIONS, SCHEMA_VERSION, Catalogue, utcnow
+from bbsnap.state.catalogue import Catalogue, utcnow
+from bbsnap.state.migrations import MIGRATIONS, SCHEMA_VERSION
 from bbsnap.errors import BbsnapError, CatalogueError, ConflictError, InUseError, NotFoundError
 from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageType
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import subprocess
 
-from bbsnap.catalogue import Catalogue, utcnow
+from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.cli.context import _another_job_commits_later
-from bbsnap.jobs import current_job_token, token_for_pid
+from bbsnap.state.process_tokens import current_job_token, token_for_pid
 from bbsnap.models import Image, ImageStatus, ImageType
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import pytest
 
-from bbsnap.catalogue_errors import catalogue_failure
+from bbsnap.state.catalogue_errors import catalogue_failure
 from bbsnap.cli.main import PATH_PARAMS, Utf8Text, cli
 from bbsnap.errors import CatalogueError, InvalidInputError
 from bbsnap.seed import (MAX_USER_DATA, SeedSpec, decode_user_data, read_seed_iso,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from bbsnap.catalogue import Catalogue, utcnow
+from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.cli import render
 from bbsnap.models import Image, ImageStatus, ImageType
 from bbsnap.text import escape

@@ -3,7 +3,7 @@ import struct
 
 import pytest
 
-from bbsnap.compression import Compression, DecompressingReader, sniff_compression
+from bbsnap.transfer.compression import Compression, DecompressingReader, sniff_compression
 from bbsnap.disks.formats import detect_format
 from bbsnap.disks.qcow2_header import read_qcow2_header
 from bbsnap.errors import HostileImageError, InvalidInputError
@@ -123,7 +123,7 @@ def _sidecar_bytes(**fields) -> bytes:
 
 
 def test_sidecar_without_format_or_compression_states_neither():
-    from bbsnap import sidecar
+    from bbsnap.transfer import sidecar
 
     meta = sidecar.parse(_sidecar_bytes())
     assert (meta.format, meta.compression) == (None, None)
@@ -134,7 +134,7 @@ def test_sidecar_without_format_or_compression_states_neither():
 @pytest.mark.parametrize("field,value", [("format", "vmdk"), ("compression", "lz4"),
                                          ("format", 7)])
 def test_sidecar_with_an_unknown_format_or_compression_is_refused(field, value):
-    from bbsnap import sidecar
+    from bbsnap.transfer import sidecar
 
     with pytest.raises(InvalidInputError, match=field):
         sidecar.parse(_sidecar_bytes(**{field: value}))
@@ -151,7 +151,7 @@ def test_qcow2_bound_grows_with_the_virtual_size_and_stays_near_it():
 
 
 def test_copy_refuses_a_head_before_creating_the_file(tmp_path):
-    from bbsnap.transfer import copy_decompressed
+    from bbsnap.transfer.stream import copy_decompressed
 
     def refuse(head: bytes):
         raise InvalidInputError(f"refused after {len(head)} bytes")
@@ -163,7 +163,7 @@ def test_copy_refuses_a_head_before_creating_the_file(tmp_path):
 
 
 def test_copy_stops_at_the_heads_limit(tmp_path):
-    from bbsnap.transfer import OutputLimit, copy_decompressed
+    from bbsnap.transfer.stream import OutputLimit, copy_decompressed
 
     with pytest.raises(HostileImageError, match="too long"):
         copy_decompressed(io.BytesIO(b"\x01" * (3 << 20)), tmp_path / "out", max_output=1 << 30,
@@ -173,7 +173,7 @@ def test_copy_stops_at_the_heads_limit(tmp_path):
 def test_stated_compression_is_used_and_checked(tmp_path):
     import gzip
 
-    from bbsnap.transfer import copy_decompressed
+    from bbsnap.transfer.stream import copy_decompressed
 
     data = b"\x1f\x8b" + bytes(1000)  # gzip's magic, not gzip
     copied = copy_decompressed(io.BytesIO(data), tmp_path / "a", max_output=1 << 20,

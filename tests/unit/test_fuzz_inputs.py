@@ -12,7 +12,7 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bbsnap.compression import Compression, open_decompressed, sniff_compression
+from bbsnap.transfer.compression import Compression, open_decompressed, sniff_compression
 from bbsnap.disks.formats import detect_format
 from bbsnap.disks.qcow2_header import read_qcow2_header
 from bbsnap.errors import InvalidInputError
@@ -109,7 +109,7 @@ def test_copy_never_writes_past_the_heads_limit(kind, payload, members, limit, h
     import tempfile
     from pathlib import Path
 
-    from bbsnap.transfer import OutputLimit, copy_decompressed
+    from bbsnap.transfer.stream import OutputLimit, copy_decompressed
 
     data = COMPRESSORS[kind](payload) * members
     with tempfile.TemporaryDirectory() as directory:

@@ -45,7 +45,7 @@ def test_job_progress_in_percent(active, processed, total, percent):
 
 
 def test_progress_is_shown_only_while_there_is_one():
-    from bbsnap.catalogue import utcnow
+    from bbsnap.state.catalogue import utcnow
     from bbsnap.cli.image_views import as_record, show_pairs
     from bbsnap.models import Image, ImageStatus, ImageType
 
@@ -63,10 +63,10 @@ def test_waiting_on_a_terminal_shows_the_copy_s_progress(tmp_path):
     """`--wait`'s line on a terminal, fed by a real catalogue the worker would update."""
     import io
 
-    from bbsnap.catalogue import Catalogue, utcnow
+    from bbsnap.state.catalogue import Catalogue, utcnow
     from bbsnap.cli.reporter import TerminalReporter
     from bbsnap.models import Image, ImageStatus, ImageType
-    from bbsnap.services.snapshot_wait import wait_settled
+    from bbsnap.services.snapshots.wait import wait_settled
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

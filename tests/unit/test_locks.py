@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from bbsnap import locks
+from bbsnap.state import locks
 from bbsnap.config import load_settings
 from bbsnap.errors import ConflictError
-from bbsnap.layout import DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.services.server_create import ServerCreator
 
 UUID = "0c4b6f1e-2a39-4a8e-9d6c-3d0f5d0e9a11"
 HOLDER = """
 import sys, time
 from pathlib import Path
-from bbsnap import locks
+from bbsnap.state import locks
 lock = locks.acquire_path(Path(sys.argv[1]), purpose=sys.argv[2])
 print("held", flush=True)
 sys.stdin.read()  # until the test closes our stdin

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from bbsnap.catalogue import Catalogue, utcnow
+from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.errors import ConflictError, NotFoundError
 from bbsnap.hypervisor import DiskSpec, DomainSpec, DomainState
-from bbsnap.layout import DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageType, Server
 from bbsnap.models import ServerStatus
-from bbsnap.services import change_tracking, rebuild_journal
+from bbsnap.services import rebuild_journal
+from bbsnap.services.snapshots import change_tracking
 from bbsnap.services.revert import check_revertible, choose_snapshot
 from tests.fakes.hypervisor import FakeHypervisor
 
@@ -195,7 +196,7 @@ def test_a_rebuild_killed_after_the_new_definition_rolls_forward(data, catalogue
 
 
 def test_a_live_rebuilds_journal_and_one_naming_other_files_are_left_alone(data, catalogue):
-    from bbsnap.jobs import current_job_token
+    from bbsnap.state.process_tokens import current_job_token
 
     journal = _killed_rebuild(data, catalogue)
     rebuild_journal.write(data, rebuild_journal.RebuildJournal(

@@ -14,11 +14,11 @@ from typing import Iterator
 
 import pytest
 
-from bbsnap.catalogue import Catalogue, utcnow
+from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.config import Settings
 from bbsnap.errors import (BbsnapError, ConflictError, InvalidInputError, NotFoundError,
                            UsageError)
-from bbsnap.layout import DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.models import Image, ImageStatus, ImageType
 from bbsnap.netports import PortRegistry
 from bbsnap.services.server_create import CreateRequest, ServerCreator

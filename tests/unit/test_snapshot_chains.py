@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from bbsnap.catalogue import MIGRATIONS, SCHEMA_VERSION, Catalogue, utcnow
+from bbsnap.state.catalogue import Catalogue, utcnow
+from bbsnap.state.migrations import MIGRATIONS, SCHEMA_VERSION
 from bbsnap.config import load_settings
 from bbsnap.errors import InUseError, UsageError
 from bbsnap.hypervisor import DiskInfo
-from bbsnap.layout import DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.models import ChainLink, Image, ImageStatus, ImageType
-from bbsnap.services import change_tracking, snapshot_chain
-from bbsnap.services.snapshot_chain import ChainPlanner, ServerDisk
+from bbsnap.services.snapshots import change_tracking
+from bbsnap.services.snapshots import chain as snapshot_chain
+from bbsnap.services.snapshots.chain import ChainPlanner, ServerDisk
 
 UUID = "6f1c0c1e-0000-4000-8000-000000000001"
 

@@ -1,4 +1,4 @@
-"""The snapshot worker's command line: built and parsed in bbsnap/worker.py, and a worker
+"""The snapshot worker's command line: built and parsed in bbsnap/services/snapshots/worker.py, and a worker
 that was not handed the server's lock refuses to copy (it would race a prune or revert)."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 
-from bbsnap import worker
+from bbsnap.services.snapshots import worker
 
 
 def test_the_command_line_the_service_builds_is_the_one_the_worker_parses(tmp_path, capsys):
     base = worker.base_argv(str(tmp_path / "data"), "test:///default")
     argv = worker.finish_snapshot_argv(base, "img-aaaaa", 987)
-    assert argv[:3] == [sys.executable, "-m", "bbsnap.worker"]
+    assert argv[:3] == [sys.executable, "-m", "bbsnap.services.snapshots.worker"]
     # fd 987 is not open: the worker stops before opening anything.
     assert worker.main(argv[3:]) == 2
     assert "not started with the server's lock (fd 987)" in capsys.readouterr().out

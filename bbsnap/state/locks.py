@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import ConflictError
-from .jobs import current_job_token, job_alive
+from bbsnap.errors import ConflictError
+from bbsnap.state.process_tokens import current_job_token, job_alive
 
 LOCK_FILE_MODE = 0o600
 LOCK_DIR_MODE = 0o700

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .compression import Compression, check_cap, open_decompressed, sniff_compression
-from .errors import BbsnapError, ChecksumMismatchError, HostileImageError, InvalidInputError
+from bbsnap.transfer.compression import Compression, check_cap, open_decompressed, sniff_compression
+from bbsnap.errors import BbsnapError, ChecksumMismatchError, HostileImageError, InvalidInputError
 
 CHUNK = 1 << 20
 # Free space left on the data directory's filesystem after an import: the catalogue, the

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from ..catalogue import Catalogue
-from ..models import Image, ImageStatus
-from ..reporting import SILENT, Reporter
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.models import Image, ImageStatus
+from bbsnap.reporting import SILENT, Reporter
 
 POLL_SECONDS = 0.25
 

@@ -1,4 +1,4 @@
-"""Background workers: ``python -m bbsnap.worker finish-snapshot IMG --lock-fd N``.
+"""Background workers: ``python -m bbsnap.services.snapshots.worker finish-snapshot IMG --lock-fd N``.
 
 Started detached by ``servers snapshot`` (and by crash recovery to adopt an
 orphaned copy); writes only to its log file in ``DATA/logs/``. The command line is
@@ -15,15 +15,15 @@ import sys
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from .errors import BbsnapError
+from bbsnap.errors import BbsnapError
 
 if TYPE_CHECKING:
-    from .catalogue import Catalogue
+    from bbsnap.state.catalogue import Catalogue
 
 
 def base_argv(data_dir: str, connect: str) -> list[str]:
     """How to run a worker for the data directory *data_dir* on connection *connect*."""
-    return [sys.executable, "-m", "bbsnap.worker", "--data-dir", data_dir, "--connect", connect]
+    return [sys.executable, "-m", "bbsnap.services.snapshots.worker", "--data-dir", data_dir, "--connect", connect]
 
 
 def finish_snapshot_argv(base: list[str], image_id: str, lock_fd: int) -> list[str]:
@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.lock_fd}); recovery will adopt it", flush=True)
         return 2
 
-    from .catalogue import Catalogue
-    from .config import load_settings
-    from .hypervisor.libvirt_adapter import LibvirtHypervisor
-    from .layout import DataDir
-    from .services.snapshot_finish import SnapshotFinisher
+    from bbsnap.state.catalogue import Catalogue
+    from bbsnap.config import load_settings
+    from bbsnap.hypervisor.libvirt_adapter import LibvirtHypervisor
+    from bbsnap.state.layout import DataDir
+    from bbsnap.services.snapshots.finish import SnapshotFinisher
 
     settings = load_settings({"data_dir": args.data_dir, "connect": args.connect})
     data_dir = DataDir.from_settings(settings).ensure()

@@ -12,7 +12,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from .errors import CatalogueError
+from bbsnap.errors import CatalogueError
 
 # (prefix of SQLite's error name, what failed, what to do next)
 _KINDS: tuple[tuple[tuple[str, ...], str, str], ...] = (

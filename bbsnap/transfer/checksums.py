@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidInputError, UsageError
+from bbsnap.errors import InvalidInputError, UsageError
 
 MAX_BYTES = 1024 * 1024  # a SHA256SUMS for a whole release is a few KiB
 _GNU = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")

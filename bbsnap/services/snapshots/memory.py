@@ -62,12 +62,12 @@ from typing import Callable
 
 import isal.igzip as igzip
 
-from ..disks import qemu_img
-from ..errors import BbsnapError, ConflictError, HypervisorError, NotFoundError
-from ..hypervisor import DomainState, Hardware, Hypervisor, PauseCause
-from ..layout import FILE_MODE, DataDir
-from ..models import SnapshotJob
-from .. import safe_files
+from bbsnap.disks import qemu_img
+from bbsnap.errors import BbsnapError, ConflictError, HypervisorError, NotFoundError
+from bbsnap.hypervisor import DomainState, Hardware, Hypervisor, PauseCause
+from bbsnap.state.layout import FILE_MODE, DataDir
+from bbsnap.models import SnapshotJob
+from bbsnap import safe_files
 
 MAX_DOWNTIME_MS = 30      # QEMU's final pass target (its default 300 ms is the whole pause)
 RESUME_WAIT = 120.0       # seconds to get a paused guest running again (libvirtd restarting)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from . import http_source, sidecar
-from .errors import BbsnapError, InvalidInputError, NotFoundError, UsageError
+from bbsnap.transfer import http_source
+from bbsnap.transfer import sidecar
+from bbsnap.errors import BbsnapError, InvalidInputError, NotFoundError, UsageError
 
 _IMAGE_SUFFIXES = (".gz", ".xz", ".zst", ".zstd", ".bz2", ".qcow2", ".img", ".raw")
 DEFAULT_NAME = "Imported image"

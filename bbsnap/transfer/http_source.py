@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from pathlib import PurePosixPath
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
-from . import __version__
-from .errors import BbsnapError, NotFoundError, UsageError
+from bbsnap import __version__
+from bbsnap.errors import BbsnapError, NotFoundError, UsageError
 
 MAX_REDIRECTS = 10
 # Pause before each resume attempt; their number is the retry limit. The first retry is

@@ -15,9 +15,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .compression import Compression
-from .disks.formats import FORMATS
-from .errors import InvalidInputError
+from bbsnap.transfer.compression import Compression
+from bbsnap.disks.formats import FORMATS
+from bbsnap.errors import InvalidInputError
 
 SUFFIX = ".json"
 FORMAT_VERSION = 1

@@ -30,22 +30,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import ids, locks, proc
-from ..disks import qemu_img
-from ..catalogue import Catalogue, utcnow
-from ..errors import CheckpointBrokenError, ConflictError, QuiesceError
-from ..hypervisor import (BackupPlan, BackupTarget, DiskInfo, DomainState, Hypervisor,
-                          NewCheckpoint)
-from ..jobs import current_job_token, token_for_pid
-from ..layout import DataDir
-from ..reporting import SILENT, Reporter
-from ..worker import finish_snapshot_argv
-from ..models import (Consistency, Image, ImageStatus, ImageType, Server, SnapshotDisk,
-                      SnapshotJob)
-from . import change_tracking, image_fields, snapshot_chain
-from . import memory_snapshot as memory_hook
-from .server_records import server_from_domain
-from .snapshot_chain import ChainPlan, ChainPlanner, ServerDisk
+from bbsnap import ids, proc
+from bbsnap.state import locks
+from bbsnap.disks import qemu_img
+from bbsnap.state.catalogue import Catalogue, utcnow
+from bbsnap.errors import CheckpointBrokenError, ConflictError, QuiesceError
+from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskInfo, DomainState, Hypervisor,
+                               NewCheckpoint)
+from bbsnap.state.process_tokens import current_job_token, token_for_pid
+from bbsnap.state.layout import DataDir
+from bbsnap.reporting import SILENT, Reporter
+from bbsnap.services.snapshots.worker import finish_snapshot_argv
+from bbsnap.models import (Consistency, Image, ImageStatus, ImageType, Server, SnapshotDisk,
+                           SnapshotJob)
+from bbsnap.services import image_fields
+from bbsnap.services.snapshots import change_tracking
+from bbsnap.services.snapshots import chain as snapshot_chain
+from bbsnap.services.snapshots import memory as memory_hook
+from bbsnap.services.server_records import server_from_domain
+from bbsnap.services.snapshots.chain import ChainPlan, ChainPlanner, ServerDisk
 
 FREEZE_TIMEOUT = 5  # seconds the agent may take to freeze (or thaw) before we give up on it
 DEFAULT_MAX_CHAIN_DEPTH = 32  # files opening a snapshot may take (config: max_chain_depth)

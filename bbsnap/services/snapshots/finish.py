@@ -1,6 +1,6 @@
 """The background half of a snapshot: wait for the copy, make it a catalogue image.
 
-Runs in a detached worker process (``python -m bbsnap.worker finish-snapshot``),
+Runs in a detached worker process (``python -m bbsnap.services.snapshots.worker finish-snapshot``),
 holding the server's lock it inherited. Only after every disk is copied,
 checked, synced and renamed into ``images/`` does the image turn available;
 any failure marks it failed with the reason, aborts the copy and removes every
@@ -15,16 +15,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .. import safe_files
-from ..catalogue import Catalogue
-from ..disks import qemu_img
-from ..errors import BbsnapError, HypervisorError, NotFoundError
-from ..hypervisor import Hypervisor
-from ..jobs import current_job_token
-from ..layout import FILE_MODE, DataDir
-from ..models import Image, ImageStatus, ImageVolume, SnapshotDisk, SnapshotJob
-from . import memory_snapshot as memory_hook
-from . import snapshot_chain
+from bbsnap import safe_files
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.disks import qemu_img
+from bbsnap.errors import BbsnapError, HypervisorError, NotFoundError
+from bbsnap.hypervisor import Hypervisor
+from bbsnap.state.process_tokens import current_job_token
+from bbsnap.state.layout import FILE_MODE, DataDir
+from bbsnap.models import Image, ImageStatus, ImageVolume, SnapshotDisk, SnapshotJob
+from bbsnap.services.snapshots import memory as memory_hook
+from bbsnap.services.snapshots import chain as snapshot_chain
 
 POLL_SECONDS = 0.05  # job polling: cheap (one libvirt call), and it sets the finish latency
 RECONNECT_SECONDS = 120.0  # how long a restarting libvirtd may stay away
@@ -157,7 +157,7 @@ class SnapshotFinisher:
         copy = Path(disk.target)
         if disk.ancestor and disk.incremental:
             # Only the clusters written since the parent's instant were copied (its checkpoint,
-            # services/snapshot_chain.py): that already is the delta; name its base. libvirt
+            # services/snapshots/chain.py): that already is the delta; name its base. libvirt
             # made the copy with the server's running disk as its backing file, which
             # `qemu-img check` could not open (QEMU holds its write lock): rename it first.
             qemu_img.set_backing(copy, Path(disk.ancestor))

@@ -12,7 +12,7 @@ import enum
 import lzma
 from typing import BinaryIO, Callable, Protocol
 
-from .errors import HostileImageError, InvalidInputError
+from bbsnap.errors import HostileImageError, InvalidInputError
 
 XZ_MEMLIMIT = 512 * 1024 * 1024  # xz -9 needs 65 MiB; a crafted dictionary size could ask for GBs
 

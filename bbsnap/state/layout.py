@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from . import ids
-from .errors import BbsnapError, CataloguePathError
-from .locks import DEFAULT_LOCK_TIMEOUT
+from bbsnap import ids
+from bbsnap.errors import BbsnapError, CataloguePathError
+from bbsnap.state.locks import DEFAULT_LOCK_TIMEOUT
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from bbsnap.config import Settings
 
 DIR_MODE = 0o710          # owner, and QEMU's user through the directory's group
 OPEN_DIR_MODE = 0o711     # no such group for us: others may traverse, never list

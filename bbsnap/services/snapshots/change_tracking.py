@@ -18,7 +18,7 @@ the disk was born with the bitmap, the server has that one disk, and the disk st
 the image as its backing file. If QEMU died without storing the bitmap (a crash,
 SIGKILL), QEMU marks it inconsistent and libvirt refuses the incremental backup; the
 snapshot then gives tracking up for that disk (checkpoint and marker removed) and makes
-a full copy (services/snapshot.py). A rebuild gives the server a new tracked disk.
+a full copy (services/snapshots/start.py). A rebuild gives the server a new tracked disk.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import os
 import shutil
 from pathlib import Path
 
-from ..disks import qemu_img
-from ..hypervisor import DiskInfo, Hypervisor
-from ..jobs import current_job_token
-from ..layout import DataDir
+from bbsnap.disks import qemu_img
+from bbsnap.hypervisor import DiskInfo, Hypervisor
+from bbsnap.state.process_tokens import current_job_token
+from bbsnap.state.layout import DataDir
 
 CHECKPOINT = "bbsnap-since-create"  # the checkpoint's and its bitmap's name
 MARKER = "disk-tracked"  # in the server's directory: its disk was born with the bitmap

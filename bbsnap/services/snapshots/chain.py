@@ -5,7 +5,7 @@ The backup that takes snapshot N is incremental from snapshot N-1's checkpoint a
 checkpoint N at the same instant (``backupBegin`` with a checkpoint XML); its copy holds
 only the clusters written in between, so with N-1's file named as its backing file it *is*
 the disk at N's instant. The chain starts from the bitmap a bbsnap server's disk was born
-with (``bbsnap-since-create``, services/change_tracking.py; snapshot 1 is stored on the
+with (``bbsnap-since-create``, services/snapshots/change_tracking.py; snapshot 1 is stored on the
 server's image) or, for a domain bbsnap did not create, from a full copy that creates
 checkpoint 1.
 
@@ -30,12 +30,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..catalogue import Catalogue
-from ..errors import BbsnapError
-from ..hypervisor import DiskInfo, Hypervisor
-from ..layout import DataDir
-from ..models import ChainLink, Image
-from . import change_tracking
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.errors import BbsnapError
+from bbsnap.hypervisor import DiskInfo, Hypervisor
+from bbsnap.state.layout import DataDir
+from bbsnap.models import ChainLink, Image
+from bbsnap.services.snapshots import change_tracking
 
 PREFIX = "bbsnap-img-"  # bbsnap's chain checkpoints: PREFIX + the snapshot's image id suffix
 

@@ -1,0 +1,26 @@
+"""Snapshots of servers, from `bbsnap servers snapshot` to an available catalogue image.
+
+Read the modules in this order; each step names the next:
+
+1. ``start.py`` — :class:`SnapshotService.begin`, run by the CLI (``cli/servers.py``
+   through ``AppContext.snapshots()``). Under the server's lock (``state/locks.py``) it
+   plans the copy (``chain.py``: incremental from the previous snapshot's checkpoint, or a
+   full copy with a note), adds the image as ``creating`` with its snapshot job
+   (``state/catalogue.py``), freezes the guest through its agent, fixes the instant with a
+   push-mode backup (``hypervisor``'s ``begin_backup``), thaws, and hands the lock to a
+   detached worker. ``--memory`` adds the RAM and device state at the same instant
+   (``memory.py``).
+2. ``worker.py`` — the worker's command line (``python -m
+   bbsnap.services.snapshots.worker finish-snapshot IMG --lock-fd N``), built by the
+   command and parsed here; it checks it holds the inherited lock, then runs:
+3. ``finish.py`` — :class:`SnapshotFinisher.run`: waits for QEMU's copy, stores it as a
+   delta on its parent (or on the server's image), checks the file, makes the image
+   available and moves the server's checkpoint chain on (``chain.py``); any failure makes
+   the image ``error`` with the reason.
+4. ``wait.py`` — ``--wait``: polls the catalogue until the images settle, running crash
+   recovery (``services/recovery.py``) between polls, so a worker killed meanwhile is
+   adopted or failed.
+
+``change_tracking.py`` holds the dirty bitmap every bbsnap server's disk is born with, which
+the first snapshot's incremental copy starts from.
+"""
