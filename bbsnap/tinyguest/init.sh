@@ -134,7 +134,9 @@ writeloop_wanted() {
 
 writeloop() {
     block=/run/writeloop.block
-    dd if=/dev/urandom of="$block" bs=4096 count=1 2>/dev/null
+    # 4096 non-zero bytes made by builtins (the RNG may not be ready this early at boot).
+    i=0
+    while [ "$i" -lt 512 ]; do printf 'BBSNAPWL'; i=$((i + 1)); done >"$block"
     slot=0
     while :; do
         if [ -e "$WRITELOOP_OFF" ]; then

@@ -127,6 +127,20 @@ def set_running(domain: str, uri: str, running: bool) -> None:
     guest_shell(domain, uri, f"rm -f {OFF_PATH}" if running else f": >{OFF_PATH}")
 
 
+def wait_for_agent(domain: str, uri: str, timeout: float = 60.0) -> None:
+    """Until libvirt reaches the guest's agent: the guest prints that it started qemu-ga
+    before libvirt has connected to it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _agent(domain, uri, {"execute": "guest-ping"})
+            return
+        except ExternalCommandError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)  # polling the agent's connection, bounded above
+
+
 def guest_shell(domain: str, uri: str, command: str) -> str:
     """Run *command* with the guest's /bin/sh through its agent; its stdout."""
     pid = _agent(domain, uri, {"execute": "guest-exec", "arguments": {
@@ -153,7 +167,7 @@ def _agent(domain: str, uri: str, command: dict[str, object]) -> dict[str, objec
         raise ExternalCommandError(f"guest agent of {domain}: {result.stderr.strip()}",
                                    argv=argv, returncode=result.returncode,
                                    stderr=result.stderr)
-    answer = json.loads(result.stdout)["return"]
+    answer = json.loads(result.stdout).get("return", {})
     if not isinstance(answer, dict):
         raise ExternalCommandError(f"guest agent of {domain} answered {result.stdout[:200]!r}")
     return answer
