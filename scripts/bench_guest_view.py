@@ -64,14 +64,16 @@ class Row:
     p99_latency: float
     writes: int
     host_gap: float   # the host probe's longest gap in the same window
+    where: str = ""   # when the longest gap fell, against the command's steps
 
 
 def median_row(rows: list[Row]) -> Row:
+    middle = sorted(rows, key=lambda r: r.longest_gap)[len(rows) // 2]
     return Row(statistics.median(r.longest_gap for r in rows),
                statistics.median(r.median_latency for r in rows),
                statistics.median(r.p99_latency for r in rows),
                int(statistics.median(r.writes for r in rows)),
-               statistics.median(r.host_gap for r in rows))
+               statistics.median(r.host_gap for r in rows), middle.where)
 
 
 class HostProbe:
@@ -132,6 +134,7 @@ class Guest:
                                                              target="hdc", bus="ide"))))
         hv.start(self.name)
         self.images: list[str] = []
+        self.steps: dict[str, float] = {}   # the last snapshot's steps, host wall clock
 
     def wait_ready(self) -> None:
         from bbsnap.tinyguest import READY_LINE
@@ -151,13 +154,31 @@ class Guest:
         os.sync()
         opened = writeloop.open_window(self.name, URI)
         probe = HostProbe(self.work / "host-probe")
+        self.steps = {}
         action()
-        stats = writeloop.window_stats(writeloop.read_window(opened).writes)
+        writes = writeloop.read_window(opened).writes
+        stats = writeloop.window_stats(writes)
         return Row(stats.longest_gap, stats.median_latency, stats.p99_latency, stats.writes,
-                   probe.stop())
+                   probe.stop(), self._where(opened, writes))
+
+    def _where(self, opened: writeloop.OpenWindow, writes: tuple[writeloop.Write, ...]) -> str:
+        """The longest gap placed among the snapshot's steps (host wall clock, from the
+        command's start)."""
+        if "begun" not in self.steps:
+            return ""
+        begun = self.steps["begun"]
+        gap = [end - opened.clock_offset - begun for end in writeloop.longest_gap_at(writes)]
+        steps = ", ".join(f"{step} {(at - begun) * 1000:+.0f}" for step, at in self.steps.items()
+                          if step != "begun")
+        return (f"gap {gap[0] * 1000:+.0f}..{gap[1] * 1000:+.0f} ms from the command's start "
+                f"(+-{opened.clock_error * 1000:.0f}); {steps}")
 
     def snapshot_until_available(self, *flags: str) -> None:
-        self.images.append(self.run("servers", "snapshot", self.name, *flags, "--wait"))
+        self.steps = {"begun": time.time()}
+        self.images.append(self.run("servers", "snapshot", self.name, *flags))
+        self.steps["returned"] = time.time()
+        _wait_available(self)
+        self.steps["available"] = time.time()
 
     def forget_newest(self) -> None:
         self.run("images", "destroy", self.images.pop())
@@ -234,16 +255,20 @@ def cli_latency(guest: Guest) -> dict[str, float]:
 
 
 def _wait_available(guest: Guest) -> None:
-    import json
+    """Poll the catalogue in this process (a CLI call per poll would blur the step's time)."""
+    from bbsnap.state.catalogue import Catalogue
 
-    while True:
-        state = json.loads(guest.run("images", "show", guest.images[-1], "--format", "json"))[
-            "state"]
-        if state == "available":
-            return
-        if state != "creating":
-            raise SystemExit(f"{guest.images[-1]} is {state}")
-        time.sleep(0.05)
+    catalogue = Catalogue(guest.work / "data" / "catalogue.sqlite3")
+    try:
+        while True:
+            state = catalogue.get(guest.images[-1], include_deleted=True).status.value
+            if state == "available":
+                return
+            if state != "creating":
+                raise SystemExit(f"{guest.images[-1]} is {state}")
+            time.sleep(0.01)
+    finally:
+        catalogue.close()
 
 
 def main() -> None:
@@ -318,6 +343,8 @@ def report(results: dict[str, dict[str, Row]], agent: dict[str, tuple[float, flo
                 goal += f": {verdict(row.longest_gap <= limits[key])}"
             print(f"  {names[key]:46} {ms(row.longest_gap):>11} {ms(row.median_latency):>11} "
                   f"{ms(row.p99_latency):>9} {ms(row.host_gap):>9}  {goal}")
+            if row.where:
+                print(f"    {row.where}")
         full = rows["full copy"]
         print(f"  {'write latency during the copy vs baseline':46} "
               f"{'':>11} {full.median_latency / base.median_latency:10.2f}x "

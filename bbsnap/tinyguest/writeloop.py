@@ -92,6 +92,14 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[rank - 1]
 
 
+def longest_gap_at(writes: tuple[Write, ...]) -> tuple[float, float]:
+    """The two completions (guest clock) the longest gap lies between."""
+    ends = sorted(write.end for write in writes)
+    if len(ends) < 2:
+        raise ValueError(f"a window needs two completed writes, it has {len(ends)}")
+    return max(zip(ends, ends[1:], strict=False), key=lambda pair: pair[1] - pair[0])
+
+
 def window_stats(writes: tuple[Write, ...]) -> WindowStats:
     if len(writes) < 2:
         raise ValueError(f"a window needs two completed writes, it has {len(writes)}")
@@ -107,13 +115,21 @@ def window_stats(writes: tuple[Write, ...]) -> WindowStats:
 class OpenWindow:
     domain: str
     uri: str
-    opened: float   # host monotonic clock
+    opened: float        # host monotonic clock
+    # The guest's clock less the host's wall clock when the window opened, to place the
+    # guest's writes among host events; good to within +- clock_error seconds (half the
+    # agent call that read it).
+    clock_offset: float
+    clock_error: float
 
 
 def open_window(domain: str, uri: str) -> OpenWindow:
     """Forget the writes so far: the window holds those completed after this returns."""
-    guest_shell(domain, uri, f": >{LOG_PATH}")
-    return OpenWindow(domain, uri, time.monotonic())
+    before = time.time()
+    guest_now = float(guest_shell(domain, uri, f": >{LOG_PATH}; echo $EPOCHREALTIME"))
+    after = time.time()
+    return OpenWindow(domain, uri, time.monotonic(), guest_now - (before + after) / 2,
+                      (after - before) / 2)
 
 
 def read_window(window: OpenWindow) -> Window:

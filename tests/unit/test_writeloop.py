@@ -41,6 +41,11 @@ def test_window_stats_longest_gap_is_between_completions():
     assert stats.p99_latency == pytest.approx(0.4)
 
 
+def test_longest_gap_at_names_its_two_completions():
+    writes = (Write(0.99, 1.0), Write(1.09, 1.1), Write(1.2, 1.6), Write(1.69, 1.7))
+    assert writeloop.longest_gap_at(writes) == (1.1, 1.6)
+
+
 def test_window_stats_needs_two_writes():
     with pytest.raises(ValueError, match="two completed writes"):
         window_stats((Write(1.0, 1.1),))
