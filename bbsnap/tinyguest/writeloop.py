@@ -11,8 +11,10 @@ gap between two completed writes, and the median and p99 write latency.
 Both calls go through the guest agent (``guest-exec``), so they work on any running tiny
 guest with a seed, made by bbsnap or not. The guest's clock is the right one for gaps the
 guest suffers while it runs (its vCPU waiting on a write QEMU holds back); a pause of the
-whole VM would not show on it (under TCG the guest's clocks stop with it), which is why
-:class:`Window` also keeps the host's span of the window for comparison.
+whole VM would not show on it (under TCG the guest's clocks stop with it). Opening a window
+also reads the guest's clock, so the writes can be placed among host events
+(:attr:`OpenWindow.clock_offset`, to within ``clock_error``); :class:`Window` keeps the
+host's span of the window beside them.
 """
 
 from __future__ import annotations
