@@ -155,11 +155,14 @@ class Guest:
         opened = writeloop.open_window(self.name, URI)
         probe = HostProbe(self.work / "host-probe")
         self.steps = {}
-        action()
-        writes = writeloop.read_window(opened).writes
+        try:
+            action()
+            writes = writeloop.read_window(opened).writes
+        finally:
+            host_gap = probe.stop()
         stats = writeloop.window_stats(writes)
         return Row(stats.longest_gap, stats.median_latency, stats.p99_latency, stats.writes,
-                   probe.stop(), self._where(opened, writes))
+                   host_gap, self._where(opened, writes))
 
     def _where(self, opened: writeloop.OpenWindow, writes: tuple[writeloop.Write, ...]) -> str:
         """The longest gap placed among the snapshot's steps (host wall clock, from the
