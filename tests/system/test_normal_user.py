@@ -10,6 +10,7 @@ clone's console shows its own seed and it counts on from the snapshot.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from bbsnap.tinyguest import read_counter
 from tests.other_user import Account, throwaway_user
 from tests.system.conftest import wait_for_console_line, wait_until
 
@@ -113,12 +115,14 @@ def test_libvirt_group_member_on_qemu_system_from_a_0700_home(tiny_guest_image):
             _destroy_all(user, "qemu:///system")
 
 
-def _foreign_domain_xml(name: str, disk: Path) -> str:
+def _foreign_domain_xml(name: str, disk: Path, log: Path) -> str:
+    # The serial console goes to a file the user's QEMU writes, truncated at each start.
     return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory>"
             "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>"
             "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
             f"<source file='{disk}'/><target dev='vda' bus='virtio'/></disk>"
-            "<serial type='pty'/><memballoon model='none'/></devices></domain>")
+            f"<serial type='file'><source path='{log}' append='off'/></serial>"
+            "<memballoon model='none'/></devices></domain>")
 
 
 def test_user_outside_the_group_gets_qemu_session_and_their_own_domains(tiny_guest_image):
@@ -144,12 +148,17 @@ def test_user_outside_the_group_gets_qemu_session_and_their_own_domains(tiny_gue
             # user recorded, or without), cloned.
             disk = user.give(tiny_guest_image, "foreign.qcow2")
             xml = user.home / "foreign.xml"
-            xml.write_text(_foreign_domain_xml(foreign, disk))
+            log = user.home / "foreign.log"
+            xml.write_text(_foreign_domain_xml(foreign, disk, log))
             _ok(user.run("virsh", "-q", "-c", "qemu:///session", "define", str(xml)))
             _ok(user.run("virsh", "-q", "-c", "qemu:///session", "start", foreign))
             assert foreign in _ok(user.bbsnap("servers", "list", "-s"))
+            wait_until(lambda: max(_counters(log), default=0) >= 50, 180,
+                       "the user's own guest to count to 50")
             named = _ok(user.bbsnap("servers", "snapshot", foreign, "--username", "tiny",
                                     "--wait")).split()[0]
+            at_named = read_counter(user.data_dir / "images" / f"{named}.qcow2")
+            assert at_named is not None and at_named >= 50
             assert '"username": "tiny"' in _ok(user.bbsnap("images", "show", named,
                                                             "--format", "json"))
             unnamed = _ok(user.bbsnap("servers", "snapshot", foreign, "--wait")).split()[0]
@@ -165,10 +174,38 @@ def test_user_outside_the_group_gets_qemu_session_and_their_own_domains(tiny_gue
             assert f"bbsnap servers ssh {clone} -l USER" in refused.stderr
             assert f"bbsnap images update {unnamed} -u USER" in refused.stderr
             _ok(user.bbsnap("servers", "destroy", clone))
+
+            # The user reverts their own VM to its first snapshot: it boots from the
+            # snapshot's disk, in a directory of its own in the user's data directory (QEMU
+            # runs as the user: their files, no ACL needed), the disk it came with kept.
+            wait_until(lambda: max(_counters(log), default=0) > at_named + 50, 180,
+                       "the user's own guest to count past the snapshot")
+            reverted = user.bbsnap("servers", "revert", foreign, named, "--format", "json")
+            assert reverted.returncode == 0, reverted.stderr
+            (after,) = json.loads(reverted.stdout)
+            assert after["status"] == "active" and after["managed"] is False
+            assert f"previous disk vda is kept at {disk}" in reverted.stderr and disk.exists()
+            started = wait_for_console_line(log, "BBSNAP-COUNTER")
+            assert int(started.split()[1]) == at_named, "booted from the snapshot's disk"
+            (new_disk,) = map(Path, after["disks"])
+            directory = user.data_dir / "servers" / f"dom-{after['uuid']}"
+            assert new_disk.parent == directory
+            for path, mode in ((directory, 0o711), (new_disk, 0o600)):
+                info = path.stat()
+                assert (info.st_uid, info.st_mode & 0o7777) == (user.uid, mode), path
+            assert not _acl_entries(new_disk), "no ACL: QEMU is the user on qemu:///session"
+            assert "dom-" not in _ok(user.bbsnap("doctor")), "doctor knows whose it is"
         finally:
             _destroy_all(user, "qemu:///session")
             user.run("virsh", "-q", "-c", "qemu:///session", "destroy", foreign, timeout=60)
             user.run("virsh", "-q", "-c", "qemu:///session", "undefine", foreign, timeout=60)
+
+
+def _acl_entries(path: Path) -> list[str]:
+    """Named ACL entries of *path* (getfacl lists user::, group::, other:: for every file)."""
+    listed = subprocess.run(["getfacl", "-cp", str(path)], capture_output=True, text=True,
+                            check=True).stdout.split()
+    return [e for e in listed if e.split(":")[1] and not e.startswith("mask")]
 
 
 @pytest.mark.parametrize("in_group", [True, False], ids=["qemu-system", "qemu-session"])
