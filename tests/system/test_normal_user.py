@@ -40,7 +40,10 @@ def _console(user: Account, server: str) -> Path:
 
 
 def _counters(log: Path) -> list[int]:
-    text = log.read_text(errors="replace") if log.exists() else ""
+    return _counters_in(log.read_text(errors="replace") if log.exists() else "")
+
+
+def _counters_in(text: str) -> list[int]:
     return [int(m) for m in re.findall(r"^BBSNAP-COUNTER (\d+)", text, re.MULTILINE)]
 
 
@@ -111,6 +114,50 @@ def test_libvirt_group_member_on_qemu_system_from_a_0700_home(tiny_guest_image):
             assert (user.data_dir / "connection.json").read_text().strip() == \
                 '{"connect": "qemu:///system"}'
             _ok(user.bbsnap("servers", "destroy", clone, server))
+        finally:
+            _destroy_all(user, "qemu:///system")
+
+
+def test_uefi_servers_of_a_libvirt_group_member_on_qemu_system(tiny_guest_image):
+    """OVMF under qemu:///system for a normal user: libvirt (root) makes each server's NVRAM
+    store from OVMF's template and removes it with the server; the user's disks, snapshot
+    and revert work as for BIOS servers."""
+    with throwaway_user(libvirt_group=True) as user:
+        try:
+            guest = user.give(tiny_guest_image, "tiny.qcow2")
+            _ok(user.bbsnap("doctor", "--fix"))
+            image = _ok(user.bbsnap("images", "import", str(guest), "-n", "tiny uefi",
+                                    "--firmware", "uefi")).strip()
+            (server,) = json.loads(_ok(user.bbsnap("servers", "create", image, "--memory",
+                                                   "256", "--format", "json")))
+            assert server["firmware"] == "uefi"
+            console = _console(user, server["id"])
+            wait_for_console_line(console, "BBSNAP-TINY-READY")
+            shown = subprocess.run(["virsh", "-q", "-c", "qemu:///system", "dumpxml",
+                                    server["id"]], capture_output=True, text=True, check=True)
+            (store,) = re.findall(r"<nvram[^>]*>([^<]+)</nvram>", shown.stdout)
+            assert Path(store).is_file() and "type='pflash'" in shown.stdout
+
+            wait_until(lambda: max(_counters(console), default=0) >= 50, 180,
+                       "the UEFI guest to count to 50")
+            snapshot = _ok(user.bbsnap("servers", "snapshot", server["id"], "--wait")).split()[0]
+            at_snapshot = read_counter(user.data_dir / "images" / f"{snapshot}.qcow2")
+            assert at_snapshot is not None
+            assert '"firmware": "uefi"' in _ok(user.bbsnap("images", "show", snapshot,
+                                                            "--format", "json"))
+            wait_until(lambda: max(_counters(console), default=0) > at_snapshot + 50, 180,
+                       "the UEFI guest to count past the snapshot")
+            size_before = console.stat().st_size
+            _ok(user.bbsnap("servers", "revert", server["id"], snapshot))
+
+            def booted_again() -> int | None:  # the console log is appended to across boots
+                found = _counters_in(console.read_bytes()[size_before:].decode(errors="replace"))
+                return found[0] if found else None
+
+            assert wait_until(booted_again, 180, "the reverted UEFI guest to boot") == \
+                at_snapshot, "booted through OVMF from the snapshot's disk"
+            _ok(user.bbsnap("servers", "destroy", server["id"]))
+            assert not Path(store).exists(), "libvirt removed the server's NVRAM store"
         finally:
             _destroy_all(user, "qemu:///system")
 
