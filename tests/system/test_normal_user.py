@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -20,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from bbsnap.tinyguest import read_counter
-from tests.other_user import Account, throwaway_user
+from tests.other_user import ALL_USERS_PREFIX, Account, throwaway_user
+from tests.wheelhouse import repack
 from tests.system.conftest import wait_for_console_line, wait_until
 
 pytestmark = pytest.mark.system
@@ -253,6 +255,44 @@ def _acl_entries(path: Path) -> list[str]:
     listed = subprocess.run(["getfacl", "-cp", str(path)], capture_output=True, text=True,
                             check=True).stdout.split()
     return [e for e in listed if e.split(":")[1] and not e.startswith("mask")]
+
+
+def test_a_users_own_pipx_install_uses_debians_libvirt_python(tiny_guest_image):
+    """`pipx install --system-site-packages` of a checkout, as a normal user, with Debian's
+    pipx and python3-libvirt (scripts/setup installs both): libvirt-python comes from the
+    system (nothing to compile), the rest from wheels (repacked from the all-users install:
+    the test stays off the network), and the user's own bbsnap reaches their connection."""
+    with throwaway_user(libvirt_group=False) as user:
+        try:
+            checkout = Path(__file__).parents[2]
+            source = user.home / "bbsnap-src"
+            source.mkdir()
+            for name in ("pyproject.toml", "README.md"):
+                shutil.copyfile(checkout / name, source / name)
+            shutil.copytree(checkout / "bbsnap", source / "bbsnap",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            wheels = repack(ALL_USERS_PREFIX / "lib" / "python3.11" / "site-packages",
+                            ["click", "pyyaml", "pycdlib", "isal", "backports_zstd"],
+                            user.home / "wheels")
+            assert len(wheels) == 5
+            subprocess.run(["chown", "-R", f"{user.name}:{user.name}", str(source),
+                            str(user.home / "wheels")], check=True)
+            alone = {"PYTHONPATH": ""}  # not the copy of the code other tests run
+            _ok(user.run("pipx", "install", "--system-site-packages", "--pip-args",
+                         f"--no-index --find-links={user.home / 'wheels'} --no-build-isolation",
+                         str(source), timeout=600, env=alone))
+            own = user.home / ".local" / "bin" / "bbsnap"
+            assert own.exists()
+            python = user.home / ".local" / "pipx" / "venvs" / "bbsnap" / "bin" / "python"
+            found = _ok(user.run(str(python), "-c", "import bbsnap, libvirt; "
+                                 "print(libvirt.__file__); print(bbsnap.__file__)", env=alone)).split()
+            assert found[0] == "/usr/lib/python3/dist-packages/libvirt.py", "Debian's build"
+            assert found[1].startswith(str(user.home / ".local" / "pipx")), "the user's copy"
+            doctor = _ok(user.run(str(own), "doctor", env=alone))
+            assert "qemu:///session (automatic: you are not in the 'libvirt' group)" in doctor
+            assert _ok(user.run(str(own), "servers", "list", "-s", env=alone)) == ""
+        finally:
+            _destroy_all(user, "qemu:///session")
 
 
 @pytest.mark.parametrize("in_group", [True, False], ids=["qemu-system", "qemu-session"])
