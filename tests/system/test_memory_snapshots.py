@@ -10,7 +10,6 @@ the restore leaves the server running on a whole disk with nothing temporary lef
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
@@ -21,6 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from bbsnap.disks import qemu_img
+from bbsnap.services.memory_file import zstd
 from bbsnap.tinyguest import MEMCOUNTER_PREFIX, READY_LINE, read_counter
 from tests.system.conftest import (console_path, create_server, define_xml, file_digest,
                                    image_record, server_record, wait_for_console_line,
@@ -90,10 +90,10 @@ def test_revert_resumes_the_guest_where_the_memory_snapshot_was(cloud, hyperviso
     srv, disk = server["id"], server["disks"][0]
     image_id, before, after = memory_snapshot(cloud, srv)
     record = image_record(cloud, image_id)
-    memory_file = cloud.data_dir / "images" / f"{image_id}.memory.gz"
+    memory_file = cloud.data_dir / "images" / f"{image_id}.memory.zst"
     assert record["memory_state"] is True
     assert memory_file.stat().st_mode & 0o777 == 0o600, "the guest's secrets: owner only"
-    with gzip.open(memory_file) as packed:
+    with zstd.open(memory_file) as packed:
         assert packed.read(16) == b"LibvirtQemudSave"  # libvirt's save image, compressed
     disk_file = cloud.data_dir / "images" / f"{image_id}.qcow2"
     assert record["disk_size"] > memory_file.stat().st_size, "the memory volume is counted"
@@ -214,7 +214,7 @@ def test_sigkill_during_the_save_and_the_restore(cloud, hypervisor):
         for image in json.loads(cloud("images", "list", "--format", "json").stdout):
             if image["memory_state"]:
                 assert image["state"] == "available"
-                assert (cloud.data_dir / "images" / f"{image['id']}.memory.gz").is_file()
+                assert (cloud.data_dir / "images" / f"{image['id']}.memory.zst").is_file()
 
     image_id, _, _ = memory_snapshot(cloud, srv)
     for _ in range(3):

@@ -55,25 +55,19 @@ removed (the memory file is one), so no image is available without its memory fi
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
-import isal.igzip as igzip
-
 from bbsnap.disks import qemu_img
 from bbsnap.errors import BbsnapError, ConflictError, HypervisorError, NotFoundError
 from bbsnap.hypervisor import DomainState, Hardware, Hypervisor, PauseCause
-from bbsnap.state.layout import FILE_MODE, DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.models import SnapshotJob
-from bbsnap import safe_files
+from bbsnap.services import memory_file
 
 MAX_DOWNTIME_MS = 30      # QEMU's final pass target (its default 300 ms is the whole pause)
 RESUME_WAIT = 120.0       # seconds to get a paused guest running again (libvirtd restarting)
-COMPRESS_LEVEL = 1        # ISA-L level 1: ~1 GB/s here, and a saved RAM is mostly zero pages
-CHUNK = 1024 * 1024
-MEMORY_SUFFIX = ".memory.gz"
 
 
 def work_file(data_dir: DataDir, image_id: str) -> Path:
@@ -83,7 +77,7 @@ def work_file(data_dir: DataDir, image_id: str) -> Path:
 
 
 def stored_name(image_id: str) -> str:
-    return f"{image_id}{MEMORY_SUFFIX}"
+    return f"{image_id}{memory_file.SUFFIX}"
 
 
 def check_saveable(server_id: str, hardware: Hardware) -> None:
@@ -188,15 +182,9 @@ def store(data_dir: DataDir, image_id: str) -> tuple[str, int]:
         if final.is_file():  # stored by a worker killed before the image turned available
             return name, final.stat().st_size
         raise BbsnapError(f"the memory file of {image_id} is missing")
-    partial = data_dir.tmp_dir / f"{image_id}.memory.gz.partial"
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
-    with os.fdopen(fd, "wb") as sink, raw.open("rb") as source:
-        with igzip.IGzipFile(fileobj=sink, mode="wb", compresslevel=COMPRESS_LEVEL) as packed:
-            while chunk := source.read(CHUNK):
-                packed.write(chunk)
-    safe_files.publish(partial, final, mode=FILE_MODE)
+    size = memory_file.pack(raw, data_dir.tmp_dir / f"{name}.partial", final)
     raw.unlink()
-    return name, final.stat().st_size
+    return name, size
 
 
 def check(hv: Hypervisor, server_id: str, state: DomainState) -> None:
