@@ -113,7 +113,18 @@ def capture(hv: Hypervisor, data_dir: DataDir, image_id: str, job: SnapshotJob,
         resume_unless_user_paused(hv, domain)
         forget_disk_states(hv, job, image_id)
         raise
-    resume_unless_user_paused(hv, domain)
+    resume_after_save(hv, domain)
+
+
+def resume_after_save(hv: Hypervisor, domain: str) -> None:
+    """The guest running again once the save returned: every call here is part of its
+    pause, so the save's end is not asked again (two calls, not three); a failing call
+    (libvirtd going away) takes the patient path."""
+    try:
+        if hv.pause_cause(domain) is PauseCause.OTHER:
+            hv.resume(domain)
+    except HypervisorError:
+        resume_unless_user_paused(hv, domain)
 
 
 def copy_disks(job: SnapshotJob, image_id: str,
