@@ -549,7 +549,10 @@ def test_a_live_memory_save_leaves_the_domain_paused_with_its_definition(side):
         side.hv.resume(spec.name)
     assert side.hv.info(spec.name).state is DomainState.RUNNING
     assert side.hv.pause_cause(spec.name) is PauseCause.NOT_PAUSED
-    side.hv.resume(spec.name)  # running already: nothing to do, no error
+    with pytest.raises(HypervisorError) as again:
+        side.hv.resume(spec.name)  # libvirt refuses it: callers ask pause_cause first
+    assert not isinstance(again.value, NotFoundError)
+    assert side.hv.info(spec.name).state is DomainState.RUNNING
     saved_file.unlink()
 
 

@@ -379,11 +379,13 @@ class FakeHypervisor:
         return dom.paused if dom.state is DomainState.PAUSED else PauseCause.NOT_PAUSED
 
     def resume(self, name: str) -> None:
-        """As libvirt: a paused domain runs again, a running one is left as it is."""
+        """As libvirt: a paused domain runs again; one that runs already is refused."""
         self.calls.append("resume")
         dom = self._domain(name)
         if dom.state is DomainState.SHUTOFF:
             raise HypervisorError(f"resuming {name} failed: {_NOT_RUNNING}")
+        if dom.state is DomainState.RUNNING:
+            raise HypervisorError(f"resuming {name} failed: {_RUNNING}")
         dom.state, dom.paused = DomainState.RUNNING, PauseCause.NOT_PAUSED
 
     def delete_disk_snapshot(self, name: str, disk_path: str, snapshot: str) -> None:
