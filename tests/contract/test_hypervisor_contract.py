@@ -7,8 +7,8 @@ tests that use the fake test what the real code path meets.
 
 The real side's domains are named ``bbsnap-test-contract-*`` and removed whatever happens.
 Its cost is kept to two guests at a time: blank-disk domains (QEMU runs, no OS boots) for
-the lifecycle, and one booted tiny guest, shared by the module, for the guest agent and
-the backup jobs.
+the lifecycle and the memory saves and restores, and one booted tiny guest, shared by the
+module, for the guest agent and the backup jobs.
 """
 
 from __future__ import annotations

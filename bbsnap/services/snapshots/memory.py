@@ -32,6 +32,26 @@ Mechanism, as measured on Debian 12's libvirt 9.0 / QEMU 7.2 (TCG, 128 MiB tiny 
   disk file holds one internal snapshot, named ``bbsnap-<image id>``. The copy makes no
   checkpoint: the chain of disk-only snapshots goes on from the previous one, whose
   bitmap QEMU stored on inactivation and loads again.
+- Where the pause goes (this session, scripts/bench_memory.py's breakdown, tiny guest under
+  TCG, libvirt's SUSPENDED/RESUMED events): 130-220 ms at 1 GiB and 125-175 ms at 256 MiB
+  from QEMU stopping the guest to it running again, made of QEMU's final pass (its own
+  ``downtime``: 11-48 ms), libvirt ending the save after QEMU's stream completed (60-120
+  ms: job stats, migration parameters reset, the save header finished — nothing bbsnap can
+  shorten), the internal snapshot (qemu-img: 20-70 ms) and the resume (12-33 ms). It does
+  not grow with RAM: QEMU sends a zero page as a few bytes, so the stream is what the guest
+  used (109 MiB at 256 MiB, 121 MiB at 1 GiB). Tried: a lower max downtime (10 ms instead
+  of 30): the final pass is already that short (QEMU has a few MiB left at 300-600 MB/s);
+  postcopy: impossible for a save (postcopy needs a destination QEMU that asks for pages;
+  libvirt's postcopy is a migration flag, not a snapshot one); a cheaper internal snapshot:
+  ``qemu-img snapshot -c`` took 31 ms (median of 10 on a 1 GiB qcow2), of which 11 ms is
+  starting qemu-img and ~15 ms its flushes; with ``cache.no-flush=on`` 17 ms, not used (the
+  guest's own disk's metadata left unflushed: a host crash could corrupt it). Left to try:
+  running qemu-img while libvirt ends the save (QEMU lets go of the disks at the end of its
+  final pass; qemu-img's image lock refuses it before, so it cannot write early), which
+  would hide most of its 20-70 ms. Outside the pause the guest can stall too: on a loaded
+  host the tick loop showed gaps of 185-340 ms after the command had returned, while the
+  worker copied the disk and deleted the internal snapshot through QEMU (QMP, which runs
+  under QEMU's big lock); the benchmark prints the longest such stall apart.
 - The save file is libvirt's save-image format (a header with the domain definition, then
   QEMU's migration stream), so ``virDomainRestoreFlags`` restores it with a rewritten
   definition (services/memory_restore.py). libvirt writes it raw (its compression is a
