@@ -4,15 +4,18 @@ The tests run under ``flock /tmp/bbsnap-libvirtd.lock``, so pytest holds the loc
 descriptor; a libvirtd started from a test that inherited it would hold the lock forever
 (every other engineer's run would wait on it). scripts/setup starts its daemons in a
 subshell that closes every descriptor but 0-2 (``detached``); here Python's subprocess does
-the same (``close_fds=True``, its default, made explicit). And libvirtd is started again
-the way setup started it: under ``tini -s`` (a subreaper that reaps the QEMUs it starts at
-once) when that is how it ran, else daemonised with ``-d``. Not scripts/setup itself: from
-a worktree it would reinstall bbsnap from there.
+the same (``close_fds=True``, its default, made explicit). And libvirtd is started the way
+setup decides: under ``tini -s`` (a subreaper that reaps the QEMUs it starts at once) when
+pid 1 is no init that reaps them and tini is installed, else daemonised with ``-d`` — by
+that rule, not by how the running one was started (a libvirtd someone started by hand
+with ``-d`` comes back under tini). Not scripts/setup itself: from a worktree it would
+reinstall bbsnap from there.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -29,11 +32,14 @@ def _pid() -> int:
     return pids[0]
 
 
-def _parent_name(pid: int) -> str:
-    status = Path(f"/proc/{pid}/status").read_text()
-    ppid = int(next(line.split()[1] for line in status.splitlines()
-                    if line.startswith("PPid:")))
-    return Path(f"/proc/{ppid}/comm").read_text().strip() if ppid > 1 else "init"
+# scripts/setup's pid1_reaps: the inits that reap orphans at once.
+_REAPING_INITS = ("systemd", "init", "tini", "dumb-init", "docker-init", "catatonit",
+                  "s6-svscan", "runit")
+
+
+def _needs_tini() -> bool:
+    init = Path("/proc/1/comm").read_text().strip()
+    return init not in _REAPING_INITS and shutil.which("tini") is not None
 
 
 def _gone(pid: int) -> bool:
@@ -58,13 +64,12 @@ def answers() -> bool:
 
 
 def restart_libvirtd(timeout: float = 60) -> None:
-    """Stop libvirtd (SIGTERM: as a service manager would) and start it again as it was
-    started; returns once it answers. Running guests go on: QEMU is not libvirtd's child."""
+    """Stop libvirtd (SIGTERM: as a service manager would) and start it again as
+    scripts/setup would; returns once it answers. Running guests go on: QEMU is not libvirtd's child."""
     pid = _pid()
-    under_tini = _parent_name(pid) == "tini"
     os.kill(pid, signal.SIGTERM)
     _wait(lambda: _gone(pid), timeout, "libvirtd to stop")
-    if under_tini:
+    if _needs_tini():
         with STDERR_LOG.open("ab") as log:
             subprocess.run(["setsid", "-f", "tini", "-s", "--", "libvirtd"],
                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
