@@ -347,8 +347,9 @@ class LibvirtHypervisor:
     def memory_save_running(self, name: str) -> bool:
         """Whether a memory save (a snapshot job) of the domain is still running in libvirtd.
         Seen on libvirt 9.0 (tests/system/test_memory_snapshots.py): polled from another
-        connection during a live save, the job query only ever answered "no job" — it
-        waits behind the save's job — so asking mostly means waiting for the save's end."""
+        connection during a live save, the job query only ever answered "no job" (whether
+        it waited behind the save's job or answered at once was not timed): callers must
+        not take False for "the save is over" on that evidence alone."""
         libvirt = _libvirt()
         dom = self._lookup(name)
         if not dom.isActive():
