@@ -223,7 +223,8 @@ class AppContext:
     def servers(self) -> "ServerService":
         from bbsnap.services.servers import ServerService
 
-        return ServerService(self.hypervisor, self.catalogue, self.data_dir, self.reporter)
+        return ServerService(self.hypervisor, self.catalogue, self.data_dir, self.reporter,
+                             connect=self.settings.connect)
 
     def server_creator(self, accel: str | None = None) -> "ServerCreator":
         from bbsnap.accel import cached_probe, resolve_accel

@@ -37,7 +37,7 @@ from bbsnap.models import Image, Server
 CHUNK = 1024 * 1024
 PREFIX = "restore."
 SUFFIX = ".save"
-Boot = Callable[[Path, str], None]  # (the new overlay, its device): the server running
+Boot = Callable[[dict[str, Path]], None]  # device -> its new overlay: the server running
 
 
 def restore_file(data_dir: DataDir, token: str) -> Path:
@@ -55,8 +55,8 @@ def prepared(hv: Hypervisor, data_dir: DataDir, server: Server, image: Image) ->
         unpack(data_dir.image_path(image.memory_path), unpacked)
         check(server, image, hv.saved_domain(unpacked), hv.hardware(server.id))
 
-        def boot(new_disk: Path, device: str) -> None:
-            hv.restore_memory(unpacked, {device: new_disk})
+        def boot(new_disks: dict[str, Path]) -> None:
+            hv.restore_memory(unpacked, new_disks)
 
         yield boot
     finally:
