@@ -182,3 +182,11 @@ def test_stated_compression_is_used_and_checked(tmp_path):
     with pytest.raises(InvalidInputError, match="says the file is xz-compressed"):
         copy_decompressed(io.BytesIO(gzip.compress(data)), tmp_path / "b", max_output=1 << 20,
                           compression=Compression.XZ)
+
+
+def test_the_header_reports_its_extensions_in_order():
+    extensions = struct.pack(">II", 0xE2792ACA, 5) + b"qcow2\0\0\0" + \
+        struct.pack(">II", 0x6803F857, 0)
+    header = read_qcow2_header(io.BytesIO(_qcow2_header(extensions=extensions)),
+                               max_virtual_size=1 << 30)
+    assert header.extensions == (0xE2792ACA, 0x6803F857)
