@@ -132,6 +132,8 @@ def _pulled() -> artifact.PulledManifest:
     {"virtual_size": -1}, {"virtual_size": True}, {"type": "weird"}, {"id": "../../etc"},
     {"name": 5}, {"parent": "img-bbbbb"}, {"digest": "sha256:" + "3" * 64},
     {"firmware": "coreboot"}, {"created_at": "yesterday"}, {"min_ram": "lots"},
+    {"source_server": "srv-a\x1b[2J"}, {"source_server": "../x"}, {"source_server": ""},
+    {"source_server": "s" * 256}, {"source_server": 7},
 ])
 def test_config_fields_are_vetted(changes):
     config = json.dumps({"bbsnap": 1, "chain": [_entry(**changes)]}).encode()
@@ -143,6 +145,15 @@ def test_a_good_config_round_trips():
     entries = artifact.read_config(json.dumps({"bbsnap": 1, "chain": [_entry()]}).encode(),
                                    _pulled())
     assert entries[0].name == "n" and entries[0].virtual_size == 1 << 20
+    assert entries[0].source_server is None  # a config pushed before it was carried
+
+
+def test_source_server_is_carried_through_the_config():
+    entries = artifact.read_config(json.dumps({"bbsnap": 1, "chain": [
+        _entry(source_server="debian 12 (virt-manager)")]}).encode(), _pulled())
+    assert entries[0].source_server == "debian 12 (virt-manager)"
+    assert json.loads(artifact.config_blob(entries))["chain"][0]["source_server"] == \
+        "debian 12 (virt-manager)"
 
 
 def test_manifest_vetting():
