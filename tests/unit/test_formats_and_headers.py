@@ -190,3 +190,17 @@ def test_the_header_reports_its_extensions_in_order():
     header = read_qcow2_header(io.BytesIO(_qcow2_header(extensions=extensions)),
                                max_virtual_size=1 << 30)
     assert header.extensions == (0xE2792ACA, 0x6803F857)
+
+
+def test_a_copy_keeps_its_bytes_and_leaves_holes_for_zero_blocks(tmp_path):
+    from bbsnap.transfer.stream import copy_decompressed
+
+    block = 64 * 1024
+    # data runs of several blocks, zero blocks between them, a short zero tail
+    data = (b"\x01" * 3 * block + bytes(8 * block) + b"\x02" * (block + 5) +
+            bytes(block - 5) + bytes(16 * block) + b"\x03" * 7 + bytes(100))
+    copied = copy_decompressed(io.BytesIO(data), tmp_path / "out", max_output=1 << 30,
+                               compression=Compression.NONE, writeback_every=block)
+    out = tmp_path / "out"
+    assert copied.output_bytes == len(data) and out.read_bytes() == data
+    assert out.stat().st_blocks * 512 < len(data) // 2  # the zero blocks are holes
