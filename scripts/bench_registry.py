@@ -14,6 +14,10 @@ on 127.0.0.1:
     right after the previous one's 1.2 GiB was deleted, so both find memory in the same
     state (on these VMs pages freed long ago come back slowly: a 1.2 GiB dd took 3.7-4.9 s
     onto them, 0.4-0.7 s onto pages just freed), and one load spike does not decide;
+  - the same GET followed by the file's SHA-256 (`openssl dgst`, which uses the CPU's SHA
+    instructions; coreutils' sha256sum does not and took 5-8 s here): what a client that
+    verifies the digest (as oras and bbsnap must) costs done one after the other, printed
+    for reference, not a goal;
   - where a pull's time goes: one more pull run in this process, its phases (download
     with hashing and vetting of the head, QEMU's vetting, a rewrite if the layer needed
     one, the fsync before it is published) from PullResult.seconds.
@@ -152,10 +156,12 @@ def main() -> None:
             fetch = ["curl", "-sS", "-f", "-o", str(blob),
                      f"http://{floor.host}/v2/b/base/blobs/{digest}"]
             timed(fetch)  # untimed: the first timed curl then also follows a deletion
-            curls, pulls = [], []
+            curls, verified, pulls = [], [], []
             for _round in range(PULL_ROUNDS):
                 blob.unlink()
                 curls.append(timed(fetch))
+                blob.unlink()
+                verified.append(timed(fetch) + timed(["openssl", "dgst", "-sha256", str(blob)]))
                 blob.unlink()
                 pulls.append(bbsnap(work / "data2", "images", "pull",
                                     f"{fresh.host}/speed/base:1")[0])
@@ -171,10 +177,14 @@ def main() -> None:
                      size, ""))
         rows.append((f"bbsnap images pull (median of {PULL_ROUNDS})", pull_time, size,
                      _goal(pull_time / curl_down)))
+        checked = statistics.median(verified)
+        rows.append(("curl GET, then its SHA-256 (openssl: verifying)", checked, size,
+                     f"the pull takes {pull_time / checked:.2f}x this (not a goal)"))
         print(f"{'measurement':50} {'time':>8} {'uploaded/size':>14}  ratio / goal")
         for name, seconds, count, note in rows:
             print(f"{name:50} {seconds:7.2f}s {count / MIB:10.1f} MiB  {note}")
-        print(f"curl GETs: {_seconds(curls)}; pulls: {_seconds(pulls)}")
+        print(f"curl GETs: {_seconds(curls)}; curl + openssl: {_seconds(verified)}; "
+              f"pulls: {_seconds(pulls)}")
         total = phases.pop("total")
         print("one pull in process, by phase: " + ", ".join(
             f"{name} {seconds:.2f}s" for name, seconds in phases.items()) +
