@@ -161,23 +161,30 @@ class Puller:
 
     def _register(self, entry: artifact.ChainEntry, parent: Image | None,
                   local: dict[str, str], name: str | None) -> Image:
+        # source_server is not registered: it names a server of the machine that pushed,
+        # and a local domain of the same name would take the snapshot into its history
+        # (revert would give it another machine's disk). The config keeps it.
         draft = Image(
             id="", type=entry.type, owner=self._settings.owner,
             created_at=datetime.fromisoformat(entry.created_at) if entry.created_at
             else utcnow(), status=ImageStatus.CREATING, name=name or entry.name,
             arch=entry.arch, description=entry.description, username=entry.username,
             min_ram=entry.min_ram, firmware=entry.firmware, consistency=entry.consistency,
-            virtual_size=entry.virtual_size,
-            ancestor_id=local.get(entry.ancestor or ""), source_server=entry.source_server,
+            virtual_size=entry.virtual_size, ancestor_id=local.get(entry.ancestor or ""),
             parent_id=parent.id if parent is not None else None,
             job=current_job_token())
-        for _ in range(20):
-            candidate = replace(draft, id=ids.new_id("img"))
-            try:
-                return self._catalogue.add(candidate, depends_on=draft.parent_id)
+        added: list[Image] = []
+
+        def claim(image_id: str) -> bool:
+            try:  # the insert is the claim: another pull may take the same id meanwhile
+                added.append(self._catalogue.add(replace(draft, id=image_id),
+                                                 depends_on=draft.parent_id))
             except sqlite3.IntegrityError:
-                continue
-        raise RuntimeError("could not allocate a free image id")
+                return False
+            return True
+
+        ids.allocate("img", claim)
+        return added[0]
 
     def _fill(self, client: RegistryClient, image: Image, layer: artifact.Descriptor,
               entry: artifact.ChainEntry, parent: Image | None, below: str | None,
