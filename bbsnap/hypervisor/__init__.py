@@ -12,13 +12,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
-from bbsnap.hypervisor.models import (BackupPlan, BackupTarget, DiskSpec, DomainFacts, DomainSpec, NewCheckpoint,
-                                      NicSpec)
+from bbsnap.hypervisor.models import (BackupPlan, BackupTarget, DiskReplacement, DiskSpec,
+                                      DomainFacts, DomainSpec, NewCheckpoint, NicSpec)
 
-__all__ = ["BackupPlan", "BackupTarget", "CompletedJob", "DiskInfo", "DiskSpec", "DomainFacts",
-           "DomainInfo", "DomainSpec", "DomainState", "Hypervisor", "HypervisorVersion",
+__all__ = ["BackupPlan", "BackupTarget", "CompletedJob", "DiskInfo", "DiskReplacement", "DiskSpec",
+           "DomainFacts", "DomainInfo", "DomainSpec", "DomainState", "Hypervisor", "HypervisorVersion",
            "JobStatus", "NewCheckpoint", "NicSpec"]
 
 
@@ -119,10 +119,10 @@ class Hypervisor(Protocol):
     def undefine(self, name: str) -> None: ...
     # *inactive*: the persistent definition (the next boot's), not the running domain's.
     def facts(self, name: str, *, inactive: bool = False) -> DomainFacts: ...
-    # Disk *target* pointed at *new_path*; with *metadata*, bbsnap's facts replaced in the
-    # same new definition (one step: whoever reads it sees both changes or neither).
-    def replace_disk(self, name: str, target: str, new_path: Path, fmt: str = "qcow2", *,
-                     metadata: dict[str, str] | None = None) -> None: ...
+    # Each disk pointed at its new file and, with *metadata*, bbsnap's facts replaced, all in
+    # one new definition (one step: whoever reads it sees every change or none).
+    def replace_disks(self, name: str, replacements: Sequence[DiskReplacement], *,
+                      metadata: dict[str, str] | None = None) -> None: ...
     def set_metadata(self, name: str, metadata: dict[str, str]) -> None: ...
     def shutdown(self, name: str) -> None: ...
     def reboot(self, name: str) -> None: ...

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from bbsnap.errors import (CheckpointBrokenError, ConflictError, HypervisorError, NotFoundError,
                            QuiesceError)
-from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DomainFacts, DomainInfo, DomainSpec,
-                               DomainState, Hardware, HypervisorVersion, JobStatus, PauseCause, SavedDomain)
+from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskReplacement, DomainFacts,
+                               DomainInfo, DomainSpec, DomainState, Hardware, HypervisorVersion,
+                               JobStatus, PauseCause, SavedDomain)
 from bbsnap.hypervisor.domain_xml import (build_backup_xml, build_checkpoint_xml, build_domain_xml,
-                                          build_memory_snapshot_xml, build_new_checkpoint_xml, copy_descriptive,
-                                          read_disks, read_domain_facts, read_hardware, read_saved_domain,
-                                          replace_disk_source, replace_disk_sources, set_metadata)
+                                          build_memory_snapshot_xml, build_new_checkpoint_xml,
+                                          copy_descriptive, read_disks, read_domain_facts,
+                                          read_hardware, read_saved_domain, replace_disk_source,
+                                          replace_disk_sources, set_metadata)
 
 _STATES = {1: DomainState.RUNNING, 3: DomainState.PAUSED, 5: DomainState.SHUTOFF,
            6: DomainState.CRASHED}
@@ -115,15 +117,16 @@ class LibvirtHypervisor:
     def facts(self, name: str, *, inactive: bool = False) -> DomainFacts:
         return read_domain_facts(self.domain_xml(name, inactive=inactive))
 
-    def replace_disk(self, name: str, target: str, new_path: Path, fmt: str = "qcow2", *,
-                     metadata: dict[str, str] | None = None) -> None:
-        """Point disk *target* of the persistent definition at *new_path* (for a rebuild);
-        libvirt reads the new file's backing chain itself at the next start."""
+    def replace_disks(self, name: str, replacements: Sequence[DiskReplacement], *,
+                      metadata: dict[str, str] | None = None) -> None:
+        """Point each disk of the persistent definition at its new file, in one definition
+        (for a rebuild); libvirt reads the new files' backing chains itself at the next start."""
         xml = self.domain_xml(name, inactive=True)
-        try:
-            xml = replace_disk_source(xml, target, new_path, fmt)
-        except ValueError:
-            raise NotFoundError(f"server {name} has no disk {target}") from None
+        for new in replacements:
+            try:
+                xml = replace_disk_source(xml, new.target, new.path, new.format)
+            except ValueError:
+                raise NotFoundError(f"server {name} has no disk {new.target}") from None
         if metadata is not None:
             xml = set_metadata(xml, metadata)
         self._define(xml)

@@ -75,6 +75,15 @@ class DomainFacts:
 
 
 @dataclass(frozen=True)
+class DiskReplacement:
+    """Disk *target* of a definition pointed at another file (a rebuild's new overlay)."""
+
+    target: str                 # the guest's device name (vda)
+    path: Path
+    format: str = "qcow2"
+
+
+@dataclass(frozen=True)
 class BackupTarget:
     device: str                 # the guest's device name (vda)
     path: Path                  # the new qcow2 file QEMU copies the disk into

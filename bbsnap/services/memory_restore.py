@@ -34,7 +34,7 @@ from bbsnap.services import memory_file
 
 PREFIX = "restore."
 SUFFIX = ".save"
-Boot = Callable[[Path, str], None]  # (the new overlay, its device): the server running
+Boot = Callable[[dict[str, Path]], None]  # device -> its new overlay: the server running
 
 
 def restore_file(data_dir: DataDir, token: str) -> Path:
@@ -52,8 +52,8 @@ def prepared(hv: Hypervisor, data_dir: DataDir, server: Server, image: Image) ->
         memory_file.unpack(data_dir.image_path(image.memory_path), unpacked)
         check(server, image, hv.saved_domain(unpacked), hv.hardware(server.id))
 
-        def boot(new_disk: Path, device: str) -> None:
-            hv.restore_memory(unpacked, {device: new_disk})
+        def boot(new_disks: dict[str, Path]) -> None:
+            hv.restore_memory(unpacked, new_disks)
 
         yield boot
     finally:

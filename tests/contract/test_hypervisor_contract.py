@@ -26,9 +26,9 @@ import pytest
 
 from bbsnap.disks import qemu_img
 from bbsnap.errors import HypervisorError, NotFoundError, QuiesceError
-from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskInfo, DiskSpec, DomainFacts,
-                               DomainSpec, DomainState, Hypervisor, NewCheckpoint, NicSpec,
-                               PauseCause)
+from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskInfo, DiskReplacement, DiskSpec,
+                               DomainFacts, DomainSpec, DomainState, Hypervisor, NewCheckpoint,
+                               NicSpec, PauseCause)
 from bbsnap.services.memory_restore import mismatches
 from bbsnap.tinyguest import READY_LINE
 from tests.fakes.hypervisor import FakeHypervisor
@@ -254,13 +254,24 @@ def test_undefining_a_running_domain_leaves_it_transient_until_it_stops(side):
         side.hv.info(spec.name)
 
 
+def test_a_domain_is_found_by_its_uuid_too(side):
+    spec = side.spec()
+    side.hv.define(spec)
+    assert side.hv.info(spec.uuid).name == spec.name
+    assert side.hv.facts(spec.uuid, inactive=True).disks == (str(spec.disks[0].path),)
+    started = side.hv.start(spec.uuid)
+    assert (started.name, started.state) == (spec.name, DomainState.RUNNING)
+    side.hv.destroy(spec.uuid)
+    assert side.hv.info(spec.name).state is DomainState.SHUTOFF
+
+
 def test_an_unknown_domain_is_not_found_by_every_operation(side):
     name = PREFIX + "missing"
     calls = [lambda: side.hv.info(name), lambda: side.hv.start(name),
              lambda: side.hv.destroy(name), lambda: side.hv.undefine(name),
              lambda: side.hv.facts(name), lambda: side.hv.facts(name, inactive=True),
              lambda: side.hv.disks(name), lambda: side.hv.set_metadata(name, {}),
-             lambda: side.hv.replace_disk(name, "vda", side.root / "x.qcow2"),
+             lambda: side.hv.replace_disks(name, [DiskReplacement("vda", side.root / "x.qcow2")]),
              lambda: side.hv.checkpoints(name), lambda: side.hv.job_status(name),
              lambda: side.hv.freeze(name, 1), lambda: side.hv.thaw(name),
              lambda: side.hv.shutdown(name), lambda: side.hv.reboot(name),
@@ -329,23 +340,40 @@ def test_replace_disk_and_metadata_in_one_new_definition(side):
     spec = side.spec(metadata={"image_id": "img-aaaaa", "name": "n"})
     side.hv.define(spec)
     new = side.blank_disk()
-    side.hv.replace_disk(spec.name, "vda", new, "qcow2",
-                         metadata={"image_id": "img-bbbbb", "name": "n"})
+    side.hv.replace_disks(spec.name, [DiskReplacement("vda", new, "qcow2")],
+                          metadata={"image_id": "img-bbbbb", "name": "n"})
     facts = side.hv.facts(spec.name, inactive=True)
     assert facts.disks == (str(new),) and facts.file_disks[0].format == "qcow2"
     assert facts.metadata == {"image_id": "img-bbbbb", "name": "n"}
     assert side.hv.info(spec.name).uuid == spec.uuid
-    side.hv.replace_disk(spec.name, "vda", Path(spec.disks[0].path))  # metadata kept
-    again = side.hv.facts(spec.name, inactive=True)
+    side.hv.replace_disks(spec.name, [DiskReplacement("vda", Path(spec.disks[0].path))])
+    again = side.hv.facts(spec.name, inactive=True)  # without metadata: the facts are kept
     assert again.disks == (str(spec.disks[0].path),)
     assert again.metadata == {"image_id": "img-bbbbb", "name": "n"}
+
+
+def test_several_disks_are_replaced_in_one_definition_and_a_foreign_one_gets_no_metadata(side):
+    spec = side.spec(disks=(DiskSpec(side.blank_disk()),
+                            DiskSpec(side.blank_disk(), target="vdb"),
+                            DiskSpec(side.blank_disk(), target="vdc")))
+    side.hv.define(spec)
+    new_a, new_c = side.blank_disk(), side.blank_disk()
+    side.hv.replace_disks(spec.name, [DiskReplacement("vda", new_a),
+                                      DiskReplacement("vdc", new_c)])
+    facts = side.hv.facts(spec.name, inactive=True)
+    assert facts.disks == (str(new_a), str(spec.disks[1].path), str(new_c))
+    assert facts.metadata == {}
+    with pytest.raises(NotFoundError, match="has no disk vdz"):
+        side.hv.replace_disks(spec.name, [DiskReplacement("vda", side.blank_disk()),
+                                          DiskReplacement("vdz", side.blank_disk())])
+    assert side.hv.facts(spec.name, inactive=True).disks == facts.disks, "all or nothing"
 
 
 def test_replacing_a_disk_the_domain_does_not_have_is_not_found(side):
     spec = side.spec()
     side.hv.define(spec)
     with pytest.raises(NotFoundError, match="has no disk vdz"):
-        side.hv.replace_disk(spec.name, "vdz", side.blank_disk())
+        side.hv.replace_disks(spec.name, [DiskReplacement("vdz", side.blank_disk())])
     assert side.hv.facts(spec.name).disks == (str(spec.disks[0].path),)
 
 
@@ -363,7 +391,8 @@ def test_a_running_domain_keeps_its_live_definition_until_it_restarts(side):
     side.hv.define(spec)
     side.hv.start(spec.name)
     new = side.blank_disk()
-    side.hv.replace_disk(spec.name, "vda", new, metadata={"image_id": "img-bbbbb"})
+    side.hv.replace_disks(spec.name, [DiskReplacement("vda", new)],
+                          metadata={"image_id": "img-bbbbb"})
     assert side.hv.facts(spec.name).disks == (str(spec.disks[0].path),)
     assert side.hv.facts(spec.name, inactive=True).disks == (str(new),)
     side.hv.destroy(spec.name)

@@ -25,13 +25,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from bbsnap.disks import qemu_img
 from bbsnap.errors import (BbsnapError, CheckpointBrokenError, ConflictError, HypervisorError,
                            NotFoundError, QuiesceError)
-from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskSpec, DomainFacts,
-                               DomainInfo, DomainSpec, DomainState, Hardware,
+from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskReplacement, DiskSpec,
+                               DomainFacts, DomainInfo, DomainSpec, DomainState, Hardware,
                                HypervisorVersion, JobStatus, NicSpec, PauseCause, SavedDomain)
 
 # What libvirt says, as the adapter passes it on ("<what> failed: <libvirt's message>").
@@ -156,7 +156,7 @@ class FakeHypervisor:
             raise HypervisorError(f"starting {name} failed: Cannot access storage file "
                                   f"'{missing[0]}': No such file or directory")
         dom.live, dom.state = dom.spec, DomainState.RUNNING
-        return self._describe(name)
+        return self._describe(dom.spec.name)
 
     def info(self, name: str) -> DomainInfo:
         self.calls.append("info")
@@ -194,15 +194,16 @@ class FakeHypervisor:
         spec = dom.spec if inactive or dom.live is None else dom.live
         return _facts(spec, live=not inactive and dom.live is not None)
 
-    def replace_disk(self, name: str, target: str, new_path: Path, fmt: str = "qcow2", *,
-                     metadata: dict[str, str] | None = None) -> None:
-        self.calls.append("replace_disk")
+    def replace_disks(self, name: str, replacements: Sequence[DiskReplacement], *,
+                      metadata: dict[str, str] | None = None) -> None:
+        self.calls.append("replace_disks")
         dom = self._domain(name)
         disks = list(dom.spec.disks)
-        index = next((i for i, d in enumerate(disks) if d.target == target), None)
-        if index is None:
-            raise NotFoundError(f"server {name} has no disk {target}")
-        disks[index] = replace(disks[index], path=Path(new_path), format=fmt)
+        for new in replacements:
+            index = next((i for i, d in enumerate(disks) if d.target == new.target), None)
+            if index is None:
+                raise NotFoundError(f"server {name} has no disk {new.target}")
+            disks[index] = replace(disks[index], path=Path(new.path), format=new.format)
         dom.spec = replace(dom.spec, disks=tuple(disks),
                            metadata=dict(metadata) if metadata is not None else dom.spec.metadata)
 

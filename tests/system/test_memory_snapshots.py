@@ -34,9 +34,11 @@ def mem_counters(cloud, server_id: str) -> list[int]:
     log = console_path(cloud, server_id)
     if not log.exists():
         return []
-    return [int(line.split()[1]) for line in log.read_text(errors="replace").splitlines()
-            if line.startswith(MEMCOUNTER_PREFIX) and line.split()[1:2] != [""]
-            and line.split()[1].isdigit()]
+    # Whole lines only: the serial console is written a character at a time.
+    return [int(line.split()[1])
+            for line in log.read_text(errors="replace").splitlines(keepends=True)
+            if line.endswith("\n") and line.startswith(MEMCOUNTER_PREFIX)
+            and line.split()[1:2] != [""] and line.split()[1].isdigit()]
 
 
 def last_mem_counter(cloud, server_id: str) -> int:

@@ -43,7 +43,7 @@ from bbsnap.reporting import SILENT, Reporter
 from bbsnap.services.snapshots.worker import finish_snapshot_argv
 from bbsnap.models import (Consistency, Image, ImageStatus, ImageType, Server, SnapshotDisk,
                            SnapshotJob)
-from bbsnap.services import image_fields
+from bbsnap.services import image_fields, server_disks
 from bbsnap.services.snapshots import change_tracking
 from bbsnap.services.snapshots import chain as snapshot_chain
 from bbsnap.services.snapshots import memory as memory_hook
@@ -99,8 +99,10 @@ class SnapshotService:
             if request.memory:
                 memory_hook.check(self._hv, server.id, info.state)
             image_id = self._new_image_id()
-            ancestor = self._ancestor(server)
-            chain = ServerDisk(server.id, server.uuid, disks[0])
+            ancestor = self._ancestor(server_disks.base_image_id(self._data_dir, server,
+                                                                  disks[0]))
+            directory = server_disks.directory(self._data_dir, server)
+            chain = ServerDisk(server.id, server.uuid, disks[0], directory)
             plan = (self._chains.plan(image_id, chain, ancestor)
                     if running and len(disks) == 1 and not request.memory
                     else ChainPlan(None, ancestor, None))
@@ -122,7 +124,7 @@ class SnapshotService:
                     memory_hook.capture(self._hv, self._data_dir, image_id, job, read_only)
                 elif running:
                     consistency = self._fix_point_in_time(image_id, job, read_only,
-                                                          request.quiesce, ancestor)
+                                                          request.quiesce, ancestor, directory)
                 worker = _spawn_worker(self._worker_argv, self._data_dir, image.id, lock)
                 # One commit once the copy runs: each fsync now may wait behind its writeback.
                 changes: dict[str, Any] = {"consistency": consistency}
@@ -157,12 +159,13 @@ class SnapshotService:
                       else ancestor.username if ancestor else None),
             min_ram=ancestor.min_ram if ancestor else None, job=current_job_token())
 
-    def _ancestor(self, server: Server) -> Image | None:
-        """The catalogue image a bbsnap server was built from, if it is still there."""
-        if not server.image_id:
+    def _ancestor(self, image_id: str | None) -> Image | None:
+        """The catalogue image the server's disk was built from, if it is still there (a
+        bbsnap server's, or the one a revert put a domain bbsnap did not create on)."""
+        if not image_id:
             return None
         try:
-            image = self._catalogue.get(server.image_id)
+            image = self._catalogue.get(image_id)
         except Exception:
             return None
         return image if image.status is ImageStatus.AVAILABLE else None
@@ -180,7 +183,8 @@ class SnapshotService:
                             checkpoint=plan.checkpoint if index == 0 else None)
 
     def _fix_point_in_time(self, image_id: str, job: SnapshotJob, read_only: list[str],
-                           quiesce: bool, ancestor: Image | None) -> Consistency:
+                           quiesce: bool, ancestor: Image | None,
+                           directory: Path) -> Consistency:
         domain = job.domain
         frozen = False
         if quiesce:
@@ -190,7 +194,7 @@ class SnapshotService:
             except QuiesceError as exc:
                 self._reporter.warning(f"{exc}; the snapshot is crash-consistent")
         try:
-            self._begin_backup(image_id, job, read_only, ancestor)
+            self._begin_backup(image_id, job, read_only, ancestor, directory)
         finally:
             if frozen or quiesce:
                 try:
@@ -201,7 +205,7 @@ class SnapshotService:
         return Consistency.QUIESCED if frozen else Consistency.CRASH_CONSISTENT
 
     def _begin_backup(self, image_id: str, job: SnapshotJob, read_only: list[str],
-                      ancestor: Image | None) -> None:
+                      ancestor: Image | None, directory: Path) -> None:
         incremental = any(d.incremental for d in job.disks)
         try:
             self._make_targets(job)
@@ -213,7 +217,7 @@ class SnapshotService:
             # from the disk: copy the whole disk, stored on the server's image, and start the
             # chain again from this snapshot's new checkpoint.
             self._reporter.note(f"{exc}; copying the whole disk")
-            snapshot_chain.give_up(self._hv, self._data_dir, job.domain)
+            snapshot_chain.give_up(self._hv, directory, job.domain)
             full = tuple(self._full_copy(d, ancestor, index) for index, d in enumerate(job.disks))
             self._catalogue.replan_snapshot(image_id, full, ancestor.id if ancestor else None)
             self._make_targets(replace(job, disks=full))
