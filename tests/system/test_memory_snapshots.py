@@ -237,9 +237,9 @@ def test_sigkill_during_the_save_and_the_restore(cloud, hypervisor):
 def save_in_progress(cloud, process: subprocess.Popen, timeout: float = 60) -> Path:
     """The save's work file once libvirt has begun writing it: its header still says
     ``LibvirtQemudPart`` (libvirt writes ``LibvirtQemudSave`` over it when the save ends).
-    A file, not libvirt: polled during the save, libvirt 9.0's job stats only ever showed
-    no job (whether the query waited behind the save's job was not timed), and QEMU's
-    monitor, asked through libvirt, never showed the migration active."""
+    A file, not libvirt: during the save libvirt 9.0's job query waits behind the save's
+    job and then answers "no job" (memory_save_running), and QEMU's monitor, asked through
+    libvirt, never showed the migration active."""
     deadline = time.monotonic() + timeout
     while True:
         for path in (cloud.data_dir / "tmp").glob("img-*.memory.save"):
