@@ -99,13 +99,17 @@ def _read(path: Path) -> RebuildJournal | None:
         return None
 
 
+def journals_left(data_dir: DataDir) -> list[Path]:
+    """Every rebuild journal in the data directory: bbsnap servers' and foreign domains'."""
+    return sorted(data_dir.servers_dir.glob(f"srv-*/{JOURNAL}")) + \
+        sorted(data_dir.servers_dir.glob(f"{DOMAIN_DIR_PREFIX}*/{JOURNAL}"))
+
+
 def recover_interrupted_rebuilds(catalogue: Catalogue, data_dir: DataDir,
                                  hv: Hypervisor) -> list[str]:
     """Settle the journals of killed rebuilds; the ids of the servers settled."""
     settled = []
-    journals = sorted(data_dir.servers_dir.glob(f"srv-*/{JOURNAL}")) + \
-        sorted(data_dir.servers_dir.glob(f"{DOMAIN_DIR_PREFIX}*/{JOURNAL}"))
-    for path in journals:
+    for path in journals_left(data_dir):
         journal = _read(path)
         if journal is None or path.parent not in _owner_directories(data_dir, journal):
             continue  # not one this code wrote: leave it for a human (doctor lists the dir)

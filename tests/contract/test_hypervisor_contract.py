@@ -7,8 +7,8 @@ tests that use the fake test what the real code path meets.
 
 The real side's domains are named ``bbsnap-test-contract-*`` and removed whatever happens.
 Its cost is kept to two guests at a time: blank-disk domains (QEMU runs, no OS boots) for
-the lifecycle, and one booted tiny guest, shared by the module, for the guest agent and
-the backup jobs.
+the lifecycle and the memory saves and restores, and one booted tiny guest, shared by the
+module, for the guest agent and the backup jobs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from bbsnap.disks import qemu_img
 from bbsnap.errors import GuestAgentError, HypervisorError, NotFoundError, QuiesceError
 from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskInfo, DiskReplacement, DiskSpec,
                                DomainFacts, DomainSpec, DomainState, GuestUser, Hypervisor,
-                               NewCheckpoint, NicSpec)
+                               NewCheckpoint, NicSpec, PauseCause)
+from bbsnap.services.memory_restore import mismatches
 from bbsnap.tinyguest import READY_LINE
 from bbsnap.tinyguest.logins import SESSIONS
 from tests.fakes.hypervisor import FakeHypervisor
@@ -114,6 +115,20 @@ class Side:
 
         set_backup_speed(name, 0)
         _wait(lambda: not self.hv.job_status(name).active, 120, f"the backup of {name}")
+
+    def user_pause(self, name: str) -> None:
+        """Pause the running domain as a user would (virsh suspend): not through the port,
+        which never pauses a guest itself."""
+        if isinstance(self.hv, FakeHypervisor):
+            self.hv.suspend(name)
+            return
+        import libvirt
+
+        conn = libvirt.open("qemu:///system")
+        try:
+            conn.lookupByName(name).suspend()
+        finally:
+            conn.close()
 
     def wait_job_gone(self, name: str) -> None:
         _wait(lambda: not self.hv.job_status(name).active, 60, f"the job of {name} to end")
@@ -264,7 +279,11 @@ def test_an_unknown_domain_is_not_found_by_every_operation(side):
              lambda: side.hv.replace_disks(name, [DiskReplacement("vda", side.root / "x.qcow2")]),
              lambda: side.hv.checkpoints(name), lambda: side.hv.job_status(name),
              lambda: side.hv.freeze(name, 1), lambda: side.hv.thaw(name),
-             lambda: side.hv.shutdown(name), lambda: side.hv.reboot(name)]
+             lambda: side.hv.shutdown(name), lambda: side.hv.reboot(name),
+             lambda: side.hv.hardware(name), lambda: side.hv.memory_save_running(name),
+             lambda: side.hv.save_memory_live(name, side.root / "x.save", ["vda"], [], 30),
+             lambda: side.hv.pause_cause(name), lambda: side.hv.resume(name),
+             lambda: side.hv.delete_disk_snapshot(name, "/x.qcow2", "s")]
     for call in calls:
         with pytest.raises(NotFoundError) as caught:
             call()
@@ -539,3 +558,115 @@ def test_a_backup_into_targets_the_caller_made_keeps_them_on_abort(side):
     side.wait_job_gone(guest.name)
     assert target.exists(), "a reused target is the caller's to remove"
     target.unlink()
+
+
+# -- memory snapshots --------------------------------------------------------------------------
+# On blank-disk domains (QEMU runs its firmware, no OS): a save and a restore need no guest.
+
+def running(side: Side, **changes: object) -> DomainSpec:
+    spec = side.spec(**changes)
+    side.hv.define(spec)
+    side.hv.start(spec.name)
+    return spec
+
+
+def test_hardware_is_what_a_memory_image_must_match(side):
+    spec = side.spec(memory_mib=64, vcpus=1)
+    side.hv.define(spec)
+    before = side.hv.hardware(spec.name)
+    assert (before.memory_kib, before.vcpus, before.host_devices) == (64 * 1024, 1, ())
+    assert before.machine.startswith("pc"), before.machine
+    assert "disk vda virtio disk" in before.devices
+    side.hv.define(replace(spec, memory_mib=96, disks=(
+        *spec.disks, DiskSpec(side.blank_disk(), target="vdb"))))
+    found = mismatches(before, side.hv.hardware(spec.name))
+    assert "RAM 64 MiB then, 96 MiB now" in found
+    assert any("added disk vdb virtio disk" in f for f in found), found
+
+
+def test_a_live_memory_save_leaves_the_domain_paused_with_its_definition(side):
+    spec = running(side)
+    saved_file = side.root / f"{spec.name}.save"
+    side.hv.save_memory_live(spec.name, saved_file, ["vda"], [], 30)
+    try:
+        assert side.hv.info(spec.name).state is DomainState.PAUSED
+        assert side.hv.pause_cause(spec.name) is PauseCause.OTHER, "not a user's pause"
+        assert not side.hv.memory_save_running(spec.name), "the save has ended"
+        assert saved_file.stat().st_mode & 0o077 == 0, "a saved RAM is its owner's alone"
+        saved = side.hv.saved_domain(saved_file)
+        assert (saved.name, saved.uuid) == (spec.name, spec.uuid)
+        assert saved.disks == {"vda": str(spec.disks[0].path)}
+        assert mismatches(saved.hardware, side.hv.hardware(spec.name)) == []
+    finally:
+        side.hv.resume(spec.name)
+    assert side.hv.info(spec.name).state is DomainState.RUNNING
+    assert side.hv.pause_cause(spec.name) is PauseCause.NOT_PAUSED
+    with pytest.raises(HypervisorError) as again:
+        side.hv.resume(spec.name)  # libvirt refuses it: callers ask pause_cause first
+    assert not isinstance(again.value, NotFoundError)
+    assert side.hv.info(spec.name).state is DomainState.RUNNING
+    saved_file.unlink()
+
+
+def test_the_disks_instant_kept_in_the_pause_is_deleted_through_the_running_domain(side):
+    """The capture's order (services/snapshots/memory.py): save, an internal snapshot with
+    qemu-img while the domain is paused there, resume; later deleted through its QEMU."""
+    spec = running(side)
+    disk = Path(spec.disks[0].path)
+    saved_file = side.root / f"{spec.name}.save"
+    side.hv.save_memory_live(spec.name, saved_file, ["vda"], [], 30)
+    try:
+        qemu_img.snapshot_create(disk, "bbsnap-test-instant")
+    finally:
+        side.hv.resume(spec.name)
+    assert qemu_img.snapshot_names(disk) == ["bbsnap-test-instant"]
+    side.hv.delete_disk_snapshot(spec.name, str(disk), "bbsnap-test-instant")
+    assert qemu_img.snapshot_names(disk) == []
+    with pytest.raises(HypervisorError) as gone:
+        side.hv.delete_disk_snapshot(spec.name, str(disk), "bbsnap-test-instant")
+    assert not isinstance(gone.value, NotFoundError)
+    with pytest.raises(HypervisorError):
+        side.hv.delete_disk_snapshot(spec.name, str(side.root / "not-open.qcow2"), "x")
+    saved_file.unlink()
+
+
+def test_a_restore_runs_on_the_disks_it_is_given_with_the_current_descriptions(side):
+    spec = running(side, title="then", metadata={"image_id": "img-aaaaa"})
+    saved_file = side.root / f"{spec.name}.save"
+    side.hv.save_memory_live(spec.name, saved_file, ["vda"], [], 30)
+    side.hv.resume(spec.name)
+    side.hv.destroy(spec.name)
+    new_disk = side.root / f"{spec.name}.new.qcow2"
+    qemu_img.create_overlay(new_disk, Path(spec.disks[0].path))
+    side.hv.define(replace(spec, title="now", metadata={"image_id": "img-bbbbb"}))
+    info = side.hv.restore_memory(saved_file, {"vda": new_disk})
+    assert (info.name, info.uuid, info.state) == (spec.name, spec.uuid, DomainState.RUNNING)
+    live = side.hv.facts(spec.name)
+    assert live.disks == (str(new_disk),), "never the disk it was saved on"
+    assert (live.title, live.metadata) == ("now", {"image_id": "img-bbbbb"})
+    with pytest.raises(HypervisorError):
+        side.hv.restore_memory(saved_file, {"vda": new_disk})  # it runs already
+    assert side.hv.info(spec.name).state is DomainState.RUNNING
+    saved_file.unlink()
+
+
+def test_memory_refusals_and_a_users_pause(side):
+    spec = side.spec()
+    side.hv.define(spec)
+    saved_file = side.root / f"{spec.name}.save"
+    with pytest.raises(HypervisorError):
+        side.hv.save_memory_live(spec.name, saved_file, ["vda"], [], 30)  # shut off
+    assert not saved_file.exists()
+    not_saved = side.root / f"{spec.name}.junk"
+    not_saved.write_bytes(b"not a save image" * 64)
+    with pytest.raises(HypervisorError):
+        side.hv.saved_domain(not_saved)
+    with pytest.raises(HypervisorError):
+        side.hv.restore_memory(not_saved, {})
+    assert side.hv.info(spec.name).state is DomainState.SHUTOFF
+    side.hv.start(spec.name)
+    assert side.hv.pause_cause(spec.name) is PauseCause.NOT_PAUSED
+    side.user_pause(spec.name)
+    assert side.hv.pause_cause(spec.name) is PauseCause.USER
+    side.hv.resume(spec.name)
+    assert side.hv.info(spec.name).state is DomainState.RUNNING

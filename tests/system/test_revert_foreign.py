@@ -10,6 +10,7 @@ definition, and leave a tracked disk whose next snapshot is a delta on the rever
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import uuid
 from pathlib import Path
@@ -17,9 +18,9 @@ from pathlib import Path
 from bbsnap.hypervisor import DiskSpec, DomainSpec, NicSpec
 from bbsnap.hypervisor.domain_xml import METADATA_NS
 from bbsnap.tinyguest import READY_LINE
-from tests.system.conftest import (file_digest, image_record, qemu_monitor,
+from tests.system.conftest import (backing_file, file_digest, image_record, qemu_monitor,
                                    wait_for_console_line, wait_until)
-from tests.system.test_revert import counter, snapshot
+from tests.system.test_revert import counter, holders, kill_revert_after, snapshot
 
 MIB = 1 << 20
 
@@ -122,3 +123,29 @@ def test_every_disk_of_a_multi_disk_domain_goes_back_to_the_snapshot(
                             data_new], capture_output=True, text=True, check=True)
     assert "Pattern verification failed" not in reads.stdout, "vdb is back at the snapshot"
     assert data.exists() and disk.exists(), "the user's disks are kept"
+
+
+def test_a_killed_revert_of_a_foreign_domain_is_settled_by_the_next_command(
+        cloud, hypervisor, domains, work_dir, tiny_guest_image):
+    disk = users_disk(work_dir, tiny_guest_image)
+    name = define_foreign(hypervisor, domains, work_dir, (DiskSpec(disk),))
+    wait_until(lambda: counter(disk) >= 3, 60, "the counter to reach 3")
+    first, _ = snapshot(cloud, name)
+    second, _ = snapshot(cloud, name)
+    uuid_ = hypervisor.info(name).uuid
+    directory = cloud.data_dir / "servers" / f"dom-{uuid_}"
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for kill in range(3):
+        kill_revert_after(cloud, name, (first, second)[kill % 2], rng.uniform(0.2, 2.5))
+        shown = cloud("servers", "show", name, "--format", "json")  # recovers first
+        assert shown.exit_code == 0, shown.stderr
+        record = json.loads(shown.stdout)
+        assert record["status"] == "active", f"seed {seed} kill {kill}"
+        (now,) = record["disks"]
+        assert not (directory / ".rebuilding").exists()
+        ours = sorted(p.name for p in directory.glob("disk*.qcow2")) if directory.exists() else []
+        assert ours == ([] if now == str(disk) else [Path(now).name]), f"seed {seed}"
+        held = {i for i, who in holders(cloud).items() if name in who}
+        assert held == (set() if now == str(disk) else {Path(backing_file(now)[0]).stem})
+        assert disk.exists(), "the user's disk survives every kill"
