@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from bbsnap.hypervisor.models import (BackupPlan, BackupTarget, DiskReplacement, DiskSpec,
-                                      DomainFacts, DomainSpec, NewCheckpoint, NicSpec)
+                                      DomainFacts, DomainSpec, GuestUser, NewCheckpoint, NicSpec)
 
 __all__ = ["BackupPlan", "BackupTarget", "CompletedJob", "DiskInfo", "DiskReplacement", "DiskSpec",
-           "DomainFacts", "DomainInfo", "DomainSpec", "DomainState", "Hypervisor", "HypervisorVersion",
-           "JobStatus", "NewCheckpoint", "NicSpec"]
+           "DomainFacts", "DomainInfo", "DomainSpec", "DomainState", "GuestUser", "Hypervisor",
+           "HypervisorVersion", "JobStatus", "NewCheckpoint", "NicSpec"]
 
 
 class DomainState(str, enum.Enum):
@@ -131,6 +131,9 @@ class Hypervisor(Protocol):
     def disks(self, name: str) -> list[DiskInfo]: ...
     def freeze(self, name: str, timeout: int) -> int: ...
     def thaw(self, name: str, timeout: int = 5) -> None: ...
+    # Who is logged in, as the guest agent says, waiting at most *timeout* s for it
+    # (GuestAgentError: no agent, a silent one, a stopped domain).
+    def logged_in_users(self, name: str, timeout: int) -> list[GuestUser]: ...
     def begin_backup(self, name: str, plan: BackupPlan) -> None: ...
     def disk_capacity(self, name: str, target: str) -> int: ...
     def redefine_checkpoint(self, name: str, checkpoint: str, device: str) -> None: ...

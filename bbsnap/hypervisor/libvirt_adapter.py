@@ -7,14 +7,15 @@ hypervisor (the catalogue ones, ``--help``) don't pay for it or need libvirtd.
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from bbsnap.errors import (CheckpointBrokenError, ConflictError, HypervisorError, NotFoundError,
-                           QuiesceError)
+from bbsnap.errors import (CheckpointBrokenError, ConflictError, GuestAgentError, HypervisorError,
+                           NotFoundError, QuiesceError)
 from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskReplacement, DomainFacts,
-                               DomainInfo, DomainSpec, DomainState, Hardware, HypervisorVersion,
-                               JobStatus, PauseCause, SavedDomain)
+                               DomainInfo, DomainSpec, DomainState, GuestUser, Hardware,
+                               HypervisorVersion, JobStatus, PauseCause, SavedDomain)
 from bbsnap.hypervisor.domain_xml import (build_backup_xml, build_checkpoint_xml, build_domain_xml,
                                           build_memory_snapshot_xml, build_new_checkpoint_xml,
                                           copy_descriptive, read_disks, read_domain_facts,
@@ -227,6 +228,30 @@ class LibvirtHypervisor:
             raise QuiesceError(f"the guest agent of {name} could not thaw: "
                                f"{exc.get_error_message()}") from exc
 
+    def logged_in_users(self, name: str, timeout: int) -> list[GuestUser]:
+        """The users the guest agent reports logged in (virDomainGetGuestInfo with
+        VIR_DOMAIN_GUEST_INFO_USERS, i.e. qemu-ga's guest-get-users over the guest's utmp).
+
+        libvirt answers at once when no agent is connected; *timeout* bounds a connected
+        one that does not answer. The domain's agent timeout is set back to libvirt's default
+        afterwards, so this question leaves no shorter timeout behind for other callers."""
+        libvirt = _libvirt()
+        dom = self._lookup(name)
+        try:
+            dom.agentSetResponseTimeout(timeout, 0)
+            try:
+                found = dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_USERS, 0) or {}
+            finally:
+                try:
+                    dom.agentSetResponseTimeout(
+                        libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT, 0)
+                except libvirt.libvirtError:
+                    pass  # the domain stopped meanwhile: nothing is left to restore
+        except libvirt.libvirtError as exc:
+            raise GuestAgentError(f"the guest agent of {name} did not say who is logged in: "
+                                  f"{exc.get_error_message()}") from exc
+        return _guest_users(found)
+
     def disk_capacity(self, name: str, target: str) -> int:
         """A disk's virtual size in bytes, as libvirt sees it (the running disk's file may
         belong to QEMU's user, whom the caller cannot read as)."""
@@ -427,6 +452,22 @@ class LibvirtHypervisor:
         system tests use it to look at what libvirt was given."""
         flags = _libvirt().VIR_DOMAIN_XML_INACTIVE if inactive else 0
         return str(self._call(f"reading the XML of {name}", self._lookup(name).XMLDesc, flags))
+
+
+def _guest_users(found: dict[str, Any]) -> list[GuestUser]:
+    """libvirt's typed parameters (user.count, user.N.name, user.N.domain, user.N.login-time
+    in milliseconds since the epoch) as models; an entry without a name is skipped."""
+    users = []
+    for index in range(int(found.get("user.count", 0))):
+        name = found.get(f"user.{index}.name")
+        if not isinstance(name, str) or not name:
+            continue
+        millis = int(found.get(f"user.{index}.login-time", 0))
+        domain = found.get(f"user.{index}.domain")
+        users.append(GuestUser(name=name,
+                               login_time=datetime.fromtimestamp(millis / 1000, timezone.utc),
+                               domain=domain if isinstance(domain, str) and domain else None))
+    return users
 
 
 def _looks_like_uuid(key: str) -> bool:

@@ -198,7 +198,7 @@ class ServerService:
             undo.push("the new overlays", lambda: _remove([Path(s.new_disk) for s in swaps]))
             undo.push("the tracking marker", lambda: rebuild_journal.restore_marker(
                 directory, journal.old_marker))
-            self._make_overlays(sources, swaps, image)
+            self._make_overlays(server.id, sources, swaps, image)
             if was_running:
                 self._hv.destroy(server.id)  # its disks are thrown away: no need to be gentle
                 undo.push(f"restarting {server.id}", lambda: self._hv.start(server.id))
@@ -222,14 +222,16 @@ class ServerService:
                 self._hv.start(server.id)
         return journal
 
-    def _make_overlays(self, sources: list[DiskSource],
+    def _make_overlays(self, server_id: str, sources: list[DiskSource],
                        swaps: tuple[rebuild_journal.DiskSwap, ...], image: Image) -> None:
         """The first disk's overlay records every write from its birth (its snapshots copy
         only what changed); further disks' are plain overlays (multi-disk snapshots copy
-        every disk whole). Each is at least as large as the disk it replaces."""
+        every disk whole). Each is at least as large as the disk it replaces, whose size
+        libvirt reports: a running disk belongs to QEMU's user under qemu:///system, which a
+        normal user's qemu-img cannot open."""
         for index, (source, swap) in enumerate(zip(sources, swaps, strict=True)):
-            size = max(qemu_img.info(Path(source.disk.path), source.disk.format,
-                                     force_share=True).virtual_size, source.virtual_size)
+            size = max(self._hv.disk_capacity(server_id, source.disk.target),
+                       source.virtual_size)
             stored = self._data_dir.image_path(source.stored)
             if index == 0:
                 change_tracking.new_tracked_overlay(self._data_dir, image.id, stored, size,

@@ -25,17 +25,20 @@ from typing import Iterator
 import pytest
 
 from bbsnap.disks import qemu_img
-from bbsnap.errors import HypervisorError, NotFoundError, QuiesceError
+from bbsnap.errors import GuestAgentError, HypervisorError, NotFoundError, QuiesceError
 from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskInfo, DiskReplacement, DiskSpec,
-                               DomainFacts, DomainSpec, DomainState, Hypervisor, NewCheckpoint,
-                               NicSpec, PauseCause)
+                               DomainFacts, DomainSpec, DomainState, GuestUser, Hypervisor,
+                               NewCheckpoint, NicSpec, PauseCause)
 from bbsnap.services.memory_restore import mismatches
 from bbsnap.tinyguest import READY_LINE
+from bbsnap.tinyguest.logins import SESSIONS
 from tests.fakes.hypervisor import FakeHypervisor
 
 MIB = 1 << 20
 PREFIX = "bbsnap-test-contract-"
 HELD_DISK = 512 * MIB  # written in full: a backup of it runs long enough to be held
+# Who the tiny guest's agent reports logged in: each user of its utmp sessions, once.
+TINY_GUEST_USERS = [GuestUser(s.user, s.login_time) for s in SESSIONS]
 
 
 class Side:
@@ -85,6 +88,8 @@ class Side:
                              memory_mib=128, guest_agent=True)
             self.hv.define(spec)
             self.hv.start(spec.name)
+            if isinstance(self.hv, FakeHypervisor):  # the tiny guest's utmp, as its agent says
+                self.hv.set_guest_users(spec.name, TINY_GUEST_USERS)
             if self.kind == "real":
                 _wait(lambda: READY_LINE in _text(spec.console_log), 240, "the guest to boot")
                 # qemu-ga is started before the ready line, and libvirt sees its channel
@@ -445,6 +450,24 @@ def test_without_an_agent_or_a_running_guest_there_is_no_freeze(side):
         side.hv.freeze(spec.name, 1)  # no agent channel
     with pytest.raises(QuiesceError):
         side.hv.thaw(spec.name, 1)
+
+
+def test_the_agent_reports_who_is_logged_in(side):
+    guest = side.guest()
+    users = side.hv.logged_in_users(guest.name, 2)
+    assert sorted(users, key=lambda u: u.name) == sorted(TINY_GUEST_USERS, key=lambda u: u.name)
+    assert side.hv.freeze(guest.name, 5) >= 0, "the agent still answers afterwards"
+    side.hv.thaw(guest.name)
+
+
+def test_without_an_agent_or_a_running_guest_nobody_is_reported(side):
+    spec = side.spec(guest_agent=False)
+    side.hv.define(spec)
+    with pytest.raises(GuestAgentError):
+        side.hv.logged_in_users(spec.name, 1)  # shut off
+    side.hv.start(spec.name)
+    with pytest.raises(GuestAgentError):
+        side.hv.logged_in_users(spec.name, 1)  # no agent channel
 
 
 # -- backup jobs -------------------------------------------------------------------------------

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bbsnap.disks import qemu_img
-from bbsnap.errors import (BbsnapError, CheckpointBrokenError, ConflictError, HypervisorError,
-                           NotFoundError, QuiesceError)
+from bbsnap.errors import (BbsnapError, CheckpointBrokenError, ConflictError, GuestAgentError,
+                           HypervisorError, NotFoundError, QuiesceError)
 from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskReplacement, DiskSpec,
-                               DomainFacts, DomainInfo, DomainSpec, DomainState, Hardware,
-                               HypervisorVersion, JobStatus, NicSpec, PauseCause, SavedDomain)
+                               DomainFacts, DomainInfo, DomainSpec, DomainState, GuestUser,
+                               Hardware, HypervisorVersion, JobStatus, NicSpec, PauseCause,
+                               SavedDomain)
 
 # What libvirt says, as the adapter passes it on ("<what> failed: <libvirt's message>").
 _NOT_RUNNING = "Requested operation is not valid: domain is not running"
@@ -62,6 +63,7 @@ class _Domain:
     job: _Job | None = None
     completed: CompletedJob | None = None
     addresses: list[str] = field(default_factory=list)
+    guest_users: list[GuestUser] = field(default_factory=list)  # what the agent reports
     paused: PauseCause = PauseCause.NOT_PAUSED  # why state is PAUSED
 
 
@@ -82,8 +84,12 @@ class FakeHypervisor:
         self._domain(name).broken.add(checkpoint)
 
     def silence_agent(self, name: str) -> None:
-        """The guest agent stops answering: freeze and thaw fail."""
+        """The guest agent stops answering: freeze, thaw and its users fail."""
         self._domain(name).agent_answers = False
+
+    def set_guest_users(self, name: str, users: list[GuestUser]) -> None:
+        """Who the guest agent reports logged in (the guest's utmp)."""
+        self._domain(name).guest_users = list(users)
 
     def set_addresses(self, name: str, addresses: list[str]) -> None:
         self._domain(name).addresses = list(addresses)
@@ -252,6 +258,11 @@ class FakeHypervisor:
     def thaw(self, name: str, timeout: int = 5) -> None:
         self.calls.append("thaw")
         self._agent(name, "could not thaw").frozen = False
+
+    def logged_in_users(self, name: str, timeout: int) -> list[GuestUser]:
+        self.calls.append("logged_in_users")
+        dom = self._agent(name, "did not say who is logged in", GuestAgentError)
+        return list(dom.guest_users)
 
     def disk_capacity(self, name: str, target: str) -> int:
         self.calls.append("disk_capacity")
@@ -456,18 +467,19 @@ class FakeHypervisor:
             raise AssertionError(f"no backup job runs on {name}")
         return job
 
-    def _agent(self, name: str, failed: str) -> _Domain:
-        """The domain, if its guest agent can answer (as QuiesceError says otherwise)."""
+    def _agent(self, name: str, failed: str,
+               error: type[HypervisorError] = QuiesceError) -> _Domain:
+        """The domain, if its guest agent can answer (as *error* says otherwise)."""
         dom = self._domain(name)
         if dom.state is DomainState.SHUTOFF:
-            raise QuiesceError(f"the guest agent of {name} {failed}: {_NOT_RUNNING}")
+            raise error(f"the guest agent of {name} {failed}: {_NOT_RUNNING}")
         spec = dom.live or dom.spec
         if not spec.guest_agent:
-            raise QuiesceError(f"the guest agent of {name} {failed}: argument unsupported: "
-                               "QEMU guest agent is not configured")
+            raise error(f"the guest agent of {name} {failed}: argument unsupported: "
+                        "QEMU guest agent is not configured")
         if not dom.agent_answers:
-            raise QuiesceError(f"the guest agent of {name} {failed}: Guest agent is not "
-                               "responding: QEMU guest agent is not connected")
+            raise error(f"the guest agent of {name} {failed}: Guest agent is not "
+                        "responding: QEMU guest agent is not connected")
         return dom
 
 

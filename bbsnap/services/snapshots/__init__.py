@@ -9,7 +9,9 @@ Read the modules in this order; each step names the next:
    (``state/catalogue.py``), freezes the guest through its agent, fixes the instant with a
    push-mode backup (``hypervisor``'s ``begin_backup``), thaws, and hands the lock to a
    detached worker. ``--memory`` adds the RAM and device state at the same instant
-   (``memory.py``).
+   (``memory.py``). A snapshot with no login user to take (no ``--username``, no ancestor:
+   a domain bbsnap did not create) then asks the guest agent who is logged in
+   (``login_user.py``).
 2. ``worker.py`` — the worker's command line (``python -m
    bbsnap.services.snapshots.worker finish-snapshot IMG --lock-fd N``), built by the
    command and parsed here; it checks it holds the inherited lock, then runs:

@@ -46,6 +46,7 @@ from bbsnap.models import (Consistency, Image, ImageStatus, ImageType, Server, S
 from bbsnap.services import image_fields, server_disks
 from bbsnap.services.snapshots import change_tracking
 from bbsnap.services.snapshots import chain as snapshot_chain
+from bbsnap.services.snapshots import login_user
 from bbsnap.services.snapshots import memory as memory_hook
 from bbsnap.services.server_records import server_from_domain
 from bbsnap.services.snapshots.chain import ChainPlan, ChainPlanner, ServerDisk
@@ -60,7 +61,7 @@ class SnapshotRequest:
     name: str | None = None
     quiesce: bool = True
     # The guest's login user for `servers ssh` on clones; else the ancestor's. A domain
-    # bbsnap did not make has no ancestor to inherit one from.
+    # bbsnap did not make has no ancestor to inherit one from: its guest agent is asked.
     username: str | None = None
     memory: bool = False  # also the guest's RAM and device state (memory_snapshot.py)
 
@@ -130,6 +131,11 @@ class SnapshotService:
                 changes: dict[str, Any] = {"consistency": consistency}
                 if worker:
                     changes["job"] = worker
+                if self._ask_login_user(request, ancestor, job.mode, consistency):
+                    username = login_user.from_agent(self._hv, server.id, image_id,
+                                                     self._reporter)
+                    if username:
+                        changes["username"] = username
                 image = self._catalogue.update(image.id, **changes)
             except BaseException as exc:
                 if job.mode == "memory":
@@ -158,6 +164,17 @@ class SnapshotService:
             username=(image_fields.check_username(request.username) if request.username
                       else ancestor.username if ancestor else None),
             min_ram=ancestor.min_ram if ancestor else None, job=current_job_token())
+
+    @staticmethod
+    def _ask_login_user(request: SnapshotRequest, ancestor: Image | None, mode: str,
+                        consistency: Consistency) -> bool:
+        """Only a running guest's snapshot with no login user given and no ancestor to take
+        one from asks the agent (login_user.py) — not when its freeze just showed the agent
+        absent or silent: it would not answer this either."""
+        if request.username or ancestor is not None or mode == "copy":
+            return False
+        return not (mode == "backup" and request.quiesce
+                    and consistency is Consistency.CRASH_CONSISTENT)
 
     def _ancestor(self, image_id: str | None) -> Image | None:
         """The catalogue image the server's disk was built from, if it is still there (a
