@@ -1,7 +1,6 @@
 """Full copies (issue #15): the first snapshot of a domain bbsnap did not make copies its
-standalone disk whole, through QEMU's push-mode backup job, with the worker started before
-the backup began (it waits for the command's "go"), the copy written out while QEMU makes
-it, and the finished file vetted by its header.
+standalone disk whole, through QEMU's push-mode backup job, the copy written out while QEMU
+makes it, and the finished file vetted by its header.
 
 The copy must be exactly the disk at the snapshot's instant although the guest keeps
 writing during the copy (its counter, and writes over the very data being copied), and

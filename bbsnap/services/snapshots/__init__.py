@@ -8,8 +8,7 @@ Read the modules in this order; each step names the next:
    full copy with a note), adds the image as ``creating`` with its snapshot job
    (``state/catalogue.py``), freezes the guest through its agent, fixes the instant with a
    push-mode backup (``hypervisor``'s ``begin_backup``), thaws, and hands the lock to a
-   detached worker, started before the freeze and let go (``go`` on a pipe) once the
-   backup runs. ``--memory`` adds the RAM and device state at the same instant
+   detached worker. ``--memory`` adds the RAM and device state at the same instant
    (``memory.py``).
 2. ``worker.py`` — the worker's command line (``python -m
    bbsnap.services.snapshots.worker finish-snapshot IMG --lock-fd N``), built by the

@@ -51,16 +51,6 @@ class SnapshotFinisher:
         self._hv = connect()  # connects on its first call
         self._timeline.mark("ready")
 
-    def connect_early(self) -> None:
-        """Open the libvirt connection now, while the command is still beginning the backup
-        (the connection is otherwise made by the first call); a libvirtd that does not
-        answer yet is left to run()'s reconnecting."""
-        try:
-            self._hv.version()
-        except HypervisorError:
-            pass
-        self._timeline.mark("connected-early")
-
     def run(self, image_id: str) -> Image:
         image = self._catalogue.get(image_id, include_deleted=True)
         if image.status is not ImageStatus.CREATING:

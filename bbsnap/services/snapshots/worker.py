@@ -4,14 +4,6 @@ Started detached by ``servers snapshot`` (and by crash recovery to adopt an
 orphaned copy); writes only to its log file in ``DATA/logs/``. The command line is
 built (:func:`base_argv`, :func:`finish_snapshot_argv`) and parsed (:func:`main`) here
 and nowhere else.
-
-``servers snapshot`` starts its worker before it fixes the instant, with ``--go-fd``: the
-worker's start-up (the interpreter, its imports, the libvirt connection: 100-400 ms here)
-then runs while the command freezes the guest and begins the backup, instead of after it,
-which every full copy's time until available used to include. The worker waits on that
-pipe and copies only once the command wrote ``go`` (the backup began, the catalogue says
-so); a pipe closed without it (the command failed or was killed) makes it exit at once
-and change nothing: the command cleans up, or crash recovery adopts the job.
 """
 
 from __future__ import annotations
@@ -34,27 +26,9 @@ def base_argv(data_dir: str, connect: str) -> list[str]:
     return [sys.executable, "-m", "bbsnap.services.snapshots.worker", "--data-dir", data_dir, "--connect", connect]
 
 
-GO = b"go"
-
-
-def finish_snapshot_argv(base: list[str], image_id: str, lock_fd: int,
-                         go_fd: int | None = None) -> list[str]:
-    """Finish *image_id*'s copy, holding the server's lock the caller passes as *lock_fd*;
-    with *go_fd*, only once the caller wrote :data:`GO` into that pipe."""
-    argv = [*base, "finish-snapshot", image_id, "--lock-fd", str(lock_fd)]
-    return argv if go_fd is None else [*argv, "--go-fd", str(go_fd)]
-
-
-def _wait_for_go(fd: int) -> bool:
-    """Whether the command wrote GO before it closed the pipe (EOF, or its death, ends it)."""
-    received = b""
-    with os.fdopen(fd, "rb") as pipe:
-        while len(received) < len(GO):
-            chunk = pipe.read(len(GO) - len(received))
-            if not chunk:
-                break
-            received += chunk
-    return received == GO
+def finish_snapshot_argv(base: list[str], image_id: str, lock_fd: int) -> list[str]:
+    """Finish *image_id*'s copy, holding the server's lock the caller passes as *lock_fd*."""
+    return [*base, "finish-snapshot", image_id, "--lock-fd", str(lock_fd)]
 
 
 def _holds_lock(fd: int) -> bool:
@@ -77,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     finish.add_argument("image_id")
     finish.add_argument("--lock-fd", type=int, required=True,
                         help="the server lock inherited from the caller")
-    finish.add_argument("--go-fd", type=int,
-                        help="a pipe: start copying once the caller wrote 'go' into it")
     args = parser.parse_args(argv)
     if not _holds_lock(args.lock_fd):
         # Copying without the server's lock would race a prune or revert of its chain.
@@ -108,13 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         finisher = SnapshotFinisher(catalogue, data_dir,
                                     lambda: LibvirtHypervisor(settings.connect),
                                     timeline=timeline)
-        if args.go_fd is not None:
-            finisher.connect_early()
-            if not _wait_for_go(args.go_fd):
-                print(f"{stamp} snapshot {args.image_id}: the command stopped before the copy "
-                      "began; nothing done", flush=True)
-                return 0
-            timeline.mark("go")
         image = finisher.run(args.image_id)
     except BbsnapError as exc:
         print(f"{stamp} snapshot {args.image_id} failed: {exc}", flush=True)
