@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     from bbsnap.hypervisor.libvirt_adapter import LibvirtHypervisor
     from bbsnap.state.layout import DataDir
     from bbsnap.services.snapshots.finish import SnapshotFinisher
-
     from bbsnap.services.snapshots import timeline as snapshot_timeline
 
     timeline = snapshot_timeline.Timeline()
