@@ -31,7 +31,7 @@ from bbsnap.services.snapshots.timeline import Timeline
 
 # Job polling (two libvirt calls per poll): how late the worker notices the copy's end is
 # part of every snapshot's time until available, so the wait shortens as the job nears its
-# end (see _next_poll); far from it, POLL_SECONDS keeps the polling cheap.
+# end (see _PollPace); far from it, POLL_SECONDS keeps the polling cheap.
 POLL_SECONDS = 0.05
 MIN_POLL_SECONDS = 0.005
 RECONNECT_SECONDS = 120.0  # how long a restarting libvirtd may stay away
