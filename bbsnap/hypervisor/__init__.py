@@ -77,6 +77,7 @@ class CompletedJob:
     known: bool        # libvirt still remembers the last job (lost across a libvirtd restart)
     success: bool
     message: str
+    elapsed_seconds: float | None = None  # how long the job ran, as libvirt timed it
 
 
 class PauseCause(str, enum.Enum):

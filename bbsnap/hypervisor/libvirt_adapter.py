@@ -339,8 +339,10 @@ class LibvirtHypervisor:
                                 message="libvirt lost track of the copy (was libvirtd restarted "
                                         "while it ran?)")
         success = kind == libvirt.VIR_DOMAIN_JOB_COMPLETED and bool(stats.get("success", True))
+        elapsed = stats.get("time_elapsed")  # milliseconds
         return CompletedJob(known=True, success=success,
-                            message=str(stats.get("errmsg", "")) or ("" if success else "the job failed"))
+                            message=str(stats.get("errmsg", "")) or ("" if success else "the job failed"),
+                            elapsed_seconds=elapsed / 1000 if elapsed is not None else None)
 
     def abort_job(self, name: str) -> None:
         libvirt = _libvirt()

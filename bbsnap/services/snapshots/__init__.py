@@ -23,6 +23,9 @@ Read the modules in this order; each step names the next:
    recovery (``services/recovery.py``) between polls, so a worker killed meanwhile is
    adopted or failed.
 
+``timeline.py``: when each of the worker's steps ended, written into its log for
+``scripts/bench_snapshot.py``'s breakdown of a full copy's time until available.
+
 ``change_tracking.py`` holds the dirty bitmap every bbsnap server's disk is born with, which
 the first snapshot's incremental copy starts from.
 """
