@@ -78,6 +78,10 @@ class QuiesceError(HypervisorError):
     """The guest agent could not freeze the guest's filesystems (absent, silent, refused)."""
 
 
+class GuestAgentError(HypervisorError):
+    """The guest agent did not answer a question (absent, silent, refused, domain stopped)."""
+
+
 class CheckpointBrokenError(HypervisorError):
     """A checkpoint's dirty bitmap can't be trusted (QEMU died without storing it)."""
 

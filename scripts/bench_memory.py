@@ -10,6 +10,17 @@ On the tiny real guest (TCG) at 256 MiB and at 1 GiB of RAM, in one run on one m
   - the time until the image is available (the command's start to `available`);
   - revert-to-running (`servers revert SRV IMG` until the command returns, guest running)
     against `virsh restore` of a `virsh save` file of the same guest, timed the same way.
+Then the breakdowns, each step timed in this process on the same guests:
+  - the pause: libvirt's lifecycle events give when QEMU stopped the guest and when it ran
+    again; of that, QEMU's final pass (the completed job's "downtime"), libvirt ending the
+    save (QEMU stopped to snapshotCreateXML returning, less the final pass), the internal
+    qcow2 snapshot (qemu-img) and the resume call, driven through the port as
+    services/snapshots/memory.py does; and the longest stall of the guest *outside* the
+    pause, until the image is available (the worker's copy and its internal-snapshot
+    delete run beside the guest);
+  - the revert: unpacking the memory file, the restore itself (restore_memory onto the
+    server's disk) and the rest of the command (a new Python process, the checks, the
+    destroy, the new overlay, the definition).
 Goals: pause <= 200 ms and not more than 1.5x larger at 1 GiB than at 256 MiB; revert
 <= 1.5x `virsh restore`. Each figure is the median of RUNS runs. Needs libvirtd; on a
 shared host run it under the libvirtd lock the tests use.
@@ -18,7 +29,6 @@ shared host run it under the libvirtd lock the tests use.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -31,6 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import BBSNAP, cli_runner, guest_env, bench_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bbsnap.disks import qemu_img
+from bbsnap.hypervisor.libvirt_adapter import LibvirtHypervisor
+from bbsnap.services import memory_file
+from bbsnap.services.snapshots.memory import MAX_DOWNTIME_MS
 from bbsnap.tinyguest import READY_LINE, build_tiny_guest
 
 RUNS = 3
@@ -76,17 +90,106 @@ class ConsoleWatch:
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         return max(gaps) if gaps else float("nan")
 
+    def gap_over(self, instant: float) -> float:
+        """The gap between the two lines either side of *instant* (the guest's pause)."""
+        before = [t for t in self.arrivals if t <= instant]
+        after = [t for t in self.arrivals if t > instant]
+        return after[0] - before[-1] if before and after else float("nan")
+
+    def longest_gap_outside(self, start: float, end: float, pause: tuple[float, float]) -> float:
+        times = [t for t in self.arrivals if start <= t <= end]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)
+                if b < pause[0] or a > pause[1]]
+        return max(gaps) if gaps else 0.0
+
     def usual_gap(self, before: float) -> float:
         times = [t for t in self.arrivals if t < before][-200:]
         gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b > a]
         return statistics.median(gaps) if gaps else 0.0
 
 
+class Lifecycle:
+    """Host times of libvirt's SUSPENDED and RESUMED events, per domain (an event loop in
+    a thread of this process, on its own connection)."""
+
+    def __init__(self) -> None:
+        import libvirt
+
+        self.seen: list[tuple[float, str, int]] = []
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=self._loop, daemon=True).start()
+        self.conn = libvirt.open("qemu:///system")
+        self.conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+            lambda _c, dom, event, _d, _o: self.seen.append((time.monotonic(), dom.name(),
+                                                             event)), None)
+
+    @staticmethod
+    def _loop() -> None:
+        import libvirt
+
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    def pause(self, domain: str, start: float) -> tuple[float, float] | None:
+        """The first stop after *start* and the resume after it."""
+        import libvirt
+
+        stops = [t for t, d, e in self.seen if d == domain and t >= start
+                 and e == libvirt.VIR_DOMAIN_EVENT_SUSPENDED]
+        if not stops:
+            return None
+        resumes = [t for t, d, e in self.seen if d == domain and t > stops[0]
+                   and e == libvirt.VIR_DOMAIN_EVENT_RESUMED]
+        return (stops[0], resumes[0]) if resumes else None
+
+    def final_pass_ms(self, domain: str) -> float:
+        """QEMU's own downtime figure of the domain's last completed job (the save)."""
+        import libvirt
+
+        stats = self.conn.lookupByName(domain).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        return float(stats.get("downtime", float("nan")))
+
+
+def pause_steps(hv: LibvirtHypervisor, events: Lifecycle, srv: str, work: Path) -> dict[str, float]:
+    """One capture driven step by step as services/snapshots/memory.py drives it, timed."""
+    disks = hv.disks(srv)
+    writable = [d for d in disks if d.writable]
+    save = work / f"{srv}.steps.save"
+    begun = time.monotonic()
+    hv.save_memory_live(srv, save, [d.target for d in writable],
+                        [d.target for d in disks if not d.writable], MAX_DOWNTIME_MS)
+    returned = time.monotonic()
+    for disk in writable:
+        qemu_img.snapshot_create(Path(disk.path), "bbsnap-bench-steps")
+    snapshotted = time.monotonic()
+    hv.resume(srv)
+    resumed = time.monotonic()
+    time.sleep(0.2)  # the RESUMED event's delivery
+    window = events.pause(srv, begun)
+    final = events.final_pass_ms(srv)
+    for disk in writable:
+        hv.delete_disk_snapshot(srv, disk.path, "bbsnap-bench-steps")
+    raw_size = save.stat().st_size
+    save.unlink()
+    stopped = window[0] if window else float("nan")
+    return {"paused": (window[1] - window[0]) * 1000 if window else float("nan"),
+            "live copy": (stopped - begun) * 1000, "final pass": final,
+            "libvirt ends the save": (returned - stopped) * 1000 - final,
+            "internal snapshot": (snapshotted - returned) * 1000,
+            "resume": (resumed - snapshotted) * 1000, "raw": raw_size}
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
 def main() -> None:
     work = bench_dir()
     env = guest_env(work)
-    bbsnap = BBSNAP
     run = cli_runner(env)
+    hv = LibvirtHypervisor("qemu:///system")
+    events = Lifecycle()
 
     def wait_line(log: Path, wanted: str, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
@@ -102,7 +205,7 @@ def main() -> None:
         subprocess.run([*VIRSH, "qemu-agent-command", server, json.dumps(command)],
                        check=True, capture_output=True)
 
-    results = {}
+    results: dict[int, dict[str, float]] = {}
     servers: list[str] = []
     try:
         image = run("images", "import", str(build_tiny_guest()), "--name", "tiny")
@@ -116,7 +219,8 @@ def main() -> None:
             watch = ConsoleWatch(log)
             start_ticks(srv)
             time.sleep(2.0)
-            pauses, available, snapshots = [], [], []
+            cli: list[dict[str, float]] = []
+            snapshots = []
             for _ in range(RUNS):
                 begun = time.monotonic()
                 image_id = run("servers", "snapshot", srv, "--memory")
@@ -124,18 +228,42 @@ def main() -> None:
                 while json.loads(run("images", "show", image_id, "--format", "json"))[
                         "state"] == "creating":
                     time.sleep(0.05)
-                available.append(time.monotonic() - begun)
+                available = time.monotonic()
                 time.sleep(0.5)
-                pauses.append(watch.longest_gap(begun, returned + 0.3)
-                              - watch.usual_gap(begun))
+                window = events.pause(srv, begun)
+                usual = watch.usual_gap(begun)
+                if window is not None:
+                    pause = watch.gap_over(window[0]) - usual
+                    other = watch.longest_gap_outside(begun, available, window) - usual
+                else:  # no events seen: the longest gap, as before
+                    pause = watch.longest_gap(begun, returned + 0.3) - usual
+                    other = float("nan")
+                cli.append({"pause": pause * 1000, "available": available - begun,
+                            "other stall": max(0.0, other) * 1000,
+                            "paused": ((window[1] - window[0]) * 1000 if window
+                                       else float("nan"))})
                 snapshots.append(image_id)
+            steps = [pause_steps(hv, events, srv, work) for _ in range(RUNS)]
             watch.stop()
-            reverts, restores = [], []
+            stored = work / "data" / "images" / f"{snapshots[-1]}{memory_file.SUFFIX}"
+            reverts, restores, unpacks, own_restores = [], [], [], []
             save_file = work / f"{srv}.save"
             for _ in range(RUNS):
                 begun = time.monotonic()
                 run("servers", "revert", srv, snapshots[-1])
                 reverts.append(time.monotonic() - begun)
+                # The revert's two big steps on their own: the unpack, then the restore
+                # onto the server's disk now (what the revert gives restore_memory).
+                unpacked = work / f"{srv}.unpacked.save"
+                begun = time.monotonic()
+                memory_file.unpack(stored, unpacked)
+                unpacks.append(time.monotonic() - begun)
+                (disk,) = [d for d in hv.disks(srv) if d.writable]
+                hv.destroy(srv)
+                begun = time.monotonic()
+                hv.restore_memory(unpacked, {disk.target: Path(disk.path)})
+                own_restores.append(time.monotonic() - begun)
+                unpacked.unlink()
                 subprocess.run([*VIRSH, "save", srv, str(save_file)], check=True,
                                capture_output=True)
                 begun = time.monotonic()
@@ -143,23 +271,41 @@ def main() -> None:
                                capture_output=True)
                 restores.append(time.monotonic() - begun)
                 save_file.unlink()
-            results[size] = (statistics.median(pauses), statistics.median(available),
-                             statistics.median(reverts), statistics.median(restores),
-                             os.path.getsize(work / "data" / "images" /
-                                             f"{snapshots[-1]}.memory.gz"))
+            results[size] = {**median_of(cli), **{f"step {k}": v
+                                                  for k, v in median_of(steps).items()},
+                             "revert": statistics.median(reverts),
+                             "virsh restore": statistics.median(restores),
+                             "unpack": statistics.median(unpacks),
+                             "restore": statistics.median(own_restores),
+                             "stored": stored.stat().st_size}
     finally:
         for srv in servers:
-            subprocess.run([*bbsnap, "servers", "destroy", srv], env=env, capture_output=True)
+            subprocess.run([*BBSNAP, "servers", "destroy", srv], env=env, capture_output=True)
+        hv.close()
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"memory snapshots on the tiny guest (TCG), median of {RUNS} runs")
-    for size, (pause, available, revert, restore, stored) in results.items():
-        print(f"  {size:5d} MiB: guest-visible pause {pause * 1000:6.0f} ms (goal <= 200)  "
-              f"available after {available:5.2f} s  memory file {stored / 2**20:6.1f} MiB")
-        print(f"             revert to running {revert:5.2f} s  virsh restore {restore:5.2f} s  "
-              f"ratio {revert / restore:4.2f}x (goal <= 1.5x)")
-    small, large = (results[s][0] for s in SIZES)
+    for size, r in results.items():
+        print(f"  {size:5d} MiB: guest-visible pause {r['pause']:6.0f} ms (goal <= 200)  "
+              f"available after {r['available']:5.2f} s  memory file "
+              f"{r['stored'] / 2**20:6.1f} MiB (raw {r['step raw'] / 2**20:.1f} MiB)")
+        print(f"             paused (QEMU's STOP to RESUME events) {r['paused']:4.0f} ms; "
+              f"longest other stall until available {r['other stall']:4.0f} ms")
+        print(f"             the pause step by step {r['step paused']:4.0f} ms: final pass "
+              f"{r['step final pass']:3.0f} + libvirt ends the save "
+              f"{r['step libvirt ends the save']:3.0f} + internal snapshot "
+              f"{r['step internal snapshot']:3.0f} + resume {r['step resume']:3.0f} ms "
+              f"(after a live copy of {r['step live copy']:4.0f} ms)")
+        rest = r["revert"] - r["unpack"] - r["restore"]
+        print(f"             revert to running {r['revert']:5.2f} s  virsh restore "
+              f"{r['virsh restore']:5.2f} s  ratio {r['revert'] / r['virsh restore']:4.2f}x "
+              f"(goal <= 1.5x)")
+        print(f"             the revert: unpack {r['unpack']:4.2f} s + restore "
+              f"{r['restore']:4.2f} s + the rest {rest:4.2f} s")
+    small, large = (results[s]["pause"] for s in SIZES)
     print(f"  pause at {SIZES[1]} MiB / at {SIZES[0]} MiB: {large / small:4.2f}x (goal <= 1.5x)")
+    small, large = (results[s]["paused"] for s in SIZES)
+    print(f"  paused (events) at {SIZES[1]} MiB / at {SIZES[0]} MiB: {large / small:4.2f}x")
 
 
 if __name__ == "__main__":

@@ -142,8 +142,29 @@ def throwaway_user(*, libvirt_group: bool) -> Iterator[Account]:
         yield Account(name, entry.pw_uid, home, code)
     finally:
         _end_processes_of(name)
+        _remove_system_domains_in(Path(pwd.getpwnam(name).pw_dir))
         subprocess.run(["userdel", "-r", "-f", name], capture_output=True, timeout=60)
         shutil.rmtree(code, ignore_errors=True)
+
+
+def _remove_system_domains_in(home: Path) -> None:
+    """Domains a libvirt-group user left on qemu:///system (a test that failed before its
+    destroy): their disks go with the home, so their definitions must go too."""
+    import libvirt
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        for dom in conn.listAllDomains(0):
+            if f"{home}/" not in dom.XMLDesc(0):
+                continue
+            if dom.isActive():
+                dom.destroy()
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                              | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                              | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+    finally:
+        conn.close()
 
 
 def _end_processes_of(name: str) -> None:

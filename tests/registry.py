@@ -5,6 +5,7 @@ that cuts a connection after a number of bytes, for the interrupted-transfer tes
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import socket
@@ -13,9 +14,11 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import yaml
@@ -290,6 +293,70 @@ class ConnectProxy:
 
     def close(self) -> None:
         self._server.close()
+
+
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te",
+               "trailers", "transfer-encoding", "upgrade"}
+
+
+class HttpProxy:
+    """A plain-HTTP forward proxy on 127.0.0.1 as http_proxy names one: each request comes
+    with the absolute URL, is sent on to that server (loopback only, as every test) and its
+    answer relayed. Records each request as "METHOD URL"."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+            def forward(self) -> None:
+                target = urllib.parse.urlsplit(self.path)
+                if target.scheme != "http" or target.hostname != "127.0.0.1":
+                    self.send_error(403)
+                    return
+                proxy.requests.append(f"{self.command} {self.path}")
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in _HOP_BY_HOP}
+                upstream = http.client.HTTPConnection("127.0.0.1", target.port, timeout=60)
+                try:
+                    upstream.request(self.command, target.path + (
+                        f"?{target.query}" if target.query else ""), body=body,
+                        headers=headers)
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                finally:
+                    upstream.close()
+                self.send_response_only(answer.status, answer.reason)
+                for name, value in answer.getheaders():
+                    if name.lower() not in _HOP_BY_HOP | {"content-length"}:
+                        self.send_header(name, value)
+                # A HEAD answer names the blob's length but carries no body.
+                length_sent = (answer.getheader("Content-Length") or "0"
+                               if self.command == "HEAD" else str(len(data)))
+                self.send_header("Content-Length", length_sent)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_PATCH = do_POST = do_DELETE = forward
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
 
 
 def _relay(source: socket.socket, sink: socket.socket, pair: list[socket.socket]) -> None:

@@ -94,9 +94,9 @@ class AppContext:
     def _recover_rebuilds(self) -> None:
         """Settle a killed `servers rebuild`/`revert` (cheap: a glob, usually empty; only a
         journal left behind connects to libvirt)."""
-        from bbsnap.services.rebuild_journal import JOURNAL, recover_interrupted_rebuilds
+        from bbsnap.services.rebuild_journal import journals_left, recover_interrupted_rebuilds
 
-        if not any(self.data_dir.servers_dir.glob(f"srv-*/{JOURNAL}")):
+        if not journals_left(self.data_dir):
             return
         assert self._catalogue is not None
         recover_interrupted_rebuilds(self._catalogue, self.data_dir, self.hypervisor)
@@ -223,7 +223,8 @@ class AppContext:
     def servers(self) -> "ServerService":
         from bbsnap.services.servers import ServerService
 
-        return ServerService(self.hypervisor, self.catalogue, self.data_dir, self.reporter)
+        return ServerService(self.hypervisor, self.catalogue, self.data_dir, self.reporter,
+                             connect=self.settings.connect)
 
     def server_creator(self, accel: str | None = None) -> "ServerCreator":
         from bbsnap.accel import cached_probe, resolve_accel

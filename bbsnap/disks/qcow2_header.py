@@ -22,6 +22,8 @@ EXTERNAL_DATA_FILE = 1 << 2
 COMPRESSION_TYPE = 1 << 3
 EXTENDED_L2 = 1 << 4
 KNOWN_INCOMPATIBLE = DIRTY | CORRUPT | EXTERNAL_DATA_FILE | COMPRESSION_TYPE | EXTENDED_L2
+# compatible feature bits
+LAZY_REFCOUNTS = 1 << 0
 
 # header extension types
 EXT_END = 0x00000000
@@ -50,6 +52,8 @@ class Qcow2Header:
     compatible_features: int = 0
     refcount_order: int = 4  # v2 images: always 16-bit refcounts
     backing_file: str | None = None  # only ever the name the caller allowed
+    autoclear_features: int = 0
+    extensions: tuple[int, ...] = ()  # the header extensions' types, in file order
 
     @property
     def dirty(self) -> bool:
@@ -121,18 +125,18 @@ def read_qcow2_header(stream: BinaryIO, *, max_virtual_size: int,
             "bytes",
             hint="raise max_virtual_size (BBSNAP_MAX_VIRTUAL_SIZE) if you trust it")
 
-    incompatible, compatible, refcount_order, header_length = 0, 0, 4, 72
+    incompatible, compatible, autoclear, refcount_order, header_length = 0, 0, 0, 4, 72
     if version == 3:
         if len(base) < 104:
             raise HostileImageError("the qcow2 v3 header is truncated")
-        incompatible, compatible, _autoclear, refcount_order, header_length = struct.unpack(
+        incompatible, compatible, autoclear, refcount_order, header_length = struct.unpack(
             ">QQQII", base[72:104])
         if header_length < 104 or header_length > MAX_HEADER_AREA:
             raise HostileImageError(f"the qcow2 header length {header_length} is invalid")
         _vet_incompatible_features(incompatible)
-    _vet_extensions(stream, header_length, 1 << cluster_bits)
+    extensions = _vet_extensions(stream, header_length, 1 << cluster_bits)
     return Qcow2Header(version, size, cluster_bits, incompatible, nb_snapshots, compatible,
-                       refcount_order, backing)
+                       refcount_order, backing, autoclear, extensions)
 
 
 def _vet_incompatible_features(bits: int) -> None:
@@ -148,9 +152,10 @@ def _vet_incompatible_features(bits: int) -> None:
             f"the qcow2 image uses unknown incompatible features (0x{unknown:x})")
 
 
-def _vet_extensions(stream: BinaryIO, start: int, cluster_size: int) -> None:
+def _vet_extensions(stream: BinaryIO, start: int, cluster_size: int) -> tuple[int, ...]:
     limit = min(cluster_size, MAX_HEADER_AREA)
     offset = start
+    seen: list[int] = []
     while offset + 8 <= limit:
         stream.seek(offset)
         raw = stream.read(8)
@@ -158,13 +163,14 @@ def _vet_extensions(stream: BinaryIO, start: int, cluster_size: int) -> None:
             raise HostileImageError("the qcow2 header extensions are truncated")
         ext_type, length = struct.unpack(">II", raw)
         if ext_type == EXT_END:
-            return
+            return tuple(seen)
         if ext_type == EXT_DATA_FILE:
             raise HostileImageError("the qcow2 image names an external data file; "
                                     "bbsnap refuses images that would read other files")
         if ext_type == EXT_ENCRYPTION:
             raise HostileImageError(
                 "the qcow2 image is encrypted; bbsnap imports only plain images")
+        seen.append(ext_type)
         offset += 8 + ((length + 7) & ~7)
     raise HostileImageError("the qcow2 header extensions run past the first cluster")
 

@@ -156,14 +156,16 @@ def rebase(path: Path, new_backing: Path, backing_format: str = "qcow2") -> None
 
 
 def set_backing(path: Path, backing: Path, backing_format: str = "qcow2", *,
-                relative: bool = False) -> None:
+                relative: bool = False, untrusted: bool = False) -> None:
     """Unsafe rebase: only the header's backing file changes, no data is read or written.
     Right only when *path* already holds exactly what differs from *backing*. *relative*
     names the backing file by its name alone: it resolves from the directory *path* ends up
-    in (images/, where both live), so a moved data directory keeps its chains."""
+    in (images/, where both live), so a moved data directory keeps its chains.
+    *untrusted*: under the resource limits (a pulled layer, vetted but not yet rewritten)."""
     name = backing.name if relative else _abs(backing)
     proc.run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", name,
-              "-F", backing_format, _abs(path)], timeout=60)
+              "-F", backing_format, _abs(path)], timeout=60,
+             limits=UNTRUSTED_LIMITS if untrusted else None)
 
 
 def add_bitmap(path: Path, name: str) -> None:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
-from bbsnap.hypervisor.models import (BackupPlan, BackupTarget, DiskSpec, DomainFacts, DomainSpec, NewCheckpoint,
-                                      NicSpec)
+from bbsnap.hypervisor.models import (BackupPlan, BackupTarget, DiskReplacement, DiskSpec,
+                                      DomainFacts, DomainSpec, GuestUser, NewCheckpoint, NicSpec)
 
-__all__ = ["BackupPlan", "BackupTarget", "CompletedJob", "DiskInfo", "DiskSpec", "DomainFacts",
-           "DomainInfo", "DomainSpec", "DomainState", "Hypervisor", "HypervisorVersion",
-           "JobStatus", "NewCheckpoint", "NicSpec"]
+__all__ = ["BackupPlan", "BackupTarget", "CompletedJob", "DiskInfo", "DiskReplacement", "DiskSpec",
+           "DomainFacts", "DomainInfo", "DomainSpec", "DomainState", "GuestUser", "Hypervisor",
+           "HypervisorVersion", "JobStatus", "NewCheckpoint", "NicSpec"]
 
 
 class DomainState(str, enum.Enum):
@@ -77,6 +77,7 @@ class CompletedJob:
     known: bool        # libvirt still remembers the last job (lost across a libvirtd restart)
     success: bool
     message: str
+    elapsed_seconds: float | None = None  # how long the job ran, as libvirt timed it
 
 
 class PauseCause(str, enum.Enum):
@@ -119,10 +120,10 @@ class Hypervisor(Protocol):
     def undefine(self, name: str) -> None: ...
     # *inactive*: the persistent definition (the next boot's), not the running domain's.
     def facts(self, name: str, *, inactive: bool = False) -> DomainFacts: ...
-    # Disk *target* pointed at *new_path*; with *metadata*, bbsnap's facts replaced in the
-    # same new definition (one step: whoever reads it sees both changes or neither).
-    def replace_disk(self, name: str, target: str, new_path: Path, fmt: str = "qcow2", *,
-                     metadata: dict[str, str] | None = None) -> None: ...
+    # Each disk pointed at its new file and, with *metadata*, bbsnap's facts replaced, all in
+    # one new definition (one step: whoever reads it sees every change or none).
+    def replace_disks(self, name: str, replacements: Sequence[DiskReplacement], *,
+                      metadata: dict[str, str] | None = None) -> None: ...
     def set_metadata(self, name: str, metadata: dict[str, str]) -> None: ...
     def shutdown(self, name: str) -> None: ...
     def reboot(self, name: str) -> None: ...
@@ -131,6 +132,9 @@ class Hypervisor(Protocol):
     def disks(self, name: str) -> list[DiskInfo]: ...
     def freeze(self, name: str, timeout: int) -> int: ...
     def thaw(self, name: str, timeout: int = 5) -> None: ...
+    # Who is logged in, as the guest agent says, waiting at most *timeout* s for it
+    # (GuestAgentError: no agent, a silent one, a stopped domain).
+    def logged_in_users(self, name: str, timeout: int) -> list[GuestUser]: ...
     def begin_backup(self, name: str, plan: BackupPlan) -> None: ...
     def disk_capacity(self, name: str, target: str) -> int: ...
     def redefine_checkpoint(self, name: str, checkpoint: str, device: str) -> None: ...

@@ -8,6 +8,7 @@ back (domain_xml.py), so no service parses or edits XML.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,6 +76,15 @@ class DomainFacts:
 
 
 @dataclass(frozen=True)
+class DiskReplacement:
+    """Disk *target* of a definition pointed at another file (a rebuild's new overlay)."""
+
+    target: str                 # the guest's device name (vda)
+    path: Path
+    format: str = "qcow2"
+
+
+@dataclass(frozen=True)
 class BackupTarget:
     device: str                 # the guest's device name (vda)
     path: Path                  # the new qcow2 file QEMU copies the disk into
@@ -99,3 +109,13 @@ class BackupPlan:
     incremental_from: str | None = None  # a checkpoint: copy only what was written since
     new_checkpoint: NewCheckpoint | None = None
     reuse_targets: bool = False          # the caller made the target files (REUSE_EXTERNAL)
+
+
+@dataclass(frozen=True)
+class GuestUser:
+    """A user the guest agent reports logged in (qemu-ga's guest-get-users: one entry per
+    user, with the time of their earliest session that is still open)."""
+
+    name: str
+    login_time: datetime            # UTC
+    domain: str | None = None       # Windows guests' user domain

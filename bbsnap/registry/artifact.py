@@ -38,6 +38,8 @@ MAX_CHAIN = 64
 MAX_CONFIG = 1 << 20
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ORIGIN_ID = re.compile(r"^img-[a-z0-9]{5}$")
+# A server id or a libvirt domain name (no "/", no control characters), as stored.
+_SOURCE_SERVER = re.compile(r"^[^\x00-\x1f\x7f/]{1,255}$")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ class ChainEntry:
     created_at: str
     parent: str | None        # origin id of the image it is stored on (the previous entry)
     ancestor: str | None      # origin id of the image its server was built from
+    # The server it is a snapshot of, as the pushing machine names it (its id, or a
+    # foreign domain's libvirt name): `images list --server` and a server's history find
+    # it by that name after a pull, as before the push. None in configs of older pushes.
+    source_server: str | None = None
 
     @classmethod
     def of(cls, image: Image, digest: str) -> ChainEntry:
@@ -81,7 +87,7 @@ class ChainEntry:
                    username=image.username, min_ram=image.min_ram,
                    virtual_size=image.virtual_size, consistency=image.consistency,
                    created_at=image.created_at.isoformat(), parent=image.parent_id,
-                   ancestor=image.ancestor_id)
+                   ancestor=image.ancestor_id, source_server=image.source_server)
 
     def as_json(self) -> dict[str, Any]:
         return {"digest": self.digest, "id": self.origin_id, "type": self.type.value,
@@ -89,7 +95,8 @@ class ChainEntry:
                 "firmware": self.firmware, "username": self.username, "min_ram": self.min_ram,
                 "virtual_size": self.virtual_size,
                 "consistency": self.consistency.value if self.consistency else None,
-                "created_at": self.created_at, "parent": self.parent, "ancestor": self.ancestor}
+                "created_at": self.created_at, "parent": self.parent, "ancestor": self.ancestor,
+                "source_server": self.source_server}
 
 
 def config_blob(chain: list[ChainEntry]) -> bytes:
@@ -244,6 +251,9 @@ def _checked_entry(value: dict[str, Any]) -> ChainEntry:
     created = text("created_at")
     datetime.fromisoformat(created)
     username = optional("username")
+    source_server = optional("source_server")
+    if source_server is not None and not _SOURCE_SERVER.match(source_server):
+        raise ValueError("source_server")
     return ChainEntry(
         digest=digest, origin_id=origin, type=ImageType(text("type")),
         name=image_fields.check_name(text("name")),
@@ -253,4 +263,5 @@ def _checked_entry(value: dict[str, Any]) -> ChainEntry:
         username=image_fields.check_username(username) if username else None,
         min_ram=image_fields.check_min_ram(min_ram) if min_ram else None,
         virtual_size=size, consistency=Consistency(consistency) if consistency else None,
-        created_at=created, parent=optional("parent"), ancestor=optional("ancestor"))
+        created_at=created, parent=optional("parent"), ancestor=optional("ancestor"),
+        source_server=source_server)

@@ -7,8 +7,8 @@ and a definition whose disk source is that new overlay. Restoring the saved defi
 unchanged would make the guest write into the disk file it had at the snapshot, and so
 into nothing bbsnap keeps (or worse, into a file the snapshot depends on).
 
-The stored memory file is compressed (memory_snapshot.store); libvirt restores only its own
-raw format, so it is unpacked first into tmp/ (0600, named by this process's job token:
+The stored memory file is compressed (memory_file.py, which says why bbsnap and not libvirt
+unpacks it), so it is unpacked first into tmp/ (0600, named by this process's job token:
 the next command removes one a killed revert left, see ``remove_stale``). It is unpacked
 *before* the server is touched: the checks below read its definition, and a refusal
 changes nothing.
@@ -21,23 +21,20 @@ devices (they cannot be migrated, so not restored).
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-import isal.igzip as igzip
-
-from bbsnap.errors import ConflictError, InvalidInputError
+from bbsnap.errors import ConflictError
 from bbsnap.hypervisor import Hardware, Hypervisor, SavedDomain
 from bbsnap.state.process_tokens import current_job_token, job_alive
-from bbsnap.state.layout import FILE_MODE, DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.models import Image, Server
+from bbsnap.services import memory_file
 
-CHUNK = 1024 * 1024
 PREFIX = "restore."
 SUFFIX = ".save"
-Boot = Callable[[Path, str], None]  # (the new overlay, its device): the server running
+Boot = Callable[[dict[str, Path]], None]  # device -> its new overlay: the server running
 
 
 def restore_file(data_dir: DataDir, token: str) -> Path:
@@ -52,27 +49,15 @@ def prepared(hv: Hypervisor, data_dir: DataDir, server: Server, image: Image) ->
         raise ConflictError(f"image {image.id} holds no memory state")
     unpacked = restore_file(data_dir, current_job_token())
     try:
-        unpack(data_dir.image_path(image.memory_path), unpacked)
+        memory_file.unpack(data_dir.image_path(image.memory_path), unpacked)
         check(server, image, hv.saved_domain(unpacked), hv.hardware(server.id))
 
-        def boot(new_disk: Path, device: str) -> None:
-            hv.restore_memory(unpacked, {device: new_disk})
+        def boot(new_disks: dict[str, Path]) -> None:
+            hv.restore_memory(unpacked, new_disks)
 
         yield boot
     finally:
         unpacked.unlink(missing_ok=True)
-
-
-def unpack(stored: Path, dest: Path) -> None:
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as sink, igzip.open(stored, "rb") as source:
-            while chunk := source.read(CHUNK):
-                sink.write(chunk)
-    except (OSError, EOFError) as exc:
-        dest.unlink(missing_ok=True)
-        raise InvalidInputError(f"the memory file of image {stored.name} cannot be read: "
-                                f"{exc}") from exc
 
 
 def check(server: Server, image: Image, saved: SavedDomain, now: Hardware) -> None:

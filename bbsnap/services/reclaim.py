@@ -26,7 +26,7 @@ from bbsnap.state.catalogue import Catalogue
 from bbsnap.errors import BbsnapError
 from bbsnap.hypervisor import DomainInfo
 from bbsnap.state.process_tokens import job_alive
-from bbsnap.state.layout import DataDir
+from bbsnap.state.layout import DOMAIN_DIR_PREFIX, DataDir
 from bbsnap.models import ImageFilter, ImageStatus
 from bbsnap.services import prune
 from bbsnap.services.server_origin import read_origin
@@ -114,8 +114,9 @@ def _survey_image_files(data_dir: DataDir, catalogue: Catalogue | None, orphans:
 def _survey_server_dirs(data_dir: DataDir, connect: str,
                         domains: Callable[[], list[DomainInfo]], orphans: list[Orphan],
                         undecidable: list[Undecidable]) -> None:
+    # srv-*: bbsnap's servers; dom-<uuid>: disks a revert gave a domain bbsnap did not create
     directories = [p for p in _entries(data_dir.servers_dir)
-                   if p.is_dir() and p.name.startswith("srv-")]
+                   if p.is_dir() and p.name.startswith(("srv-", DOMAIN_DIR_PREFIX))]
     if not directories:
         return
     try:
@@ -126,7 +127,8 @@ def _survey_server_dirs(data_dir: DataDir, connect: str,
         return
     known = {d.name for d in listed} | {d.uuid for d in listed}
     for path in directories:
-        if path.name in known or _being_created(path):
+        if path.name in known or path.name.removeprefix(DOMAIN_DIR_PREFIX) in known or \
+                _being_created(path):
             continue
         origin = read_origin(path)
         if origin is not None and origin.domain_uuid in known:

@@ -15,15 +15,17 @@ from bbsnap.state import locks
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.disks import qemu_img
 from bbsnap.errors import ConflictError, NotFoundError
-from bbsnap.hypervisor import DomainState, Hypervisor
+from bbsnap.hypervisor import DiskReplacement, DomainState, Hypervisor
 from bbsnap.state.process_tokens import current_job_token
 from bbsnap.state.layout import DataDir
 from bbsnap.reporting import SILENT, Reporter
 from bbsnap.models import (DependentKind, Image, ImageFilter, ImageType, Server,
                            ServerStatus)
-from bbsnap.services import memory_restore, rebuild_journal, revert
+from bbsnap.services import memory_restore, rebuild_journal, revert, server_disks
 from bbsnap.services.snapshots import change_tracking
 from bbsnap.services.compensation import Compensation
+from bbsnap.services.revert import DiskSource
+from bbsnap.services.server_origin import write_origin
 from bbsnap.services.server_records import server_from_domain
 
 DEFAULT_STOP_TIMEOUT = 60.0
@@ -31,8 +33,9 @@ DEFAULT_STOP_TIMEOUT = 60.0
 
 class ServerService:
     def __init__(self, hypervisor: Hypervisor, catalogue: Catalogue, data_dir: DataDir,
-                 reporter: Reporter = SILENT) -> None:
+                 reporter: Reporter = SILENT, *, connect: str = "") -> None:
         self._hv = hypervisor
+        self._connect = connect  # recorded with a foreign domain's directory (origin.json)
         self._catalogue = catalogue
         self._data_dir = data_dir
         self._reporter = reporter
@@ -112,97 +115,129 @@ class ServerService:
                                                 source_server=server.id))
 
     def rebuild(self, key: str, image_id: str) -> Server:
-        """Give a bbsnap server a fresh overlay on *image_id*, keeping its id, name, MAC and
-        seed. Writes since are discarded."""
+        """Give a bbsnap server fresh overlays on *image_id*, keeping its id, name, MAC and
+        seed. Writes since are discarded; disks the image has no file for are kept."""
         server = self.get(key, with_addresses=False)
         if not server.managed:
-            raise ConflictError(f"{server.id} was not created by bbsnap; bbsnap cannot rebuild it")
+            raise ConflictError(f"{server.id} was not created by bbsnap; bbsnap cannot rebuild it",
+                                hint=f"'bbsnap servers revert {server.id}' takes it back to one "
+                                     "of its own snapshots")
         return self._rebuild(server, self._catalogue.get_available(ids.require(image_id, "img")),
-                             "rebuild")
+                             "rebuild", every_disk=False)
 
     def revert(self, key: str, image_id: str | None = None, *, disk_only: bool = False) -> Server:
         """Rebuild the server onto one of its own snapshots (by default its newest available
-        one): what the guest wrote since that snapshot is discarded, nothing else. A memory
+        one), every disk at once: what the guest wrote since that snapshot is discarded,
+        nothing else. Any domain: one bbsnap did not create gets its new disks in a
+        directory of its own, and keeps the disk it came with (server_disks.py). A memory
         snapshot's guest resumes from its instant unless *disk_only* (memory_restore.py)."""
         server = self.get(key, with_addresses=False)
-        writable = [d for d in self._hv.disks(server.id) if d.writable]
         wanted = ids.require(image_id, "img") if image_id is not None else None
         image = revert.choose_snapshot(server, self.snapshots(server), wanted,
                                        self._catalogue.get)
-        revert.check_revertible(server, len(writable), len(self._catalogue.volumes(image.id)))
         if image.memory_state and not disk_only:
             with memory_restore.prepared(self._hv, self._data_dir, server, image) as boot:
-                return self._rebuild(server, image, "revert", boot=boot)
-        return self._rebuild(server, image, "revert")
+                return self._rebuild(server, image, "revert", every_disk=True, boot=boot)
+        return self._rebuild(server, image, "revert", every_disk=True)
 
-    def _rebuild(self, server: Server, image: Image, purpose: str,
+    def _rebuild(self, server: Server, image: Image, purpose: str, *, every_disk: bool,
                  boot: memory_restore.Boot | None = None) -> Server:
         """Onto *image*, which the caller found available; *boot* resumes a saved guest on
-        the new disk instead of starting it afresh (memory_restore.py)."""
+        the new disks instead of starting it afresh (memory_restore.py)."""
         if image.firmware != server.firmware:
             # The server keeps its definition, so its firmware: the new disk would not boot.
             raise ConflictError(
                 f"image {image.id} boots with {image.firmware} and server {server.id} with "
                 f"{server.firmware}", hint="create a new server from the image instead")
         with self._lock(server, purpose):
-            # Read again under the lock: a rebuild waited for may have changed its disk.
-            journal = self._swap_disk(self.get(server.id, with_addresses=False), image, boot)
-        # The definition names the new overlay now: the old disk and hold can go.
+            # Read again under the lock: a rebuild waited for may have changed its disks.
+            server = self.get(server.id, with_addresses=False)
+            directory = server_disks.directory(self._data_dir, server)
+            journal = self._swap_disks(server, directory, image, every_disk, boot)
+        # The definition names the new overlays now: the old disks and hold can go.
         if journal.old_image_id and journal.old_image_id != image.id:
             self._catalogue.remove_dependent(DependentKind.SERVER, server.id,
                                              journal.old_image_id)
-        old_disk = Path(journal.old_disk)
-        if old_disk.parent == self._data_dir.server_dir(server.id):
-            old_disk.unlink(missing_ok=True)
-        rebuild_journal.remove(self._data_dir, server.id)
+        for swap in journal.swaps:
+            old_disk = Path(swap.old_disk)
+            if old_disk.parent == directory:
+                old_disk.unlink(missing_ok=True)
+            else:  # the disk a domain bbsnap did not create came with: the user's
+                self._reporter.note(f"{server.id}'s previous disk {swap.device} is kept at "
+                                    f"{old_disk}; bbsnap does not delete it")
+        rebuild_journal.remove(directory)
         return self.get(server.id, with_addresses=False)
 
-    def _swap_disk(self, server: Server, image: Image,
-                   boot: memory_restore.Boot | None = None) -> rebuild_journal.RebuildJournal:
-        """Under the server's lock: the new overlay made, the definition pointed at it, the
-        server started again if it ran (or *boot* run: a memory image restored onto it).
-        Undone on an error; journaled against a SIGKILL."""
-        server_dir = self._data_dir.server_dir(server.id)
+    def _swap_disks(self, server: Server, directory: Path, image: Image, every_disk: bool,
+                    boot: memory_restore.Boot | None) -> rebuild_journal.RebuildJournal:
+        """Under the server's lock: the new overlays made, the definition pointed at them,
+        the server started again if it ran (or *boot* run: a memory image restored onto
+        them). Undone on an error; journaled against a SIGKILL."""
         was_running = self._hv.info(server.id).state is not DomainState.SHUTOFF
-        primary = next(d for d in self._hv.disks(server.id) if d.writable)
-        size = max(qemu_img.info(Path(primary.path), primary.format,
-                                 force_share=True).virtual_size, image.virtual_size)
-        new_disk = server_dir / f"disk-{image.id}-{time.time_ns()}.qcow2"
-        journal = rebuild_journal.RebuildJournal(
-            token=current_job_token(), server_id=server.id, uuid=server.uuid,
-            device=primary.target, old_disk=primary.path, new_disk=str(new_disk),
-            old_image_id=server.image_id, new_image_id=image.id,
-            was_running=was_running or boot is not None,  # a restored guest ends running
-            old_marker=rebuild_journal.read_marker(server_dir))
+        writable = [d for d in self._hv.disks(server.id) if d.writable]
+        sources = revert.match_disks(server, writable, image,
+                                     self._catalogue.volumes(image.id), every_disk=every_disk)
+        stamp = time.time_ns()
+        swaps = tuple(rebuild_journal.DiskSwap(
+            source.disk.target, source.disk.path,
+            str(directory / _overlay_name(image.id, stamp, index, source.disk.target)))
+            for index, source in enumerate(sources))
+        old_image_id = server_disks.base_image_id(self._data_dir, server, writable[0])
         with Compensation(self._reporter) as undo:
-            rebuild_journal.write(self._data_dir, journal)
-            undo.push("the rebuild journal",
-                      lambda: rebuild_journal.remove(self._data_dir, server.id))
-            undo.push("the new overlay", lambda: new_disk.unlink(missing_ok=True))
+            if not directory.exists():  # a foreign domain's first revert
+                self._data_dir.make_dir(directory)  # QEMU's user may enter it, nobody else
+                undo.push(f"the directory {directory}", lambda: shutil.rmtree(directory))
+                write_origin(directory, self._connect, server.uuid)
+            journal = rebuild_journal.RebuildJournal(
+                token=current_job_token(), server_id=server.id, uuid=server.uuid, swaps=swaps,
+                old_image_id=old_image_id, new_image_id=image.id,
+                was_running=was_running or boot is not None,  # a restored guest ends running
+                old_marker=rebuild_journal.read_marker(directory))
+            rebuild_journal.write(directory, journal)
+            undo.push("the rebuild journal", lambda: rebuild_journal.remove(directory))
+            undo.push("the new overlays", lambda: _remove([Path(s.new_disk) for s in swaps]))
             undo.push("the tracking marker", lambda: rebuild_journal.restore_marker(
-                server_dir, journal.old_marker))
-            change_tracking.new_tracked_overlay(
-                self._data_dir, image.id, self._data_dir.image_path(str(image.path)), size,
-                new_disk)
+                directory, journal.old_marker))
+            self._make_overlays(server.id, sources, swaps, image)
             if was_running:
-                self._hv.destroy(server.id)  # its disk is being thrown away: no need to be gentle
+                self._hv.destroy(server.id)  # its disks are thrown away: no need to be gentle
                 undo.push(f"restarting {server.id}", lambda: self._hv.start(server.id))
             old = self._hv.facts(server.id, inactive=True)
-            old_disk = next(d for d in old.file_disks if d.target == primary.target)
-            if image.id != server.image_id:
+            formats = {d.target: d.format for d in old.file_disks}
+            if image.id != old_image_id:
                 self._catalogue.add_dependent(image.id, DependentKind.SERVER, server.id)
                 undo.push("the image dependency", lambda: self._catalogue.remove_dependent(
                     DependentKind.SERVER, server.id, image.id))
-            self._hv.replace_disk(server.id, primary.target, new_disk,
-                                  metadata={**old.metadata, "image_id": image.id})
-            undo.push(f"the old definition of {server.id}", lambda: self._hv.replace_disk(
-                server.id, old_disk.target, Path(old_disk.path), old_disk.format,
-                metadata=old.metadata))
+            # A domain bbsnap did not create gets no bbsnap metadata: it stays the user's.
+            metadata = {**old.metadata, "image_id": image.id} if server.managed else None
+            self._hv.replace_disks(server.id, [DiskReplacement(s.device, Path(s.new_disk))
+                                               for s in swaps], metadata=metadata)
+            undo.push(f"the old definition of {server.id}", lambda: self._hv.replace_disks(
+                server.id, [DiskReplacement(s.device, Path(s.old_disk),
+                                            formats.get(s.device, "qcow2")) for s in swaps],
+                metadata=old.metadata if server.managed else None))
             if boot is not None:
-                boot(new_disk, primary.target)
+                boot({s.device: Path(s.new_disk) for s in swaps})
             elif was_running:
                 self._hv.start(server.id)
         return journal
+
+    def _make_overlays(self, server_id: str, sources: list[DiskSource],
+                       swaps: tuple[rebuild_journal.DiskSwap, ...], image: Image) -> None:
+        """The first disk's overlay records every write from its birth (its snapshots copy
+        only what changed); further disks' are plain overlays (multi-disk snapshots copy
+        every disk whole). Each is at least as large as the disk it replaces, whose size
+        libvirt reports: a running disk belongs to QEMU's user under qemu:///system, which a
+        normal user's qemu-img cannot open."""
+        for index, (source, swap) in enumerate(zip(sources, swaps, strict=True)):
+            size = max(self._hv.disk_capacity(server_id, source.disk.target),
+                       source.virtual_size)
+            stored = self._data_dir.image_path(source.stored)
+            if index == 0:
+                change_tracking.new_tracked_overlay(self._data_dir, image.id, stored, size,
+                                                    Path(swap.new_disk))
+            else:
+                qemu_img.create_overlay(Path(swap.new_disk), stored, size=size)
 
     def console_log(self, key: str) -> Path:
         server = self.get(key, with_addresses=False)
@@ -211,6 +246,17 @@ class ServerService:
             raise NotFoundError(f"server {server.id} has no serial console log",
                                 hint=f"use 'virsh console {server.id}'")
         return path
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _overlay_name(image_id: str, stamp: int, index: int, device: str) -> str:
+    """disk-IMG-TIME.qcow2 for the first disk; further disks' name their device too."""
+    return (f"disk-{image_id}-{stamp}.qcow2" if index == 0
+            else f"disk-{image_id}-{stamp}-{device}.qcow2")
 
 
 def _wait_for_state(hv: Hypervisor, name: str, state: DomainState, timeout: float) -> bool:

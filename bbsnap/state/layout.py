@@ -15,6 +15,7 @@ import grp
 import os
 import pwd
 import stat
+import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING
 from bbsnap import ids
 from bbsnap.errors import BbsnapError, CataloguePathError
 from bbsnap.state.locks import DEFAULT_LOCK_TIMEOUT
+
+DOMAIN_DIR_PREFIX = "dom-"  # servers/dom-<uuid>: a foreign domain's disks bbsnap made
 
 if TYPE_CHECKING:
     from bbsnap.config import Settings
@@ -109,6 +112,11 @@ class DataDir:
 
     def server_dir(self, server_id: str) -> Path:
         return self.servers_dir / server_id
+
+    def domain_dir(self, domain_uuid: str) -> Path:
+        """The directory of a domain bbsnap did not create, once a revert gave it disks
+        (services/server_disks.py): by UUID, as a domain's name may be any text."""
+        return self.servers_dir / f"{DOMAIN_DIR_PREFIX}{uuid.UUID(domain_uuid)}"
 
     def image_file(self, image_id: str, fmt: str = "qcow2") -> Path:
         return self.images_dir / f"{image_id}.{fmt}"

@@ -9,6 +9,7 @@ libraries. This module only orchestrates; the steps live in their own modules:
 * :mod:`.kernel` -- vmlinuz and the kernel modules /init loads;
 * :mod:`.binaries` (with :mod:`.elf`) -- a binary plus the libraries it needs;
 * :mod:`.agent` -- qemu-ga; :mod:`.ssh` -- dropbear and the files a login needs;
+* :mod:`.logins` -- the login user and the utmp file the agent reports;
 * :mod:`.initramfs` -- the newc cpio archive;
 * :mod:`.bootdisk` -- the partitioned, syslinux-bootable qcow2;
 * :mod:`.cache` -- where images live, locking and publishing.
@@ -44,12 +45,14 @@ from bbsnap.tinyguest.counter import COUNTER_SECTOR
 from bbsnap.tinyguest.debpkg import Package, fetch
 from bbsnap.tinyguest.initramfs import Initramfs, cpio_newc
 from bbsnap.tinyguest.kernel import add_kernel_modules
+from bbsnap.tinyguest.logins import add_logins
 from bbsnap.tinyguest.ssh import add_ssh
 from bbsnap.tinyguest.versions import AGENT_PACKAGE, BUSYBOX_PACKAGE, SSH_PACKAGE, resolve_versions
 
 # Bump whenever the image would come out different for the same inputs (the
 # code is not part of the cache key, so a behaviour change needs this).
-BUILDER_VERSION = 3   # 2: dropbear, login files, devpts; 3: boots under UEFI too
+BUILDER_VERSION = 4   # 2: dropbear, login files, devpts; 3: boots under UEFI too;
+# 4: a login user and a utmp file its agent reports (logins.py)
 
 IMAGE_NAME = "tiny-guest.qcow2"
 MANIFEST_NAME = "manifest.json"
@@ -117,6 +120,7 @@ def _build_into(out: Path, work: Path, versions: dict[str, str], say: Progress) 
     agent_libs = add_agent(initramfs, fetched[AGENT_PACKAGE], pool)
     say("resolving dropbear libraries")
     ssh_libs = add_ssh(initramfs, fetched[SSH_PACKAGE], pool)
+    add_logins(initramfs)
     initramfs.add("etc/bbsnap-tiny.conf", _guest_config(release, modules["load_order"]))
     say("writing initramfs")
     initrd = work / "initrd.gz"

@@ -225,6 +225,10 @@ start_ssh() {
         return
     fi
     chmod 600 "$keys"
+    # The guest's login user (bbsnap/tinyguest/logins.py: uid 1000, logged in per /run/utmp)
+    # takes the same keys, as a cloud image's "debian" would.
+    cp "$keys" /home/tiny/.ssh/authorized_keys && chown -R 1000:1000 /home/tiny/.ssh &&
+        chmod 600 /home/tiny/.ssh/authorized_keys || warn "no keys for user tiny"
     # -F -E: stay in the foreground of this background job and log to stderr, so
     # the log lands in a file (daemonising would close it; syslog is absent).
     # -R: host keys are made on first use, so every boot has its own.

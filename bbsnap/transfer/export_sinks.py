@@ -54,7 +54,7 @@ class HashingOutput:
         self.sha256 = hashlib.sha256()
         self.written = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         self._out.write(data)
         self.sha256.update(data)
         self.written += len(data)
@@ -73,7 +73,7 @@ class FramedSink:
         self._buffer = bytearray()
         self._zero_frames: dict[int, bytes] = {}
 
-    def write_data(self, data: bytes) -> None:
+    def write_data(self, data: bytes | bytearray) -> None:
         self._buffer += data
         while len(self._buffer) >= BLOCK:
             block = bytes(self._buffer[:BLOCK])
@@ -133,7 +133,7 @@ class RawSink:
         self._seekable = raw_out.seekable()
         self._position = 0
 
-    def write_data(self, data: bytes) -> None:
+    def write_data(self, data: bytes | bytearray) -> None:
         self._out.write(data)
         self._position += len(data)
 

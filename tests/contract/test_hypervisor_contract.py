@@ -7,8 +7,8 @@ tests that use the fake test what the real code path meets.
 
 The real side's domains are named ``bbsnap-test-contract-*`` and removed whatever happens.
 Its cost is kept to two guests at a time: blank-disk domains (QEMU runs, no OS boots) for
-the lifecycle, and one booted tiny guest, shared by the module, for the guest agent and
-the backup jobs.
+the lifecycle and the memory saves and restores, and one booted tiny guest, shared by the
+module, for the guest agent and the backup jobs.
 """
 
 from __future__ import annotations
@@ -25,15 +25,20 @@ from typing import Iterator
 import pytest
 
 from bbsnap.disks import qemu_img
-from bbsnap.errors import HypervisorError, NotFoundError, QuiesceError
-from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskInfo, DiskSpec, DomainFacts,
-                               DomainSpec, DomainState, Hypervisor, NewCheckpoint, NicSpec)
+from bbsnap.errors import GuestAgentError, HypervisorError, NotFoundError, QuiesceError
+from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskInfo, DiskReplacement, DiskSpec,
+                               DomainFacts, DomainSpec, DomainState, GuestUser, Hypervisor,
+                               NewCheckpoint, NicSpec, PauseCause)
+from bbsnap.services.memory_restore import mismatches
 from bbsnap.tinyguest import READY_LINE
+from bbsnap.tinyguest.logins import SESSIONS
 from tests.fakes.hypervisor import FakeHypervisor
 
 MIB = 1 << 20
 PREFIX = "bbsnap-test-contract-"
 HELD_DISK = 512 * MIB  # written in full: a backup of it runs long enough to be held
+# Who the tiny guest's agent reports logged in: each user of its utmp sessions, once.
+TINY_GUEST_USERS = [GuestUser(s.user, s.login_time) for s in SESSIONS]
 
 
 class Side:
@@ -83,6 +88,8 @@ class Side:
                              memory_mib=128, guest_agent=True)
             self.hv.define(spec)
             self.hv.start(spec.name)
+            if isinstance(self.hv, FakeHypervisor):  # the tiny guest's utmp, as its agent says
+                self.hv.set_guest_users(spec.name, TINY_GUEST_USERS)
             if self.kind == "real":
                 _wait(lambda: READY_LINE in _text(spec.console_log), 240, "the guest to boot")
                 # qemu-ga is started before the ready line, and libvirt sees its channel
@@ -108,6 +115,20 @@ class Side:
 
         set_backup_speed(name, 0)
         _wait(lambda: not self.hv.job_status(name).active, 120, f"the backup of {name}")
+
+    def user_pause(self, name: str) -> None:
+        """Pause the running domain as a user would (virsh suspend): not through the port,
+        which never pauses a guest itself."""
+        if isinstance(self.hv, FakeHypervisor):
+            self.hv.suspend(name)
+            return
+        import libvirt
+
+        conn = libvirt.open("qemu:///system")
+        try:
+            conn.lookupByName(name).suspend()
+        finally:
+            conn.close()
 
     def wait_job_gone(self, name: str) -> None:
         _wait(lambda: not self.hv.job_status(name).active, 60, f"the job of {name} to end")
@@ -238,16 +259,31 @@ def test_undefining_a_running_domain_leaves_it_transient_until_it_stops(side):
         side.hv.info(spec.name)
 
 
+def test_a_domain_is_found_by_its_uuid_too(side):
+    spec = side.spec()
+    side.hv.define(spec)
+    assert side.hv.info(spec.uuid).name == spec.name
+    assert side.hv.facts(spec.uuid, inactive=True).disks == (str(spec.disks[0].path),)
+    started = side.hv.start(spec.uuid)
+    assert (started.name, started.state) == (spec.name, DomainState.RUNNING)
+    side.hv.destroy(spec.uuid)
+    assert side.hv.info(spec.name).state is DomainState.SHUTOFF
+
+
 def test_an_unknown_domain_is_not_found_by_every_operation(side):
     name = PREFIX + "missing"
     calls = [lambda: side.hv.info(name), lambda: side.hv.start(name),
              lambda: side.hv.destroy(name), lambda: side.hv.undefine(name),
              lambda: side.hv.facts(name), lambda: side.hv.facts(name, inactive=True),
              lambda: side.hv.disks(name), lambda: side.hv.set_metadata(name, {}),
-             lambda: side.hv.replace_disk(name, "vda", side.root / "x.qcow2"),
+             lambda: side.hv.replace_disks(name, [DiskReplacement("vda", side.root / "x.qcow2")]),
              lambda: side.hv.checkpoints(name), lambda: side.hv.job_status(name),
              lambda: side.hv.freeze(name, 1), lambda: side.hv.thaw(name),
-             lambda: side.hv.shutdown(name), lambda: side.hv.reboot(name)]
+             lambda: side.hv.shutdown(name), lambda: side.hv.reboot(name),
+             lambda: side.hv.hardware(name), lambda: side.hv.memory_save_running(name),
+             lambda: side.hv.save_memory_live(name, side.root / "x.save", ["vda"], [], 30),
+             lambda: side.hv.pause_cause(name), lambda: side.hv.resume(name),
+             lambda: side.hv.delete_disk_snapshot(name, "/x.qcow2", "s")]
     for call in calls:
         with pytest.raises(NotFoundError) as caught:
             call()
@@ -309,23 +345,40 @@ def test_replace_disk_and_metadata_in_one_new_definition(side):
     spec = side.spec(metadata={"image_id": "img-aaaaa", "name": "n"})
     side.hv.define(spec)
     new = side.blank_disk()
-    side.hv.replace_disk(spec.name, "vda", new, "qcow2",
-                         metadata={"image_id": "img-bbbbb", "name": "n"})
+    side.hv.replace_disks(spec.name, [DiskReplacement("vda", new, "qcow2")],
+                          metadata={"image_id": "img-bbbbb", "name": "n"})
     facts = side.hv.facts(spec.name, inactive=True)
     assert facts.disks == (str(new),) and facts.file_disks[0].format == "qcow2"
     assert facts.metadata == {"image_id": "img-bbbbb", "name": "n"}
     assert side.hv.info(spec.name).uuid == spec.uuid
-    side.hv.replace_disk(spec.name, "vda", Path(spec.disks[0].path))  # metadata kept
-    again = side.hv.facts(spec.name, inactive=True)
+    side.hv.replace_disks(spec.name, [DiskReplacement("vda", Path(spec.disks[0].path))])
+    again = side.hv.facts(spec.name, inactive=True)  # without metadata: the facts are kept
     assert again.disks == (str(spec.disks[0].path),)
     assert again.metadata == {"image_id": "img-bbbbb", "name": "n"}
+
+
+def test_several_disks_are_replaced_in_one_definition_and_a_foreign_one_gets_no_metadata(side):
+    spec = side.spec(disks=(DiskSpec(side.blank_disk()),
+                            DiskSpec(side.blank_disk(), target="vdb"),
+                            DiskSpec(side.blank_disk(), target="vdc")))
+    side.hv.define(spec)
+    new_a, new_c = side.blank_disk(), side.blank_disk()
+    side.hv.replace_disks(spec.name, [DiskReplacement("vda", new_a),
+                                      DiskReplacement("vdc", new_c)])
+    facts = side.hv.facts(spec.name, inactive=True)
+    assert facts.disks == (str(new_a), str(spec.disks[1].path), str(new_c))
+    assert facts.metadata == {}
+    with pytest.raises(NotFoundError, match="has no disk vdz"):
+        side.hv.replace_disks(spec.name, [DiskReplacement("vda", side.blank_disk()),
+                                          DiskReplacement("vdz", side.blank_disk())])
+    assert side.hv.facts(spec.name, inactive=True).disks == facts.disks, "all or nothing"
 
 
 def test_replacing_a_disk_the_domain_does_not_have_is_not_found(side):
     spec = side.spec()
     side.hv.define(spec)
     with pytest.raises(NotFoundError, match="has no disk vdz"):
-        side.hv.replace_disk(spec.name, "vdz", side.blank_disk())
+        side.hv.replace_disks(spec.name, [DiskReplacement("vdz", side.blank_disk())])
     assert side.hv.facts(spec.name).disks == (str(spec.disks[0].path),)
 
 
@@ -343,7 +396,8 @@ def test_a_running_domain_keeps_its_live_definition_until_it_restarts(side):
     side.hv.define(spec)
     side.hv.start(spec.name)
     new = side.blank_disk()
-    side.hv.replace_disk(spec.name, "vda", new, metadata={"image_id": "img-bbbbb"})
+    side.hv.replace_disks(spec.name, [DiskReplacement("vda", new)],
+                          metadata={"image_id": "img-bbbbb"})
     assert side.hv.facts(spec.name).disks == (str(spec.disks[0].path),)
     assert side.hv.facts(spec.name, inactive=True).disks == (str(new),)
     side.hv.destroy(spec.name)
@@ -396,6 +450,24 @@ def test_without_an_agent_or_a_running_guest_there_is_no_freeze(side):
         side.hv.freeze(spec.name, 1)  # no agent channel
     with pytest.raises(QuiesceError):
         side.hv.thaw(spec.name, 1)
+
+
+def test_the_agent_reports_who_is_logged_in(side):
+    guest = side.guest()
+    users = side.hv.logged_in_users(guest.name, 2)
+    assert sorted(users, key=lambda u: u.name) == sorted(TINY_GUEST_USERS, key=lambda u: u.name)
+    assert side.hv.freeze(guest.name, 5) >= 0, "the agent still answers afterwards"
+    side.hv.thaw(guest.name)
+
+
+def test_without_an_agent_or_a_running_guest_nobody_is_reported(side):
+    spec = side.spec(guest_agent=False)
+    side.hv.define(spec)
+    with pytest.raises(GuestAgentError):
+        side.hv.logged_in_users(spec.name, 1)  # shut off
+    side.hv.start(spec.name)
+    with pytest.raises(GuestAgentError):
+        side.hv.logged_in_users(spec.name, 1)  # no agent channel
 
 
 # -- backup jobs -------------------------------------------------------------------------------
@@ -486,3 +558,115 @@ def test_a_backup_into_targets_the_caller_made_keeps_them_on_abort(side):
     side.wait_job_gone(guest.name)
     assert target.exists(), "a reused target is the caller's to remove"
     target.unlink()
+
+
+# -- memory snapshots --------------------------------------------------------------------------
+# On blank-disk domains (QEMU runs its firmware, no OS): a save and a restore need no guest.
+
+def running(side: Side, **changes: object) -> DomainSpec:
+    spec = side.spec(**changes)
+    side.hv.define(spec)
+    side.hv.start(spec.name)
+    return spec
+
+
+def test_hardware_is_what_a_memory_image_must_match(side):
+    spec = side.spec(memory_mib=64, vcpus=1)
+    side.hv.define(spec)
+    before = side.hv.hardware(spec.name)
+    assert (before.memory_kib, before.vcpus, before.host_devices) == (64 * 1024, 1, ())
+    assert before.machine.startswith("pc"), before.machine
+    assert "disk vda virtio disk" in before.devices
+    side.hv.define(replace(spec, memory_mib=96, disks=(
+        *spec.disks, DiskSpec(side.blank_disk(), target="vdb"))))
+    found = mismatches(before, side.hv.hardware(spec.name))
+    assert "RAM 64 MiB then, 96 MiB now" in found
+    assert any("added disk vdb virtio disk" in f for f in found), found
+
+
+def test_a_live_memory_save_leaves_the_domain_paused_with_its_definition(side):
+    spec = running(side)
+    saved_file = side.root / f"{spec.name}.save"
+    side.hv.save_memory_live(spec.name, saved_file, ["vda"], [], 30)
+    try:
+        assert side.hv.info(spec.name).state is DomainState.PAUSED
+        assert side.hv.pause_cause(spec.name) is PauseCause.OTHER, "not a user's pause"
+        assert not side.hv.memory_save_running(spec.name), "the save has ended"
+        assert saved_file.stat().st_mode & 0o077 == 0, "a saved RAM is its owner's alone"
+        saved = side.hv.saved_domain(saved_file)
+        assert (saved.name, saved.uuid) == (spec.name, spec.uuid)
+        assert saved.disks == {"vda": str(spec.disks[0].path)}
+        assert mismatches(saved.hardware, side.hv.hardware(spec.name)) == []
+    finally:
+        side.hv.resume(spec.name)
+    assert side.hv.info(spec.name).state is DomainState.RUNNING
+    assert side.hv.pause_cause(spec.name) is PauseCause.NOT_PAUSED
+    with pytest.raises(HypervisorError) as again:
+        side.hv.resume(spec.name)  # libvirt refuses it: callers ask pause_cause first
+    assert not isinstance(again.value, NotFoundError)
+    assert side.hv.info(spec.name).state is DomainState.RUNNING
+    saved_file.unlink()
+
+
+def test_the_disks_instant_kept_in_the_pause_is_deleted_through_the_running_domain(side):
+    """The capture's order (services/snapshots/memory.py): save, an internal snapshot with
+    qemu-img while the domain is paused there, resume; later deleted through its QEMU."""
+    spec = running(side)
+    disk = Path(spec.disks[0].path)
+    saved_file = side.root / f"{spec.name}.save"
+    side.hv.save_memory_live(spec.name, saved_file, ["vda"], [], 30)
+    try:
+        qemu_img.snapshot_create(disk, "bbsnap-test-instant")
+    finally:
+        side.hv.resume(spec.name)
+    assert qemu_img.snapshot_names(disk) == ["bbsnap-test-instant"]
+    side.hv.delete_disk_snapshot(spec.name, str(disk), "bbsnap-test-instant")
+    assert qemu_img.snapshot_names(disk) == []
+    with pytest.raises(HypervisorError) as gone:
+        side.hv.delete_disk_snapshot(spec.name, str(disk), "bbsnap-test-instant")
+    assert not isinstance(gone.value, NotFoundError)
+    with pytest.raises(HypervisorError):
+        side.hv.delete_disk_snapshot(spec.name, str(side.root / "not-open.qcow2"), "x")
+    saved_file.unlink()
+
+
+def test_a_restore_runs_on_the_disks_it_is_given_with_the_current_descriptions(side):
+    spec = running(side, title="then", metadata={"image_id": "img-aaaaa"})
+    saved_file = side.root / f"{spec.name}.save"
+    side.hv.save_memory_live(spec.name, saved_file, ["vda"], [], 30)
+    side.hv.resume(spec.name)
+    side.hv.destroy(spec.name)
+    new_disk = side.root / f"{spec.name}.new.qcow2"
+    qemu_img.create_overlay(new_disk, Path(spec.disks[0].path))
+    side.hv.define(replace(spec, title="now", metadata={"image_id": "img-bbbbb"}))
+    info = side.hv.restore_memory(saved_file, {"vda": new_disk})
+    assert (info.name, info.uuid, info.state) == (spec.name, spec.uuid, DomainState.RUNNING)
+    live = side.hv.facts(spec.name)
+    assert live.disks == (str(new_disk),), "never the disk it was saved on"
+    assert (live.title, live.metadata) == ("now", {"image_id": "img-bbbbb"})
+    with pytest.raises(HypervisorError):
+        side.hv.restore_memory(saved_file, {"vda": new_disk})  # it runs already
+    assert side.hv.info(spec.name).state is DomainState.RUNNING
+    saved_file.unlink()
+
+
+def test_memory_refusals_and_a_users_pause(side):
+    spec = side.spec()
+    side.hv.define(spec)
+    saved_file = side.root / f"{spec.name}.save"
+    with pytest.raises(HypervisorError):
+        side.hv.save_memory_live(spec.name, saved_file, ["vda"], [], 30)  # shut off
+    assert not saved_file.exists()
+    not_saved = side.root / f"{spec.name}.junk"
+    not_saved.write_bytes(b"not a save image" * 64)
+    with pytest.raises(HypervisorError):
+        side.hv.saved_domain(not_saved)
+    with pytest.raises(HypervisorError):
+        side.hv.restore_memory(not_saved, {})
+    assert side.hv.info(spec.name).state is DomainState.SHUTOFF
+    side.hv.start(spec.name)
+    assert side.hv.pause_cause(spec.name) is PauseCause.NOT_PAUSED
+    side.user_pause(spec.name)
+    assert side.hv.pause_cause(spec.name) is PauseCause.USER
+    side.hv.resume(spec.name)
+    assert side.hv.info(spec.name).state is DomainState.RUNNING

@@ -73,6 +73,10 @@ def test_push_pull_chain_equal_content_links_and_no_op_again(work_dir, registry)
     assert all(w["ancestor_id"] == base_id for w in walk[1:])
     assert all(w["status"] == "available" for w in walk)
     assert walk[0]["type"] == "upload" and walk[-1]["type"] == "snapshot"
+    # Another machine's server names are not this one's: no local history takes them in.
+    assert [w["source_server"] for w in walk] == [None] * 5
+    history = target("images", "list", "--server", prune_chain.SERVER, "-s")
+    assert history.exit_code == 0 and history.stdout == "", history.stderr
     # Equal content, image by image; the stored files name their backing relatively.
     originals = [chain.base, *chain.snapshots]
     for original, copy in zip(originals, walk, strict=True):
@@ -205,6 +209,33 @@ def test_tls_registry_is_spoken_to_over_verified_tls(work_dir):
             proxy.close()
         assert again.exit_code == 0, again.stderr
         assert proxy.tunnels and set(proxy.tunnels) == {secure.host}
+
+
+def test_plain_http_registry_through_an_http_proxy(work_dir, registry):
+    """http_proxy, as URL import honours it: every request to a plain-HTTP registry goes to
+    the proxy with its absolute URL, for a push (--insecure) and a pull (a loopback
+    registry that does not speak TLS: the TLS probe goes direct, as no https_proxy is set)."""
+    chain = prune_chain.build(work_dir / "a")
+    ref = f"{registry.host}/proxied/x:v1"
+    proxy = fixtures.HttpProxy()
+    try:
+        via = {"http_proxy": proxy.url, "no_proxy": ""}
+        pushed = Bbsnap(work_dir / "a", env=via).process("images", "push", "--insecure",
+                                                         chain.snapshots[1], ref)
+        assert pushed.exit_code == 0, pushed.stderr
+        pulled = Bbsnap(work_dir / "b", env=via).process("images", "pull", ref)
+        assert pulled.exit_code == 0, pulled.stderr
+    finally:
+        proxy.close()
+    top = work_dir / "b" / "images" / f"{pulled.stdout.strip()}.qcow2"
+    assert prune_chain.same(chain.file(chain.snapshots[1]), top)
+    assert proxy.requests
+    assert all(r.split(" ", 1)[1].startswith(f"http://{registry.host}/v2/")
+               for r in proxy.requests), proxy.requests
+    methods = {r.split(" ", 1)[0] for r in proxy.requests}
+    assert {"HEAD", "POST", "PATCH", "PUT", "GET"} <= methods, methods
+    blob_reads = [r for r in proxy.requests if r.startswith("GET ") and "/blobs/" in r]
+    assert len(blob_reads) >= 4, proxy.requests  # the config and the three layers
 
 
 def test_concurrent_pulls_of_one_chain_register_it_once(work_dir, registry):

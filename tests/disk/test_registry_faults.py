@@ -118,6 +118,8 @@ def test_pull_killed_mid_blob_is_recovered_by_the_next_command(work_dir, registr
         process = _start(work_dir / "b", "images", "pull", f"{proxy.host}/faults/killed-pull:v1")
         assert proxy.stalled.wait(120), "the pull never got 20 MiB in"
         assert "creating" in statuses(work_dir / "b")
+        # The layer streams straight into images/ (no work file): that is what is left.
+        assert list((work_dir / "b" / "images").glob("*.qcow2.partial"))
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
     finally:

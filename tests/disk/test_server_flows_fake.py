@@ -134,7 +134,7 @@ def test_a_rebuild_whose_restart_fails_puts_the_old_definition_back(data, catalo
     before = hv.facts(server.id, inactive=True)
     with pytest.raises(HypervisorError, match="starting"):
         ServerService(hv, catalogue, data).rebuild(server.id, "img-next0")
-    assert "replace_disk" in hv.calls
+    assert "replace_disks" in hv.calls
     assert hv.facts(server.id, inactive=True) == before
     assert Path(before.disks[0]).exists()
     assert [p.name for p in data.server_dir(server.id).glob("disk-img-*")] == []

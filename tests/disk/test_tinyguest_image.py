@@ -6,8 +6,10 @@ cache dir); booting it is covered by the libvirt system tests.
 
 from __future__ import annotations
 
+import gzip
 import json
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from bbsnap.tinyguest import (
     read_disk_bytes,
 )
 from bbsnap.tinyguest import build as tg_build
+from bbsnap.tinyguest import logins, ssh
 from bbsnap.tinyguest.bootdisk import KERNEL_CMDLINE
 from bbsnap.tinyguest.initramfs import Initramfs, cpio_newc
 
@@ -143,6 +146,27 @@ def test_manifest_lists_dropbear_and_login_files(tiny_guest: Path) -> None:
     assert "libtomcrypt.so.1" in manifest["ssh_libraries"]
     for soname in manifest["ssh_libraries"]:
         assert any(p.endswith("/" + soname) for p in paths), soname
+
+
+def test_the_initramfs_utmp_names_the_login_users_sessions_as_glibc_reads_it(
+        tiny_guest_raw: Path, tmp_path: Path) -> None:
+    """qemu-ga's guest-get-users reads /var/run/utmp through glibc; coreutils' who reads a
+    utmp file the same way, so its listing is what the agent sees."""
+    initrd = tmp_path / "initrd.gz"
+    run([which("mcopy"), "-i", f"{tiny_guest_raw}@@{MIB}", "::/initrd.gz", str(initrd)],
+        env={"MTOOLS_SKIP_CHECK": "1"})
+    utmp = tmp_path / "utmp"
+    archive = gzip.decompress(initrd.read_bytes())
+    utmp.write_bytes(subprocess.run([which("cpio"), "-i", "--quiet", "--to-stdout",
+                                     logins.UTMP_PATH], input=archive, capture_output=True,
+                                    check=True).stdout)
+    listed = run([which("who"), str(utmp)], env={"TZ": "UTC"}).stdout.splitlines()
+    assert [line.split() for line in listed] == [
+        [s.user, s.line, s.login_time.strftime("%Y-%m-%d"), s.login_time.strftime("%H:%M")]
+        for s in logins.SESSIONS]
+    passwd = dict(line.split(":", 1) for line in ssh.LOGIN_FILES["etc/passwd"][1].decode()
+                  .splitlines())
+    assert passwd[logins.LOGIN_USER].startswith(f"x:{logins.LOGIN_UID}:")
 
 
 def test_second_build_uses_the_cache(tiny_guest: Path) -> None:

@@ -11,23 +11,35 @@ domain's live disks show the backing file qemu-img reads from the file, and a ba
 finished when the test says so (``complete_job``), copies each disk with ``qemu-img
 convert`` into its target (the whole disk even for an incremental backup: the copy then
 holds more than QEMU's would, never less).
+
+Memory snapshots: a live save pauses the domain at once and writes its running definition
+into the save file as JSON (the fake's own save-image format; libvirt's is a header with
+the XML, then QEMU's stream), which saved_domain reads back and restore_memory starts from,
+with the disks it is told replaced, as libvirt does with a rewritten definition. The save
+is synchronous, so ``memory_save_running`` is always false here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, Sequence
 
 from bbsnap.disks import qemu_img
-from bbsnap.errors import (BbsnapError, CheckpointBrokenError, ConflictError, HypervisorError,
-                           NotFoundError, QuiesceError)
-from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskSpec, DomainFacts,
-                               DomainInfo, DomainSpec, DomainState, HypervisorVersion,
-                               JobStatus)
+from bbsnap.errors import (BbsnapError, CheckpointBrokenError, ConflictError, GuestAgentError,
+                           HypervisorError, NotFoundError, QuiesceError)
+from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskReplacement, DiskSpec,
+                               DomainFacts, DomainInfo, DomainSpec, DomainState, GuestUser,
+                               Hardware, HypervisorVersion, JobStatus, NicSpec, PauseCause,
+                               SavedDomain)
 
 # What libvirt says, as the adapter passes it on ("<what> failed: <libvirt's message>").
 _NOT_RUNNING = "Requested operation is not valid: domain is not running"
 _RUNNING = "Requested operation is not valid: domain is already running"
+_ACTIVE = "Requested operation is not valid: domain '{}' is already active"
+_SAVE_KEY = "bbsnap-fake-save"  # marks the fake's save files
 
 
 @dataclass
@@ -51,6 +63,8 @@ class _Domain:
     job: _Job | None = None
     completed: CompletedJob | None = None
     addresses: list[str] = field(default_factory=list)
+    guest_users: list[GuestUser] = field(default_factory=list)  # what the agent reports
+    paused: PauseCause = PauseCause.NOT_PAUSED  # why state is PAUSED
 
 
 class FakeHypervisor:
@@ -70,14 +84,24 @@ class FakeHypervisor:
         self._domain(name).broken.add(checkpoint)
 
     def silence_agent(self, name: str) -> None:
-        """The guest agent stops answering: freeze and thaw fail."""
+        """The guest agent stops answering: freeze, thaw and its users fail."""
         self._domain(name).agent_answers = False
+
+    def set_guest_users(self, name: str, users: list[GuestUser]) -> None:
+        """Who the guest agent reports logged in (the guest's utmp)."""
+        self._domain(name).guest_users = list(users)
 
     def set_addresses(self, name: str, addresses: list[str]) -> None:
         self._domain(name).addresses = list(addresses)
 
     def is_frozen(self, name: str) -> bool:
         return self._domain(name).frozen
+
+    def suspend(self, name: str) -> None:
+        """A user pauses the running domain (virsh suspend)."""
+        dom = self._domain(name)
+        if dom.state is not DomainState.SHUTOFF:
+            dom.state, dom.paused = DomainState.PAUSED, PauseCause.USER
 
     def backup_plan(self, name: str) -> BackupPlan | None:
         """The plan of the backup running on the domain, if one runs."""
@@ -138,7 +162,7 @@ class FakeHypervisor:
             raise HypervisorError(f"starting {name} failed: Cannot access storage file "
                                   f"'{missing[0]}': No such file or directory")
         dom.live, dom.state = dom.spec, DomainState.RUNNING
-        return self._describe(name)
+        return self._describe(dom.spec.name)
 
     def info(self, name: str) -> DomainInfo:
         self.calls.append("info")
@@ -157,6 +181,7 @@ class FakeHypervisor:
             _remove_targets(dom.job.plan)
             dom.job = None
         dom.state, dom.live, dom.frozen, dom.completed = DomainState.SHUTOFF, None, False, None
+        dom.paused = PauseCause.NOT_PAUSED
         if not dom.persistent:
             del self._domains[dom.spec.name]
 
@@ -175,15 +200,16 @@ class FakeHypervisor:
         spec = dom.spec if inactive or dom.live is None else dom.live
         return _facts(spec, live=not inactive and dom.live is not None)
 
-    def replace_disk(self, name: str, target: str, new_path: Path, fmt: str = "qcow2", *,
-                     metadata: dict[str, str] | None = None) -> None:
-        self.calls.append("replace_disk")
+    def replace_disks(self, name: str, replacements: Sequence[DiskReplacement], *,
+                      metadata: dict[str, str] | None = None) -> None:
+        self.calls.append("replace_disks")
         dom = self._domain(name)
         disks = list(dom.spec.disks)
-        index = next((i for i, d in enumerate(disks) if d.target == target), None)
-        if index is None:
-            raise NotFoundError(f"server {name} has no disk {target}")
-        disks[index] = replace(disks[index], path=Path(new_path), format=fmt)
+        for new in replacements:
+            index = next((i for i, d in enumerate(disks) if d.target == new.target), None)
+            if index is None:
+                raise NotFoundError(f"server {name} has no disk {new.target}")
+            disks[index] = replace(disks[index], path=Path(new.path), format=new.format)
         dom.spec = replace(dom.spec, disks=tuple(disks),
                            metadata=dict(metadata) if metadata is not None else dom.spec.metadata)
 
@@ -232,6 +258,11 @@ class FakeHypervisor:
     def thaw(self, name: str, timeout: int = 5) -> None:
         self.calls.append("thaw")
         self._agent(name, "could not thaw").frozen = False
+
+    def logged_in_users(self, name: str, timeout: int) -> list[GuestUser]:
+        self.calls.append("logged_in_users")
+        dom = self._agent(name, "did not say who is logged in", GuestAgentError)
+        return list(dom.guest_users)
 
     def disk_capacity(self, name: str, target: str) -> int:
         self.calls.append("disk_capacity")
@@ -322,6 +353,95 @@ class FakeHypervisor:
         if dom.job is not None:
             self.fail_job(name, "operation aborted: job 'backup' canceled by client")
 
+    # -- memory snapshots --------------------------------------------------------------------
+
+    def hardware(self, name: str) -> Hardware:
+        self.calls.append("hardware")
+        return _hardware(self._domain(name).spec)
+
+    def save_memory_live(self, name: str, path: Path, manual_disks: list[str],
+                         skipped_disks: list[str], max_downtime_ms: int) -> None:
+        """The RAM "copied" at once: the domain is left paused, its definition in *path*."""
+        self.calls.append("save_memory_live")
+        dom = self._domain(name)
+        what = f"saving the memory of {name}"
+        if dom.live is None or dom.state is DomainState.SHUTOFF:
+            raise HypervisorError(f"{what} failed: {_NOT_RUNNING}")
+        if dom.job is not None:
+            raise HypervisorError(f"{what} failed: Timed out during operation: cannot acquire "
+                                  "state change lock (held by backup job)")
+        devices = {d.target for d in dom.live.disks}
+        unknown = [d for d in [*manual_disks, *skipped_disks] if d not in devices]
+        if unknown:
+            raise HypervisorError(f"{what} failed: invalid argument: no disk named "
+                                  f"'{unknown[0]}'")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump({_SAVE_KEY: _spec_to_json(dom.live)}, out)
+        dom.state, dom.paused = DomainState.PAUSED, PauseCause.OTHER
+
+    def memory_save_running(self, name: str) -> bool:
+        self.calls.append("memory_save_running")
+        self._domain(name)
+        return False
+
+    def pause_cause(self, name: str) -> PauseCause:
+        self.calls.append("pause_cause")
+        dom = self._domain(name)
+        return dom.paused if dom.state is DomainState.PAUSED else PauseCause.NOT_PAUSED
+
+    def resume(self, name: str) -> None:
+        """As libvirt: a paused domain runs again; one that runs already is refused."""
+        self.calls.append("resume")
+        dom = self._domain(name)
+        if dom.state is DomainState.SHUTOFF:
+            raise HypervisorError(f"resuming {name} failed: {_NOT_RUNNING}")
+        if dom.state is DomainState.RUNNING:
+            raise HypervisorError(f"resuming {name} failed: {_RUNNING}")
+        dom.state, dom.paused = DomainState.RUNNING, PauseCause.NOT_PAUSED
+
+    def delete_disk_snapshot(self, name: str, disk_path: str, snapshot: str) -> None:
+        """Through the domain's "QEMU": only while it runs, on a disk it has open."""
+        self.calls.append("delete_disk_snapshot")
+        dom = self._domain(name)
+        if dom.live is None or dom.state is DomainState.SHUTOFF:
+            raise HypervisorError(f"reading the disks of {name} failed: {_NOT_RUNNING}")
+        if disk_path not in {str(d.path) for d in dom.live.disks}:
+            raise HypervisorError(f"{name} has no disk {disk_path} open")
+        if snapshot not in qemu_img.snapshot_names(Path(disk_path)):
+            raise HypervisorError(f"deleting snapshot {snapshot} of {disk_path} failed: "
+                                  f"Snapshot with name '{snapshot}' does not exist")
+        qemu_img.snapshot_delete(Path(disk_path), snapshot)
+
+    def saved_domain(self, path: Path) -> SavedDomain:
+        self.calls.append("saved_domain")
+        spec = _read_save(path)
+        return SavedDomain(name=spec.name, uuid=spec.uuid, hardware=_hardware(spec),
+                           disks={d.target: str(d.path) for d in spec.disks})
+
+    def restore_memory(self, path: Path, disk_sources: dict[str, Path]) -> DomainInfo:
+        """The saved domain running again, its disks in *disk_sources* replaced, with the
+        title and metadata of the persistent definition where there is one."""
+        self.calls.append("restore_memory")
+        saved = _read_save(path)
+        disks = tuple(replace(d, path=Path(disk_sources[d.target]))
+                      if d.target in disk_sources else d for d in saved.disks)
+        live = replace(saved, disks=disks)
+        what = "restoring the memory image"
+        missing = [d.path for d in disks if not Path(d.path).exists()]
+        if missing:
+            raise HypervisorError(f"{what} failed: Cannot access storage file "
+                                  f"'{missing[0]}': No such file or directory")
+        dom = self._domains.get(saved.name)
+        if dom is None:  # restored transient, as libvirt does with no definition left
+            dom = self._domains[saved.name] = _Domain(spec=live, persistent=False)
+        elif dom.state is not DomainState.SHUTOFF:
+            raise HypervisorError(f"{what} failed: {_ACTIVE.format(saved.name)}")
+        else:
+            live = replace(live, title=dom.spec.title, metadata=dict(dom.spec.metadata))
+        dom.live, dom.state, dom.paused = live, DomainState.RUNNING, PauseCause.NOT_PAUSED
+        return self._describe(saved.name)
+
     def close(self) -> None:
         self.calls.append("close")
 
@@ -347,18 +467,19 @@ class FakeHypervisor:
             raise AssertionError(f"no backup job runs on {name}")
         return job
 
-    def _agent(self, name: str, failed: str) -> _Domain:
-        """The domain, if its guest agent can answer (as QuiesceError says otherwise)."""
+    def _agent(self, name: str, failed: str,
+               error: type[HypervisorError] = QuiesceError) -> _Domain:
+        """The domain, if its guest agent can answer (as *error* says otherwise)."""
         dom = self._domain(name)
         if dom.state is DomainState.SHUTOFF:
-            raise QuiesceError(f"the guest agent of {name} {failed}: {_NOT_RUNNING}")
+            raise error(f"the guest agent of {name} {failed}: {_NOT_RUNNING}")
         spec = dom.live or dom.spec
         if not spec.guest_agent:
-            raise QuiesceError(f"the guest agent of {name} {failed}: argument unsupported: "
-                               "QEMU guest agent is not configured")
+            raise error(f"the guest agent of {name} {failed}: argument unsupported: "
+                        "QEMU guest agent is not configured")
         if not dom.agent_answers:
-            raise QuiesceError(f"the guest agent of {name} {failed}: Guest agent is not "
-                               "responding: QEMU guest agent is not connected")
+            raise error(f"the guest agent of {name} {failed}: Guest agent is not "
+                        "responding: QEMU guest agent is not connected")
         return dom
 
 
@@ -396,6 +517,40 @@ def _backing(disk: DiskSpec) -> str | None:
     if not found.backing_file:
         return None
     return str(Path(disk.path).parent / found.backing_file)
+
+
+def _hardware(spec: DomainSpec) -> Hardware:
+    """What the adapter reads of a definition build_domain_xml made (libvirt adds more
+    devices of its own; the contract compares hardware only with hardware)."""
+    devices = [f"disk {d.target} {d.bus} {d.device}" for d in spec.disks]
+    devices += [f"interface {n.model} {n.mac}" for n in spec.nics if n.network or n.passt]
+    devices += [f"interface virtio-net-pci,mac={n.mac}" for n in spec.nics
+                if not (n.network or n.passt)]
+    devices += ["serial pty", "console pty serial", "memballoon none"]
+    if spec.guest_agent:
+        devices.append("channel unix org.qemu.guest_agent.0")
+    return Hardware(machine=spec.machine, cpu="default", memory_kib=spec.memory_mib * 1024,
+                    vcpus=spec.vcpus, devices=tuple(sorted(devices)), host_devices=())
+
+
+def _spec_to_json(spec: DomainSpec) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(spec), default=str))
+
+
+def _read_save(path: Path) -> DomainSpec:
+    """The definition in a fake save file; as the adapter, HypervisorError if it is none."""
+    what = f"reading the memory image {path} failed"
+    try:
+        data = json.loads(Path(path).read_text())[_SAVE_KEY]
+    except FileNotFoundError:
+        raise HypervisorError(f"{what}: Failed to open file '{path}': No such file or "
+                              "directory") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise HypervisorError(f"{what}: operation failed: image magic is incorrect") from None
+    return DomainSpec(**{
+        **data, "console_log": Path(data["console_log"]),
+        "disks": tuple(DiskSpec(**{**d, "path": Path(d["path"])}) for d in data["disks"]),
+        "nics": tuple(NicSpec(**n) for n in data["nics"])})
 
 
 def _made_checkpoint(plan: BackupPlan) -> list[tuple[str, str]]:

@@ -81,8 +81,10 @@ def wait_for_console_line(log: Path, wanted: str, timeout: float = FIRST_BOOT_TI
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if log.exists():
-            for line in log.read_text(errors="replace").splitlines():
-                if line.strip().startswith(wanted):
+            # Whole lines only: QEMU writes the serial console a character at a time, and a
+            # half-written "BBSNAP-COUNTER 17" once read as counter 1 under load.
+            for line in log.read_text(errors="replace").splitlines(keepends=True):
+                if line.endswith("\n") and line.strip().startswith(wanted):
                     return line.strip()
         time.sleep(0.2)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no console log)"

@@ -10,15 +10,19 @@ clone's console shows its own seed and it counts on from the snapshot.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.other_user import Account, throwaway_user
+from bbsnap.tinyguest import read_counter
+from tests.other_user import ALL_USERS_PREFIX, Account, throwaway_user
+from tests.wheelhouse import repack
 from tests.system.conftest import wait_for_console_line, wait_until
 
 pytestmark = pytest.mark.system
@@ -38,7 +42,10 @@ def _console(user: Account, server: str) -> Path:
 
 
 def _counters(log: Path) -> list[int]:
-    text = log.read_text(errors="replace") if log.exists() else ""
+    return _counters_in(log.read_text(errors="replace") if log.exists() else "")
+
+
+def _counters_in(text: str) -> list[int]:
     return [int(m) for m in re.findall(r"^BBSNAP-COUNTER (\d+)", text, re.MULTILINE)]
 
 
@@ -113,12 +120,58 @@ def test_libvirt_group_member_on_qemu_system_from_a_0700_home(tiny_guest_image):
             _destroy_all(user, "qemu:///system")
 
 
-def _foreign_domain_xml(name: str, disk: Path) -> str:
+def test_uefi_servers_of_a_libvirt_group_member_on_qemu_system(tiny_guest_image):
+    """OVMF under qemu:///system for a normal user: libvirt (root) makes each server's NVRAM
+    store from OVMF's template and removes it with the server; the user's disks, snapshot
+    and revert work as for BIOS servers."""
+    with throwaway_user(libvirt_group=True) as user:
+        try:
+            guest = user.give(tiny_guest_image, "tiny.qcow2")
+            _ok(user.bbsnap("doctor", "--fix"))
+            image = _ok(user.bbsnap("images", "import", str(guest), "-n", "tiny uefi",
+                                    "--firmware", "uefi")).strip()
+            (server,) = json.loads(_ok(user.bbsnap("servers", "create", image, "--memory",
+                                                   "256", "--format", "json")))
+            assert server["firmware"] == "uefi"
+            console = _console(user, server["id"])
+            wait_for_console_line(console, "BBSNAP-TINY-READY")
+            shown = subprocess.run(["virsh", "-q", "-c", "qemu:///system", "dumpxml",
+                                    server["id"]], capture_output=True, text=True, check=True)
+            (store,) = re.findall(r"<nvram[^>]*>([^<]+)</nvram>", shown.stdout)
+            assert Path(store).is_file() and "type='pflash'" in shown.stdout
+
+            wait_until(lambda: max(_counters(console), default=0) >= 50, 180,
+                       "the UEFI guest to count to 50")
+            snapshot = _ok(user.bbsnap("servers", "snapshot", server["id"], "--wait")).split()[0]
+            at_snapshot = read_counter(user.data_dir / "images" / f"{snapshot}.qcow2")
+            assert at_snapshot is not None
+            assert '"firmware": "uefi"' in _ok(user.bbsnap("images", "show", snapshot,
+                                                            "--format", "json"))
+            wait_until(lambda: max(_counters(console), default=0) > at_snapshot + 50, 180,
+                       "the UEFI guest to count past the snapshot")
+            size_before = console.stat().st_size
+            _ok(user.bbsnap("servers", "revert", server["id"], snapshot))
+
+            def booted_again() -> int | None:  # the console log is appended to across boots
+                found = _counters_in(console.read_bytes()[size_before:].decode(errors="replace"))
+                return found[0] if found else None
+
+            assert wait_until(booted_again, 180, "the reverted UEFI guest to boot") == \
+                at_snapshot, "booted through OVMF from the snapshot's disk"
+            _ok(user.bbsnap("servers", "destroy", server["id"]))
+            assert not Path(store).exists(), "libvirt removed the server's NVRAM store"
+        finally:
+            _destroy_all(user, "qemu:///system")
+
+
+def _foreign_domain_xml(name: str, disk: Path, log: Path) -> str:
+    # The serial console goes to a file the user's QEMU writes, truncated at each start.
     return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory>"
             "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>"
             "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
             f"<source file='{disk}'/><target dev='vda' bus='virtio'/></disk>"
-            "<serial type='pty'/><memballoon model='none'/></devices></domain>")
+            f"<serial type='file'><source path='{log}' append='off'/></serial>"
+            "<memballoon model='none'/></devices></domain>")
 
 
 def test_user_outside_the_group_gets_qemu_session_and_their_own_domains(tiny_guest_image):
@@ -144,12 +197,17 @@ def test_user_outside_the_group_gets_qemu_session_and_their_own_domains(tiny_gue
             # user recorded, or without), cloned.
             disk = user.give(tiny_guest_image, "foreign.qcow2")
             xml = user.home / "foreign.xml"
-            xml.write_text(_foreign_domain_xml(foreign, disk))
+            log = user.home / "foreign.log"
+            xml.write_text(_foreign_domain_xml(foreign, disk, log))
             _ok(user.run("virsh", "-q", "-c", "qemu:///session", "define", str(xml)))
             _ok(user.run("virsh", "-q", "-c", "qemu:///session", "start", foreign))
             assert foreign in _ok(user.bbsnap("servers", "list", "-s"))
+            wait_until(lambda: max(_counters(log), default=0) >= 50, 180,
+                       "the user's own guest to count to 50")
             named = _ok(user.bbsnap("servers", "snapshot", foreign, "--username", "tiny",
                                     "--wait")).split()[0]
+            at_named = read_counter(user.data_dir / "images" / f"{named}.qcow2")
+            assert at_named is not None and at_named >= 50
             assert '"username": "tiny"' in _ok(user.bbsnap("images", "show", named,
                                                             "--format", "json"))
             unnamed = _ok(user.bbsnap("servers", "snapshot", foreign, "--wait")).split()[0]
@@ -165,10 +223,76 @@ def test_user_outside_the_group_gets_qemu_session_and_their_own_domains(tiny_gue
             assert f"bbsnap servers ssh {clone} -l USER" in refused.stderr
             assert f"bbsnap images update {unnamed} -u USER" in refused.stderr
             _ok(user.bbsnap("servers", "destroy", clone))
+
+            # The user reverts their own VM to its first snapshot: it boots from the
+            # snapshot's disk, in a directory of its own in the user's data directory (QEMU
+            # runs as the user: their files, no ACL needed), the disk it came with kept.
+            wait_until(lambda: max(_counters(log), default=0) > at_named + 50, 180,
+                       "the user's own guest to count past the snapshot")
+            reverted = user.bbsnap("servers", "revert", foreign, named, "--format", "json")
+            assert reverted.returncode == 0, reverted.stderr
+            (after,) = json.loads(reverted.stdout)
+            assert after["status"] == "active" and after["managed"] is False
+            assert f"previous disk vda is kept at {disk}" in reverted.stderr and disk.exists()
+            started = wait_for_console_line(log, "BBSNAP-COUNTER")
+            assert int(started.split()[1]) == at_named, "booted from the snapshot's disk"
+            (new_disk,) = map(Path, after["disks"])
+            directory = user.data_dir / "servers" / f"dom-{after['uuid']}"
+            assert new_disk.parent == directory
+            for path, mode in ((directory, 0o711), (new_disk, 0o600)):
+                info = path.stat()
+                assert (info.st_uid, info.st_mode & 0o7777) == (user.uid, mode), path
+            assert not _acl_entries(new_disk), "no ACL: QEMU is the user on qemu:///session"
+            assert "dom-" not in _ok(user.bbsnap("doctor")), "doctor knows whose it is"
         finally:
             _destroy_all(user, "qemu:///session")
             user.run("virsh", "-q", "-c", "qemu:///session", "destroy", foreign, timeout=60)
             user.run("virsh", "-q", "-c", "qemu:///session", "undefine", foreign, timeout=60)
+
+
+def _acl_entries(path: Path) -> list[str]:
+    """Named ACL entries of *path* (getfacl lists user::, group::, other:: for every file)."""
+    listed = subprocess.run(["getfacl", "-cp", str(path)], capture_output=True, text=True,
+                            check=True).stdout.split()
+    return [e for e in listed if e.split(":")[1] and not e.startswith("mask")]
+
+
+def test_a_users_own_pipx_install_uses_debians_libvirt_python(tiny_guest_image):
+    """`pipx install --system-site-packages` of a checkout, as a normal user, with Debian's
+    pipx and python3-libvirt (scripts/setup installs both): libvirt-python comes from the
+    system (nothing to compile), the rest from wheels (repacked from the all-users install:
+    the test stays off the network), and the user's own bbsnap reaches their connection."""
+    with throwaway_user(libvirt_group=False) as user:
+        try:
+            checkout = Path(__file__).parents[2]
+            source = user.home / "bbsnap-src"
+            source.mkdir()
+            for name in ("pyproject.toml", "README.md"):
+                shutil.copyfile(checkout / name, source / name)
+            shutil.copytree(checkout / "bbsnap", source / "bbsnap",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            wheels = repack(ALL_USERS_PREFIX / "lib" / "python3.11" / "site-packages",
+                            ["click", "pyyaml", "pycdlib", "isal", "backports_zstd"],
+                            user.home / "wheels")
+            assert len(wheels) == 5
+            subprocess.run(["chown", "-R", f"{user.name}:{user.name}", str(source),
+                            str(user.home / "wheels")], check=True)
+            alone = {"PYTHONPATH": ""}  # not the copy of the code other tests run
+            _ok(user.run("pipx", "install", "--system-site-packages", "--pip-args",
+                         f"--no-index --find-links={user.home / 'wheels'} --no-build-isolation",
+                         str(source), timeout=600, env=alone))
+            own = user.home / ".local" / "bin" / "bbsnap"
+            assert own.exists()
+            python = user.home / ".local" / "pipx" / "venvs" / "bbsnap" / "bin" / "python"
+            found = _ok(user.run(str(python), "-c", "import bbsnap, libvirt; "
+                                 "print(libvirt.__file__); print(bbsnap.__file__)", env=alone)).split()
+            assert found[0] == "/usr/lib/python3/dist-packages/libvirt.py", "Debian's build"
+            assert found[1].startswith(str(user.home / ".local" / "pipx")), "the user's copy"
+            doctor = _ok(user.run(str(own), "doctor", env=alone))
+            assert "qemu:///session (automatic: you are not in the 'libvirt' group)" in doctor
+            assert _ok(user.run(str(own), "servers", "list", "-s", env=alone)) == ""
+        finally:
+            _destroy_all(user, "qemu:///session")
 
 
 @pytest.mark.parametrize("in_group", [True, False], ids=["qemu-system", "qemu-session"])

@@ -22,9 +22,10 @@ import pytest
 
 from bbsnap.disks import qemu_img
 from bbsnap.tinyguest import READY_LINE, read_counter
-from tests.system.conftest import (URI, console_path, create_server, image_record,
+from tests.system.conftest import (console_path, create_server, image_record,
                                    set_backup_speed, wait_for_console_line, wait_settled,
                                    wait_until, write_into_running_disk)
+from tests.system.libvirtd import restart_libvirtd
 from tests.system.test_change_tracking import assert_same_disk, paused
 
 
@@ -121,12 +122,7 @@ def test_worker_killed_mid_copy_of_a_chained_snapshot_loses_nothing(cloud, hyper
 def test_libvirtd_restarted_mid_copy(cloud, hypervisor):
     (server,) = create_busy_servers(cloud)
     image_id = start_slowed_snapshot(cloud, server["id"])
-    subprocess.run(["pkill", "-TERM", "-x", "libvirtd"], check=True)
-    wait_until(lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0, 60,
-               "libvirtd to stop")
-    subprocess.run(["libvirtd", "-d"], check=True)
-    wait_until(lambda: subprocess.run(["virsh", "-q", "-c", URI, "version"],
-                                      capture_output=True).returncode == 0, 60, "libvirtd")
+    restart_libvirtd()  # as scripts/setup started it (under tini), not holding the test lock
     hypervisor.close()  # the session's connection died with the daemon; reconnect lazily
     set_backup_speed(server["id"], 0)
     image = wait_settled(cloud, image_id)

@@ -182,3 +182,25 @@ def test_stated_compression_is_used_and_checked(tmp_path):
     with pytest.raises(InvalidInputError, match="says the file is xz-compressed"):
         copy_decompressed(io.BytesIO(gzip.compress(data)), tmp_path / "b", max_output=1 << 20,
                           compression=Compression.XZ)
+
+
+def test_the_header_reports_its_extensions_in_order():
+    extensions = struct.pack(">II", 0xE2792ACA, 5) + b"qcow2\0\0\0" + \
+        struct.pack(">II", 0x6803F857, 0)
+    header = read_qcow2_header(io.BytesIO(_qcow2_header(extensions=extensions)),
+                               max_virtual_size=1 << 30)
+    assert header.extensions == (0xE2792ACA, 0x6803F857)
+
+
+def test_a_copy_keeps_its_bytes_and_leaves_holes_for_zero_blocks(tmp_path):
+    from bbsnap.transfer.stream import copy_decompressed
+
+    block = 64 * 1024
+    # data runs of several blocks, zero blocks between them, a short zero tail
+    data = (b"\x01" * 3 * block + bytes(8 * block) + b"\x02" * (block + 5) +
+            bytes(block - 5) + bytes(16 * block) + b"\x03" * 7 + bytes(100))
+    copied = copy_decompressed(io.BytesIO(data), tmp_path / "out", max_output=1 << 30,
+                               compression=Compression.NONE, writeback_every=block)
+    out = tmp_path / "out"
+    assert copied.output_bytes == len(data) and out.read_bytes() == data
+    assert out.stat().st_blocks * 512 < len(data) // 2  # the zero blocks are holes

@@ -30,7 +30,7 @@ def server(uuid: str = UUID) -> Server:
 
 IMAGE = Image(id="img-bbbbb", type=ImageType.SNAPSHOT, owner="local",
               created_at=datetime.now(timezone.utc), status=ImageStatus.AVAILABLE, name="s",
-              memory_path="img-bbbbb.memory.gz")
+              memory_path="img-bbbbb.memory.zst")
 
 
 def test_the_same_hardware_passes() -> None:

@@ -11,7 +11,9 @@ import stat
 import pytest
 
 from bbsnap.errors import HostileImageError, InvalidInputError, UsageError
-from bbsnap.registry import artifact, auth
+from bbsnap.disks.qcow2_header import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_FEATURE_TABLE,
+                                       Qcow2Header)
+from bbsnap.registry import artifact, auth, layer_store
 from bbsnap.registry.reference import parse
 
 
@@ -130,6 +132,8 @@ def _pulled() -> artifact.PulledManifest:
     {"virtual_size": -1}, {"virtual_size": True}, {"type": "weird"}, {"id": "../../etc"},
     {"name": 5}, {"parent": "img-bbbbb"}, {"digest": "sha256:" + "3" * 64},
     {"firmware": "coreboot"}, {"created_at": "yesterday"}, {"min_ram": "lots"},
+    {"source_server": "srv-a\x1b[2J"}, {"source_server": "../x"}, {"source_server": ""},
+    {"source_server": "s" * 256}, {"source_server": 7},
 ])
 def test_config_fields_are_vetted(changes):
     config = json.dumps({"bbsnap": 1, "chain": [_entry(**changes)]}).encode()
@@ -141,6 +145,15 @@ def test_a_good_config_round_trips():
     entries = artifact.read_config(json.dumps({"bbsnap": 1, "chain": [_entry()]}).encode(),
                                    _pulled())
     assert entries[0].name == "n" and entries[0].virtual_size == 1 << 20
+    assert entries[0].source_server is None  # a config pushed before it was carried
+
+
+def test_source_server_is_carried_through_the_config():
+    entries = artifact.read_config(json.dumps({"bbsnap": 1, "chain": [
+        _entry(source_server="debian 12 (virt-manager)")]}).encode(), _pulled())
+    assert entries[0].source_server == "debian 12 (virt-manager)"
+    assert json.loads(artifact.config_blob(entries))["chain"][0]["source_server"] == \
+        "debian 12 (virt-manager)"
 
 
 def test_manifest_vetting():
@@ -158,3 +171,25 @@ def test_manifest_vetting():
     doc["layers"][0]["size"] = 1 << 40
     with pytest.raises(HostileImageError, match="over the limit"):
         artifact.read_manifest(json.dumps(doc).encode(), max_layer=1 << 30)
+
+
+def _header(**fields: object) -> Qcow2Header:
+    plain: dict[str, object] = {"version": 3, "virtual_size": 1 << 30, "cluster_bits": 16,
+                                "incompatible_features": 0, "nb_snapshots": 0,
+                                "extensions": (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE)}
+    return Qcow2Header(**{**plain, **fields})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("fields", "words"), [
+    ({}, None),
+    ({"compatible_features": 1}, None),                 # lazy refcounts
+    ({"incompatible_features": 1 << 4}, None),          # extended L2 reads as it is
+    ({"autoclear_features": 1, "extensions": (EXT_BITMAPS,)}, "bitmaps"),
+    ({"extensions": (EXT_BITMAPS,)}, "extension 0x23852875"),
+    ({"incompatible_features": 1}, "dirty"),
+    ({"compatible_features": 2}, "compatible"),
+    ({"extensions": (EXT_FEATURE_TABLE, 0x12345678)}, "extension 0x12345678"),
+])
+def test_what_makes_a_pulled_layer_rewritten(fields, words):
+    reason = layer_store.rewrite_reason(_header(**fields))
+    assert reason is None if words is None else words in (reason or "")

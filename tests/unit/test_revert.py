@@ -16,13 +16,14 @@ import pytest
 
 from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.errors import ConflictError, NotFoundError
-from bbsnap.hypervisor import DiskSpec, DomainSpec, DomainState
+from bbsnap.hypervisor import DiskInfo, DiskSpec, DomainSpec, DomainState
 from bbsnap.state.layout import DataDir
-from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageType, Server
+from bbsnap.models import (DependentKind, Image, ImageFilter, ImageStatus, ImageType, ImageVolume,
+                           Server)
 from bbsnap.models import ServerStatus
 from bbsnap.services import rebuild_journal
 from bbsnap.services.snapshots import change_tracking
-from bbsnap.services.revert import check_revertible, choose_snapshot
+from bbsnap.services.revert import choose_snapshot, match_disks
 from tests.fakes.hypervisor import FakeHypervisor
 
 SERVER = Server(id="srv-aaaaa", uuid="6f1c0c1e-0000-4000-8000-000000000001", name="dev",
@@ -92,15 +93,37 @@ def test_a_snapshot_still_being_created_or_failed_is_refused():
         choose_snapshot(SERVER, history, "img-fail0", _no_lookup)
 
 
-def test_multi_disk_and_foreign_servers_are_refused_clearly():
-    with pytest.raises(ConflictError, match="reverts only single-disk servers"):
-        check_revertible(SERVER, 2, 2)
-    with pytest.raises(ConflictError, match="reverts only single-disk servers"):
-        check_revertible(SERVER, 1, 2)  # a snapshot taken when it had more disks
-    foreign = Server(id="web", uuid="u", name="web", status=ServerStatus.ACTIVE, managed=False)
-    with pytest.raises(ConflictError, match="not created by bbsnap"):
-        check_revertible(foreign, 1, 1)
-    check_revertible(SERVER, 1, 1)
+def _disk(target: str) -> DiskInfo:
+    return DiskInfo(target=target, path=f"/d/{target}.qcow2", format="qcow2", device="disk",
+                    readonly=False)
+
+
+def _volume(device: str) -> ImageVolume:
+    return ImageVolume(device=device, path=f"img-snap0.{device}.qcow2", virtual_size=1,
+                       disk_size=1)
+
+
+def test_each_disk_gets_the_snapshots_file_of_its_device():
+    image = _image("img-snap0", 1)
+    sources = match_disks(SERVER, [_disk("vda"), _disk("vdb")], image, [_volume("vdb")],
+                          every_disk=True)
+    assert [(s.disk.target, s.stored) for s in sources] == [
+        ("vda", "img-snap0.qcow2"), ("vdb", "img-snap0.vdb.qcow2")]
+
+
+def test_disks_and_snapshot_files_that_do_not_match_are_refused_clearly():
+    image = _image("img-snap0", 1)
+    with pytest.raises(ConflictError, match="disks for vda and server srv-aaaaa has writable "
+                                            "disks vda, vdb: they do not match"):
+        match_disks(SERVER, [_disk("vda"), _disk("vdb")], image, [], every_disk=True)
+    with pytest.raises(ConflictError, match="disks for vda, vdb and server srv-aaaaa has "
+                                            "writable disks vda"):
+        match_disks(SERVER, [_disk("vda")], image, [_volume("vdb")], every_disk=True)
+    with pytest.raises(ConflictError, match="has no writable file-backed disk"):
+        match_disks(SERVER, [], image, [], every_disk=True)
+    # A rebuild from a one-disk image leaves the server's further disks as they are.
+    (only,) = match_disks(SERVER, [_disk("vda"), _disk("vdb")], image, [], every_disk=False)
+    assert only.disk.target == "vda"
 
 
 # -- the CLI, on libvirt's test driver --------------------------------------------------------
@@ -128,13 +151,6 @@ def test_servers_show_and_images_list_give_the_servers_history(bbsnap):
     assert gone.exit_code == 0 and gone.stdout.split("\t")[0] == "img-other"
 
 
-def test_reverting_a_domain_bbsnap_did_not_make_is_refused(bbsnap):
-    _add_rows(bbsnap, _image("img-first", 10, source="test"))
-    result = bbsnap("-c", "test:///default", "servers", "revert", "test")
-    assert result.exit_code == 4
-    assert "not created by bbsnap; bbsnap reverts only its own servers" in result.stderr
-
-
 # -- the journal a killed rebuild leaves -------------------------------------------------------
 
 def _fake_server(disk: str, *, running: bool = False) -> FakeHypervisor:
@@ -160,10 +176,10 @@ def _killed_rebuild(data: DataDir, catalogue: Catalogue) -> rebuild_journal.Rebu
         catalogue.add(_image(image_id, 1))
         catalogue.add_dependent(image_id, DependentKind.SERVER, SERVER.id)
     journal = rebuild_journal.RebuildJournal(
-        token="1:1:dead", server_id=SERVER.id, uuid=SERVER.uuid, device="vda",
-        old_disk=str(old), new_disk=str(new), old_image_id="img-base0",
+        token="1:1:dead", server_id=SERVER.id, uuid=SERVER.uuid,
+        swaps=(rebuild_journal.DiskSwap("vda", str(old), str(new)),), old_image_id="img-base0",
         new_image_id="img-snap0", was_running=True, old_marker="disk.qcow2\n")
-    rebuild_journal.write(data, journal)
+    rebuild_journal.write(server_dir, journal)
     return journal
 
 
@@ -173,43 +189,107 @@ def _holders(catalogue: Catalogue) -> list[str]:
 
 def test_a_rebuild_killed_before_the_new_definition_rolls_back(data, catalogue):
     journal = _killed_rebuild(data, catalogue)
-    hv = _fake_server(journal.old_disk)
+    hv = _fake_server(journal.swaps[0].old_disk)
     assert rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv) == [SERVER.id]
-    assert Path(journal.old_disk).read_bytes() == b"old"
-    assert not Path(journal.new_disk).exists()
+    assert Path(journal.swaps[0].old_disk).read_bytes() == b"old"
+    assert not Path(journal.swaps[0].new_disk).exists()
     assert _holders(catalogue) == ["img-base0"]
     marker = data.server_dir(SERVER.id) / change_tracking.MARKER
     assert marker.read_text() == "disk.qcow2\n"
     assert hv.info(SERVER.id).state is DomainState.RUNNING, "it ran before, so it runs again"
-    assert not rebuild_journal.journal_path(data, SERVER.id).exists()
+    assert not rebuild_journal.journal_path(data.server_dir(SERVER.id)).exists()
 
 
 def test_a_rebuild_killed_after_the_new_definition_rolls_forward(data, catalogue):
     journal = _killed_rebuild(data, catalogue)
-    hv = _fake_server(journal.new_disk, running=True)
+    hv = _fake_server(journal.swaps[0].new_disk, running=True)
     assert rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv) == [SERVER.id]
-    assert not Path(journal.old_disk).exists()
-    assert Path(journal.new_disk).read_bytes() == b"new"
+    assert not Path(journal.swaps[0].old_disk).exists()
+    assert Path(journal.swaps[0].new_disk).read_bytes() == b"new"
     assert _holders(catalogue) == ["img-snap0"]
     assert hv.info(SERVER.id).state is DomainState.RUNNING
-    assert not rebuild_journal.journal_path(data, SERVER.id).exists()
+    assert not rebuild_journal.journal_path(data.server_dir(SERVER.id)).exists()
 
 
 def test_a_live_rebuilds_journal_and_one_naming_other_files_are_left_alone(data, catalogue):
     from bbsnap.state.process_tokens import current_job_token
 
     journal = _killed_rebuild(data, catalogue)
-    rebuild_journal.write(data, rebuild_journal.RebuildJournal(
+    rebuild_journal.write(data.server_dir(SERVER.id), rebuild_journal.RebuildJournal(
         **{**journal.__dict__, "token": current_job_token()}))
-    hv = _fake_server(journal.old_disk)
+    hv = _fake_server(journal.swaps[0].old_disk)
     assert rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv) == []
-    assert Path(journal.new_disk).exists()
+    assert Path(journal.swaps[0].new_disk).exists()
     outside = data.root / "not-ours.qcow2"
     outside.write_bytes(b"x")
-    rebuild_journal.write(data, rebuild_journal.RebuildJournal(
-        **{**journal.__dict__, "new_disk": str(outside)}))
+    swap = rebuild_journal.DiskSwap("vda", journal.swaps[0].old_disk, str(outside))
+    rebuild_journal.write(data.server_dir(SERVER.id), rebuild_journal.RebuildJournal(
+        **{**journal.__dict__, "swaps": (swap,)}))
     rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv)
     assert outside.exists(), "a journal is never a licence to delete outside the server's dir"
+
+
+def _killed_foreign_revert(data: DataDir, catalogue: Catalogue, users_disk: Path,
+                           devices: tuple[str, ...]) -> rebuild_journal.RebuildJournal:
+    """A revert of a domain bbsnap did not create, killed after making its overlays: the
+    user's own disks outside the data directory, the new ones in dom-<uuid>/."""
+    directory = data.domain_dir(SERVER.uuid)
+    directory.mkdir(parents=True)
+    users_disk.parent.mkdir(parents=True)
+    swaps = []
+    for device in devices:
+        old, new = users_disk.with_name(f"{device}.qcow2"), directory / f"disk-{device}.qcow2"
+        old.write_bytes(b"old")
+        new.write_bytes(b"new")
+        swaps.append(rebuild_journal.DiskSwap(device, str(old), str(new)))
+    catalogue.add(_image("img-snap0", 1, source="web"))
+    catalogue.add_dependent("img-snap0", DependentKind.SERVER, "web")
+    journal = rebuild_journal.RebuildJournal(
+        token="1:1:dead", server_id="web", uuid=SERVER.uuid, swaps=tuple(swaps),
+        old_image_id=None, new_image_id="img-snap0", was_running=False, old_marker=None)
+    rebuild_journal.write(directory, journal)
+    return journal
+
+
+def _foreign(hv_disks: list[str]) -> FakeHypervisor:
+    hv = FakeHypervisor()
+    hv.define(DomainSpec(name="web", uuid=SERVER.uuid, memory_mib=128, vcpus=1, accel="tcg",
+                         disks=tuple(DiskSpec(Path(d), target=f"vd{'ab'[i]}")
+                                     for i, d in enumerate(hv_disks)),
+                         console_log=Path(hv_disks[0]).parent / "console.log"))
+    return hv
+
+
+def test_a_killed_foreign_revert_rolls_forward_and_never_deletes_the_users_disks(
+        data, catalogue, tmp_path):
+    journal = _killed_foreign_revert(data, catalogue, tmp_path / "users" / "x", ("vda", "vdb"))
+    hv = _foreign([s.new_disk for s in journal.swaps])
+    assert rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv) == ["web"]
+    assert all(Path(s.old_disk).read_bytes() == b"old" for s in journal.swaps), "the user's"
+    assert all(Path(s.new_disk).exists() for s in journal.swaps)
+    assert [d.dependent_id for d in catalogue.dependents("img-snap0")] == ["web"]
+    assert not rebuild_journal.journal_path(data.domain_dir(SERVER.uuid)).exists()
+
+
+def test_a_killed_multi_disk_revert_rolls_back_every_new_overlay(data, catalogue, tmp_path):
+    journal = _killed_foreign_revert(data, catalogue, tmp_path / "users" / "x", ("vda", "vdb"))
+    hv = _foreign([s.old_disk for s in journal.swaps])
+    assert rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv) == ["web"]
+    assert not any(Path(s.new_disk).exists() for s in journal.swaps)
+    assert all(Path(s.old_disk).read_bytes() == b"old" for s in journal.swaps)
+    assert catalogue.dependents("img-snap0") == []
+
+
+def test_a_journal_written_before_multi_disk_rebuilds_is_still_settled(data, catalogue):
+    journal = _killed_rebuild(data, catalogue)
+    old_format = {**{k: v for k, v in journal.__dict__.items() if k != "swaps"},
+                  "device": "vda", "old_disk": journal.swaps[0].old_disk,
+                  "new_disk": journal.swaps[0].new_disk}
+    rebuild_journal.journal_path(data.server_dir(SERVER.id)).write_text(json.dumps(old_format))
+    hv = _fake_server(journal.swaps[0].new_disk, running=True)
+    assert rebuild_journal.recover_interrupted_rebuilds(catalogue, data, hv) == [SERVER.id]
+    assert not Path(journal.swaps[0].old_disk).exists()
+    assert _holders(catalogue) == ["img-snap0"]
 
 
 def test_recovery_waits_out_a_start_that_reads_paused(monkeypatch):

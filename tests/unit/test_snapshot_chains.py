@@ -134,7 +134,8 @@ def test_the_next_snapshot_starts_from_the_heads_checkpoint_and_is_stored_on_it(
     disk = _disk(data)
     _snapshot(catalogue, data, "img-aaaa1", disk, None)
     hv = FakeHypervisor({"bbsnap-img-aaaa1", "backup-tool-7"})
-    plan = _planner(catalogue, data, hv).plan("img-aaaa2", ServerDisk("dom", UUID, disk), None)
+    plan = _planner(catalogue, data, hv).plan(
+        "img-aaaa2", ServerDisk("dom", UUID, disk, data.server_dir("dom")), None)
     assert (plan.since, plan.parent.id, plan.checkpoint) == (
         "bbsnap-img-aaaa1", "img-aaaa1", "bbsnap-img-aaaa2")
     assert plan.note is None
@@ -159,7 +160,8 @@ def test_an_untrusted_head_gives_a_full_copy_that_starts_a_new_chain(catalogue, 
         os.replace(disk.path + ".new", disk.path)
     else:
         (data.images_dir / "img-aaaa1.qcow2").unlink()
-    plan = _planner(catalogue, data, hv).plan("img-aaaa2", ServerDisk("dom", UUID, disk), None)
+    plan = _planner(catalogue, data, hv).plan(
+        "img-aaaa2", ServerDisk("dom", UUID, disk, data.server_dir("dom")), None)
     assert plan.since is None and plan.parent is None
     assert plan.checkpoint == "bbsnap-img-aaaa2"
     assert reason in plan.note and "copying the whole disk" in plan.note
@@ -167,7 +169,7 @@ def test_an_untrusted_head_gives_a_full_copy_that_starts_a_new_chain(catalogue, 
 
 def test_a_raw_disk_has_no_chain(catalogue, data):
     plan = _planner(catalogue, data, FakeHypervisor()).plan(
-        "img-aaaa1", ServerDisk("dom", UUID, _disk(data, fmt="raw")), None)
+        "img-aaaa1", ServerDisk("dom", UUID, _disk(data, fmt="raw"), data.server_dir("dom")), None)
     assert (plan.since, plan.checkpoint) == (None, None) and "raw disk" in plan.note
 
 
@@ -184,7 +186,7 @@ def test_a_bbsnap_servers_first_snapshot_starts_from_the_bitmap_its_disk_was_bor
         catalogue, data):
     ancestor, disk = _tracked_server(catalogue, data)
     hv = FakeHypervisor()
-    plan = _planner(catalogue, data, hv).plan("img-aaaa1", ServerDisk("dom", UUID, disk),
+    plan = _planner(catalogue, data, hv).plan("img-aaaa1", ServerDisk("dom", UUID, disk, data.server_dir("dom")),
                                               ancestor)
     assert (plan.since, plan.parent.id) == (change_tracking.CHECKPOINT, "img-base0")
     assert hv.redefined == [change_tracking.CHECKPOINT]
@@ -195,7 +197,7 @@ def test_past_the_depth_bound_the_snapshot_is_stored_on_the_servers_image(catalo
     _snapshot(catalogue, data, "img-aaaa1", disk, "img-base0")
     _snapshot(catalogue, data, "img-aaaa2", disk, "img-aaaa1")
     hv = FakeHypervisor({"bbsnap-img-aaaa2", change_tracking.CHECKPOINT})
-    server = ServerDisk("dom", UUID, disk)
+    server = ServerDisk("dom", UUID, disk, data.server_dir("dom"))
     assert _planner(catalogue, data, hv, depth=4).plan("img-aaaa3", server,
                                                        ancestor).parent.id == "img-aaaa2"
     flat = _planner(catalogue, data, hv, depth=3).plan("img-aaaa3", server, ancestor)
@@ -209,7 +211,7 @@ def test_pruning_and_giving_up_touch_only_bbsnaps_checkpoints(data):
     snapshot_chain.prune(hv, "dom", keep="bbsnap-img-aaaa2")  # type: ignore[arg-type]
     assert hv.names == {"bbsnap-img-aaaa2", change_tracking.CHECKPOINT, "backup-tool-7",
                         "bbsnapshot-of-someone"}
-    snapshot_chain.give_up(hv, data, "dom")  # type: ignore[arg-type]
+    snapshot_chain.give_up(hv, data.server_dir("dom"), "dom")  # type: ignore[arg-type]
     assert hv.names == {"backup-tool-7", "bbsnapshot-of-someone"}
 
 

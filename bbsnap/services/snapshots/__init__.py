@@ -9,7 +9,9 @@ Read the modules in this order; each step names the next:
    (``state/catalogue.py``), freezes the guest through its agent, fixes the instant with a
    push-mode backup (``hypervisor``'s ``begin_backup``), thaws, and hands the lock to a
    detached worker. ``--memory`` adds the RAM and device state at the same instant
-   (``memory.py``).
+   (``memory.py``). A snapshot with no login user to take (no ``--username``, no ancestor:
+   a domain bbsnap did not create) then asks the guest agent who is logged in
+   (``login_user.py``).
 2. ``worker.py`` — the worker's command line (``python -m
    bbsnap.services.snapshots.worker finish-snapshot IMG --lock-fd N``), built by the
    command and parsed here; it checks it holds the inherited lock, then runs:
@@ -20,6 +22,9 @@ Read the modules in this order; each step names the next:
 4. ``wait.py`` — ``--wait``: polls the catalogue until the images settle, running crash
    recovery (``services/recovery.py``) between polls, so a worker killed meanwhile is
    adopted or failed.
+
+``timeline.py``: when each of the worker's steps ended, written into its log for
+``scripts/bench_snapshot.py``'s breakdown of a full copy's time until available.
 
 ``change_tracking.py`` holds the dirty bitmap every bbsnap server's disk is born with, which
 the first snapshot's incremental copy starts from.

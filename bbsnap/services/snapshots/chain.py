@@ -68,6 +68,7 @@ class ServerDisk:
     domain: str
     domain_uuid: str
     disk: DiskInfo
+    directory: Path             # the server's directory (services/server_disks.py)
 
 
 class ChainPlanner:
@@ -125,8 +126,7 @@ class ChainPlanner:
         if ancestor is None or not ancestor.path:
             return None
         ancestor_file = self._data_dir.image_path(ancestor.path)
-        if not change_tracking.usable(self._data_dir, server.domain, [server.disk],
-                                      ancestor_file):
+        if not change_tracking.usable(server.directory, [server.disk], ancestor_file):
             return None
         change_tracking.ensure_registered(self._hv, server.domain, server.disk.target)
         return change_tracking.CHECKPOINT
@@ -150,10 +150,11 @@ def disk_identity(path: Path) -> str:
     return f"{found.st_dev}:{found.st_ino}"
 
 
-def give_up(hv: Hypervisor, data_dir: DataDir, domain: str) -> None:
+def give_up(hv: Hypervisor, directory: Path, domain: str) -> None:
     """The domain's bitmaps can't be trusted any more (QEMU died without storing them):
-    forget bbsnap's checkpoints of it, and the disk's birth bitmap."""
-    change_tracking.give_up(hv, data_dir, domain)
+    forget bbsnap's checkpoints of it, and the disk's birth bitmap (*directory*: the
+    server's)."""
+    change_tracking.give_up(hv, directory, domain)
     for name in hv.checkpoints(domain):
         if name.startswith(PREFIX):
             hv.delete_checkpoint(domain, name)

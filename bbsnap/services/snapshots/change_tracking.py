@@ -54,8 +54,9 @@ def new_tracked_overlay(data_dir: DataDir, image_id: str, image_file: Path, size
     (dest.parent / MARKER).write_text(f"{dest.name}\n")
 
 
-def usable(data_dir: DataDir, domain: str, disks: list[DiskInfo], ancestor_file: Path) -> bool:
-    """Whether a snapshot of *domain* may copy only the tracked clusters of its one disk."""
+def usable(directory: Path, disks: list[DiskInfo], ancestor_file: Path) -> bool:
+    """Whether a snapshot may copy only the tracked clusters of the server's one disk
+    (*directory*: the server's, services/server_disks.py)."""
     if len(disks) != 1:
         return False  # multi-disk servers keep the full copy of every disk at one instant
     disk = disks[0]
@@ -63,7 +64,7 @@ def usable(data_dir: DataDir, domain: str, disks: list[DiskInfo], ancestor_file:
         return False
     if Path(disk.backing).resolve() != ancestor_file.resolve():
         return False  # re-based by someone else: the bitmap no longer describes a delta on it
-    marker = data_dir.server_dir(domain) / MARKER
+    marker = directory / MARKER
     try:
         return marker.read_text().strip() == Path(disk.path).name
     except OSError:
@@ -76,7 +77,7 @@ def ensure_registered(hv: Hypervisor, domain: str, device: str) -> None:
         hv.redefine_checkpoint(domain, CHECKPOINT, device)
 
 
-def give_up(hv: Hypervisor, data_dir: DataDir, domain: str) -> None:
+def give_up(hv: Hypervisor, directory: Path, domain: str) -> None:
     """The bitmap can't be trusted any more: its snapshots make full copies from now on."""
-    (data_dir.server_dir(domain) / MARKER).unlink(missing_ok=True)
+    (directory / MARKER).unlink(missing_ok=True)
     hv.delete_checkpoint(domain, CHECKPOINT)

@@ -32,6 +32,26 @@ Mechanism, as measured on Debian 12's libvirt 9.0 / QEMU 7.2 (TCG, 128 MiB tiny 
   disk file holds one internal snapshot, named ``bbsnap-<image id>``. The copy makes no
   checkpoint: the chain of disk-only snapshots goes on from the previous one, whose
   bitmap QEMU stored on inactivation and loads again.
+- Where the pause goes (this session, scripts/bench_memory.py's breakdown, tiny guest under
+  TCG, libvirt's SUSPENDED/RESUMED events): 130-220 ms at 1 GiB and 125-175 ms at 256 MiB
+  from QEMU stopping the guest to it running again, made of QEMU's final pass (its own
+  ``downtime``: 11-48 ms), libvirt ending the save after QEMU's stream completed (60-120
+  ms: job stats, migration parameters reset, the save header finished — nothing bbsnap can
+  shorten), the internal snapshot (qemu-img: 20-70 ms) and the resume (12-33 ms). It does
+  not grow with RAM: QEMU sends a zero page as a few bytes, so the stream is what the guest
+  used (109 MiB at 256 MiB, 121 MiB at 1 GiB). Tried: a lower max downtime (10 ms instead
+  of 30): the final pass is already that short (QEMU has a few MiB left at 300-600 MB/s);
+  postcopy: impossible for a save (postcopy needs a destination QEMU that asks for pages;
+  libvirt's postcopy is a migration flag, not a snapshot one); a cheaper internal snapshot:
+  ``qemu-img snapshot -c`` took 31 ms (median of 10 on a 1 GiB qcow2), of which 11 ms is
+  starting qemu-img and ~15 ms its flushes; with ``cache.no-flush=on`` 17 ms, not used (the
+  guest's own disk's metadata left unflushed: a host crash could corrupt it). Left to try:
+  running qemu-img while libvirt ends the save (QEMU lets go of the disks at the end of its
+  final pass; qemu-img's image lock refuses it before, so it cannot write early), which
+  would hide most of its 20-70 ms. Outside the pause the guest can stall too: on a loaded
+  host the tick loop showed gaps of 185-340 ms after the command had returned, while the
+  worker copied the disk and deleted the internal snapshot through QEMU (QMP, which runs
+  under QEMU's big lock); the benchmark prints the longest such stall apart.
 - The save file is libvirt's save-image format (a header with the domain definition, then
   QEMU's migration stream), so ``virDomainRestoreFlags`` restores it with a rewritten
   definition (services/memory_restore.py). libvirt writes it raw (its compression is a
@@ -55,25 +75,19 @@ removed (the memory file is one), so no image is available without its memory fi
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
-import isal.igzip as igzip
-
 from bbsnap.disks import qemu_img
 from bbsnap.errors import BbsnapError, ConflictError, HypervisorError, NotFoundError
 from bbsnap.hypervisor import DomainState, Hardware, Hypervisor, PauseCause
-from bbsnap.state.layout import FILE_MODE, DataDir
+from bbsnap.state.layout import DataDir
 from bbsnap.models import SnapshotJob
-from bbsnap import safe_files
+from bbsnap.services import memory_file
 
 MAX_DOWNTIME_MS = 30      # QEMU's final pass target (its default 300 ms is the whole pause)
 RESUME_WAIT = 120.0       # seconds to get a paused guest running again (libvirtd restarting)
-COMPRESS_LEVEL = 1        # ISA-L level 1: ~1 GB/s here, and a saved RAM is mostly zero pages
-CHUNK = 1024 * 1024
-MEMORY_SUFFIX = ".memory.gz"
 
 
 def work_file(data_dir: DataDir, image_id: str) -> Path:
@@ -83,7 +97,7 @@ def work_file(data_dir: DataDir, image_id: str) -> Path:
 
 
 def stored_name(image_id: str) -> str:
-    return f"{image_id}{MEMORY_SUFFIX}"
+    return f"{image_id}{memory_file.SUFFIX}"
 
 
 def check_saveable(server_id: str, hardware: Hardware) -> None:
@@ -119,7 +133,18 @@ def capture(hv: Hypervisor, data_dir: DataDir, image_id: str, job: SnapshotJob,
         resume_unless_user_paused(hv, domain)
         forget_disk_states(hv, job, image_id)
         raise
-    resume_unless_user_paused(hv, domain)
+    resume_after_save(hv, domain)
+
+
+def resume_after_save(hv: Hypervisor, domain: str) -> None:
+    """The guest running again once the save returned: every call here is part of its
+    pause, so the save's end is not asked again (two calls, not three); a failing call
+    (libvirtd going away) takes the patient path."""
+    try:
+        if hv.pause_cause(domain) is PauseCause.OTHER:
+            hv.resume(domain)
+    except HypervisorError:
+        resume_unless_user_paused(hv, domain)
 
 
 def copy_disks(job: SnapshotJob, image_id: str,
@@ -188,15 +213,9 @@ def store(data_dir: DataDir, image_id: str) -> tuple[str, int]:
         if final.is_file():  # stored by a worker killed before the image turned available
             return name, final.stat().st_size
         raise BbsnapError(f"the memory file of {image_id} is missing")
-    partial = data_dir.tmp_dir / f"{image_id}.memory.gz.partial"
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
-    with os.fdopen(fd, "wb") as sink, raw.open("rb") as source:
-        with igzip.IGzipFile(fileobj=sink, mode="wb", compresslevel=COMPRESS_LEVEL) as packed:
-            while chunk := source.read(CHUNK):
-                packed.write(chunk)
-    safe_files.publish(partial, final, mode=FILE_MODE)
+    size = memory_file.pack(raw, data_dir.tmp_dir / f"{name}.partial", final)
     raw.unlink()
-    return name, final.stat().st_size
+    return name, size
 
 
 def check(hv: Hypervisor, server_id: str, state: DomainState) -> None:

@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     from bbsnap.hypervisor.libvirt_adapter import LibvirtHypervisor
     from bbsnap.state.layout import DataDir
     from bbsnap.services.snapshots.finish import SnapshotFinisher
+    from bbsnap.services.snapshots import timeline as snapshot_timeline
 
+    timeline = snapshot_timeline.Timeline()
+    started = snapshot_timeline.process_start()
+    if started is not None:
+        timeline.mark("worker-started", started)
+    timeline.mark("imported")
     settings = load_settings({"data_dir": args.data_dir, "connect": args.connect})
     data_dir = DataDir.from_settings(settings).ensure()
     catalogue = Catalogue(data_dir.catalogue_path, images_dir=data_dir.images_dir)
@@ -71,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{stamp} finishing snapshot {args.image_id}", flush=True)
     try:
         finisher = SnapshotFinisher(catalogue, data_dir,
-                                    lambda: LibvirtHypervisor(settings.connect))
+                                    lambda: LibvirtHypervisor(settings.connect),
+                                    timeline=timeline)
         image = finisher.run(args.image_id)
     except BbsnapError as exc:
         print(f"{stamp} snapshot {args.image_id} failed: {exc}", flush=True)
@@ -79,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _checkpoint(catalogue)
         catalogue.close()
+        timeline.mark("checkpointed")
+        print(timeline.line(), flush=True)  # read by scripts/bench_snapshot.py
     print(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} snapshot {image.id} is "
           f"{image.status.value}", flush=True)
     os.close(args.lock_fd)  # the server's lock: released once the image is settled

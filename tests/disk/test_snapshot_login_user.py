@@ -1,0 +1,97 @@
+"""A snapshot of a domain bbsnap did not create takes its login user from the guest agent,
+on real qcow2 files against the fake hypervisor (tests/contract checks the fake's answer
+against the real agent; tests/system/test_login_user.py runs it end to end)."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from bbsnap.hypervisor import DiskSpec, DomainSpec, GuestUser
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.state.layout import DataDir
+from bbsnap.services.snapshots.start import SnapshotRequest
+from tests.disk.test_server_flows_fake import Notes, _creator, _request, _snapshots, catalogue, data
+from tests.fakes.hypervisor import FakeHypervisor
+
+__all__ = ["catalogue", "data"]  # the fixtures, shared with test_server_flows_fake
+
+MIB = 1 << 20
+USERS = [GuestUser("admin", datetime(2026, 1, 1, 8, tzinfo=timezone.utc)),
+         GuestUser("debian", datetime(2026, 1, 1, 9, tzinfo=timezone.utc)),
+         GuestUser("root", datetime(2026, 1, 1, 10, tzinfo=timezone.utc))]
+
+
+def _foreign(hv: FakeHypervisor, work_dir: Path, users: list[GuestUser]) -> str:
+    """A running domain defined as virsh would: its own disk, no bbsnap metadata."""
+    disk = work_dir / "users" / "vm.qcow2"
+    disk.parent.mkdir(exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(64 * MIB)],
+                   check=True)
+    name = "vm-" + uuid.uuid4().hex[:6]
+    hv.define(DomainSpec(name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1,
+                         accel="tcg", disks=(DiskSpec(disk),),
+                         console_log=work_dir / "console.log"))
+    hv.start(name)
+    hv.set_guest_users(name, users)
+    return name
+
+
+def test_the_agents_most_recent_non_root_user_is_recorded_and_said(
+        data: DataDir, catalogue: Catalogue, work_dir: Path):
+    hv = FakeHypervisor()
+    name = _foreign(hv, work_dir, USERS)
+    notes = Notes()
+    image = _snapshots(data, catalogue, hv, notes).begin(SnapshotRequest(name))
+    assert image.username == "debian" and catalogue.get(image.id).username == "debian"
+    (note,) = [n for n in notes.lines if "logged-in" in n]
+    assert note.startswith("note:") and f"recorded as {image.id}'s login user" in note
+    # asked once the instant was fixed, never inside the freeze window
+    calls = hv.calls
+    assert calls.index("logged_in_users") > calls.index("thaw") > calls.index("begin_backup")
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["--username", "--no-quiesce"])
+def test_a_given_username_is_not_asked_about_and_no_quiesce_still_asks(
+        data: DataDir, catalogue: Catalogue, work_dir: Path, given: bool):
+    hv = FakeHypervisor()
+    name = _foreign(hv, work_dir, USERS)
+    request = (SnapshotRequest(name, username="cloud") if given
+               else SnapshotRequest(name, quiesce=False))
+    image = _snapshots(data, catalogue, hv).begin(request)
+    assert image.username == ("cloud" if given else "debian")
+    assert ("logged_in_users" in hv.calls) is not given
+
+
+@pytest.mark.parametrize("agent", ["silent", "none", "root-only"])
+def test_without_an_answer_naming_a_user_the_image_records_none(
+        data: DataDir, catalogue: Catalogue, work_dir: Path, agent: str):
+    hv = FakeHypervisor()
+    name = _foreign(hv, work_dir, [USERS[2]] if agent == "root-only" else USERS)
+    if agent == "silent":
+        hv.silence_agent(name)
+    elif agent == "none":
+        hv.set_guest_users(name, [])
+    notes = Notes()
+    image = _snapshots(data, catalogue, hv, notes).begin(SnapshotRequest(name))
+    assert image.username is None and not [n for n in notes.lines if "logged-in" in n]
+    # a freeze that just failed proves the agent absent or silent: not asked again
+    assert ("logged_in_users" in hv.calls) is (agent != "silent")
+
+
+def test_a_stopped_domain_or_a_bbsnap_server_with_an_ancestor_is_not_asked(
+        data: DataDir, catalogue: Catalogue, work_dir: Path):
+    hv = FakeHypervisor()
+    name = _foreign(hv, work_dir, USERS)
+    hv.destroy(name)
+    assert _snapshots(data, catalogue, hv).begin(SnapshotRequest(name)).username is None
+    creator, _ = _creator(data, catalogue, hv, work_dir)
+    server = creator.create(_request(work_dir))
+    hv.set_guest_users(server.id, [GuestUser("someone", USERS[1].login_time)])
+    image = _snapshots(data, catalogue, hv).begin(SnapshotRequest(server.id))
+    assert image.username == "debian" and image.ancestor_id == "img-base0"  # inherited
+    assert "logged_in_users" not in hv.calls

@@ -1,0 +1,93 @@
+"""Full copies (issue #15): the first snapshot of a domain bbsnap did not make copies its
+standalone disk whole, through QEMU's push-mode backup job, the copy written out while QEMU
+makes it, and the finished file vetted by its header.
+
+The copy must be exactly the disk at the snapshot's instant although the guest keeps
+writing during the copy (its counter, and writes over the very data being copied), and
+a worker SIGKILLed mid-copy must be adopted by the next command and finish the same copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import uuid
+from pathlib import Path
+
+from bbsnap.disks import qemu_img
+from bbsnap.hypervisor import DiskSpec, DomainSpec, NicSpec
+from bbsnap.tinyguest import READY_LINE, read_counter
+from tests.system.conftest import (image_record, set_backup_speed, wait_for_console_line,
+                                   wait_settled, wait_until, write_into_running_disk)
+from tests.system.test_change_tracking import paused
+
+
+def job_token(cloud, image_id: str) -> str | None:
+    with sqlite3.connect(cloud.data_dir / "catalogue.sqlite3") as db:
+        return db.execute("SELECT job FROM images WHERE id = ?", (image_id,)).fetchone()[0]
+
+
+def test_full_copy_is_the_disk_at_its_instant_while_the_guest_writes_and_a_killed_worker_is_adopted(
+        cloud, hypervisor, domains, work_dir, tiny_guest_image):
+    disk = work_dir / "foreign.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tiny_guest_image), str(disk)],
+                   check=True)
+    subprocess.run(["qemu-img", "resize", "-q", str(disk), "1G"], check=True)
+    # 256 MiB of data past the guest's partition: the copy runs long enough to be slowed.
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 512M 256M", str(disk)],
+                   check=True, capture_output=True)
+    name = domains.new_name()
+    console = work_dir / "console.log"
+    hypervisor.define(DomainSpec(
+        name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1, accel="tcg",
+        disks=(DiskSpec(disk),), console_log=console,
+        nics=(NicSpec("52:54:00:aa:00:02"),), guest_agent=False))
+    hypervisor.start(name)
+    wait_for_console_line(console, READY_LINE)
+
+    reference = work_dir / "at-the-instant.qcow2"
+    with paused(name):
+        # Paused, the disk stands still from the instant until the reference is copied.
+        result = cloud.process("servers", "snapshot", name, "--no-quiesce")
+        assert result.exit_code == 0, result.stderr
+        image_id = result.stdout.strip()
+        (to_copy,) = set_backup_speed(name, 1)
+        assert to_copy == 1 << 30, "a full copy: the whole disk"
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", str(disk), str(reference)],
+                       check=True)
+    counted = read_counter(reference)
+    assert counted is not None
+
+    # The guest writes during the copy: its counter, and new bytes over the data QEMU has
+    # still to copy (copy-before-write must keep the old ones for the snapshot).
+    write_into_running_disk(name, "write -P 0x66 600M 64M")
+    wait_until(lambda: (read_counter(disk) or 0) > counted, 60, "the guest to count on")
+
+    worker = wait_until(lambda: job_token(cloud, image_id), 30, "the worker's token")
+    os.kill(int(worker.split(":")[0]), signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{worker.split(':')[0]}").exists(), 30, "the worker to die")
+    assert image_record(cloud, image_id)["state"] == "creating"  # this command adopts it
+    wait_until(lambda: job_token(cloud, image_id) not in (None, worker), 30, "a new worker")
+    set_backup_speed(name, 0)
+    image = wait_settled(cloud, image_id)
+    assert image["state"] == "available", image["failure_reason"]
+
+    stored = cloud.data_dir / "images" / f"{image_id}.qcow2"
+    compared = subprocess.run(["qemu-img", "compare", str(stored), str(reference)],
+                              capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    assert read_counter(stored) == counted
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(stored)],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert "backing-filename" not in info, "standalone"
+    assert image["virtual_size"] == info["virtual-size"] == 1 << 30
+    assert image["disk_size"] == os.stat(stored).st_blocks * 512 > 256 << 20
+    assert qemu_img.check(stored).clean
+    assert list((cloud.data_dir / "tmp").iterdir()) == [], "temporary files left behind"
+    # The domain's own disk is untouched: the same file, no backing file, sound.
+    assert hypervisor.disks(name)[0].path == str(disk)
+    assert qemu_img.check(disk, force_share=True).corruptions == 0
+    assert hypervisor.info(name).state.value == "running"

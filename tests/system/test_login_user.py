@@ -1,0 +1,93 @@
+"""The login user of a domain bbsnap did not create, taken from its guest agent at snapshot
+time, under the real libvirtd (TCG) with the tiny guest's real qemu-ga.
+
+The domain is defined through plain libvirt XML (as virsh or virt-manager would), with a
+guest-agent channel. Its tiny guest's utmp says root, "tiny" and an older user are logged in:
+the snapshot records "tiny" and says so, and `servers ssh` on a clone logs in as tiny with no
+-l. A domain whose agent is absent records no user (servers ssh then names the one to pass).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+from bbsnap.tinyguest import READY_LINE
+from bbsnap.tinyguest.logins import LOGIN_USER
+from tests.system.conftest import (console_path, create_server, define_xml,
+                                   wait_for_console_line, wait_settled, wait_until)
+
+
+def _domain_xml(name: str, disk: Path, log: Path, *, agent: bool) -> str:
+    channel = ("<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/>"
+               "</channel>") if agent else ""
+    return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory>"
+            "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>"
+            "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<source file={quoteattr(str(disk))}/><target dev='vda' bus='virtio'/></disk>"
+            f"<serial type='file'><source path={quoteattr(str(log))}/></serial>"
+            f"{channel}<memballoon model='none'/></devices></domain>")
+
+
+def _agent_answers(domain: str) -> bool:
+    import libvirt
+    import libvirt_qemu
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        libvirt_qemu.qemuAgentCommand(conn.lookupByName(domain), '{"execute": "guest-ping"}',
+                                      2, 0)
+        return True
+    except libvirt.libvirtError:
+        return False
+    finally:
+        conn.close()
+
+
+def _foreign(domains, work_dir: Path, tiny_guest_image: Path, *, agent: bool) -> str:
+    name = domains.new_name()
+    disk = work_dir / f"{name}.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tiny_guest_image), str(disk)],
+                   check=True)
+    log = work_dir / f"{name}.log"
+    define_xml(_domain_xml(name, disk, log, agent=agent))
+    subprocess.run(["virsh", "-q", "-c", "qemu:///system", "start", name], check=True,
+                   capture_output=True)
+    wait_for_console_line(log, READY_LINE)
+    if agent:  # libvirt sees the agent's channel connect a little after qemu-ga starts
+        wait_until(lambda: _agent_answers(name), 60, "the guest agent to answer")
+    return name
+
+
+def test_the_agents_login_user_is_recorded_and_a_clone_is_reached_as_that_user(
+        cloud, domains, work_dir, tiny_guest_image):
+    name = _foreign(domains, work_dir, tiny_guest_image, agent=True)
+    done = cloud("servers", "snapshot", name)
+    assert done.exit_code == 0, done.stderr
+    snapshot = done.stdout.strip()
+    assert (f"the guest agent of {name} reports {LOGIN_USER} as the most recently logged-in "
+            f"user other than root: recorded as {snapshot}'s login user") in done.stderr
+    record = wait_settled(cloud, snapshot)
+    assert (record["state"], record["username"], record["ancestor_id"]) == (
+        "available", LOGIN_USER, None)
+    assert record["consistency"] == "quiesced"
+
+    key = work_dir / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (clone,) = create_server(cloud, "--ssh-key", f"{key}.pub", image=snapshot)
+    wait_for_console_line(console_path(cloud, clone["id"]), "BBSNAP-SSH started")
+    reached = cloud.process("servers", "ssh", clone["id"], "-i", str(key), "--", "id -un",
+                            timeout=120)
+    assert reached.exit_code == 0, reached.stderr
+    assert reached.stdout.strip() == LOGIN_USER
+    assert cloud("servers", "destroy", clone["id"]).exit_code == 0
+
+
+def test_without_an_agent_no_login_user_is_recorded(cloud, domains, work_dir,
+                                                    tiny_guest_image):
+    name = _foreign(domains, work_dir, tiny_guest_image, agent=False)
+    done = cloud("servers", "snapshot", name)
+    assert done.exit_code == 0, done.stderr
+    assert "logged-in" not in done.stderr and "crash-consistent" in done.stderr
+    assert wait_settled(cloud, done.stdout.strip())["username"] is None
