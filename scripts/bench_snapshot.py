@@ -4,7 +4,8 @@
 In one run (needs libvirtd; the tiny guest is built if needed):
   1. `bbsnap servers snapshot` latency (until the command returns, the point in time fixed)
      against `virsh snapshot-create-as --disk-only --atomic --no-metadata` on the same guest
-     (goal <= 2x);
+     (printed; that goal is retired for the one against `--quiesce`, the same work, which
+     bench_guest_view, run at the end, measures);
   2. that latency on a guest with a 64 MiB disk against one with an 8 GiB-virtual disk
      holding ~1 GiB (goal ratio <= 1.5);
   3. time until the image is available against `qemu-img convert -W` of the same disk
@@ -283,7 +284,7 @@ def main() -> None:
         for label, times in (("CLI", cli), ("API", api)):
             s, b = times[small], times[big]
             print(f"{'bbsnap snapshot latency (' + label + '), 64 MiB disk':58} {s * 1000:7.1f}ms  "
-                  f"{s / virsh_time:.2f} vs virsh (goal <= 2: {verdict(s / virsh_time <= 2)})")
+                  f"{s / virsh_time:.2f} vs virsh (goal retired: vs --quiesce below)")
             print(f"{'bbsnap snapshot latency (' + label + '), 8 GiB disk, 1 GiB data':58} "
                   f"{b * 1000:7.1f}ms  {b / s:.2f} vs 64 MiB (goal <= 1.5: {verdict(b / s <= 1.5)})")
         print(f"{'  floor: python3 start-up':58} {floor['start'] * 1000:7.1f}ms  "
@@ -314,6 +315,10 @@ def main() -> None:
         assert isinstance(steps, dict)
         for step, seconds in steps.items():
             print(f"{'    ' + step:58} {seconds * 1000:7.1f}ms")
+    if not only_full_copy:
+        # The guest's view and the CLI against quiescing virsh, on guests of their own.
+        import bench_guest_view
+        bench_guest_view.main()
 
 
 def worker_timeline(log: Path) -> Timeline | None:

@@ -13,6 +13,8 @@
 #   BBSNAP-NET <addr> | BBSNAP-NET none
 #   BBSNAP-SSH started | BBSNAP-SSH none   dropbear on port 22 (root, key auth only;
 #                               keys from the seed's user-data) | no keys or no dropbear
+#   BBSNAP-WRITELOOP started    the write-and-fsync loop runs (only when the seed's user-data
+#                               has a line "bbsnap_writeloop: true"; see writeloop below)
 #   BBSNAP-TINY-READY           boot finished: modules, counter, agent, ssh are up
 #   BBSNAP-WARN <text>          something optional failed (never fatal)
 #   BBSNAP-POWEROFF             shutting down on request (ACPI button, agent, signal)
@@ -109,6 +111,58 @@ start_counter() {
     echo "BBSNAP-COUNTER $start"
     counter_loop "$start" &
     mem_counter_loop &
+}
+
+# --- write-and-fsync loop ----------------------------------------------------------------
+# What the guest feels during a snapshot (bbsnap/tinyguest/writeloop.py reads it from the
+# host). Off unless the seed's user-data asks for it, so every other guest is unchanged.
+# A tight loop: one 4 KiB direct write + fsync, each at the next 64 KiB slot (one qcow2
+# cluster) of a region of partition 1's free space past its files (they end below 39 MiB;
+# nothing mounts the partition), so a copy in progress meets fresh clusters, as a guest
+# writing new data would. Each completed write appends "<start> <end>" (the guest's
+# $EPOCHREALTIME, microseconds) to $WRITELOOP_LOG: the host empties the file to open a
+# window and reads it to close one, through the agent. While $WRITELOOP_OFF exists the loop
+# idles (so other measurements on the same guest are not loaded by it).
+WRITELOOP_LOG=/run/writeloop.log
+WRITELOOP_OFF=/run/writeloop.off
+WRITELOOP_FIRST=11264   # in 4 KiB blocks: byte 44 MiB
+WRITELOOP_SLOTS=320     # 16 blocks (64 KiB) apart: up to byte 64 MiB, the smallest test disk
+
+writeloop_wanted() {
+    [ -f "$USER_DATA" ] && grep -q '^bbsnap_writeloop:[[:space:]]*true[[:space:]]*$' "$USER_DATA"
+}
+
+writeloop() {
+    block=/run/writeloop.block
+    # 4096 non-zero bytes made by builtins (the RNG may not be ready this early at boot).
+    i=0
+    while [ "$i" -lt 512 ]; do printf 'BBSNAPWL'; i=$((i + 1)); done >"$block"
+    slot=0
+    while :; do
+        if [ -e "$WRITELOOP_OFF" ]; then
+            usleep 100000
+            continue
+        fi
+        t0=$EPOCHREALTIME
+        if dd if="$block" of=/dev/vda bs=4096 seek=$((WRITELOOP_FIRST + slot * 16)) count=1 \
+            conv=notrunc,fsync oflag=direct 2>/dev/null; then
+            echo "$t0 $EPOCHREALTIME" >>"$WRITELOOP_LOG"
+        else
+            warn "writeloop write failed"
+            usleep 100000
+        fi
+        slot=$(((slot + 1) % WRITELOOP_SLOTS))
+    done
+}
+
+start_writeloop() {
+    writeloop_wanted || return
+    if [ ! -b /dev/vda ]; then
+        warn "no /dev/vda: writeloop not running"
+        return
+    fi
+    writeloop &
+    echo "BBSNAP-WRITELOOP started"
 }
 
 # --- cloud-init style seed ----------------------------------------------------------
@@ -296,6 +350,7 @@ read_seed
 start_agent
 start_network
 start_ssh
+start_writeloop
 echo "BBSNAP-TINY-READY"
 
 # Idle forever. `sleep & wait` rather than a foreground sleep: ash runs traps
