@@ -33,6 +33,7 @@ from bbsnap.services.memory_restore import mismatches
 from bbsnap.tinyguest import READY_LINE
 from bbsnap.tinyguest.logins import SESSIONS
 from tests.fakes.hypervisor import FakeHypervisor
+from tests.system.conftest import agent_answers
 
 MIB = 1 << 20
 PREFIX = "bbsnap-test-contract-"
@@ -94,7 +95,7 @@ class Side:
                 _wait(lambda: READY_LINE in _text(spec.console_log), 240, "the guest to boot")
                 # qemu-ga is started before the ready line, and libvirt sees its channel
                 # connect a little later: asked of the agent itself, not through the port.
-                _wait(lambda: _agent_pings(spec.name), 60, "the guest agent to answer")
+                _wait(lambda: agent_answers(spec.name), 60, "the guest agent to answer")
             self._guest = spec
         return self._guest
 
@@ -147,21 +148,6 @@ def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-unty
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.1)
-
-
-def _agent_pings(domain: str) -> bool:
-    import libvirt
-    import libvirt_qemu
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        libvirt_qemu.qemuAgentCommand(conn.lookupByName(domain), '{"execute": "guest-ping"}',
-                                      2, 0)
-        return True
-    except libvirt.libvirtError:
-        return False
-    finally:
-        conn.close()
 
 
 def _text(path: Path) -> str:

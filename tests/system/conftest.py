@@ -196,6 +196,22 @@ def qemu_monitor(domain: str, command: str, *, hmp: bool = False) -> str:
         conn.close()
 
 
+def agent_answers(domain: str) -> bool:
+    """Whether the running domain's guest agent answers a ping (through libvirt)."""
+    import libvirt
+    import libvirt_qemu
+
+    conn = libvirt.open(URI)
+    try:
+        libvirt_qemu.qemuAgentCommand(conn.lookupByName(domain), '{"execute": "guest-ping"}',
+                                      2, 0)
+        return True
+    except libvirt.libvirtError:
+        return False
+    finally:
+        conn.close()
+
+
 def write_into_running_disk(domain: str, command: str) -> None:
     """Run a qemu-io *command* (e.g. "write -P 0x44 512M 256M") on the running domain's first
     virtio disk, through the device's own block backend: the writes take the guest's path, so

@@ -15,7 +15,7 @@ from xml.sax.saxutils import quoteattr
 
 from bbsnap.tinyguest import READY_LINE
 from bbsnap.tinyguest.logins import LOGIN_USER
-from tests.system.conftest import (console_path, create_server, define_xml,
+from tests.system.conftest import (agent_answers, console_path, create_server, define_xml,
                                    wait_for_console_line, wait_settled, wait_until)
 
 
@@ -30,21 +30,6 @@ def _domain_xml(name: str, disk: Path, log: Path, *, agent: bool) -> str:
             f"{channel}<memballoon model='none'/></devices></domain>")
 
 
-def _agent_answers(domain: str) -> bool:
-    import libvirt
-    import libvirt_qemu
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        libvirt_qemu.qemuAgentCommand(conn.lookupByName(domain), '{"execute": "guest-ping"}',
-                                      2, 0)
-        return True
-    except libvirt.libvirtError:
-        return False
-    finally:
-        conn.close()
-
-
 def _foreign(domains, work_dir: Path, tiny_guest_image: Path, *, agent: bool) -> str:
     name = domains.new_name()
     disk = work_dir / f"{name}.qcow2"
@@ -56,7 +41,7 @@ def _foreign(domains, work_dir: Path, tiny_guest_image: Path, *, agent: bool) ->
                    capture_output=True)
     wait_for_console_line(log, READY_LINE)
     if agent:  # libvirt sees the agent's channel connect a little after qemu-ga starts
-        wait_until(lambda: _agent_answers(name), 60, "the guest agent to answer")
+        wait_until(lambda: agent_answers(name), 60, "the guest agent to answer")
     return name
 
 
