@@ -196,3 +196,18 @@ def test_an_exports_work_file_is_kept_while_its_job_lives_and_reclaimed_after(bb
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_foreign_domains_directory_is_kept_while_the_domain_lives(bbsnap, work_dir):
+    """dom-<uuid>/: the disks a revert gave a domain bbsnap did not create."""
+    _import(bbsnap, work_dir)
+    test_domain = subprocess.run(["virsh", "-c", OTHER, "domuuid", "test"], check=True,
+                                 capture_output=True, text=True).stdout.strip()
+    live = _server_dir(bbsnap, f"dom-{test_domain}", (OTHER, test_domain))
+    gone_uuid = "0b9d7c1e-0000-4000-8000-00000000dead"
+    gone = _server_dir(bbsnap, f"dom-{gone_uuid}", (OTHER, gone_uuid))
+    fixed = bbsnap("-c", OTHER, "doctor", "--fix")
+    assert fixed.exit_code in (0, 1), fixed.stderr
+    assert (live / "disk.qcow2").exists(), "its domain is there: not an orphan"
+    assert not gone.exists()
+    assert _quarantined(bbsnap)[0].endswith(f"servers/dom-{gone_uuid}/disk.qcow2")
