@@ -25,7 +25,7 @@ from bbsnap.services import memory_restore, rebuild_journal, revert, server_disk
 from bbsnap.services.snapshots import change_tracking
 from bbsnap.services.compensation import Compensation
 from bbsnap.services.revert import DiskSource
-from bbsnap.services.server_origin import write_origin
+from bbsnap.services.server_origin import read_origin, write_origin
 from bbsnap.services.server_records import server_from_domain
 
 DEFAULT_STOP_TIMEOUT = 60.0
@@ -187,6 +187,7 @@ class ServerService:
             if not directory.exists():  # a foreign domain's first revert
                 self._data_dir.make_dir(directory)  # QEMU's user may enter it, nobody else
                 undo.push(f"the directory {directory}", lambda: shutil.rmtree(directory))
+            if not server.managed and read_origin(directory) is None:  # a killed first revert's too
                 write_origin(directory, self._connect, server.uuid)
             journal = rebuild_journal.RebuildJournal(
                 token=current_job_token(), server_id=server.id, uuid=server.uuid, swaps=swaps,
