@@ -122,11 +122,14 @@ class AppContext:
         return base_argv(str(self.data_dir.root), self.settings.connect)
 
     def _adopt_snapshot(self, image_id: str, lock: Any) -> None:
-        """Recovery: a new worker finishes (or cleanly fails) an orphaned snapshot."""
+        """Recovery: a new worker finishes (or cleanly fails) an orphaned snapshot: a new
+        interpreter, not a fork of this command, whose connections are its own."""
         from bbsnap.services.snapshots.start import spawn_finisher
+        from bbsnap.services.snapshots.worker import ExecWorker
 
         assert self._catalogue is not None
-        spawn_finisher(self.worker_argv(), self.data_dir, self._catalogue, image_id, lock)
+        spawn_finisher(ExecWorker(self.worker_argv()), self.data_dir, self._catalogue,
+                       image_id, lock)
 
     def exporter(self) -> "ImageExporter":
         from bbsnap.services.image_export import ImageExporter
@@ -142,7 +145,10 @@ class AppContext:
     def snapshots(self) -> "SnapshotService":
         from bbsnap.services.snapshots.start import SnapshotService
 
-        return SnapshotService(self.catalogue, self.data_dir, self.hypervisor, self.worker_argv(),
+        from bbsnap.services.snapshots.worker import ForkedWorker
+
+        worker = ForkedWorker(str(self.data_dir.root), self.settings.connect)
+        return SnapshotService(self.catalogue, self.data_dir, self.hypervisor, worker,
                                max_chain_depth=self.settings.max_chain_depth,
                                reporter=self.reporter)
 

@@ -174,12 +174,18 @@ def snapshot_servers(app: Any, server_ids: tuple[str, ...], name: str | None, wa
     (the image shows `creating`, then private). Prints the new image ids.
     """
     from bbsnap.services.image_fields import check_username
+    from bbsnap.services.snapshots.timeline import COMMAND as timeline
+
+    timeline.mark("parsed")  # interpreter, imports, click: scripts/bench_snapshot.py
     from bbsnap.services.snapshots.start import SnapshotRequest
 
     if username is not None:
         check_username(username)  # a bad option fails before any output
+    timeline.mark("imported")
     service = app.snapshots()
+    timeline.mark("service")
     app.check_qemu_access()
+    timeline.mark("access-checked")
     started = []
 
     def snap(key: str) -> None:

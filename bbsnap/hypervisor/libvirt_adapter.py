@@ -44,6 +44,7 @@ class LibvirtHypervisor:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._conn: Any = None
+        self._answered = False  # a connection was opened once (close() does not undo that)
 
     @property
     def conn(self) -> Any:
@@ -56,12 +57,14 @@ class LibvirtHypervisor:
                 raise HypervisorError(
                     f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}",
                     hint="is libvirtd running? scripts/setup starts it") from exc
+            self._answered = True
         return self._conn
 
     @property
     def connected(self) -> bool:
-        """Whether a connection was opened (and so answered)."""
-        return self._conn is not None
+        """Whether a connection was opened (and so answered), even if closed since (a
+        snapshot closes its connection before forking its worker)."""
+        return self._answered
 
     def close(self) -> None:
         if self._conn is not None:

@@ -91,10 +91,7 @@ class Catalogue:
         if images_dir is not None and not path.exists():
             _refuse_fresh_catalogue(path, images_dir)  # before connecting creates the file
         try:
-            self._db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000,
-                                       isolation_level=None, check_same_thread=False)
-            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.row_factory = sqlite3.Row  # records are read by column name
+            self._conn: sqlite3.Connection | None = self._connect()
             if images_dir is not None and self._is_fresh():
                 try:
                     _refuse_fresh_catalogue(path, images_dir)
@@ -102,15 +99,49 @@ class Catalogue:
                     self._db.close()
                     raise
             self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
-            self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
             self._files = self._file_identities()
         except sqlite3.Error as exc:
             raise CatalogueError(f"cannot open the image catalogue {path}: {exc}") from exc
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000,
+                             isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.row_factory = sqlite3.Row  # records are read by column name
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+        return db
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:  # put aside (before a fork): this process's own again
+            try:
+                self._conn = self._connect()
+                self._conn.execute("SELECT 1 FROM images LIMIT 1").fetchall()  # opens the WAL
+            except sqlite3.Error as exc:
+                raise CatalogueError(f"cannot open the image catalogue {self.path}: "
+                                     f"{exc}") from exc
+            # Closing may have removed the WAL (the last connection checkpoints it into the
+            # main file and deletes it): the one open now is ours; the main file must not
+            # have changed.
+            self._files = (self._files[0], self._file_identities()[1])
+        return self._conn
+
     def close(self) -> None:
-        self._db.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def put_aside(self) -> None:
+        """Close the connection until the next use reopens it, keeping what this object
+        knows (the rows it touched, the files it opened). Before a fork: SQLite keeps its
+        open files' lock state in the process, so a child that inherits a connection and
+        opens its own would trust locks it does not hold (SQLite's "how to corrupt" page:
+        do not carry an open connection across fork)."""
+        if self._depth:
+            raise CatalogueError("the catalogue cannot be put aside inside a transaction")
+        self.close()
 
     # -- durability ---------------------------------------------------------------------------
 

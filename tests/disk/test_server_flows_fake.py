@@ -25,6 +25,7 @@ from bbsnap.services.server_create import CreateRequest, ServerCreator
 from bbsnap.services.snapshots import change_tracking
 from bbsnap.services.servers import ServerService
 from bbsnap.services.snapshots.start import SnapshotRequest, SnapshotService
+from bbsnap.services.snapshots.worker import ExecWorker
 from tests.fakes.hypervisor import FakeHypervisor
 
 MIB = 1 << 20
@@ -162,7 +163,7 @@ class Notes(SilentReporter):
 def _snapshots(data: DataDir, catalogue: Catalogue, hv: FakeHypervisor,
                notes: Notes | None = None) -> SnapshotService:
     # The worker is `true`: it exits at once, the copy is the test's to finish or not.
-    return SnapshotService(catalogue, data, hv, ["true"], reporter=notes or Notes())
+    return SnapshotService(catalogue, data, hv, ExecWorker(["true"]), reporter=notes or Notes())
 
 
 def test_a_snapshot_of_a_new_server_copies_what_it_wrote_since_its_birth(data, catalogue,

@@ -43,8 +43,12 @@ class SnapshotFailed(BbsnapError):
 
 class SnapshotFinisher:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir,
-                 connect: Callable[[], Hypervisor], *, timeline: Timeline | None = None) -> None:
+                 connect: Callable[[], Hypervisor], *, timeline: Timeline | None = None,
+                 handed_over: Callable[[], None] | None = None) -> None:
         self._catalogue = catalogue
+        # Returns once the command that forked this worker has made its last change to the
+        # image's row (worker.ForkedWorker): only then may the row turn available or failed.
+        self._handed_over = handed_over or (lambda: None)
         self._data_dir = data_dir
         self._connect = connect
         self._timeline = timeline or Timeline()  # when each step ended (the benchmark's breakdown)
@@ -87,8 +91,10 @@ class SnapshotFinisher:
             memory = (memory_hook.store(self._data_dir, image_id) if job.mode == "memory"
                       else None)
         except BaseException as exc:
+            self._handed_over()
             self._fail(image_id, job, _reason(exc))
             raise
+        self._handed_over()
         primary = volumes[0]
         image = self._catalogue.finish_snapshot(
             image_id, volumes[1:], status=ImageStatus.AVAILABLE, path=primary.path,

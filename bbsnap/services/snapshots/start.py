@@ -44,7 +44,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bbsnap import ids, proc
+from bbsnap import ids
 from bbsnap.state import locks
 from bbsnap.disks import qemu_img
 from bbsnap.state.catalogue import Catalogue, utcnow
@@ -54,7 +54,7 @@ from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskInfo, DomainState, 
 from bbsnap.state.process_tokens import current_job_token, token_for_pid
 from bbsnap.state.layout import DataDir
 from bbsnap.reporting import SILENT, Reporter
-from bbsnap.services.snapshots.worker import finish_snapshot_argv
+from bbsnap.services.snapshots.worker import WorkerLauncher
 from bbsnap.models import (Consistency, Image, ImageStatus, ImageType, Server, SnapshotDisk,
                            SnapshotJob)
 from bbsnap.services import image_fields, server_disks
@@ -64,6 +64,8 @@ from bbsnap.services.snapshots import login_user
 from bbsnap.services.snapshots import memory as memory_hook
 from bbsnap.services.server_records import server_from_domain
 from bbsnap.services.snapshots.chain import ChainPlan, ChainPlanner, ServerDisk
+from bbsnap.services.snapshots.timeline import COMMAND as timeline
+from bbsnap.services.snapshots.timeline import COMMAND_PREFIX
 
 FREEZE_TIMEOUT = 5  # seconds the agent may take to freeze (or thaw) before we give up on it
 DEFAULT_MAX_CHAIN_DEPTH = 32  # files opening a snapshot may take (config: max_chain_depth)
@@ -82,19 +84,21 @@ class SnapshotRequest:
 
 class SnapshotService:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir, hypervisor: Hypervisor,
-                 worker_argv: list[str], *,
+                 launcher: WorkerLauncher, *,
                  max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
                  reporter: Reporter = SILENT) -> None:
         self._catalogue = catalogue
         self._data_dir = data_dir
         self._hv = hypervisor
-        self._worker_argv = worker_argv  # the command that runs `finish-snapshot IMG`
+        self._launcher = launcher  # starts the worker that finishes the copy (worker.py)
         self._chains = ChainPlanner(catalogue, data_dir, hypervisor, max_chain_depth)
         self._reporter = reporter
 
     def begin(self, request: SnapshotRequest) -> Image:
         """Register the image as creating, fix the point in time, hand the copy to a worker."""
+        timeline.mark("begin")
         info = self._hv.info(request.server)
+        timeline.mark("looked-up")
         lock = locks.acquire(self._data_dir.locks_dir, info.uuid,
                              on_wait=lambda: self._reporter.waiting(
                                  f"another operation on {request.server}"),
@@ -103,8 +107,10 @@ class SnapshotService:
         try:
             # Read again under the lock (a waited-for operation may have changed it), once:
             # every libvirt round trip here adds to the command's latency.
+            timeline.mark("locked")
             info = self._hv.info(info.name)
             facts = self._hv.facts(info.name)
+            timeline.mark("read")
             server = server_from_domain(self._hv, info, facts=facts)
             all_disks = facts.file_disks
             disks = [d for d in all_disks if d.writable]
@@ -129,10 +135,12 @@ class SnapshotService:
                 disks=tuple(self._plan_disk(image_id, index, disk, plan)
                             for index, disk in enumerate(disks)))
             consistency = Consistency.CRASH_CONSISTENT
+            timeline.mark("planned")
             image = self._catalogue.add(
                 self._draft(image_id, request, server, ancestor, consistency, plan.parent),
                 snapshot_job=job, depends_on=plan.parent.id if plan.parent else None,
                 chain_link=self._chains.link(image_id, chain, plan))
+            timeline.mark("registered")
             try:
                 read_only = [d.target for d in all_disks if not d.writable]
                 if job.mode == "memory":
@@ -140,21 +148,38 @@ class SnapshotService:
                 elif running:
                     consistency = self._fix_point_in_time(image_id, job, read_only,
                                                           request.quiesce, ancestor, directory)
-                # Spawned only now, not before the freeze to overlap its start-up with the
-                # backup's: on two cores with a TCG guest on one, the starting worker took
+                # Started only now, not before the freeze to overlap its start-up with the
+                # backup's: on two cores with a TCG guest on one, a starting worker took
                 # the CPU from the command (latency 0.53 -> 0.68 s) and the image was not
                 # available any sooner (0.89 -> 0.94 s, 64 MiB full copy, 6 rounds).
-                worker = _spawn_worker(self._worker_argv, self._data_dir, image.id, lock)
-                # One commit once the copy runs: each fsync now may wait behind its writeback.
-                changes: dict[str, Any] = {"consistency": consistency}
-                if worker:
-                    changes["job"] = worker
-                if self._ask_login_user(request, ancestor, job.mode, consistency):
-                    username = login_user.from_agent(self._hv, server.id, image_id,
-                                                     self._reporter)
-                    if username:
-                        changes["username"] = username
-                image = self._catalogue.update(image.id, **changes)
+                # A forked worker must not share this process's libvirt connection (one
+                # RPC stream) nor its SQLite one (catalogue.put_aside): both are closed,
+                # and reopened here if a later step needs them.
+                self._hv.close()
+                self._catalogue.put_aside()
+                timeline.mark("put-aside")
+                worker = _spawn_worker(self._launcher, self._data_dir, image.id, lock)
+                timeline.mark("forked")
+                try:
+                    # One commit once the copy runs: each fsync now may wait behind its
+                    # writeback. The worker settles the row only after it (release).
+                    changes: dict[str, Any] = {"consistency": consistency}
+                    if worker:
+                        changes["job"] = worker
+                    if self._ask_login_user(request, ancestor, job.mode, consistency):
+                        username = login_user.from_agent(self._hv, server.id, image_id,
+                                                         self._reporter)
+                        if username:
+                            changes["username"] = username
+                    if "username" in changes:
+                        timeline.mark("login-user")
+                    image = self._catalogue.update(image.id, **changes)
+                    timeline.mark("recorded")
+                    timeline.append_to(self._data_dir.logs_dir / f"{image.id}.log",
+                                       COMMAND_PREFIX)
+                    timeline.clear()  # a command snapshotting several servers: each its own
+                finally:
+                    self._launcher.release()
             except BaseException as exc:
                 if job.mode == "memory":
                     memory_hook.forget_disk_states(self._hv, job, image.id)
@@ -226,6 +251,7 @@ class SnapshotService:
             try:
                 self._hv.freeze(domain, FREEZE_TIMEOUT)
                 frozen = True
+                timeline.mark("frozen")
             except QuiesceError as exc:
                 self._reporter.warning(f"{exc}; the snapshot is crash-consistent")
         try:
@@ -234,6 +260,7 @@ class SnapshotService:
             if frozen or quiesce:
                 try:
                     self._hv.thaw(domain)  # also after a freeze that timed out half-way
+                    timeline.mark("thawed")
                 except QuiesceError as exc:
                     if frozen:
                         self._reporter.warning(str(exc))
@@ -244,7 +271,9 @@ class SnapshotService:
         incremental = any(d.incremental for d in job.disks)
         try:
             self._make_targets(job)
+            timeline.mark("targets")
             self._hv.begin_backup(job.domain, _backup_plan(job.disks, read_only))
+            timeline.mark("backup-begun")
         except CheckpointBrokenError as exc:
             if not incremental:
                 raise
@@ -287,19 +316,19 @@ def _backup_plan(disks: tuple[SnapshotDisk, ...], read_only: list[str]) -> Backu
                       reuse_targets=True)
 
 
-def spawn_finisher(worker_argv: list[str], data_dir: DataDir, catalogue: Catalogue,
+def spawn_finisher(launcher: WorkerLauncher, data_dir: DataDir, catalogue: Catalogue,
                    image_id: str, lock: locks.ServerLock) -> None:
     """Hand a snapshot's copy to a detached worker that inherits the server's lock, and
     record the worker as the job's owner (used by crash recovery)."""
-    token = _spawn_worker(worker_argv, data_dir, image_id, lock)
+    token = _spawn_worker(launcher, data_dir, image_id, lock)
     if token:
         catalogue.update(image_id, job=token)
         locks.record_holder(lock, token, f"copying snapshot {image_id}")  # waiters name it
 
 
-def _spawn_worker(worker_argv: list[str], data_dir: DataDir, image_id: str,
+def _spawn_worker(launcher: WorkerLauncher, data_dir: DataDir, image_id: str,
                   lock: locks.ServerLock) -> str | None:
-    """Start `finish-snapshot IMG` detached, holding the server's lock; its job token."""
-    pid = proc.spawn_detached(finish_snapshot_argv(worker_argv, image_id, lock.fd),
-                              log_path=data_dir.logs_dir / f"{image_id}.log", pass_fds=[lock.fd])
+    """Start the worker finishing *image_id*, detached, holding the server's lock; its
+    job token."""
+    pid = launcher.start(image_id, lock, data_dir.logs_dir / f"{image_id}.log")
     return token_for_pid(pid)

@@ -1,8 +1,10 @@
 """When each step of a snapshot happened, for the benchmark's breakdown of "until available".
 
 The worker marks its steps (started, connected, the copy's end, each disk checked and
-stored, available) and writes the marks as one line into its log; ``scripts/
-bench_snapshot.py`` reads that line back and prints the time between the marks. Wall-clock
+stored, available) and writes the marks as one line into its log; so does the command
+(:data:`COMMAND`: parsed, the catalogue opened, locked, frozen, the backup begun, thawed,
+the worker forked, recorded), as a line of its own in the same log (:data:`COMMAND_PREFIX`).
+``scripts/bench_snapshot.py`` reads those lines back and prints the time between the marks. Wall-clock
 times (``time.time``), not monotonic ones: the marks of two processes (the command and its
 worker) are compared with each other. Durations measured by someone else (QEMU's job, as
 libvirt timed it) go beside the marks.
@@ -15,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 PREFIX = "timeline:"
+COMMAND_PREFIX = "command-timeline:"
 
 
 @dataclass
@@ -28,19 +31,37 @@ class Timeline:
     def duration(self, label: str, seconds: float) -> None:
         self.durations[label] = seconds
 
-    def line(self) -> str:
+    def clear(self) -> None:
+        self.marks.clear()
+        self.durations.clear()
+
+    def line(self, prefix: str = PREFIX) -> str:
         """``timeline: label=epoch ... ~label=seconds ...`` (labels hold no spaces, '=' or '~')."""
-        return " ".join([PREFIX, *(f"{label}={at:.6f}" for label, at in self.marks),
+        return " ".join([prefix, *(f"{label}={at:.6f}" for label, at in self.marks),
                          *(f"~{label}={seconds:.6f}" for label, seconds in self.durations.items())])
 
+    def append_to(self, log: str | os.PathLike[str], prefix: str) -> None:
+        """Add the line to *log* (the image's log, which the worker writes too: one
+        O_APPEND write of a whole line, so the two never interleave within a line)."""
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, (self.line(prefix) + "\n").encode())
+        finally:
+            os.close(fd)
 
-def parse(text: str) -> Timeline | None:
+
+# The command's own marks (a process-wide timeline: cli/servers.py marks the steps before
+# the snapshot service exists, the service those after, and writes them into the log).
+COMMAND = Timeline()
+
+
+def parse(text: str, prefix: str = PREFIX) -> Timeline | None:
     """The last timeline line in *text* (a worker's log); None if there is none."""
-    lines = [line for line in text.splitlines() if line.startswith(PREFIX)]
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
     if not lines:
         return None
     found = Timeline()
-    for item in lines[-1][len(PREFIX):].split():
+    for item in lines[-1][len(prefix):].split():
         label, _, value = item.partition("=")
         if label.startswith("~"):
             found.duration(label[1:], float(value))
