@@ -21,7 +21,6 @@ recovered the same way: the next command sees the token dead and the lock free.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import os
 import sys
@@ -148,6 +147,8 @@ def _holds_lock(fd: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse  # here: a forked worker never parses a command line
+
     parser = argparse.ArgumentParser(prog="bbsnap-worker")
     parser.add_argument("--data-dir")
     parser.add_argument("--connect")
