@@ -225,51 +225,39 @@ def fork_detached(work: Callable[[], int], *, log_path: Path,
     A fork, not an exec: the child already has everything imported (a new interpreter
     with bbsnap's imports took ~250 ms on this host, the whole of a small snapshot's
     time until available). The caller must have closed what cannot cross a fork (its
-    libvirt connection) and must not use what the child inherited but does not own.
-    Twice forked: the middle process exits at once, so the worker is nobody's child and
-    no long-lived caller (the scheduler, a test) keeps a zombie whose /proc entry would
-    look like a live job (process_tokens). The child's output goes to *log_path* (0600);
-    its pipes and sockets other than *keep_fds* are closed, so `$(bbsnap ...)` returns
-    at once (regular files stay open: Python objects the child inherited may still close
-    them, and a number closed here could by then name a file the child opened).
+    libvirt connection, its SQLite one) and must not use what the child inherited but
+    does not own. One fork, not the daemon's two: the second cost the command 10-20 ms
+    here (the middle process must be scheduled, fork and exit); a `bbsnap` command exits
+    right after, and a long-lived caller reaps its finished workers at the next call,
+    while a worker not yet reaped is a zombie that process_tokens counts as dead.
+    The child's output goes to *log_path* (0600); its pipes and sockets other than
+    *keep_fds* are closed, so `$(bbsnap ...)` returns at once (regular files stay open:
+    Python objects the child inherited may still close them, and a number closed here
+    could by then name a file the child opened).
     """
+    _reap_forked()
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    read_end, write_end = os.pipe()
     try:
-        middle = os.fork()
-        if middle == 0:  # pragma: no cover - runs in the child processes
-            _middle_child(work, log, read_end, write_end, keep_fds)
-        os.close(write_end)
-        os.waitpid(middle, 0)
-        answer = os.read(read_end, 32)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            _run_worker(work, log, keep_fds)
     finally:
         os.close(log)
-        os.close(read_end)
+    _forked.add(pid)
+    return pid
+
+
+_forked: set[int] = set()  # this process's detached workers, not yet reaped
+
+
+def _reap_forked() -> None:
+    for pid in list(_forked):
         try:
-            os.close(write_end)
-        except OSError:
-            pass  # closed above
-    if not answer:
-        raise ExternalCommandError("could not start the background worker (fork failed)",
-                                   argv=["fork"])
-    return int(answer)
-
-
-def _middle_child(work: Callable[[], int], log: int, read_end: int, write_end: int,
-                  keep_fds: Sequence[int]) -> None:  # pragma: no cover - a child process
-    """Between the caller and the worker: a new session, the worker's fork, then exit."""
-    status = 1
-    try:
-        os.close(read_end)
-        os.setsid()
-        worker = os.fork()
-        if worker == 0:
-            os.close(write_end)
-            _run_worker(work, log, keep_fds)
-        os.write(write_end, str(worker).encode())
-        status = 0
-    finally:
-        os._exit(status)
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid  # reaped by someone else
+        if done:
+            _forked.discard(pid)
 
 
 def _run_worker(work: Callable[[], int], log: int,
@@ -279,6 +267,7 @@ def _run_worker(work: Callable[[], int], log: int,
 
     status = 1
     try:
+        os.setsid()  # no terminal's signals, no caller's process group
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log, 1)

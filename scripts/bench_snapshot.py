@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchlib import bench_dir, median_time
 
-from bbsnap.services.snapshots.timeline import Timeline
+from bbsnap.services.snapshots.timeline import COMMAND_PREFIX, PREFIX, Timeline
 
 RUNS = 5
 FULL_COPY_SAMPLES = 5  # interleaved pairs (snapshot, convert) per disk size
@@ -51,8 +51,8 @@ URI = "qemu:///system"
 # marks of the worker's timeline plus "command" (the command started) and "returned".
 STEPS = (
     ("command, until it returned", "command", "returned"),
-    ("worker spawned (from the command's start)", "command", "worker-started"),
-    ("worker: interpreter start-up and imports", "worker-started", "imported"),
+    ("worker forked (from the command's start)", "command", "worker-started"),
+    ("worker: imports (none left after the fork)", "worker-started", "imported"),
     ("worker: settings, catalogue opened", "imported", "ready"),
     ("worker: waiting for QEMU's job (connection included)", "ready", "copied"),
     ("worker: the job's outcome", "copied", "outcome"),
@@ -62,6 +62,41 @@ STEPS = (
     ("worker: catalogue: available", "measured-vda", "available"),
     ("bench: seen available", "available", "seen"),
 )
+
+# The command's latency, step by step: each mark of its timeline (services/snapshots/
+# timeline.py COMMAND, written into the image's log) against the one before it; "command"
+# is when the benchmark started it, "returned" when it saw it exit.
+COMMAND_STEPS = (
+    ("parsed", "python3 start-up, site, CLI imports, click parse"),
+    ("imported", "snapshot service modules imported"),
+    ("service", "catalogue opened, crash recovery, service built"),
+    ("access-checked", "QEMU's access to the data directory checked"),
+    ("looked-up", "import libvirt, connect, look the domain up"),
+    ("locked", "server lock taken"),
+    ("read", "domain state and XML read again under the lock"),
+    ("planned", "copy planned (chain, ancestor, ids)"),
+    ("registered", "catalogue: image added as creating (commit)"),
+    ("targets", "backup targets made (qemu-img create, disk size)"),
+    ("frozen", "guest agent: freeze"),
+    ("backup-begun", "backupBegin (the instant is fixed)"),
+    ("thawed", "guest agent: thaw"),
+    ("put-aside", "libvirt and catalogue connections closed"),
+    ("forked", "worker forked (double fork)"),
+    ("login-user", "login user asked of the guest agent (reconnect)"),
+    ("recorded", "catalogue: consistency, worker, login user (commit)"),
+    ("returned", "exit, seen by the benchmark"),
+)
+
+
+def command_steps(started: float, returned: float, found: Timeline | None) -> dict[str, float]:
+    """Seconds per COMMAND_STEPS label, each from the previous mark present."""
+    marks = {"command": started, **dict(found.marks if found else []), "returned": returned}
+    steps, previous = {}, started
+    for label, _ in COMMAND_STEPS:
+        if label in marks:
+            steps[label] = marks[label] - previous
+            previous = marks[label]
+    return steps
 
 
 def main() -> None:
@@ -158,6 +193,7 @@ def main() -> None:
         timeline), then `qemu-img convert` of its disk and the fsync of that copy."""
         sync_all()  # nobody else's dirty pages in the first sample's fsyncs
         until, converted, synced, job, steps = [], [], [], [], {label: [] for label, *_ in STEPS}
+        latency: dict[str, list[float]] = {label: [] for label, _ in COMMAND_STEPS}
         for _ in range(FULL_COPY_SAMPLES):
             started = time.time()
             image_id = bbsnap_snapshot(domain)
@@ -166,6 +202,9 @@ def main() -> None:
             seen = time.time()
             until.append(seen - started)
             found = worker_timeline(work / "data" / "logs" / f"{image_id}.log")
+            ran = worker_timeline(work / "data" / "logs" / f"{image_id}.log", COMMAND_PREFIX)
+            for label, seconds in command_steps(started, returned, ran).items():
+                latency[label].append(seconds)
             marks = {"command": started, "returned": returned, "seen": seen,
                      **dict(found.marks if found else [])}
             for label, since, to in STEPS:
@@ -180,11 +219,18 @@ def main() -> None:
             copy.unlink()
         floor = [median_time(lambda: subprocess.run([sys.executable, "-c", "import libvirt"],
                                                     check=True), 1) for _ in range(3)]
+        bare = [median_time(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), 1)
+                for _ in range(3)]
+        helped = [median_time(lambda: subprocess.run([*bbsnap, "servers", "snapshot", "--help"],
+                                                     check=True, capture_output=True), 1)
+                  for _ in range(3)]
         return {"until": statistics.median(until), "convert": statistics.median(converted),
-                "floor": statistics.median(floor),
+                "floor": statistics.median(floor), "bare": statistics.median(bare),
+                "help": statistics.median(helped),
                 "durable": statistics.median(synced),
                 "job": statistics.median(job) if job else None,
-                "steps": {label: statistics.median(v) for label, v in steps.items() if v}}
+                "steps": {label: statistics.median(v) for label, v in steps.items() if v},
+                "latency": {label: statistics.median(v) for label, v in latency.items() if v}}
 
     full: dict[str, dict[str, object]] = {}
     cli: dict[str, float] = {}
@@ -315,19 +361,31 @@ def main() -> None:
         assert isinstance(steps, dict)
         for step, seconds in steps.items():
             print(f"{'    ' + step:58} {seconds * 1000:7.1f}ms")
+        latency = figures["latency"]
+        assert isinstance(latency, dict)
+        print(f"{'  the command (quiesced), step by step: sum of medians':58} "
+              f"{sum(latency.values()) * 1000:7.1f}ms")
+        print(f"{'    floor: python3 -c pass':58} {float(figures['bare']) * 1000:7.1f}ms")
+        print(f"{'    floor: servers snapshot --help (start-up, CLI imports)':58} "
+              f"{float(figures['help']) * 1000:7.1f}ms")
+        described = dict(COMMAND_STEPS)
+        for step, seconds in latency.items():
+            print(f"{'    ' + described[step]:58} {seconds * 1000:7.1f}ms")
     if not only_full_copy:
         # The guest's view and the CLI against quiescing virsh, on guests of their own.
         import bench_guest_view
         bench_guest_view.main()
 
 
-def worker_timeline(log: Path) -> Timeline | None:
-    """The timeline the worker writes into its log just after the image turned available."""
+def worker_timeline(log: Path, prefix: str = PREFIX) -> Timeline | None:
+    """The timeline the worker writes into its log just after the image turned available
+    (or, with COMMAND_PREFIX, the one the command wrote before it returned)."""
     from bbsnap.services.snapshots import timeline
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        found = timeline.parse(log.read_text(errors="replace")) if log.exists() else None
+        found = (timeline.parse(log.read_text(errors="replace"), prefix) if log.exists()
+                 else None)
         if found is not None:
             return found
         time.sleep(0.05)

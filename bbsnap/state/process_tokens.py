@@ -19,6 +19,10 @@ def _start_ticks(pid: int) -> str | None:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = stat.rsplit(")", 1)[-1].split()
+    if fields and fields[0] in ("Z", "X"):
+        # Dead, not yet reaped: a worker forked by a long-lived process (proc.fork_detached)
+        # stays a zombie until its parent next reaps; its work is over all the same.
+        return None
     return fields[19] if len(fields) > 19 else None
 
 

@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from bbsnap import proc
 from bbsnap.models import Image, ImageStatus, ImageType
 from bbsnap.state import locks
 from bbsnap.state.catalogue import Catalogue, utcnow
@@ -44,11 +45,6 @@ def test_the_worker_is_detached_and_its_output_goes_to_the_log_only(tmp_path):
             print("worker done", flush=True)
             return 0
         pid = proc.fork_detached(work, log_path=Path({str(log)!r}), keep_fds=[{go_r}])
-        try:
-            os.waitpid(pid, 0)
-            print("zombie child")
-        except ChildProcessError:
-            pass  # not our child: nobody is left a zombie
         sys.stderr.write(f"{{pid}} {{os.getsid(0)}}\\n")
     """)
     caller = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -74,6 +70,31 @@ def test_the_worker_is_detached_and_its_output_goes_to_the_log_only(tmp_path):
     while job_alive(token) and time.monotonic() < deadline:
         os.sched_yield()  # not our child: nothing to wait on but its /proc entry
     assert log.read_text().endswith("worker done\n")
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def test_a_finished_worker_not_yet_reaped_is_dead_and_the_next_fork_reaps_it(tmp_path):
+    """A long-lived caller (the scheduler, an in-process benchmark) is the worker's parent:
+    until it reaps it, the worker is a zombie, whose /proc entry must not pass for a live
+    job (recovery would never adopt its image)."""
+    pid = proc.fork_detached(lambda: 0, log_path=tmp_path / "first.log")
+    token = f"{pid}:{Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]}:" \
+            f"{token_for_pid(os.getpid()).rsplit(':', 1)[1]}"
+    deadline = time.monotonic() + 60
+    while _state(pid) != "Z" and time.monotonic() < deadline:
+        os.sched_yield()
+    assert _state(pid) == "Z"
+    assert not job_alive(token)
+    assert token_for_pid(pid) is None
+    again = proc.fork_detached(lambda: 0, log_path=tmp_path / "second.log")
+    assert _state(pid) == "gone", "reaped by the next fork"
+    os.waitpid(again, 0)
 
 
 def test_a_forked_worker_holds_the_lock_and_waits_for_its_caller_to_be_done(tmp_path):
