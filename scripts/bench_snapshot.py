@@ -80,9 +80,9 @@ COMMAND_STEPS = (
     ("frozen", "guest agent: freeze"),
     ("backup-begun", "backupBegin (the instant is fixed)"),
     ("thawed", "guest agent: thaw"),
+    ("login-user", "login user asked of the guest agent (foreign domain)"),
     ("put-aside", "libvirt and catalogue connections closed"),
-    ("forked", "worker forked (double fork)"),
-    ("login-user", "login user asked of the guest agent (reconnect)"),
+    ("forked", "worker forked"),
     ("recorded", "catalogue: consistency, worker, login user (commit)"),
     ("returned", "exit, seen by the benchmark"),
 )
