@@ -39,6 +39,8 @@ answering agent the snapshot is crash-consistent, and the image says so.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -305,8 +307,10 @@ class SnapshotService:
         made were left to root, which a normal user's worker on qemu:///system could not
         read."""
         for disk in job.disks:
-            qemu_img.create_blank(Path(disk.target), self._hv.disk_capacity(job.domain,
-                                                                           disk.device))
+            size = _file_capacity(disk.source, disk.source_format)
+            if size is None:
+                size = self._hv.disk_capacity(job.domain, disk.device)
+            qemu_img.create_blank(Path(disk.target), size)
 
     def _full_copy(self, disk: SnapshotDisk, ancestor: Image | None, index: int) -> SnapshotDisk:
         parent = (str(self._data_dir.image_path(ancestor.path))
@@ -315,6 +319,24 @@ class SnapshotService:
 
     def _new_image_id(self) -> str:
         return ids.allocate("img", lambda candidate: not self._catalogue.exists(candidate))
+
+
+def _file_capacity(path: str, fmt: str) -> int | None:
+    """A disk's virtual size read from its file (the qcow2 header's size field, a raw file's
+    length), or None when the file cannot be read (QEMU's user's, under a normal user's
+    bbsnap) or is neither: then libvirt is asked, one round trip more (5-15 ms here, under
+    load) in the command's latency."""
+    try:
+        with open(path, "rb") as handle:
+            if fmt == "qcow2":
+                head = handle.read(32)
+                return int.from_bytes(head[24:32], "big") if head[:4] == b"QFI\xfb" else None
+            if fmt == "raw":
+                info = os.fstat(handle.fileno())
+                return info.st_size if stat.S_ISREG(info.st_mode) else None
+    except OSError:
+        return None
+    return None
 
 
 def _backup_plan(disks: tuple[SnapshotDisk, ...], read_only: list[str]) -> BackupPlan:
