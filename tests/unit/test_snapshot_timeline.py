@@ -50,3 +50,19 @@ def test_a_copy_that_stands_still_is_polled_at_the_slow_pace(monkeypatch):
     pace.next(4096, 1 << 30)
     now[0] += 1.0  # throttled: nothing more copied (the fault tests slow the job to 1 B/s)
     assert pace.next(4096, 1 << 30) == finish.POLL_SECONDS
+
+
+def test_the_commands_line_sits_beside_the_workers_in_the_same_log(tmp_path):
+    log = tmp_path / "img-aaaaa.log"
+    worker = timeline.Timeline()
+    worker.mark("ready", 1000.5)
+    log.write_text(worker.line() + "\n")
+    command = timeline.Timeline()
+    command.mark("parsed", 999.0)
+    command.mark("recorded", 999.25)
+    command.append_to(log, timeline.COMMAND_PREFIX)
+    text = log.read_text()
+    assert timeline.parse(text) is not None and timeline.parse(text).marks == [("ready", 1000.5)]
+    read = timeline.parse(text, timeline.COMMAND_PREFIX)
+    assert read is not None and read.marks == [("parsed", 999.0), ("recorded", 999.25)]
+    command.append_to(tmp_path / "no-such-dir" / "x.log", timeline.COMMAND_PREFIX)  # no error
