@@ -25,7 +25,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 from bbsnap.disks import qemu_img
 from bbsnap.errors import (BbsnapError, CheckpointBrokenError, ConflictError, GuestAgentError,
@@ -33,7 +33,7 @@ from bbsnap.errors import (BbsnapError, CheckpointBrokenError, ConflictError, Gu
 from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskReplacement, DiskSpec,
                                DomainFacts, DomainInfo, DomainSpec, DomainState, GuestUser,
                                Hardware, HypervisorVersion, JobStatus, NicSpec, PauseCause,
-                               SavedDomain)
+                               SavedDomain, SavedHead)
 
 # What libvirt says, as the adapter passes it on ("<what> failed: <libvirt's message>").
 _NOT_RUNNING = "Requested operation is not valid: domain is not running"
@@ -355,7 +355,8 @@ class FakeHypervisor:
 
     # -- memory snapshots --------------------------------------------------------------------
 
-    def hardware(self, name: str) -> Hardware:
+    def hardware(self, name: str, *, migratable: bool = False) -> Hardware:
+        """The fake adds no implicit devices: both forms are the same."""
         self.calls.append("hardware")
         return _hardware(self._domain(name).spec)
 
@@ -419,9 +420,20 @@ class FakeHypervisor:
         return SavedDomain(name=spec.name, uuid=spec.uuid, hardware=_hardware(spec),
                            disks={d.target: str(d.path) for d in spec.disks})
 
-    def restore_memory(self, path: Path, disk_sources: dict[str, Path]) -> DomainInfo:
+    def saved_head(self, stream: BinaryIO) -> SavedHead:
+        """A fake save file is all header: the whole stream is read."""
+        self.calls.append("saved_head")
+        data = stream.read()
+        spec = _parse_save(data, "reading the memory image failed")
+        return SavedHead(data=data, definition=data.decode(), domain=SavedDomain(
+            name=spec.name, uuid=spec.uuid, hardware=_hardware(spec),
+            disks={d.target: str(d.path) for d in spec.disks}))
+
+    def restore_memory(self, path: Path, disk_sources: dict[str, Path], *,
+                       head: SavedHead | None = None) -> DomainInfo:
         """The saved domain running again, its disks in *disk_sources* replaced, with the
-        title and metadata of the persistent definition where there is one."""
+        title and metadata of the persistent definition where there is one. *path* is read
+        once, whole, as libvirt reads a FIFO (with *head*, it must start with its bytes)."""
         self.calls.append("restore_memory")
         saved = _read_save(path)
         disks = tuple(replace(d, path=Path(disk_sources[d.target]))
@@ -541,10 +553,26 @@ def _read_save(path: Path) -> DomainSpec:
     """The definition in a fake save file; as the adapter, HypervisorError if it is none."""
     what = f"reading the memory image {path} failed"
     try:
-        data = json.loads(Path(path).read_text())[_SAVE_KEY]
+        with Path(path).open("rb") as stream:
+            # As QEMU reads a FIFO: up to the end of its stream (here, of the JSON
+            # document), not to an end of file that a writer may hold off.
+            content = b""
+            while chunk := stream.read1(65536):
+                content += chunk
+                try:
+                    json.loads(content)
+                    break
+                except ValueError:
+                    continue
     except FileNotFoundError:
         raise HypervisorError(f"{what}: Failed to open file '{path}': No such file or "
                               "directory") from None
+    return _parse_save(content, what)
+
+
+def _parse_save(content: bytes, what: str) -> DomainSpec:
+    try:
+        data = json.loads(content)[_SAVE_KEY]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise HypervisorError(f"{what}: operation failed: image magic is incorrect") from None
     return DomainSpec(**{
