@@ -154,11 +154,18 @@ def feed(source: BinaryIO, first: bytes, fd: int) -> None:
     the end of its migration stream, before libvirt's trailing bytes."""
     try:
         _write_all(fd, first)
-        while chunk := source.read(CHUNK):
+        while chunk := _read(source):
             _write_all(fd, chunk)
     finally:
         os.close(fd)
         source.close()
+
+
+def _read(source: BinaryIO) -> bytes:
+    try:
+        return source.read(CHUNK)
+    except READ_ERRORS as exc:
+        raise InvalidInputError(f"the memory file cannot be read: {exc}") from exc
 
 
 def _write_all(fd: int, data: bytes) -> None:

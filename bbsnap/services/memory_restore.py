@@ -157,12 +157,17 @@ class MemoryBoot:
             feeding = _Background(lambda: memory_file.feed(source, first, writer))
             try:
                 self._hv.restore_memory(fifo, new_disks, head=self._head)
-            finally:
+            except HypervisorError:
                 os.close(held.pop(0))  # our reader: a feeder left alone gets EPIPE
                 error = feeding.join()
+                if error is not None and not isinstance(error, BrokenPipeError):
+                    raise error from None  # the stream broke (the file changed since its check)
+                raise
+            os.close(held.pop(0))
+            # The guest runs: QEMU read its whole stream (it checks every section), so what
+            # the feeder met after that (EPIPE on libvirt's trailing bytes) does not matter.
+            feeding.join()
             self._timeline.mark("restored")
-            if error is not None and not isinstance(error, BrokenPipeError):
-                raise error  # the guest runs, but from a stream that broke: say so
             return True
         finally:
             for fd in held:
