@@ -24,7 +24,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
 import isal.igzip as igzip
 
@@ -148,22 +148,22 @@ def _crc_matches(stored: Path) -> bool:
     return True
 
 
-def feed(source: BinaryIO, first: bytes, fd: int) -> None:
-    """Write *first*, then the rest of *source*, into *fd* (a FIFO a restore reads), and
-    close it. ``BrokenPipeError`` when the reader went away first: QEMU stops reading at
-    the end of its migration stream, before libvirt's trailing bytes."""
+def feed(chunks: Iterable[bytes], first: bytes, fd: int) -> None:
+    """Write *first*, then *chunks*, into *fd* (a FIFO a restore reads), and close it.
+    ``BrokenPipeError`` when the reader went away first: QEMU stops reading at the end of
+    its migration stream, before libvirt's trailing bytes."""
     try:
         _write_all(fd, first)
-        while chunk := _read(source):
+        for chunk in chunks:
             _write_all(fd, chunk)
     finally:
         os.close(fd)
-        source.close()
 
 
-def _read(source: BinaryIO) -> bytes:
+def read_chunk(source: BinaryIO, size: int = CHUNK) -> bytes:
+    """The next chunk of *source* (``b""`` at its end); InvalidInputError if damaged."""
     try:
-        return source.read(CHUNK)
+        return source.read(size)
     except READ_ERRORS as exc:
         raise InvalidInputError(f"the memory file cannot be read: {exc}") from exc
 

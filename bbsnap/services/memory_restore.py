@@ -51,6 +51,7 @@ from bbsnap.state.process_tokens import current_job_token, job_alive
 from bbsnap.state.layout import DataDir
 from bbsnap.models import Image, Server
 from bbsnap.services import memory_file
+from bbsnap.services.read_ahead import ReadAhead
 from bbsnap.services.snapshots.timeline import Timeline
 
 PREFIX = "restore."
@@ -100,18 +101,27 @@ class MemoryBoot:
         self._timeline = timeline
         self._token = current_job_token()
         self.streamed = False  # whether the restore read the FIFO (the benchmark prints it)
+        self._ahead: ReadAhead | None = None
         self._verifying = _Background(lambda: memory_file.verify(stored))
 
     def ready(self) -> None:
-        """The whole memory file was read and is intact (else InvalidInputError)."""
+        """The whole memory file was checked and is intact (else InvalidInputError); its
+        decompression starts, ahead of the restore (read_ahead.py says why)."""
         error = self._verifying.join()
         self._timeline.mark("verified")
         if error is not None:
             raise error
+        self._ahead = self._read_ahead()
+
+    def _read_ahead(self) -> ReadAhead:
+        return ReadAhead(memory_file.open_stream(self._stored), len(self._head.data))
 
     def close(self) -> None:
-        """Wait for the check's thread (a refusal after it: its file is not needed)."""
+        """Wait for the check's thread and stop the read-ahead (a refusal or a failure
+        after them: the file is not needed any more)."""
         self._verifying.join()
+        if self._ahead is not None:
+            self._ahead.cancel()
 
     def __call__(self, new_disks: dict[str, Path]) -> None:
         name = self._head.domain.name
@@ -147,14 +157,15 @@ class MemoryBoot:
                 fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 pass  # a smaller pipe only makes the feeder wait more often
-            try:
-                source = memory_file.open_stream(self._stored)
-                first = self._head.data
-                source.read(len(first))  # the header, fed from memory: it was read already
-            except BaseException:
-                os.close(writer)
-                raise
-            feeding = _Background(lambda: memory_file.feed(source, first, writer))
+            ahead = self._ahead
+            if ahead is None:  # ready() was not called: nothing was read ahead
+                try:
+                    ahead = self._ahead = self._read_ahead()
+                except BaseException:
+                    os.close(writer)
+                    raise
+            first, chunks = self._head.data, ahead.chunks()
+            feeding = _Background(lambda: memory_file.feed(chunks, first, writer))
             try:
                 self._hv.restore_memory(fifo, new_disks, head=self._head)
             except HypervisorError:

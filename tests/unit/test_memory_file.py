@@ -96,6 +96,7 @@ def test_feed_writes_the_head_then_the_rest_and_closes(tmp_path):
     memory_file.pack(raw, tmp_path / "partial", final)
     source = memory_file.open_stream(final)
     head = source.read(100)
+    chunks = iter(lambda: memory_file.read_chunk(source), b"")
     read_end, write_end = os.pipe()
     received = bytearray()
     import threading
@@ -106,7 +107,8 @@ def test_feed_writes_the_head_then_the_rest_and_closes(tmp_path):
 
     reader = threading.Thread(target=drain)
     reader.start()
-    memory_file.feed(source, head, write_end)
+    memory_file.feed(chunks, head, write_end)
+    source.close()
     reader.join()
     os.close(read_end)
     assert bytes(received) == SAVE
