@@ -126,13 +126,13 @@ class MemoryBoot:
             self._ahead.cancel()
 
     def __call__(self, new_disks: dict[str, Path]) -> None:
-        name = self._head.domain.name
         try:
             if self._restore_streamed(new_disks):
                 self.streamed = True
                 return
         except HypervisorError:
-            if self._hv.info(name).state is not DomainState.SHUTOFF:
+            # By UUID: the saved name is the one the domain had at the snapshot.
+            if self._hv.info(self._head.domain.uuid).state is not DomainState.SHUTOFF:
                 raise  # not a stream libvirt could not read: nothing to try again
         self._restore_unpacked(new_disks)
 
