@@ -14,6 +14,7 @@ migration cookie; then QEMU's migration stream.
 from __future__ import annotations
 
 import struct
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -60,7 +61,11 @@ def read_head(stream: BinaryIO) -> Head:
         definition = xml.decode()
     except UnicodeDecodeError:
         raise NotASaveImage("the saved definition is not text") from None
-    if not definition.lstrip().startswith("<domain"):
+    try:
+        root = ET.fromstring(definition)
+    except ET.ParseError:
+        raise NotASaveImage("the saved definition is not XML") from None
+    if root.tag != "domain":
         raise NotASaveImage("the saved definition is not a domain")
     return Head(data=header + data, definition=definition, was_running=bool(was_running))
 

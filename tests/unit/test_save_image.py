@@ -41,6 +41,7 @@ def test_a_header_of_the_other_byte_order_is_read():
     (header(version=7), "unknown save-image version"),
     (header(xml=b"\xff\xfe"), "not text"),
     (header(xml=b"<network/>"), "not a domain"),
+    (header(xml=b"<domain"), "not XML"),
 ])
 def test_what_is_not_a_whole_save_header_is_refused(raw, message):
     with pytest.raises(save_image.NotASaveImage, match=message):
