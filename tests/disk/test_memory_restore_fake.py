@@ -65,6 +65,25 @@ def test_the_memory_is_streamed_into_the_restore_through_a_fifo(saved):
     assert list(data.tmp_dir.iterdir()) == []
 
 
+def test_a_libvirt_that_cannot_read_the_fifo_gets_the_unpacked_file(saved):
+    hv, data, server, image, work_dir = saved
+    hv.refuse_fifos = True
+    new_disk = work_dir / "new.qcow2"
+    qemu_img.create_blank(new_disk, 16 << 20)
+    timeline = Timeline()
+    with memory_restore.prepared(hv, data, server, image, timeline) as boot:
+        boot.ready()
+        hv.destroy(server.id)
+        boot({"vda": new_disk})
+    assert not boot.streamed
+    assert hv.calls.count("restore_memory") == 2, "the FIFO, then the unpacked file"
+    assert hv.info(server.id).state is DomainState.RUNNING
+    assert [d.path for d in hv.disks(server.id)] == [str(new_disk)]
+    assert [label for label, _ in timeline.marks] == ["checked", "verified", "unpacked",
+                                                      "restored"]
+    assert list(data.tmp_dir.iterdir()) == []
+
+
 def test_a_failed_restore_returns_and_leaves_no_fifo_or_file(saved):
     hv, data, server, image, work_dir = saved
     with memory_restore.prepared(hv, data, server, image, Timeline()) as boot:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
@@ -76,6 +77,9 @@ class FakeHypervisor:
         self.networks = dict(networks or {})   # libvirt network name -> running
         self._domains: dict[str, _Domain] = {}
         self.calls: list[str] = []              # the port's methods called, in order
+        # A libvirt that opens save images only as regular files (a confining security
+        # driver): restore_memory from a FIFO fails, without reading it.
+        self.refuse_fifos = False
 
     # -- what tests set up or steer ------------------------------------------------------
 
@@ -435,6 +439,9 @@ class FakeHypervisor:
         title and metadata of the persistent definition where there is one. *path* is read
         once, whole, as libvirt reads a FIFO (with *head*, it must start with its bytes)."""
         self.calls.append("restore_memory")
+        if self.refuse_fifos and stat.S_ISFIFO(os.stat(path).st_mode):
+            raise HypervisorError(f"restoring the memory image failed: unable to open {path}: "
+                                  "Permission denied")
         saved = _read_save(path)
         disks = tuple(replace(d, path=Path(disk_sources[d.target]))
                       if d.target in disk_sources else d for d in saved.disks)
