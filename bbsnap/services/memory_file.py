@@ -26,8 +26,6 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-import isal.igzip as igzip
-
 from bbsnap import safe_files
 from bbsnap.errors import InvalidInputError
 from bbsnap.state.layout import FILE_MODE
@@ -182,6 +180,8 @@ def _reader(stored: Path) -> BinaryIO:
         raise InvalidInputError(f"the memory file of image {stored.name} cannot be read: "
                                 f"{exc}") from exc
     if magic.startswith(_GZIP_MAGIC):
+        import isal.igzip as igzip  # only images older than zstd: not on every import
+
         return igzip.open(stored, "rb")  # type: ignore[no-any-return, unused-ignore]
     if magic == _ZSTD_MAGIC:
         return zstd.open(stored, "rb")  # type: ignore[no-any-return, unused-ignore]

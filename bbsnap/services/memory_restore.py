@@ -49,25 +49,18 @@ from typing import Callable, Iterator
 
 from bbsnap.errors import ConflictError, HypervisorError, InvalidInputError
 from bbsnap.hypervisor import DomainState, Hardware, Hypervisor, SavedDomain, SavedHead
-from bbsnap.state.process_tokens import current_job_token, job_alive
+from bbsnap.state.process_tokens import current_job_token
 from bbsnap.state.layout import DataDir
 from bbsnap.models import Image, Server
 from bbsnap.services import memory_file
 from bbsnap.services.read_ahead import ReadAhead
+from bbsnap.services.restore_work import remove_stale, restore_fifo, restore_file
+
+__all__ = ["MemoryBoot", "check", "mismatches", "prepared", "remove_stale", "restore_fifo",
+           "restore_file", "write_timeline"]
 from bbsnap.services.snapshots.timeline import Timeline
 
-PREFIX = "restore."
-SUFFIX = ".save"
-FIFO_SUFFIX = ".fifo"
 PIPE_SIZE = 1024 * 1024  # Linux's default pipe-max-size: the decompressor runs ahead of QEMU
-
-
-def restore_file(data_dir: DataDir, token: str) -> Path:
-    return data_dir.tmp_dir / f"{PREFIX}{token}{SUFFIX}"
-
-
-def restore_fifo(data_dir: DataDir, token: str) -> Path:
-    return data_dir.tmp_dir / f"{PREFIX}{token}{FIFO_SUFFIX}"
 
 
 class _Background:
@@ -255,19 +248,6 @@ def mismatches(saved: Hardware, now: Hardware) -> list[str]:
         found.append("devices changed (" + ", ".join(
             [f"removed {d}" for d in gone] + [f"added {d}" for d in added]) + ")")
     return found
-
-
-def remove_stale(data_dir: DataDir) -> list[Path]:
-    """Unpacked memory files and FIFOs of reverts whose process died (libvirtd keeps what
-    it opened)."""
-    removed = []
-    for suffix in (SUFFIX, FIFO_SUFFIX):
-        for path in data_dir.tmp_dir.glob(f"{PREFIX}*{suffix}"):
-            token = path.name[len(PREFIX):-len(suffix)]
-            if not job_alive(token):
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
 
 
 def write_timeline(data_dir: DataDir, server: Server, timeline: Timeline) -> Path:

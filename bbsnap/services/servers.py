@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bbsnap import ids
 from bbsnap.state import locks
@@ -21,13 +22,16 @@ from bbsnap.state.layout import DataDir
 from bbsnap.reporting import SILENT, Reporter
 from bbsnap.models import (DependentKind, Image, ImageFilter, ImageType, Server,
                            ServerStatus)
-from bbsnap.services import memory_restore, rebuild_journal, revert, server_disks
+from bbsnap.services import rebuild_journal, revert, server_disks
 from bbsnap.services.snapshots import change_tracking
 from bbsnap.services.snapshots.timeline import Timeline, process_start
 from bbsnap.services.compensation import Compensation
 from bbsnap.services.revert import DiskSource
 from bbsnap.services.server_origin import read_origin, write_origin
 from bbsnap.services.server_records import server_from_domain
+
+if TYPE_CHECKING:
+    from bbsnap.services.memory_restore import MemoryBoot
 
 DEFAULT_STOP_TIMEOUT = 60.0
 
@@ -144,6 +148,8 @@ class ServerService:
         image = revert.choose_snapshot(server, self.snapshots(server), wanted,
                                        self._catalogue.get)
         if image.memory_state and not disk_only:
+            from bbsnap.services import memory_restore  # only a memory revert needs it
+
             with memory_restore.prepared(self._hv, self._data_dir, server, image,
                                          self.timeline) as boot:
                 reverted = self._rebuild(server, image, "revert", every_disk=True, boot=boot)
@@ -154,7 +160,7 @@ class ServerService:
         return self._rebuild(server, image, "revert", every_disk=True)
 
     def _rebuild(self, server: Server, image: Image, purpose: str, *, every_disk: bool,
-                 boot: memory_restore.MemoryBoot | None = None) -> Server:
+                 boot: MemoryBoot | None = None) -> Server:
         """Onto *image*, which the caller found available; *boot* resumes a saved guest on
         the new disks instead of starting it afresh (memory_restore.py)."""
         if image.firmware != server.firmware:
@@ -183,7 +189,7 @@ class ServerService:
         return self.get(server.id, with_addresses=False)
 
     def _swap_disks(self, server: Server, directory: Path, image: Image, every_disk: bool,
-                    boot: memory_restore.MemoryBoot | None) -> rebuild_journal.RebuildJournal:
+                    boot: MemoryBoot | None) -> rebuild_journal.RebuildJournal:
         """Under the server's lock: the new overlays made, the definition pointed at them,
         the server started again if it ran (or *boot* run: a memory image restored onto
         them). Undone on an error; journaled against a SIGKILL."""
