@@ -13,9 +13,9 @@ that a thread of this process fills from the decompressor while libvirt (QEMU, i
 libvirt hands it the open FIFO) reads it. libvirt 9.0 opens the path once, reads its
 header and definition and passes the descriptor to QEMU's incoming migration, which reads
 sequentially: a FIFO works. Measured on the tiny guest (libvirt 9.0, QEMU 7.2, TCG, two
-shared cores; scripts/bench_memory.py, medians of 3): the restore from the stream took
-0.83-1.00 s at 1 GiB and 256 MiB of RAM, against 1.48 s for unpacking the same file
-(0.26-0.29 s) and restoring from it (1.19-1.22 s). The decompression runs ahead, from just
+shared cores; scripts/bench_memory.py, medians of 3, two runs): the restore from the
+stream took 0.83-1.00 s at 1 GiB and 256 MiB of RAM, against 1.13-1.60 s for unpacking the
+same file (0.26-0.30 s) and restoring from it (0.86-1.30 s). The decompression runs ahead, from just
 before the destroy (read_ahead.py): a feeder decompressing only as QEMU read made the
 restore 0.15-0.25 s slower than from a file on that loaded host.
 
