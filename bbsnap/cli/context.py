@@ -105,7 +105,7 @@ class AppContext:
         """All crash recovery: stale jobs, killed prunes' merges, killed creates, rebuilds
         and exports (whose journals name the partial output: `doctor --fix` must not take
         them for orphans)."""
-        from bbsnap.services import restore_work
+        from bbsnap.services import memory_restore
         from bbsnap.services.prune import recover_interrupted_prunes
         from bbsnap.services.recovery import recover_interrupted, recover_interrupted_exports
 
@@ -113,7 +113,7 @@ class AppContext:
         recover_interrupted_prunes(self.catalogue_as_found, self.data_dir)
         self._recover_creates()
         self._recover_rebuilds()
-        restore_work.remove_stale(self.data_dir)  # left by a killed memory revert
+        memory_restore.remove_stale(self.data_dir)  # unpacked by a killed memory revert
         recover_interrupted_exports(self.data_dir)
 
     def worker_argv(self) -> list[str]:
