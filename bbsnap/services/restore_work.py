@@ -1,7 +1,8 @@
 """The work files of a memory revert in tmp/ (services/memory_restore.py), and their removal
 after a killed one: named by the job token of the process that made them, so the next
-command (crash recovery, cli/context.py) removes those whose process died without
-importing the revert itself (its decompressors and threads: every command runs recovery).
+command (crash recovery, through ``memory_restore.remove_stale``) removes those whose
+process died. A module of its own: what names and removes them needs none of the revert's
+decompressors and threads.
 """
 
 from __future__ import annotations
