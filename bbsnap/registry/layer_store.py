@@ -102,26 +102,29 @@ def rewrite_reason(header: Qcow2Header) -> str | None:
 
 
 def settle(partial: Path, header: Qcow2Header, *, index: int, virtual_size: int,
-           backing_title: str | None, parent_file: Path | None, phases: Phases) -> Path:
+           backing_title: str | None, parent_file: Path | None, phases: Phases,
+           what: str | None = None) -> Path:
     """Vet the downloaded, digest-checked *partial* as QEMU sees it, point its backing at
     *parent_file* (by name: both live in images/) and return the file to publish: *partial*
-    itself when it is plain, else a rewritten copy beside it (*partial* removed)."""
+    itself when it is plain, else a rewritten copy beside it (*partial* removed). *what*
+    names the layer in refusals (default: layer *index*)."""
+    layer = what or f"layer {index}"
     with phases.timed("vet"):
         info = qemu_img.info(partial, "qcow2", untrusted=True)
         if info.format != "qcow2" or info.data_file:
-            raise HostileImageError(f"layer {index} is not a plain qcow2 image; refused")
+            raise HostileImageError(f"{layer} is not a plain qcow2 image; refused")
         if info.virtual_size != virtual_size:
-            raise HostileImageError(f"layer {index} is {info.virtual_size} bytes, its config "
+            raise HostileImageError(f"{layer} is {info.virtual_size} bytes, its config "
                                     f"says {virtual_size}; refused")
         if (info.backing_file or None) != backing_title:
-            raise HostileImageError(f"layer {index} names the backing file "
+            raise HostileImageError(f"{layer} names the backing file "
                                     f"{info.backing_file!r}; refused")
         if parent_file is not None:
             # Only the header's name changes (qemu-img rebase -u); the parent is ours.
             qemu_img.set_backing(partial, parent_file, relative=True, untrusted=True)
         verdict = qemu_img.check(partial, "qcow2", untrusted=True)
         if verdict.corruptions:
-            raise HostileImageError(f"layer {index} is a corrupt qcow2 image "
+            raise HostileImageError(f"{layer} is a corrupt qcow2 image "
                                     f"({verdict.corruptions} errors); refused")
         reason = rewrite_reason(header)
         if reason is None and verdict.leaks:
