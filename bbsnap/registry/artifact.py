@@ -192,7 +192,7 @@ def descriptor(value: Any, what: str, *, max_size: int) -> Descriptor:
     if not isinstance(value, dict):
         raise HostileImageError(f"{what} is not a descriptor; refused")
     media, digest, size = value.get("mediaType"), value.get("digest"), value.get("size")
-    if not isinstance(media, str) or not isinstance(digest, str) or not _DIGEST.match(digest):
+    if not isinstance(media, str) or not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
         raise HostileImageError(f"{what} has no valid media type and sha256 digest; refused")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise HostileImageError(f"{what} has no valid size; refused")
@@ -326,10 +326,10 @@ def _checked_entry(value: dict[str, Any]) -> ChainEntry:
         return None if value.get(key) is None else text(key)
 
     digest, origin = text("digest"), text("id")
-    if not _DIGEST.match(digest) or not _ORIGIN_ID.match(origin):
+    if not _DIGEST.fullmatch(digest) or not _ORIGIN_ID.fullmatch(origin):
         raise ValueError("digest or id")
     for key in ("parent", "ancestor"):
-        if optional(key) is not None and not _ORIGIN_ID.match(text(key)):
+        if optional(key) is not None and not _ORIGIN_ID.fullmatch(text(key)):
             raise ValueError(key)
     size, min_ram = value["virtual_size"], value.get("min_ram")
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
@@ -341,7 +341,7 @@ def _checked_entry(value: dict[str, Any]) -> ChainEntry:
     datetime.fromisoformat(created)
     username = optional("username")
     source_server = optional("source_server")
-    if source_server is not None and not _SOURCE_SERVER.match(source_server):
+    if source_server is not None and not _SOURCE_SERVER.fullmatch(source_server):
         raise ValueError("source_server")
     return ChainEntry(
         digest=digest, origin_id=origin, type=ImageType(text("type")),

@@ -44,7 +44,7 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def valid_target(target: object) -> bool:
-    return isinstance(target, str) and bool(_TARGET.match(target)) and target != PRIMARY
+    return isinstance(target, str) and bool(_TARGET.fullmatch(target)) and target != PRIMARY
 
 
 # -- building (push) ----------------------------------------------------------------------
@@ -105,9 +105,9 @@ def read_volumes(value: Any) -> tuple[VolumeEntry, ...]:
             raise HostileImageError(f"a config image names the disk {str(target)[:40]!r}, "
                                     "which is not a disk name; refused")
         assert isinstance(target, str)
-        if not isinstance(digest, str) or not _DIGEST.match(digest) or (
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest) or (
                 backing is not None and (not isinstance(backing, str)
-                                         or not _DIGEST.match(backing))):
+                                         or not _DIGEST.fullmatch(backing))):
             raise HostileImageError(f"disk {target} has no valid layer digest; refused")
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise HostileImageError(f"disk {target} has no valid virtual size; refused")
