@@ -110,6 +110,10 @@ def test_two_disk_chain_round_trip_per_disk_and_no_op_again(work_dir, registry):
     assert again.exit_code == 0 and again.stdout.strip() == top, again.stderr
     assert "already image" in again.stderr
     assert len(images(work_dir / "b")) == 3
+    # Pushed on from here, every disk's layer is known by what it was pulled as: none is sent.
+    relay = target("images", "push", top, f"{registry.host}/multi/devbox:relay")
+    assert relay.exit_code == 0, relay.stderr
+    assert "uploaded (" not in relay.stderr and relay.stderr.count(" present") == 5
     gc.collect()
     doctor = target("doctor")
     assert doctor.exit_code == 0, doctor.stdout + doctor.stderr
