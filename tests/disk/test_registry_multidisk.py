@@ -217,3 +217,15 @@ def test_pull_killed_inside_a_further_disk_is_recovered(work_dir, registry):
     gc.collect()
     doctor = target("doctor")
     assert doctor.exit_code == 0, doctor.stdout + doctor.stderr
+
+
+def test_containerdisk_of_a_multi_disk_image_is_refused(work_dir, registry):
+    """A KubeVirt containerDisk holds one disk: refused with one line, nothing pushed."""
+    chain = multi_disk.build(work_dir / "a", vdb=("standalone",))
+    blobs = registry.blob_files()
+    result = Bbsnap(work_dir / "a")("images", "push", "--containerdisk", chain.snapshots[0],
+                                    f"{registry.host}/multi/kubevirt:v1")
+    assert result.exit_code == 1, result.stderr
+    errors = [x for x in result.stderr.splitlines() if x.startswith("bbsnap: error:")]
+    assert len(errors) == 1 and "a containerDisk holds one" in errors[0], result.stderr
+    assert registry.blob_files() == blobs
