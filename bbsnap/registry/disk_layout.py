@@ -32,8 +32,8 @@ from typing import Any
 
 from bbsnap.errors import HostileImageError
 from bbsnap.registry import layers
-from bbsnap.registry.artifact import (BACKING, DISK, ChainEntry, Descriptor, VolumeEntry,
-                                      layer_descriptor)
+from bbsnap.registry.artifact import (BACKING, DISK, MAX_LAYERS, ChainEntry, Descriptor,
+                                      VolumeEntry, layer_descriptor)
 
 PRIMARY = "vda"          # the first disk: how a server built from the image attaches it
 # A server attaches further disks as vdb..vdp (services/server_create.py).
@@ -121,6 +121,12 @@ def read_volumes(value: Any) -> tuple[VolumeEntry, ...]:
 def check(entries: list[ChainEntry], manifest: list[Descriptor], disks: Any) -> None:
     """Refuse a version 2 config whose disks do not fit its manifest (see the docstring)."""
     by_digest = {layer.digest: layer for layer in manifest}
+    # Each use is a download (a layer two images share is pulled into each one's file): as
+    # many as the manifest may list layers, so sharing does not multiply what a pull fetches.
+    uses = len(entries) + sum(len(e.volumes) for e in entries)
+    if uses > MAX_LAYERS:
+        raise HostileImageError(f"the config's images have {uses} disk files, more than "
+                                f"{MAX_LAYERS}; refused")
     used: set[str] = set()
     for index, entry in enumerate(entries):
         layer = manifest[index]   # read_config checked it is entry's

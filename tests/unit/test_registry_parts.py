@@ -219,6 +219,29 @@ def test_multi_disk_config_is_version_2_with_its_disk_list():
     assert artifact.read_config(artifact.config_blob(entries, doc["disks"]), pulled) == entries
 
 
+def test_one_layer_shared_by_too_many_disks_is_refused():
+    """Each use is a download: 20 images with 15 disks of one layer are 320 files."""
+    from bbsnap.registry import disk_layout
+
+    shared = "sha256:" + "f" * 64
+    entries = []
+    for index in range(20):
+        volumes = tuple(artifact.VolumeEntry(f"vd{chr(ord('b') + n)}", shared, 1 << 20)
+                        for n in range(15))
+        entry = _chain_entry(0, volumes)
+        entries.append(artifact.ChainEntry(**{
+            **vars(entry), "digest": f"sha256:{index:064x}", "origin_id": f"img-aa{index:03d}",
+            "parent": f"img-aa{index - 1:03d}" if index else None}))
+    sizes = {e.digest: 100 for e in entries} | {shared: 100}
+    config = artifact.Descriptor(artifact.CONFIG_MEDIA_TYPE_V2, "sha256:" + "2" * 64, 10, {})
+    pulled = artifact.read_manifest(artifact.manifest(
+        config, disk_layout.manifest_layers(entries, sizes), {}), max_layer=1 << 30)
+    assert len(pulled.layers) == 21
+    with pytest.raises(HostileImageError, match="320 disk files"):
+        artifact.read_config(artifact.config_blob(entries, disk_layout.disk_list(entries)),
+                             pulled)
+
+
 @pytest.mark.parametrize("target", ["vda", "../x", "vd/b", "VDB", "v", "vdb\n", "vdbbbbbbb", 7])
 def test_disk_names_are_short_lowercase_names_and_not_the_first_disk(target):
     from bbsnap.registry import disk_layout
