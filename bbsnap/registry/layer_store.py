@@ -29,7 +29,9 @@ by the next command's recovery (DataDir.remove_image_files).
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -146,3 +148,35 @@ def _rewrite(partial: Path, parent_file: Path | None) -> Path:
         qemu_img.set_backing(target, parent_file, relative=True)
     partial.unlink()
     return target
+
+
+def copy_stored(source: Path, target: Path) -> None:
+    """A copy of the stored, vetted file *source* as the new *target* (a partial file):
+    a layer two images of one pull share (an unchanged further disk's full copies) is
+    downloaded once and copied for the second, data extents only (holes stay holes), in the
+    kernel (``copy_file_range``: a reflink where the file system shares extents)."""
+    src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, 0o600)
+        try:
+            size, offset = os.fstat(src).st_size, 0
+            while offset < size:
+                try:
+                    start = os.lseek(src, offset, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # nothing but a hole left
+                        break
+                    raise
+                end = os.lseek(src, start, os.SEEK_HOLE)
+                while start < end:
+                    copied = os.copy_file_range(src, dst, end - start, start, start)
+                    if copied == 0:
+                        raise OSError(errno.EIO, f"{source.name} ended while being copied")
+                    start += copied
+                offset = end
+            os.ftruncate(dst, size)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)

@@ -138,6 +138,9 @@ class Puller:
         below: str | None = None            # the digest of the layer below
         below_disks: dict[str, Path] = {}   # the image below's further disks' files
         by_digest = {layer.digest: layer for layer in pulled.layers}
+        # Standalone further-disk layers this pull stored, by digest: an unchanged disk's
+        # full copies in two images are one layer, downloaded once.
+        fetched: dict[str, Path] = {}
         try:
             for index, (desc, entry) in enumerate(zip(pulled.layers, entries, strict=False)):
                 held = self._held(desc.digest, entry)
@@ -164,12 +167,20 @@ class Puller:
                                        format="qcow2", checksum=desc.digest)
                 for volume in entry.volumes:
                     layer = by_digest[volume.digest]
-                    note(f"pulling layer {layer.digest[7:19]} ({layer.size} bytes) as "
-                         f"{image.id} {volume.target}")
                     disk = self._data_dir.images_dir / f"{image.id}-{volume.target}.qcow2"
-                    self._fill(client, layer, volume.virtual_size, volume.backing,
-                               below_disks[volume.target] if volume.backing else None, disk,
-                               index, what=f"image {index}'s disk {volume.target}")
+                    earlier = fetched.get(volume.digest) if volume.backing is None else None
+                    if earlier is not None:
+                        note(f"copying layer {layer.digest[7:19]} from {earlier.name} as "
+                             f"{image.id} {volume.target}")
+                        self._copy(earlier, disk)
+                    else:
+                        note(f"pulling layer {layer.digest[7:19]} ({layer.size} bytes) as "
+                             f"{image.id} {volume.target}")
+                        self._fill(client, layer, volume.virtual_size, volume.backing,
+                                   below_disks[volume.target] if volume.backing else None,
+                                   disk, index, what=f"image {index}'s disk {volume.target}")
+                    if volume.backing is None:
+                        fetched.setdefault(volume.digest, disk)
                     info = qemu_img.info(disk, "qcow2")
                     done.volumes.append((ImageVolume(volume.target, disk.name,
                                                      info.virtual_size, info.actual_size),
@@ -249,6 +260,14 @@ class Puller:
 
         ids.allocate("img", claim)
         return added[0]
+
+    def _copy(self, stored: Path, final: Path) -> None:
+        """*final* as a copy of *stored*, a layer this pull already vetted and stored."""
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        with self._phases.timed("copy"):
+            layer_store.copy_stored(stored, partial)
+        with self._phases.timed("fsync"):
+            safe_files.publish(partial, final, mode=FILE_MODE)
 
     def _fill(self, client: RegistryClient, layer: artifact.Descriptor, virtual_size: int,
               below: str | None, parent_file: Path | None, final: Path, index: int,

@@ -159,10 +159,20 @@ def test_second_push_uploads_only_the_changed_disks_layers(work_dir, registry):
     assert unchanged_vdb > 4 * MIB  # what would have gone up again
     assert [x for x in second.stderr.splitlines()
             if f"{chain.snapshots[1]} vdb: layer" in x][0].split()[4] == "present", second.stderr
-    # Pulled elsewhere, both snapshots get the shared layer as their own vdb file.
-    pulled = Bbsnap(work_dir / "b")("images", "pull", f"{registry.host}/multi/delta:s2")
+    # Pulled elsewhere, both snapshots get the shared layer as their own vdb file: fetched
+    # once (bytes counted by a proxy), copied for the second.
+    reader = CuttingProxy(registry.port, NEVER, upstream=False)
+    try:
+        pulled = Bbsnap(work_dir / "b")("images", "pull", f"{reader.host}/multi/delta:s2")
+    finally:
+        reader.close()
     assert pulled.exit_code == 0, pulled.stderr
     same_disks(chain, work_dir / "b", pulled.stdout.strip())
+    distinct = sum(chain.file(i).stat().st_size for i in [chain.base, *chain.snapshots]) + sum(
+        chain.file(chain.snapshots[i], "vdb").stat().st_size for i in (0, 2))
+    assert distinct <= reader.counted <= distinct + 64 * 1024, (reader.counted, distinct)
+    copies = [x for x in pulled.stderr.splitlines() if "copying layer" in x]
+    assert len(copies) == 1 and copies[0].endswith(" vdb"), pulled.stderr
 
 
 def test_pull_resumes_a_connection_cut_inside_a_further_disk(work_dir, registry):
