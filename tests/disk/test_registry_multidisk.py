@@ -239,3 +239,18 @@ def test_containerdisk_of_a_multi_disk_image_is_refused(work_dir, registry):
     errors = [x for x in result.stderr.splitlines() if x.startswith("bbsnap: error:")]
     assert len(errors) == 1 and "a containerDisk holds one" in errors[0], result.stderr
     assert registry.blob_files() == blobs
+
+
+def test_push_refuses_a_disk_stored_on_another_disks_file(work_dir, registry):
+    """A vdb whose backing file is not the image below's vdb (here: its first disk) is not
+    what the catalogue says: refused with one line before anything is sent."""
+    chain = multi_disk.build(work_dir / "a", vdb=("standalone", "delta"))
+    prune_chain.run("qemu-img", "rebase", "-u", "-F", "qcow2", "-b", f"{chain.snapshots[0]}.qcow2",
+                    str(chain.file(chain.snapshots[1], "vdb")))
+    blobs = registry.blob_files()
+    result = Bbsnap(work_dir / "a")("images", "push", chain.snapshots[1],
+                                    f"{registry.host}/multi/crossed:v1")
+    assert result.exit_code == 1, result.stderr
+    errors = [x for x in result.stderr.splitlines() if x.startswith("bbsnap: error:")]
+    assert len(errors) == 1 and "not disk vdb of the image below" in errors[0], result.stderr
+    assert registry.blob_files() == blobs
