@@ -21,7 +21,7 @@ on 127.0.0.1:
     them, 0.4-0.7 s onto pages just freed), and one load spike does not decide;
   - the same GET followed by the file's SHA-256 (`openssl dgst`, which uses the CPU's SHA
     instructions; coreutils' sha256sum does not and took 5-8 s here): what a client that
-    verifies the digest (as oras and bbsnap must) costs done one after the other, printed
+    verifies the digest (as bbsnap does; oras-py's pull does not) costs done in turn, printed
     for reference, not a goal;
   - where a pull's time goes: one more pull run in this process, its phases (download
     with hashing and vetting of the head, QEMU's vetting, a rewrite if the layer needed
