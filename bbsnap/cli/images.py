@@ -6,8 +6,7 @@ from typing import Any
 
 import click
 
-from bbsnap.models import ImageStatus, ImageType, Visibility
-from bbsnap.vocabulary import DiskFormat, Firmware, values
+from bbsnap.vocabulary import DiskFormat, Firmware, ImageStatus, ImageType, Visibility, values
 from bbsnap.cli.options import bulk_listing, for_each, output_options, say
 
 IMAGE_TYPES = values(ImageType)
