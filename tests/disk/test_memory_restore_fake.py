@@ -5,7 +5,6 @@ tmp/, and a file damaged at its start is refused before the server is touched.""
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,12 +12,12 @@ import pytest
 
 from bbsnap.disks import qemu_img
 from bbsnap.errors import HypervisorError, InvalidInputError
-from bbsnap.hypervisor import DiskSpec, DomainSpec, DomainState
+from bbsnap.hypervisor import DomainState
 from bbsnap.models import Image, ImageStatus, ImageType, Server, ServerStatus
 from bbsnap.services import memory_file, memory_restore
 from bbsnap.services.snapshots.timeline import Timeline
 from bbsnap.state.layout import DataDir
-from tests.fakes.hypervisor import FakeHypervisor
+from tests.fakes.hypervisor import running_domain
 
 IMAGE_ID = "img-aaaaa"
 
@@ -27,13 +26,7 @@ IMAGE_ID = "img-aaaaa"
 def saved(work_dir: Path):
     """A running fake domain, and a memory snapshot of it stored as a revert finds it."""
     data = DataDir(work_dir / "data").ensure()
-    disk = work_dir / "disk.qcow2"
-    qemu_img.create_blank(disk, 16 << 20)
-    hv = FakeHypervisor()
-    spec = DomainSpec(name="srv-aaaaa", uuid=str(uuid.uuid4()), memory_mib=64, vcpus=1,
-                      accel="tcg", disks=(DiskSpec(disk),), console_log=work_dir / "log")
-    hv.define(spec)
-    hv.start(spec.name)
+    hv, spec = running_domain(work_dir)
     raw = data.tmp_dir / "raw.save"
     hv.save_memory_live(spec.name, raw, ["vda"], [], 30)
     hv.resume(spec.name)

@@ -502,6 +502,20 @@ class FakeHypervisor:
         return dom
 
 
+def running_domain(work_dir: Path, name: str = "srv-aaaaa") -> tuple[FakeHypervisor, DomainSpec]:
+    """A fake hypervisor running *name*: 64 MiB, one real 16 MiB qcow2 disk in *work_dir*."""
+    import uuid
+
+    disk = work_dir / "disk.qcow2"
+    qemu_img.create_blank(disk, 16 << 20)
+    hv = FakeHypervisor()
+    spec = DomainSpec(name=name, uuid=str(uuid.uuid4()), memory_mib=64, vcpus=1, accel="tcg",
+                      disks=(DiskSpec(disk),), console_log=work_dir / "log")
+    hv.define(spec)
+    hv.start(spec.name)
+    return hv, spec
+
+
 def _facts(spec: DomainSpec, *, live: bool) -> DomainFacts:
     """What the adapter reads back from the definition build_domain_xml makes of *spec*."""
     writable = [d for d in spec.disks if d.device == "disk" and not d.readonly]

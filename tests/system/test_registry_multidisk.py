@@ -7,14 +7,11 @@ data disk held."""
 from __future__ import annotations
 
 import subprocess
-import uuid
 
-from bbsnap.hypervisor import DiskSpec, DomainSpec
-from bbsnap.tinyguest import READY_LINE
 from tests import registry as fixtures
 from tests.conftest import Bbsnap
 from tests.system.conftest import (URI, console_path, create_server, image_record,
-                                   wait_for_console_line)
+                                   start_two_disk_domain, wait_for_console_line)
 from tests.system.test_snapshots import counter
 
 registry = fixtures.registry
@@ -23,19 +20,8 @@ MIB = 1 << 20
 
 def test_two_disk_snapshot_pushed_pulled_and_booted(cloud, hypervisor, domains, registry,
                                                     work_dir, data_dir, tiny_guest_image):
-    boot, data = work_dir / "boot.qcow2", work_dir / "data.qcow2"
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tiny_guest_image), str(boot)],
-                   check=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "32M"], check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 1M 1M", str(data)],
-                   check=True, capture_output=True)
     name = domains.new_name()
-    hypervisor.define(DomainSpec(
-        name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1, accel="tcg",
-        disks=(DiskSpec(boot), DiskSpec(data, target="vdb")),
-        console_log=work_dir / "console.log"))
-    hypervisor.start(name)
-    wait_for_console_line(work_dir / "console.log", READY_LINE)
+    start_two_disk_domain(hypervisor, name, work_dir, tiny_guest_image, "32M")
     taken = cloud("servers", "snapshot", name, "--wait")
     assert taken.exit_code == 0, taken.stderr
     record = image_record(cloud, taken.stdout.strip())
