@@ -7,7 +7,6 @@ strict so that an id can never smuggle a path separator or XML into anything.
 from __future__ import annotations
 
 import re
-import secrets
 from typing import Callable
 
 from bbsnap.errors import ConflictError, UsageError
@@ -22,6 +21,8 @@ def new_id(prefix: str) -> str:
     """A fresh random id with *prefix* (collisions are checked by the store that keeps it)."""
     if prefix not in PREFIXES:
         raise ValueError(f"unknown id prefix {prefix!r}")
+    import secrets  # here: it loads OpenSSL (~5 ms), which commands that only read never need
+
     return prefix + "-" + "".join(secrets.choice(ALPHABET) for _ in range(ID_LENGTH))
 
 

@@ -9,34 +9,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
-
-class ImageType(str, enum.Enum):
-    SNAPSHOT = "snapshot"   # taken from a server
-    UPLOAD = "upload"       # imported from a file, stdin or URL
-    OFFICIAL = "official"   # reserved for images the user marks as such
-
-
-class ImageStatus(str, enum.Enum):
-    CREATING = "creating"
-    AVAILABLE = "available"
-    FAILED = "failed"
-    DELETED = "deleted"
-
-
-class Visibility(str, enum.Enum):
-    PRIVATE = "private"
-    PUBLIC = "public"
-
-
-class Consistency(str, enum.Enum):
-    QUIESCED = "quiesced"
-    CRASH_CONSISTENT = "crash-consistent"
-
-
-class DependentKind(str, enum.Enum):
-    IMAGE = "image"    # an image file whose backing file is another image
-    SERVER = "server"  # a server disk overlay on an image
+# The catalogue's words live in vocabulary.py, so the CLI's --help builds its choices without
+# this module's ~25 dataclasses (~20 ms); they are bbsnap's model all the same.
+from bbsnap.vocabulary import Consistency as Consistency
+from bbsnap.vocabulary import DependentKind as DependentKind
+from bbsnap.vocabulary import ImageStatus as ImageStatus
+from bbsnap.vocabulary import ImageType as ImageType
+from bbsnap.vocabulary import Visibility as Visibility
 
 
 @dataclass(frozen=True)
@@ -81,6 +62,32 @@ class Image:
         if self.status is ImageStatus.AVAILABLE:
             return str(self.visibility.value)
         return str(self.status.value)
+
+
+class ImageSummary(NamedTuple):
+    """What a listing's table shows of an image (a cloud image library's list view; `show`
+    and the data formats get the whole Image). Read straight from the catalogue's columns,
+    its values are as stored: a 10k-row table is read ~3x faster than as Images."""
+
+    id: str
+    owner: str
+    type: str        # an ImageType value
+    created_at: str  # ISO 8601, UTC
+    status: str      # an ImageStatus value
+    visibility: str  # a Visibility value
+    virtual_size: int
+    arch: str
+    name: str
+
+    @property
+    def created_on(self) -> str:
+        """The UTC date (YYYY-MM-DD) it was created."""
+        return self.created_at[:10]
+
+    @property
+    def display_status(self) -> str:
+        """As Image.display_status: available images show as private/public."""
+        return self.visibility if self.status == ImageStatus.AVAILABLE.value else self.status
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,37 @@ class ExportCompression(str, enum.Enum):
     NONE = "none"
 
 
+# -- the catalogue's words (bbsnap.models uses them for its fields) ------------------------
+
+class ImageType(str, enum.Enum):
+    SNAPSHOT = "snapshot"   # taken from a server
+    UPLOAD = "upload"       # imported from a file, stdin or URL
+    OFFICIAL = "official"   # reserved for images the user marks as such
+
+
+class ImageStatus(str, enum.Enum):
+    CREATING = "creating"
+    AVAILABLE = "available"
+    FAILED = "failed"
+    DELETED = "deleted"
+
+
+class Visibility(str, enum.Enum):
+    PRIVATE = "private"
+    PUBLIC = "public"
+
+
+class Consistency(str, enum.Enum):
+    QUIESCED = "quiesced"
+    CRASH_CONSISTENT = "crash-consistent"
+
+
+class DependentKind(str, enum.Enum):
+    IMAGE = "image"    # an image file whose backing file is another image
+    SERVER = "server"  # a server disk overlay on an image
+
+
 def values(vocabulary: type[enum.Enum]) -> tuple[str, ...]:
     """The words of *vocabulary*, in definition order (the first is the default where one is)."""
     return tuple(str(member.value) for member in vocabulary)
+

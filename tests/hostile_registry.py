@@ -9,10 +9,17 @@ import json
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bbsnap.models import ImageType
 from bbsnap.registry import artifact
+
+
+# A further disk of a crafted image: its target, its file, and the file of the layer it
+# claims to be stored on (None: standalone).
+Disk = tuple[str, Path, "Path | None"]
 
 
 def sha(data: bytes) -> str:
@@ -165,3 +172,57 @@ class HostileRegistry:
                            "manifests": [{"mediaType": media_type, "digest": target_digest,
                                           "size": target_size}]}).encode()
         return self.serve_manifest(tag, body, artifact.OCI_INDEX)
+
+    def publish_disks(self, tag: str, images: list[tuple[Path, list[Disk]]], *,
+                      edit_config: Callable[[dict[str, Any]], None] | None = None,
+                      extra_layers: tuple[Path, ...] = ()) -> str:
+        """Serve a multi-disk chain (config version 2) under *tag*: per image its own file and
+        its further disks as (target, file, the path of the layer it claims to be stored on
+        or None); *edit_config* may change the config document before it is served."""
+        from bbsnap.registry import disk_layout
+
+        entries: list[artifact.ChainEntry] = []
+        sizes: dict[str, int] = {}
+        files: dict[Path, str] = {}
+        for index, (own, disks) in enumerate(images):
+            volumes = []
+            for target, path, backing in disks:
+                volumes.append(artifact.VolumeEntry(
+                    target, self._blob(path, files, sizes), _virtual_size(path),
+                    files[backing] if backing is not None else None))
+            entries.append(artifact.ChainEntry(
+                digest=self._blob(own, files, sizes), origin_id=f"img-lay{index:02d}",
+                type=ImageType.UPLOAD if index == 0 else ImageType.SNAPSHOT,
+                name=f"layer {index}", description="", arch="x86_64", firmware="bios",
+                username=None, min_ram=None, virtual_size=_virtual_size(own),
+                consistency=None, created_at="2026-11-01T08:00:00+00:00",
+                parent=f"img-lay{index - 1:02d}" if index else None,
+                ancestor="img-lay00" if index else None, volumes=tuple(volumes)))
+        descriptors = disk_layout.manifest_layers(entries, sizes)
+        for path in extra_layers:
+            descriptors.append(artifact.layer_descriptor(self._blob(path, files, sizes),
+                                                         path.stat().st_size, None, "vdz"))
+        document = json.loads(artifact.config_blob(entries, disk_layout.disk_list(entries)))
+        if edit_config is not None:
+            edit_config(document)
+        config = json.dumps(document).encode()
+        self.blobs[sha(config)] = Served(config)
+        body = artifact.manifest(
+            artifact.Descriptor(artifact.CONFIG_MEDIA_TYPE_V2, sha(config), len(config), {}),
+            descriptors, {})
+        return self.serve_manifest(tag, body, artifact.OCI_MANIFEST)
+
+    def _blob(self, path: Path, files: dict[Path, str], sizes: dict[str, int]) -> str:
+        data = path.read_bytes()
+        digest = sha(data)
+        self.blobs[digest] = Served(data)
+        files[path], sizes[digest] = digest, len(data)
+        return digest
+
+
+def _virtual_size(path: Path) -> int:
+    import subprocess
+
+    info = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(path)], check=True,
+                          capture_output=True, text=True).stdout
+    return int(json.loads(info)["virtual-size"])

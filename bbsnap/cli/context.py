@@ -5,6 +5,7 @@ Nothing heavy is imported until a command needs it, so ``bbsnap --help`` stays f
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -94,10 +95,10 @@ class AppContext:
     def _recover_rebuilds(self) -> None:
         """Settle a killed `servers rebuild`/`revert` (cheap: a glob, usually empty; only a
         journal left behind connects to libvirt)."""
-        from bbsnap.services.rebuild_journal import journals_left, recover_interrupted_rebuilds
-
-        if not journals_left(self.data_dir):
+        if not self.data_dir.rebuild_journals():
             return
+        from bbsnap.services.rebuild_journal import recover_interrupted_rebuilds
+
         assert self._catalogue is not None
         recover_interrupted_rebuilds(self._catalogue, self.data_dir, self.hypervisor)
 
@@ -105,16 +106,32 @@ class AppContext:
         """All crash recovery: stale jobs, killed prunes' merges, killed creates, rebuilds
         and exports (whose journals name the partial output: `doctor --fix` must not take
         them for orphans)."""
-        from bbsnap.services import memory_restore
-        from bbsnap.services.prune import recover_interrupted_prunes
-        from bbsnap.services.recovery import recover_interrupted, recover_interrupted_exports
+        from bbsnap.services.recovery import recover_interrupted
 
         recover_interrupted(self.catalogue_as_found, self.data_dir, self._adopt_snapshot)
-        recover_interrupted_prunes(self.catalogue_as_found, self.data_dir)
+        work_files_left = self._work_files_left()
+        if work_files_left:
+            from bbsnap.services.prune import recover_interrupted_prunes
+
+            recover_interrupted_prunes(self.catalogue_as_found, self.data_dir)
         self._recover_creates()
         self._recover_rebuilds()
-        memory_restore.remove_stale(self.data_dir)  # unpacked by a killed memory revert
-        recover_interrupted_exports(self.data_dir)
+        if work_files_left:
+            from bbsnap.services import memory_restore
+            from bbsnap.services.recovery import recover_interrupted_exports
+
+            memory_restore.remove_stale(self.data_dir)  # unpacked by a killed memory revert
+            recover_interrupted_exports(self.data_dir)
+
+    def _work_files_left(self) -> bool:
+        """Whether tmp/ holds anything: killed prunes, memory reverts and exports leave their
+        journals and files only there, and it is usually empty, so a command skips importing
+        their modules (~50 ms of a 10k-row `images list`)."""
+        try:
+            with os.scandir(self.data_dir.tmp_dir) as entries:
+                return any(True for _ in entries)
+        except FileNotFoundError:
+            return False
 
     def worker_argv(self) -> list[str]:
         from bbsnap.services.snapshots.worker import base_argv

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from bbsnap.models import Dependent, Image, ImageVolume
+from bbsnap.models import Dependent, Image, ImageSummary, ImageVolume
 from bbsnap.sizes import to_mib
 
 LIST_COLUMNS = ("id", "owner", "type", "created_on", "status", "size", "arch", "name")
 
 
-def list_row(image: Image) -> list[Any]:
-    return [image.id, image.owner, image.type.value, image.created_at.strftime("%Y-%m-%d"),
-            image.display_status, to_mib(image.virtual_size), image.arch, image.name]
+def list_row(image: ImageSummary) -> list[Any]:
+    return [image.id, image.owner, image.type, image.created_on, image.display_status,
+            to_mib(image.virtual_size), image.arch, image.name]
 
 
 def show_pairs(image: Image, dependents: list[Dependent],

@@ -6,9 +6,8 @@ from typing import Any
 
 import click
 
-from bbsnap.models import ImageStatus, ImageType, Visibility
-from bbsnap.vocabulary import DiskFormat, Firmware, values
-from bbsnap.cli.options import for_each, output_options, say
+from bbsnap.vocabulary import DiskFormat, Firmware, ImageStatus, ImageType, Visibility, values
+from bbsnap.cli.options import bulk_listing, for_each, output_options, say
 
 IMAGE_TYPES = values(ImageType)
 STATUSES = values(ImageStatus) + values(Visibility)  # --status filters either
@@ -40,10 +39,15 @@ def list_images(app: Any, image_type: str | None = None, status: str | None = No
     if server_id is not None:
         image_type = "snapshot"
         server_id = _server_name(app, server_id)
-    found = app.images().find(image_type, status, source_server=server_id)
-    click.echo(render.listing(image_views.LIST_COLUMNS, [image_views.list_row(i) for i in found],
-                              [image_views.as_record(i) for i in found], output_format, simple),
-               nl=False)
+    service = app.images()
+    with bulk_listing():
+        click.echo(render.listing_of(
+            image_views.LIST_COLUMNS,
+            lambda: [image_views.list_row(s) for s in
+                     service.summaries(image_type, status, source_server=server_id)],
+            lambda: [image_views.as_record(i) for i in
+                     service.find(image_type, status, source_server=server_id)],
+            output_format, simple), nl=False)
 
 
 def _server_name(app: Any, key: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import gc
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -45,3 +47,17 @@ def for_each(keys: tuple[str, ...], action: Callable[[str], Any],
             failure = failure or exc
     if failure is not None:
         raise click.exceptions.Exit(failure.exit_code)
+
+
+@contextmanager
+def bulk_listing() -> Iterator[None]:
+    """Read and render a long listing with the cyclic garbage collector off: its 10k rows
+    are tens of thousands of new objects and no cycles, and the collector's passes over them
+    were a quarter of `images list` (bench_cli.py). Reference counting still frees them."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -23,9 +23,10 @@ def servers(ctx: click.Context) -> None:
 def _print_servers(found: list[Any], output_format: str, simple: bool) -> None:
     from bbsnap.cli import render, server_views
 
-    click.echo(render.listing(server_views.LIST_COLUMNS, [server_views.list_row(s) for s in found],
-                              [server_views.as_record(s) for s in found], output_format, simple),
-               nl=False)
+    click.echo(render.listing_of(server_views.LIST_COLUMNS,
+                                 lambda: [server_views.list_row(s) for s in found],
+                                 lambda: [server_views.as_record(s) for s in found],
+                                 output_format, simple), nl=False)
 
 
 @servers.command("list")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 from bbsnap.errors import (CheckpointBrokenError, ConflictError, GuestAgentError, HypervisorError,
                            NotFoundError, QuiesceError)
 from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskReplacement, DomainFacts,
                                DomainInfo, DomainSpec, DomainState, GuestUser, Hardware,
-                               HypervisorVersion, JobStatus, PauseCause, SavedDomain)
+                               HypervisorVersion, JobStatus, PauseCause, SavedDomain,
+                               SavedHead)
 from bbsnap.hypervisor.domain_xml import (build_backup_xml, build_checkpoint_xml, build_domain_xml,
                                           build_memory_snapshot_xml, build_new_checkpoint_xml,
                                           copy_descriptive, read_disks, read_domain_facts,
@@ -357,9 +358,17 @@ class LibvirtHypervisor:
     # -- memory snapshots ------------------------------------------------------------------
     # Measured on Debian 12 (libvirt 9.0, QEMU 7.2, TCG): see services/snapshots/memory.py.
 
-    def hardware(self, name: str) -> Hardware:
-        """The machine, CPU, RAM and devices of the domain's persistent definition."""
-        return read_hardware(self.domain_xml(name, inactive=True))
+    def hardware(self, name: str, *, migratable: bool = False) -> Hardware:
+        """The machine, CPU, RAM and devices of the domain's persistent definition;
+        *migratable*: as libvirt writes a definition into a save image's header, without
+        the devices it adds implicitly (pci-root, the USB controller, PS/2 inputs), to
+        compare with ``saved_head``'s (``saved_domain`` re-adds them, as the plain one has)."""
+        if not migratable:
+            return read_hardware(self.domain_xml(name, inactive=True))
+        libvirt = _libvirt()
+        xml = self._call(f"reading the XML of {name}", self._lookup(name).XMLDesc,
+                         libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+        return read_hardware(str(xml))
 
     def save_memory_live(self, name: str, path: Path, manual_disks: list[str],
                          skipped_disks: list[str], max_downtime_ms: int) -> None:
@@ -434,12 +443,31 @@ class LibvirtHypervisor:
                          str(path), _libvirt().VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
         return read_saved_domain(str(xml))
 
-    def restore_memory(self, path: Path, disk_sources: dict[str, Path]) -> DomainInfo:
+    def saved_head(self, stream: BinaryIO) -> SavedHead:
+        """The header of a memory image at the start of *stream* (hypervisor/save_image.py:
+        libvirt reads it only from a file, a FIFO can be read once)."""
+        from bbsnap.hypervisor import save_image
+
+        try:
+            head = save_image.read_head(stream)
+        except save_image.NotASaveImage as exc:
+            raise HypervisorError(f"reading the memory image failed: {exc}") from exc
+        return SavedHead(data=head.data, definition=head.definition,
+                         domain=read_saved_domain(head.definition))
+
+    def restore_memory(self, path: Path, disk_sources: dict[str, Path], *,
+                       head: SavedHead | None = None) -> DomainInfo:
         """Start the domain from a memory image, running, with each disk in *disk_sources*
-        (device -> file) replaced: the saved definition names the snapshot-time files."""
+        (device -> file) replaced: the saved definition names the snapshot-time files.
+        With *head* (read by ``saved_head``), *path* may be a FIFO fed those bytes and then
+        the rest: libvirt opens it once, reads the header and hands the open file to QEMU."""
         libvirt = _libvirt()
-        saved = self._call(f"reading the memory image {path}", self.conn.saveImageGetXMLDesc,
-                           str(path), libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
+        if head is not None:
+            saved = head.definition
+        else:
+            saved = self._call(f"reading the memory image {path}",
+                               self.conn.saveImageGetXMLDesc, str(path),
+                               libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
         xml = replace_disk_sources(str(saved), disk_sources)
         try:
             # The saved definition's title and metadata are the snapshot's; the persistent

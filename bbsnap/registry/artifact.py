@@ -8,6 +8,12 @@ chain file, base first, media type ``application/vnd.bbsnap.image.layer.v1.qcow2
 annotated with ``org.opencontainers.image.title`` (``<digest hex>.qcow2``) and
 ``dev.bbsnap.backing`` (the parent layer's title; none on the base). The config lists
 the chain's images with their catalogue metadata.
+
+A multi-disk image (a snapshot with further volumes, vdb...) is format version 2, under its
+own config media type ``application/vnd.bbsnap.image.config.v2+json`` (a bbsnap that reads
+only version 1 stops at it with one line naming it); its layout and vetting are
+disk_layout.py's. Single-disk images stay version 1, byte for byte, so older pullers read
+them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from bbsnap.registry import layers
 
 ARTIFACT_TYPE = "application/vnd.bbsnap.image.v1"
 CONFIG_MEDIA_TYPE = "application/vnd.bbsnap.image.config.v1+json"
+CONFIG_MEDIA_TYPE_V2 = "application/vnd.bbsnap.image.config.v2+json"
+CONFIG_MEDIA_TYPES = {CONFIG_MEDIA_TYPE: 1, CONFIG_MEDIA_TYPE_V2: 2}
 LAYER_MEDIA_TYPE = "application/vnd.bbsnap.image.layer.v1.qcow2"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -33,8 +41,11 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 ACCEPT = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
 TITLE = "org.opencontainers.image.title"
 BACKING = "dev.bbsnap.backing"
+DISK = "dev.bbsnap.disk"          # version 2: the disk (target) a layer is first used by
 FORMAT_VERSION = 1
+MULTI_DISK_VERSION = 2
 MAX_CHAIN = 64
+MAX_LAYERS = 256           # version 2: all disks' layers together
 MAX_CONFIG = 1 << 20
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ORIGIN_ID = re.compile(r"^img-[a-z0-9]{5}$")
@@ -55,6 +66,21 @@ class Descriptor:
         if self.annotations:
             out["annotations"] = self.annotations
         return out
+
+
+@dataclass(frozen=True)
+class VolumeEntry:
+    """A further disk of a chain image (version 2): which layer it is, and the layer it is
+    stored on (the parent image's disk of the same target), None when standalone."""
+
+    target: str               # vdb, vdc...: the catalogue's device name, never a path
+    digest: str
+    virtual_size: int
+    backing: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"target": self.target, "digest": self.digest,
+                "virtual_size": self.virtual_size, "backing": self.backing}
 
 
 @dataclass(frozen=True)
@@ -79,17 +105,26 @@ class ChainEntry:
     # foreign domain's libvirt name): `images list --server` and a server's history find
     # it by that name after a pull, as before the push. None in configs of older pushes.
     source_server: str | None = None
+    volumes: tuple[VolumeEntry, ...] = ()   # version 2 only; ascending by target
 
     @classmethod
-    def of(cls, image: Image, digest: str) -> ChainEntry:
+    def of(cls, image: Image, digest: str,
+           volumes: tuple[VolumeEntry, ...] = ()) -> ChainEntry:
         return cls(digest=digest, origin_id=image.id, type=image.type, name=image.name,
                    description=image.description, arch=image.arch, firmware=image.firmware,
                    username=image.username, min_ram=image.min_ram,
                    virtual_size=image.virtual_size, consistency=image.consistency,
                    created_at=image.created_at.isoformat(), parent=image.parent_id,
-                   ancestor=image.ancestor_id, source_server=image.source_server)
+                   ancestor=image.ancestor_id, source_server=image.source_server,
+                   volumes=volumes)
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self, version: int = FORMAT_VERSION) -> dict[str, Any]:
+        out = self._common_json()
+        if version >= MULTI_DISK_VERSION:
+            out["volumes"] = [v.as_json() for v in self.volumes]
+        return out
+
+    def _common_json(self) -> dict[str, Any]:
         return {"digest": self.digest, "id": self.origin_id, "type": self.type.value,
                 "name": self.name, "description": self.description, "arch": self.arch,
                 "firmware": self.firmware, "username": self.username, "min_ram": self.min_ram,
@@ -99,8 +134,22 @@ class ChainEntry:
                 "source_server": self.source_server}
 
 
-def config_blob(chain: list[ChainEntry]) -> bytes:
-    return _canonical({"bbsnap": FORMAT_VERSION, "chain": [e.as_json() for e in chain]})
+def is_multi_disk(chain: list[ChainEntry]) -> bool:
+    return any(entry.volumes for entry in chain)
+
+
+def config_media_type(chain: list[ChainEntry]) -> str:
+    return CONFIG_MEDIA_TYPE_V2 if is_multi_disk(chain) else CONFIG_MEDIA_TYPE
+
+
+def config_blob(chain: list[ChainEntry], disks: list[dict[str, Any]] | None = None) -> bytes:
+    """Version 1 for a single-disk chain; version 2 (with *disks*, disk_layout.disk_list)
+    when an image of it has further disks."""
+    if not is_multi_disk(chain):
+        return _canonical({"bbsnap": FORMAT_VERSION, "chain": [e.as_json() for e in chain]})
+    return _canonical({"bbsnap": MULTI_DISK_VERSION,
+                       "chain": [e.as_json(MULTI_DISK_VERSION) for e in chain],
+                       "disks": disks or []})
 
 
 def manifest(config: Descriptor, chain_layers: list[Descriptor],
@@ -111,10 +160,13 @@ def manifest(config: Descriptor, chain_layers: list[Descriptor],
                        "annotations": annotations})
 
 
-def layer_descriptor(digest: str, size: int, parent_digest: str | None) -> Descriptor:
+def layer_descriptor(digest: str, size: int, parent_digest: str | None,
+                     disk: str | None = None) -> Descriptor:
     notes = {TITLE: layers.title(digest)}
     if parent_digest is not None:
         notes[BACKING] = layers.title(parent_digest)
+    if disk is not None:
+        notes[DISK] = disk
     return Descriptor(LAYER_MEDIA_TYPE, digest, size, notes)
 
 
@@ -140,7 +192,7 @@ def descriptor(value: Any, what: str, *, max_size: int) -> Descriptor:
     if not isinstance(value, dict):
         raise HostileImageError(f"{what} is not a descriptor; refused")
     media, digest, size = value.get("mediaType"), value.get("digest"), value.get("size")
-    if not isinstance(media, str) or not isinstance(digest, str) or not _DIGEST.match(digest):
+    if not isinstance(media, str) or not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
         raise HostileImageError(f"{what} has no valid media type and sha256 digest; refused")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise HostileImageError(f"{what} has no valid size; refused")
@@ -166,6 +218,7 @@ def index_entries(data: bytes) -> list[Descriptor]:
 class PulledManifest:
     config: Descriptor
     layers: list[Descriptor]
+    version: int = FORMAT_VERSION      # of the config, from its media type
 
 
 def read_manifest(data: bytes, *, max_layer: int) -> PulledManifest:
@@ -173,38 +226,75 @@ def read_manifest(data: bytes, *, max_layer: int) -> PulledManifest:
     if doc.get("schemaVersion") != 2:
         raise HostileImageError("the manifest is not an OCI/Docker v2 manifest; refused")
     config = descriptor(doc.get("config"), "the manifest's config", max_size=MAX_CONFIG)
-    if config.media_type != CONFIG_MEDIA_TYPE:
+    version = CONFIG_MEDIA_TYPES.get(config.media_type)
+    if version is None:
+        if config.media_type.startswith("application/vnd.bbsnap.image.config."):
+            raise InvalidInputError(f"the image's config is {config.media_type}, a format "
+                                    "this bbsnap does not read", hint="upgrade bbsnap")
         raise InvalidInputError(f"this is not a bbsnap image (its config is {config.media_type})",
                                 hint="push it with 'bbsnap images push'; a containerDisk is "
                                 "for KubeVirt")
+    most = MAX_CHAIN if version == FORMAT_VERSION else MAX_LAYERS
     found = doc.get("layers")
-    if not isinstance(found, list) or not 1 <= len(found) <= MAX_CHAIN:
-        raise HostileImageError(f"the manifest lists no layers or more than {MAX_CHAIN}; "
-                                "refused")
+    if not isinstance(found, list) or not 1 <= len(found) <= most:
+        raise HostileImageError(f"the manifest lists no layers or more than {most}; refused")
     chain = [descriptor(v, f"layer {i}", max_size=max_layer) for i, v in enumerate(found)]
     for i, layer in enumerate(chain):
         if layer.media_type != LAYER_MEDIA_TYPE:
             raise HostileImageError(f"layer {i} has the media type {layer.media_type!r}; "
                                     "refused")
-        expected_backing = layers.title(chain[i - 1].digest) if i else None
-        if layer.annotations.get(BACKING) != expected_backing:
-            raise HostileImageError(f"layer {i} names another backing layer than the one "
-                                    "before it; refused")
     if len({layer.digest for layer in chain}) != len(chain):
         raise HostileImageError("the manifest lists a layer twice (a chain loop); refused")
-    return PulledManifest(config, chain)
+    if version == FORMAT_VERSION:
+        for i, layer in enumerate(chain):
+            expected_backing = layers.title(chain[i - 1].digest) if i else None
+            if layer.annotations.get(BACKING) != expected_backing:
+                raise HostileImageError(f"layer {i} names another backing layer than the one "
+                                        "before it; refused")
+    else:
+        # Several disks: a layer's backing is an earlier layer, which one the config says
+        # (disk_layout.py checks it against the disk each image's layer belongs to).
+        earlier: set[str] = set()
+        for i, layer in enumerate(chain):
+            backing = layer.annotations.get(BACKING)
+            if backing is not None and backing not in earlier:
+                raise HostileImageError(f"layer {i} names a backing layer that does not come "
+                                        "before it; refused")
+            earlier.add(layers.title(layer.digest))
+    return PulledManifest(config, chain, version)
 
 
 def read_config(data: bytes, pulled: PulledManifest) -> list[ChainEntry]:
     doc = _json_object(data, "config blob")
-    if doc.get("bbsnap") != FORMAT_VERSION:
+    if doc.get("bbsnap") != pulled.version:
         raise InvalidInputError(f"the image's format version {doc.get('bbsnap')!r} is not "
-                                f"{FORMAT_VERSION}", hint="upgrade bbsnap")
+                                f"{pulled.version}, as its config media type says",
+                                hint="upgrade bbsnap")
     chain = doc.get("chain")
+    if pulled.version == MULTI_DISK_VERSION:
+        from bbsnap.registry import disk_layout
+
+        if not isinstance(chain, list) or not 1 <= len(chain) <= min(MAX_CHAIN,
+                                                                     len(pulled.layers)):
+            raise HostileImageError("the config blob's chain does not match the layers; "
+                                    "refused")
+        entries = [_entry(value, i) for i, value in enumerate(chain)]
+        _check_links(entries, pulled.layers)
+        disk_layout.check(entries, pulled.layers, doc.get("disks"))
+        return entries
     if not isinstance(chain, list) or len(chain) != len(pulled.layers):
         raise HostileImageError("the config blob's chain does not match the layers; refused")
     entries = [_entry(value, i) for i, value in enumerate(chain)]
-    for i, (entry, layer) in enumerate(zip(entries, pulled.layers, strict=True)):
+    if any(entry.volumes for entry in entries):
+        raise HostileImageError("a version 1 config blob lists further disks; refused")
+    _check_links(entries, pulled.layers)
+    return entries
+
+
+def _check_links(entries: list[ChainEntry], chain_layers: list[Descriptor]) -> None:
+    """Image i is layer i, stored on image i - 1; no image twice."""
+    # Version 2 lists the further disks' layers after the chain's: zip stops at the chain.
+    for i, (entry, layer) in enumerate(zip(entries, chain_layers, strict=False)):
         if entry.digest != layer.digest:
             raise HostileImageError(f"the config blob's image {i} is not layer {i}; refused")
         if entry.parent != (entries[i - 1].origin_id if i else None):
@@ -212,7 +302,6 @@ def read_config(data: bytes, pulled: PulledManifest) -> list[ChainEntry]:
                                     "before it; refused")
     if len({e.origin_id for e in entries}) != len(entries):
         raise HostileImageError("the config blob lists an image twice; refused")
-    return entries
 
 
 def _entry(value: Any, index: int) -> ChainEntry:
@@ -237,10 +326,10 @@ def _checked_entry(value: dict[str, Any]) -> ChainEntry:
         return None if value.get(key) is None else text(key)
 
     digest, origin = text("digest"), text("id")
-    if not _DIGEST.match(digest) or not _ORIGIN_ID.match(origin):
+    if not _DIGEST.fullmatch(digest) or not _ORIGIN_ID.fullmatch(origin):
         raise ValueError("digest or id")
     for key in ("parent", "ancestor"):
-        if optional(key) is not None and not _ORIGIN_ID.match(text(key)):
+        if optional(key) is not None and not _ORIGIN_ID.fullmatch(text(key)):
             raise ValueError(key)
     size, min_ram = value["virtual_size"], value.get("min_ram")
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
@@ -252,7 +341,7 @@ def _checked_entry(value: dict[str, Any]) -> ChainEntry:
     datetime.fromisoformat(created)
     username = optional("username")
     source_server = optional("source_server")
-    if source_server is not None and not _SOURCE_SERVER.match(source_server):
+    if source_server is not None and not _SOURCE_SERVER.fullmatch(source_server):
         raise ValueError("source_server")
     return ChainEntry(
         digest=digest, origin_id=origin, type=ImageType(text("type")),
@@ -264,4 +353,12 @@ def _checked_entry(value: dict[str, Any]) -> ChainEntry:
         min_ram=image_fields.check_min_ram(min_ram) if min_ram else None,
         virtual_size=size, consistency=Consistency(consistency) if consistency else None,
         created_at=created, parent=optional("parent"), ancestor=optional("ancestor"),
-        source_server=source_server)
+        source_server=source_server, volumes=_volumes(value.get("volumes")))
+
+
+def _volumes(value: Any) -> tuple[VolumeEntry, ...]:
+    if value is None:
+        return ()
+    from bbsnap.registry import disk_layout
+
+    return disk_layout.read_volumes(value)

@@ -29,7 +29,9 @@ by the next command's recovery (DataDir.remove_image_files).
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,26 +104,29 @@ def rewrite_reason(header: Qcow2Header) -> str | None:
 
 
 def settle(partial: Path, header: Qcow2Header, *, index: int, virtual_size: int,
-           backing_title: str | None, parent_file: Path | None, phases: Phases) -> Path:
+           backing_title: str | None, parent_file: Path | None, phases: Phases,
+           what: str | None = None) -> Path:
     """Vet the downloaded, digest-checked *partial* as QEMU sees it, point its backing at
     *parent_file* (by name: both live in images/) and return the file to publish: *partial*
-    itself when it is plain, else a rewritten copy beside it (*partial* removed)."""
+    itself when it is plain, else a rewritten copy beside it (*partial* removed). *what*
+    names the layer in refusals (default: layer *index*)."""
+    layer = what or f"layer {index}"
     with phases.timed("vet"):
         info = qemu_img.info(partial, "qcow2", untrusted=True)
         if info.format != "qcow2" or info.data_file:
-            raise HostileImageError(f"layer {index} is not a plain qcow2 image; refused")
+            raise HostileImageError(f"{layer} is not a plain qcow2 image; refused")
         if info.virtual_size != virtual_size:
-            raise HostileImageError(f"layer {index} is {info.virtual_size} bytes, its config "
+            raise HostileImageError(f"{layer} is {info.virtual_size} bytes, its config "
                                     f"says {virtual_size}; refused")
         if (info.backing_file or None) != backing_title:
-            raise HostileImageError(f"layer {index} names the backing file "
+            raise HostileImageError(f"{layer} names the backing file "
                                     f"{info.backing_file!r}; refused")
         if parent_file is not None:
             # Only the header's name changes (qemu-img rebase -u); the parent is ours.
             qemu_img.set_backing(partial, parent_file, relative=True, untrusted=True)
         verdict = qemu_img.check(partial, "qcow2", untrusted=True)
         if verdict.corruptions:
-            raise HostileImageError(f"layer {index} is a corrupt qcow2 image "
+            raise HostileImageError(f"{layer} is a corrupt qcow2 image "
                                     f"({verdict.corruptions} errors); refused")
         reason = rewrite_reason(header)
         if reason is None and verdict.leaks:
@@ -143,3 +148,35 @@ def _rewrite(partial: Path, parent_file: Path | None) -> Path:
         qemu_img.set_backing(target, parent_file, relative=True)
     partial.unlink()
     return target
+
+
+def copy_stored(source: Path, target: Path) -> None:
+    """A copy of the stored, vetted file *source* as the new *target* (a partial file):
+    a layer two images of one pull share (an unchanged further disk's full copies) is
+    downloaded once and copied for the second, data extents only (holes stay holes), in the
+    kernel (``copy_file_range``: a reflink where the file system shares extents)."""
+    src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, 0o600)
+        try:
+            size, offset = os.fstat(src).st_size, 0
+            while offset < size:
+                try:
+                    start = os.lseek(src, offset, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # nothing but a hole left
+                        break
+                    raise
+                end = os.lseek(src, start, os.SEEK_HOLE)
+                while start < end:
+                    copied = os.copy_file_range(src, dst, end - start, start, start)
+                    if copied == 0:
+                        raise OSError(errno.EIO, f"{source.name} ended while being copied")
+                    start += copied
+                offset = end
+            os.ftruncate(dst, size)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)

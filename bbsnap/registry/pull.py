@@ -12,16 +12,24 @@ untrusted import.
    against the config's; its backing is pointed at the parent's stored file by name, and
    it is kept as it came when plain, rewritten by ``qemu-img convert`` otherwise
    (layer_store.py: what "plain" is, and the figures that made it worth it);
-3. only when every layer passed are the rows made available, base first. Any refusal
-   removes every row and file this pull made; a killed pull leaves ``creating`` rows that
-   the next command's recovery fails and cleans (the usual import recovery).
+3. only when every layer passed are the rows made available, base first, each image in one
+   transaction with its volume rows (a multi-disk image is never available with a disk
+   missing). Any refusal removes every row and file this pull made; a killed pull leaves
+   ``creating`` rows that the next command's recovery fails and cleans, with every file
+   named after them (images/<id>.qcow2 and <id>-<disk>.qcow2, partial or not: the usual
+   import recovery).
+
+A multi-disk image (disk_layout.py) brings each chain image's further disks as layers too:
+each goes through step 2 as the image's own layer does, into images/<id>-<disk>.qcow2,
+stored on the image below's file of the same disk when its layer is a delta.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from datetime import datetime
 from typing import BinaryIO, cast
 
@@ -35,7 +43,7 @@ from bbsnap.disks.qcow2_header import MAX_HEADER_AREA
 from bbsnap.errors import HostileImageError, InvalidInputError
 from bbsnap.state.process_tokens import current_job_token
 from bbsnap.state.layout import FILE_MODE, PARTIAL_SUFFIX, DataDir
-from bbsnap.models import Image, ImageStatus
+from bbsnap.models import Image, ImageStatus, ImageVolume
 from bbsnap.services import image_fields
 from bbsnap.transfer.stream import copy_decompressed
 from bbsnap.reporting import SILENT, Reporter
@@ -124,40 +132,107 @@ class Puller:
                entries: list[artifact.ChainEntry], manifest_digest: str, name: str | None,
                note: Note) -> PullResult:
         local: dict[str, str] = {}          # origin id -> local id
-        made: list[tuple[Image, artifact.Descriptor, str | None]] = []
+        made: list[_Made] = []
         reused: list[str] = []
         parent: Image | None = None
         below: str | None = None            # the digest of the layer below
+        below_disks: dict[str, Path] = {}   # the image below's further disks' files
+        by_digest = {layer.digest: layer for layer in pulled.layers}
+        # Standalone further-disk layers this pull stored, by digest: an unchanged disk's
+        # full copies in two images are one layer, downloaded once.
+        fetched: dict[str, Path] = {}
         try:
-            for index, (desc, entry) in enumerate(zip(pulled.layers, entries, strict=True)):
-                held = self._records.image_for(desc.digest)
-                if held is not None and held.virtual_size == entry.virtual_size:
+            for index, (desc, entry) in enumerate(zip(pulled.layers, entries, strict=False)):
+                held = self._held(desc.digest, entry)
+                if held is not None:
                     local[entry.origin_id] = held.id
                     reused.append(held.id)
                     parent, below = held, desc.digest
+                    below_disks = {v.device: self._data_dir.image_path(v.path)
+                                   for v in self._catalogue.volumes(held.id)}
                     continue
                 top = index == len(entries) - 1
                 image = self._register(entry, parent, local, name if top else None)
-                made.append((image, desc, below))
+                done = _Made(image, desc, below)
+                made.append(done)
                 local[entry.origin_id] = image.id
                 note(f"pulling layer {desc.digest[7:19]} ({desc.size} bytes) as {image.id}")
-                self._fill(client, image, desc, entry, parent, below, index)
+                parent_file = self._data_dir.image_path(parent.path or "") if parent else None
+                final = self._data_dir.image_file(image.id)
+                self._fill(client, desc, entry.virtual_size, below, parent_file, final, index)
+                stored = qemu_img.info(final, "qcow2")
+                self._catalogue.update(image.id, expect_status=ImageStatus.CREATING,
+                                       virtual_size=stored.virtual_size,
+                                       disk_size=stored.actual_size, path=final.name,
+                                       format="qcow2", checksum=desc.digest)
+                for volume in entry.volumes:
+                    layer = by_digest[volume.digest]
+                    disk = self._data_dir.images_dir / f"{image.id}-{volume.target}.qcow2"
+                    earlier = fetched.get(volume.digest) if volume.backing is None else None
+                    if earlier is not None:
+                        note(f"copying layer {layer.digest[7:19]} from {earlier.name} as "
+                             f"{image.id} {volume.target}")
+                        self._copy(earlier, disk)
+                    else:
+                        note(f"pulling layer {layer.digest[7:19]} ({layer.size} bytes) as "
+                             f"{image.id} {volume.target}")
+                        self._fill(client, layer, volume.virtual_size, volume.backing,
+                                   below_disks[volume.target] if volume.backing else None,
+                                   disk, index, what=f"image {index}'s disk {volume.target}")
+                    if volume.backing is None:
+                        fetched.setdefault(volume.digest, disk)
+                    info = qemu_img.info(disk, "qcow2")
+                    done.volumes.append((ImageVolume(volume.target, disk.name,
+                                                     info.virtual_size, info.actual_size),
+                                         layer, volume.backing))
                 parent, below = self._catalogue.get(image.id), desc.digest
-            where = f"{client.ref.host}/{client.ref.repository}"
-            for image, desc, under in made:
-                current = self._catalogue.update(image.id, expect_status=ImageStatus.CREATING,
-                                                 status=ImageStatus.AVAILABLE, job=None)
-                identity = file_identity(self._data_dir.image_path(current.path or ""))
-                self._records.add(LayerRecord(desc.digest, image.id, under, desc.size,
-                                              "pulled", identity, where))
+                below_disks = {v.device: self._data_dir.images_dir / v.path
+                               for v, _layer, _under in done.volumes}
+            self._publish(client, made)
         except BaseException:
-            for image, _desc, _under in reversed(made):
-                self._data_dir.remove_image_files(image.id)
-                self._catalogue.remove_row(image.id)
+            for done in reversed(made):
+                self._data_dir.remove_image_files(done.image.id)
+                self._catalogue.remove_row(done.image.id)
             raise
         assert parent is not None
-        return PullResult(self._catalogue.get(parent.id), [m[0].id for m in made], reused,
+        return PullResult(self._catalogue.get(parent.id), [m.image.id for m in made], reused,
                           manifest_digest, dict(self._phases.seconds))
+
+    def _held(self, digest: str, entry: artifact.ChainEntry) -> Image | None:
+        """The catalogue's image that is *entry*: its own layer and every disk's the same."""
+        held = self._records.image_for(digest)
+        if held is None or held.virtual_size != entry.virtual_size:
+            return None
+        disks = {v.device for v in self._catalogue.volumes(held.id)}
+        if disks != {v.target for v in entry.volumes}:
+            return None
+        for volume in entry.volumes:
+            records = self._records.for_image(held.id, volume.target)
+            if not any(r.digest == volume.digest for r in records):
+                return None
+        return held
+
+    def _publish(self, client: RegistryClient, made: list[_Made]) -> None:
+        """Every layer passed: the rows available, base first, each with its volumes."""
+        where = f"{client.ref.host}/{client.ref.repository}"
+        for done in made:
+            image = done.image
+            if done.volumes:
+                volumes = [v for v, _layer, _under in done.volumes]
+                own = self._catalogue.get(image.id).disk_size
+                current = self._catalogue.finish_snapshot(
+                    image.id, volumes, status=ImageStatus.AVAILABLE, job=None,
+                    disk_size=own + sum(v.disk_size for v in volumes))
+            else:
+                current = self._catalogue.update(image.id, expect_status=ImageStatus.CREATING,
+                                                 status=ImageStatus.AVAILABLE, job=None)
+            identity = file_identity(self._data_dir.image_path(current.path or ""))
+            self._records.add(LayerRecord(done.layer.digest, image.id, done.below,
+                                          done.layer.size, "pulled", identity, where))
+            for volume, layer, under in done.volumes:
+                identity = file_identity(self._data_dir.image_path(volume.path))
+                self._records.add(LayerRecord(layer.digest, image.id, under, layer.size,
+                                              "pulled", identity, where, volume.device))
 
     def _register(self, entry: artifact.ChainEntry, parent: Image | None,
                   local: dict[str, str], name: str | None) -> Image:
@@ -186,16 +261,25 @@ class Puller:
         ids.allocate("img", claim)
         return added[0]
 
-    def _fill(self, client: RegistryClient, image: Image, layer: artifact.Descriptor,
-              entry: artifact.ChainEntry, parent: Image | None, below: str | None,
-              index: int) -> None:
-        final = self._data_dir.image_file(image.id)
+    def _copy(self, stored: Path, final: Path) -> None:
+        """*final* as a copy of *stored*, a layer this pull already vetted and stored."""
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        with self._phases.timed("copy"):
+            layer_store.copy_stored(stored, partial)
+        with self._phases.timed("fsync"):
+            safe_files.publish(partial, final, mode=FILE_MODE)
+
+    def _fill(self, client: RegistryClient, layer: artifact.Descriptor, virtual_size: int,
+              below: str | None, parent_file: Path | None, final: Path, index: int,
+              what: str | None = None) -> None:
+        """Download *layer* into *final*'s partial file, vet it (stored on *parent_file*,
+        the layer *below*'s) and publish it as *final*."""
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         backing_title = layers.title(below) if below is not None else None
-        head = LayerHead(entry.virtual_size, layer.size, backing_title,
+        head = LayerHead(virtual_size, layer.size, backing_title,
                          self._settings.max_virtual_size)
         reader = BlobReader(client, layer.digest, layer.size, verify=False)
-        label = f"Pulling layer {index + 1}"
+        label = f"Pulling layer {index + 1}" + (f" ({what})" if what else "")
 
         def progress(done: int) -> None:
             self._reporter.progress(label, done, layer.size)
@@ -211,16 +295,21 @@ class Puller:
             self._reporter.progress_end()
             reader.close()
         assert head.header is not None  # the head check ran before the first byte was written
-        parent_file = self._data_dir.image_path(parent.path or "") if parent else None
         stored_file = layer_store.settle(partial, head.header, index=index,
-                                         virtual_size=entry.virtual_size,
+                                         virtual_size=virtual_size,
                                          backing_title=backing_title, parent_file=parent_file,
-                                         phases=self._phases)
+                                         phases=self._phases, what=what)
         with self._phases.timed("fsync"):
             safe_files.publish(stored_file, final, mode=FILE_MODE)
-        stored = qemu_img.info(final, "qcow2")
-        self._catalogue.update(image.id, expect_status=ImageStatus.CREATING,
-                               virtual_size=stored.virtual_size, disk_size=stored.actual_size,
-                               path=final.name, format="qcow2", checksum=layer.digest)
 
 
+@dataclass
+class _Made:
+    """An image this pull registered: its own layer and its further disks' (the volume
+    row, its layer, the layer it is stored on)."""
+
+    image: Image
+    layer: artifact.Descriptor
+    below: str | None
+    volumes: list[tuple[ImageVolume, artifact.Descriptor, str | None]] = field(
+        default_factory=list)

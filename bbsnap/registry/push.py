@@ -7,6 +7,11 @@ came as, one pushed before by the digest recorded then (the file unchanged), and
 layer the repository has (``HEAD``) or another repository of the registry can lend
 (mount) is skipped. So the tenth snapshot of a server whose earlier ones were pushed
 uploads its own delta only.
+
+A chain with further disks (catalogue volumes) goes up as one layer chain per disk, each
+volume file a layer like the image's own (disk_layout.py: the manifest and config of such
+an image); a disk's layer the repository has is skipped as any other, so a second push
+sends the disks that changed.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ from pathlib import Path
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.errors import ConflictError, InvalidInputError
 from bbsnap.state.layout import DataDir
-from bbsnap.models import Image, ImageStatus
+from bbsnap.models import Image, ImageStatus, ImageVolume
 from bbsnap.services.stored_chain import require_inside
 from bbsnap.reporting import SILENT, Reporter
-from bbsnap.registry import artifact, layers, uploads
+from bbsnap.registry import artifact, disk_layout, layers, uploads
 from bbsnap.registry.client import DEFAULT_CHUNK, RegistryClient
 from bbsnap.registry.records import LayerRecord, LayerRecords, file_identity
 from bbsnap.registry.reference import Reference
@@ -42,16 +47,27 @@ def registry_dir(data_dir: DataDir) -> Path:
     return data_dir.root / "registry"
 
 
-def chain_of(catalogue: Catalogue, data_dir: DataDir, image_id: str) -> list[tuple[Image, Path]]:
+@dataclass(frozen=True)
+class StoredVolume:
+    """A further disk of a chain image, its file vetted (inside images/)."""
+
+    volume: ImageVolume
+    path: Path
+    backed: bool          # stored on the image below's disk of the same device
+
+
+def chain_of(catalogue: Catalogue, data_dir: DataDir, image_id: str, *,
+             multi_disk: bool = False) -> list[tuple[Image, Path]]:
     """The image and the images it is stored on, base first, each with its file; refused
-    unless every file is inside images/ and the files' chain is the rows' chain."""
+    unless every file is inside images/ and the files' chain is the rows' chain. Unless
+    *multi_disk* (their volumes are volume_files'), an image with further disks is refused."""
     top = catalogue.get(image_id)
     if top.status is not ImageStatus.AVAILABLE:
         raise ConflictError(f"image {image_id} is {top.status.value}, not available",
                             hint="wait until it is available")
-    if catalogue.volumes(image_id):
-        raise InvalidInputError(f"image {image_id} has more than one disk; pushing "
-                                "multi-disk images is not supported")
+    if not multi_disk and catalogue.volumes(image_id):
+        raise InvalidInputError(f"image {image_id} has more than one disk; a containerDisk "
+                                "holds one", hint="push it without --containerdisk")
     rows = [top]
     while rows[-1].parent_id is not None:
         if len(rows) > artifact.MAX_CHAIN:
@@ -63,6 +79,30 @@ def chain_of(catalogue: Catalogue, data_dir: DataDir, image_id: str) -> list[tup
         raise InvalidInputError(f"image {image_id}'s files are not stored as its catalogue "
                                 "rows say", hint="run 'bbsnap doctor'")
     return list(zip(reversed(rows), reversed(files), strict=True))
+
+
+def volume_files(catalogue: Catalogue, data_dir: DataDir,
+                 chain: list[tuple[Image, Path]]) -> list[list[StoredVolume]]:
+    """Each chain image's further disks, base first; refused unless every file is inside
+    images/, standalone or stored on the image below's disk of the same device."""
+    out: list[list[StoredVolume]] = []
+    below: dict[str, Path] = {}
+    for image, _path in chain:
+        mine = []
+        for volume in catalogue.volumes(image.id):
+            if not disk_layout.valid_target(volume.device):
+                raise InvalidInputError(f"image {image.id}'s disk {volume.device!r} has a name "
+                                        "an image in a registry cannot carry")
+            path = data_dir.image_path(volume.path)
+            files = require_inside(data_dir, image.id, path)
+            if len(files) > 2 or (len(files) == 2 and files[1] != below.get(volume.device)):
+                raise InvalidInputError(f"image {image.id}'s disk {volume.device} is stored "
+                                        f"on a file that is not disk {volume.device} of the "
+                                        "image below it", hint="run 'bbsnap doctor'")
+            mine.append(StoredVolume(volume, path, len(files) == 2))
+        below = {v.volume.device: v.path.resolve() for v in mine}
+        out.append(mine)
+    return out
 
 
 class Pusher:
@@ -87,26 +127,50 @@ class Pusher:
     def push(self, image_id: str, ref: Reference) -> PushResult:
         if ref.tag is None:
             raise InvalidInputError(f"push to a tag, not a digest: {ref}")
-        chain = chain_of(self._catalogue, self._data_dir, image_id)
+        chain = chain_of(self._catalogue, self._data_dir, image_id, multi_disk=True)
+        volumes = volume_files(self._catalogue, self._data_dir, chain)
         note = self._reporter.step
         mount_from = self._known_repositories(ref, [image for image, _ in chain])
         client = self.client(ref, mount_from)
         try:
             result = PushResult(ref, "", 0)
-            descriptors, entries, parent = [], [], None
-            for image, path in chain:
+            entries: list[artifact.ChainEntry] = []
+            sizes: dict[str, int] = {}
+            parent: str | None = None
+            below: dict[str, str] = {}      # device -> the image below's layer of it
+            for (image, path), stored in zip(chain, volumes, strict=True):
                 digest, size, how = self._layer(client, image, path, parent, mount_from, note)
                 result.layers.append((image.id, digest, how))
-                descriptors.append(artifact.layer_descriptor(digest, size, parent))
-                entries.append(artifact.ChainEntry.of(image, digest))
+                sizes[digest] = size
+                disks = []
+                for disk in stored:
+                    device = disk.volume.device
+                    under = below[device] if disk.backed else None
+                    found, length, how = self._layer(client, image, disk.path, under,
+                                                     mount_from, note, device=device)
+                    result.layers.append((f"{image.id}/{device}", found, how))
+                    sizes[found] = length
+                    disks.append(artifact.VolumeEntry(device, found, disk.volume.virtual_size,
+                                                      under))
+                entries.append(artifact.ChainEntry.of(image, digest, tuple(disks)))
+                below = {d.target: d.digest for d in disks}
                 parent = digest
-            config = artifact.config_blob(entries)
+            if artifact.is_multi_disk(entries):
+                descriptors = disk_layout.manifest_layers(entries, sizes)
+                config = artifact.config_blob(entries, disk_layout.disk_list(entries))
+            else:  # version 1, as older bbsnap reads it
+                descriptors, config = [], artifact.config_blob(entries)
+                for index, entry in enumerate(entries):
+                    descriptors.append(artifact.layer_descriptor(
+                        entry.digest, sizes[entry.digest],
+                        entries[index - 1].digest if index else None))
             config_digest = _sha256(config)
             uploads.ensure_blob(client, self._journal, config_digest, len(config),
                                 lambda offset: io.BytesIO(config[offset:]))
             top = chain[-1][0]
             body = artifact.manifest(
-                artifact.Descriptor(artifact.CONFIG_MEDIA_TYPE, config_digest, len(config), {}),
+                artifact.Descriptor(artifact.config_media_type(entries), config_digest,
+                                    len(config), {}),
                 descriptors,
                 {"org.opencontainers.image.created": top.created_at.isoformat(),
                  "org.opencontainers.image.title": top.name[:256],
@@ -121,18 +185,21 @@ class Pusher:
         """Repositories of the same registry a chain image was pushed to or pulled from."""
         found: list[str] = []
         for image in images:
-            for record in self._records.for_image(image.id):
+            for record in self._records.for_image(image.id, device=None):
                 host, _, repository = (record.repository or "").partition("/")
                 if host == ref.host and repository and repository not in found:
                     found.append(repository)
         return found
 
     def _layer(self, client: RegistryClient, image: Image, path: Path, parent: str | None,
-               mount_from: list[str], note: Note) -> tuple[str, int, str]:
-        """The layer digest and size for *image* on the layer *parent*, in the repository."""
+               mount_from: list[str], note: Note, device: str = "") -> tuple[str, int, str]:
+        """The layer digest and size for *image*'s file *path* (its own, or its disk
+        *device*'s) on the layer *parent*, in the repository."""
         identity = file_identity(path)
         where = f"{client.ref.host}/{client.ref.repository}"
-        records = [r for r in self._records.for_image(image.id) if r.parent_digest == parent
+        label = f"{image.id} {device}" if device else image.id
+        records = [r for r in self._records.for_image(image.id, device)
+                   if r.parent_digest == parent
                    and (r.origin == "pulled" or r.file_identity == identity)]
         for record in records:
             # What this image was pulled as (or pushed as, from this very file) is its
@@ -140,8 +207,9 @@ class Pusher:
             how = _present_or_mounted(client, record.digest, mount_from)
             if how is not None:
                 self._records.add(LayerRecord(record.digest, image.id, parent, record.size,
-                                              record.origin, record.file_identity, where))
-                note(f"{image.id}: layer {record.digest[7:19]} {how}")
+                                              record.origin, record.file_identity, where,
+                                              device))
+                note(f"{label}: layer {record.digest[7:19]} {how}")
                 return record.digest, record.size, how
         source = layers.open_layer(path, layers.title(parent) if parent else None)
         try:
@@ -151,9 +219,9 @@ class Pusher:
                                       source.opener(), mount_from=mount_from)
         finally:
             source.close()
-        note(f"{image.id}: layer {digest[7:19]} {how} ({source.size} bytes)")
+        note(f"{label}: layer {digest[7:19]} {how} ({source.size} bytes)")
         self._records.add(LayerRecord(digest, image.id, parent, source.size, "pushed", identity,
-                                      where))
+                                      where, device))
         return digest, source.size, how
 
 

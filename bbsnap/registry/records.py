@@ -2,8 +2,9 @@
 second pull registers nothing) and pushed ones (not hashed again while the file is the
 same, and named by the digest a registry already has).
 
-The table ``registry_layers`` is the catalogue's (migration 6): it refers to image rows,
-and a row whose image is gone or not available is ignored.
+The table ``registry_layers`` is the catalogue's (migrations 6 and 8): it refers to image
+rows, and a row whose image is gone or not available is ignored. ``device`` is '' for an
+image's own file and the volume's device (vdb...) for a further disk's layer.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class LayerRecord:
     origin: str            # "pulled" or "pushed"
     file_identity: str | None
     repository: str | None  # host/repository it was last seen in
+    device: str = ""        # '' for the image's own file, else the volume's (vdb...)
 
 
 def file_identity(path: Path) -> str:
@@ -42,7 +44,7 @@ class LayerRecords:
         an unchanged file), or None."""
         with self._catalogue.transaction() as db:
             rows = db.execute("SELECT image_id FROM registry_layers WHERE digest = ? "
-                              "ORDER BY origin DESC", (digest,)).fetchall()
+                              "AND device = '' ORDER BY origin DESC", (digest,)).fetchall()
         for image_id in (row["image_id"] for row in rows):
             try:
                 image = self._catalogue.get(image_id)
@@ -52,17 +54,22 @@ class LayerRecords:
                 return image
         return None
 
-    def for_image(self, image_id: str) -> list[LayerRecord]:
+    def for_image(self, image_id: str, device: str | None = "") -> list[LayerRecord]:
+        """The records of *image_id*'s own file ('' ), of one volume, or all (None)."""
+        query = ("SELECT digest, image_id, parent_digest, size, origin, file_identity, "
+                 "repository, device FROM registry_layers WHERE image_id = ?")
+        params: tuple[str, ...] = (image_id,)
+        if device is not None:
+            query, params = query + " AND device = ?", (image_id, device)
         with self._catalogue.transaction() as db:
-            rows = db.execute("SELECT digest, image_id, parent_digest, size, origin, "
-                              "file_identity, repository FROM registry_layers "
-                              "WHERE image_id = ?", (image_id,)).fetchall()
+            rows = db.execute(query, params).fetchall()
         return [LayerRecord(**dict(row)) for row in rows]
 
     def add(self, record: LayerRecord) -> None:
         with self._catalogue.transaction() as db:
             db.execute("INSERT OR REPLACE INTO registry_layers (digest, image_id, "
-                       "parent_digest, size, origin, file_identity, repository) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       "parent_digest, size, origin, file_identity, repository, device) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (record.digest, record.image_id, record.parent_digest, record.size,
-                        record.origin, record.file_identity, record.repository))
+                        record.origin, record.file_identity, record.repository,
+                        record.device))

@@ -10,8 +10,8 @@ from bbsnap import ids
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.errors import ConflictError, UsageError
 from bbsnap.state.layout import DataDir
-from bbsnap.models import (Dependent, Image, ImageFilter, ImageStatus, ImageType, ImageVolume,
-                           Visibility)
+from bbsnap.models import (Dependent, Image, ImageFilter, ImageStatus, ImageSummary, ImageType,
+                           ImageVolume, Visibility)
 from bbsnap.services import image_fields
 
 STATUS_CHOICES = ("creating", "available", "private", "public", "failed", "deleted")
@@ -32,6 +32,14 @@ class ImageChanges:
 ForgetCheckpoint = Callable[[str, str], None]
 
 
+def _image_filter(image_type: str | None, status: str | None,
+                  source_server: str | None) -> ImageFilter:
+    if status is not None and status not in STATUS_CHOICES:
+        raise UsageError(f"unknown status '{status}'", hint=f"one of {', '.join(STATUS_CHOICES)}")
+    return ImageFilter(type=ImageType(image_type) if image_type else None, status=status,
+                       source_server=source_server)
+
+
 class ImageService:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir,
                  forget_checkpoint: ForgetCheckpoint | None = None) -> None:
@@ -42,11 +50,12 @@ class ImageService:
     def find(self, image_type: str | None = None, status: str | None = None, *,
              source_server: str | None = None) -> list[Image]:
         """*source_server*: only that server's snapshots (its history, oldest first)."""
-        if status is not None and status not in STATUS_CHOICES:
-            raise UsageError(f"unknown status '{status}'", hint=f"one of {', '.join(STATUS_CHOICES)}")
-        return self._catalogue.find(ImageFilter(
-            type=ImageType(image_type) if image_type else None, status=status,
-            source_server=source_server))
+        return self._catalogue.find(_image_filter(image_type, status, source_server))
+
+    def summaries(self, image_type: str | None = None, status: str | None = None, *,
+                  source_server: str | None = None) -> list[ImageSummary]:
+        """find()'s images as a listing's table shows them."""
+        return self._catalogue.summaries(_image_filter(image_type, status, source_server))
 
     def get(self, image_id: str) -> Image:
         return self._catalogue.get(ids.require(image_id, "img"))

@@ -21,10 +21,10 @@ bbsnap unpacks itself. The file is 0600: it holds the guest's secrets.
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
-from typing import BinaryIO
-
-import isal.igzip as igzip
+from typing import BinaryIO, Iterable
 
 from bbsnap import safe_files
 from bbsnap.errors import InvalidInputError
@@ -38,21 +38,47 @@ except ImportError:
 SUFFIX = ".memory.zst"
 LEVEL = 1          # zstd's fastest standard level: a saved RAM is mostly zero pages and code
 CHUNK = 1024 * 1024
+VERIFY_CHUNK = 8 * CHUNK  # fewer, larger reads: the check is Python-loop bound
+# bbsnap's check frame at the end of a memory file (pack, verify): a zstd skippable frame
+# (magic 0x184D2A50, its content's size) holding a tag, the CRC-32 and the length of the
+# compressed bytes before it.
+_SKIPPABLE_MAGIC = 0x184D2A50
+_CHECK_TAG = b"BBCK"
+_CHECK_FORMAT = "<II4sIQ"
+_CHECK_LENGTH = struct.calcsize(_CHECK_FORMAT)
+_CHECK_SIZE = _CHECK_LENGTH - 8
+# What reading a damaged file raises, whichever the format.
+READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zstd.ZstdError)
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def pack(raw: Path, partial: Path, final: Path) -> int:
     """Compress the save file *raw* into *final* (written as *partial*, then renamed);
-    the stored size."""
+    the stored size. The file ends with bbsnap's check frame (``verify``)."""
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
-    compressor = zstd.ZstdCompressor(level=LEVEL)
+    # The frame's checksum lets a full read catch any damage, not only a truncation or a
+    # broken entropy code; it costs the compression nothing measurable.
+    compressor = zstd.ZstdCompressor(options={zstd.CompressionParameter.compression_level: LEVEL,
+                                              zstd.CompressionParameter.checksum_flag: 1})
+    crc, length = 0, 0
     with os.fdopen(fd, "wb") as sink, raw.open("rb") as source:
         while chunk := source.read(CHUNK):
-            sink.write(compressor.compress(chunk))
-        sink.write(compressor.flush())
+            packed = compressor.compress(chunk)
+            crc, length = zlib.crc32(packed, crc), length + len(packed)
+            sink.write(packed)
+        packed = compressor.flush()
+        crc, length = zlib.crc32(packed, crc), length + len(packed)
+        sink.write(packed)
+        sink.write(_check_frame(crc, length))
     safe_files.publish(partial, final, mode=FILE_MODE)
     return final.stat().st_size
+
+
+def _check_frame(crc: int, length: int) -> bytes:
+    """A zstd skippable frame (decoders pass over it) holding the CRC-32 and length of
+    every byte before it."""
+    return struct.pack(_CHECK_FORMAT, _SKIPPABLE_MAGIC, _CHECK_SIZE, _CHECK_TAG, crc, length)
 
 
 def unpack(stored: Path, dest: Path) -> None:
@@ -68,10 +94,82 @@ def unpack(stored: Path, dest: Path) -> None:
         with os.fdopen(fd, "wb") as sink, reader as source:
             while chunk := source.read(CHUNK):
                 sink.write(chunk)
-    except (OSError, EOFError, zstd.ZstdError) as exc:
+    except READ_ERRORS as exc:
         dest.unlink(missing_ok=True)
         raise InvalidInputError(f"the memory file of image {stored.name} cannot be read: "
                                 f"{exc}") from exc
+
+
+def open_stream(stored: Path) -> BinaryIO:
+    """A reader of the save file inside *stored* (zstd, or gzip for older images)."""
+    return _reader(stored)
+
+
+def verify(stored: Path) -> None:
+    """Refuse a damaged *stored* file with a clear message. A revert that streams the file
+    into libvirt calls this before it stops the guest. A file ``pack`` wrote ends with a
+    check frame: the CRC-32 of the compressed bytes (43 MiB: 0.04 s, against 0.17-0.2 s to
+    decompress them, measured on the tiny guest's 1 GiB image); an older file is read
+    whole, discarding what it holds (truncated, or failing zstd's or gzip's checksum)."""
+    try:
+        if _crc_matches(stored):
+            return
+        with _reader(stored) as source:
+            while source.read(VERIFY_CHUNK):
+                pass
+    except READ_ERRORS as exc:
+        raise InvalidInputError(f"the memory file of image {stored.name} cannot be read: "
+                                f"{exc}") from exc
+
+
+def _crc_matches(stored: Path) -> bool:
+    """True if *stored* ends with a check frame its bytes match; False if it has none
+    (older files: read whole instead); InvalidInputError if they do not match."""
+    with stored.open("rb") as source:
+        size = source.seek(0, os.SEEK_END)
+        if size < _CHECK_LENGTH:
+            return False
+        source.seek(size - _CHECK_LENGTH)
+        magic, frame_size, tag, crc, length = struct.unpack(_CHECK_FORMAT, source.read())
+        if (magic, frame_size, tag) != (_SKIPPABLE_MAGIC, _CHECK_SIZE, _CHECK_TAG):
+            return False
+        source.seek(0)
+        found, left = 0, size - _CHECK_LENGTH
+        if left != length:
+            raise InvalidInputError(f"the memory file of image {stored.name} is damaged: "
+                                    f"{left} bytes where {length} were written")
+        while left and (chunk := source.read(min(VERIFY_CHUNK, left))):
+            found, left = zlib.crc32(chunk, found), left - len(chunk)
+    if found != crc:
+        raise InvalidInputError(f"the memory file of image {stored.name} is damaged: its "
+                                "checksum does not match")
+    return True
+
+
+def feed(chunks: Iterable[bytes], first: bytes, fd: int) -> None:
+    """Write *first*, then *chunks*, into *fd* (a FIFO a restore reads), and close it.
+    ``BrokenPipeError`` when the reader went away first: QEMU stops reading at the end of
+    its migration stream, before libvirt's trailing bytes."""
+    try:
+        _write_all(fd, first)
+        for chunk in chunks:
+            _write_all(fd, chunk)
+    finally:
+        os.close(fd)
+
+
+def read_chunk(source: BinaryIO, size: int = CHUNK) -> bytes:
+    """The next chunk of *source* (``b""`` at its end); InvalidInputError if damaged."""
+    try:
+        return source.read(size)
+    except READ_ERRORS as exc:
+        raise InvalidInputError(f"the memory file cannot be read: {exc}") from exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _reader(stored: Path) -> BinaryIO:
@@ -82,6 +180,8 @@ def _reader(stored: Path) -> BinaryIO:
         raise InvalidInputError(f"the memory file of image {stored.name} cannot be read: "
                                 f"{exc}") from exc
     if magic.startswith(_GZIP_MAGIC):
+        import isal.igzip as igzip  # only images older than zstd: not on every import
+
         return igzip.open(stored, "rb")  # type: ignore[no-any-return, unused-ignore]
     if magic == _ZSTD_MAGIC:
         return zstd.open(stored, "rb")  # type: ignore[no-any-return, unused-ignore]

@@ -30,12 +30,12 @@ from bbsnap.state.catalogue import Catalogue
 from bbsnap.errors import BbsnapError, NotFoundError
 from bbsnap.hypervisor import DomainState, Hypervisor
 from bbsnap.state.process_tokens import job_alive
-from bbsnap.state.layout import DOMAIN_DIR_PREFIX, DataDir
+from bbsnap.state.layout import REBUILD_JOURNAL, DataDir
 from bbsnap.models import DependentKind
 from bbsnap.safe_files import write_atomic
 from bbsnap.services.snapshots import change_tracking
 
-JOURNAL = ".rebuilding"
+JOURNAL = REBUILD_JOURNAL
 MAX_JOURNAL = 64 * 1024
 
 
@@ -101,8 +101,7 @@ def _read(path: Path) -> RebuildJournal | None:
 
 def journals_left(data_dir: DataDir) -> list[Path]:
     """Every rebuild journal in the data directory: bbsnap servers' and foreign domains'."""
-    return sorted(data_dir.servers_dir.glob(f"srv-*/{JOURNAL}")) + \
-        sorted(data_dir.servers_dir.glob(f"{DOMAIN_DIR_PREFIX}*/{JOURNAL}"))
+    return data_dir.rebuild_journals()
 
 
 def recover_interrupted_rebuilds(catalogue: Catalogue, data_dir: DataDir,

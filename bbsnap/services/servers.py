@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bbsnap import ids
 from bbsnap.state import locks
@@ -21,12 +22,16 @@ from bbsnap.state.layout import DataDir
 from bbsnap.reporting import SILENT, Reporter
 from bbsnap.models import (DependentKind, Image, ImageFilter, ImageType, Server,
                            ServerStatus)
-from bbsnap.services import memory_restore, rebuild_journal, revert, server_disks
+from bbsnap.services import rebuild_journal, revert, server_disks
 from bbsnap.services.snapshots import change_tracking
+from bbsnap.services.snapshots.timeline import Timeline, process_start
 from bbsnap.services.compensation import Compensation
 from bbsnap.services.revert import DiskSource
 from bbsnap.services.server_origin import read_origin, write_origin
 from bbsnap.services.server_records import server_from_domain
+
+if TYPE_CHECKING:
+    from bbsnap.services.memory_restore import MemoryBoot
 
 DEFAULT_STOP_TIMEOUT = 60.0
 
@@ -39,6 +44,12 @@ class ServerService:
         self._catalogue = catalogue
         self._data_dir = data_dir
         self._reporter = reporter
+        # When each step of a revert ended (a memory revert writes it into logs/, for
+        # scripts/bench_memory.py); the first mark is this process's start.
+        self.timeline = Timeline()
+        started = process_start()
+        if started is not None:
+            self.timeline.mark("started", started)
 
     def find(self) -> list[Server]:
         servers = [server_from_domain(self._hv, info, with_addresses=False)
@@ -131,17 +142,25 @@ class ServerService:
         nothing else. Any domain: one bbsnap did not create gets its new disks in a
         directory of its own, and keeps the disk it came with (server_disks.py). A memory
         snapshot's guest resumes from its instant unless *disk_only* (memory_restore.py)."""
+        self.timeline.mark("revert")
         server = self.get(key, with_addresses=False)
         wanted = ids.require(image_id, "img") if image_id is not None else None
         image = revert.choose_snapshot(server, self.snapshots(server), wanted,
                                        self._catalogue.get)
         if image.memory_state and not disk_only:
-            with memory_restore.prepared(self._hv, self._data_dir, server, image) as boot:
-                return self._rebuild(server, image, "revert", every_disk=True, boot=boot)
+            from bbsnap.services import memory_restore  # only a memory revert needs it
+
+            with memory_restore.prepared(self._hv, self._data_dir, server, image,
+                                         self.timeline) as boot:
+                reverted = self._rebuild(server, image, "revert", every_disk=True, boot=boot)
+            self.timeline.mark("done")
+            self.timeline.duration("streamed", 1.0 if boot.streamed else 0.0)  # else unpacked
+            memory_restore.write_timeline(self._data_dir, server, self.timeline)
+            return reverted
         return self._rebuild(server, image, "revert", every_disk=True)
 
     def _rebuild(self, server: Server, image: Image, purpose: str, *, every_disk: bool,
-                 boot: memory_restore.Boot | None = None) -> Server:
+                 boot: MemoryBoot | None = None) -> Server:
         """Onto *image*, which the caller found available; *boot* resumes a saved guest on
         the new disks instead of starting it afresh (memory_restore.py)."""
         if image.firmware != server.firmware:
@@ -152,6 +171,7 @@ class ServerService:
         with self._lock(server, purpose):
             # Read again under the lock: a rebuild waited for may have changed its disks.
             server = self.get(server.id, with_addresses=False)
+            self.timeline.mark("locked")
             directory = server_disks.directory(self._data_dir, server)
             journal = self._swap_disks(server, directory, image, every_disk, boot)
         # The definition names the new overlays now: the old disks and hold can go.
@@ -169,7 +189,7 @@ class ServerService:
         return self.get(server.id, with_addresses=False)
 
     def _swap_disks(self, server: Server, directory: Path, image: Image, every_disk: bool,
-                    boot: memory_restore.Boot | None) -> rebuild_journal.RebuildJournal:
+                    boot: MemoryBoot | None) -> rebuild_journal.RebuildJournal:
         """Under the server's lock: the new overlays made, the definition pointed at them,
         the server started again if it ran (or *boot* run: a memory image restored onto
         them). Undone on an error; journaled against a SIGKILL."""
@@ -195,14 +215,19 @@ class ServerService:
                 was_running=was_running or boot is not None,  # a restored guest ends running
                 old_marker=rebuild_journal.read_marker(directory))
             rebuild_journal.write(directory, journal)
+            self.timeline.mark("journaled")
             undo.push("the rebuild journal", lambda: rebuild_journal.remove(directory))
             undo.push("the new overlays", lambda: _remove([Path(s.new_disk) for s in swaps]))
             undo.push("the tracking marker", lambda: rebuild_journal.restore_marker(
                 directory, journal.old_marker))
             self._make_overlays(server.id, sources, swaps, image)
+            self.timeline.mark("overlays")
+            if boot is not None:
+                boot.ready()  # the memory file checked whole before the guest is stopped
             if was_running:
                 self._hv.destroy(server.id)  # its disks are thrown away: no need to be gentle
                 undo.push(f"restarting {server.id}", lambda: self._hv.start(server.id))
+            self.timeline.mark("destroyed")
             old = self._hv.facts(server.id, inactive=True)
             formats = {d.target: d.format for d in old.file_disks}
             if image.id != old_image_id:
@@ -217,6 +242,7 @@ class ServerService:
                 server.id, [DiskReplacement(s.device, Path(s.old_disk),
                                             formats.get(s.device, "qcow2")) for s in swaps],
                 metadata=old.metadata if server.managed else None))
+            self.timeline.mark("defined")
             if boot is not None:
                 boot({s.device: Path(s.new_disk) for s in swaps})
             elif was_running:

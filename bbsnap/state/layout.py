@@ -25,6 +25,7 @@ from bbsnap.errors import BbsnapError, CataloguePathError
 from bbsnap.state.locks import DEFAULT_LOCK_TIMEOUT
 
 DOMAIN_DIR_PREFIX = "dom-"  # servers/dom-<uuid>: a foreign domain's disks bbsnap made
+REBUILD_JOURNAL = ".rebuilding"  # in a server's directory while a rebuild/revert runs
 
 if TYPE_CHECKING:
     from bbsnap.config import Settings
@@ -109,6 +110,12 @@ class DataDir:
         """Every export crash journal, with the job token of the export that wrote it."""
         return [(path.name[len("export."):-len(".journal")], path)
                 for path in self.tmp_dir.glob("export.*.journal")]
+
+    def rebuild_journals(self) -> list[Path]:
+        """Every rebuild journal (services/rebuild_journal.py): bbsnap servers' and foreign
+        domains'. Here, so each command's recovery looks without importing that module."""
+        return sorted(self.servers_dir.glob(f"srv-*/{REBUILD_JOURNAL}")) + \
+            sorted(self.servers_dir.glob(f"{DOMAIN_DIR_PREFIX}*/{REBUILD_JOURNAL}"))
 
     def server_dir(self, server_id: str) -> Path:
         return self.servers_dir / server_id

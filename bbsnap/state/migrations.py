@@ -118,6 +118,27 @@ MIGRATIONS: Sequence[Sequence[str]] = (
     (
         "ALTER TABLE images ADD COLUMN memory_path TEXT",
     ),
+    # 8: registry layers of further disks (multi-disk images, bbsnap/registry/disk_layout.py):
+    # ``device`` is the volume's ('' for an image's own file), in the key, as two disks of
+    # one image may be the same layer. SQLite changes a key only by copying the table.
+    (
+        """CREATE TABLE registry_layers_8 (
+            digest TEXT NOT NULL,
+            image_id TEXT NOT NULL,
+            device TEXT NOT NULL DEFAULT '',
+            parent_digest TEXT,
+            size INTEGER NOT NULL,
+            origin TEXT NOT NULL,
+            file_identity TEXT,
+            repository TEXT,
+            PRIMARY KEY (digest, image_id, device)
+        )""",
+        "INSERT INTO registry_layers_8 (digest, image_id, parent_digest, size, origin, "
+        "file_identity, repository) SELECT digest, image_id, parent_digest, size, origin, "
+        "file_identity, repository FROM registry_layers",
+        "DROP TABLE registry_layers",
+        "ALTER TABLE registry_layers_8 RENAME TO registry_layers",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

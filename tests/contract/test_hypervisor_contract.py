@@ -583,6 +583,15 @@ def test_a_live_memory_save_leaves_the_domain_paused_with_its_definition(side):
         assert (saved.name, saved.uuid) == (spec.name, spec.uuid)
         assert saved.disks == {"vda": str(spec.disks[0].path)}
         assert mismatches(saved.hardware, side.hv.hardware(spec.name)) == []
+        # Read from a stream (a revert's FIFO path): the same domain, compared with the
+        # definition as libvirt writes it into a save image.
+        with saved_file.open("rb") as stream:
+            head = side.hv.saved_head(stream)
+        assert (head.domain.name, head.domain.uuid, head.domain.disks) == (
+            saved.name, saved.uuid, saved.disks)
+        assert saved_file.read_bytes().startswith(head.data)
+        assert mismatches(head.domain.hardware,
+                          side.hv.hardware(spec.name, migratable=True)) == []
     finally:
         side.hv.resume(spec.name)
     assert side.hv.info(spec.name).state is DomainState.RUNNING

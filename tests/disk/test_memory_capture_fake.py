@@ -4,18 +4,17 @@ when the whole capture succeeded, and a guest a user paused stays paused."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
 
 from bbsnap.disks import qemu_img
 from bbsnap.errors import BbsnapError, HypervisorError
-from bbsnap.hypervisor import DiskSpec, DomainSpec, DomainState, PauseCause
+from bbsnap.hypervisor import DomainState, PauseCause
 from bbsnap.models import SnapshotDisk, SnapshotJob
 from bbsnap.services.snapshots import memory
 from bbsnap.state.layout import DataDir
-from tests.fakes.hypervisor import FakeHypervisor
+from tests.fakes.hypervisor import running_domain
 
 IMAGE = "img-aaaaa"
 
@@ -23,13 +22,8 @@ IMAGE = "img-aaaaa"
 @pytest.fixture()
 def setup(work_dir: Path):
     data = DataDir(work_dir / "data").ensure()
-    disk = work_dir / "disk.qcow2"
-    qemu_img.create_blank(disk, 16 << 20)
-    hv = FakeHypervisor()
-    spec = DomainSpec(name="srv-aaaaa", uuid=str(uuid.uuid4()), memory_mib=64, vcpus=1,
-                      accel="tcg", disks=(DiskSpec(disk),), console_log=work_dir / "log")
-    hv.define(spec)
-    hv.start(spec.name)
+    hv, spec = running_domain(work_dir)
+    disk = spec.disks[0].path
     job = SnapshotJob(domain=spec.name, domain_uuid=spec.uuid, mode="memory", disks=(
         SnapshotDisk("vda", str(disk), "qcow2", str(data.tmp_dir / f"{IMAGE}.qcow2")),))
     return hv, data, job, disk

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 from bbsnap.disks import qemu_img
 from bbsnap.errors import (BbsnapError, CheckpointBrokenError, ConflictError, GuestAgentError,
@@ -33,7 +34,7 @@ from bbsnap.errors import (BbsnapError, CheckpointBrokenError, ConflictError, Gu
 from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskReplacement, DiskSpec,
                                DomainFacts, DomainInfo, DomainSpec, DomainState, GuestUser,
                                Hardware, HypervisorVersion, JobStatus, NicSpec, PauseCause,
-                               SavedDomain)
+                               SavedDomain, SavedHead)
 
 # What libvirt says, as the adapter passes it on ("<what> failed: <libvirt's message>").
 _NOT_RUNNING = "Requested operation is not valid: domain is not running"
@@ -76,6 +77,9 @@ class FakeHypervisor:
         self.networks = dict(networks or {})   # libvirt network name -> running
         self._domains: dict[str, _Domain] = {}
         self.calls: list[str] = []              # the port's methods called, in order
+        # A libvirt that opens save images only as regular files (a confining security
+        # driver): restore_memory from a FIFO fails, without reading it.
+        self.refuse_fifos = False
 
     # -- what tests set up or steer ------------------------------------------------------
 
@@ -355,7 +359,8 @@ class FakeHypervisor:
 
     # -- memory snapshots --------------------------------------------------------------------
 
-    def hardware(self, name: str) -> Hardware:
+    def hardware(self, name: str, *, migratable: bool = False) -> Hardware:
+        """The fake adds no implicit devices: both forms are the same."""
         self.calls.append("hardware")
         return _hardware(self._domain(name).spec)
 
@@ -419,10 +424,24 @@ class FakeHypervisor:
         return SavedDomain(name=spec.name, uuid=spec.uuid, hardware=_hardware(spec),
                            disks={d.target: str(d.path) for d in spec.disks})
 
-    def restore_memory(self, path: Path, disk_sources: dict[str, Path]) -> DomainInfo:
+    def saved_head(self, stream: BinaryIO) -> SavedHead:
+        """A fake save file is all header: the whole stream is read."""
+        self.calls.append("saved_head")
+        data = stream.read()
+        spec = _parse_save(data, "reading the memory image failed")
+        return SavedHead(data=data, definition=data.decode(), domain=SavedDomain(
+            name=spec.name, uuid=spec.uuid, hardware=_hardware(spec),
+            disks={d.target: str(d.path) for d in spec.disks}))
+
+    def restore_memory(self, path: Path, disk_sources: dict[str, Path], *,
+                       head: SavedHead | None = None) -> DomainInfo:
         """The saved domain running again, its disks in *disk_sources* replaced, with the
-        title and metadata of the persistent definition where there is one."""
+        title and metadata of the persistent definition where there is one. *path* is read
+        once, whole, as libvirt reads a FIFO (with *head*, it must start with its bytes)."""
         self.calls.append("restore_memory")
+        if self.refuse_fifos and stat.S_ISFIFO(os.stat(path).st_mode):
+            raise HypervisorError(f"restoring the memory image failed: unable to open {path}: "
+                                  "Permission denied")
         saved = _read_save(path)
         disks = tuple(replace(d, path=Path(disk_sources[d.target]))
                       if d.target in disk_sources else d for d in saved.disks)
@@ -483,6 +502,20 @@ class FakeHypervisor:
         return dom
 
 
+def running_domain(work_dir: Path, name: str = "srv-aaaaa") -> tuple[FakeHypervisor, DomainSpec]:
+    """A fake hypervisor running *name*: 64 MiB, one real 16 MiB qcow2 disk in *work_dir*."""
+    import uuid
+
+    disk = work_dir / "disk.qcow2"
+    qemu_img.create_blank(disk, 16 << 20)
+    hv = FakeHypervisor()
+    spec = DomainSpec(name=name, uuid=str(uuid.uuid4()), memory_mib=64, vcpus=1, accel="tcg",
+                      disks=(DiskSpec(disk),), console_log=work_dir / "log")
+    hv.define(spec)
+    hv.start(spec.name)
+    return hv, spec
+
+
 def _facts(spec: DomainSpec, *, live: bool) -> DomainFacts:
     """What the adapter reads back from the definition build_domain_xml makes of *spec*."""
     writable = [d for d in spec.disks if d.device == "disk" and not d.readonly]
@@ -541,10 +574,26 @@ def _read_save(path: Path) -> DomainSpec:
     """The definition in a fake save file; as the adapter, HypervisorError if it is none."""
     what = f"reading the memory image {path} failed"
     try:
-        data = json.loads(Path(path).read_text())[_SAVE_KEY]
+        with Path(path).open("rb") as stream:
+            # As QEMU reads a FIFO: up to the end of its stream (here, of the JSON
+            # document), not to an end of file that a writer may hold off.
+            content = b""
+            while chunk := stream.read1(65536):
+                content += chunk
+                try:
+                    json.loads(content)
+                    break
+                except ValueError:
+                    continue
     except FileNotFoundError:
         raise HypervisorError(f"{what}: Failed to open file '{path}': No such file or "
                               "directory") from None
+    return _parse_save(content, what)
+
+
+def _parse_save(content: bytes, what: str) -> DomainSpec:
+    try:
+        data = json.loads(content)[_SAVE_KEY]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise HypervisorError(f"{what}: operation failed: image magic is incorrect") from None
     return DomainSpec(**{

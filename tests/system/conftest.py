@@ -91,6 +91,27 @@ def wait_for_console_line(log: Path, wanted: str, timeout: float = FIRST_BOOT_TI
     raise AssertionError(f"'{wanted}' did not appear on the console within {timeout:g} s:\n{tail}")
 
 
+def start_two_disk_domain(hypervisor: LibvirtHypervisor, name: str, work_dir: Path,
+                          tiny_guest_image: Path, data_size: str) -> None:
+    """Define and boot *name*, a domain bbsnap did not create: the tiny guest on vda (a
+    standalone copy) and a *data_size* qcow2 data disk on vdb holding 0x42 at 1 MiB-2 MiB."""
+    from bbsnap.hypervisor import DiskSpec, DomainSpec
+    from bbsnap.tinyguest import READY_LINE
+
+    boot, data = work_dir / "boot.qcow2", work_dir / "data.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tiny_guest_image), str(boot)],
+                   check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), data_size], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 1M 1M", str(data)],
+                   check=True, capture_output=True)
+    hypervisor.define(DomainSpec(
+        name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1, accel="tcg",
+        disks=(DiskSpec(boot), DiskSpec(data, target="vdb")),
+        console_log=work_dir / "console.log"))
+    hypervisor.start(name)
+    wait_for_console_line(work_dir / "console.log", READY_LINE)
+
+
 def wait_until(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bbsnap.disks import qemu_img
 from bbsnap.services.memory_file import zstd
+from bbsnap.services.snapshots import timeline
 from bbsnap.tinyguest import MEMCOUNTER_PREFIX, READY_LINE, read_counter
 from tests.system.conftest import (console_path, create_server, define_xml, file_digest,
                                    image_record, server_record,
@@ -122,6 +123,10 @@ def test_revert_resumes_the_guest_where_the_memory_snapshot_was(cloud, hyperviso
     assert at_snapshot <= disk_counter(new_disk) < at_snapshot + 20, "the snapshot's disk"
     assert files == {p: file_digest(p) for p in files}, "the snapshot's files are never written"
     assert work_files(cloud) == []
+    steps = timeline.parse((cloud.data_dir / "logs" / f"revert-{server['uuid']}.log").read_text())
+    assert steps is not None and steps.durations["streamed"] == 1.0, \
+        "libvirt 9.0 restored from the FIFO, not from an unpacked file"
+    assert [label for label, _ in steps.marks][-3:] == ["defined", "restored", "done"]
 
     # --disk-only: the same image's disk, booted afresh.
     cold = revert(cloud, srv, image_id, "--disk-only")
@@ -165,6 +170,25 @@ def test_refusals_change_nothing(cloud, hypervisor):
     assert refused.exit_code == 4, refused.stderr
     assert "RAM 128 MiB then, 160 MiB now" in refused.stderr
     unchanged(srv, server["disks"][0])
+
+    # A memory file damaged past its header (so the definition still reads): refused by
+    # the whole-file check before the guest is stopped.
+    stored = cloud.data_dir / "images" / f"{image_id}.memory.zst"
+    good = stored.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0xFF
+    stored.write_bytes(bytes(damaged))
+    xml = ET.fromstring(hypervisor.domain_xml(srv, inactive=True))
+    for tag in ("memory", "currentMemory"):  # back to the RAM it was saved with
+        element = xml.find(tag)
+        assert element is not None
+        element.text, element.attrib["unit"] = "128", "MiB"
+    define_xml(ET.tostring(xml, encoding="unicode"))
+    refused = cloud("servers", "revert", srv, image_id)
+    assert refused.exit_code == 1, refused.stderr
+    assert f"the memory file of image {image_id}.memory.zst is damaged" in refused.stderr
+    unchanged(srv, server["disks"][0])
+    stored.write_bytes(good)
 
     stopped = cloud("servers", "stop", other["id"], "--force")
     assert stopped.exit_code == 0, stopped.stderr

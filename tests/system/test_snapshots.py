@@ -16,7 +16,8 @@ from bbsnap.disks import qemu_img
 from bbsnap.hypervisor import DiskSpec, DomainSpec, NicSpec
 from bbsnap.tinyguest import READY_LINE, read_counter
 from tests.system.conftest import (backing_file, console_path, create_server, image_record,
-                                   wait_for_console_line, wait_settled, wait_until)
+                                   start_two_disk_domain, wait_for_console_line, wait_settled,
+                                   wait_until)
 
 
 def wait_available(cloud, image_id: str) -> dict:
@@ -177,20 +178,8 @@ def test_snapshot_of_a_stopped_server(cloud, hypervisor):
 
 def test_multi_disk_server_is_captured_whole_and_cloned_whole(cloud, hypervisor, domains,
                                                               work_dir, tiny_guest_image):
-    boot = work_dir / "boot.qcow2"
-    data = work_dir / "data.qcow2"
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tiny_guest_image), str(boot)],
-                   check=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "64M"], check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 1M 1M", str(data)],
-                   check=True, capture_output=True)
     name = domains.new_name()
-    hypervisor.define(DomainSpec(
-        name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1, accel="tcg",
-        disks=(DiskSpec(boot), DiskSpec(data, target="vdb")),
-        console_log=work_dir / "console.log"))
-    hypervisor.start(name)
-    wait_for_console_line(work_dir / "console.log", READY_LINE)
+    start_two_disk_domain(hypervisor, name, work_dir, tiny_guest_image, "64M")
 
     result = cloud("servers", "snapshot", name, "--wait")
     assert result.exit_code == 0, result.stderr

@@ -6,7 +6,7 @@ import pytest
 from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.state.migrations import MIGRATIONS, SCHEMA_VERSION
 from bbsnap.errors import BbsnapError, CatalogueError, ConflictError, InUseError, NotFoundError
-from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageType
+from bbsnap.models import DependentKind, Image, ImageFilter, ImageStatus, ImageType, Visibility
 
 
 def _image(image_id: str, **fields) -> Image:
@@ -123,6 +123,24 @@ def test_list_filters_and_hides_deleted(catalogue):
     assert [i.id for i in catalogue.find()] == ["img-aaaaa", "img-bbbbb"]
     assert [i.id for i in catalogue.find(ImageFilter(status="failed"))] == ["img-bbbbb"]
     assert [i.id for i in catalogue.find(ImageFilter(status="deleted"))] == ["img-ccccc"]
+
+
+@pytest.mark.parametrize("flt", [None, ImageFilter(status="failed"), ImageFilter(status="private"),
+                                 ImageFilter(status="deleted"), ImageFilter(type=ImageType.SNAPSHOT),
+                                 ImageFilter(source_server="web")])
+def test_summaries_are_the_listed_images_in_the_same_order(catalogue, flt):
+    catalogue.add(_image("img-aaaaa", virtual_size=5 << 20, arch="aarch64"))
+    catalogue.add(_image("img-bbbbb", status=ImageStatus.FAILED))
+    catalogue.add(_image("img-ccccc", type=ImageType.SNAPSHOT, source_server="web"))
+    catalogue.add(_image("img-ddddd", visibility=Visibility.PUBLIC, name="shared"))
+    catalogue.add(_image("img-eeeee"))
+    catalogue.mark_deleted("img-eeeee")
+    images, summaries = catalogue.find(flt), catalogue.summaries(flt)
+    assert images  # every filter above selects something
+    assert [(i.id, i.owner, i.type.value, i.created_at.date().isoformat(), i.display_status,
+             i.virtual_size, i.arch, i.name) for i in images] == \
+        [(s.id, s.owner, s.type, s.created_on, s.display_status, s.virtual_size, s.arch, s.name)
+         for s in summaries]
 
 
 def test_concurrent_writers_lose_no_rows(tmp_path):

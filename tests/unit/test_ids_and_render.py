@@ -26,6 +26,16 @@ def test_table_has_rules_as_wide_as_the_header_and_escapes_control_characters():
     assert lines[2] == " img-aaaaa  two\\nlines"
 
 
+def test_table_columns_fit_the_widest_cell_of_any_kind():
+    out = render.table(["id", "size", "name"], [["img-a", 10240, None], ["img-bbbbbb", 5, "é\x1b"]])
+    assert out.splitlines() == [" id          size   name ",
+                                "-------------------------",
+                                " img-a       10240       ",
+                                " img-bbbbbb  5      é\\x1b",
+                                "-------------------------"]
+    assert render.table(["id"], []) == " id\n---\n---\n"
+
+
 def test_vertical_right_aligns_keys():
     assert render.vertical([("id", 1), ("virtual_size", 2)]) == "          id: 1\nvirtual_size: 2\n"
 

@@ -9,6 +9,7 @@ import pytest
 
 from bbsnap.errors import InvalidInputError
 from bbsnap.services import memory_file
+from bbsnap.services.memory_file import zstd
 
 SAVE = b"LibvirtQemudSave" + bytes(range(256)) * 4096 + b"\0" * (1 << 21)
 
@@ -56,3 +57,58 @@ def test_unpack_never_writes_over_an_existing_file(tmp_path):
     with pytest.raises(FileExistsError):
         memory_file.unpack(final, dest)
     assert dest.read_bytes() == b"someone else's"
+
+
+def test_verify_reads_a_whole_file_and_refuses_damage_past_the_header(tmp_path):
+    raw = tmp_path / "raw.save"
+    raw.write_bytes(SAVE)
+    final = tmp_path / f"img-aaaaa{memory_file.SUFFIX}"
+    memory_file.pack(raw, tmp_path / "partial", final)
+    memory_file.verify(final)
+    good = final.read_bytes()
+    packed = bytearray(good)
+    packed[len(packed) // 2] ^= 0xFF
+    final.write_bytes(bytes(packed))
+    with memory_file.open_stream(final) as stream:
+        assert stream.read(16) == b"LibvirtQemudSave", "the start still reads"
+    with pytest.raises(InvalidInputError, match="img-aaaaa.memory.zst is damaged: its checksum"):
+        memory_file.verify(final)
+    final.write_bytes(good[:len(good) // 2])  # no check frame left: read whole, and short
+    with pytest.raises(InvalidInputError, match="memory file of image img-aaaaa"):
+        memory_file.verify(final)
+
+
+def test_an_older_file_without_the_check_frame_is_verified_by_reading_it_whole(tmp_path):
+    old = tmp_path / f"img-aaaaa{memory_file.SUFFIX}"
+    compressor = zstd.ZstdCompressor(level=1)  # as bbsnap wrote them before the check frame
+    whole = compressor.compress(SAVE) + compressor.flush()
+    old.write_bytes(whole)
+    memory_file.verify(old)
+    old.write_bytes(whole[:-100])
+    with pytest.raises(InvalidInputError, match="memory file of image img-aaaaa"):
+        memory_file.verify(old)
+
+
+def test_feed_writes_the_head_then_the_rest_and_closes(tmp_path):
+    raw = tmp_path / "raw.save"
+    raw.write_bytes(SAVE)
+    final = tmp_path / f"img-aaaaa{memory_file.SUFFIX}"
+    memory_file.pack(raw, tmp_path / "partial", final)
+    source = memory_file.open_stream(final)
+    head = source.read(100)
+    chunks = iter(lambda: memory_file.read_chunk(source), b"")
+    read_end, write_end = os.pipe()
+    received = bytearray()
+    import threading
+
+    def drain() -> None:
+        while chunk := os.read(read_end, 1 << 16):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    memory_file.feed(chunks, head, write_end)
+    source.close()
+    reader.join()
+    os.close(read_end)
+    assert bytes(received) == SAVE

@@ -13,6 +13,7 @@ import pytest
 from bbsnap.errors import HostileImageError, InvalidInputError, UsageError
 from bbsnap.disks.qcow2_header import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_FEATURE_TABLE,
                                        Qcow2Header)
+from bbsnap.models import ImageType
 from bbsnap.registry import artifact, auth, layer_store
 from bbsnap.registry.reference import parse
 
@@ -133,7 +134,8 @@ def _pulled() -> artifact.PulledManifest:
     {"name": 5}, {"parent": "img-bbbbb"}, {"digest": "sha256:" + "3" * 64},
     {"firmware": "coreboot"}, {"created_at": "yesterday"}, {"min_ram": "lots"},
     {"source_server": "srv-a\x1b[2J"}, {"source_server": "../x"}, {"source_server": ""},
-    {"source_server": "s" * 256}, {"source_server": 7},
+    {"source_server": "s" * 256}, {"source_server": 7}, {"digest": "sha256:" + "1" * 64 + "\n"},
+    {"id": "img-aaaaa\n"},
 ])
 def test_config_fields_are_vetted(changes):
     config = json.dumps({"bbsnap": 1, "chain": [_entry(**changes)]}).encode()
@@ -171,6 +173,81 @@ def test_manifest_vetting():
     doc["layers"][0]["size"] = 1 << 40
     with pytest.raises(HostileImageError, match="over the limit"):
         artifact.read_manifest(json.dumps(doc).encode(), max_layer=1 << 30)
+
+
+V1_KEYS = {"digest", "id", "type", "name", "description", "arch", "firmware", "username",
+           "min_ram", "virtual_size", "consistency", "created_at", "parent", "ancestor",
+           "source_server"}
+
+
+def _chain_entry(index: int, volumes: tuple[artifact.VolumeEntry, ...] = ()
+                 ) -> artifact.ChainEntry:
+    return artifact.ChainEntry(
+        digest="sha256:" + str(index + 1) * 64, origin_id=f"img-aaaa{index}",
+        type=ImageType.UPLOAD, name="n", description="", arch="x86_64", firmware="bios",
+        username=None, min_ram=None, virtual_size=1 << 20, consistency=None,
+        created_at="2026-11-01T08:00:00+00:00", parent=None, ancestor=None, volumes=volumes)
+
+
+def test_single_disk_config_is_version_1_as_before():
+    """Older pullers read single-disk images: the same keys, no volumes, the v1 type."""
+    entries = [_chain_entry(0)]
+    doc = json.loads(artifact.config_blob(entries))
+    assert doc["bbsnap"] == 1 and set(doc) == {"bbsnap", "chain"}
+    assert set(doc["chain"][0]) == V1_KEYS
+    assert artifact.config_media_type(entries) == artifact.CONFIG_MEDIA_TYPE
+
+
+def test_multi_disk_config_is_version_2_with_its_disk_list():
+    from bbsnap.registry import disk_layout
+
+    vdb = artifact.VolumeEntry("vdb", "sha256:" + "9" * 64, 1 << 20)
+    entries = [_chain_entry(0, (vdb,))]
+    doc = json.loads(artifact.config_blob(entries, disk_layout.disk_list(entries)))
+    assert doc["bbsnap"] == 2
+    assert doc["chain"][0]["volumes"] == [{"target": "vdb", "digest": vdb.digest,
+                                           "virtual_size": 1 << 20, "backing": None}]
+    assert [d["target"] for d in doc["disks"]] == ["vda", "vdb"]
+    # A bbsnap reading only version 1 stops at the config's media type (its one check).
+    assert artifact.config_media_type(entries) == artifact.CONFIG_MEDIA_TYPE_V2
+    sizes = {entries[0].digest: 100, vdb.digest: 50}
+    layers = disk_layout.manifest_layers(entries, sizes)
+    assert [d.annotations[artifact.DISK] for d in layers] == ["vda", "vdb"]
+    config = artifact.Descriptor(artifact.CONFIG_MEDIA_TYPE_V2, "sha256:" + "2" * 64, 10, {})
+    pulled = artifact.read_manifest(artifact.manifest(config, layers, {}), max_layer=1 << 30)
+    assert pulled.version == 2
+    assert artifact.read_config(artifact.config_blob(entries, doc["disks"]), pulled) == entries
+
+
+def test_one_layer_shared_by_too_many_disks_is_refused():
+    """Each use is a download: 20 images with 15 disks of one layer are 320 files."""
+    from bbsnap.registry import disk_layout
+
+    shared = "sha256:" + "f" * 64
+    entries = []
+    for index in range(20):
+        volumes = tuple(artifact.VolumeEntry(f"vd{chr(ord('b') + n)}", shared, 1 << 20)
+                        for n in range(15))
+        entry = _chain_entry(0, volumes)
+        entries.append(artifact.ChainEntry(**{
+            **vars(entry), "digest": f"sha256:{index:064x}", "origin_id": f"img-aa{index:03d}",
+            "parent": f"img-aa{index - 1:03d}" if index else None}))
+    sizes = {e.digest: 100 for e in entries} | {shared: 100}
+    config = artifact.Descriptor(artifact.CONFIG_MEDIA_TYPE_V2, "sha256:" + "2" * 64, 10, {})
+    pulled = artifact.read_manifest(artifact.manifest(
+        config, disk_layout.manifest_layers(entries, sizes), {}), max_layer=1 << 30)
+    assert len(pulled.layers) == 21
+    with pytest.raises(HostileImageError, match="320 disk files"):
+        artifact.read_config(artifact.config_blob(entries, disk_layout.disk_list(entries)),
+                             pulled)
+
+
+@pytest.mark.parametrize("target", ["vda", "../x", "vd/b", "VDB", "v", "vdb\n", "vdbbbbbbb", 7])
+def test_disk_names_are_short_lowercase_names_and_not_the_first_disk(target):
+    from bbsnap.registry import disk_layout
+
+    assert not disk_layout.valid_target(target)
+    assert disk_layout.valid_target("vdb") and disk_layout.valid_target("sdc")
 
 
 def _header(**fields: object) -> Qcow2Header:

@@ -1,0 +1,67 @@
+"""Decompressing a memory file ahead of the restore that reads it (services/memory_restore.py).
+
+A FIFO holds 1 MiB: a feeder that decompresses only as QEMU reads does its work while the
+restore waits for it, on a host of two shared cores. Started just before the guest is
+destroyed, a thread decompresses into memory while libvirt destroys the old QEMU (mostly a
+200 ms wait: libvirt polls the killed process every 0.2 s) and starts the new one, so the
+restore finds the stream ready. The memory held is bounded (``LIMIT``): past it the thread
+waits for the restore to take chunks.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import BinaryIO, Iterator
+
+from bbsnap.services import memory_file
+
+LIMIT = 256 * 1024 * 1024   # the tiny guest's whole stream (109-121 MiB) fits; a big one waits
+_DONE = b""
+
+
+class ReadAhead:
+    """The chunks of *source* (after *skip* bytes), read by a thread of their own."""
+
+    def __init__(self, source: BinaryIO, skip: int) -> None:
+        self._source = source
+        self._skip = skip
+        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(
+            maxsize=max(1, LIMIT // memory_file.CHUNK))
+        self._cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self._skip:  # the header: the restore is fed it from memory
+                memory_file.read_chunk(self._source, self._skip)
+            while not self._cancelled.is_set():
+                chunk = memory_file.read_chunk(self._source)
+                self._chunks.put(chunk)
+                if chunk == _DONE:
+                    return
+        except BaseException as exc:  # handed to the reader of the chunks
+            self._chunks.put(exc)
+        finally:
+            self._source.close()
+
+    def chunks(self) -> Iterator[bytes]:
+        """The decompressed chunks in order; what reading them raised, raised here."""
+        while True:
+            item = self._chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item == _DONE:
+                return
+            yield item
+
+    def cancel(self) -> None:
+        """Stop the thread (it is waiting on a full queue, or ends at its next chunk)."""
+        self._cancelled.set()
+        while self._thread.is_alive():
+            try:  # make room: a thread blocked putting a chunk sees the cancel after it
+                self._chunks.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
