@@ -57,9 +57,13 @@ class Registry:
         return self.root / "storage"
 
     def start(self) -> Registry:
+        # BBSNAP_TEST_REGISTRY_LOG=DIR: debug log and access log, kept in DIR after the
+        # test (to see which request a flaky test's registry refused, and why).
+        verbose = bool(os.environ.get("BBSNAP_TEST_REGISTRY_LOG"))
         config: dict[str, object] = {
             "version": 0.1,
-            "log": {"level": "error", "accesslog": {"disabled": True}},
+            "log": {"level": "debug", "accesslog": {"disabled": False}} if verbose
+            else {"level": "error", "accesslog": {"disabled": True}},
             "storage": {"filesystem": {"rootdirectory": str(self.storage)},
                         "delete": {"enabled": True}},
             "http": {"addr": "", "secret": "bbsnap-test-secret"},
@@ -138,6 +142,10 @@ def running_registry(auth: bool = False, tls: bool = False) -> Iterator[Registry
         yield registry
     finally:
         registry.stop()
+        keep = os.environ.get("BBSNAP_TEST_REGISTRY_LOG")
+        if keep and (root / "registry.log").exists():
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / "registry.log", Path(keep) / f"{root.name}.log")
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -179,14 +187,14 @@ class CuttingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            pair = [client, upstream]
+            pair = _Pair([client, upstream])
             threading.Thread(target=self._pump, args=(client, upstream, self.upstream, pair),
                              daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, not self.upstream,
                                                       pair), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, counted: bool,
-              pair: list[socket.socket]) -> None:
+              pair: _Pair) -> None:
         try:
             while True:
                 data = source.recv(65536)
@@ -208,7 +216,7 @@ class CuttingProxy:
                 sink.sendall(data)
         except OSError:
             pass
-        _shut(pair, close=True)
+        pair.done()
 
     def release(self) -> None:
         self._release.set()
@@ -216,7 +224,7 @@ class CuttingProxy:
     def close(self) -> None:
         self._release.set()
         self._stop = True
-        self._server.close()
+        _stop_listening(self._server)
 
 
 def env_with_auth(tmp: Path, host: str, user: str = USER, password: str = PASSWORD) -> dict[str, str]:
@@ -292,7 +300,7 @@ class ConnectProxy:
             threading.Thread(target=_relay, args=(source, sink, pair), daemon=True).start()
 
     def close(self) -> None:
-        self._server.close()
+        _stop_listening(self._server)
 
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te",
@@ -368,14 +376,43 @@ def _relay(source: socket.socket, sink: socket.socket, pair: list[socket.socket]
     _shut(pair)
 
 
-def _shut(pair: list[socket.socket], *, close: bool = False) -> None:
+def _stop_listening(server: socket.socket) -> None:
+    """Close a listening socket for good. close() alone does not: while a thread is blocked
+    in accept() on it, Linux keeps the socket listening (the call holds it), and the next
+    connection to that port, meant for nobody, is still accepted and served."""
+    try:
+        server.shutdown(socket.SHUT_RDWR)   # wakes the accept() with an error
+    except OSError:
+        pass
+    server.close()
+
+
+class _Pair:
+    """The two sockets of a relayed connection, closed once both pumps are done with them:
+    a socket closed under a pump still in a send() or recv() frees its descriptor number,
+    which the next accepted connection may get, and the late call then lands on that
+    connection (the old request's answer in a new one)."""
+
+    def __init__(self, sockets: list[socket.socket]) -> None:
+        self.sockets = sockets
+        self._left = 2
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        _shut(self.sockets)   # each peer sees EOF; the other pump's recv() returns
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            for sock in self.sockets:
+                sock.close()
+
+
+def _shut(pair: list[socket.socket]) -> None:
     """End both directions of a relayed connection, so each peer sees EOF rather than a
-    hang; *close* also frees the sockets (the relay threads share them, so only the side
-    that knows both are done closes)."""
+    hang (closing is _Pair's, once both relay threads are done)."""
     for sock in pair:
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        if close:
-            sock.close()

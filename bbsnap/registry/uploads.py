@@ -7,6 +7,13 @@ connection the registry is asked how much it holds (``GET`` on the Location, its
 ``Range``) and the rest is sent from there; after a killed process, the next push of the
 same blob does the same from the journal. A session the registry no longer knows starts
 over.
+
+A session taken up again (from the journal, or after a cut connection) can still be
+refused further on: the killed process's half-sent PATCH may reach the registry's storage
+after the status was asked (distribution then rejects the session's state, or the data's
+digest at the closing PUT), or the registry may have expired the session. Such a refusal
+is about that session, not about the blob or the account: the session is abandoned and
+the blob sent once more in a fresh one, whose own errors are the ones reported.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from bbsnap import safe_files
-from bbsnap.errors import RegistryError
+from bbsnap.errors import NotFoundError, RegistryError
 from bbsnap.registry.client import RETRY_DELAYS, ConnectionFailure, Readable, RegistryClient
 
 Opener = Callable[[int], Readable]
@@ -71,14 +78,46 @@ def ensure_blob(client: RegistryClient, journal: UploadJournal, digest: str, siz
     return "uploaded"
 
 
+class _SessionRefused(Exception):
+    """A registry error in an upload session taken up again (not started afresh)."""
+
+    def __init__(self, error: RegistryError | NotFoundError, location: str) -> None:
+        super().__init__(str(error))
+        self.error, self.location = error, location
+
+
 def _upload(client: RegistryClient, journal: UploadJournal, digest: str, size: int,
             opener: Opener, progress: Callable[[int], None] | None) -> None:
     location, offset = _resumed(client, journal, digest)
+    try:
+        _send(client, journal, digest, size, opener, progress, location, offset)
+    except _SessionRefused as refused:
+        _abandon(client, refused.location)
+        journal.drop(client, digest)
+        try:
+            _send(client, journal, digest, size, opener, progress, None, 0)
+        except _SessionRefused as again:  # a cut, then a refusal, in the fresh session
+            raise again.error from None
+
+
+def _abandon(client: RegistryClient, location: str) -> None:
+    """Cancel a refused session (best effort: the registry expires it anyway)."""
+    try:
+        client.request("DELETE", location, ok=(204, 200, 404))
+    except (RegistryError, *ConnectionFailure):
+        client.close()
+
+
+def _send(client: RegistryClient, journal: UploadJournal, digest: str, size: int,
+          opener: Opener, progress: Callable[[int], None] | None, location: str | None,
+          offset: int) -> None:
+    """Send *digest* from *offset* in the session at *location* (None: a new one)."""
+    taken_up = location is not None
     failures = 0
     while True:
         try:
             if location is None:
-                location, offset = client.start_upload(), 0
+                location, offset, taken_up = client.start_upload(), 0, False
                 journal.save(client, digest, location)
             while offset < size:
                 length = min(client.chunk_size, size - offset)
@@ -93,6 +132,10 @@ def _upload(client: RegistryClient, journal: UploadJournal, digest: str, size: i
                     progress(offset)
             client.finish_upload(location, digest)
             return
+        except (RegistryError, NotFoundError) as exc:  # NotFound: distribution's 404s
+            if taken_up and location is not None:
+                raise _SessionRefused(exc, location) from None
+            raise
         except ConnectionFailure as exc:
             client.close()
             if failures >= len(RETRY_DELAYS):
@@ -108,7 +151,7 @@ def _upload(client: RegistryClient, journal: UploadJournal, digest: str, size: i
             if held_now is None or not isinstance(held_now, int) or held_now > size:
                 location = None  # the registry dropped the session: start over
             else:
-                offset = held_now
+                offset, taken_up = held_now, True
 
 
 def _resumed(client: RegistryClient, journal: UploadJournal,

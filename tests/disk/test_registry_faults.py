@@ -11,6 +11,7 @@ not sent again: what these tests check against the real registry."""
 from __future__ import annotations
 
 import gc
+import io
 import os
 import signal
 import sqlite3
@@ -18,6 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bbsnap.registry import layers, reference
+from bbsnap.registry.client import RegistryClient
+from bbsnap.registry.uploads import UploadJournal
 from tests.conftest import Bbsnap
 from tests.disk import prune_chain
 from tests import registry as fixtures
@@ -105,6 +109,38 @@ def test_push_killed_mid_blob_resumes_on_the_next_push(work_dir, registry):
     assert uploaded(again.stderr) <= total - base_size + 64 * 1024
     assert not list((work_dir / "a" / "registry" / "uploads").glob("*.json"))
     pulled = Bbsnap(work_dir / "b")("images", "pull", f"{registry.host}/faults/killed-push:v1")
+    assert pulled.exit_code == 0, pulled.stderr
+    same_chain(chain, work_dir / "b", pulled.stdout.strip())
+
+
+def test_a_journalled_session_refused_further_on_is_redone_in_a_fresh_one(work_dir, registry):
+    """What a killed push's half-sent PATCH can leave when it reaches the registry after the
+    next push asked for the session's status: a session the registry holds at the size the
+    journal expects, with other bytes in it. Distribution refuses the closing PUT (digest
+    mismatch); the push must send the blob again in a new session, not fail."""
+    chain = prune_chain.build(work_dir / "a")
+    ref = reference.parse(f"{registry.host}/faults/stale-session:v1")
+    source = layers.open_layer(chain.file(chain.base), None)
+    try:
+        digest = source.digest()
+    finally:
+        source.close()
+    client = RegistryClient(ref, scopes=[f"repository:{ref.repository}:pull,push"],
+                            chunk_size=4 * MIB)
+    try:
+        location = client.start_upload()
+        location, held = client.patch(location, lambda _offset: io.BytesIO(bytes(4 * MIB)),
+                                      0, 4 * MIB)
+        UploadJournal(work_dir / "a" / "registry" / "uploads").save(client, digest, location)
+    finally:
+        client.close()
+    assert held == 4 * MIB
+    pushed = Bbsnap(work_dir / "a", env=CHUNK)("images", "push", chain.snapshots[3], str(ref))
+    assert pushed.exit_code == 0, pushed.stderr
+    base_line = [x for x in pushed.stderr.splitlines() if "img-base0: layer" in x]
+    assert base_line and "uploaded" in base_line[0], pushed.stderr
+    assert not list((work_dir / "a" / "registry" / "uploads").glob("*.json"))
+    pulled = Bbsnap(work_dir / "b")("images", "pull", str(ref))
     assert pulled.exit_code == 0, pulled.stderr
     same_chain(chain, work_dir / "b", pulled.stdout.strip())
 
