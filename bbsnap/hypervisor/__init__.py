@@ -81,10 +81,11 @@ class CompletedJob:
 
 
 class PauseCause(str, enum.Enum):
-    """Why a domain is paused, as far as a memory snapshot's recovery needs to know."""
+    """Why a domain is paused, as far as a snapshot's recovery needs to know."""
 
     NOT_PAUSED = "not-paused"
     USER = "user"        # someone paused it (virsh suspend, bbsnap never does): leave it
+    IO_ERROR = "io-error"  # QEMU stopped it on a write error (its disks' werror=enospc default)
     OTHER = "other"      # a memory save left it paused (libvirt reports no reason), or the like
 
 

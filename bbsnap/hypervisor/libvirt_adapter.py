@@ -406,7 +406,11 @@ class LibvirtHypervisor:
         state, reason = self._call(f"reading the state of {name}", self._lookup(name).state)
         if state != libvirt.VIR_DOMAIN_PAUSED:
             return PauseCause.NOT_PAUSED
-        return PauseCause.USER if reason == libvirt.VIR_DOMAIN_PAUSED_USER else PauseCause.OTHER
+        if reason == libvirt.VIR_DOMAIN_PAUSED_USER:
+            return PauseCause.USER
+        if reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+            return PauseCause.IO_ERROR
+        return PauseCause.OTHER
 
     def resume(self, name: str) -> None:
         self._call(f"resuming {name}", self._lookup(name).resume)

@@ -21,7 +21,7 @@ from bbsnap.disks import qemu_img
 from bbsnap.disks.writeback import Writeback
 from bbsnap.disks.qcow2_header import Qcow2Header, read_qcow2_header
 from bbsnap.errors import BbsnapError, HostileImageError, HypervisorError, NotFoundError
-from bbsnap.hypervisor import Hypervisor
+from bbsnap.hypervisor import Hypervisor, PauseCause
 from bbsnap.state.process_tokens import current_job_token
 from bbsnap.state.layout import FILE_MODE, DataDir
 from bbsnap.models import Image, ImageStatus, ImageVolume, SnapshotDisk, SnapshotJob
@@ -236,6 +236,7 @@ class SnapshotFinisher:
                     self._hv.abort_job(job.domain)
             except BbsnapError:
                 pass
+            _resume_if_stopped_by_the_copy(self._hv, job.domain)
             made = job.disks[0].checkpoint if job.disks else None
             if made:
                 # The chain goes on from the last available snapshot's checkpoint, which
@@ -245,6 +246,20 @@ class SnapshotFinisher:
             _memory_hook().forget_disk_states(self._hv, job, image_id)
         self._data_dir.remove_image_files(image_id)
         self._catalogue.fail_snapshot(image_id, reason)
+
+
+def _resume_if_stopped_by_the_copy(hv: Hypervisor, domain: str) -> None:
+    """A copy that failed on its target (a full file system) fails the guest's writes too:
+    copy-before-write must save a cluster's old data before the guest overwrites it, and
+    QEMU stops a guest on ENOSPC (the disks' default werror=enospc) with the write kept for a
+    retry. The job is over, so the retry goes to the guest's own disk: run it again. (QEMU
+    7.2's on-cbw-error=break-snapshot would spare the guest this; libvirt 9.0 cannot set
+    it.) A guest whose own disk is full stops again at once; one a user paused stays so."""
+    try:
+        if hv.pause_cause(domain) is PauseCause.IO_ERROR:
+            hv.resume(domain)
+    except BbsnapError:
+        pass  # gone, or libvirtd away: nothing to run again
 
 
 def _vet_own_copy(copy: Path, device: str) -> Qcow2Header:
