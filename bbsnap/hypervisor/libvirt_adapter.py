@@ -319,7 +319,9 @@ class LibvirtHypervisor:
 
     def job_status(self, name: str) -> JobStatus:
         dom = self._lookup(name)
-        if not dom.isActive():
+        # Through _call: a libvirtd restart surfaces here as a HypervisorError the worker
+        # reconnects on, not as a bare libvirtError that fails the snapshot.
+        if not self._call(f"reading the state of {name}", dom.isActive):
             return JobStatus(active=False, processed=0, total=0)  # no domain, no job
         stats = self._call(f"reading the job of {name}", dom.jobStats, 0)
         libvirt = _libvirt()
@@ -332,7 +334,7 @@ class LibvirtHypervisor:
     def completed_job(self, name: str) -> CompletedJob:
         libvirt = _libvirt()
         dom = self._lookup(name)
-        if not dom.isActive():
+        if not self._call(f"reading the state of {name}", dom.isActive):
             return CompletedJob(known=False, success=False,
                                 message=f"server {name} stopped during the copy")
         stats = self._call(f"reading the last job of {name}", dom.jobStats,
