@@ -88,9 +88,7 @@ def as_data(data: Any, fmt: str) -> str:
 def listing(columns: Sequence[str], rows: Sequence[Sequence[Any]], records: Sequence[Any],
             fmt: str, tab_separated: bool) -> str:
     """A list command's output in the chosen form: data, tab-separated or the seed's table."""
-    if fmt != "table":
-        return as_data(list(records), fmt)
-    return simple(rows) if tab_separated else table(columns, rows)
+    return listing_of(columns, lambda: rows, lambda: records, fmt, tab_separated)
 
 
 def listing_of(columns: Sequence[str], rows: Callable[[], Sequence[Sequence[Any]]],
