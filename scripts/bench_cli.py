@@ -8,7 +8,6 @@ Goals (issue 2): `--help` under 150 ms, the 10k list under 300 ms.
 
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
 import sys
@@ -16,6 +15,9 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import BBSNAP, PYTHON, cli_env
 
 RUNS = 9
 
@@ -80,26 +82,23 @@ PHASE_NAMES = ("imports (click, bbsnap.cli)", "catalogue open + recovery", "read
 def phases(env: dict[str, str]) -> list[float]:
     import json
 
-    runs = [json.loads(subprocess.run([sys.executable, "-c", _PHASES], env=env, check=True,
+    runs = [json.loads(subprocess.run([PYTHON, "-c", _PHASES], env=env, check=True,
                                       capture_output=True, text=True).stdout)
             for _ in range(RUNS)]
     return [statistics.median(run[i] for run in runs) for i in range(len(PHASE_NAMES))]
 
 
 def main() -> None:
-    env = {**os.environ, "BBSNAP_CONFIG": ""}
-    # Measured with bytecode, as an installed bbsnap runs (pip compiles it): without this a
-    # shell that sets PYTHONDONTWRITEBYTECODE recompiles every module changed since the last
-    # write on every run (catalogue.py alone is 22 ms to compile).
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    # On the installed interpreter with bytecode, as an installed bbsnap runs (benchlib.cli_env).
+    env = cli_env(BBSNAP_CONFIG="")
     with tempfile.TemporaryDirectory(prefix="bbsnap-bench-") as tmp:
         data_dir = Path(tmp) / "data"
         fill_catalogue(data_dir, 10_000)
         env["BBSNAP_HOME"] = str(data_dir)
-        bbsnap = [sys.executable, "-m", "bbsnap.cli.main"]
+        bbsnap = BBSNAP
         subprocess.run([*bbsnap, "images", "list"], env=env, stdout=subprocess.DEVNULL,
                        check=True)  # writes the bytecode the timed runs then read
-        baseline = timed([sys.executable, "-c", "pass"], env)
+        baseline = timed([PYTHON, "-c", "pass"], env)
         help_time = timed([*bbsnap, "--help"], env)
         list_time = timed([*bbsnap, "images", "list"], env)
         json_time = timed([*bbsnap, "images", "list", "--format", "json"], env)

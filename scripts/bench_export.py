@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import GIB, MIB, bench_dir, filesystem_image
+from benchlib import BBSNAP, GIB, MIB, bench_dir, cli_env, filesystem_image
 
 
 def timed(argv: list[str], env: dict[str, str], stdout: object = subprocess.DEVNULL,
@@ -54,8 +54,8 @@ def shell_pipeline(commands: list[list[str]], out: Path) -> float:
 
 def main() -> None:
     work = bench_dir()
-    env = {**os.environ, "BBSNAP_HOME": str(work / "data"), "BBSNAP_CONFIG": ""}
-    bbsnap = [sys.executable, "-m", "bbsnap.cli.main"]
+    env = cli_env(BBSNAP_HOME=str(work / "data"), BBSNAP_CONFIG="")
+    bbsnap = BBSNAP
     try:
         print("preparing an 8 GiB image with ~1 GiB of files ...", file=sys.stderr)
         image = filesystem_image(work / "fs.qcow2", 8 * GIB, GIB)

@@ -26,7 +26,6 @@ Needs libvirtd; on a shared host run it under the libvirtd lock the tests use.
 
 from __future__ import annotations
 
-import compileall
 import os
 import shutil
 import statistics
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchlib import bench_dir, cli_runner, guest_env, median_time
+from benchlib import bench_dir, cli_runner, compile_checkout, guest_env, median_time
 
 from bbsnap.tinyguest import writeloop
 
@@ -280,7 +279,7 @@ def main() -> None:
 
     # As installed (scripts/setup byte-compiles bbsnap): a checkout run with
     # PYTHONDONTWRITEBYTECODE would recompile every module on every command (~0.3 s here).
-    compileall.compile_dir(Path(__file__).resolve().parent.parent / "bbsnap", quiet=1)
+    compile_checkout()
     work = bench_dir()
     run = cli_runner(guest_env(work, LIBVIRT_DEFAULT_URI=URI))
     hv = LibvirtHypervisor(URI)

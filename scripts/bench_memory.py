@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import BBSNAP, cli_runner, guest_env, bench_dir
+from benchlib import BBSNAP, cli_runner, compile_checkout, guest_env, bench_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bbsnap.disks import qemu_img
@@ -217,8 +217,7 @@ def revert_steps(log: Path, begun: float, returned: float) -> dict[str, float]:
 
 def main() -> None:
     # As installed: bytecode compiled once (pip does it at install time).
-    subprocess.run([sys.executable, "-m", "compileall", "-q",
-                    str(Path(__file__).resolve().parent.parent / "bbsnap")], check=True)
+    compile_checkout()
     work = bench_dir()
     env = guest_env(work)
     run = cli_runner(env)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchlib import bench_dir, median_time
+from benchlib import BBSNAP, PYTHON, bench_dir, cli_env, compile_checkout, median_time
 
 from bbsnap.services.snapshots.timeline import COMMAND_PREFIX, PREFIX, Timeline
 
@@ -109,10 +109,11 @@ def main() -> None:
     from bbsnap.tinyguest import READY_LINE, build_tiny_guest
 
     work = bench_dir()
-    env = {**os.environ, "BBSNAP_HOME": str(work / "data"), "BBSNAP_CONFIG": "",
-           "BBSNAP_ACCEL": "tcg", "LIBVIRT_DEFAULT_URI": URI}
-    os.environ.update(env)
-    bbsnap = [sys.executable, "-m", "bbsnap.cli.main"]
+    env = cli_env(BBSNAP_HOME=str(work / "data"), BBSNAP_CONFIG="", BBSNAP_ACCEL="tcg",
+                  LIBVIRT_DEFAULT_URI=URI)
+    os.environ.update({k: v for k, v in env.items() if k != "PYTHONPATH"})
+    compile_checkout()
+    bbsnap = BBSNAP
     hv = LibvirtHypervisor(URI)
     domains: list[str] = []
 
@@ -217,9 +218,9 @@ def main() -> None:
             converted.append(convert(disk))
             synced.append(converted[-1] + fsync(copy))
             copy.unlink()
-        floor = [median_time(lambda: subprocess.run([sys.executable, "-c", "import libvirt"],
+        floor = [median_time(lambda: subprocess.run([PYTHON, "-c", "import libvirt"],
                                                     check=True), 1) for _ in range(3)]
-        bare = [median_time(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), 1)
+        bare = [median_time(lambda: subprocess.run([PYTHON, "-c", "pass"], check=True), 1)
                 for _ in range(3)]
         helped = [median_time(lambda: subprocess.run([*bbsnap, "servers", "snapshot", "--help"],
                                                      check=True, capture_output=True), 1)
@@ -281,7 +282,7 @@ def main() -> None:
             # The floor under any Python command that snapshots through libvirt-python: start
             # the interpreter (with this installation's site-packages) and import libvirt.
             def python(code: str) -> None:
-                subprocess.run([sys.executable, "-c", code], check=True)
+                subprocess.run([PYTHON, "-c", code], check=True)
 
             floor = {"start": median_time(lambda: python("pass"), RUNS),
                      "libvirt": median_time(lambda: python("import libvirt"), RUNS)}
