@@ -4,15 +4,20 @@ when the whole capture succeeded, and a guest a user paused stays paused."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import struct
+import time
 from pathlib import Path
 
 import pytest
 
-from bbsnap.disks import qemu_img
+from bbsnap.disks import image_lock, qemu_img
 from bbsnap.errors import BbsnapError, HypervisorError
 from bbsnap.hypervisor import DomainState, PauseCause
 from bbsnap.models import SnapshotDisk, SnapshotJob
 from bbsnap.services.snapshots import memory
+from bbsnap.services.snapshots.timeline import COMMAND as timeline
 from bbsnap.state.layout import DataDir
 from tests.fakes.hypervisor import running_domain
 
@@ -69,3 +74,83 @@ def test_a_guest_a_user_paused_stays_paused(setup):
     memory.resume_unless_user_paused(hv, job.domain)
     memory.resume_after_save(hv, job.domain)
     assert hv.pause_cause(job.domain) is PauseCause.USER
+
+
+class _QemuLock:
+    """An image lock as a running QEMU holds one (disks/image_lock.py): a shared OFD lock on
+    byte 201 (write not shared), which makes qemu-img refuse to write the image."""
+
+    def __init__(self, disk: Path) -> None:
+        self._fd: int | None = os.open(disk, os.O_RDONLY)
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK,
+                    struct.pack("hhqqi", fcntl.F_RDLCK, os.SEEK_SET, 201, 1, 0))
+
+    def release(self) -> None:  # what QEMU's inactivation at the end of its final pass does
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@pytest.fixture()
+def marks():
+    timeline.clear()
+    yield lambda: [label for label, _ in timeline.marks]
+    timeline.clear()
+
+
+def test_the_disk_states_are_made_while_the_save_ends(setup, marks, monkeypatch):
+    """Once QEMU lets go of the disks the internal snapshots are made at once, while
+    libvirt is still ending the save (the guest stopped all along)."""
+    hv, data, job, disk = setup
+    lock = _QemuLock(disk)
+    assert image_lock.held_for_writing(disk)
+    with pytest.raises(BbsnapError, match="another process using the image"):
+        qemu_img.snapshot_create(disk, "refused-while-qemu-holds-it")
+    save = hv.save_memory_live
+    seen_during_the_save: list[list[str]] = []
+
+    def slow_save(*args, **kwargs):
+        save(*args, **kwargs)  # the fake's save: the domain is left paused
+        lock.release()
+        deadline = time.monotonic() + 30
+        while not qemu_img.snapshot_names(disk) and time.monotonic() < deadline:
+            time.sleep(0.01)  # libvirt still ending the save
+        seen_during_the_save.append(qemu_img.snapshot_names(disk))
+
+    monkeypatch.setattr(hv, "save_memory_live", slow_save)
+    memory.capture(hv, data, IMAGE, job, [])
+    assert seen_during_the_save == [[memory.internal_name(IMAGE)]]
+    assert qemu_img.snapshot_names(disk) == [memory.internal_name(IMAGE)], "made once"
+    assert marks() == ["disks-released", "memory-saved", "disk-states", "resumed"]
+    assert hv.info(job.domain).state is DomainState.RUNNING
+
+
+def test_disks_still_locked_when_the_save_returns_are_done_after_it(setup, marks):
+    hv, data, job, disk = setup
+    lock = _QemuLock(disk)
+    save = hv.save_memory_live
+    hv.save_memory_live = lambda *a, **k: (save(*a, **k), lock.release())  # type: ignore[method-assign]
+    memory.capture(hv, data, IMAGE, job, [])
+    assert marks() == ["memory-saved", "disk-states", "resumed"]
+    assert qemu_img.snapshot_names(disk) == [memory.internal_name(IMAGE)]
+
+
+def test_a_failed_save_after_the_release_keeps_no_disk_state(setup, marks, monkeypatch):
+    hv, data, job, disk = setup
+    lock = _QemuLock(disk)
+    save = hv.save_memory_live
+
+    def failing_save(*args, **kwargs):
+        save(*args, **kwargs)
+        lock.release()
+        deadline = time.monotonic() + 30
+        while not qemu_img.snapshot_names(disk) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise HypervisorError("saving the memory failed: libvirtd went away")
+
+    monkeypatch.setattr(hv, "save_memory_live", failing_save)
+    with pytest.raises(HypervisorError, match="went away"):
+        memory.capture(hv, data, IMAGE, job, [])
+    assert qemu_img.snapshot_names(disk) == []
+    assert hv.info(job.domain).state is DomainState.RUNNING
+    assert "memory-saved" not in marks()

@@ -75,16 +75,18 @@ removed (the memory file is one), so no image is available without its memory fi
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-from bbsnap.disks import qemu_img
+from bbsnap.disks import image_lock, qemu_img
 from bbsnap.errors import BbsnapError, ConflictError, HypervisorError, NotFoundError
 from bbsnap.hypervisor import DomainState, Hardware, Hypervisor, PauseCause
 from bbsnap.state.layout import DataDir
 from bbsnap.models import SnapshotJob
 from bbsnap.services import memory_file
+from bbsnap.services.snapshots.timeline import COMMAND as timeline
 
 MAX_DOWNTIME_MS = 30      # QEMU's final pass target (its default 300 ms is the whole pause)
 RESUME_WAIT = 120.0       # seconds to get a paused guest running again (libvirtd restarting)
@@ -115,25 +117,95 @@ def internal_name(image_id: str) -> str:
 
 def capture(hv: Hypervisor, data_dir: DataDir, image_id: str, job: SnapshotJob,
             read_only: list[str]) -> None:
-    """Save the RAM live, then keep each disk's state at that instant (an internal snapshot)
-    while the guest is still stopped there, then let it run. Raises, with the guest running
-    again and no internal snapshot left, if a step fails."""
+    """Save the RAM live, keep each disk's state at that instant (an internal snapshot)
+    while the guest is stopped there, then let it run. Raises, with the guest running
+    again and no internal snapshot left, if a step fails.
+
+    The disk states are made while libvirt is still ending the save when QEMU's image locks
+    show the instant has come (_DiskStates.when_released), else once the save returned."""
     domain = job.domain
-    devices = [d.device for d in job.disks]
+    states = _DiskStates([Path(d.source) for d in job.disks], internal_name(image_id))
+    save = _Background(lambda: hv.save_memory_live(
+        domain, work_file(data_dir, image_id), [d.device for d in job.disks], read_only,
+        MAX_DOWNTIME_MS))
     try:
-        hv.save_memory_live(domain, work_file(data_dir, image_id), devices, read_only,
-                            MAX_DOWNTIME_MS)
+        states.when_released(save)
+        save.result()
+        timeline.mark("memory-saved")
+        states.make()  # what when_released has not made (all of it, unless it could)
+        timeline.mark("disk-states")
     except BaseException:
         resume_unless_user_paused(hv, domain)  # a failed save may leave it stopped
-        raise
-    try:
-        for disk in job.disks:
-            qemu_img.snapshot_create(Path(disk.source), internal_name(image_id))
-    except BaseException:
-        resume_unless_user_paused(hv, domain)
-        forget_disk_states(hv, job, image_id)
+        if states.made:
+            forget_disk_states(hv, job, image_id)
         raise
     resume_after_save(hv, domain)
+    timeline.mark("resumed")
+
+
+class _Background:
+    """A call run in a thread (libvirt-python lets go of the GIL while it waits)."""
+
+    def __init__(self, call: Callable[[], None]) -> None:
+        self._call = call
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        # A daemon: a command interrupted here must still exit (resume_unless_user_paused
+        # waits for libvirtd's save to end, on its own calls).
+        threading.Thread(target=self._run, name="memory-save", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._call()
+        except BaseException as exc:  # handed to the caller's thread by result()
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, seconds: float) -> bool:
+        return self._done.wait(seconds)
+
+    def result(self) -> None:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+
+class _DiskStates:
+    """The internal snapshots keeping each disk's state at the memory save's instant.
+
+    Why early: libvirt takes 60-120 ms to end a save after QEMU's final pass (job stats,
+    migration parameters reset, the save header finished), and the guest stays stopped
+    throughout; ``qemu-img snapshot -c`` (20-70 ms) can run in that window, because QEMU
+    inactivates the disks — flushes them and drops its image locks — at the end of its
+    final pass, with the vCPUs already stopped (disks/image_lock.py). Before that,
+    qemu-img's own lock check would refuse to write. Trusted only when QEMU's locks were
+    seen held before the save began: a QEMU without image locking, or a filesystem
+    without OFD locks, shows none at any time, and those disks are done after the save."""
+
+    POLL_SECONDS = 0.001
+
+    def __init__(self, disks: list[Path], name: str) -> None:
+        self._disks = disks
+        self._name = name
+        self._watched = bool(disks) and all(image_lock.held_for_writing(d) for d in disks)
+        self.made: list[Path] = []
+
+    def when_released(self, save: _Background) -> None:
+        """Until *save* ends: as soon as no disk is locked any more, make their states."""
+        if not self._watched:
+            return
+        while not save.wait(self.POLL_SECONDS):
+            if not any(image_lock.held_for_writing(d) for d in self._disks):
+                timeline.mark("disks-released")
+                self.make()
+                return
+
+    def make(self) -> None:
+        for disk in self._disks:
+            if disk not in self.made:
+                qemu_img.snapshot_create(disk, self._name)
+                self.made.append(disk)
 
 
 def resume_after_save(hv: Hypervisor, domain: str) -> None:
