@@ -1,6 +1,7 @@
 """A tiny registry of our own on 127.0.0.1 that serves whatever a test crafts: manifests
 that lie, blobs that are not what their digest says, endless bodies. Only GET/HEAD of
-/v2/, manifests and blobs: what a pull asks for."""
+/v2/, manifests and blobs: what a pull asks for. Also the fixtures and the refusal check
+the hostile-registry tests share."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import json
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bbsnap.models import ImageType
 from bbsnap.registry import artifact
+from tests.conftest import Bbsnap
+from tests.images import MIB, written_qcow2
 
 
 # A further disk of a crafted image: its target, its file, and the file of the layer it
@@ -226,3 +231,52 @@ def _virtual_size(path: Path) -> int:
     info = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(path)], check=True,
                           capture_output=True, text=True).stdout
     return int(json.loads(info)["virtual-size"])
+
+
+# -- fixtures and checks the hostile-registry tests share (imported by their modules) ----------
+
+SECRET = b"BBSNAP-HOST-SECRET-" + b"s3cr3t" * 50
+SIZE = 16 * MIB          # the virtual size of the base fixture's disk and of delta()'s
+
+
+@pytest.fixture()
+def hostile() -> Iterator[HostileRegistry]:
+    server = HostileRegistry().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def base(work_dir: Path) -> Path:
+    return written_qcow2(work_dir / "base.qcow2", SIZE, "0x5a 0 2M")
+
+
+@pytest.fixture()
+def secret_file(work_dir: Path) -> Path:
+    """A host file a crafted layer tries to read."""
+    path = work_dir / "host-secret"
+    path.write_bytes(SECRET + bytes(MIB - len(SECRET)))
+    return path
+
+
+def delta(work_dir: Path, name: str, backing: str, fmt: str = "qcow2") -> Path:
+    """A delta naming *backing* (of format *fmt*) as its backing file, whatever that is."""
+    return written_qcow2(work_dir / name, SIZE, "0x6b 4M 1M", "-u", "-F", fmt, "-b", backing)
+
+
+def refused(bbsnap: Bbsnap, ref: str, words: str, exit_code: int = 1) -> str:
+    """`images pull` of *ref* fails with one error line saying *words*, registers nothing,
+    leaves no file and copies no byte of SECRET: that error line."""
+    result = bbsnap("images", "pull", ref)
+    assert result.exit_code == exit_code, (result.exit_code, result.stderr)
+    errors = [x for x in result.stderr.splitlines() if x.startswith("bbsnap: error:")]
+    assert len(errors) == 1, result.stderr
+    assert words.lower() in errors[0].lower(), errors[0]
+    assert bbsnap.rows() == 0, "a catalogue row was left behind"
+    images = bbsnap.data_dir / "images"
+    tmp = bbsnap.data_dir / "tmp"
+    assert not list(images.iterdir()) and not list(tmp.iterdir()), "files were left behind"
+    for path in bbsnap.data_dir.rglob("*"):
+        if path.is_file():
+            assert SECRET not in path.read_bytes(), f"host bytes reached {path}"
+    return errors[0]

@@ -31,6 +31,14 @@ def qcow2_disk(path: Path, size: int = 8 * MIB, pattern: int = 0xAB) -> Path:
     return path
 
 
+def written_qcow2(path: Path, size: int, write: str, *create: str) -> Path:
+    """A qcow2 of *size* bytes (*create*: more `qemu-img create` options, e.g. a backing
+    file) with qemu-io's `write -P` *write* ("PATTERN OFFSET LENGTH") done on it."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", *create, str(path), str(size))
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P {write}", str(path))
+    return path
+
+
 def read_bytes(image: Path, fmt: str, offset: int, length: int) -> bytes:
     """Guest-visible bytes of *image*: converted to a (sparse) raw file and read back."""
     out = image.with_name(image.name + ".read.raw")

@@ -1,15 +1,20 @@
 """A real OCI registry for tests: Debian's docker-registry (distribution 2.8) on 127.0.0.1,
 started and stopped by the tests themselves (CI has no systemd), with its own config and
 storage in a temporary directory; optionally with htpasswd basic auth. Also a TCP proxy
-that cuts a connection after a number of bytes, for the interrupted-transfer tests."""
+that cuts a connection after a number of bytes, and the cut and killed pulls through it that
+the interrupted-transfer tests share."""
 
 from __future__ import annotations
 
+import gc
 import http.client
 import os
 import shutil
+import signal
 import socket
+import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,6 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import yaml
+
+from tests.conftest import Bbsnap
 
 USER, PASSWORD = "tester", "s3cret-pass"
 
@@ -225,6 +232,81 @@ class CuttingProxy:
         self._release.set()
         self._stop = True
         _stop_listening(self._server)
+
+
+# -- pulls through a CuttingProxy, and what a killed one leaves --------------------------------
+
+def start_cli(data: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """bbsnap *args* on the data directory *data* as a process of its own: one to SIGKILL."""
+    full = {**os.environ, "BBSNAP_HOME": str(data), "BBSNAP_CONFIG": "", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "bbsnap.cli.main", *args], env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def statuses(data: Path) -> list[str]:
+    """The status of every image row in *data*'s catalogue."""
+    with sqlite3.connect(data / "catalogue.sqlite3") as db:
+        return [r[0] for r in db.execute("SELECT status FROM images")]
+
+
+def pull(target: Bbsnap, ref: str) -> str:
+    """`images pull` of *ref* into *target*, which must succeed: the pulled top image's id.
+    Collected first (see doctor_finds_nothing), so what the pull does is its own."""
+    gc.collect()
+    pulled = target("images", "pull", ref)
+    assert pulled.exit_code == 0, pulled.stderr
+    return pulled.stdout.strip()
+
+
+def pull_through_a_cut(registry: Registry, data: Path, name: str, cut_after: int) -> str:
+    """`images pull` of *name* (repository:tag) from *registry* into *data*, through a
+    CuttingProxy that cuts the download once at byte *cut_after*: the pull must succeed,
+    having been cut exactly there once. The pulled top image's id."""
+    proxy = CuttingProxy(registry.port, cut_after, upstream=False)
+    try:
+        pulled = Bbsnap(data)("images", "pull", f"{proxy.host}/{name}")
+    finally:
+        proxy.close()
+    assert pulled.exit_code == 0, pulled.stderr
+    assert proxy.cuts == 1
+    return pulled.stdout.strip()
+
+
+@contextmanager
+def stalled_pull(registry: Registry, data: Path, name: str, cut_after: int) -> Iterator[None]:
+    """A pull of *name* from *registry* into *data*, as a process, held by a CuttingProxy at
+    byte *cut_after* of the download while the body runs (to look at what it has left so
+    far), then SIGKILLed there."""
+    proxy = CuttingProxy(registry.port, cut_after, upstream=False, stall=True)
+    try:
+        process = start_cli(data, "images", "pull", f"{proxy.host}/{name}")
+        try:
+            assert proxy.stalled.wait(120), f"the pull never got {cut_after} bytes in"
+            yield
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.communicate(timeout=60)
+    finally:
+        proxy.close()
+
+
+def recover(target: Bbsnap) -> None:
+    """The command after a killed pull (a listing) recovers it: no image is left creating and
+    no work file in tmp/."""
+    listed = target("images", "list", "--status", "creating")
+    assert listed.exit_code == 0
+    assert "creating" not in statuses(target.data_dir)
+    assert not list((target.data_dir / "tmp").iterdir()), "work files left in tmp/"
+
+
+def doctor_finds_nothing(target: Bbsnap) -> None:
+    # The CLI runs in this process: a catalogue connection an earlier command left in a
+    # reference cycle keeps its statements until the collector frees it; such a reader is the
+    # likely cause of a pull's closing checkpoint giving up once under load (doctor then saw
+    # the WAL unmerged). Collected first, so the check is about the commands alone.
+    gc.collect()
+    doctor = target("doctor")
+    assert doctor.exit_code == 0, doctor.stdout + doctor.stderr
 
 
 def env_with_auth(tmp: Path, host: str, user: str = USER, password: str = PASSWORD) -> dict[str, str]:

@@ -426,18 +426,6 @@ def test_freeze_and_thaw_through_the_agent(side):
     side.hv.thaw(guest.name)
 
 
-def test_without_an_agent_or_a_running_guest_there_is_no_freeze(side):
-    spec = side.spec(guest_agent=False)
-    side.hv.define(spec)
-    with pytest.raises(QuiesceError):
-        side.hv.freeze(spec.name, 1)  # shut off
-    side.hv.start(spec.name)
-    with pytest.raises(QuiesceError):
-        side.hv.freeze(spec.name, 1)  # no agent channel
-    with pytest.raises(QuiesceError):
-        side.hv.thaw(spec.name, 1)
-
-
 def test_the_agent_reports_who_is_logged_in(side):
     guest = side.guest()
     users = side.hv.logged_in_users(guest.name, 2)
@@ -446,14 +434,24 @@ def test_the_agent_reports_who_is_logged_in(side):
     side.hv.thaw(guest.name)
 
 
-def test_without_an_agent_or_a_running_guest_nobody_is_reported(side):
+# Each question to the guest agent, and what it raises when no agent can answer.
+AGENT_QUESTIONS = {
+    "freeze": (lambda hv, name: hv.freeze(name, 1), QuiesceError),
+    "thaw": (lambda hv, name: hv.thaw(name, 1), QuiesceError),
+    "logged_in_users": (lambda hv, name: hv.logged_in_users(name, 1), GuestAgentError),
+}
+
+
+@pytest.mark.parametrize("question", AGENT_QUESTIONS)
+def test_without_an_agent_or_a_running_guest_the_agent_answers_nothing(side, question):
+    ask, error = AGENT_QUESTIONS[question]
     spec = side.spec(guest_agent=False)
     side.hv.define(spec)
-    with pytest.raises(GuestAgentError):
-        side.hv.logged_in_users(spec.name, 1)  # shut off
+    with pytest.raises(error):
+        ask(side.hv, spec.name)  # shut off
     side.hv.start(spec.name)
-    with pytest.raises(GuestAgentError):
-        side.hv.logged_in_users(spec.name, 1)  # no agent channel
+    with pytest.raises(error):
+        ask(side.hv, spec.name)  # no agent channel
 
 
 # -- backup jobs -------------------------------------------------------------------------------

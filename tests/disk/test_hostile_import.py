@@ -41,6 +41,19 @@ def assert_refused(bbsnap, result, *, exit_code: int | None = None, words: str =
     assert bbsnap.files() == [], f"files were left behind: {bbsnap.files()}"
 
 
+INCOMPATIBLE_FEATURES = 72    # offset of the qcow2 (v3) header's incompatible_features
+
+
+def set_bits(path: Path, offset: int, bits: int, field: str = ">Q") -> None:
+    """Sets *bits* in the big-endian field (struct format *field*) at *offset* of *path*,
+    leaving its other bits: a header flag raised in place, as a crafted file has it."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        (value,) = struct.unpack(field, handle.read(struct.calcsize(field)))
+        handle.seek(offset)
+        handle.write(struct.pack(field, value | bits))
+
+
 def assert_no_secret_copied(bbsnap) -> None:
     for path in bbsnap.data_dir.rglob("*"):
         if path.is_file():
@@ -78,11 +91,7 @@ def test_qcow2_with_external_data_file(bbsnap, work_dir, secret_file):
 
 def test_qcow2_with_unknown_incompatible_feature(bbsnap, work_dir):
     evil = qcow2_disk(work_dir / "evil.qcow2")
-    with open(evil, "r+b") as handle:
-        handle.seek(72)
-        (bits,) = struct.unpack(">Q", handle.read(8))
-        handle.seek(72)
-        handle.write(struct.pack(">Q", bits | (1 << 40)))
+    set_bits(evil, INCOMPATIBLE_FEATURES, 1 << 40)
     assert_refused(bbsnap, bbsnap("images", "import", str(evil)), words="unknown incompatible")
 
 
@@ -236,11 +245,7 @@ def test_persistent_bitmap_flagged_in_use_is_not_stored(bbsnap, work_dir):
     source = qcow2_disk(work_dir / "inuse.qcow2")
     run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(source), "bbsnap-since-create")
     flags_at = _bitmap_directory_entry(source) + 12  # table offset (8), table size (4), flags
-    with open(source, "r+b") as handle:
-        handle.seek(flags_at)
-        (flags,) = struct.unpack(">I", handle.read(4))
-        handle.seek(flags_at)
-        handle.write(struct.pack(">I", flags | 1))  # bit 0: in use
+    set_bits(source, flags_at, 1, ">I")  # bit 0: in use
     assert "in-use" in qemu_info(source)["format-specific"]["data"]["bitmaps"][0]["flags"]
     assert_fresh_copy_of(stored_image(bbsnap, bbsnap("images", "import", str(source))), source)
 
@@ -269,11 +274,7 @@ def test_unknown_compatible_feature_bits_are_not_stored(bbsnap, work_dir):
 
 def test_dirty_qcow2_is_stored_clean(bbsnap, work_dir):
     source = qcow2_disk(work_dir / "dirty.qcow2")
-    with open(source, "r+b") as handle:
-        handle.seek(72)
-        (bits,) = struct.unpack(">Q", handle.read(8))
-        handle.seek(72)
-        handle.write(struct.pack(">Q", bits | 1))
+    set_bits(source, INCOMPATIBLE_FEATURES, 1)  # bit 0: dirty
     assert_fresh_copy_of(stored_image(bbsnap, bbsnap("images", "import", str(source))), source)
 
 

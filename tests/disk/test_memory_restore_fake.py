@@ -17,13 +17,16 @@ from bbsnap.models import Image, ImageStatus, ImageType, Server, ServerStatus
 from bbsnap.services import memory_file, memory_restore
 from bbsnap.services.snapshots.timeline import Timeline
 from bbsnap.state.layout import DataDir
-from tests.fakes.hypervisor import running_domain
+from tests.fakes.hypervisor import FakeHypervisor, running_domain
 
 IMAGE_ID = "img-aaaaa"
+# What the saved fixture gives: the fake, the data directory, the server, its snapshot, the
+# test's directory.
+Saved = tuple[FakeHypervisor, DataDir, Server, Image, Path]
 
 
 @pytest.fixture()
-def saved(work_dir: Path):
+def saved(work_dir: Path) -> Saved:
     """A running fake domain, and a memory snapshot of it stored as a revert finds it."""
     data = DataDir(work_dir / "data").ensure()
     hv, spec = running_domain(work_dir)
@@ -41,40 +44,40 @@ def saved(work_dir: Path):
     return hv, data, server, image, work_dir
 
 
-def test_the_memory_is_streamed_into_the_restore_through_a_fifo(saved):
+def restored_on_a_new_disk(saved: Saved, timeline: Timeline) -> memory_restore.MemoryBoot:
+    """The restore as a revert runs it, onto a new blank disk: it must leave the server
+    running on that disk and nothing in tmp/. Its boot step, to ask how it restored."""
     hv, data, server, image, work_dir = saved
     new_disk = work_dir / "new.qcow2"
     qemu_img.create_blank(new_disk, 16 << 20)
-    timeline = Timeline()
     with memory_restore.prepared(hv, data, server, image, timeline) as boot:
         boot.ready()
         hv.destroy(server.id)
         boot({"vda": new_disk})
-    assert boot.streamed, "restored from the FIFO, not from an unpacked file"
     assert hv.info(server.id).state is DomainState.RUNNING
     assert [d.path for d in hv.disks(server.id)] == [str(new_disk)]
+    assert list(data.tmp_dir.iterdir()) == []
+    return boot
+
+
+def test_the_memory_is_streamed_into_the_restore_through_a_fifo(saved):
+    hv = saved[0]
+    timeline = Timeline()
+    boot = restored_on_a_new_disk(saved, timeline)
+    assert boot.streamed, "restored from the FIFO, not from an unpacked file"
     assert "saved_domain" not in hv.calls, "the header came from the stream"
     assert [label for label, _ in timeline.marks] == ["checked", "verified", "restored"]
-    assert list(data.tmp_dir.iterdir()) == []
 
 
 def test_a_libvirt_that_cannot_read_the_fifo_gets_the_unpacked_file(saved):
-    hv, data, server, image, work_dir = saved
+    hv = saved[0]
     hv.refuse_fifos = True
-    new_disk = work_dir / "new.qcow2"
-    qemu_img.create_blank(new_disk, 16 << 20)
     timeline = Timeline()
-    with memory_restore.prepared(hv, data, server, image, timeline) as boot:
-        boot.ready()
-        hv.destroy(server.id)
-        boot({"vda": new_disk})
+    boot = restored_on_a_new_disk(saved, timeline)
     assert not boot.streamed
     assert hv.calls.count("restore_memory") == 2, "the FIFO, then the unpacked file"
-    assert hv.info(server.id).state is DomainState.RUNNING
-    assert [d.path for d in hv.disks(server.id)] == [str(new_disk)]
     assert [label for label, _ in timeline.marks] == ["checked", "verified", "unpacked",
                                                       "restored"]
-    assert list(data.tmp_dir.iterdir()) == []
 
 
 def test_a_failed_restore_returns_and_leaves_no_fifo_or_file(saved):

@@ -10,13 +10,8 @@ not sent again: what these tests check against the real registry."""
 
 from __future__ import annotations
 
-import gc
 import io
-import os
 import signal
-import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 from bbsnap.registry import layers, reference
@@ -25,7 +20,7 @@ from bbsnap.registry.uploads import UploadJournal
 from tests.conftest import Bbsnap
 from tests.disk import prune_chain
 from tests import registry as fixtures
-from tests.registry import CuttingProxy
+from tests.registry import CuttingProxy, start_cli, statuses
 
 registry = fixtures.registry
 MIB = 1 << 20
@@ -41,9 +36,12 @@ def same_chain(chain: prune_chain.Chain, data: Path, top: str) -> None:
     assert prune_chain.same(chain.file(chain.snapshots[-1]), data / "images" / f"{top}.qcow2")
 
 
-def statuses(data: Path) -> list[str]:
-    with sqlite3.connect(data / "catalogue.sqlite3") as db:
-        return [r[0] for r in db.execute("SELECT status FROM images")]
+def pushed_chain(data: Path, ref: str) -> prune_chain.Chain:
+    """A chain built in *data*, pushed (its snapshot 3 on top) as *ref* straight to the
+    registry: what the pull tests fetch back."""
+    chain = prune_chain.build(data)
+    assert Bbsnap(data)("images", "push", chain.snapshots[3], ref).exit_code == 0
+    return chain
 
 
 def test_push_resumes_after_the_connection_is_cut_mid_blob(work_dir, registry):
@@ -59,29 +57,15 @@ def test_push_resumes_after_the_connection_is_cut_mid_blob(work_dir, registry):
     total = sum(chain.file(i).stat().st_size for i in [chain.base, *chain.snapshots])
     # Only the blob that was cut is sent again (from where distribution lets it resume).
     assert uploaded(pushed.stderr) <= total + 10 * MIB + 12345 + 4 * MIB + 64 * 1024
-    pulled = Bbsnap(work_dir / "b")("images", "pull", f"{registry.host}/faults/push:v1")
-    assert pulled.exit_code == 0, pulled.stderr
-    same_chain(chain, work_dir / "b", pulled.stdout.strip())
+    pulled = fixtures.pull(Bbsnap(work_dir / "b"), f"{registry.host}/faults/push:v1")
+    same_chain(chain, work_dir / "b", pulled)
 
 
 def test_pull_resumes_after_the_connection_is_cut_mid_blob(work_dir, registry):
-    chain = prune_chain.build(work_dir / "a")
-    assert Bbsnap(work_dir / "a")("images", "push", chain.snapshots[3],
-                                  f"{registry.host}/faults/pull:v1").exit_code == 0
-    proxy = CuttingProxy(registry.port, 20 * MIB + 999, upstream=False)
-    try:
-        pulled = Bbsnap(work_dir / "b")("images", "pull", f"{proxy.host}/faults/pull:v1")
-    finally:
-        proxy.close()
-    assert pulled.exit_code == 0, pulled.stderr
-    assert proxy.cuts == 1
-    same_chain(chain, work_dir / "b", pulled.stdout.strip())
-
-
-def _start(data: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    full = {**os.environ, "BBSNAP_HOME": str(data), "BBSNAP_CONFIG": "", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "bbsnap.cli.main", *args], env=full,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chain = pushed_chain(work_dir / "a", f"{registry.host}/faults/pull:v1")
+    pulled = fixtures.pull_through_a_cut(registry, work_dir / "b", "faults/pull:v1",
+                                         20 * MIB + 999)
+    same_chain(chain, work_dir / "b", pulled)
 
 
 def test_push_killed_mid_blob_resumes_on_the_next_push(work_dir, registry):
@@ -91,7 +75,7 @@ def test_push_killed_mid_blob_resumes_on_the_next_push(work_dir, registry):
     proxy = CuttingProxy(registry.port, base_size + 6 * MIB, upstream=True, stall=True)
     ref = f"{proxy.host}/faults/killed-push:v1"
     try:
-        process = _start(work_dir / "a", "images", "push", chain.snapshots[3], ref, env=CHUNK)
+        process = start_cli(work_dir / "a", "images", "push", chain.snapshots[3], ref, env=CHUNK)
         assert proxy.stalled.wait(120), "the push never got that far"
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
@@ -108,9 +92,8 @@ def test_push_killed_mid_blob_resumes_on_the_next_push(work_dir, registry):
     assert base_line and base_line[0].endswith("present"), again.stderr
     assert uploaded(again.stderr) <= total - base_size + 64 * 1024
     assert not list((work_dir / "a" / "registry" / "uploads").glob("*.json"))
-    pulled = Bbsnap(work_dir / "b")("images", "pull", f"{registry.host}/faults/killed-push:v1")
-    assert pulled.exit_code == 0, pulled.stderr
-    same_chain(chain, work_dir / "b", pulled.stdout.strip())
+    pulled = fixtures.pull(Bbsnap(work_dir / "b"), f"{registry.host}/faults/killed-push:v1")
+    same_chain(chain, work_dir / "b", pulled)
 
 
 def test_a_journalled_session_refused_further_on_is_redone_in_a_fresh_one(work_dir, registry):
@@ -140,40 +123,18 @@ def test_a_journalled_session_refused_further_on_is_redone_in_a_fresh_one(work_d
     base_line = [x for x in pushed.stderr.splitlines() if "img-base0: layer" in x]
     assert base_line and "uploaded" in base_line[0], pushed.stderr
     assert not list((work_dir / "a" / "registry" / "uploads").glob("*.json"))
-    pulled = Bbsnap(work_dir / "b")("images", "pull", str(ref))
-    assert pulled.exit_code == 0, pulled.stderr
-    same_chain(chain, work_dir / "b", pulled.stdout.strip())
+    same_chain(chain, work_dir / "b", fixtures.pull(Bbsnap(work_dir / "b"), str(ref)))
 
 
 def test_pull_killed_mid_blob_is_recovered_by_the_next_command(work_dir, registry):
-    chain = prune_chain.build(work_dir / "a")
-    assert Bbsnap(work_dir / "a")("images", "push", chain.snapshots[3],
-                                  f"{registry.host}/faults/killed-pull:v1").exit_code == 0
-    proxy = CuttingProxy(registry.port, 20 * MIB, upstream=False, stall=True)
+    chain = pushed_chain(work_dir / "a", f"{registry.host}/faults/killed-pull:v1")
     target = Bbsnap(work_dir / "b")
-    try:
-        process = _start(work_dir / "b", "images", "pull", f"{proxy.host}/faults/killed-pull:v1")
-        assert proxy.stalled.wait(120), "the pull never got 20 MiB in"
+    with fixtures.stalled_pull(registry, work_dir / "b", "faults/killed-pull:v1", 20 * MIB):
         assert "creating" in statuses(work_dir / "b")
         # The layer streams straight into images/ (no work file): that is what is left.
         assert list((work_dir / "b" / "images").glob("*.qcow2.partial"))
-        process.send_signal(signal.SIGKILL)
-        process.communicate(timeout=60)
-    finally:
-        proxy.close()
-    listed = target("images", "list", "--status", "creating")
-    assert listed.exit_code == 0
-    assert "creating" not in statuses(work_dir / "b")
-    assert not list((work_dir / "b" / "tmp").iterdir()), "work files left in tmp/"
+    fixtures.recover(target)
     assert not list((work_dir / "b" / "images").glob("*.partial"))
-    # The CLI runs in this process: a catalogue connection an earlier command left in a
-    # reference cycle keeps its statements until the collector frees it; such a reader is the
-    # likely cause of a pull's closing checkpoint giving up once under load (doctor then saw
-    # the WAL unmerged). Collected first, so the check is about the pull alone.
-    gc.collect()
-    pulled = target("images", "pull", f"{registry.host}/faults/killed-pull:v1")
-    assert pulled.exit_code == 0, pulled.stderr
-    same_chain(chain, work_dir / "b", pulled.stdout.strip())
-    gc.collect()
-    doctor = target("doctor")
-    assert doctor.exit_code == 0, doctor.stdout + doctor.stderr
+    pulled = fixtures.pull(target, f"{registry.host}/faults/killed-pull:v1")
+    same_chain(chain, work_dir / "b", pulled)
+    fixtures.doctor_finds_nothing(target)

@@ -5,65 +5,17 @@ non-zero exit, register nothing, leave no file, and read no host byte."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from bbsnap.registry import artifact
+from tests import hostile_registry as fixtures
 from tests.conftest import Bbsnap
-from tests.hostile_registry import HostileRegistry, Served, sha
+from tests.hostile_registry import SIZE, Served, delta, refused, sha
 from tests.images import MIB, run
 from tests.registry import env_with_auth
 
-SECRET = b"BBSNAP-HOST-SECRET-" + b"s3cr3t" * 50
-SIZE = 16 * MIB
-
-
-@pytest.fixture()
-def hostile() -> Iterator[HostileRegistry]:
-    server = HostileRegistry().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture()
-def base(work_dir: Path) -> Path:
-    path = work_dir / "base.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(path), str(SIZE))
-    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 2M", str(path))
-    return path
-
-
-@pytest.fixture()
-def secret_file(work_dir: Path) -> Path:
-    path = work_dir / "host-secret"
-    path.write_bytes(SECRET + bytes(MIB - len(SECRET)))
-    return path
-
-
-def delta(work_dir: Path, name: str, backing: str, fmt: str = "qcow2") -> Path:
-    path = work_dir / name
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", fmt, "-b", backing, str(path),
-        str(SIZE))
-    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x6b 4M 1M", str(path))
-    return path
-
-
-def refused(bbsnap: Bbsnap, ref: str, words: str, exit_code: int = 1) -> str:
-    result = bbsnap("images", "pull", ref)
-    assert result.exit_code == exit_code, (result.exit_code, result.stderr)
-    errors = [x for x in result.stderr.splitlines() if x.startswith("bbsnap: error:")]
-    assert len(errors) == 1, result.stderr
-    assert words.lower() in errors[0].lower(), errors[0]
-    assert bbsnap.rows() == 0, "a catalogue row was left behind"
-    images = bbsnap.data_dir / "images"
-    tmp = bbsnap.data_dir / "tmp"
-    assert not list(images.iterdir()) and not list(tmp.iterdir()), "files were left behind"
-    for path in bbsnap.data_dir.rglob("*"):
-        if path.is_file():
-            assert SECRET not in path.read_bytes(), f"host bytes reached {path}"
-    return errors[0]
+hostile = fixtures.hostile
+base = fixtures.base
+secret_file = fixtures.secret_file
 
 
 def test_a_well_formed_artifact_from_our_server_is_pulled(bbsnap, hostile, base):

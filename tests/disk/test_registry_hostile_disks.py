@@ -2,7 +2,7 @@
 127.0.0.1: a disk list naming a layer twice, a layer of one disk backing another, a missing
 disk, path-like disk names, a further disk naming a host file as its backing file... each is
 refused by `images pull` with one error line, registers nothing, leaves no file and reads no
-host byte (the checks of tests/disk/test_registry_hostile.py's ``refused``)."""
+host byte (the checks of tests/hostile_registry.py's ``refused``)."""
 
 from __future__ import annotations
 
@@ -14,31 +14,24 @@ from typing import Any
 import pytest
 
 from bbsnap.registry import artifact, layers
-from tests.disk import test_registry_hostile as single
-from tests.disk.test_registry_hostile import delta, refused
-from tests.hostile_registry import Served, sha
-from tests.images import MIB, run
+from tests import hostile_registry as fixtures
+from tests.hostile_registry import SIZE, Served, delta, refused, sha
+from tests.images import MIB, run, written_qcow2
 
-hostile = single.hostile
-base = single.base
-secret_file = single.secret_file
+hostile = fixtures.hostile
+base = fixtures.base
+secret_file = fixtures.secret_file
 VDB = 8 * MIB
 
 
 @pytest.fixture()
 def vdb(work_dir: Path) -> Path:
-    path = work_dir / "vdb0.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(path), str(VDB))
-    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x7c 1M 2M", str(path))
-    return path
+    return written_qcow2(work_dir / "vdb0.qcow2", VDB, "0x7c 1M 2M")
 
 
 def on(work_dir: Path, name: str, below: Path, size: int) -> Path:
     """A qcow2 delta whose backing name is the title of *below*'s layer, as pushed."""
-    path = work_dir / name
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(below), str(path),
-        str(size))
-    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x3d 2M 1M", str(path))
+    path = written_qcow2(work_dir / name, size, "0x3d 2M 1M", "-F", "qcow2", "-b", str(below))
     run("qemu-img", "rebase", "-u", "-F", "qcow2", "-b", layers.title(sha(below.read_bytes())),
         str(path))
     return path
@@ -48,7 +41,7 @@ def two_images(work_dir: Path, base: Path, vdb: Path, second_vdb: Path | None = 
                claims: Path | None = None) -> list[tuple[Path, list[Any]]]:
     """base + vdb, then a delta on base + *second_vdb* (default: a delta on vdb) claiming to
     be stored on *claims* (default: vdb)."""
-    primary = on(work_dir, "d1.qcow2", base, single.SIZE)
+    primary = on(work_dir, "d1.qcow2", base, SIZE)
     second = second_vdb or on(work_dir, "vdb1.qcow2", vdb, VDB)
     return [(base, [("vdb", vdb, None)]), (primary, [("vdb", second, claims or vdb)])]
 
@@ -166,7 +159,7 @@ def test_format_version_that_is_not_its_media_types(bbsnap, hostile, base, vdb):
 
 def test_version_1_config_listing_further_disks(bbsnap, hostile, base, vdb):
     """A v1 config may not smuggle volumes past an older puller's checks."""
-    digest = hostile.publish("v1", [base], virtual_sizes=[single.SIZE])
+    digest = hostile.publish("v1", [base], virtual_sizes=[SIZE])
     config_digest = json.loads(hostile.manifests[digest].body)["config"]["digest"]
     document = json.loads(hostile.blobs[config_digest].body)
     document["chain"][0]["volumes"] = [{"target": "vdb", "digest": sha(vdb.read_bytes()),

@@ -5,9 +5,7 @@ cut inside a further disk's layer resumed, a pull killed there recovered."""
 
 from __future__ import annotations
 
-import gc
 import json
-import signal
 import sqlite3
 import subprocess
 import time
@@ -16,8 +14,7 @@ from pathlib import Path
 from tests import registry as fixtures
 from tests.conftest import Bbsnap
 from tests.disk import multi_disk, prune_chain
-from tests.disk.test_registry_faults import _start, statuses
-from tests.registry import CuttingProxy
+from tests.registry import CuttingProxy, statuses
 
 registry = fixtures.registry
 MIB = 1 << 20
@@ -114,9 +111,7 @@ def test_two_disk_chain_round_trip_per_disk_and_no_op_again(work_dir, registry):
     relay = target("images", "push", top, f"{registry.host}/multi/devbox:relay")
     assert relay.exit_code == 0, relay.stderr
     assert "uploaded (" not in relay.stderr and relay.stderr.count(" present") == 5
-    gc.collect()
-    doctor = target("doctor")
-    assert doctor.exit_code == 0, doctor.stdout + doctor.stderr
+    fixtures.doctor_finds_nothing(target)
 
 
 def test_single_disk_images_keep_the_version_1_format(work_dir, registry):
@@ -175,32 +170,31 @@ def test_second_push_uploads_only_the_changed_disks_layers(work_dir, registry):
     assert len(copies) == 1 and copies[0].endswith(" vdb"), pulled.stderr
 
 
+def pushed_two_disks(data: Path, ref: str) -> multi_disk.MultiChain:
+    """A chain whose snapshot has a standalone vdb, built in *data* and pushed as *ref*."""
+    chain = multi_disk.build(data, vdb=("standalone",))
+    assert Bbsnap(data)("images", "push", chain.snapshots[0], ref).exit_code == 0
+    return chain
+
+
+def before_vdb(chain: multi_disk.MultiChain) -> int:
+    """The bytes of the download before the vdb layer's (it comes last): a cut past this
+    falls inside it."""
+    return sum(chain.file(i).stat().st_size for i in (chain.base, chain.snapshots[0]))
+
+
 def test_pull_resumes_a_connection_cut_inside_a_further_disk(work_dir, registry):
-    chain = multi_disk.build(work_dir / "a", vdb=("standalone",))
-    assert Bbsnap(work_dir / "a")("images", "push", chain.snapshots[0],
-                                  f"{registry.host}/multi/cut:v1").exit_code == 0
-    # The vdb layer comes last: the cut falls inside it.
-    before_vdb = sum(chain.file(i).stat().st_size for i in (chain.base, chain.snapshots[0]))
-    proxy = CuttingProxy(registry.port, before_vdb + 3 * MIB, upstream=False)
-    try:
-        pulled = Bbsnap(work_dir / "b")("images", "pull", f"{proxy.host}/multi/cut:v1")
-    finally:
-        proxy.close()
-    assert pulled.exit_code == 0, pulled.stderr
-    assert proxy.cuts == 1
-    same_disks(chain, work_dir / "b", pulled.stdout.strip())
+    chain = pushed_two_disks(work_dir / "a", f"{registry.host}/multi/cut:v1")
+    pulled = fixtures.pull_through_a_cut(registry, work_dir / "b", "multi/cut:v1",
+                                         before_vdb(chain) + 3 * MIB)
+    same_disks(chain, work_dir / "b", pulled)
 
 
 def test_pull_killed_inside_a_further_disk_is_recovered(work_dir, registry):
-    chain = multi_disk.build(work_dir / "a", vdb=("standalone",))
-    assert Bbsnap(work_dir / "a")("images", "push", chain.snapshots[0],
-                                  f"{registry.host}/multi/killed:v1").exit_code == 0
-    before_vdb = sum(chain.file(i).stat().st_size for i in (chain.base, chain.snapshots[0]))
-    proxy = CuttingProxy(registry.port, before_vdb + 3 * MIB, upstream=False, stall=True)
+    chain = pushed_two_disks(work_dir / "a", f"{registry.host}/multi/killed:v1")
     target = Bbsnap(work_dir / "b")
-    try:
-        process = _start(work_dir / "b", "images", "pull", f"{proxy.host}/multi/killed:v1")
-        assert proxy.stalled.wait(120), "the pull never got into the vdb layer"
+    with fixtures.stalled_pull(registry, work_dir / "b", "multi/killed:v1",
+                               before_vdb(chain) + 3 * MIB):
         # The proxy has sent the bytes up to the stall; the pull is still vetting and
         # publishing the first disk's layers when it gets there: wait for its vdb file.
         deadline = time.monotonic() + 60
@@ -209,24 +203,13 @@ def test_pull_killed_inside_a_further_disk_is_recovered(work_dir, registry):
             time.sleep(0.05)
         # The image's first disk is in place, its vdb half-way: nothing is available yet.
         assert set(statuses(work_dir / "b")) == {"creating"}
-        process.send_signal(signal.SIGKILL)
-        process.communicate(timeout=60)
-    finally:
-        proxy.close()
-    listed = target("images", "list", "--status", "creating")
-    assert listed.exit_code == 0
-    assert statuses(work_dir / "b") == [] or "creating" not in statuses(work_dir / "b")
+    fixtures.recover(target)
     assert "available" not in statuses(work_dir / "b")
     assert not volumes(work_dir / "b"), "a volume row of the killed pull was left"
     assert not list((work_dir / "b" / "images").glob("img-*")), "files of the killed pull"
-    assert not list((work_dir / "b" / "tmp").iterdir())
-    gc.collect()
-    pulled = target("images", "pull", f"{registry.host}/multi/killed:v1")
-    assert pulled.exit_code == 0, pulled.stderr
-    same_disks(chain, work_dir / "b", pulled.stdout.strip())
-    gc.collect()
-    doctor = target("doctor")
-    assert doctor.exit_code == 0, doctor.stdout + doctor.stderr
+    pulled = fixtures.pull(target, f"{registry.host}/multi/killed:v1")
+    same_disks(chain, work_dir / "b", pulled)
+    fixtures.doctor_finds_nothing(target)
 
 
 def test_containerdisk_of_a_multi_disk_image_is_refused(work_dir, registry):

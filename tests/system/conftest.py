@@ -112,6 +112,18 @@ def start_two_disk_domain(hypervisor: LibvirtHypervisor, name: str, work_dir: Pa
     wait_for_console_line(work_dir / "console.log", READY_LINE)
 
 
+def tiny_guest_with_data(tiny_guest_image: Path, path: Path, write: str) -> Path:
+    """A standalone copy of the tiny guest at *path*, grown to a 1 GiB disk, with qemu-io's
+    `write -P` *write* ("PATTERN OFFSET LENGTH") done past its partition: data for a
+    snapshot's copy to have to carry."""
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tiny_guest_image), str(path)],
+                   check=True)
+    subprocess.run(["qemu-img", "resize", "-q", str(path), "1G"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {write}", str(path)],
+                   check=True, capture_output=True)
+    return path
+
+
 def wait_until(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

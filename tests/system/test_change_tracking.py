@@ -22,8 +22,9 @@ from bbsnap.disks import qemu_img
 from bbsnap.services.snapshots import change_tracking
 from bbsnap.tinyguest import READY_LINE
 from tests.system.conftest import (URI, backing_file, console_path, create_server, image_record,
-                                   set_backup_speed, wait_for_console_line, wait_settled,
-                                   wait_until, write_into_running_disk)
+                                   set_backup_speed, tiny_guest_with_data,
+                                   wait_for_console_line, wait_settled, wait_until,
+                                   write_into_running_disk)
 
 MIB = 1 << 20
 
@@ -31,13 +32,8 @@ MIB = 1 << 20
 @pytest.fixture(scope="module")
 def data_guest_image(tiny_guest_image, test_root) -> Path:
     """The tiny guest on a 1 GiB disk with 64 MiB of data past its partition."""
-    path = test_root / "data-guest.qcow2"
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tiny_guest_image), str(path)],
-                   check=True)
-    subprocess.run(["qemu-img", "resize", "-q", str(path), "1G"], check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 256M 64M", str(path)],
-                   check=True, capture_output=True)
-    return path
+    return tiny_guest_with_data(tiny_guest_image, test_root / "data-guest.qcow2",
+                                "0x5a 256M 64M")
 
 
 def virsh(*args: str) -> None:

@@ -20,8 +20,9 @@ from pathlib import Path
 from bbsnap.disks import qemu_img
 from bbsnap.hypervisor import DiskSpec, DomainSpec, NicSpec
 from bbsnap.tinyguest import READY_LINE, read_counter
-from tests.system.conftest import (image_record, set_backup_speed, wait_for_console_line,
-                                   wait_settled, wait_until, write_into_running_disk)
+from tests.system.conftest import (image_record, set_backup_speed, tiny_guest_with_data,
+                                   wait_for_console_line, wait_settled, wait_until,
+                                   write_into_running_disk)
 from tests.system.test_change_tracking import paused
 
 
@@ -32,13 +33,8 @@ def job_token(cloud, image_id: str) -> str | None:
 
 def test_full_copy_is_the_disk_at_its_instant_while_the_guest_writes_and_a_killed_worker_is_adopted(
         cloud, hypervisor, domains, work_dir, tiny_guest_image):
-    disk = work_dir / "foreign.qcow2"
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tiny_guest_image), str(disk)],
-                   check=True)
-    subprocess.run(["qemu-img", "resize", "-q", str(disk), "1G"], check=True)
     # 512 MiB of data past the guest's partition, for the copy to have something to slow.
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 512M 512M", str(disk)],
-                   check=True, capture_output=True)
+    disk = tiny_guest_with_data(tiny_guest_image, work_dir / "foreign.qcow2", "0x5a 512M 512M")
     name = domains.new_name()
     console = work_dir / "console.log"
     hypervisor.define(DomainSpec(
