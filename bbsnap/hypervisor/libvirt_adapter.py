@@ -2,6 +2,13 @@
 
 libvirt-python is imported on first use, so commands that never touch the
 hypervisor (the catalogue ones, ``--help``) don't pay for it or need libvirtd.
+
+No libvirtError leaves this module: the connection, and every domain, checkpoint and
+network it hands out, is a :class:`_Handle` whose every method call goes through one
+error mapping (``_mapped``), so a call written without ``_call`` still fails as a bbsnap
+error (a libvirtd restart: HypervisorError, which the snapshot worker reconnects on).
+``_call`` only names the operation more precisely. Where the adapter turns libvirt's
+error codes into other answers itself, it calls ``.raw`` inside ``except libvirtError``.
 """
 
 from __future__ import annotations
@@ -35,6 +42,67 @@ def _libvirt() -> Any:
     return libvirt
 
 
+def _mapped(what: str, func: Any, *args: Any) -> Any:
+    """Call a libvirt function; its error as bbsnap's, its libvirt objects as handles."""
+    libvirt = _libvirt()
+    try:
+        return _wrap(func(*args))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise NotFoundError(f"{what}: no such domain") from exc
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
+            raise NotFoundError(f"{what}: no such network") from exc
+        if exc.get_error_code() == libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT:
+            raise CheckpointBrokenError(exc.get_error_message()) from exc
+        # Everything else, a lost connection ("Cannot recv data") included.
+        raise HypervisorError(f"{what} failed: {exc.get_error_message()}") from exc
+
+
+def _wrap(value: Any) -> Any:
+    """*value* with each libvirt object in it (or in a list of them) as a :class:`_Handle`."""
+    libvirt = _libvirt()
+    if isinstance(value, list):
+        return [_wrap(item) for item in value]
+    if isinstance(value, libvirt.virDomain):
+        return _Handle(value, f"domain {value.name()}")  # name(): no libvirtd round trip
+    if isinstance(value, libvirt.virNetwork):
+        return _Handle(value, f"network {value.name()}")
+    if isinstance(value, libvirt.virDomainCheckpoint):
+        return _Handle(value, f"checkpoint {value.getName()} of {value.getDomain().name()}")
+    if isinstance(value, libvirt.virDomainSnapshot):
+        return _Handle(value, f"snapshot {value.getName()} of {value.getDomain().name()}")
+    return value
+
+
+class _Handle:
+    """A libvirt object whose methods fail as bbsnap errors, named "<method> on <label>"
+    unless ``_call`` names the operation. ``raw`` is the object itself, for the few places
+    that read libvirt's error codes (each inside ``except libvirt.libvirtError``)."""
+
+    __slots__ = ("raw", "_label")
+
+    def __init__(self, raw: Any, label: str) -> None:
+        self.raw = raw
+        self._label = label
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(self.raw, attr)
+        return _Method(f"{attr} on {self._label}", value) if callable(value) else value
+
+
+class _Method:
+    """A handle's bound method: called, it goes through ``_mapped``."""
+
+    __slots__ = ("what", "raw")
+
+    def __init__(self, what: str, raw: Any) -> None:
+        self.what = what
+        self.raw = raw
+
+    def __call__(self, *args: Any) -> Any:
+        return _mapped(self.what, self.raw, *args)
+
+
 def _version_tuple(number: int) -> tuple[int, int, int]:
     return number // 1_000_000, (number // 1000) % 1000, number % 1000
 
@@ -44,16 +112,17 @@ class LibvirtHypervisor:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        self._conn: Any = None
+        self._conn: _Handle | None = None
         self._answered = False  # a connection was opened once (close() does not undo that)
 
     @property
     def conn(self) -> Any:
+        """The connection (a :class:`_Handle`: typed Any, as libvirt's objects are)."""
         if self._conn is None:
             libvirt = _libvirt()
             libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stderr noise
             try:
-                self._conn = libvirt.open(self.uri)
+                self._conn = _Handle(libvirt.open(self.uri), f"the connection to {self.uri}")
             except libvirt.libvirtError as exc:
                 raise HypervisorError(
                     f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}",
@@ -74,36 +143,27 @@ class LibvirtHypervisor:
             finally:
                 self._conn = None
 
-    def _call(self, what: str, func: Any, *args: Any) -> Any:
-        libvirt = _libvirt()
-        try:
-            return func(*args)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                raise NotFoundError(f"{what}: no such domain") from exc
-            if exc.get_error_code() == libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT:
-                raise CheckpointBrokenError(exc.get_error_message()) from exc
-            raise HypervisorError(f"{what} failed: {exc.get_error_message()}") from exc
+    @staticmethod
+    def _call(what: str, func: Any, *args: Any) -> Any:
+        """*func* (a handle's method or a libvirt function) with its failure named *what*."""
+        return _mapped(what, func.raw if isinstance(func, _Method) else func, *args)
 
     def _lookup(self, key: str) -> Any:
-        """A domain by name, or by UUID (any libvirt domain can be named either way)."""
-        libvirt = _libvirt()
+        """A domain (a handle) by name, or by UUID (any libvirt domain can be named either way)."""
         try:
-            return self.conn.lookupByName(key)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                raise HypervisorError(f"looking up domain {key} failed: "
-                                      f"{exc.get_error_message()}") from exc
+            return self._call(f"looking up domain {key}", self.conn.lookupByName, key)
+        except NotFoundError:
+            pass
         if _looks_like_uuid(key):
             try:
                 return self.conn.lookupByUUIDString(key)
-            except libvirt.libvirtError:
-                pass
+            except (NotFoundError, HypervisorError):
+                pass  # not a UUID libvirt knows (or takes): not found by either name
         raise NotFoundError(f"server {key} not found",
                             hint="'bbsnap servers list' shows the domains on this connection")
 
     def _describe(self, dom: Any) -> DomainInfo:
-        state = self._call("reading domain state", dom.state)[0]
+        state = dom.state()[0]  # failing as "state on domain <name> failed: ..."
         return DomainInfo(name=dom.name(), uuid=dom.UUIDString(),
                           state=_STATES.get(state, DomainState.OTHER),
                           persistent=bool(dom.isPersistent()))
@@ -153,7 +213,7 @@ class LibvirtHypervisor:
 
     def destroy(self, name: str) -> None:
         dom = self._lookup(name)
-        if dom.isActive():
+        if dom.isActive():  # through the handle's mapping, as every call on it
             self._call(f"stopping {name}", dom.destroy)
 
     def undefine(self, name: str) -> None:
@@ -182,7 +242,7 @@ class LibvirtHypervisor:
                        libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP):
             try:
                 found = dom.interfaceAddresses(source, 0) or {}
-            except libvirt.libvirtError:
+            except (HypervisorError, NotFoundError):
                 continue  # no agent, no libvirt network, ... try the next source
             addresses = [a["addr"] for iface, info in sorted(found.items()) if iface != "lo"
                          for a in (info.get("addrs") or [])
@@ -193,10 +253,9 @@ class LibvirtHypervisor:
 
     def check_network(self, name: str) -> None:
         """Refuse a libvirt network that does not exist or is not running."""
-        libvirt = _libvirt()
         try:
             network = self.conn.networkLookupByName(name)
-        except libvirt.libvirtError as exc:
+        except NotFoundError as exc:  # only that: a lost connection is not a missing network
             raise NotFoundError(f"libvirt network '{name}' not found",
                                 hint="'virsh net-list --all' lists them; or use --network user") from exc
         if not network.isActive():
@@ -214,7 +273,7 @@ class LibvirtHypervisor:
         crash-consistent snapshot and records that.
         """
         libvirt = _libvirt()
-        dom = self._lookup(name)
+        dom = self._lookup(name).raw  # libvirt's own message goes into the QuiesceError
         try:
             dom.agentSetResponseTimeout(timeout, 0)
             return int(dom.fsFreeze(None, 0))
@@ -224,8 +283,8 @@ class LibvirtHypervisor:
 
     def thaw(self, name: str, timeout: int = 5) -> None:
         libvirt = _libvirt()
+        dom = self._lookup(name).raw  # libvirt's own message goes into the QuiesceError
         try:
-            dom = self._lookup(name)
             dom.agentSetResponseTimeout(timeout, 0)  # a silent agent must not block us forever
             dom.fsThaw(None, 0)
         except libvirt.libvirtError as exc:
@@ -240,7 +299,7 @@ class LibvirtHypervisor:
         one that does not answer. The domain's agent timeout is set back to libvirt's default
         afterwards, so this question leaves no shorter timeout behind for other callers."""
         libvirt = _libvirt()
-        dom = self._lookup(name)
+        dom = self._lookup(name).raw  # libvirt's own message goes into the GuestAgentError
         try:
             dom.agentSetResponseTimeout(timeout, 0)
             try:
@@ -296,7 +355,8 @@ class LibvirtHypervisor:
         libvirt = _libvirt()
         try:
             found.delete(0)
-        except libvirt.libvirtError:
+        except HypervisorError:
+            # QEMU could not drop the bitmap (the domain stopped, ...): the record at least.
             self._call(f"forgetting checkpoint {checkpoint} of {name}", found.delete,
                        libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
 
@@ -309,8 +369,9 @@ class LibvirtHypervisor:
     def _checkpoint(self, name: str, checkpoint: str) -> Any:
         """The named checkpoint of a domain, or None."""
         libvirt = _libvirt()
+        dom = self._lookup(name).raw  # "no such checkpoint" is an answer here, not an error
         try:
-            return self._lookup(name).checkpointLookupByName(checkpoint, 0)
+            return _wrap(dom.checkpointLookupByName(checkpoint, 0))
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
                 return None
@@ -351,11 +412,11 @@ class LibvirtHypervisor:
                             elapsed_seconds=elapsed / 1000 if elapsed is not None else None)
 
     def abort_job(self, name: str) -> None:
-        libvirt = _libvirt()
+        dom = self._lookup(name)  # an unknown domain is NotFoundError, as elsewhere
         try:
-            self._lookup(name).abortJob()
-        except libvirt.libvirtError:
-            pass  # no job (any more): nothing to abort
+            dom.abortJob()
+        except (HypervisorError, NotFoundError):
+            pass  # no job (any more), or no domain since the lookup: nothing to abort
 
     # -- memory snapshots ------------------------------------------------------------------
     # Measured on Debian 12 (libvirt 9.0, QEMU 7.2, TCG): see services/snapshots/memory.py.
@@ -428,7 +489,7 @@ class LibvirtHypervisor:
 
         dom = self._lookup(name)
         blocks = json.loads(self._call(f"reading the disks of {name}",
-                                       libvirt_qemu.qemuMonitorCommand, dom,
+                                       libvirt_qemu.qemuMonitorCommand, dom.raw,
                                        json.dumps({"execute": "query-block"}), 0))
         node = next((b["inserted"]["node-name"] for b in blocks.get("return", [])
                      if b.get("inserted", {}).get("file") == disk_path), None)
@@ -437,7 +498,7 @@ class LibvirtHypervisor:
         command = {"execute": "blockdev-snapshot-delete-internal-sync",
                    "arguments": {"device": node, "name": snapshot}}
         reply = json.loads(self._call(f"deleting snapshot {snapshot} of {disk_path}",
-                                      libvirt_qemu.qemuMonitorCommand, dom,
+                                      libvirt_qemu.qemuMonitorCommand, dom.raw,
                                       json.dumps(command), 0))
         if "error" in reply:
             raise HypervisorError(f"deleting snapshot {snapshot} of {disk_path} failed: "

@@ -7,12 +7,15 @@ tests that use the fake test what the real code path meets.
 
 The real side's domains are named ``bbsnap-test-contract-*`` and removed whatever happens.
 Its cost is kept to two guests at a time: blank-disk domains (QEMU runs, no OS boots) for
-the lifecycle and the memory saves and restores, and one booted tiny guest, shared by the
-module, for the guest agent and the backup jobs.
+the lifecycle and the memory saves and restores, one booted tiny guest, shared by the
+module, for the guest agent and the backup jobs, and one booted on a full disk (its first
+write stops it on an I/O error).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -20,7 +23,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -131,6 +134,42 @@ class Side:
         finally:
             conn.close()
 
+    @contextlib.contextmanager
+    def stopped_on_a_write(self) -> Iterator[tuple[DomainSpec, Callable[[], None]]]:
+        """A running domain QEMU paused on a write its disk refused, and what gives the disk
+        room again. Real: the tiny guest on an overlay on a tmpfs filled up before it starts
+        (mounted first: QEMU's mount namespace is made when it starts), stopped by its first
+        write (the disks' default werror=enospc); the fake is told."""
+        if isinstance(self.hv, FakeHypervisor):
+            spec = self.spec()
+            self.hv.define(spec)
+            self.hv.start(spec.name)
+            self.hv.pause_on_io_error(spec.name)
+            yield spec, lambda: None
+            return
+        mount = self.root / f"full-{uuid.uuid4().hex[:6]}"
+        mount.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mount)],
+                       check=True)
+        name = None
+        try:
+            disk = mount / "vda.qcow2"
+            qemu_img.create_overlay(disk, self.base)
+            filler = mount / "filler"
+            _fill(filler)
+            spec = self.spec(disks=(DiskSpec(disk),), memory_mib=128)
+            name = spec.name
+            self.hv.define(spec)
+            self.hv.start(spec.name)
+            _wait(lambda: self.hv.pause_cause(spec.name) is not PauseCause.NOT_PAUSED, 240,
+                  "the guest's first write to stop it")
+            yield spec, lambda: filler.unlink()
+        finally:
+            if name is not None:
+                self.remove(name)  # QEMU lets go of the disk before the unmount
+            subprocess.run(["umount", "-l", str(mount)], check=True)
+            mount.rmdir()
+
     def wait_job_gone(self, name: str) -> None:
         _wait(lambda: not self.hv.job_status(name).active, 60, f"the job of {name} to end")
 
@@ -148,6 +187,21 @@ def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-unty
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.1)
+
+
+def _fill(path: Path) -> None:
+    """Write *path* until its filesystem has no room left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while True:
+            try:
+                os.write(fd, b"\0" * 4096)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return
+    finally:
+        os.close(fd)
 
 
 def _text(path: Path) -> str:
@@ -663,3 +717,15 @@ def test_memory_refusals_and_a_users_pause(side):
     assert side.hv.pause_cause(spec.name) is PauseCause.USER
     side.hv.resume(spec.name)
     assert side.hv.info(spec.name).state is DomainState.RUNNING
+
+
+def test_a_guest_stopped_on_a_refused_write_is_paused_on_an_io_error(side):
+    """What a snapshot whose copy fails on a full target runs again (services/snapshots/
+    finish.py), where a user's pause (test_memory_refusals_and_a_users_pause) is left."""
+    with side.stopped_on_a_write() as (spec, make_room):
+        assert side.hv.info(spec.name).state is DomainState.PAUSED
+        assert side.hv.pause_cause(spec.name) is PauseCause.IO_ERROR
+        make_room()
+        side.hv.resume(spec.name)  # QEMU retries the write kept, which has room now
+        assert side.hv.info(spec.name).state is DomainState.RUNNING
+        assert side.hv.pause_cause(spec.name) is PauseCause.NOT_PAUSED

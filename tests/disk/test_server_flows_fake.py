@@ -1,8 +1,10 @@
 """Server create, rebuild and snapshot begin on real qcow2 files, against the fake
 hypervisor: what the services hand the port (the domain spec, a disk replacement with its
 metadata, a backup plan), and that a failure at the hypervisor undoes every step or, for a
-broken bitmap, falls back to a full copy. No libvirtd; the real paths are in
-tests/system/test_servers.py and test_revert.py, and tests/contract checks the fake.
+broken bitmap, falls back to a full copy; and a failing copy's finish, with the guest QEMU
+stopped on an I/O error or a user paused. No libvirtd; the real paths are in
+tests/system/test_servers.py, test_revert.py and test_snapshot_faults.py, and
+tests/contract checks the fake.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.config import Settings
 from bbsnap.disks import qemu_img
 from bbsnap.errors import HypervisorError
-from bbsnap.hypervisor import DomainInfo, DomainState, NewCheckpoint
+from bbsnap.hypervisor import DomainInfo, DomainState, NewCheckpoint, PauseCause
 from bbsnap.state.layout import DataDir
 from bbsnap.models import Consistency, Image, ImageStatus, ImageType, ServerStatus
 from bbsnap.netports import PortRegistry
 from bbsnap.reporting import SilentReporter
 from bbsnap.services.server_create import CreateRequest, ServerCreator
 from bbsnap.services.snapshots import change_tracking
+from bbsnap.services.snapshots.finish import SnapshotFailed, SnapshotFinisher
 from bbsnap.services.servers import ServerService
 from bbsnap.services.snapshots.start import SnapshotRequest, SnapshotService
 from bbsnap.services.snapshots.worker import ExecWorker
@@ -211,3 +214,43 @@ def test_a_stopped_server_is_copied_without_a_backup_job(data, catalogue, work_d
     image = _snapshots(data, catalogue, hv).begin(SnapshotRequest(server.id))
     assert "begin_backup" not in hv.calls and "freeze" not in hv.calls
     assert image.status is ImageStatus.CREATING
+
+
+def _failed_copy(data: DataDir, catalogue: Catalogue, work_dir: Path,
+                 pause: str) -> tuple[FakeHypervisor, str, Image]:
+    """A running server's snapshot whose copy fails on a full target after the guest was
+    paused (*pause*: "io-error", QEMU on the write the copy could not save first; "user",
+    someone else), run to its end by the worker's finisher: the domain and the image."""
+    hv = FakeHypervisor()
+    creator, _ = _creator(data, catalogue, hv, work_dir)
+    server = creator.create(_request(work_dir))
+    image = _snapshots(data, catalogue, hv).begin(SnapshotRequest(server.id))
+    if pause == "io-error":
+        hv.pause_on_io_error(server.id)
+    else:
+        hv.suspend(server.id)
+    hv.fail_job(server.id, "No space left on device")
+    with pytest.raises(SnapshotFailed, match="the copy failed: No space left on device"):
+        SnapshotFinisher(catalogue, data, lambda: hv).run(image.id)
+    failed = catalogue.get(image.id, include_deleted=True)
+    assert failed.status is ImageStatus.FAILED and failed.path is None
+    assert failed.failure_reason == "the copy failed: No space left on device"
+    assert [p for d in (data.tmp_dir, data.images_dir) for p in d.glob(f"{image.id}*")] == []
+    return hv, server.id, failed
+
+
+def test_a_failing_copy_runs_the_guest_qemu_stopped_on_an_io_error_again(data, catalogue,
+                                                                        work_dir):
+    hv, domain, _ = _failed_copy(data, catalogue, work_dir, "io-error")
+    assert hv.info(domain).state is DomainState.RUNNING
+    assert hv.pause_cause(domain) is PauseCause.NOT_PAUSED
+    # Only once the job was over (its outcome read): a retried write then goes to the
+    # guest's own disk, not to the full target again.
+    assert hv.calls.index("resume") > hv.calls.index("completed_job")
+
+
+def test_a_failing_copy_leaves_a_guest_a_user_paused_paused(data, catalogue, work_dir):
+    hv, domain, _ = _failed_copy(data, catalogue, work_dir, "user")
+    assert hv.info(domain).state is DomainState.PAUSED
+    assert hv.pause_cause(domain) is PauseCause.USER
+    assert "pause_cause" in hv.calls and "resume" not in hv.calls

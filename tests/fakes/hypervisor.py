@@ -107,6 +107,14 @@ class FakeHypervisor:
         if dom.state is not DomainState.SHUTOFF:
             dom.state, dom.paused = DomainState.PAUSED, PauseCause.USER
 
+    def pause_on_io_error(self, name: str) -> None:
+        """QEMU stops the running guest on a write its disk refused (the disks' default
+        werror=enospc; a copy-before-write into a full backup target fails the guest's
+        write too), keeping the write for a retry when it runs again."""
+        dom = self._domain(name)
+        if dom.state is not DomainState.SHUTOFF:
+            dom.state, dom.paused = DomainState.PAUSED, PauseCause.IO_ERROR
+
     def backup_plan(self, name: str) -> BackupPlan | None:
         """The plan of the backup running on the domain, if one runs."""
         job = self._domain(name).job
