@@ -7,7 +7,8 @@ A guest's writable disk: 100, 101 (write), 103 (resize), 201 (no other writer), 
 ``qemu-img`` takes the same locks and refuses to write an image whose bytes conflict. A
 QEMU that *inactivates* its disks (at the end of a migration's final pass, a memory
 save's included) keeps only byte 100 (consistent read): measured here on QEMU 7.2,
-during a live memory save, 101/103/201/203 went 14-40 ms before libvirt's save returned.
+during a live memory save of an idle domain, 101/103/201/203 went 14 ms before libvirt's
+save call returned (scripts/bench_memory.py prints the same on the tiny guest).
 
 :func:`held_for_writing` asks the kernel (``F_OFD_GETLK``) about bytes 101 and 201
 without taking a lock: microseconds, so it can be polled every millisecond, where a
