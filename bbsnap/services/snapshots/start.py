@@ -31,6 +31,14 @@ backup job starts, and libvirt 9.0's backup XML has no way to pass them; reachin
 would mean a job libvirt does not know, started through the monitor, so bbsnap does not.
 A preallocated target would make every cluster of the image allocated, and lazy refcounts
 on the target measured no better (1.0-3.1 s against 1.2-6.2 s for the same rounds).
+O_DIRECT for the target is out of reach: libvirt 9.0 opens a push backup's target with
+cache.direct=off and no-flush=off whatever the disk's own cache mode (QEMU's
+query-named-block-nodes during a job, a cache='none' disk's included), and the backup XML
+has no cache setting. What the guest feels during a full copy (scripts/bench_guest_view.py:
+its longest write gap at 8 GiB / 1 GiB of data 0.27-0.78 s over runs, the host's own probe
+55-165 ms in the same windows) was not made shorter by the worker's writeback kicks at the
+idle I/O class (ioprio_set around sync_file_range): 642 ms against 775 ms at the normal
+class in back-to-back runs, inside this host's spread, and the code was not kept.
 
 Quiescing: the guest agent freezes the filesystems (bounded by the agent
 timeout), the backup begins, and the thaw runs in a ``finally``. Without an
