@@ -105,6 +105,13 @@ def test_revert_resumes_the_guest_where_the_memory_snapshot_was(cloud, hyperviso
     assert record["disk_size"] > memory_file.stat().st_size, "the memory volume is counted"
     assert server_record(cloud, srv)["disks"] == [disk], "the guest's disk chain is as before"
     assert internal_snapshots(disk) == [] and work_files(cloud) == []
+    made = timeline.parse((cloud.data_dir / "logs" / f"{image_id}.log").read_text(),
+                          timeline.COMMAND_PREFIX)
+    labels = [label for label, _ in made.marks] if made else []
+    assert "disks-released" in labels, "QEMU's image locks were seen released during the save"
+    assert labels.index("disks-released") < labels.index("memory-saved") \
+        < labels.index("disk-states") < labels.index("resumed"), \
+        "the disk states were made while libvirt ended the save, before the guest ran again"
     at_snapshot = disk_counter(disk_file)
     files = {p: file_digest(p) for p in (memory_file, disk_file)}
 
