@@ -196,7 +196,8 @@ def pause_steps(hv: LibvirtHypervisor, events: Lifecycle, srv: str, work: Path,
     window = events.pause(srv, begun)
     final = events.final_pass_ms(srv)
     memory.forget_disk_states(hv, job, STEPS_IMAGE)
-    save = memory.work_file(data, STEPS_IMAGE)
+    save = memory.raw_file(data, STEPS_IMAGE)
+    assert save is not None
     raw_size = save.stat().st_size
     save.unlink()
     stopped = window[0] if window else float("nan")

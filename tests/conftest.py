@@ -6,6 +6,7 @@ can traverse (pytest's own tmp dirs are 0700), removed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -20,14 +21,23 @@ import pytest
 from click.testing import CliRunner
 
 from bbsnap.cli.main import cli
+from bbsnap.state.layout import DataDir
 
 
 @pytest.fixture(scope="session")
 def test_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="bbsnap-tests-", dir="/var/tmp"))
     os.chmod(root, 0o755)
+    ram = DataDir(root).ram_dir  # the user's RAM work directory (memory snapshots' saves)
+    before = set(ram.iterdir()) if ram.is_dir() else None
     yield root
     shutil.rmtree(root, ignore_errors=True)
+    if ram.is_dir():  # what the session's data directories left there (none should)
+        for path in set(ram.iterdir()) - (before or set()):
+            path.unlink(missing_ok=True)
+        if before is None:
+            with contextlib.suppress(OSError):  # another session's files in it meanwhile
+                ram.rmdir()
 
 
 @pytest.fixture()
@@ -35,6 +45,8 @@ def work_dir(test_root: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix=request.node.name[:40] + "-", dir=test_root))
     os.chmod(path, 0o755)
     yield path
+    for left in DataDir(path / "data").ram_files():
+        left.unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
 
 

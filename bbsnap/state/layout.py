@@ -37,6 +37,9 @@ FILE_MODE = 0o600         # images, overlays, logs, locks, the catalogue
 PARTIAL_SUFFIX = ".partial"
 
 
+RAM_ROOT = "/dev/shm"  # tmpfs on Linux (glibc's POSIX shared memory lives there)
+
+
 def _as_glob_id(image_id: str) -> str:
     """An image id about to become a glob pattern: a catalogue row's id is data too, and
     ``../../etc/passwd`` would make ``[.-]*`` match /etc/passwd- (refused, nothing removed)."""
@@ -68,6 +71,45 @@ class DataDir:
     def tmp_dir(self) -> Path:
         """Work files of running jobs; anything here without a live job is garbage."""
         return self.root / "tmp"
+
+    @property
+    def ram_dir(self) -> Path:
+        """Work files better kept in RAM than on disk (a memory snapshot's raw save file,
+        which lives for seconds): this user's directory on tmpfs, shared by the user's data
+        directories, each file named with its data directory's tag (ram_file)."""
+        return Path(RAM_ROOT) / f"bbsnap-{os.getuid()}"
+
+    def ram_file(self, name: str) -> Path:
+        """*name* in ram_dir, prefixed with this data directory's tag; garbage like tmp/'s
+        files once no job lives (remove_image_files looks there too)."""
+        return self.ram_dir / f"{self._ram_tag()}.{name}"
+
+    def ram_files(self) -> list[Path]:
+        """This data directory's files in ram_dir."""
+        return sorted(self.ram_dir.glob(f"{self._ram_tag()}.*"))
+
+    def _ram_tag(self) -> str:
+        import zlib
+
+        return f"{zlib.crc32(str(self.root.resolve()).encode()) & 0xFFFFFFFF:08x}"
+
+    def ensure_ram_dir(self) -> Path | None:
+        """ram_dir, made 0700 if missing; None when it cannot be made or is not a directory
+        of ours that nobody else can enter (a symlink or someone else's directory planted
+        in the shared /dev/shm is never used)."""
+        path = self.ram_dir
+        try:
+            try:
+                path.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+            info = path.lstat()
+        except OSError:
+            return None
+        if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
+                or info.st_mode & 0o077):
+            return None
+        return path
 
     @property
     def servers_dir(self) -> Path:
@@ -154,6 +196,8 @@ class DataDir:
         for directory in (self.tmp_dir, self.images_dir):
             for path in directory.glob(f"{_as_glob_id(image_id)}[.-]*"):
                 path.unlink(missing_ok=True)
+        for path in self.ram_dir.glob(f"{self._ram_tag()}.{_as_glob_id(image_id)}[.-]*"):
+            path.unlink(missing_ok=True)
 
     def ensure(self) -> "DataDir":
         """Create the directories (idempotent) private to us and QEMU's user; make the

@@ -41,8 +41,8 @@ def test_a_capture_keeps_the_disks_instant_and_the_guest_runs_on(setup):
     assert calls == ["save_memory_live", "pause_cause", "resume"], "nothing more in the pause"
     assert hv.info(job.domain).state is DomainState.RUNNING
     assert qemu_img.snapshot_names(disk) == [memory.internal_name(IMAGE)]
-    assert memory.work_file(data, IMAGE).is_file()
-    saved = hv.saved_domain(memory.work_file(data, IMAGE))
+    assert memory.raw_file(data, IMAGE) is not None
+    saved = hv.saved_domain(memory.raw_file(data, IMAGE))
     assert saved.disks == {"vda": str(disk)}
     memory.forget_disk_states(hv, job, IMAGE)
     assert qemu_img.snapshot_names(disk) == []
@@ -65,7 +65,7 @@ def test_a_refused_save_leaves_the_guest_running(setup):
     with pytest.raises(HypervisorError, match="no disk named 'hdz'"):
         memory.capture(hv, data, IMAGE, refused, ["hdz"])
     assert hv.info(job.domain).state is DomainState.RUNNING
-    assert not memory.work_file(data, IMAGE).exists()
+    assert memory.raw_file(data, IMAGE) is None
 
 
 def test_a_guest_a_user_paused_stays_paused(setup):
@@ -154,3 +154,34 @@ def test_a_failed_save_after_the_release_keeps_no_disk_state(setup, marks, monke
     assert qemu_img.snapshot_names(disk) == []
     assert hv.info(job.domain).state is DomainState.RUNNING
     assert "memory-saved" not in marks()
+
+
+def test_the_raw_save_goes_to_ram_when_there_is_room(setup, monkeypatch):
+    """libvirt's end of a save writes the file out while the guest is stopped: on tmpfs
+    that costs nothing (DataDir.ram_dir), so it goes there while the host can spare it."""
+    hv, data, job, _ = setup
+    memory.capture(hv, data, IMAGE, job, [])
+    raw = memory.raw_file(data, IMAGE)
+    assert raw is not None and raw.parent == data.ram_dir
+    assert raw.stat().st_mode & 0o777 == 0o600 and data.ram_dir.stat().st_mode & 0o777 == 0o700
+    assert data.ram_files() == [raw]
+    name, size = memory.store(data, IMAGE)
+    assert (data.images_dir / name).stat().st_size == size
+    assert data.ram_files() == [] and memory.raw_file(data, IMAGE) is None
+
+
+def test_without_room_in_ram_the_raw_save_goes_to_tmp(setup, monkeypatch):
+    hv, data, job, disk = setup
+    monkeypatch.setattr(memory, "_memory_available", lambda: 1 << 20)  # 1 MiB: no room
+    memory.capture(hv, data, IMAGE, job, [])
+    assert memory.raw_file(data, IMAGE) == memory.work_file(data, IMAGE)
+    assert data.ram_files() == []
+    memory.forget_disk_states(hv, job, IMAGE)
+
+
+def test_a_failed_images_raw_save_in_ram_is_removed(setup):
+    hv, data, job, _ = setup
+    memory.capture(hv, data, IMAGE, job, [])
+    assert data.ram_files()
+    data.remove_image_files(IMAGE)
+    assert data.ram_files() == [] and memory.raw_file(data, IMAGE) is None

@@ -24,6 +24,7 @@ from pathlib import Path
 from bbsnap.disks import qemu_img
 from bbsnap.services.memory_file import zstd
 from bbsnap.services.snapshots import timeline
+from bbsnap.state.layout import DataDir
 from bbsnap.tinyguest import MEMCOUNTER_PREFIX, READY_LINE, read_counter
 from tests.system.conftest import (console_path, create_server, define_xml, file_digest,
                                    image_record, server_record,
@@ -81,7 +82,9 @@ def internal_snapshots(disk: str) -> list[str]:
 
 
 def work_files(cloud) -> list[str]:
-    return sorted(p.name for p in (cloud.data_dir / "tmp").iterdir())
+    """What the data directory's jobs left in tmp/ and in the RAM work directory."""
+    return sorted([p.name for p in (cloud.data_dir / "tmp").iterdir()]
+                  + [p.name for p in DataDir(cloud.data_dir).ram_files()])
 
 
 def revert(cloud, server_id: str, *args: str) -> dict:
@@ -109,6 +112,7 @@ def test_revert_resumes_the_guest_where_the_memory_snapshot_was(cloud, hyperviso
                           timeline.COMMAND_PREFIX)
     labels = [label for label, _ in made.marks] if made else []
     assert "disks-released" in labels, "QEMU's image locks were seen released during the save"
+    assert made.durations["memory-save-in-ram"] == 1.0, "libvirt wrote the save into RAM"
     assert labels.index("disks-released") < labels.index("memory-saved") \
         < labels.index("disk-states") < labels.index("resumed"), \
         "the disk states were made while libvirt ended the save, before the guest ran again"
@@ -267,14 +271,17 @@ def test_sigkill_during_the_save_and_the_restore(cloud, hypervisor):
 
 
 def save_in_progress(cloud, process: subprocess.Popen, timeout: float = 60) -> Path:
-    """The save's work file once libvirt has begun writing it: its header still says
-    ``LibvirtQemudPart`` (libvirt writes ``LibvirtQemudSave`` over it when the save ends).
+    """The save's work file (in RAM or in tmp/) once libvirt has begun writing it: its
+    header still says ``LibvirtQemudPart`` (libvirt writes ``LibvirtQemudSave`` over it
+    when the save ends).
     A file, not libvirt: during the save libvirt 9.0's job query waits behind the save's
     job and then answers "no job" (memory_save_running), and QEMU's monitor, asked through
     libvirt, never showed the migration active."""
     deadline = time.monotonic() + timeout
     while True:
-        for path in (cloud.data_dir / "tmp").glob("img-*.memory.save"):
+        for path in [*(cloud.data_dir / "tmp").glob("img-*.memory.save"),
+                     *(p for p in DataDir(cloud.data_dir).ram_files()
+                       if p.name.endswith(".memory.save"))]:
             try:
                 with path.open("rb") as header:
                     if header.read(16) == b"LibvirtQemudPart":

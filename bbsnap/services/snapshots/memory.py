@@ -80,6 +80,7 @@ removed (the memory file is one), so no image is available without its memory fi
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -98,9 +99,56 @@ RESUME_WAIT = 120.0       # seconds to get a paused guest running again (libvirt
 
 
 def work_file(data_dir: DataDir, image_id: str) -> Path:
-    """Where libvirt writes the raw save file (named after the image: a failed snapshot's
-    cleanup removes it with the image's other work files)."""
-    return data_dir.tmp_dir / f"{image_id}.memory.save"
+    """Where libvirt writes the raw save file when it is not kept in RAM (named after the
+    image: a failed snapshot's cleanup removes it with the image's other work files)."""
+    return data_dir.tmp_dir / _raw_name(image_id)
+
+
+def save_file(hv: Hypervisor, data_dir: DataDir, domain: str, image_id: str) -> Path:
+    """Where the raw save file of *domain*'s snapshot goes: in RAM (DataDir.ram_dir) when
+    that has room for twice the guest's RAM and the host has as much available, else tmp/.
+
+    Why RAM: libvirt ends a save by writing the file out to disk while the guest is still
+    stopped — measured here (1 GiB tiny guest, ~120 MiB file), QEMU let go of the disks
+    119-140 ms before libvirt's call returned with the file in tmp/, 22-34 ms with it on
+    tmpfs: ~100 ms of the guest's pause. The file lives until the worker has compressed it
+    into images/ (a second or two), so it costs RAM only that long; a host that cannot
+    spare it keeps the old place."""
+    guest = hv.hardware(domain).memory_kib * 1024
+    ram = data_dir.ensure_ram_dir()
+    if ram is not None and _room(ram) >= 2 * guest and _memory_available() >= 2 * guest:
+        return data_dir.ram_file(_raw_name(image_id))
+    return work_file(data_dir, image_id)
+
+
+def _raw_name(image_id: str) -> str:
+    return f"{image_id}.memory.save"
+
+
+def raw_file(data_dir: DataDir, image_id: str) -> Path | None:
+    """The image's raw save file, in RAM or in tmp/; None if there is none."""
+    return next((path for path in (data_dir.ram_file(_raw_name(image_id)),
+                                   work_file(data_dir, image_id)) if path.is_file()), None)
+
+
+def _room(directory: Path) -> int:
+    try:
+        info = os.statvfs(directory)
+    except OSError:
+        return 0
+    return info.f_bavail * info.f_frsize
+
+
+def _memory_available() -> int:
+    """The kernel's MemAvailable (bytes); 0 when it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def stored_name(image_id: str) -> str:
@@ -129,10 +177,11 @@ def capture(hv: Hypervisor, data_dir: DataDir, image_id: str, job: SnapshotJob,
     The disk states are made while libvirt is still ending the save when QEMU's image locks
     show the instant has come (_DiskStates.when_released), else once the save returned."""
     domain = job.domain
+    raw = save_file(hv, data_dir, domain, image_id)
+    timeline.duration("memory-save-in-ram", float(raw.parent == data_dir.ram_dir))
     states = _DiskStates([Path(d.source) for d in job.disks], internal_name(image_id))
     save = _Background(lambda: hv.save_memory_live(
-        domain, work_file(data_dir, image_id), [d.device for d in job.disks], read_only,
-        MAX_DOWNTIME_MS))
+        domain, raw, [d.device for d in job.disks], read_only, MAX_DOWNTIME_MS))
     try:
         states.when_released(save)
         save.result()
@@ -283,10 +332,10 @@ def resume_unless_user_paused(hv: Hypervisor, domain: str,
 
 def store(data_dir: DataDir, image_id: str) -> tuple[str, int]:
     """Compress the finished save file into images/ (0600); its name there and its size."""
-    raw = work_file(data_dir, image_id)
     name = stored_name(image_id)
     final = data_dir.images_dir / name
-    if not raw.is_file():
+    raw = raw_file(data_dir, image_id)
+    if raw is None:
         if final.is_file():  # stored by a worker killed before the image turned available
             return name, final.stat().st_size
         raise BbsnapError(f"the memory file of {image_id} is missing")

@@ -1,0 +1,61 @@
+"""DataDir's RAM work directory (state/layout.py): the user's own directory on the shared
+/dev/shm, never one someone else planted, and each data directory's files kept apart."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bbsnap.state import layout
+from bbsnap.state.layout import DataDir
+
+
+@pytest.fixture()
+def shm(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "shm"
+    root.mkdir(mode=0o1777)
+    monkeypatch.setattr(layout, "RAM_ROOT", str(root))
+    return root
+
+
+def test_made_private_and_shared_by_the_users_data_directories(shm, tmp_path):
+    one, two = DataDir(tmp_path / "one"), DataDir(tmp_path / "two")
+    made = one.ensure_ram_dir()
+    assert made == shm / f"bbsnap-{os.getuid()}" == two.ensure_ram_dir()
+    assert made.stat().st_mode & 0o777 == 0o700
+    one.ram_file("img-aaaaa.memory.save").write_bytes(b"1")
+    two.ram_file("img-aaaaa.memory.save").write_bytes(b"2")  # the same id elsewhere
+    assert one.ram_file("img-aaaaa.memory.save") != two.ram_file("img-aaaaa.memory.save")
+    one.remove_image_files("img-aaaaa")
+    assert one.ram_files() == [] and [p.read_bytes() for p in two.ram_files()] == [b"2"]
+
+
+def test_a_planted_symlink_is_not_used(shm, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (shm / f"bbsnap-{os.getuid()}").symlink_to(elsewhere)
+    assert DataDir(tmp_path / "data").ensure_ram_dir() is None
+
+
+def test_a_directory_others_can_enter_is_not_used(shm, tmp_path):
+    (shm / f"bbsnap-{os.getuid()}").mkdir(mode=0o755)
+    os.chmod(shm / f"bbsnap-{os.getuid()}", 0o755)
+    assert DataDir(tmp_path / "data").ensure_ram_dir() is None
+
+
+def test_a_file_in_its_place_or_no_tmpfs_is_not_used(shm, tmp_path, monkeypatch):
+    (shm / f"bbsnap-{os.getuid()}").write_text("not a directory")
+    assert DataDir(tmp_path / "data").ensure_ram_dir() is None
+    monkeypatch.setattr(layout, "RAM_ROOT", str(tmp_path / "no-such-root"))
+    assert DataDir(tmp_path / "data").ensure_ram_dir() is None
+
+
+def test_someone_elses_directory_is_not_used(shm, tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("making a directory another user owns needs root")
+    planted = shm / f"bbsnap-{os.getuid()}"
+    planted.mkdir(mode=0o700)
+    os.chown(planted, 12345, 12345)
+    assert DataDir(tmp_path / "data").ensure_ram_dir() is None
