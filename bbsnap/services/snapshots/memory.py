@@ -36,8 +36,9 @@ Mechanism, as measured on Debian 12's libvirt 9.0 / QEMU 7.2 (TCG, 128 MiB tiny 
   TCG, libvirt's SUSPENDED/RESUMED events): 130-220 ms at 1 GiB and 125-175 ms at 256 MiB
   from QEMU stopping the guest to it running again, made of QEMU's final pass (its own
   ``downtime``: 11-48 ms), libvirt ending the save after QEMU's stream completed (60-120
-  ms: job stats, migration parameters reset, the save header finished — nothing bbsnap can
-  shorten), the internal snapshot (qemu-img: 20-70 ms) and the resume (12-33 ms). It does
+  ms: mostly writing the save file out to disk, see save_file: 7-44 ms since the file is
+  kept in RAM), the internal snapshot (qemu-img: 20-70 ms; now hidden in libvirt's end,
+  below) and the resume (12-33 ms). It does
   not grow with RAM: QEMU sends a zero page as a few bytes, so the stream is what the guest
   used (109 MiB at 256 MiB, 121 MiB at 1 GiB). Tried: a lower max downtime (10 ms instead
   of 30): the final pass is already that short (QEMU has a few MiB left at 300-600 MB/s);
