@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
+from bbsnap.background import Background
 from bbsnap.errors import ConflictError, HypervisorError, InvalidInputError
 from bbsnap.hypervisor import DomainState, Hardware, Hypervisor, SavedDomain, SavedHead
 from bbsnap.state.process_tokens import current_job_token
@@ -61,25 +61,6 @@ __all__ = ["MemoryBoot", "check", "mismatches", "prepared", "remove_stale", "res
 from bbsnap.services.snapshots.timeline import Timeline
 
 PIPE_SIZE = 1024 * 1024  # Linux's default pipe-max-size: the decompressor runs ahead of QEMU
-
-
-class _Background:
-    """A function run in a thread; ``join`` re-raises what it raised."""
-
-    def __init__(self, func: Callable[[], None]) -> None:
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(func,), daemon=True)
-        self._thread.start()
-
-    def _run(self, func: Callable[[], None]) -> None:
-        try:
-            func()
-        except BaseException as exc:  # handed to the joining thread
-            self._error = exc
-
-    def join(self) -> BaseException | None:
-        self._thread.join()
-        return self._error
 
 
 class MemoryBoot:
@@ -97,7 +78,7 @@ class MemoryBoot:
         self._token = current_job_token()
         self.streamed = False  # whether the restore read the FIFO (the benchmark prints it)
         self._ahead: ReadAhead | None = None
-        self._verifying = _Background(lambda: memory_file.verify(stored))
+        self._verifying = Background(lambda: memory_file.verify(stored))
 
     def ready(self) -> None:
         """The whole memory file was checked and is intact (else InvalidInputError); its
@@ -160,7 +141,7 @@ class MemoryBoot:
                     os.close(writer)
                     raise
             first, chunks = self._head.data, ahead.chunks()
-            feeding = _Background(lambda: memory_file.feed(chunks, first, writer))
+            feeding = Background(lambda: memory_file.feed(chunks, first, writer))
             try:
                 self._hv.restore_memory(fifo, new_disks, head=self._head)
             except HypervisorError:

@@ -8,8 +8,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from bbsnap import proc
 from bbsnap.models import Image, ImageStatus, ImageType
@@ -97,7 +100,11 @@ def test_a_finished_worker_not_yet_reaped_is_dead_and_the_next_fork_reaps_it(tmp
     os.waitpid(again, 0)
 
 
-def test_a_forked_worker_holds_the_lock_and_waits_for_its_caller_to_be_done(tmp_path):
+def test_a_forked_worker_holds_the_lock_and_waits_for_its_caller_to_be_done(tmp_path,
+                                                                           monkeypatch):
+    # This process may run other tests' daemon threads (servers): as the command it stands
+    # for, it has one thread here, so the launcher forks.
+    monkeypatch.setattr(worker.threading, "active_count", lambda: 1)
     lock = locks.acquire(tmp_path / "locks", "0000-uuid")
     fifo = tmp_path / "said"
     os.mkfifo(fifo)  # opened by path in the worker: it keeps none of its caller's pipes
@@ -157,3 +164,31 @@ def test_a_replaced_main_file_is_still_seen_after_a_put_aside(tmp_path):
     catalogue.exists("img-aaaaa")
     assert catalogue.files_replaced()
     catalogue.close()
+
+
+def test_a_process_with_other_threads_gets_a_new_interpreter_instead_of_a_fork(tmp_path,
+                                                                             monkeypatch):
+    """A fork would inherit the locks other threads hold (a worker forked from a test
+    runner hung in virConnectOpen on one): with another thread alive, the worker is a new
+    interpreter (the command line crash recovery uses), holding the same lock."""
+    lock = locks.acquire(tmp_path / "locks", "0000-uuid")
+    held = lock.fd
+    started: list[tuple[list[str], list[int]]] = []
+    monkeypatch.setattr(proc, "spawn_detached", lambda argv, *, log_path, pass_fds:
+                        started.append((argv, pass_fds)) or 4242)
+    monkeypatch.setattr(proc, "fork_detached", lambda *a, **k: pytest.fail("forked"))
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        launcher = worker.ForkedWorker(str(tmp_path / "data"), "test:///default")
+        assert launcher.start("img-aaaaa", lock, tmp_path / "img-aaaaa.log") == 4242
+        launcher.release()
+    finally:
+        stop.set()
+        other.join()
+        lock.release()
+    ((argv, fds),) = started
+    assert argv == worker.finish_snapshot_argv(
+        worker.base_argv(str(tmp_path / "data"), "test:///default"), "img-aaaaa", held)
+    assert fds == [held]

@@ -82,11 +82,11 @@ removed (the memory file is one), so no image is available without its memory fi
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Callable
 
+from bbsnap.background import Background
 from bbsnap.disks import image_lock, qemu_img
 from bbsnap.errors import BbsnapError, ConflictError, HypervisorError, NotFoundError
 from bbsnap.hypervisor import DomainState, Hardware, Hypervisor, PauseCause
@@ -181,8 +181,8 @@ def capture(hv: Hypervisor, data_dir: DataDir, image_id: str, job: SnapshotJob,
     raw = save_file(hv, data_dir, domain, image_id)
     timeline.duration("memory-save-in-ram", float(raw.parent == data_dir.ram_dir))
     states = _DiskStates([Path(d.source) for d in job.disks], internal_name(image_id))
-    save = _Background(lambda: hv.save_memory_live(
-        domain, raw, [d.device for d in job.disks], read_only, MAX_DOWNTIME_MS))
+    save = Background(lambda: hv.save_memory_live(
+        domain, raw, [d.device for d in job.disks], read_only, MAX_DOWNTIME_MS), "memory-save")
     try:
         states.when_released(save)
         save.result()
@@ -196,34 +196,6 @@ def capture(hv: Hypervisor, data_dir: DataDir, image_id: str, job: SnapshotJob,
         raise
     resume_after_save(hv, domain)
     timeline.mark("resumed")
-
-
-class _Background:
-    """A call run in a thread (libvirt-python lets go of the GIL while it waits)."""
-
-    def __init__(self, call: Callable[[], None]) -> None:
-        self._call = call
-        self._done = threading.Event()
-        self._error: BaseException | None = None
-        # A daemon: a command interrupted here must still exit (resume_unless_user_paused
-        # waits for libvirtd's save to end, on its own calls).
-        threading.Thread(target=self._run, name="memory-save", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            self._call()
-        except BaseException as exc:  # handed to the caller's thread by result()
-            self._error = exc
-        finally:
-            self._done.set()
-
-    def wait(self, seconds: float) -> bool:
-        return self._done.wait(seconds)
-
-    def result(self) -> None:
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
 
 
 class _DiskStates:
@@ -246,7 +218,7 @@ class _DiskStates:
         self._watched = bool(disks) and all(image_lock.held_for_writing(d) for d in disks)
         self.made: list[Path] = []
 
-    def when_released(self, save: _Background) -> None:
+    def when_released(self, save: Background) -> None:
         """Until *save* ends: as soon as no disk is locked any more, make their states."""
         if not self._watched:
             return

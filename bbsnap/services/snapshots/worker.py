@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+import threading
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -82,6 +83,15 @@ class ForkedWorker:
     def start(self, image_id: str, lock: ServerLock, log_path: Path) -> int:
         from bbsnap import proc
 
+        if threading.active_count() > 1:
+            # A fork of a process with other threads inherits every lock they held at
+            # that instant, held for good: seen here when bbsnap ran inside a test
+            # runner with threads of its own, the forked worker hung for good in
+            # virConnectOpen on GLib's main-context lock. bbsnap's own threads have ended
+            # by now (background.py), so this is a process embedding bbsnap's commands:
+            # it gets a new interpreter, as crash recovery does.
+            return ExecWorker(base_argv(self.data_dir, self.connect)).start(
+                image_id, lock, log_path)
         fd = lock.fd
         waits, releases = os.pipe()
 
