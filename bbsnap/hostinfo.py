@@ -8,10 +8,22 @@ from pathlib import Path
 
 
 def total_memory_mib() -> int:
+    return _meminfo_kib("MemTotal") // 1024
+
+
+def available_memory_bytes() -> int:
+    """What the kernel says can be had without swapping (MemAvailable); 0 if unreadable."""
+    try:
+        return _meminfo_kib("MemAvailable") * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _meminfo_kib(field: str) -> int:
     with open("/proc/meminfo") as handle:
         for line in handle:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
     return 0
 
 

@@ -187,7 +187,8 @@ def pause_steps(hv: LibvirtHypervisor, events: Lifecycle, srv: str, work: Path,
     watched = memory.image_lock
     memory.image_lock = watched if watch_locks else _LocksUnseen  # type: ignore[assignment]
     try:
-        memory.capture(hv, data, STEPS_IMAGE, job, [d.target for d in disks if not d.writable])
+        memory.capture(hv, data, STEPS_IMAGE, job, [d.target for d in disks if not d.writable],
+                       hv.hardware(srv).memory_kib * 1024)
     finally:
         memory.image_lock = watched
     marks = {label: begun + (at - begun_wall) for label, at in timeline.COMMAND.marks}

@@ -380,8 +380,6 @@ class LibvirtHypervisor:
 
     def job_status(self, name: str) -> JobStatus:
         dom = self._lookup(name)
-        # Through _call: a libvirtd restart surfaces here as a HypervisorError the worker
-        # reconnects on, not as a bare libvirtError that fails the snapshot.
         if not self._call(f"reading the state of {name}", dom.isActive):
             return JobStatus(active=False, processed=0, total=0)  # no domain, no job
         stats = self._call(f"reading the job of {name}", dom.jobStats, 0)

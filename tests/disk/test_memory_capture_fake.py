@@ -22,6 +22,7 @@ from bbsnap.state.layout import DataDir
 from tests.fakes.hypervisor import running_domain
 
 IMAGE = "img-aaaaa"
+RAM = 64 << 20  # the fake guest's (running_domain)
 
 
 @pytest.fixture()
@@ -36,9 +37,10 @@ def setup(work_dir: Path):
 
 def test_a_capture_keeps_the_disks_instant_and_the_guest_runs_on(setup):
     hv, data, job, disk = setup
-    memory.capture(hv, data, IMAGE, job, [])
+    memory.capture(hv, data, IMAGE, job, [], RAM)
     calls = hv.calls[hv.calls.index("save_memory_live"):]
     assert calls == ["save_memory_live", "pause_cause", "resume"], "nothing more in the pause"
+    assert "hardware" not in hv.calls, "the guest's RAM comes from check(), not a second read"
     assert hv.info(job.domain).state is DomainState.RUNNING
     assert qemu_img.snapshot_names(disk) == [memory.internal_name(IMAGE)]
     assert memory.raw_file(data, IMAGE) is not None
@@ -54,7 +56,7 @@ def test_a_failed_disk_instant_resumes_the_guest_and_keeps_nothing(setup, work_d
         job.disks[0], SnapshotDisk("vdb", str(work_dir / "missing.qcow2"), "qcow2",
                                    str(work_dir / "t.qcow2"))))
     with pytest.raises(BbsnapError):
-        memory.capture(hv, data, IMAGE, broken, [])
+        memory.capture(hv, data, IMAGE, broken, [], RAM)
     assert hv.info(job.domain).state is DomainState.RUNNING
     assert qemu_img.snapshot_names(disk) == [], "the first disk's instant is deleted too"
 
@@ -63,7 +65,7 @@ def test_a_refused_save_leaves_the_guest_running(setup):
     hv, data, job, _ = setup
     refused = SnapshotJob(job.domain, job.domain_uuid, "memory", job.disks)
     with pytest.raises(HypervisorError, match="no disk named 'hdz'"):
-        memory.capture(hv, data, IMAGE, refused, ["hdz"])
+        memory.capture(hv, data, IMAGE, refused, ["hdz"], RAM)
     assert hv.info(job.domain).state is DomainState.RUNNING
     assert memory.raw_file(data, IMAGE) is None
 
@@ -118,7 +120,7 @@ def test_the_disk_states_are_made_while_the_save_ends(setup, marks, monkeypatch)
         seen_during_the_save.append(qemu_img.snapshot_names(disk))
 
     monkeypatch.setattr(hv, "save_memory_live", slow_save)
-    memory.capture(hv, data, IMAGE, job, [])
+    memory.capture(hv, data, IMAGE, job, [], RAM)
     assert seen_during_the_save == [[memory.internal_name(IMAGE)]]
     assert qemu_img.snapshot_names(disk) == [memory.internal_name(IMAGE)], "made once"
     assert marks() == ["disks-released", "memory-saved", "disk-states", "resumed"]
@@ -130,7 +132,7 @@ def test_disks_still_locked_when_the_save_returns_are_done_after_it(setup, marks
     lock = _QemuLock(disk)
     save = hv.save_memory_live
     hv.save_memory_live = lambda *a, **k: (save(*a, **k), lock.release())  # type: ignore[method-assign]
-    memory.capture(hv, data, IMAGE, job, [])
+    memory.capture(hv, data, IMAGE, job, [], RAM)
     assert marks() == ["memory-saved", "disk-states", "resumed"]
     assert qemu_img.snapshot_names(disk) == [memory.internal_name(IMAGE)]
 
@@ -150,7 +152,7 @@ def test_a_failed_save_after_the_release_keeps_no_disk_state(setup, marks, monke
 
     monkeypatch.setattr(hv, "save_memory_live", failing_save)
     with pytest.raises(HypervisorError, match="went away"):
-        memory.capture(hv, data, IMAGE, job, [])
+        memory.capture(hv, data, IMAGE, job, [], RAM)
     assert qemu_img.snapshot_names(disk) == []
     assert hv.info(job.domain).state is DomainState.RUNNING
     assert "memory-saved" not in marks()
@@ -160,7 +162,7 @@ def test_the_raw_save_goes_to_ram_when_there_is_room(setup, monkeypatch):
     """libvirt's end of a save writes the file out while the guest is stopped: on tmpfs
     that costs nothing (DataDir.ram_dir), so it goes there while the host can spare it."""
     hv, data, job, _ = setup
-    memory.capture(hv, data, IMAGE, job, [])
+    memory.capture(hv, data, IMAGE, job, [], RAM)
     raw = memory.raw_file(data, IMAGE)
     assert raw is not None and raw.parent == data.ram_dir
     assert raw.stat().st_mode & 0o777 == 0o600 and data.ram_dir.stat().st_mode & 0o777 == 0o700
@@ -172,8 +174,8 @@ def test_the_raw_save_goes_to_ram_when_there_is_room(setup, monkeypatch):
 
 def test_without_room_in_ram_the_raw_save_goes_to_tmp(setup, monkeypatch):
     hv, data, job, disk = setup
-    monkeypatch.setattr(memory, "_memory_available", lambda: 1 << 20)  # 1 MiB: no room
-    memory.capture(hv, data, IMAGE, job, [])
+    monkeypatch.setattr(memory.hostinfo, "available_memory_bytes", lambda: RAM)  # < 2x RAM
+    memory.capture(hv, data, IMAGE, job, [], RAM)
     assert memory.raw_file(data, IMAGE) == memory.work_file(data, IMAGE)
     assert data.ram_files() == []
     memory.forget_disk_states(hv, job, IMAGE)
@@ -181,7 +183,7 @@ def test_without_room_in_ram_the_raw_save_goes_to_tmp(setup, monkeypatch):
 
 def test_a_failed_images_raw_save_in_ram_is_removed(setup):
     hv, data, job, _ = setup
-    memory.capture(hv, data, IMAGE, job, [])
+    memory.capture(hv, data, IMAGE, job, [], RAM)
     assert data.ram_files()
     data.remove_image_files(IMAGE)
     assert data.ram_files() == [] and memory.raw_file(data, IMAGE) is None

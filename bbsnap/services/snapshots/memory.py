@@ -81,12 +81,12 @@ removed (the memory file is one), so no image is available without its memory fi
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
 from bbsnap.background import Background
+from bbsnap import hostinfo
 from bbsnap.disks import image_lock, qemu_img
 from bbsnap.errors import BbsnapError, ConflictError, HypervisorError, NotFoundError
 from bbsnap.hypervisor import DomainState, Hardware, Hypervisor, PauseCause
@@ -94,6 +94,7 @@ from bbsnap.state.layout import DataDir
 from bbsnap.models import SnapshotJob
 from bbsnap.services import memory_file
 from bbsnap.services.snapshots.timeline import COMMAND as timeline
+from bbsnap.transfer.stream import free_space_reserve
 
 MAX_DOWNTIME_MS = 30      # QEMU's final pass target (its default 300 ms is the whole pause)
 RESUME_WAIT = 120.0       # seconds to get a paused guest running again (libvirtd restarting)
@@ -105,9 +106,10 @@ def work_file(data_dir: DataDir, image_id: str) -> Path:
     return data_dir.tmp_dir / _raw_name(image_id)
 
 
-def save_file(hv: Hypervisor, data_dir: DataDir, domain: str, image_id: str) -> Path:
-    """Where the raw save file of *domain*'s snapshot goes: in RAM (DataDir.ram_dir) when
-    that has room for twice the guest's RAM and the host has as much available, else tmp/.
+def save_file(data_dir: DataDir, image_id: str, memory_bytes: int) -> Path:
+    """Where the raw save file of a guest with *memory_bytes* of RAM goes: in RAM
+    (DataDir.ram_dir) when that has room for twice the guest's RAM beside its free-space
+    reserve and the host has as much available, else tmp/.
 
     Why RAM: libvirt ends a save by writing the file out to disk while the guest is still
     stopped — measured here (1 GiB tiny guest, ~120 MiB file), QEMU let go of the disks
@@ -115,9 +117,9 @@ def save_file(hv: Hypervisor, data_dir: DataDir, domain: str, image_id: str) -> 
     tmpfs: ~100 ms of the guest's pause. The file lives until the worker has compressed it
     into images/ (a second or two), so it costs RAM only that long; a host that cannot
     spare it keeps the old place."""
-    guest = hv.hardware(domain).memory_kib * 1024
     ram = data_dir.ensure_ram_dir()
-    if ram is not None and _room(ram) >= 2 * guest and _memory_available() >= 2 * guest:
+    if ram is not None and _room(ram) >= 2 * memory_bytes \
+            and hostinfo.available_memory_bytes() >= 2 * memory_bytes:
         return data_dir.ram_file(_raw_name(image_id))
     return work_file(data_dir, image_id)
 
@@ -133,23 +135,12 @@ def raw_file(data_dir: DataDir, image_id: str) -> Path | None:
 
 
 def _room(directory: Path) -> int:
+    """Bytes *directory*'s filesystem can take beyond its free-space reserve."""
     try:
-        info = os.statvfs(directory)
+        available, reserve = free_space_reserve(directory)
     except OSError:
         return 0
-    return info.f_bavail * info.f_frsize
-
-
-def _memory_available() -> int:
-    """The kernel's MemAvailable (bytes); 0 when it cannot be read."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return available - reserve
 
 
 def stored_name(image_id: str) -> str:
@@ -170,15 +161,16 @@ def internal_name(image_id: str) -> str:
 
 
 def capture(hv: Hypervisor, data_dir: DataDir, image_id: str, job: SnapshotJob,
-            read_only: list[str]) -> None:
+            read_only: list[str], memory_bytes: int) -> None:
     """Save the RAM live, keep each disk's state at that instant (an internal snapshot)
     while the guest is stopped there, then let it run. Raises, with the guest running
-    again and no internal snapshot left, if a step fails.
+    again and no internal snapshot left, if a step fails. *memory_bytes*: the guest's RAM
+    (check's answer), which decides where the save file goes (save_file).
 
     The disk states are made while libvirt is still ending the save when QEMU's image locks
     show the instant has come (_DiskStates.when_released), else once the save returned."""
     domain = job.domain
-    raw = save_file(hv, data_dir, domain, image_id)
+    raw = save_file(data_dir, image_id, memory_bytes)
     timeline.duration("memory-save-in-ram", float(raw.parent == data_dir.ram_dir))
     states = _DiskStates([Path(d.source) for d in job.disks], internal_name(image_id))
     save = Background(lambda: hv.save_memory_live(
@@ -317,14 +309,16 @@ def store(data_dir: DataDir, image_id: str) -> tuple[str, int]:
     return name, size
 
 
-def check(hv: Hypervisor, server_id: str, state: DomainState) -> None:
-    """What `snapshot --memory` needs: a running guest QEMU can migrate."""
+def check(hv: Hypervisor, server_id: str, state: DomainState) -> int:
+    """What `snapshot --memory` needs: a running guest QEMU can migrate. Its RAM in bytes."""
     if state is not DomainState.RUNNING:
         raise ConflictError(f"server {server_id} is {state.value}: a memory snapshot needs a "
                             "running server", hint="start it, or snapshot without --memory")
-    check_saveable(server_id, hv.hardware(server_id))
+    hardware = hv.hardware(server_id)
+    check_saveable(server_id, hardware)
     raw = [d.target for d in hv.disks(server_id) if d.writable and d.format != "qcow2"]
     if raw:
         raise ConflictError(f"server {server_id}'s disk {raw[0]} is not qcow2: a memory "
                             "snapshot keeps the disks' instant inside qcow2 files",
                             hint="snapshot without --memory")
+    return hardware.memory_kib * 1024

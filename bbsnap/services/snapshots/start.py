@@ -127,8 +127,8 @@ class SnapshotService:
             if not disks:
                 raise ConflictError(f"server {server.id} has no writable file-backed disk")
             running = info.state in (DomainState.RUNNING, DomainState.PAUSED)
-            if request.memory:
-                _memory_hook().check(self._hv, server.id, info.state)
+            memory_bytes = (_memory_hook().check(self._hv, server.id, info.state)
+                            if request.memory else 0)
             image_id = self._new_image_id()
             ancestor = self._ancestor(server_disks.base_image_id(self._data_dir, server,
                                                                   disks[0]))
@@ -158,7 +158,8 @@ class SnapshotService:
             try:
                 read_only = [d.target for d in all_disks if not d.writable]
                 if job.mode == "memory":
-                    _memory_hook().capture(self._hv, self._data_dir, image_id, job, read_only)
+                    _memory_hook().capture(self._hv, self._data_dir, image_id, job, read_only,
+                                           memory_bytes)
                 elif running:
                     consistency = self._fix_point_in_time(image_id, job, read_only,
                                                           request.quiesce, ancestor, directory)
