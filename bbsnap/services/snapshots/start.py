@@ -320,6 +320,8 @@ class SnapshotService:
             if size is None:
                 size = self._hv.disk_capacity(job.domain, disk.device)
             qemu_img.create_blank(Path(disk.target), size)
+            if not disk.incremental:
+                qemu_img.map_as_zero(Path(disk.target), size)
 
     def _full_copy(self, disk: SnapshotDisk, ancestor: Image | None, index: int) -> SnapshotDisk:
         parent = (str(self._data_dir.image_path(ancestor.path))
