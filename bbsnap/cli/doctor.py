@@ -12,7 +12,8 @@ import click
               help="Recover interrupted jobs, let QEMU's user pass the directories above the "
                    "data directory (setfacl -m u:libvirt-qemu:x), checkpoint the catalogue, "
                    "move orphaned files into DATA/quarantine and delete quarantined files "
-                   "older than 7 days.")
+                   "older than 7 days; delete orphaned raw memory saves from RAM "
+                   "(/dev/shm/bbsnap-UID).")
 @click.pass_obj
 def doctor(app: Any, fix: bool) -> None:
     """Check the connection, libvirt, QEMU, KVM, the data directory and the catalogue; exit 1
@@ -68,6 +69,12 @@ def _report_fix(done: Any) -> None:
     where = f" into {done.batch}" if done.batch else ""
     echo(f"moved {len(done.moved)} orphaned files, {_bytes(moved)},{where}; "
          f"a doctor --fix deletes them after {QUARANTINE_GRACE.days} days")
+    for orphan in done.ram_deleted:
+        echo(f"deleted from RAM {orphan.path}: {_bytes(orphan.size)}")
+    if done.ram_deleted:
+        freed = sum(o.size for o in done.ram_deleted)
+        echo(f"deleted {len(done.ram_deleted)} orphaned raw memory saves from RAM, freed "
+             f"{_bytes(freed)}: guest memory is deleted, never quarantined onto disk")
 
 
 def _bytes(size: int) -> str:

@@ -4,7 +4,8 @@ Each check returns Findings; a finding that is not ok carries the command or cha
 fixes it. `--fix` runs the crash recovery every command runs, checkpoints the catalogue,
 and moves what is provably orphaned into a quarantine it empties after a grace period
 (services/reclaim.py says what proves it); nothing is deleted on the strength of an empty
-catalogue or another libvirt connection.
+catalogue or another libvirt connection. Orphaned raw memory saves in RAM are the one thing
+deleted outright (services/ram_reclaim.py: guest memory is never written to disk).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from bbsnap.errors import BbsnapError
 from bbsnap.hypervisor import Hypervisor
 from bbsnap.state.process_tokens import job_alive
 from bbsnap.state.layout import DataDir
-from bbsnap.services import reclaim
+from bbsnap.services import ram_reclaim, reclaim
+from bbsnap.services.ram_reclaim import RamSurvey
 from bbsnap.services.reclaim import Batch, Orphan, Survey
 
 __all__ = ["Doctor", "Finding", "Orphan", "Reclaimed"]
@@ -49,6 +51,9 @@ class Reclaimed:
     moved: list[Orphan]
     purged: list[Batch]         # older batches deleted
     granted: list[str] = field(default_factory=list)  # ACL commands run for QEMU's user
+    # Orphaned raw memory saves deleted from RAM, not quarantined: guest memory is a secret
+    # a quarantine would write onto disk (and a rename cannot leave tmpfs).
+    ram_deleted: list[Orphan] = field(default_factory=list)
 
 
 class Doctor:
@@ -76,6 +81,7 @@ class Doctor:
             fix="bbsnap doctor --fix (moves them into quarantine)" if found.orphans else ""))
         if found.undecidable:
             findings.append(self._undecidable_finding(found))
+        findings.extend(self._ram_findings(self.ram_survey()))
         findings.append(self._quarantine_check())
         return findings
 
@@ -254,6 +260,32 @@ class Doctor:
             fix="if they are not yours any more, move them away yourself; for a server made "
                 "on another connection, run doctor with -c that URI")
 
+    def _ram_findings(self, found: RamSurvey) -> list[Finding]:
+        """Raw memory saves nobody will store, held in RAM (tmpfs) until the host reboots."""
+        where = found.directory
+        if found.refused:
+            return [Finding("orphaned RAM files", True, f"{where} not read: {found.refused}",
+                            warning=True, fix=f"bbsnap neither reads nor writes {where} while "
+                            "it is so (memory snapshots save into DATA/tmp/); remove it if "
+                            "it is yours, else ask who made it")]
+        wasted = sum(o.size for o in found.orphans)
+        findings = [Finding(
+            "orphaned RAM files", not found.orphans,
+            f"{len(found.orphans)} raw memory saves hold {_bytes(wasted)} of RAM in {where}"
+            if found.orphans else "none",
+            fix="bbsnap doctor --fix (deletes them: guest memory is never moved onto disk)"
+            if found.orphans else "")]
+        if found.undecidable:
+            first = found.undecidable[0]
+            total = sum(u.size for u in found.undecidable)
+            findings.append(Finding(
+                "undecidable RAM files", True,
+                f"{len(found.undecidable)} files hold {_bytes(total)} of RAM in {where} and "
+                f"are kept: nothing proves them unused (e.g. {first.path.name}: {first.reason})",
+                warning=True, fix=f"if no bbsnap job of yours runs, delete them (rm {where}/"
+                                  f"{first.path.name} ...); a reboot empties {where} too"))
+        return findings
+
     def _quarantine_check(self) -> Finding:
         held = reclaim.batches(self._data_dir)
         if not held:
@@ -277,16 +309,21 @@ class Doctor:
     def orphans(self) -> list[Orphan]:
         return self.survey().orphans
 
+    def ram_survey(self) -> RamSurvey:
+        return ram_reclaim.survey(self._data_dir, self._catalogue)
+
     def fix(self) -> Reclaimed:
         """Let QEMU's user reach the data directory, empty expired quarantine batches, then
-        move this run's orphans into a new one.
+        move this run's orphans into a new one and delete the orphaned memory saves in RAM.
         Run crash recovery first: its files are then no longer mistaken for orphans."""
         granted = self.grant_access()
         purged = reclaim.purge(self._data_dir)
         batch, moved = reclaim.quarantine(self._data_dir, self.orphans())
+        # Deleted, not quarantined: guest memory must not land on disk (ram_reclaim.py).
+        ram_deleted = ram_reclaim.remove(self._data_dir, self.ram_survey().orphans)
         if self._catalogue is not None:
             self._catalogue.checkpoint()
-        return Reclaimed(batch, moved, purged, granted)
+        return Reclaimed(batch, moved, purged, granted, ram_deleted)
 
 
 def _marker_token(marker: Path) -> str:

@@ -86,7 +86,12 @@ class DataDir:
 
     def ram_files(self) -> list[Path]:
         """This data directory's files in ram_dir."""
-        return sorted(self.ram_dir.glob(f"{self._ram_tag()}.*"))
+        return sorted(self.ram_dir.glob(f"{self.ram_prefix}*"))
+
+    @property
+    def ram_prefix(self) -> str:
+        """How the names of this data directory's files in ram_dir begin (ram_file)."""
+        return f"{self._ram_tag()}."
 
     def _ram_tag(self) -> str:
         import zlib
@@ -106,10 +111,7 @@ class DataDir:
             info = path.lstat()
         except OSError:
             return None
-        if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
-                or info.st_mode & 0o077):
-            return None
-        return path
+        return None if ram_dir_refusal(info) else path
 
     @property
     def servers_dir(self) -> Path:
@@ -225,6 +227,21 @@ class DataDir:
         """A new directory QEMU's user may traverse (a server's); FileExistsError if it exists."""
         path.mkdir(mode=PRIVATE_DIR_MODE)
         _share_with_qemu(path, _qemu_gid(self.qemu_user))
+
+
+def ram_dir_refusal(info: os.stat_result) -> str:
+    """Why a ram_dir with *info* (lstat: a symlink is not followed) must be neither used nor
+    read, "" when it is a directory of ours nobody else can enter. /dev/shm is everyone's:
+    what stands at our name may have been planted there before we made it."""
+    if stat.S_ISLNK(info.st_mode):
+        return "it is a symlink"
+    if not stat.S_ISDIR(info.st_mode):
+        return "it is not a directory"
+    if info.st_uid != os.getuid():
+        return f"it belongs to uid {info.st_uid}, not to you"
+    if info.st_mode & 0o077:
+        return f"others can enter it (mode {stat.S_IMODE(info.st_mode):04o})"
+    return ""
 
 
 def _qemu_gid(user: str) -> int | None:

@@ -1,0 +1,170 @@
+"""Orphaned raw memory saves in RAM (DataDir.ram_dir), which `doctor` reports and `--fix` deletes.
+
+A memory snapshot's raw save file lives in /dev/shm/bbsnap-UID for the second or two until
+its worker has compressed it into images/; every path bbsnap foresaw removes it with its
+image (DataDir.remove_image_files). One left by a path nobody foresaw (the image's row gone,
+the image no longer `creating`) would hold a guest's memory in RAM until the host reboots.
+
+A file of this data directory (its name carries the directory's tag: ram_file) is an orphan
+when no catalogue row names the image id it names, or that image is not `creating`, or it
+is creating with its job token dead and no snapshot job for crash recovery to hand to a new
+worker (which needs the file: memory.store). That is reclaim.py's rule for tmp/ with crash
+recovery's adoption added, as these files cannot be quarantined and undone. An empty
+catalogue, or one that could not be opened, proves nothing (as for image files); a name that
+names no image id says nothing about whose it is: both are undecidable, never deleted.
+
+Orphans are deleted, never quarantined: they are guest memory (secrets: keys, passwords),
+which a quarantine would write onto disk, and a rename cannot leave tmpfs anyway.
+
+ram_dir is read only while it is a directory of ours nobody else can enter (layout's
+ram_dir_refusal, as ensure_ram_dir uses), through a descriptor opened without following a
+symlink; doctor never creates it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from bbsnap.errors import BbsnapError, NotFoundError
+from bbsnap.models import ImageFilter, ImageStatus
+from bbsnap.services.reclaim import Orphan, Undecidable
+from bbsnap.state.catalogue import Catalogue
+from bbsnap.state.layout import DataDir, ram_dir_refusal
+from bbsnap.state.process_tokens import job_alive
+
+_IMAGE_ID = re.compile(r"^(img-[0-9a-z]{5})(?:[.-]|$)")  # img-xxxxx.memory.save (memory.py)
+
+
+@dataclass(frozen=True)
+class RamSurvey:
+    directory: Path
+    orphans: list[Orphan]
+    undecidable: list[Undecidable]
+    refused: str = ""  # why the directory was not read ("" if it was, or does not exist)
+
+
+def survey(data_dir: DataDir, catalogue: Catalogue | None) -> RamSurvey:
+    """This data directory's files in ram_dir, sorted into orphans and undecidable files.
+
+    The files are listed before the catalogue is read: a snapshot commits its row (creating,
+    with its live job's token, and its snapshot job) before libvirt writes its save file, so
+    every file seen here belongs to a row read afterwards, never to a row not yet written."""
+    with _opened(data_dir) as (fd, refused):
+        files = _listing(data_dir, fd) if fd is not None else []
+    orphans: list[Orphan] = []
+    undecidable: list[Undecidable] = []
+    if not files:
+        return RamSurvey(data_dir.ram_dir, orphans, undecidable, refused)
+    kept, unknown = _verdicts(catalogue, {image_id for _, _, image_id in files if image_id})
+    proves_nothing = bool(unknown) and _proves_nothing(catalogue)
+    for path, size, image_id in files:
+        if image_id is None:
+            undecidable.append(Undecidable(path, size, "its name names no image: nothing "
+                                                       "says whose it is"))
+        elif image_id in kept:
+            continue  # a live job's save file, or one crash recovery hands to a new worker
+        elif image_id in unknown and proves_nothing:
+            undecidable.append(Undecidable(path, size, "the catalogue is empty or could not "
+                                                       "be opened: it proves nothing"))
+        else:
+            orphans.append(Orphan(path, size))
+    return RamSurvey(data_dir.ram_dir, orphans, undecidable, refused)
+
+
+def remove(data_dir: DataDir, orphans: list[Orphan]) -> list[Orphan]:
+    """Delete *orphans* (survey's, all in ram_dir) outright; the ones deleted. Guest memory
+    is never moved onto disk to be reclaimed later (see the module's docstring)."""
+    removed: list[Orphan] = []
+    with _opened(data_dir) as (fd, _refused):
+        if fd is None:
+            return removed
+        for orphan in orphans:
+            if orphan.path.parent != data_dir.ram_dir or \
+                    not orphan.path.name.startswith(data_dir.ram_prefix):
+                continue  # not a file of this data directory's in ram_dir: never ours to delete
+            try:
+                os.unlink(orphan.path.name, dir_fd=fd)
+            except FileNotFoundError:
+                continue  # its worker ended it meanwhile
+            except OSError as exc:
+                raise BbsnapError(f"cannot delete {orphan.path}: {exc.strerror}") from exc
+            removed.append(orphan)
+    return removed
+
+
+@contextlib.contextmanager
+def _opened(data_dir: DataDir) -> Iterator[tuple[int | None, str]]:
+    """A descriptor of ram_dir and "", or None and why it is not read ("" when it does not
+    exist). Checked on the descriptor itself (O_NOFOLLOW: a symlink is never followed), so
+    nothing planted between a check and the reading is read."""
+    path = data_dir.ram_dir
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield None, ""
+        return
+    except OSError:
+        try:
+            refused = ram_dir_refusal(path.lstat()) or "it cannot be opened"
+        except OSError as exc:
+            refused = f"it cannot be read ({exc.strerror})"
+        yield None, refused
+        return
+    try:
+        refused = ram_dir_refusal(os.fstat(fd))
+        yield (None if refused else fd), refused
+    finally:
+        os.close(fd)
+
+
+def _listing(data_dir: DataDir, fd: int) -> list[tuple[Path, int, str | None]]:
+    """This data directory's entries in the opened ram_dir (another data directory's tag is
+    never listed): each path, the bytes it holds in RAM, and the image id its name names."""
+    found = []
+    prefix = data_dir.ram_prefix
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if not entry.name.startswith(prefix):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if entry.is_dir(follow_symlinks=False):
+                    continue  # bbsnap makes no directories here: not ours to judge
+            except OSError:
+                continue  # gone meanwhile
+            match = _IMAGE_ID.match(entry.name[len(prefix):])
+            found.append((data_dir.ram_dir / entry.name, info.st_blocks * 512,
+                          match.group(1) if match else None))
+    return sorted(found)
+
+
+def _verdicts(catalogue: Catalogue | None, image_ids: set[str]) -> tuple[set[str], set[str]]:
+    """Of *image_ids*: those whose file must be kept, and those no catalogue row names."""
+    kept: set[str] = set()
+    unknown: set[str] = set()
+    for image_id in image_ids:
+        try:
+            if catalogue is None:
+                raise NotFoundError(image_id)
+            image = catalogue.get(image_id, include_deleted=True)
+        except NotFoundError:
+            unknown.add(image_id)
+            continue
+        if image.status is not ImageStatus.CREATING:
+            continue
+        # crash recovery (services/recovery.py) gives a creating image with a snapshot job
+        # whose process is gone to a new worker, which stores this file: not an orphan
+        if job_alive(image.job) or catalogue.snapshot_job(image_id) is not None:
+            kept.add(image_id)
+    return kept, unknown
+
+
+def _proves_nothing(catalogue: Catalogue | None) -> bool:
+    """Whether a missing row proves nothing: no catalogue, or one without a single row (a
+    lost WAL, a restored empty file)."""
+    return catalogue is None or not catalogue.find(ImageFilter(include_deleted=True))
