@@ -85,8 +85,21 @@ class DataDir:
         return self.ram_dir / f"{self._ram_tag()}.{name}"
 
     def ram_files(self) -> list[Path]:
-        """This data directory's files in ram_dir."""
-        return sorted(self.ram_dir.glob(f"{self.ram_prefix}*"))
+        """This data directory's files in ram_dir (none while it is not to be trusted)."""
+        trusted = self.trusted_ram_dir()
+        return sorted(trusted.glob(f"{self.ram_prefix}*")) if trusted else []
+
+    def trusted_ram_dir(self) -> Path | None:
+        """ram_dir if it exists as a directory of ours nobody else can enter, else None;
+        never made. Anything read or removed there goes through this: a symlink or another
+        user's directory planted in the shared /dev/shm before bbsnap made its own could
+        hold a file named like one of ours (a crafted save image stored as a guest's memory).
+        Once it is ours, only we can rename or remove it (/dev/shm is sticky)."""
+        try:
+            info = self.ram_dir.lstat()
+        except OSError:
+            return None
+        return None if ram_dir_refusal(info) else self.ram_dir
 
     @property
     def ram_prefix(self) -> str:
@@ -198,7 +211,9 @@ class DataDir:
         for directory in (self.tmp_dir, self.images_dir):
             for path in directory.glob(f"{_as_glob_id(image_id)}[.-]*"):
                 path.unlink(missing_ok=True)
-        for path in self.ram_dir.glob(f"{self._ram_tag()}.{_as_glob_id(image_id)}[.-]*"):
+        ram_dir = self.trusted_ram_dir()
+        for path in (ram_dir.glob(f"{self.ram_prefix}{_as_glob_id(image_id)}[.-]*")
+                     if ram_dir else ()):
             path.unlink(missing_ok=True)
 
     def ensure(self) -> "DataDir":

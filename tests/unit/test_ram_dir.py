@@ -59,3 +59,36 @@ def test_someone_elses_directory_is_not_used(shm, tmp_path):
     planted.mkdir(mode=0o700)
     os.chown(planted, 12345, 12345)
     assert DataDir(tmp_path / "data").ensure_ram_dir() is None
+
+
+def test_a_save_file_is_never_found_through_a_planted_directory_or_symlink(shm, tmp_path):
+    from bbsnap.services.snapshots import memory
+
+    data = DataDir(tmp_path / "data")
+    data.tmp_dir.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (shm / f"bbsnap-{os.getuid()}").symlink_to(elsewhere)
+    crafted = elsewhere / data.ram_file("img-aaaaa.memory.save").name
+    crafted.write_bytes(b"a crafted save image")
+    assert data.trusted_ram_dir() is None
+    assert memory.raw_file(data, "img-aaaaa") is None, "not read through the planted symlink"
+    assert data.ram_files() == []
+    data.remove_image_files("img-aaaaa")
+    assert crafted.exists(), "nothing touched in a directory that is not ours"
+
+    # In tmp/, a symlink in the save file's place is not followed either.
+    memory.work_file(data, "img-bbbbb").symlink_to(crafted)
+    assert memory.raw_file(data, "img-bbbbb") is None
+
+
+def test_a_save_file_in_our_own_ram_directory_is_found_first(shm, tmp_path):
+    from bbsnap.services.snapshots import memory
+
+    data = DataDir(tmp_path / "data")
+    data.tmp_dir.mkdir(parents=True)
+    assert data.ensure_ram_dir() == data.trusted_ram_dir()
+    in_ram = data.ram_file("img-aaaaa.memory.save")
+    in_ram.write_bytes(b"1")
+    memory.work_file(data, "img-aaaaa").write_bytes(b"2")
+    assert memory.raw_file(data, "img-aaaaa") == in_ram

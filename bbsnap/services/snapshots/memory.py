@@ -81,6 +81,7 @@ removed (the memory file is one), so no image is available without its memory fi
 
 from __future__ import annotations
 
+import stat
 import time
 from pathlib import Path
 from typing import Callable
@@ -129,9 +130,22 @@ def _raw_name(image_id: str) -> str:
 
 
 def raw_file(data_dir: DataDir, image_id: str) -> Path | None:
-    """The image's raw save file, in RAM or in tmp/; None if there is none."""
-    return next((path for path in (data_dir.ram_file(_raw_name(image_id)),
-                                   work_file(data_dir, image_id)) if path.is_file()), None)
+    """The image's raw save file, in RAM or in tmp/; None if there is none. In RAM only in
+    a directory that is ours (DataDir.trusted_ram_dir), and never through a symlink: what
+    is found here is stored as the guest's memory, and a revert restores it."""
+    places = [work_file(data_dir, image_id)]
+    if data_dir.trusted_ram_dir():
+        places.insert(0, data_dir.ram_file(_raw_name(image_id)))
+    return next((path for path in places if _regular_file(path)), None)
+
+
+def _regular_file(path: Path) -> bool:
+    """Not through a symlink; its owner may be libvirt's (root), which writes the file into
+    our directory on qemu:///system."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
 
 
 def _room(directory: Path) -> int:
