@@ -168,9 +168,13 @@ def map_as_zero(path: Path, size: int) -> bool:
     Why: the job allocates an L2 table each time it reaches a new 512 MiB of the disk, and
     QEMU's qcow2 flushes the target file two or three times per allocation. With the copy's
     data dirty in the page cache each flush waits for all of it to reach the disk, and the
-    job waits with it: on an 8 GiB disk holding 1 GiB (QMP trace of a bare blockdev-backup,
-    /work/briefs/notes/trace_exp.py) two such allocations took 330 and 289 ms, and the job
-    ran 1.25-1.29 s; with the tables made first it ran 0.47-0.49 s. Made with the host cache
+    job waits with it: on an 8 GiB disk holding 1 GiB (QEMU's trace events, HMP `log
+    trace:qcow2_l2_allocate,...`, during a bare blockdev-backup) two such allocations took
+    330 and 289 ms, and the job ran 1.25-2.1 s over rounds; with the tables made first it ran
+    0.76-0.95 s (0.47-0.49 s with the file's blocks also reserved by fallocate, which bbsnap
+    does not do: it would have to guess the copy's size); in bbsnap's path QEMU's job went from 1.48 s to
+    1.08 s and the copy until available from 1.42x to 1.23x `convert` + fsync (scripts/
+    bench_snapshot.py --full-copy). Made with the host cache
     and no flushes (`-t unsafe`): nothing needs them on disk before the copy's own final
     fsync, and a crash before that discards the image anyway."""
     if size <= L2_TABLE_SPAN or size > ZERO_MAP_MAX:
