@@ -1,6 +1,7 @@
-"""A full copy's target has all its L2 tables made before the job (qemu_img.map_as_zero):
-every cluster reads zeroes, the image stays the blank it was, and small or incremental
-targets are left alone."""
+"""A full copy's target has all its L2 tables made before the job (qemu_img.map_as_zero)
+and its blocks reserved (disks/reserve.py): every cluster reads zeroes, the image stays the
+blank it was, what the copy did not use is given back, and small or incremental targets are
+left alone."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def test_the_snapshot_maps_a_full_copys_target_and_never_an_incremental_ones(
     for device, incremental in (("vda", False), ("vdb", True)):
         source = tmp_path / f"{device}.qcow2"
         qemu_img.create_blank(source, 2 * GIB)
+        with open(source, "r+b") as handle:  # 8 MiB of the source's file in use
+            handle.seek(1 << 20)
+            handle.write(b"\x5a" * (8 << 20))
         disks.append(SnapshotDisk(device=device, source=str(source), source_format="qcow2",
                                   target=str(tmp_path / f"{device}.copy.qcow2"),
                                   ancestor=str(source) if incremental else None,
@@ -71,3 +75,26 @@ def test_the_snapshot_maps_a_full_copys_target_and_never_an_incremental_ones(
     full, incremental = (_map(Path(d.target)) for d in disks)
     assert all(e["zero"] and e["present"] for e in full), "the full copy's tables are made"
     assert not any(e["present"] for e in incremental), "an incremental shows its parent"
+    # The full copy's blocks are reserved past its end (disks/reserve.py), its size as it was.
+    full_target, incremental_target = (Path(d.target) for d in disks)
+    assert full_target.stat().st_blocks * 512 >= 8 << 20 > full_target.stat().st_size
+    assert incremental_target.stat().st_blocks * 512 < 1 << 20
+
+
+def test_reserved_blocks_are_given_back_and_a_full_filesystem_gets_no_reservation(
+        tmp_path: Path, monkeypatch) -> None:
+    from bbsnap.disks import reserve
+
+    target = tmp_path / "target.qcow2"
+    qemu_img.create_blank(target, GIB)
+    size = target.stat().st_size
+    assert reserve.reserve(target, 64 << 20)
+    assert target.stat().st_blocks * 512 >= 64 << 20 and target.stat().st_size == size
+    assert qemu_img.check(target).clean, "qcow2 sees the same file"
+    reserve.release(target)
+    assert target.stat().st_blocks * 512 < 1 << 20 and target.stat().st_size == size
+
+    # No room beside the filesystem's free-space reserve: nothing reserved.
+    monkeypatch.setattr(reserve, "free_space_reserve", lambda _dir: (100 << 20, 60 << 20))
+    assert not reserve.reserve(target, 64 << 20)
+    assert target.stat().st_blocks * 512 < 1 << 20

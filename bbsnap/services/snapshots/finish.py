@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from bbsnap import safe_files
 from bbsnap.state.catalogue import Catalogue
-from bbsnap.disks import qemu_img
+from bbsnap.disks import qemu_img, reserve
 from bbsnap.disks.writeback import Writeback
 from bbsnap.disks.qcow2_header import Qcow2Header, read_qcow2_header
 from bbsnap.errors import BbsnapError, HostileImageError, HypervisorError, NotFoundError
@@ -182,6 +182,8 @@ class SnapshotFinisher:
 
     def _store_disk(self, image_id: str, index: int, disk: SnapshotDisk, mode: str) -> ImageVolume:
         copy = Path(disk.target)
+        if not disk.incremental and mode == "backup":
+            reserve.release(copy)  # what the copy did not use of the blocks start.py reserved
         if disk.ancestor and disk.incremental:
             # Only the clusters written since the parent's instant were copied (its checkpoint,
             # services/snapshots/chain.py): that already is the delta; name its base. libvirt

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from bbsnap import ids
 from bbsnap.state import locks
-from bbsnap.disks import qemu_img
+from bbsnap.disks import qemu_img, reserve
 from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.errors import CheckpointBrokenError, ConflictError, QuiesceError
 from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskInfo, DomainState, Hypervisor,
@@ -322,6 +322,8 @@ class SnapshotService:
             qemu_img.create_blank(Path(disk.target), size)
             if not disk.incremental:
                 qemu_img.map_as_zero(Path(disk.target), size)
+                # The copy holds about what the disk's file does (disks/reserve.py).
+                reserve.reserve(Path(disk.target), _allocated_bytes(disk.source))
 
     def _full_copy(self, disk: SnapshotDisk, ancestor: Image | None, index: int) -> SnapshotDisk:
         parent = (str(self._data_dir.image_path(ancestor.path))
@@ -330,6 +332,14 @@ class SnapshotService:
 
     def _new_image_id(self) -> str:
         return ids.allocate("img", lambda candidate: not self._catalogue.exists(candidate))
+
+
+def _allocated_bytes(path: str) -> int:
+    """The bytes *path*'s file holds on disk (0 when it cannot be looked at)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
 
 
 def _file_capacity(path: str, fmt: str) -> int | None:
