@@ -323,7 +323,7 @@ class SnapshotService:
             if not disk.incremental:
                 qemu_img.map_as_zero(Path(disk.target), size)
                 # The copy holds about what the disk's file does (disks/reserve.py).
-                reserve.reserve(Path(disk.target), _allocated_bytes(disk.source))
+                reserve.reserve(Path(disk.target), min(size, _allocated_bytes(disk.source)))
 
     def _full_copy(self, disk: SnapshotDisk, ancestor: Image | None, index: int) -> SnapshotDisk:
         parent = (str(self._data_dir.image_path(ancestor.path))
