@@ -30,14 +30,21 @@ TCG vCPU. The job's `x-perf` knobs (max-workers, max-chunk) are set only when a 
 backup job starts, and libvirt 9.0's backup XML has no way to pass them; reaching them
 would mean a job libvirt does not know, started through the monitor, so bbsnap does not.
 A preallocated target would make every cluster of the image allocated, and lazy refcounts
-on the target measured no better (1.0-3.1 s against 1.2-6.2 s for the same rounds).
+on the target measured no better (1.0-3.1 s against 1.2-6.2 s for the same rounds). What
+did help (ninth session): a full copy's target over 512 MiB gets its L2 tables before the
+job (qemu_img.map_as_zero: the job otherwise stops at each new 512 MiB while QEMU flushes
+the target with the copy dirty) and its blocks reserved (disks/reserve.py): QEMU's job on
+an 8 GiB disk holding 1 GiB 1.48 -> 1.08 -> 0.82 s, the copy until available 1.42x ->
+1.23x -> 1.02x `convert` + fsync (scripts/bench_snapshot.py --full-copy).
 O_DIRECT for the target is out of reach: libvirt 9.0 opens a push backup's target with
 cache.direct=off and no-flush=off whatever the disk's own cache mode (QEMU's
 query-named-block-nodes during a job, a cache='none' disk's included), and the backup XML
 has no cache setting. What the guest feels during a full copy (scripts/bench_guest_view.py:
-its longest write gap at 8 GiB / 1 GiB of data 0.27-0.78 s over runs, the host's own probe
-55-165 ms in the same windows) was not made shorter by the worker's writeback kicks at the
-idle I/O class (ioprio_set around sync_file_range): 642 ms against 775 ms at the normal
+its longest write gap at 8 GiB / 1 GiB of data 0.27-0.83 s over runs) comes from the
+filesystem, not QEMU: its flush of its own disk waits behind the copy's writeback (a QEMU
+trace showed it complete only as the target's flushes did; with the target on tmpfs the
+gap was 75 ms against 280 ms). It was not made shorter by the worker's writeback kicks at
+the idle I/O class (ioprio_set around sync_file_range): 642 ms against 775 ms at the normal
 class in back-to-back runs, inside this host's spread, and the code was not kept.
 
 Quiescing: the guest agent freezes the filesystems (bounded by the agent
