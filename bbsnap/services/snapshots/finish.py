@@ -111,10 +111,9 @@ class SnapshotFinisher:
 
     def _wait_for_backup(self, image_id: str, job: SnapshotJob) -> None:
         report = _ProgressReport(self._catalogue, image_id, job)
-        # The copy is written out while QEMU makes it, not all at its end (disks/writeback.py).
-        writeback = Writeback([Path(d.target) for d in job.disks])
         pace = _PollPace()
-        try:
+        # The copy is written out while QEMU makes it, not all at its end (disks/writeback.py).
+        with Writeback([Path(d.target) for d in job.disks]):
             while True:
                 try:
                     status = self._hv.job_status(job.domain)
@@ -128,10 +127,7 @@ class SnapshotFinisher:
                     self._timeline.mark("copied")
                     break
                 report(status.percent)
-                writeback.kick()
                 time.sleep(pace.next(status.processed, status.total))
-        finally:
-            writeback.close()
         try:
             outcome = self._hv.completed_job(job.domain)
         except NotFoundError:
