@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from bbsnap.cli.main import cli
+from bbsnap.state import layout
 from bbsnap.state.layout import DataDir
 
 
@@ -102,3 +103,13 @@ class Bbsnap:
 @pytest.fixture()
 def bbsnap(data_dir: Path) -> Bbsnap:
     return Bbsnap(data_dir)
+
+
+@pytest.fixture()
+def shm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in for /dev/shm (sticky, open to all) under the test's tmp dir: the RAM work
+    directory (DataDir.ram_dir) is made and looked for there."""
+    root = tmp_path / "shm"
+    root.mkdir(mode=0o1777)
+    monkeypatch.setattr(layout, "RAM_ROOT", str(root))
+    return root

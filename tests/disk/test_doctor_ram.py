@@ -11,23 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from bbsnap.models import Image, ImageStatus, ImageType
-from bbsnap.state import layout
 from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.state.layout import DataDir
 from bbsnap.state.process_tokens import current_job_token
 
 OTHER = "test:///default"
 
-
-@pytest.fixture()
-def shm(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "shm"
-    root.mkdir(mode=0o1777)
-    monkeypatch.setattr(layout, "RAM_ROOT", str(root))
-    return root
 
 
 def _rows(bbsnap, *images: tuple[str, ImageStatus, str | None]) -> None:

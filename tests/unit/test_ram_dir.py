@@ -4,20 +4,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
 from bbsnap.state import layout
 from bbsnap.state.layout import DataDir
 
-
-@pytest.fixture()
-def shm(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "shm"
-    root.mkdir(mode=0o1777)
-    monkeypatch.setattr(layout, "RAM_ROOT", str(root))
-    return root
 
 
 def test_made_private_and_shared_by_the_users_data_directories(shm, tmp_path):

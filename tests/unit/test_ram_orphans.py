@@ -22,13 +22,6 @@ JOB = SnapshotJob(domain="srv-aaaaa", domain_uuid="0b9d7c1e-0000-4000-8000-00000
                                                      "/nonexistent/target.qcow2"),))
 
 
-@pytest.fixture()
-def shm(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "shm"
-    root.mkdir(mode=0o1777)
-    monkeypatch.setattr(layout, "RAM_ROOT", str(root))
-    return root
-
 
 @pytest.fixture()
 def catalogue(tmp_path):
