@@ -78,6 +78,7 @@ class Writeback:
         call = self._call
         assert call is not None
         fds: dict[Path, int] = {}
+        unreadable: set[Path] = set()                   # tried once: not ours for this job
         sent: dict[Path, int] = {}                      # how far each file was sent
         in_flight: list[tuple[int, int, int]] = []      # (fd, offset, length), oldest first
         try:
@@ -86,10 +87,15 @@ class Writeback:
                 for path in self._paths:
                     fd = fds.get(path)
                     if fd is None:
+                        if path in unreadable:
+                            continue
                         try:
                             fd = fds[path] = os.open(path, os.O_RDONLY | os.O_NOFOLLOW
                                                      | os.O_CLOEXEC)
                         except OSError:
+                            # QEMU's user's for the job (a normal user on qemu:///system):
+                            # left to the final flush, not tried again every IDLE.
+                            unreadable.add(path)
                             continue
                     size, start = os.fstat(fd).st_size, sent.get(path, 0)
                     # A whole window, or the tail once nothing else is in flight.
