@@ -9,6 +9,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +62,32 @@ def cli_runner(env: dict[str, str]) -> Callable[..., str]:
         return subprocess.run([*BBSNAP, *args], env=env, check=True, capture_output=True,
                               text=True).stdout.strip()
     return run
+
+
+# The installed `bbsnap` console script's own entry point: through this checkout's command
+# server when one answers (bbsnap/cmdserver), else in its own process.
+BBSNAP_ENTRY = [PYTHON, "-c", "from bbsnap.entry import main; main()"]
+
+
+@contextmanager
+def command_server(env: dict[str, str], work: Path) -> Iterator[Callable[..., str]]:
+    """A command server of this checkout, for *env*'s commands, in a runtime directory of
+    its own under *work* (never a user's server); yields run(*args) through it, as
+    cli_runner's. Stopped at the end."""
+    runtime = work / "runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env = {**env, "XDG_RUNTIME_DIR": str(runtime)}
+    subprocess.run([*BBSNAP, "command-server", "start", "--idle-timeout", "0"], env=env,
+                   check=True, capture_output=True)
+
+    def run(*args: str) -> str:
+        return subprocess.run([*BBSNAP_ENTRY, *args], env=env, check=True, capture_output=True,
+                              text=True).stdout.strip()
+    try:
+        run("command-server", "status")
+        yield run
+    finally:
+        subprocess.run([*BBSNAP, "command-server", "stop"], env=env, capture_output=True)
 
 
 def median_time(action: Callable[[], object], runs: int, between: Callable[[], object] | None = None) -> float:

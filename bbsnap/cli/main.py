@@ -13,6 +13,7 @@ from bbsnap import __version__
 from bbsnap.text import escape
 from bbsnap.cli import context
 from bbsnap.cli.context import AppContext
+from bbsnap.cli.command_server import command_server
 from bbsnap.cli.doctor import doctor
 from bbsnap.cli.image_export import export_image
 from bbsnap.cli.images import images
@@ -88,6 +89,7 @@ cli.add_command(servers)
 cli.add_command(schedule)
 cli.add_command(types)
 cli.add_command(doctor)
+cli.add_command(command_server)
 
 
 # -- failures that are not bugs, though they do not arrive as BbsnapErrors -----------------
@@ -239,6 +241,13 @@ def main() -> None:
     commands wrote are closed by then, output is flushed here, and then the catalogue is
     checkpointed.
     """
+    os._exit(run_command())
+
+
+def run_command() -> int:
+    """Run the command in sys.argv to its end, output flushed and catalogue settled, and
+    return its exit status; the process must end right after (main, or the command
+    server's child, bbsnap/cmdserver/session.py)."""
     context.leave_open_at_exit = True
     _watch_stdout()
     try:
@@ -247,8 +256,7 @@ def main() -> None:
     except SystemExit as exc:
         code = _exit_status(exc.code)
     code = _flush(code)
-    code = _settle_catalogue(code)
-    os._exit(code)
+    return _settle_catalogue(code)
 
 
 def _flush(code: int = 0) -> int:

@@ -1,0 +1,70 @@
+"""Start, stop and ask after this install's command server (`bbsnap command-server`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from bbsnap.cmdserver import client, paths
+from bbsnap.errors import BbsnapError
+
+START_TIMEOUT = 120.0  # importing everything takes ~1 s here; a loaded host, much longer
+
+
+def status() -> str | None:
+    """The running server's description, or None."""
+    return client.request("ping")
+
+
+def start(idle_timeout: float) -> str:
+    """Start a server unless one answers; its description once it accepts commands."""
+    from bbsnap.cmdserver.server import ensure_runtime_dir
+
+    running = status()
+    if running is not None:
+        return running
+    ensure_runtime_dir()
+    ready_r, ready_w = os.pipe()
+    log = os.open(paths.log_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                  | os.O_CLOEXEC, 0o600)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bbsnap.cmdserver.server",
+             "--idle-timeout", str(idle_timeout), "--ready-fd", str(ready_w)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(ready_w,),
+            start_new_session=True)
+    finally:
+        os.close(ready_w)
+        os.close(log)
+    try:
+        # The server writes one byte once it listens with everything imported, and
+        # the pipe ends without it if the server failed (its error is in the log).
+        import select
+
+        readable, _, _ = select.select([ready_r], [], [], START_TIMEOUT)
+        ready = os.read(ready_r, 1) if readable else b""
+    finally:
+        os.close(ready_r)
+    if not ready:
+        process.poll()
+        if process.returncode is None:
+            process.kill()
+            process.wait()
+        raise BbsnapError("the command server did not start: " + _last_log_line(),
+                          hint=f"its log is {paths.log_path()}")
+    return status() or f"pid={process.pid} package={paths.PACKAGE_DIR}"
+
+
+def stop() -> str | None:
+    """Ask the server to end; what it said, or None when none was running."""
+    return client.request("stop")
+
+
+def _last_log_line() -> str:
+    try:
+        with open(paths.log_path(), "rb") as log:
+            lines = log.read()[-4096:].decode(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "it said nothing"
