@@ -16,25 +16,24 @@ names no image id says nothing about whose it is: both are undecidable, never de
 Orphans are deleted, never quarantined: they are guest memory (secrets: keys, passwords),
 which a quarantine would write onto disk, and a rename cannot leave tmpfs anyway.
 
-ram_dir is read only while it is a directory of ours nobody else can enter (layout's
-ram_dir_refusal, as ensure_ram_dir uses), through a descriptor opened without following a
-symlink; doctor never creates it.
+ram_dir is read only while it is a directory of ours nobody else can enter, through the
+descriptor layout.opened_ram_dir judged that on (opened without following a symlink: what
+is listed and deleted is in the directory that was checked); DataDir.trusted_ram_dir and
+ensure_ram_dir decide through the same helper. doctor never creates it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from bbsnap.errors import BbsnapError, NotFoundError
 from bbsnap.models import ImageFilter, ImageStatus
 from bbsnap.services.reclaim import Orphan, Undecidable
 from bbsnap.state.catalogue import Catalogue
-from bbsnap.state.layout import DataDir, ram_dir_refusal
+from bbsnap.state.layout import DataDir, opened_ram_dir
 from bbsnap.state.process_tokens import job_alive
 
 _IMAGE_ID = re.compile(r"^(img-[0-9a-z]{5})(?:[.-]|$)")  # img-xxxxx.memory.save (memory.py)
@@ -54,7 +53,7 @@ def survey(data_dir: DataDir, catalogue: Catalogue | None) -> RamSurvey:
     The files are listed before the catalogue is read: a snapshot commits its row (creating,
     with its live job's token, and its snapshot job) before libvirt writes its save file, so
     every file seen here belongs to a row read afterwards, never to a row not yet written."""
-    with _opened(data_dir) as (fd, refused):
+    with opened_ram_dir(data_dir.ram_dir) as (fd, refused):
         files = _listing(data_dir, fd) if fd is not None else []
     orphans: list[Orphan] = []
     undecidable: list[Undecidable] = []
@@ -80,7 +79,7 @@ def remove(data_dir: DataDir, orphans: list[Orphan]) -> list[Orphan]:
     """Delete *orphans* (survey's, all in ram_dir) outright; the ones deleted. Guest memory
     is never moved onto disk to be reclaimed later (see the module's docstring)."""
     removed: list[Orphan] = []
-    with _opened(data_dir) as (fd, _refused):
+    with opened_ram_dir(data_dir.ram_dir) as (fd, _refused):
         if fd is None:
             return removed
         for orphan in orphans:
@@ -95,31 +94,6 @@ def remove(data_dir: DataDir, orphans: list[Orphan]) -> list[Orphan]:
                 raise BbsnapError(f"cannot delete {orphan.path}: {exc.strerror}") from exc
             removed.append(orphan)
     return removed
-
-
-@contextlib.contextmanager
-def _opened(data_dir: DataDir) -> Iterator[tuple[int | None, str]]:
-    """A descriptor of ram_dir and "", or None and why it is not read ("" when it does not
-    exist). Checked on the descriptor itself (O_NOFOLLOW: a symlink is never followed), so
-    nothing planted between a check and the reading is read."""
-    path = data_dir.ram_dir
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        yield None, ""
-        return
-    except OSError:
-        try:
-            refused = ram_dir_refusal(path.lstat()) or "it cannot be opened"
-        except OSError as exc:
-            refused = f"it cannot be read ({exc.strerror})"
-        yield None, refused
-        return
-    try:
-        refused = ram_dir_refusal(os.fstat(fd))
-        yield (None if refused else fd), refused
-    finally:
-        os.close(fd)
 
 
 def _listing(data_dir: DataDir, fd: int) -> list[tuple[Path, int, str | None]]:

@@ -11,6 +11,7 @@ Directories QEMU never opens (locks, logs, blank overlays) are 0700.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -18,7 +19,7 @@ import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from bbsnap import ids
 from bbsnap.errors import BbsnapError, CataloguePathError
@@ -95,11 +96,8 @@ class DataDir:
         user's directory planted in the shared /dev/shm before bbsnap made its own could
         hold a file named like one of ours (a crafted save image stored as a guest's memory).
         Once it is ours, only we can rename or remove it (/dev/shm is sticky)."""
-        try:
-            info = self.ram_dir.lstat()
-        except OSError:
-            return None
-        return None if ram_dir_refusal(info) else self.ram_dir
+        with opened_ram_dir(self.ram_dir) as (fd, _refused):
+            return None if fd is None else self.ram_dir
 
     @property
     def ram_prefix(self) -> str:
@@ -115,16 +113,13 @@ class DataDir:
         """ram_dir, made 0700 if missing; None when it cannot be made or is not a directory
         of ours that nobody else can enter (a symlink or someone else's directory planted
         in the shared /dev/shm is never used)."""
-        path = self.ram_dir
         try:
-            try:
-                path.mkdir(mode=0o700)
-            except FileExistsError:
-                pass
-            info = path.lstat()
+            self.ram_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # judged below like any other
         except OSError:
             return None
-        return None if ram_dir_refusal(info) else path
+        return self.trusted_ram_dir()
 
     @property
     def servers_dir(self) -> Path:
@@ -245,9 +240,9 @@ class DataDir:
 
 
 def ram_dir_refusal(info: os.stat_result) -> str:
-    """Why a ram_dir with *info* (lstat: a symlink is not followed) must be neither used nor
-    read, "" when it is a directory of ours nobody else can enter. /dev/shm is everyone's:
-    what stands at our name may have been planted there before we made it."""
+    """Why a ram_dir with *info* (lstat or fstat: a symlink is not followed) must be neither
+    used nor read, "" when it is a directory of ours nobody else can enter. /dev/shm is
+    everyone's: what stands at our name may have been planted there before we made it."""
     if stat.S_ISLNK(info.st_mode):
         return "it is a symlink"
     if not stat.S_ISDIR(info.st_mode):
@@ -257,6 +252,33 @@ def ram_dir_refusal(info: os.stat_result) -> str:
     if info.st_mode & 0o077:
         return f"others can enter it (mode {stat.S_IMODE(info.st_mode):04o})"
     return ""
+
+
+@contextlib.contextmanager
+def opened_ram_dir(path: Path) -> Iterator[tuple[int | None, str]]:
+    """A descriptor of the ram_dir at *path* and "", or None and why it is not to be used
+    ("" when it does not exist): the one place that decides whether it is ours
+    (ram_dir_refusal), for DataDir.trusted_ram_dir and ensure_ram_dir as for doctor's reading
+    of it (services/ram_reclaim.py). Judged on the descriptor itself (O_NOFOLLOW: a symlink
+    is never followed), so a caller reading through the descriptor reads nothing planted
+    between the check and the reading."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield None, ""
+        return
+    except OSError:  # a symlink (ELOOP), not a directory (ENOTDIR), not ours to enter
+        try:
+            refused = ram_dir_refusal(path.lstat()) or "it cannot be opened"
+        except OSError as exc:
+            refused = f"it cannot be read ({exc.strerror})"
+        yield None, refused
+        return
+    try:
+        refused = ram_dir_refusal(os.fstat(fd))
+        yield (None if refused else fd), refused
+    finally:
+        os.close(fd)
 
 
 def _qemu_gid(user: str) -> int | None:

@@ -9,30 +9,23 @@ tests/contract checks the fake.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from bbsnap.state.catalogue import Catalogue, utcnow
-from bbsnap.config import Settings
+from bbsnap.state.catalogue import Catalogue
 from bbsnap.disks import qemu_img
 from bbsnap.errors import HypervisorError
 from bbsnap.hypervisor import DomainInfo, DomainState, NewCheckpoint, PauseCause
 from bbsnap.state.layout import DataDir
-from bbsnap.models import Consistency, Image, ImageStatus, ImageType, ServerStatus
-from bbsnap.netports import PortRegistry
-from bbsnap.reporting import SilentReporter
-from bbsnap.services.server_create import CreateRequest, ServerCreator
+from bbsnap.models import Consistency, Image, ImageStatus, ServerStatus
 from bbsnap.services.snapshots import change_tracking
 from bbsnap.services.snapshots.finish import SnapshotFailed, SnapshotFinisher
 from bbsnap.services.servers import ServerService
-from bbsnap.services.snapshots.start import SnapshotRequest, SnapshotService
-from bbsnap.services.snapshots.worker import ExecWorker
+from bbsnap.services.snapshots.start import SnapshotRequest
+from tests.disk.fake_servers import (Notes, base_catalogue, create_request, server_creator,
+                                     snapshot_service)
 from tests.fakes.hypervisor import FakeHypervisor
-
-MIB = 1 << 20
-URI = "test:///fake"
 
 
 class RefusingStart(FakeHypervisor):
@@ -57,37 +50,15 @@ def data(work_dir: Path) -> DataDir:
 
 @pytest.fixture()
 def catalogue(data: DataDir):
-    cat = Catalogue(data.catalogue_path)
-    for image_id in ("img-base0", "img-next0"):
-        path = data.images_dir / f"{image_id}.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(64 * MIB)],
-                       check=True)
-        cat.add(Image(id=image_id, type=ImageType.UPLOAD, owner="me", created_at=utcnow(),
-                      status=ImageStatus.AVAILABLE, name=image_id, path=path.name,
-                      virtual_size=64 * MIB, username="debian"))
+    cat = base_catalogue(data)
     yield cat
     cat.close()
 
 
-def _creator(data: DataDir, catalogue: Catalogue, hv: FakeHypervisor, work_dir: Path,
-             ) -> tuple[ServerCreator, PortRegistry]:
-    registry = PortRegistry(work_dir / "registry", URI)
-    settings = Settings(data_dir=data.root, connect=URI, ssh_ports="41000-41999")
-    return ServerCreator(catalogue, data, hv, settings, lambda: "tcg",
-                         port_registry=registry), registry
-
-
-def _request(work_dir: Path, **changes: object) -> CreateRequest:
-    key = work_dir / "id.pub"
-    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG me@host\n")
-    return CreateRequest(**{"image_id": "img-base0", "name": "web", "memory_mib": 128,  # type: ignore[arg-type]
-                            "ssh_key_files": (key,), **changes})
-
-
 def test_create_defines_the_domain_it_describes_and_starts_it(data, catalogue, work_dir):
     hv = FakeHypervisor()
-    creator, registry = _creator(data, catalogue, hv, work_dir)
-    server = creator.create(_request(work_dir, hostname="web-1"))
+    creator, registry = server_creator(data, catalogue, hv, work_dir)
+    server = creator.create(create_request(work_dir, hostname="web-1"))
     assert (server.status, server.name, server.image_id) == (ServerStatus.ACTIVE, "web",
                                                              "img-base0")
     facts = hv.facts(server.id, inactive=True)
@@ -105,9 +76,9 @@ def test_create_defines_the_domain_it_describes_and_starts_it(data, catalogue, w
 
 def test_a_create_whose_start_fails_leaves_nothing(data, catalogue, work_dir):
     hv = RefusingStart()
-    creator, registry = _creator(data, catalogue, hv, work_dir)
+    creator, registry = server_creator(data, catalogue, hv, work_dir)
     with pytest.raises(HypervisorError, match="starting"):
-        creator.create(_request(work_dir))
+        creator.create(create_request(work_dir))
     assert "define" in hv.calls and "undefine" in hv.calls
     assert hv.list_domains() == []
     assert [p.name for p in data.servers_dir.iterdir() if p.name.startswith("srv-")] == []
@@ -116,8 +87,8 @@ def test_a_create_whose_start_fails_leaves_nothing(data, catalogue, work_dir):
 
 def test_rebuild_replaces_the_disk_and_the_image_in_one_definition(data, catalogue, work_dir):
     hv = FakeHypervisor()
-    creator, _ = _creator(data, catalogue, hv, work_dir)
-    server = creator.create(_request(work_dir))
+    creator, _ = server_creator(data, catalogue, hv, work_dir)
+    server = creator.create(create_request(work_dir))
     old_disk = hv.facts(server.id).disks[0]
     rebuilt = ServerService(hv, catalogue, data).rebuild(server.id, "img-next0")
     (new_disk,) = hv.facts(server.id, inactive=True).disks
@@ -133,8 +104,8 @@ def test_rebuild_replaces_the_disk_and_the_image_in_one_definition(data, catalog
 
 def test_a_rebuild_whose_restart_fails_puts_the_old_definition_back(data, catalogue, work_dir):
     hv = RefusingStart(allowed=1)  # the create's start; the rebuild's restarts fail
-    creator, _ = _creator(data, catalogue, hv, work_dir)
-    server = creator.create(_request(work_dir))
+    creator, _ = server_creator(data, catalogue, hv, work_dir)
+    server = creator.create(create_request(work_dir))
     before = hv.facts(server.id, inactive=True)
     with pytest.raises(HypervisorError, match="starting"):
         ServerService(hv, catalogue, data).rebuild(server.id, "img-next0")
@@ -150,32 +121,13 @@ def test_a_rebuild_whose_restart_fails_puts_the_old_definition_back(data, catalo
 
 # -- snapshot begin: the backup plan handed to the port ---------------------------------------
 
-class Notes(SilentReporter):
-    """What the service tells the user, as "note: ..." / "warning: ..." lines."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def note(self, text: str) -> None:
-        self.lines.append(f"note: {text}")
-
-    def warning(self, text: str) -> None:
-        self.lines.append(f"warning: {text}")
-
-
-def _snapshots(data: DataDir, catalogue: Catalogue, hv: FakeHypervisor,
-               notes: Notes | None = None) -> SnapshotService:
-    # The worker is `true`: it exits at once, the copy is the test's to finish or not.
-    return SnapshotService(catalogue, data, hv, ExecWorker(["true"]), reporter=notes or Notes())
-
-
 def test_a_snapshot_of_a_new_server_copies_what_it_wrote_since_its_birth(data, catalogue,
                                                                           work_dir):
     hv = FakeHypervisor()
-    creator, _ = _creator(data, catalogue, hv, work_dir)
-    server = creator.create(_request(work_dir))
+    creator, _ = server_creator(data, catalogue, hv, work_dir)
+    server = creator.create(create_request(work_dir))
     notes = Notes()
-    image = _snapshots(data, catalogue, hv, notes).begin(SnapshotRequest(server.id))
+    image = snapshot_service(data, catalogue, hv, notes).begin(SnapshotRequest(server.id))
     plan = hv.backup_plan(server.id)
     assert plan is not None and notes.lines == []
     assert [t.device for t in plan.targets] == ["vda"] and plan.skipped == ("hdc",)
@@ -190,13 +142,13 @@ def test_a_snapshot_of_a_new_server_copies_what_it_wrote_since_its_birth(data, c
 def test_a_broken_birth_bitmap_falls_back_to_a_full_copy_and_says_so(data, catalogue,
                                                                     work_dir):
     hv = FakeHypervisor()
-    creator, _ = _creator(data, catalogue, hv, work_dir)
-    server = creator.create(_request(work_dir))
+    creator, _ = server_creator(data, catalogue, hv, work_dir)
+    server = creator.create(create_request(work_dir))
     hv.redefine_checkpoint(server.id, change_tracking.CHECKPOINT, "vda")
     hv.break_checkpoint(server.id, change_tracking.CHECKPOINT)
     hv.silence_agent(server.id)
     notes = Notes()
-    image = _snapshots(data, catalogue, hv, notes).begin(SnapshotRequest(server.id))
+    image = snapshot_service(data, catalogue, hv, notes).begin(SnapshotRequest(server.id))
     plan = hv.backup_plan(server.id)
     assert plan is not None and plan.incremental_from is None, "the whole disk"
     assert hv.calls.count("begin_backup") == 2
@@ -209,9 +161,9 @@ def test_a_broken_birth_bitmap_falls_back_to_a_full_copy_and_says_so(data, catal
 
 def test_a_stopped_server_is_copied_without_a_backup_job(data, catalogue, work_dir):
     hv = FakeHypervisor()
-    creator, _ = _creator(data, catalogue, hv, work_dir)
-    server = creator.create(_request(work_dir, start=False))
-    image = _snapshots(data, catalogue, hv).begin(SnapshotRequest(server.id))
+    creator, _ = server_creator(data, catalogue, hv, work_dir)
+    server = creator.create(create_request(work_dir, start=False))
+    image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(server.id))
     assert "begin_backup" not in hv.calls and "freeze" not in hv.calls
     assert image.status is ImageStatus.CREATING
 
@@ -222,9 +174,9 @@ def _failed_copy(data: DataDir, catalogue: Catalogue, work_dir: Path,
     paused (*pause*: "io-error", QEMU on the write the copy could not save first; "user",
     someone else), run to its end by the worker's finisher: the domain and the image."""
     hv = FakeHypervisor()
-    creator, _ = _creator(data, catalogue, hv, work_dir)
-    server = creator.create(_request(work_dir))
-    image = _snapshots(data, catalogue, hv).begin(SnapshotRequest(server.id))
+    creator, _ = server_creator(data, catalogue, hv, work_dir)
+    server = creator.create(create_request(work_dir))
+    image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(server.id))
     if pause == "io-error":
         hv.pause_on_io_error(server.id)
     else:

@@ -10,7 +10,8 @@ Disks are real file paths: a domain starts only when its disk files exist, a run
 domain's live disks show the backing file qemu-img reads from the file, and a backup job,
 finished when the test says so (``complete_job``), copies each disk with ``qemu-img
 convert`` into its target (the whole disk even for an incremental backup: the copy then
-holds more than QEMU's would, never less).
+holds more than QEMU's would, never less; with ``-n``, into the file bbsnap made, when
+libvirt reuses it).
 
 Memory snapshots: a live save pauses the domain at once and writes its running definition
 into the save file as JSON (the fake's own save-image format; libvirt's is a header with
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
@@ -126,11 +128,17 @@ class FakeHypervisor:
         job.processed = min(processed, job.total)
 
     def complete_job(self, name: str) -> None:
-        """The backup job finishes: each disk is copied into its target."""
+        """The backup job finishes: each disk is copied into its target, into the very file
+        bbsnap made when libvirt reuses it (its tables and the blocks reserved past its end
+        kept, as QEMU's job writes into it), else into a new one."""
         dom, job = self._domain(name), self._job(name)
         for target in job.plan.targets:
             disk = job.sources[target.device]
-            qemu_img.convert(Path(disk.path), disk.format, target.path, "qcow2")
+            if job.plan.reuse_targets:
+                subprocess.run(["qemu-img", "convert", "-n", "-f", disk.format, "-O", "qcow2",
+                                disk.path, str(target.path)], check=True, capture_output=True)
+            else:
+                qemu_img.convert(Path(disk.path), disk.format, target.path, "qcow2")
         dom.job = None
         dom.completed = CompletedJob(known=True, success=True, message="")
 

@@ -84,3 +84,33 @@ def test_a_save_file_in_our_own_ram_directory_is_found_first(shm, tmp_path):
     in_ram.write_bytes(b"1")
     memory.work_file(data, "img-aaaaa").write_bytes(b"2")
     assert memory.raw_file(data, "img-aaaaa") == in_ram
+
+
+@pytest.mark.parametrize(("plant", "why"), [
+    ("symlink", "it is a symlink"), ("open", "others can enter it (mode 0755)"),
+    ("file", "it is not a directory")])
+def test_the_snapshot_path_and_doctor_refuse_the_same_planted_ram_dir(shm, tmp_path, plant,
+                                                                       why):
+    """One decision (layout.opened_ram_dir) for the files a snapshot uses and the ones doctor
+    reads: neither trusts what the other refuses, and doctor says why."""
+    from bbsnap.services import ram_reclaim
+
+    data = DataDir(tmp_path / "data")
+    if plant == "symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        data.ram_dir.symlink_to(tmp_path / "elsewhere")
+    elif plant == "open":
+        data.ram_dir.mkdir()
+        os.chmod(data.ram_dir, 0o755)
+    else:
+        data.ram_dir.write_text("not a directory")
+    assert data.trusted_ram_dir() is None and data.ensure_ram_dir() is None
+    assert ram_reclaim.survey(data, None).refused == why
+
+    if plant == "open":
+        data.ram_dir.rmdir()
+    else:
+        data.ram_dir.unlink()
+    assert ram_reclaim.survey(data, None).refused == "", "none there: nothing to refuse"
+    assert data.ensure_ram_dir() == data.trusted_ram_dir() == data.ram_dir
+    assert ram_reclaim.survey(data, None).refused == ""
