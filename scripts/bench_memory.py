@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import BBSNAP, cli_runner, compile_checkout, guest_env, bench_dir
+from benchlib import BBSNAP, bench_dir, cli_runner, command_server, compile_checkout, guest_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bbsnap.hypervisor.libvirt_adapter import LibvirtHypervisor
@@ -310,11 +310,17 @@ def main() -> None:
             steps, after_save = both[0::2], both[1::2]
             watch.stop()
             stored = work / "data" / "images" / f"{snapshots[-1]}{memory_file.SUFFIX}"
-            reverts, restores, unpacks, own_restores = [], [], [], []
+            reverts, restores, unpacks, own_restores, served = [], [], [], [], []
             breakdowns = []
             save_file = work / f"{srv}.save"
             revert_log = work / "data" / "logs" / f"revert-{server['uuid']}.log"
             for _ in range(RUNS):
+                # The same revert through a command server (`command-server start`), then
+                # in the command's own process, as without one.
+                with command_server(env, work) as through_server:
+                    begun = time.monotonic()
+                    through_server("servers", "revert", srv, snapshots[-1])
+                    served.append(time.monotonic() - begun)
                 begun, begun_wall = time.monotonic(), time.time()
                 run("servers", "revert", srv, snapshots[-1])
                 reverts.append(time.monotonic() - begun)
@@ -341,6 +347,7 @@ def main() -> None:
             results[size] = {**median_of(cli), **{f"step {k}": v
                                                   for k, v in median_of(steps).items()},
                              "revert": statistics.median(reverts),
+                             "revert served": statistics.median(served),
                              "virsh restore": statistics.median(restores),
                              "unpack": statistics.median(unpacks),
                              "restore": statistics.median(own_restores),
@@ -377,6 +384,8 @@ def main() -> None:
         print(f"             revert to running {r['revert']:5.2f} s  virsh restore "
               f"{r['virsh restore']:5.2f} s  ratio {r['revert'] / r['virsh restore']:4.2f}x "
               f"(goal <= 1.5x)")
+        print(f"             the same revert through the command server {r['revert served']:5.2f} s"
+              f"  ratio {r['revert served'] / r['virsh restore']:4.2f}x (goal <= 1.5x)")
         steps = [(step, r[f"revert {step}"]) for _, step in REVERT_STEPS
                  if r[f"revert {step}"] > 0]
         print("             the revert (medians of each step, s): "

@@ -139,10 +139,11 @@ def _loop(listener: socket.socket, stamp: dict[str, int], idle_timeout: float) -
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: stopping.append(signum))
     restart = False
+    served = 0
     try:
         while not stopping:
             if not spare:
-                spare = _fork_spare(listener, notes_r, notes_w, stamp)
+                spare = _fork_spare(listener, notes_r, notes_w, stamp, served)
             try:
                 readable, _, _ = select.select([notes_r], [], [], 1.0)
             except InterruptedError:
@@ -151,6 +152,7 @@ def _loop(listener: socket.socket, stamp: dict[str, int], idle_timeout: float) -
                 if note == session.NOTE_BUSY[0]:
                     busy.add(spare)
                     spare = 0
+                    served += 1
                     last_command = time.monotonic()
                 elif note == session.NOTE_STOP[0]:
                     stopping.append(0)
@@ -169,7 +171,9 @@ def _loop(listener: socket.socket, stamp: dict[str, int], idle_timeout: float) -
 
 
 def _fork_spare(listener: socket.socket, notes_r: int, notes_w: int,
-                stamp: dict[str, int]) -> int:
+                stamp: dict[str, int], served: int) -> int:
+    """The next spare; *served*, the connections accepted before it, is what it answers a
+    `ping` with (tests tell by it that a command ran here, not in its own process)."""
     server = os.getpid()
     pid = os.fork()
     if pid:
@@ -193,7 +197,7 @@ def _fork_spare(listener: socket.socket, notes_r: int, notes_w: int,
         listener.close()
     except BaseException:
         os._exit(1)
-    session.serve(conn, notes_w, stamp)
+    session.serve(conn, notes_w, stamp, served)
 
 
 _PR_SET_PDEATHSIG = 1

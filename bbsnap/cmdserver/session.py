@@ -28,17 +28,17 @@ NOTE_STOP = b"S"  # to the server: end (a `stop` request)
 NOTE_RESTART = b"R"  # to the server: the code changed, start again from it
 
 
-def serve(conn: socket.socket, notes: int, code_stamp: dict[str, int]) -> NoReturn:
+def serve(conn: socket.socket, notes: int, code_stamp: dict[str, int], served: int) -> NoReturn:
     """Handle *conn* and end this process (it never returns)."""
     try:
-        _handle(conn, notes, code_stamp)
+        _handle(conn, notes, code_stamp, served)
     except Exception as exc:  # a child must never return into the server
         print(f"bbsnap command server: a connection failed: {type(exc).__name__}: {exc}",
               file=sys.stderr)
     os._exit(0)
 
 
-def _handle(conn: socket.socket, notes: int, code_stamp: dict[str, int]) -> None:
+def _handle(conn: socket.socket, notes: int, code_stamp: dict[str, int], served: int) -> None:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _, uid, _ = struct.unpack("3i", creds)
     if uid != os.getuid():
@@ -46,7 +46,7 @@ def _handle(conn: socket.socket, notes: int, code_stamp: dict[str, int]) -> None
     request, fds = _receive(conn)
     try:
         if request.kind == "ping":
-            conn.sendall(f"info {_info()}\n".encode())
+            conn.sendall(f"info {_info(served)}\n".encode())
             return
         if request.kind == "stop":
             os.write(notes, NOTE_STOP)
@@ -185,5 +185,5 @@ def _die_with_client(conn: socket.socket) -> None:
         os._exit(1)
 
 
-def _info() -> str:
-    return f"pid={os.getppid()} package={paths.PACKAGE_DIR}"
+def _info(served: int) -> str:
+    return f"pid={os.getppid()} served={served} package={paths.PACKAGE_DIR}"

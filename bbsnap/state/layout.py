@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterator
 
-from bbsnap import ids
+from bbsnap import ids, private_dirs
 from bbsnap.errors import BbsnapError, CataloguePathError
 from bbsnap.state.locks import DEFAULT_LOCK_TIMEOUT
 
@@ -240,18 +240,10 @@ class DataDir:
 
 
 def ram_dir_refusal(info: os.stat_result) -> str:
-    """Why a ram_dir with *info* (lstat or fstat: a symlink is not followed) must be neither
-    used nor read, "" when it is a directory of ours nobody else can enter. /dev/shm is
-    everyone's: what stands at our name may have been planted there before we made it."""
-    if stat.S_ISLNK(info.st_mode):
-        return "it is a symlink"
-    if not stat.S_ISDIR(info.st_mode):
-        return "it is not a directory"
-    if info.st_uid != os.getuid():
-        return f"it belongs to uid {info.st_uid}, not to you"
-    if info.st_mode & 0o077:
-        return f"others can enter it (mode {stat.S_IMODE(info.st_mode):04o})"
-    return ""
+    """Why a ram_dir with *info* (lstat, or fstat of an O_NOFOLLOW descriptor) must be
+    neither used nor read, "" when it is a directory of ours nobody else can enter: /dev/shm
+    is everyone's (the same decision as the command server's directory in /tmp)."""
+    return private_dirs.refusal(info)
 
 
 @contextlib.contextmanager

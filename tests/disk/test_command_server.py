@@ -1,10 +1,6 @@
 """The command server (bbsnap/cmdserver): `bbsnap` commands run in a fork of a pre-imported
 server process, exactly as they would in their own, and nothing is handed to a server that
-is not this user's and this install's.
-
-Real processes throughout: the server as `command-server start` starts it, commands through
-the console script's own entry point (bbsnap.entry), in a runtime directory of the test's
-own (XDG_RUNTIME_DIR), so no server of the machine's user is ever involved.
+is not this user's and this install's. Real processes throughout (tests/command_server.py).
 """
 
 from __future__ import annotations
@@ -19,40 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.command_server import ENTRY, Server, children, started, wait_gone
 from tests.conftest import Bbsnap
-
-ENTRY = [sys.executable, "-c", "from bbsnap.entry import main; main()"]
-
-
-class Server:
-    def __init__(self, bbsnap: Bbsnap, runtime: Path) -> None:
-        self.bbsnap = bbsnap
-        self.env = {**os.environ, **bbsnap.env, "XDG_RUNTIME_DIR": str(runtime)}
-        self.env.pop("BBSNAP_COMMAND_SERVER", None)
-        self.dir = runtime / "bbsnap"
-
-    def entry(self, *args: str, stdin: bytes | None = None, cwd: Path | None = None,
-              **extra: str) -> subprocess.CompletedProcess[bytes]:
-        """`bbsnap ARGS` as the console script runs it."""
-        return subprocess.run([*ENTRY, *args], input=stdin, capture_output=True, cwd=cwd,
-                              env={**self.env, **extra}, timeout=120, check=False)
-
-    def own_process(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return self.entry(*args, BBSNAP_COMMAND_SERVER="off")
-
-    def info(self) -> dict[str, str]:
-        done = self.own_process("command-server", "status")
-        if done.returncode != 0:
-            return {}
-        text = done.stdout.decode().split(": ", 1)[1]
-        return dict(item.split("=", 1) for item in text.split())
-
-    def served(self) -> int:
-        """Connections the server had accepted before this question (which is one too)."""
-        return int(self.info()["served"])
-
-    def pid(self) -> int:
-        return int(self.info()["pid"])
 
 
 @pytest.fixture()
@@ -64,51 +28,8 @@ def runtime(tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def server(bbsnap: Bbsnap, runtime: Path) -> Iterator[Server]:
-    """A started server; at the end it is stopped and every process it made has ended."""
-    srv = Server(bbsnap, runtime)
-    started = srv.own_process("command-server", "start", "--idle-timeout", "0")
-    assert started.returncode == 0, started.stderr
-    pid = srv.pid()
-    try:
+    with started(bbsnap, runtime) as srv:
         yield srv
-    finally:
-        srv.own_process("command-server", "stop")
-        _wait_gone(pid)
-        _kill_children_of(pid)
-
-
-def _wait_gone(pid: int, timeout: float = 30) -> None:
-    """Until *pid* has ended (it is not ours to wait for: poll its /proc entry)."""
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            raise AssertionError(f"process {pid} did not end")
-        time.sleep(0.02)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            return [int(p) for p in handle.read().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _kill_children_of(pid: int) -> None:
-    for child in _children(pid):
-        try:
-            os.kill(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _disk(path: Path) -> Path:
@@ -128,14 +49,15 @@ def test_a_command_runs_in_the_server_as_in_its_own_process(server: Server, tmp_
 
 def test_errors_keep_their_message_and_exit_code(server: Server) -> None:
     for args in (("images", "show", "img-nope0"), ("images", "no-such-command"),
-                 ("images", "show", "nope")):
+                 ("images", "show", "nope"), ("images", "show", os.fsdecode(b"\xff"))):
         through, own = server.entry(*args), server.own_process(*args)
         assert through.returncode == own.returncode != 0
         assert through.stderr == own.stderr
         assert through.stderr.count(b"\n") <= 4
 
 
-def test_working_directory_stdin_and_umask_are_the_callers(server: Server, tmp_path: Path) -> None:
+def test_working_directory_stdin_and_environment_are_the_callers(server: Server,
+                                                                 tmp_path: Path) -> None:
     work = tmp_path / "cwd"
     work.mkdir()
     _disk(work / "disk.qcow2")
@@ -148,21 +70,35 @@ def test_working_directory_stdin_and_umask_are_the_callers(server: Server, tmp_p
     assert server.served() == before + 3
     names = server.own_process("images", "list").stdout.decode()
     assert "relative" in names and "piped" in names
-    exported = tmp_path / "out.raw"
-    image = by_name.stdout.decode().split()[-1] if by_name.stdout.strip() else ""
-    image = image or _image_named(server, "relative")
-    done = subprocess.run(["sh", "-c", 'umask 077 && exec "$@"', "sh", *ENTRY, "images",
-                           "export", image, "--format", "raw", "--output", str(exported)],
-                          env=server.env, capture_output=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    assert exported.stat().st_mode & 0o077 == 0
+    elsewhere = server.entry("images", "list", BBSNAP_HOME=str(tmp_path / "other-data"))
+    assert elsewhere.returncode == 0 and b"relative" not in elsewhere.stdout
 
 
-def _image_named(server: Server, name: str) -> str:
-    for line in server.own_process("images", "list").stdout.decode().splitlines():
-        if name in line.split():
-            return line.split()[0]
-    raise AssertionError(f"no image named {name}")
+def test_the_request_carries_the_callers_process_state(tmp_path: Path) -> None:
+    """What session._become applies, as the client encodes it: umask, directory, groups,
+    arguments (undecodable bytes too) and environment."""
+    code = ("import os, sys; os.umask(0o027); os.chdir(sys.argv[1]); "
+            "from bbsnap.cmdserver import protocol; "
+            "sys.stdout.buffer.write(protocol.encode('run', '/pkg', sys.argv[2:]))")
+    argv = ["servers", "show", os.fsdecode(b"\xff-name"), "a=b"]
+    encoded = subprocess.run([sys.executable, "-c", code, str(tmp_path), *argv],
+                             env={**os.environ, "BBSNAP_PROBE": "x=y"}, capture_output=True,
+                             check=True).stdout
+    from bbsnap.cmdserver import protocol
+
+    length = protocol.payload_length(encoded[:protocol.HEADER_LEN])
+    request = protocol.decode(encoded[protocol.HEADER_LEN:])
+    assert length == len(encoded) - protocol.HEADER_LEN
+    assert (request.kind, request.package_dir, request.cwd, request.umask) == \
+        ("run", "/pkg", str(tmp_path), 0o027)
+    assert list(request.argv) == argv
+    assert set(request.groups) == set(os.getgroups())
+    assert ("BBSNAP_PROBE", "x=y") in request.environ
+    for bad in (b"zzzzzzzz", b"%08x" % (protocol.MAX_REQUEST + 1)):
+        with pytest.raises(ValueError):
+            protocol.payload_length(bad)
+    with pytest.raises(ValueError):
+        protocol.decode(b"run\0/pkg")
 
 
 def test_interrupt_reaches_the_command(server: Server) -> None:
@@ -175,7 +111,7 @@ def test_interrupt_reaches_the_command(server: Server) -> None:
         os.kill(client.pid, signal.SIGINT)
         assert client.wait(timeout=60) == 130
         assert b"interrupted" in client.stderr.read()  # type: ignore[union-attr]
-        _wait_gone(command)
+        wait_gone(command)
     finally:
         feeder.kill()
         feeder.wait()
@@ -192,7 +128,7 @@ def test_a_killed_client_ends_its_command(server: Server) -> None:
         command = _command_child(server)
         client.kill()
         client.wait()
-        _wait_gone(command)
+        wait_gone(command)
     finally:
         feeder.kill()
         feeder.wait()
@@ -205,7 +141,7 @@ def _command_child(server: Server, timeout: float = 60) -> int:
     other is the spare) whose stdin is a pipe."""
     pid, deadline = server.pid(), time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for child in _children(pid):
+        for child in children(pid):
             try:
                 if os.readlink(f"/proc/{child}/fd/0").startswith("pipe:"):
                     return child
@@ -263,26 +199,26 @@ def test_status_start_stop_and_a_dead_server(bbsnap: Bbsnap, runtime: Path) -> N
     try:
         again = srv.own_process("command-server", "start")
         assert again.returncode == 0 and f"pid={pid}".encode() in again.stdout
-        spare = _children(pid)
+        spare = children(pid)
         os.kill(pid, signal.SIGKILL)  # its socket stays behind; its spare dies with it
-        _wait_gone(pid)
+        wait_gone(pid)
         for child in spare:
-            _wait_gone(child)
+            wait_gone(child)
         assert srv.entry("images", "list").returncode == 0  # in its own process
         assert srv.own_process("command-server", "start", "--idle-timeout", "0").returncode == 0
         pid = srv.pid()
         assert srv.served() >= 0
     finally:
         srv.own_process("command-server", "stop")
-        _wait_gone(pid)
-    assert not (srv.dir / (next(srv.dir.glob("*.sock")).name if list(srv.dir.glob("*.sock"))
-                           else "none.sock")).exists()
+        wait_gone(pid)
+    assert not list(srv.dir.glob("*.sock"))
+    assert srv.own_process("command-server", "status").returncode == 3
 
 
 def test_it_ends_when_idle(bbsnap: Bbsnap, runtime: Path) -> None:
     srv = Server(bbsnap, runtime)
     assert srv.own_process("command-server", "start", "--idle-timeout", "1").returncode == 0
     pid = srv.pid()
-    _wait_gone(pid)
+    wait_gone(pid)
     assert srv.own_process("command-server", "status").returncode == 3
     assert not list(srv.dir.glob("*.sock"))
