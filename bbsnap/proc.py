@@ -13,7 +13,7 @@ import resource
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from bbsnap.errors import ExternalCommandError, NotFoundError
 
@@ -295,8 +295,31 @@ def _run_worker(work: Callable[[], int], log: int,
 
 
 def _set_parent_death_signal() -> None:
-    import ctypes
     import signal
 
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    set_parent_death_signal(signal.SIGTERM)
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Have the kernel send this process *signum* when its parent dies (0: never)."""
+    _PR_SET_PDEATHSIG = 1
+    _libc().prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+
+
+_loaded_libc: list[Any] = []
+
+
+def _libc() -> Any:
+    """The C library through ctypes, loaded once (a forking server loads it before it forks)."""
+    if not _loaded_libc:
+        import ctypes
+
+        _loaded_libc.append(ctypes.CDLL(None, use_errno=True))
+    return _loaded_libc[0]
+
+
+def fork_managed() -> int:
+    """os.fork for a caller that manages its children itself (the command server's spares,
+    bbsnap/cmdserver/server.py): 0 in the child, the child's pid in the parent. Unlike
+    fork_detached, the child keeps the session, descriptors and output it inherits."""
+    return os.fork()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+from pathlib import Path
 
+from bbsnap import proc
 from bbsnap.cmdserver import client, paths
 from bbsnap.errors import BbsnapError
 
@@ -26,17 +27,13 @@ def start(idle_timeout: float) -> str:
         return running
     ensure_runtime_dir()
     ready_r, ready_w = os.pipe()
-    log = os.open(paths.log_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
-                  | os.O_CLOEXEC, 0o600)
     try:
-        process = subprocess.Popen(
+        pid = proc.spawn_detached(
             [sys.executable, "-m", "bbsnap.cmdserver.server",
              "--idle-timeout", str(idle_timeout), "--ready-fd", str(ready_w)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(ready_w,),
-            start_new_session=True)
+            log_path=Path(paths.log_path()), pass_fds=(ready_w,))
     finally:
         os.close(ready_w)
-        os.close(log)
     try:
         # The server writes one byte once it listens with everything imported, and
         # the pipe ends without it if the server failed (its error is in the log).
@@ -47,13 +44,21 @@ def start(idle_timeout: float) -> str:
     finally:
         os.close(ready_r)
     if not ready:
-        process.poll()
-        if process.returncode is None:
-            process.kill()
-            process.wait()
+        _end(pid)
         raise BbsnapError("the command server did not start: " + _last_log_line(),
                           hint=f"its log is {paths.log_path()}")
-    return status() or f"pid={process.pid} package={paths.PACKAGE_DIR}"
+    return status() or f"pid={pid} package={paths.PACKAGE_DIR}"
+
+
+def _end(pid: int) -> None:
+    """A server that never said it was ready: ended, so it cannot start serving later."""
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
 
 
 def stop() -> str | None:

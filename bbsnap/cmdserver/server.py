@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from bbsnap import proc
 from bbsnap.cmdserver import paths, session
 from bbsnap.errors import BbsnapError, ConflictError
 
@@ -35,7 +36,7 @@ def serve(idle_timeout: float = DEFAULT_IDLE_TIMEOUT, ready_fd: int = -1) -> boo
     *ready_fd* gets one byte, and is closed, once commands are accepted."""
     with _lock(), _listening() as listener:
         _warm_imports()
-        _load_libc()
+        proc.set_parent_death_signal(0)  # loads ctypes' libc once, before the forks
         stamp = session.code_stamp()
         gc.freeze()  # the children's copy-on-write pages stay shared: no collector walks them
         if ready_fd >= 0:
@@ -175,7 +176,7 @@ def _fork_spare(listener: socket.socket, notes_r: int, notes_w: int,
     """The next spare; *served*, the connections accepted before it, is what it answers a
     `ping` with (tests tell by it that a command ran here, not in its own process)."""
     server = os.getpid()
-    pid = os.fork()
+    pid = proc.fork_managed()
     if pid:
         return pid
     try:  # the spare child
@@ -183,7 +184,7 @@ def _fork_spare(listener: socket.socket, notes_r: int, notes_w: int,
         os.close(notes_r)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        _set_parent_death_signal(signal.SIGKILL)
+        proc.set_parent_death_signal(signal.SIGTERM)  # a spare must not outlive its server
         if os.getppid() != server:
             os._exit(0)  # the server died before the line above
         while True:
@@ -192,27 +193,12 @@ def _fork_spare(listener: socket.socket, notes_r: int, notes_w: int,
                 break
             except InterruptedError:
                 continue
-        _set_parent_death_signal(0)  # a command outlives a server stopped meanwhile
+        proc.set_parent_death_signal(0)  # a command outlives a server stopped meanwhile
         os.write(notes_w, session.NOTE_BUSY)
         listener.close()
     except BaseException:
         os._exit(1)
     session.serve(conn, notes_w, stamp, served)
-
-
-_PR_SET_PDEATHSIG = 1
-_libc: list[object] = []  # loaded once, before the first fork
-
-
-def _load_libc() -> None:
-    import ctypes
-
-    _libc.append(ctypes.CDLL(None, use_errno=True))
-
-
-def _set_parent_death_signal(signum: int) -> None:
-    """A spare waiting in accept() must not outlive a server killed with SIGKILL."""
-    _libc[0].prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)  # type: ignore[attr-defined]
 
 
 def _reap(busy: set[int], spare: int) -> int:
@@ -253,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     if restart:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "bbsnap.cmdserver.server",
-                                  "--idle-timeout", str(args.idle_timeout)])
+        proc.exec_replace([sys.executable, "-m", "bbsnap.cmdserver.server",
+                           "--idle-timeout", str(args.idle_timeout)])
 
 
 if __name__ == "__main__":

@@ -165,11 +165,12 @@ def test_cli_choices_come_from_the_shared_vocabulary():
                     f"a literal click.Choice in {path}:{call.lineno}"
 
 
-# Entry points that own a stream: the CLI, the snapshot worker (its log file), the tiny-guest
-# builder's and the acceleration probe's own commands. Everything else reports through
-# bbsnap/reporting.py.
+# Entry points that own a stream: the CLI, the snapshot worker (its log file), the command
+# server's process and its spares (its log file), the tiny-guest builder's and the
+# acceleration probe's own commands. Everything else reports through bbsnap/reporting.py.
 _MAY_PRINT = {PACKAGE / "services" / "snapshots" / "worker.py", PACKAGE / "accel.py",
-              PACKAGE / "tinyguest" / "__main__.py"}
+              PACKAGE / "tinyguest" / "__main__.py", PACKAGE / "cmdserver" / "server.py",
+              PACKAGE / "cmdserver" / "session.py"}
 
 
 def test_library_code_never_prints():
