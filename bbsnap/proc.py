@@ -318,6 +318,17 @@ def _libc() -> Any:
     return _loaded_libc[0]
 
 
+def kill_child(pid: int) -> None:
+    """End a child of this process at once (SIGKILL) and reap it; nothing if it is gone."""
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 def fork_managed() -> int:
     """os.fork for a caller that manages its children itself (the command server's spares,
     bbsnap/cmdserver/server.py): 0 in the child, the child's pid in the parent. Unlike

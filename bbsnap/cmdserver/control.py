@@ -44,21 +44,10 @@ def start(idle_timeout: float) -> str:
     finally:
         os.close(ready_r)
     if not ready:
-        _end(pid)
+        proc.kill_child(pid)  # never ready: it must not start serving later
         raise BbsnapError("the command server did not start: " + _last_log_line(),
                           hint=f"its log is {paths.log_path()}")
     return status() or f"pid={pid} package={paths.PACKAGE_DIR}"
-
-
-def _end(pid: int) -> None:
-    """A server that never said it was ready: ended, so it cannot start serving later."""
-    import signal
-
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass
 
 
 def stop() -> str | None:

@@ -12,7 +12,6 @@ opens its own, as a `bbsnap` process does.
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import gc
 import os
@@ -165,7 +164,7 @@ def _loop(listener: socket.socket, stamp: dict[str, int], idle_timeout: float) -
                 break
     finally:
         if spare:
-            _kill(spare)
+            proc.kill_child(spare)
         os.close(notes_r)
         os.close(notes_w)
     return restart
@@ -213,17 +212,6 @@ def _reap(busy: set[int], spare: int) -> int:
         busy.discard(pid)
         if pid == spare:
             spare = 0
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass
-    except OSError as exc:
-        if exc.errno != errno.ESRCH:
-            raise
 
 
 def main(argv: list[str] | None = None) -> None:
