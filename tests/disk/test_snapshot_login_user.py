@@ -15,7 +15,8 @@ from bbsnap.hypervisor import DiskSpec, DomainSpec, GuestUser
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.state.layout import DataDir
 from bbsnap.services.snapshots.start import SnapshotRequest
-from tests.disk.test_server_flows_fake import Notes, _creator, _request, _snapshots, catalogue, data
+from tests.disk.fake_servers import Notes, create_request, server_creator, snapshot_service
+from tests.disk.test_server_flows_fake import catalogue, data
 from tests.fakes.hypervisor import FakeHypervisor
 
 __all__ = ["catalogue", "data"]  # the fixtures, shared with test_server_flows_fake
@@ -46,7 +47,7 @@ def test_the_agents_most_recent_non_root_user_is_recorded_and_said(
     hv = FakeHypervisor()
     name = _foreign(hv, work_dir, USERS)
     notes = Notes()
-    image = _snapshots(data, catalogue, hv, notes).begin(SnapshotRequest(name))
+    image = snapshot_service(data, catalogue, hv, notes).begin(SnapshotRequest(name))
     assert image.username == "debian" and catalogue.get(image.id).username == "debian"
     (note,) = [n for n in notes.lines if "logged-in" in n]
     assert note.startswith("note:") and f"recorded as {image.id}'s login user" in note
@@ -62,7 +63,7 @@ def test_a_given_username_is_not_asked_about_and_no_quiesce_still_asks(
     name = _foreign(hv, work_dir, USERS)
     request = (SnapshotRequest(name, username="cloud") if given
                else SnapshotRequest(name, quiesce=False))
-    image = _snapshots(data, catalogue, hv).begin(request)
+    image = snapshot_service(data, catalogue, hv).begin(request)
     assert image.username == ("cloud" if given else "debian")
     assert ("logged_in_users" in hv.calls) is not given
 
@@ -77,7 +78,7 @@ def test_without_an_answer_naming_a_user_the_image_records_none(
     elif agent == "none":
         hv.set_guest_users(name, [])
     notes = Notes()
-    image = _snapshots(data, catalogue, hv, notes).begin(SnapshotRequest(name))
+    image = snapshot_service(data, catalogue, hv, notes).begin(SnapshotRequest(name))
     assert image.username is None and not [n for n in notes.lines if "logged-in" in n]
     # a freeze that just failed proves the agent absent or silent: not asked again
     assert ("logged_in_users" in hv.calls) is (agent != "silent")
@@ -88,10 +89,10 @@ def test_a_stopped_domain_or_a_bbsnap_server_with_an_ancestor_is_not_asked(
     hv = FakeHypervisor()
     name = _foreign(hv, work_dir, USERS)
     hv.destroy(name)
-    assert _snapshots(data, catalogue, hv).begin(SnapshotRequest(name)).username is None
-    creator, _ = _creator(data, catalogue, hv, work_dir)
-    server = creator.create(_request(work_dir))
+    assert snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name)).username is None
+    creator, _ = server_creator(data, catalogue, hv, work_dir)
+    server = creator.create(create_request(work_dir))
     hv.set_guest_users(server.id, [GuestUser("someone", USERS[1].login_time)])
-    image = _snapshots(data, catalogue, hv).begin(SnapshotRequest(server.id))
+    image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(server.id))
     assert image.username == "debian" and image.ancestor_id == "img-base0"  # inherited
     assert "logged_in_users" not in hv.calls
