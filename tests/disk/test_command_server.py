@@ -83,9 +83,9 @@ def test_ssh_runs_in_its_own_process(server: Server) -> None:
                   "srv-nope0", "--", "true")):
         done = server.entry(*args)
         assert done.returncode == 3, done.stderr  # not found, said by its own process
-    assert server.served() == before
+    assert server.served() == before + 1  # only this question went through
     assert server.entry("servers", "show", "srv-nope0").returncode == 3
-    assert server.served() == before + 2  # that one went through, and this question
+    assert server.served() == before + 3  # that one did, and the two questions
 
 
 def test_the_request_carries_the_callers_process_state(tmp_path: Path) -> None:
