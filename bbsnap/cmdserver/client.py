@@ -24,10 +24,20 @@ FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SI
 _PEERCRED_LEN = 12  # struct ucred: pid, uid, gid
 
 
+# Commands that hand the terminal to another program by exec (`servers ssh`): in the
+# server's child the exec would close the connection, and the waiting `bbsnap` would end
+# while ssh still reads the terminal. They run in their own process.
+OWN_PROCESS_COMMANDS = {("servers", "ssh")}
+# The root's options that take a value as the next word (cli/main.py).
+_ROOT_OPTIONS_WITH_VALUE = {"-c", "--connect", "--data-dir"}
+
+
 def run(argv: list[str]) -> int | None:
     """Run `bbsnap ARGV` in the command server and return its exit status, or None when
     no server of this install is there to run it (the caller runs it in-process)."""
     if os.environ.get("BBSNAP_COMMAND_SERVER", "") == "off":
+        return None
+    if command_path(argv) in OWN_PROCESS_COMMANDS:
         return None
     sock = connect()
     if sock is None:
@@ -43,6 +53,22 @@ def run(argv: list[str]) -> int | None:
         return _follow(sock)
     finally:
         sock.close()
+
+
+def command_path(argv: list[str]) -> tuple[str, ...]:
+    """The group and command *argv* names (`servers ssh`), past the root's options."""
+    words: list[str] = []
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word.startswith("-"):
+            skip = word in _ROOT_OPTIONS_WITH_VALUE
+        else:
+            words.append(word)
+            if len(words) == 2:
+                break
+    return tuple(words)
 
 
 def request(kind: str) -> str | None:

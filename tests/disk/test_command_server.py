@@ -74,6 +74,20 @@ def test_working_directory_stdin_and_environment_are_the_callers(server: Server,
     assert elsewhere.returncode == 0 and b"relative" not in elsewhere.stdout
 
 
+def test_ssh_runs_in_its_own_process(server: Server) -> None:
+    """`servers ssh` execs ssh on the terminal: never in the server's child, whose exec
+    would leave the waiting `bbsnap` to end while ssh still reads the terminal."""
+    before = server.served()
+    for args in (("servers", "ssh", "srv-nope0"),
+                 ("--data-dir", str(server.bbsnap.data_dir), "servers", "ssh",
+                  "srv-nope0", "--", "true")):
+        done = server.entry(*args)
+        assert done.returncode == 3, done.stderr  # not found, said by its own process
+    assert server.served() == before + 1  # only this question went through
+    assert server.entry("servers", "show", "srv-nope0").returncode == 3
+    assert server.served() == before + 3  # that one did, and the two questions
+
+
 def test_the_request_carries_the_callers_process_state(tmp_path: Path) -> None:
     """What session._become applies, as the client encodes it: umask, directory, groups,
     arguments (undecodable bytes too) and environment."""
