@@ -113,15 +113,18 @@ def connect() -> _socket.socket | None:
 
 def _follow(sock: _socket.socket) -> int | None:
     pid = 0
-    for line in _lines(sock):
-        word, _, rest = line.partition(b" ")
-        if word == b"refused" and not pid:
-            return None
-        if word == b"pid" and not pid:
-            pid = int(rest)
-            _forward_signals_to(pid)
-        elif word == b"exit" and pid:
-            return int(rest)
+    try:
+        for line in _lines(sock):
+            word, _, rest = line.partition(b" ")
+            if word == b"refused" and not pid:
+                return None
+            if word == b"pid" and not pid:
+                pid = int(rest)
+                _forward_signals_to(pid)
+            elif word == b"exit" and pid:
+                return int(rest)
+    except (OSError, ValueError):
+        pass  # reset (a server stopped with this request still queued) or garbled: as EOF
     if not pid:
         return None  # it ended before starting the command: nothing ran
     os.write(2, b"bbsnap: error: the command's process in the command server ended without "

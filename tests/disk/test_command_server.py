@@ -236,3 +236,48 @@ def test_it_ends_when_idle(bbsnap: Bbsnap, runtime: Path) -> None:
     wait_gone(pid)
     assert srv.own_process("command-server", "status").returncode == 3
     assert not list(srv.dir.glob("*.sock"))
+
+
+@pytest.mark.parametrize("behaviour", ["reset", "garbage", "silent-close"])
+def test_a_broken_server_never_stops_the_command(bbsnap: Bbsnap, runtime: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 behaviour: str) -> None:
+    """Whatever a listener at the socket does before it says the command started (resets
+    the connection, as a server stopped with the request still queued does; answers
+    nonsense; closes), the command runs in its own process, once."""
+    import socket
+    import threading
+
+    from bbsnap.cmdserver import paths
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    (runtime / "bbsnap").mkdir(mode=0o700)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(paths.socket_path())
+    listener.listen(1)
+
+    accepted: list[bool] = []
+
+    def serve_once() -> None:
+        conn, _ = listener.accept()
+        accepted.append(True)
+        if behaviour == "reset":  # closed with the request unread: the client's read fails
+            conn.recv(1 << 20, socket.MSG_PEEK)
+        else:
+            conn.recv(1 << 20)
+        if behaviour == "garbage":
+            conn.sendall(b"pid not-a-number\n")
+        conn.close()
+
+    thread = threading.Thread(target=serve_once)
+    thread.start()
+    try:
+        srv = Server(bbsnap, runtime)
+        done = srv.entry("images", "list", "--format", "json")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == b"[]" and done.stderr == b"", done.stderr
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # no accept() left waiting if nobody came
+        thread.join(timeout=30)
+        listener.close()
+    assert accepted  # the client did hand its command to the listener first
