@@ -69,14 +69,19 @@ def cli_runner(env: dict[str, str]) -> Callable[..., str]:
 BBSNAP_ENTRY = [PYTHON, "-c", "from bbsnap.entry import main; main()"]
 
 
+def command_server_env(env: dict[str, str], work: Path) -> dict[str, str]:
+    """*env* with the runtime directory command_server's server has under *work*."""
+    runtime = work / "runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    return {**env, "XDG_RUNTIME_DIR": str(runtime)}
+
+
 @contextmanager
 def command_server(env: dict[str, str], work: Path) -> Iterator[Callable[..., str]]:
     """A command server of this checkout, for *env*'s commands, in a runtime directory of
     its own under *work* (never a user's server); yields run(*args) through it, as
     cli_runner's. Stopped at the end."""
-    runtime = work / "runtime"
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    env = {**env, "XDG_RUNTIME_DIR": str(runtime)}
+    env = command_server_env(env, work)
     subprocess.run([*BBSNAP, "command-server", "start", "--idle-timeout", "0"], env=env,
                    check=True, capture_output=True)
 
