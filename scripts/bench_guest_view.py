@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 URI = "qemu:///system"
 VIRSH = ["virsh", "-q", "-c", URI]
 RUNS = 3
-CLI_RUNS = 5
+CLI_RUNS = 7
 BASELINE_WINDOW = 3.0   # seconds
 SLACK = 0.020           # the "+ 20 ms"
 
@@ -255,11 +255,16 @@ def cli_latency(guest: Guest, env: dict[str, str]) -> dict[str, float]:
             def bbsnap_through_server() -> None:
                 guest.images.append(through_server("servers", "snapshot", guest.name))
 
-            return {"disk-only": median_time(virsh(), CLI_RUNS, virsh_undo),
-                    "quiesce": median_time(virsh("--quiesce"), CLI_RUNS, virsh_undo),
-                    "bbsnap": median_time(bbsnap, CLI_RUNS, settle_and_forget),
-                    "bbsnap server": median_time(bbsnap_through_server, CLI_RUNS,
-                                                 settle_and_forget)}
+            # Interleaved, one of each per round: the host's load drifts within a run.
+            kinds = {"disk-only": (virsh(), virsh_undo),
+                     "quiesce": (virsh("--quiesce"), virsh_undo),
+                     "bbsnap": (bbsnap, settle_and_forget),
+                     "bbsnap server": (bbsnap_through_server, settle_and_forget)}
+            samples: dict[str, list[float]] = {kind: [] for kind in kinds}
+            for _ in range(CLI_RUNS):
+                for kind, (action, undo) in kinds.items():
+                    samples[kind].append(median_time(action, 1, undo))
+            return {kind: statistics.median(times) for kind, times in samples.items()}
     finally:
         writeloop.set_running(guest.name, URI, True)
 
