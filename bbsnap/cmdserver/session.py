@@ -22,6 +22,7 @@ import time
 from typing import NoReturn
 
 from bbsnap.cmdserver import paths, protocol
+from bbsnap.cmdserver.request import Request, decode, payload_length
 
 NOTE_BUSY = b"B"  # to the server: this spare has a connection, fork the next one
 NOTE_STOP = b"S"  # to the server: end (a `stop` request)
@@ -75,7 +76,7 @@ def _handle(conn: socket.socket, notes: int, code_stamp: dict[str, int], served:
 STALE = "the code changed since the command server started"
 
 
-def _receive(conn: socket.socket) -> tuple[protocol.Request, list[int]]:
+def _receive(conn: socket.socket) -> tuple[Request, list[int]]:
     fds_space = socket.CMSG_SPACE(protocol.STREAM_FDS * array.array("i").itemsize)
     data, ancillary, _, _ = conn.recvmsg(1 << 16, fds_space)
     fds: list[int] = []
@@ -85,10 +86,10 @@ def _receive(conn: socket.socket) -> tuple[protocol.Request, list[int]]:
     try:
         while len(data) < protocol.HEADER_LEN:
             data += _recv_some(conn)
-        length = protocol.payload_length(data[:protocol.HEADER_LEN])
+        length = payload_length(data[:protocol.HEADER_LEN])
         while len(data) < protocol.HEADER_LEN + length:
             data += _recv_some(conn)
-        return protocol.decode(data[protocol.HEADER_LEN:protocol.HEADER_LEN + length]), fds
+        return decode(data[protocol.HEADER_LEN:protocol.HEADER_LEN + length]), fds
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -102,7 +103,7 @@ def _recv_some(conn: socket.socket) -> bytes:
     return chunk
 
 
-def _refusal(request: protocol.Request, code_stamp: dict[str, int], nfds: int) -> str:
+def _refusal(request: Request, code_stamp: dict[str, int], nfds: int) -> str:
     if request.kind != "run" or nfds != protocol.STREAM_FDS:
         return "not a command"
     if request.package_dir != paths.PACKAGE_DIR:
@@ -139,7 +140,7 @@ def code_changed(stamp: dict[str, int]) -> bool:
     return False
 
 
-def _become(request: protocol.Request, fds: list[int]) -> None:
+def _become(request: Request, fds: list[int]) -> None:
     """Take over the client's streams, directory, umask, environment and arguments."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)  # dup2's copy is inheritable, as a process's 0-2 are

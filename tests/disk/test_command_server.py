@@ -98,10 +98,10 @@ def test_the_request_carries_the_callers_process_state(tmp_path: Path) -> None:
     encoded = subprocess.run([sys.executable, "-c", code, str(tmp_path), *argv],
                              env={**os.environ, "BBSNAP_PROBE": "x=y"}, capture_output=True,
                              check=True).stdout
-    from bbsnap.cmdserver import protocol
+    from bbsnap.cmdserver import protocol, request as requests
 
-    length = protocol.payload_length(encoded[:protocol.HEADER_LEN])
-    request = protocol.decode(encoded[protocol.HEADER_LEN:])
+    length = requests.payload_length(encoded[:protocol.HEADER_LEN])
+    request = requests.decode(encoded[protocol.HEADER_LEN:])
     assert length == len(encoded) - protocol.HEADER_LEN
     assert (request.kind, request.package_dir, request.cwd, request.umask) == \
         ("run", "/pkg", str(tmp_path), 0o027)
@@ -110,9 +110,9 @@ def test_the_request_carries_the_callers_process_state(tmp_path: Path) -> None:
     assert ("BBSNAP_PROBE", "x=y") in request.environ
     for bad in (b"zzzzzzzz", b"%08x" % (protocol.MAX_REQUEST + 1)):
         with pytest.raises(ValueError):
-            protocol.payload_length(bad)
+            requests.payload_length(bad)
     with pytest.raises(ValueError):
-        protocol.decode(b"run\0/pkg")
+        requests.decode(b"run\0/pkg")
 
 
 def test_interrupt_reaches_the_command(server: Server) -> None:
