@@ -59,8 +59,7 @@ def _handle(conn: socket.socket, notes: int, code_stamp: dict[str, int], served:
                 os.write(notes, NOTE_RESTART)
             conn.sendall(f"refused {why}\n".encode())
             return
-        _become(request, fds)
-        fds = []
+        _become(request, fds)  # empties fds
     finally:
         for fd in fds:
             os.close(fd)
@@ -141,16 +140,21 @@ def code_changed(stamp: dict[str, int]) -> bool:
 
 
 def _become(request: Request, fds: list[int]) -> None:
-    """Take over the client's streams, directory, umask, environment and arguments."""
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)  # dup2's copy is inheritable, as a process's 0-2 are
-        os.close(fd)
+    """Take over the client's directory, umask, environment, arguments and streams (the
+    streams last: what fails before them is logged by the server, and the client, told
+    nothing, runs the command itself)."""
     os.chdir(request.cwd)
     os.umask(request.umask)
     os.environ.clear()  # os.environ is rebound nowhere: config's defaults hold this object
     os.environ.update(request.environ)
     time.tzset()
     sys.argv = ["bbsnap", *request.argv]
+    for target in range(len(fds)):
+        fd = fds.pop(0)  # taken off the caller's list: never closed twice
+        try:
+            os.dup2(fd, target)  # dup2's copy is inheritable, as a process's 0-2 are
+        finally:
+            os.close(fd)
     _reopen_standard_streams()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
