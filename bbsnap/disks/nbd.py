@@ -17,6 +17,7 @@ system's dist-packages, which the /opt/bbsnap venv does not see. So bbsnap keeps
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -27,8 +28,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Iterator
 
-from bbsnap import proc
+from bbsnap import private_dirs, proc
 from bbsnap.errors import ExternalCommandError
+from bbsnap.state.process_tokens import current_job_token, job_alive
 
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054
@@ -69,19 +71,78 @@ def extents(image: Path, fmt: str) -> list[Extent]:
     return merged
 
 
+# qemu-nbd's socket lives in a directory of its own in the temporary directory, named
+# SOCKET_DIR_PREFIX + uid + "." + the job token + "." + a random tail. A reader removes its
+# directory when it closes; one whose process was killed (SIGKILL of `images export`)
+# cannot, so every new reader first removes this user's directories whose token is dead.
+# (Before, a random name: 135 of them had gathered here, ~6 per run of the test suite.)
+SOCKET_DIR_PREFIX = "bbsnap-nbd-"
+
+
+def socket_dir() -> Path:
+    """A new private (0700) directory for a reader's socket; dead readers' removed first."""
+    remove_dead_socket_dirs()
+    path = Path(tempfile.gettempdir()) / (f"{SOCKET_DIR_PREFIX}{os.getuid()}."
+                                          f"{current_job_token()}.{os.urandom(4).hex()}")
+    path.mkdir(mode=0o700)  # never one that exists: it could be someone else's
+    return path
+
+
+def remove_dead_socket_dirs() -> list[Path]:
+    """Remove this user's socket directories whose process is gone; those removed.
+    Only a directory of ours nobody else can enter is removed (never followed if a
+    symlink): the temporary directory is everyone's."""
+    base = Path(tempfile.gettempdir())
+    prefix = f"{SOCKET_DIR_PREFIX}{os.getuid()}."
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        token = entry.name[len(prefix):].rpartition(".")[0]
+        if job_alive(token):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if private_dirs.refusal(info):
+            continue
+        _remove_tree(Path(entry.path))
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
 class NbdImageReader:
     """``with NbdImageReader(path, "qcow2") as r: r.read(offset, length)``."""
 
     def __init__(self, image: Path, fmt: str) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="bbsnap-nbd-")
-        self._socket_path = Path(self._dir.name) / "nbd.sock"
-        self._server = proc.popen(["qemu-nbd", "--read-only", "--persistent", "--shared=1",
-                                   f"--format={fmt}", f"--socket={self._socket_path}",
-                                   str(image.absolute())],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  die_with_parent=True)
-        self._sock = self._connect()
-        self.size = self._handshake()
+        self._dir = socket_dir()
+        self._socket_path = self._dir / "nbd.sock"
+        try:
+            self._server = proc.popen(["qemu-nbd", "--read-only", "--persistent", "--shared=1",
+                                       f"--format={fmt}", f"--socket={self._socket_path}",
+                                       str(image.absolute())],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      die_with_parent=True)
+        except BaseException:
+            _remove_tree(self._dir)
+            raise
+        try:
+            self._sock = self._connect()
+            self.size = self._handshake()
+        except BaseException:
+            self._stop_server()
+            raise
         self._handle = 0
 
     def _connect(self) -> socket.socket:
@@ -162,6 +223,10 @@ class NbdImageReader:
         except OSError:
             pass
         self._sock.close()
+        self._stop_server()
+
+    def _stop_server(self) -> None:
+        """qemu-nbd ended and its socket's directory removed."""
         self._server.terminate()
         try:
             self._server.wait(timeout=10)
@@ -170,7 +235,7 @@ class NbdImageReader:
             self._server.wait()
         if self._server.stderr:
             self._server.stderr.close()
-        self._dir.cleanup()
+        _remove_tree(self._dir)
 
     def __enter__(self) -> "NbdImageReader":
         return self
