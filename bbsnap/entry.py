@@ -20,7 +20,7 @@ def main() -> None:
         from bbsnap.cli.main import main as run_here
 
         run_here()  # never returns
-    os._exit(code if code is not None else 1)
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

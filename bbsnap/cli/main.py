@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -233,7 +233,7 @@ def _refuse_undecodable_text(group: click.Group) -> None:
 _refuse_undecodable_text(cli)
 
 
-def main() -> None:
+def main() -> NoReturn:
     """The console entry point: run one command, then leave at once.
 
     ``os._exit`` skips the interpreter's teardown (~20 ms of freeing modules and closing

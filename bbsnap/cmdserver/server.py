@@ -33,7 +33,7 @@ DEFAULT_IDLE_TIMEOUT = 3600.0
 def serve(idle_timeout: float = DEFAULT_IDLE_TIMEOUT, ready_fd: int = -1) -> bool:
     """Serve until idle, stopped or stale; True when the code changed (start again).
     *ready_fd* gets one byte, and is closed, once commands are accepted."""
-    with _lock(), _listening() as listener:
+    with _lock() as lock_fd, _listening() as listener:
         _warm_imports()
         proc.set_parent_death_signal(0)  # loads ctypes' libc once, before the forks
         stamp = session.code_stamp()
@@ -41,7 +41,7 @@ def serve(idle_timeout: float = DEFAULT_IDLE_TIMEOUT, ready_fd: int = -1) -> boo
         if ready_fd >= 0:
             os.write(ready_fd, b"r")
             os.close(ready_fd)
-        return _loop(listener, stamp, idle_timeout)
+        return _loop(listener, lock_fd, stamp, idle_timeout)
 
 
 def ensure_runtime_dir() -> str:
@@ -64,7 +64,9 @@ def ensure_runtime_dir() -> str:
 
 
 @contextmanager
-def _lock() -> Iterator[None]:
+def _lock() -> Iterator[int]:
+    """The server's flock, held while it lives; its descriptor (each spare closes it: a
+    command must not keep the next server out)."""
     ensure_runtime_dir()
     fd = os.open(paths.lock_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
@@ -73,14 +75,9 @@ def _lock() -> Iterator[None]:
         except BlockingIOError:
             raise ConflictError("a command server of this install is already running",
                                 hint="`bbsnap command-server status` shows it") from None
-        _LOCK_FD[0] = fd
-        yield
+        yield fd
     finally:
-        _LOCK_FD[0] = -1
         os.close(fd)
-
-
-_LOCK_FD = [-1]  # closed in every child: a command must not keep the next server out
 
 
 @contextmanager
@@ -130,7 +127,8 @@ def _warm_imports() -> None:
             pass
 
 
-def _loop(listener: socket.socket, stamp: dict[str, int], idle_timeout: float) -> bool:
+def _loop(listener: socket.socket, lock_fd: int, stamp: dict[str, int],
+          idle_timeout: float) -> bool:
     notes_r, notes_w = os.pipe2(os.O_CLOEXEC)
     spare = 0
     busy: set[int] = set()
@@ -143,11 +141,10 @@ def _loop(listener: socket.socket, stamp: dict[str, int], idle_timeout: float) -
     try:
         while not stopping:
             if not spare:
-                spare = _fork_spare(listener, notes_r, notes_w, stamp, served)
-            try:
-                readable, _, _ = select.select([notes_r], [], [], 1.0)
-            except InterruptedError:
-                readable = []
+                spare = _fork_spare(listener, (lock_fd, notes_r), notes_w, stamp, served)
+            # A SIGTERM's handler only records it: select goes on (PEP 475) and the loop
+            # sees it within the second.
+            readable, _, _ = select.select([notes_r], [], [], 1.0)
             for note in os.read(notes_r, 64) if readable else b"":
                 if note == session.NOTE_BUSY[0]:
                     busy.add(spare)
@@ -170,28 +167,24 @@ def _loop(listener: socket.socket, stamp: dict[str, int], idle_timeout: float) -
     return restart
 
 
-def _fork_spare(listener: socket.socket, notes_r: int, notes_w: int,
+def _fork_spare(listener: socket.socket, servers_own: tuple[int, ...], notes_w: int,
                 stamp: dict[str, int], served: int) -> int:
-    """The next spare; *served*, the connections accepted before it, is what it answers a
-    `ping` with (tests tell by it that a command ran here, not in its own process)."""
+    """The next spare; *servers_own* are the descriptors it closes (the lock, the notes'
+    read end); *served*, the connections accepted before it, is what it answers a `ping`
+    with (tests tell by it that a command ran here, not in its own process)."""
     server = os.getpid()
     pid = proc.fork_managed()
     if pid:
         return pid
     try:  # the spare child
-        os.close(_LOCK_FD[0])
-        os.close(notes_r)
+        for fd in servers_own:
+            os.close(fd)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         proc.set_parent_death_signal(signal.SIGTERM)  # a spare must not outlive its server
         if os.getppid() != server:
             os._exit(0)  # the server died before the line above
-        while True:
-            try:
-                conn, _ = listener.accept()
-                break
-            except InterruptedError:
-                continue
+        conn, _ = listener.accept()  # EINTR is retried by Python itself (PEP 475)
         proc.set_parent_death_signal(0)  # a command outlives a server stopped meanwhile
         os.write(notes_w, session.NOTE_BUSY)
         listener.close()

@@ -239,18 +239,11 @@ class DataDir:
         _share_with_qemu(path, _qemu_gid(self.qemu_user))
 
 
-def ram_dir_refusal(info: os.stat_result) -> str:
-    """Why a ram_dir with *info* (lstat, or fstat of an O_NOFOLLOW descriptor) must be
-    neither used nor read, "" when it is a directory of ours nobody else can enter: /dev/shm
-    is everyone's (the same decision as the command server's directory in /tmp)."""
-    return private_dirs.refusal(info)
-
-
 @contextlib.contextmanager
 def opened_ram_dir(path: Path) -> Iterator[tuple[int | None, str]]:
     """A descriptor of the ram_dir at *path* and "", or None and why it is not to be used
     ("" when it does not exist): the one place that decides whether it is ours
-    (ram_dir_refusal), for DataDir.trusted_ram_dir and ensure_ram_dir as for doctor's reading
+    (private_dirs.refusal), for DataDir.trusted_ram_dir and ensure_ram_dir as for doctor's reading
     of it (services/ram_reclaim.py). Judged on the descriptor itself (O_NOFOLLOW: a symlink
     is never followed), so a caller reading through the descriptor reads nothing planted
     between the check and the reading."""
@@ -261,13 +254,13 @@ def opened_ram_dir(path: Path) -> Iterator[tuple[int | None, str]]:
         return
     except OSError:  # a symlink (ELOOP), not a directory (ENOTDIR), not ours to enter
         try:
-            refused = ram_dir_refusal(path.lstat()) or "it cannot be opened"
+            refused = private_dirs.refusal(path.lstat()) or "it cannot be opened"
         except OSError as exc:
             refused = f"it cannot be read ({exc.strerror})"
         yield None, refused
         return
     try:
-        refused = ram_dir_refusal(os.fstat(fd))
+        refused = private_dirs.refusal(os.fstat(fd))
         yield (None if refused else fd), refused
     finally:
         os.close(fd)

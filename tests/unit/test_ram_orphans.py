@@ -11,7 +11,6 @@ import pytest
 from bbsnap.models import Image, ImageStatus, ImageType, SnapshotDisk, SnapshotJob
 from bbsnap.services import ram_reclaim
 from bbsnap.services.reclaim import Orphan
-from bbsnap.state import layout
 from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.state.layout import DataDir
 from bbsnap.state.process_tokens import boot_id, current_job_token
@@ -127,14 +126,17 @@ def test_only_this_data_directorys_files_in_ram_dir_are_deleted(shm, tmp_path):
 
 
 def test_someone_elses_ram_dir_is_refused_by_its_owner():
-    """ram_dir_refusal on lstat's answer (making another user's directory needs root)."""
+    """private_dirs.refusal, which decides for ram_dir, on lstat's answer (making another
+    user's directory needs root)."""
     import stat
+
+    from bbsnap import private_dirs
 
     def info(mode: int, uid: int) -> os.stat_result:
         return os.stat_result((mode, 0, 0, 1, uid, 0, 0, 0, 0, 0))
 
-    assert layout.ram_dir_refusal(info(stat.S_IFDIR | 0o700, os.getuid() + 1)) == \
+    assert private_dirs.refusal(info(stat.S_IFDIR | 0o700, os.getuid() + 1)) == \
         f"it belongs to uid {os.getuid() + 1}, not to you"
-    assert layout.ram_dir_refusal(info(stat.S_IFREG | 0o600, os.getuid())) == \
+    assert private_dirs.refusal(info(stat.S_IFREG | 0o600, os.getuid())) == \
         "it is not a directory"
-    assert layout.ram_dir_refusal(info(stat.S_IFDIR | 0o700, os.getuid())) == ""
+    assert private_dirs.refusal(info(stat.S_IFDIR | 0o700, os.getuid())) == ""
