@@ -303,14 +303,16 @@ def _set_parent_death_signal() -> None:
 def set_parent_death_signal(signum: int) -> None:
     """Have the kernel send this process *signum* when its parent dies (0: never)."""
     _PR_SET_PDEATHSIG = 1
-    _libc().prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    libc().prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
 
 
 _loaded_libc: list[Any] = []
 
 
-def _libc() -> Any:
-    """The C library through ctypes, loaded once (a forking server loads it before it forks)."""
+def libc() -> Any:
+    """The C library through ctypes, loaded once per process (for the calls Python's os
+    lacks: prctl, fallocate's flags, sync_file_range; a forking server loads it before it
+    forks)."""
     if not _loaded_libc:
         import ctypes
 

@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from bbsnap import proc
+
 FALLOC_FL_KEEP_SIZE = 1
 
 
@@ -28,7 +30,7 @@ def _fallocate() -> Callable[..., Any] | None:
     import ctypes  # here: ~2 ms of every snapshot command's start-up, needed by full copies
 
     try:
-        function = ctypes.CDLL(None, use_errno=True).fallocate
+        function = proc.libc().fallocate
     except (OSError, AttributeError):
         return None  # not Linux: the copy allocates as it goes
     function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]

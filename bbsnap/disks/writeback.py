@@ -30,6 +30,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from bbsnap import proc
+
 SYNC_FILE_RANGE_WAIT_BEFORE = 1
 SYNC_FILE_RANGE_WRITE = 2
 WINDOW = 32 << 20  # bytes sent to the disk at a time
@@ -39,7 +41,7 @@ IDLE = 0.005       # seconds between looks at files that did not grow
 
 def _sync_file_range() -> Callable[..., Any] | None:
     try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+        function = proc.libc().sync_file_range
     except (OSError, AttributeError):
         return None  # not Linux / no such libc call: the final flush does it all
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
