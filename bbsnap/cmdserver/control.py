@@ -50,9 +50,40 @@ def start(idle_timeout: float) -> str:
     return status() or f"pid={pid} package={paths.PACKAGE_DIR}"
 
 
+STOP_TIMEOUT = 30.0
+
+
 def stop() -> str | None:
-    """Ask the server to end; what it said, or None when none was running."""
-    return client.request("stop")
+    """Ask the server to end and wait until it has let go of its lock, so that a `start`
+    right after starts a new one; what it said, or None when none was running. Commands it
+    is running go on (they never held the lock)."""
+    said = client.request("stop")
+    if said is not None:
+        _wait_for_lock()
+    return said
+
+
+def _wait_for_lock() -> None:
+    import fcntl
+    import time
+
+    try:
+        fd = os.open(paths.lock_path(), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return  # released: the server has ended (closing fd drops ours)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BbsnapError("the command server did not end",
+                                      hint=f"its log is {paths.log_path()}") from None
+                time.sleep(0.01)
+    finally:
+        os.close(fd)
 
 
 def _last_log_line() -> str:

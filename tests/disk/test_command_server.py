@@ -222,6 +222,13 @@ def test_status_start_stop_and_a_dead_server(bbsnap: Bbsnap, runtime: Path) -> N
         assert srv.own_process("command-server", "start", "--idle-timeout", "0").returncode == 0
         pid = srv.pid()
         assert srv.served() >= 0
+        # stop returns once the server has let go (socket removed, lock released): a start
+        # right after starts a new one
+        assert srv.own_process("command-server", "stop").returncode == 0
+        assert not list(srv.dir.glob("*.sock"))
+        assert srv.own_process("command-server", "start", "--idle-timeout", "0").returncode == 0
+        wait_gone(pid)
+        pid = srv.pid()
     finally:
         srv.own_process("command-server", "stop")
         wait_gone(pid)
