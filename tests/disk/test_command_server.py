@@ -288,3 +288,23 @@ def test_a_broken_server_never_stops_the_command(bbsnap: Bbsnap, runtime: Path,
         thread.join(timeout=30)
         listener.close()
     assert accepted  # the client did hand its command to the listener first
+
+
+def test_a_server_that_cannot_start_is_one_line_and_leaves_nothing_running(
+        bbsnap: Bbsnap, runtime: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its lock held by someone else (no socket answers): `start` says why, in one line."""
+    import fcntl
+
+    from bbsnap.cmdserver import paths
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    (runtime / "bbsnap").mkdir(mode=0o700)
+    with open(paths.lock_path(), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        srv = Server(bbsnap, runtime)
+        done = srv.own_process("command-server", "start")
+    assert done.returncode == 1
+    assert done.stderr.count(b"\n") == 1
+    assert b"did not start" in done.stderr and b"already running" in done.stderr
+    assert not list((runtime / "bbsnap").glob("*.sock"))
+    assert srv.own_process("command-server", "status").returncode == 3
