@@ -55,8 +55,12 @@ def test_push_resumes_after_the_connection_is_cut_mid_blob(work_dir, registry):
     assert pushed.exit_code == 0, pushed.stderr
     assert proxy.cuts == 1
     total = sum(chain.file(i).stat().st_size for i in [chain.base, *chain.snapshots])
-    # Only the blob that was cut is sent again (from where distribution lets it resume).
-    assert uploaded(pushed.stderr) <= total + 10 * MIB + 12345 + 4 * MIB + 64 * 1024
+    # Only the blob that was cut is sent again (from where distribution lets it resume):
+    # beyond the chain's bytes, what went out before the cut, the chunk in flight, and one
+    # more chunk: distribution may still report the last whole chunk as held when asked
+    # (its handler of the cut PATCH has not yet run to the end), then refuse the PATCH that
+    # resumes there once it has, and the blob starts over. Seen once in CI (16 MiB extra).
+    assert uploaded(pushed.stderr) <= total + 10 * MIB + 12345 + 2 * 4 * MIB + 64 * 1024
     pulled = fixtures.pull(Bbsnap(work_dir / "b"), f"{registry.host}/faults/push:v1")
     same_chain(chain, work_dir / "b", pulled)
 
