@@ -157,6 +157,11 @@ ZERO_MAP_MAX = 64 << 30
 _ZERO_WRITE_MAX = 1 << 30  # qemu-io's `write -z` takes under 2 GiB per command
 
 
+def zero_map_applies(size: int) -> bool:
+    """Whether map_as_zero maps a disk of *size* bytes (more than one table, not huge)."""
+    return L2_TABLE_SPAN < size <= ZERO_MAP_MAX
+
+
 def map_as_zero(path: Path, size: int) -> bool:
     """Mark every cluster of the blank qcow2 *path* (of *size* bytes) as reading zeroes, so
     that all its L2 tables exist before a full copy writes into it. True if it did.
@@ -177,7 +182,7 @@ def map_as_zero(path: Path, size: int) -> bool:
     bench_snapshot.py --full-copy). Made with the host cache
     and no flushes (`-t unsafe`): nothing needs them on disk before the copy's own final
     fsync, and a crash before that discards the image anyway."""
-    if size <= L2_TABLE_SPAN or size > ZERO_MAP_MAX:
+    if not zero_map_applies(size):
         return False
     commands: list[str] = []
     for offset in range(0, size, _ZERO_WRITE_MAX):

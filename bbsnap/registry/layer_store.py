@@ -29,14 +29,13 @@ by the next command's recovery (DataDir.remove_image_files).
 
 from __future__ import annotations
 
-import errno
 import io
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bbsnap import safe_files
 from bbsnap.disks import qemu_img
 from bbsnap.disks.qcow2_header import (DIRTY, EXT_BACKING_FORMAT, EXT_FEATURE_TABLE,
                                        LAZY_REFCOUNTS, Qcow2Header, read_qcow2_header)
@@ -153,30 +152,5 @@ def _rewrite(partial: Path, parent_file: Path | None) -> Path:
 def copy_stored(source: Path, target: Path) -> None:
     """A copy of the stored, vetted file *source* as the new *target* (a partial file):
     a layer two images of one pull share (an unchanged further disk's full copies) is
-    downloaded once and copied for the second, data extents only (holes stay holes), in the
-    kernel (``copy_file_range``: a reflink where the file system shares extents)."""
-    src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                      | os.O_CLOEXEC, 0o600)
-        try:
-            size, offset = os.fstat(src).st_size, 0
-            while offset < size:
-                try:
-                    start = os.lseek(src, offset, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:  # nothing but a hole left
-                        break
-                    raise
-                end = os.lseek(src, start, os.SEEK_HOLE)
-                while start < end:
-                    copied = os.copy_file_range(src, dst, end - start, start, start)
-                    if copied == 0:
-                        raise OSError(errno.EIO, f"{source.name} ended while being copied")
-                    start += copied
-                offset = end
-            os.ftruncate(dst, size)
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
+    downloaded once and copied for the second (safe_files.copy_sparse)."""
+    safe_files.copy_sparse(source, target)

@@ -54,8 +54,6 @@ answering agent the snapshot is crash-consistent, and the image says so.
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -63,7 +61,6 @@ from typing import TYPE_CHECKING, Any
 
 from bbsnap import ids
 from bbsnap.state import locks
-from bbsnap.disks import qemu_img, reserve
 from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.errors import CheckpointBrokenError, ConflictError, QuiesceError
 from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskInfo, DomainState, Hypervisor,
@@ -75,6 +72,7 @@ from bbsnap.models import (Consistency, Image, ImageStatus, ImageType, Server, S
                            SnapshotJob)
 from bbsnap.services import image_fields, server_disks
 from bbsnap.services.snapshots import change_tracking
+from bbsnap.services.snapshots import targets as snapshot_targets
 from bbsnap.services.snapshots import chain as snapshot_chain
 from bbsnap.services.server_records import server_from_domain
 from bbsnap.services.snapshots.chain import ChainPlan, ChainPlanner, ServerDisk
@@ -275,8 +273,8 @@ class SnapshotService:
                            directory: Path) -> Consistency:
         domain = job.domain
         # The targets first, then the freeze: the guest stays frozen only for the backup's
-        # start (making them, ~20 ms here, used to be inside the freeze window).
-        self._make_targets(job)
+        # start (making them used to be inside the freeze window; now copies, ~0.3 ms).
+        snapshot_targets.make(self._data_dir, self._hv, job)
         timeline.mark("targets")
         frozen = False
         if quiesce:
@@ -314,23 +312,8 @@ class SnapshotService:
             snapshot_chain.give_up(self._hv, directory, job.domain)
             full = tuple(self._full_copy(d, ancestor, index) for index, d in enumerate(job.disks))
             self._catalogue.replan_snapshot(image_id, full, ancestor.id if ancestor else None)
-            self._make_targets(replace(job, disks=full))
+            snapshot_targets.make(self._data_dir, self._hv, replace(job, disks=full))
             self._hv.begin_backup(job.domain, _backup_plan(full, read_only))
-
-    def _make_targets(self, job: SnapshotJob) -> None:
-        """bbsnap makes the backup's target files itself (empty qcow2s, 0600, of each disk's
-        size): libvirt then hands them back to bbsnap's user when the job ends. Files libvirt
-        made were left to root, which a normal user's worker on qemu:///system could not
-        read."""
-        for disk in job.disks:
-            size = _file_capacity(disk.source, disk.source_format)
-            if size is None:
-                size = self._hv.disk_capacity(job.domain, disk.device)
-            qemu_img.create_blank(Path(disk.target), size)
-            if not disk.incremental:
-                qemu_img.map_as_zero(Path(disk.target), size)
-                # The copy holds about what the disk's file does (disks/reserve.py).
-                reserve.reserve(Path(disk.target), min(size, _allocated_bytes(disk.source)))
 
     def _full_copy(self, disk: SnapshotDisk, ancestor: Image | None, index: int) -> SnapshotDisk:
         parent = (str(self._data_dir.image_path(ancestor.path))
@@ -341,38 +324,12 @@ class SnapshotService:
         return ids.allocate("img", lambda candidate: not self._catalogue.exists(candidate))
 
 
-def _allocated_bytes(path: str) -> int:
-    """The bytes *path*'s file holds on disk (0 when it cannot be looked at)."""
-    try:
-        return os.stat(path).st_blocks * 512
-    except OSError:
-        return 0
-
-
-def _file_capacity(path: str, fmt: str) -> int | None:
-    """A disk's virtual size read from its file (the qcow2 header's size field, a raw file's
-    length), or None when the file cannot be read (QEMU's user's, under a normal user's
-    bbsnap) or is neither: then libvirt is asked, one round trip more (5-15 ms here, under
-    load) in the command's latency."""
-    try:
-        with open(path, "rb") as handle:
-            if fmt == "qcow2":
-                head = handle.read(32)
-                return int.from_bytes(head[24:32], "big") if head[:4] == b"QFI\xfb" else None
-            if fmt == "raw":
-                info = os.fstat(handle.fileno())
-                return info.st_size if stat.S_ISREG(info.st_mode) else None
-    except OSError:
-        return None
-    return None
-
-
 def _backup_plan(disks: tuple[SnapshotDisk, ...], read_only: list[str]) -> BackupPlan:
     """The backup of the job's disks, and the checkpoint it creates (if any)."""
     since = next((d.since or change_tracking.CHECKPOINT for d in disks if d.incremental), None)
     made = next((NewCheckpoint(d.checkpoint, d.device, "bbsnap snapshot chain (bbsnap deletes it)")
                  for d in disks if d.checkpoint), None)
-    # The targets are made by _make_targets: libvirt reuses them (and hands them back).
+    # The targets are made by snapshot_targets.make: libvirt reuses them (and hands them back).
     return BackupPlan(targets=tuple(BackupTarget(d.device, Path(d.target)) for d in disks),
                       skipped=tuple(read_only), incremental_from=since, new_checkpoint=made,
                       reuse_targets=True)

@@ -1,0 +1,116 @@
+"""The backup's target files, which bbsnap makes before the snapshot's instant is fixed.
+
+bbsnap makes them itself (empty qcow2s, 0600, of each disk's size) rather than letting
+libvirt: libvirt then hands them back to bbsnap's user when the job ends, while files
+libvirt made were left to root, which a normal user's worker on qemu:///system could not
+read.
+
+Copied, not created: ``qemu-img create`` is a process and qemu-img's start-up, 13-23 ms of
+the snapshot command's latency (bench_snapshot.py's steps, "backup targets made"), while
+a blank qcow2 of a given size is the same bytes every time (qcow2 records no time and no
+id; two ``qemu-img create`` runs compare equal). So the first target of each disk size is
+made by qemu-img as a template in blank-overlays/ (``blank-<size>.qcow2``; for a full copy
+over 512 MiB with its tables already mapped, ``blank-<size>-mapped.qcow2``:
+qemu_img.map_as_zero) and every later target is a copy of it, 0.3 ms. A template is
+checked before each use (the qcow2 magic and the size in its header) and made again when
+it is not what its name says.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+from bbsnap import safe_files
+from bbsnap.disks import qemu_img, reserve
+from bbsnap.hypervisor import Hypervisor
+from bbsnap.models import SnapshotJob
+from bbsnap.state.layout import DataDir
+from bbsnap.state.process_tokens import current_job_token
+
+QCOW2_MAGIC = b"QFI\xfb"
+_TEMPLATE_NAME = re.compile(r"^blank-[0-9]+(-mapped)?\.qcow2$")
+
+
+def make(data_dir: DataDir, hv: Hypervisor, job: SnapshotJob) -> None:
+    """Every target of *job*: blank, of its disk's size; a full copy's mapped and with its
+    blocks reserved (disks/reserve.py)."""
+    for disk in job.disks:
+        size = file_capacity(disk.source, disk.source_format)
+        if size is None:
+            size = hv.disk_capacity(job.domain, disk.device)
+        target = Path(disk.target)
+        full_copy = not disk.incremental  # an incremental's clusters stay unallocated
+        copy_blank(data_dir.blank_overlays_dir, target, size,
+                   mapped=full_copy and qemu_img.zero_map_applies(size))
+        if full_copy:
+            # The copy holds about what the disk's file does (disks/reserve.py).
+            reserve.reserve(target, min(size, allocated_bytes(disk.source)))
+
+
+def copy_blank(templates: Path, target: Path, size: int, *, mapped: bool) -> None:
+    """A blank qcow2 of *size* bytes at *target* (0600), copied from its template in
+    *templates* (made first if missing or not what its name says)."""
+    template = templates / f"blank-{size}{'-mapped' if mapped else ''}.qcow2"
+    if not _fits(template, size):
+        _make_template(template, size, mapped)
+    target.unlink(missing_ok=True)  # a re-planned snapshot's first target (start.py)
+    safe_files.copy_sparse(template, target)
+
+
+def is_template(name: str) -> bool:
+    """Whether *name* in blank-overlays/ is one of these templates (doctor keeps them)."""
+    return _TEMPLATE_NAME.match(name) is not None
+
+
+def _fits(template: Path, size: int) -> bool:
+    try:
+        fd = os.open(template, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        head = os.read(fd, 32)
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    return regular and head[:4] == QCOW2_MAGIC and int.from_bytes(head[24:32], "big") == size
+
+
+def _make_template(template: Path, size: int, mapped: bool) -> None:
+    # Named by its maker's job token: doctor leaves it alone while that process lives.
+    making = template.with_name(f".{template.name}.{current_job_token()}")
+    try:
+        qemu_img.create_blank(making, size)
+        if mapped:
+            qemu_img.map_as_zero(making, size)
+        os.replace(making, template)  # concurrent snapshots each make one; either is right
+    finally:
+        making.unlink(missing_ok=True)
+
+
+def allocated_bytes(path: str) -> int:
+    """The bytes *path*'s file holds on disk (0 when it cannot be looked at)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def file_capacity(path: str, fmt: str) -> int | None:
+    """A disk's virtual size read from its file (the qcow2 header's size field, a raw file's
+    length), or None when the file cannot be read (QEMU's user's, under a normal user's
+    bbsnap) or is neither: then libvirt is asked, one round trip more (5-15 ms here, under
+    load) in the command's latency."""
+    try:
+        with open(path, "rb") as handle:
+            if fmt == "qcow2":
+                head = handle.read(32)
+                return int.from_bytes(head[24:32], "big") if head[:4] == QCOW2_MAGIC else None
+            if fmt == "raw":
+                info = os.fstat(handle.fileno())
+                return info.st_size if stat.S_ISREG(info.st_mode) else None
+    except OSError:
+        return None
+    return None
