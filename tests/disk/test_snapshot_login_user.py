@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from bbsnap.hypervisor import DiskSpec, DomainSpec, GuestUser
+from bbsnap.models import Image, ImageStatus
+from bbsnap.services.snapshots.finish import SnapshotFinisher
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.state.layout import DataDir
 from bbsnap.services.snapshots.start import SnapshotRequest
@@ -40,6 +42,15 @@ def _foreign(hv: FakeHypervisor, work_dir: Path, users: list[GuestUser]) -> str:
     hv.start(name)
     hv.set_guest_users(name, users)
     return name
+
+
+def _finished(hv: FakeHypervisor, data: DataDir, catalogue: Catalogue, domain: str,
+              image_id: str) -> Image:
+    """The snapshot made available: the fake's job done, then the worker's part."""
+    hv.complete_job(domain)
+    done = SnapshotFinisher(catalogue, data, lambda: hv).run(image_id)
+    assert done.status is ImageStatus.AVAILABLE
+    return done
 
 
 def test_the_agents_most_recent_non_root_user_is_recorded_and_said(
@@ -96,3 +107,22 @@ def test_a_stopped_domain_or_a_bbsnap_server_with_an_ancestor_is_not_asked(
     image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(server.id))
     assert image.username == "debian" and image.ancestor_id == "img-base0"  # inherited
     assert "logged_in_users" not in hv.calls
+
+
+def test_a_snapshot_stored_on_one_that_records_a_login_user_takes_it_without_asking(
+        data: DataDir, catalogue: Catalogue, work_dir: Path):
+    hv = FakeHypervisor()
+    name = _foreign(hv, work_dir, USERS)
+    first = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name))
+    assert _finished(hv, data, catalogue, name, first.id).username == "debian"
+    catalogue.update(first.id, username="ops")  # what `images update -u ops` sets
+    asked = hv.calls.count("logged_in_users")
+    second = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name))
+    assert second.parent_id == first.id and second.username == "ops"
+    assert hv.calls.count("logged_in_users") == asked
+    # One that records none asks again: someone may have logged in since.
+    catalogue.update(second.id, username=None)
+    assert _finished(hv, data, catalogue, name, second.id).username is None
+    third = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name))
+    assert third.parent_id == second.id and third.username == "debian"
+    assert hv.calls.count("logged_in_users") == asked + 1

@@ -102,7 +102,7 @@ def test_doctor_keeps_target_templates_and_reclaims_other_strays(tmp_path):
         copy_blank(data.blank_overlays_dir, tmp_path / "t.qcow2", 16 << 20, mapped=False)
         stray = data.blank_overlays_dir / "leftover.qcow2"
         stray.write_bytes(b"x")
-        found = reclaim.survey(data, catalogue, "test:///default", lambda: [])
+        found = reclaim.survey(data, catalogue, "test:///default", list)
     finally:
         catalogue.close()
     assert [o.path for o in found.orphans] == [stray]

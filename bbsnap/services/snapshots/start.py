@@ -173,7 +173,7 @@ class SnapshotService:
                 # the CPU from the command (latency 0.53 -> 0.68 s) and the image was not
                 # available any sooner (0.89 -> 0.94 s, 64 MiB full copy, 6 rounds).
                 changes: dict[str, Any] = {"consistency": consistency}
-                if self._ask_login_user(request, ancestor, job.mode, consistency):
+                if self._ask_login_user(request, ancestor, plan.parent, job.mode, consistency):
                     # Asked before the worker is forked, on this connection: after it, a
                     # reconnect would add to the command's latency, while the worker gains
                     # nothing from starting sooner (it settles the row only after this
@@ -231,16 +231,22 @@ class SnapshotService:
             source_server=server.id,
             consistency=consistency, firmware=server.firmware,
             username=(image_fields.check_username(request.username) if request.username
-                      else ancestor.username if ancestor else None),
+                      else ancestor.username if ancestor
+                      else parent.username if parent else None),
             min_ram=ancestor.min_ram if ancestor else None, job=current_job_token())
 
     @staticmethod
-    def _ask_login_user(request: SnapshotRequest, ancestor: Image | None, mode: str,
-                        consistency: Consistency) -> bool:
+    def _ask_login_user(request: SnapshotRequest, ancestor: Image | None,
+                        parent: Image | None, mode: str, consistency: Consistency) -> bool:
         """Only a running guest's snapshot with no login user given and no ancestor to take
         one from asks the agent (login_user.py) — not when its freeze just showed the agent
-        absent or silent: it would not answer this either."""
+        absent or silent: it would not answer this either. Nor when the snapshot is stored
+        on an earlier one that records a login user (a domain bbsnap did not create, taken
+        every hour): that one stands, what the agent said then or what `images update -u`
+        set since, and the agent's round trip (11-16 ms) stays out of the command."""
         if request.username or ancestor is not None or mode == "copy":
+            return False
+        if parent is not None and parent.username:
             return False
         return not (mode == "backup" and request.quiesce
                     and consistency is Consistency.CRASH_CONSISTENT)
