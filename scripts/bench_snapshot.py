@@ -76,7 +76,7 @@ COMMAND_STEPS = (
     ("read", "domain state and XML read again under the lock"),
     ("planned", "copy planned (chain, ancestor, ids)"),
     ("registered", "catalogue: image added as creating (commit)"),
-    ("targets", "backup targets made (qemu-img create, disk size)"),
+    ("targets", "backup targets made (copies of a blank template)"),
     ("frozen", "guest agent: freeze"),
     ("backup-begun", "backupBegin (the instant is fixed)"),
     ("thawed", "guest agent: thaw"),

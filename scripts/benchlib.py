@@ -64,9 +64,19 @@ def cli_runner(env: dict[str, str]) -> Callable[..., str]:
     return run
 
 
-# The installed `bbsnap` console script's own entry point: through this checkout's command
-# server when one answers (bbsnap/cmdserver), else in its own process.
-BBSNAP_ENTRY = [PYTHON, "-c", "from bbsnap.entry import main; main()"]
+
+
+def _entry() -> list[str]:
+    """The installed `bbsnap` command as scripts/setup's launcher runs it (`-IS`, the venv's
+    site-packages named on the path), on this checkout's code: through this checkout's
+    command server when one answers (bbsnap/cmdserver), else in its own process."""
+    site = subprocess.run([PYTHON, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    return [PYTHON, "-IS", "-c", f"import sys; sys.path[:0] = [{str(REPO)!r}]; "
+            f"sys.path.append({site!r}); from bbsnap.entry import main; main()"]
+
+
+BBSNAP_ENTRY = _entry()
 
 
 def command_server_env(env: dict[str, str], work: Path) -> dict[str, str]:
