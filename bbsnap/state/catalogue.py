@@ -162,6 +162,21 @@ class Catalogue:
             self._conn.close()
             self._conn = None
 
+    @contextmanager
+    def unsynced_commits(self) -> Iterator[None]:
+        """Commits inside are not fsynced (``synchronous = NORMAL``): in WAL mode the
+        catalogue stays consistent, but a power loss or an OS crash (not a killed process:
+        the WAL is written all the same) may roll them back. Only for a commit whose loss
+        leaves a state crash recovery settles anyway, and that a later fsynced commit
+        (whose fsync covers every earlier frame of the WAL) normally makes durable."""
+        if self._depth:
+            raise CatalogueError("synchronous cannot change inside a transaction")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        try:
+            yield
+        finally:
+            self._db.execute("PRAGMA synchronous = FULL")
+
     def put_aside(self) -> None:
         """Close the connection until the next use reopens it, keeping what this object
         knows (the rows it touched, the files it opened). Before a fork: SQLite keeps its

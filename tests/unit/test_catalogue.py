@@ -248,3 +248,29 @@ def test_only_an_available_image_is_handed_out_for_use(catalogue, status, says, 
 def test_an_available_image_is_handed_out(catalogue):
     catalogue.add(_image("img-use02"))
     assert catalogue.get_available("img-use02").id == "img-use02"
+
+
+def test_unsynced_commits_are_committed_and_only_they_skip_the_fsync(tmp_path, catalogue):
+    """Inside unsynced_commits the connection commits with synchronous = NORMAL (no fsync
+    in WAL mode); every other commit, and every commit after it, even one that raised inside,
+    is FULL again."""
+    def synchronous() -> int:
+        return int(catalogue._db.execute("PRAGMA synchronous").fetchone()[0])
+
+    catalogue.add(_image("img-aaaaa"))
+    assert synchronous() == 2  # FULL
+    with catalogue.unsynced_commits():
+        assert synchronous() == 1  # NORMAL
+        catalogue.update("img-aaaaa", name="renamed")
+    assert synchronous() == 2
+    with sqlite3.connect(tmp_path / "c.sqlite3") as other:  # committed: seen by others
+        assert other.execute("SELECT name FROM images WHERE id = 'img-aaaaa'"
+                             ).fetchone()[0] == "renamed"
+    with pytest.raises(ConflictError):
+        with catalogue.unsynced_commits():
+            catalogue.update("img-aaaaa", expect_status=ImageStatus.CREATING, name="x")
+    assert synchronous() == 2 and catalogue.get("img-aaaaa").name == "renamed"
+    with catalogue.transaction():
+        with pytest.raises(CatalogueError):
+            with catalogue.unsynced_commits():
+                pass  # the outer transaction's commit would be unsynced too: refused
