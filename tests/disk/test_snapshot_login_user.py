@@ -1,6 +1,7 @@
 """A snapshot of a domain bbsnap did not create takes its login user from the guest agent,
-on real qcow2 files against the fake hypervisor (tests/contract checks the fake's answer
-against the real agent; tests/system/test_login_user.py runs it end to end)."""
+asked by the snapshot's worker while QEMU copies (never by the command: none of its
+latency), on real qcow2 files against the fake hypervisor (tests/contract checks the fake's
+answer against the real agent; tests/system/test_login_user.py runs it end to end)."""
 
 from __future__ import annotations
 
@@ -45,22 +46,27 @@ def _foreign(hv: FakeHypervisor, work_dir: Path, users: list[GuestUser]) -> str:
 
 
 def _finished(hv: FakeHypervisor, data: DataDir, catalogue: Catalogue, domain: str,
-              image_id: str) -> Image:
+              image_id: str, notes: Notes | None = None) -> Image:
     """The snapshot made available: the fake's job done, then the worker's part."""
     hv.complete_job(domain)
-    done = SnapshotFinisher(catalogue, data, lambda: hv).run(image_id)
+    done = SnapshotFinisher(catalogue, data, lambda: hv, reporter=notes or Notes()).run(image_id)
     assert done.status is ImageStatus.AVAILABLE
     return done
 
 
-def test_the_agents_most_recent_non_root_user_is_recorded_and_said(
+def test_the_worker_records_the_agents_most_recent_non_root_user_and_says_so(
         data: DataDir, catalogue: Catalogue, work_dir: Path):
     hv = FakeHypervisor()
     name = _foreign(hv, work_dir, USERS)
-    notes = Notes()
-    image = snapshot_service(data, catalogue, hv, notes).begin(SnapshotRequest(name))
-    assert image.username == "debian" and catalogue.get(image.id).username == "debian"
-    (note,) = [n for n in notes.lines if "logged-in" in n]
+    command_notes = Notes()
+    image = snapshot_service(data, catalogue, hv, command_notes).begin(SnapshotRequest(name))
+    # The command returned without asking: the instant is fixed, the question is the worker's.
+    assert "logged_in_users" not in hv.calls and image.username is None
+    assert not [n for n in command_notes.lines if "logged-in" in n]
+    worker_notes = Notes()
+    done = _finished(hv, data, catalogue, name, image.id, worker_notes)
+    assert done.username == "debian" and catalogue.get(image.id).username == "debian"
+    (note,) = [n for n in worker_notes.lines if "logged-in" in n]
     assert note.startswith("note:") and f"recorded as {image.id}'s login user" in note
     # asked once the instant was fixed, never inside the freeze window
     calls = hv.calls
@@ -75,7 +81,8 @@ def test_a_given_username_is_not_asked_about_and_no_quiesce_still_asks(
     request = (SnapshotRequest(name, username="cloud") if given
                else SnapshotRequest(name, quiesce=False))
     image = snapshot_service(data, catalogue, hv).begin(request)
-    assert image.username == ("cloud" if given else "debian")
+    done = _finished(hv, data, catalogue, name, image.id)
+    assert done.username == ("cloud" if given else "debian")
     assert ("logged_in_users" in hv.calls) is not given
 
 
@@ -89,10 +96,10 @@ def test_without_an_answer_naming_a_user_the_image_records_none(
     elif agent == "none":
         hv.set_guest_users(name, [])
     notes = Notes()
-    image = snapshot_service(data, catalogue, hv, notes).begin(SnapshotRequest(name))
-    assert image.username is None and not [n for n in notes.lines if "logged-in" in n]
-    # a freeze that just failed proves the agent absent or silent: not asked again
-    assert ("logged_in_users" in hv.calls) is (agent != "silent")
+    image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name))
+    done = _finished(hv, data, catalogue, name, image.id, notes)
+    assert done.username is None and not [n for n in notes.lines if "logged-in" in n]
+    assert "logged_in_users" in hv.calls  # asked, and the snapshot went on without one
 
 
 def test_a_stopped_domain_or_a_bbsnap_server_with_an_ancestor_is_not_asked(
@@ -100,12 +107,14 @@ def test_a_stopped_domain_or_a_bbsnap_server_with_an_ancestor_is_not_asked(
     hv = FakeHypervisor()
     name = _foreign(hv, work_dir, USERS)
     hv.destroy(name)
-    assert snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name)).username is None
+    stopped = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name))
+    assert SnapshotFinisher(catalogue, data, lambda: hv).run(stopped.id).username is None
     creator, _ = server_creator(data, catalogue, hv, work_dir)
     server = creator.create(create_request(work_dir))
     hv.set_guest_users(server.id, [GuestUser("someone", USERS[1].login_time)])
     image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(server.id))
-    assert image.username == "debian" and image.ancestor_id == "img-base0"  # inherited
+    done = _finished(hv, data, catalogue, server.id, image.id)
+    assert done.username == "debian" and done.ancestor_id == "img-base0"  # inherited
     assert "logged_in_users" not in hv.calls
 
 
@@ -119,10 +128,11 @@ def test_a_snapshot_stored_on_one_that_records_a_login_user_takes_it_without_ask
     asked = hv.calls.count("logged_in_users")
     second = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name))
     assert second.parent_id == first.id and second.username == "ops"
+    assert _finished(hv, data, catalogue, name, second.id).username == "ops"
     assert hv.calls.count("logged_in_users") == asked
-    # One that records none asks again: someone may have logged in since.
+    # One that records none has the worker ask again: someone may have logged in since.
     catalogue.update(second.id, username=None)
-    assert _finished(hv, data, catalogue, name, second.id).username is None
     third = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name))
-    assert third.parent_id == second.id and third.username == "debian"
+    assert third.parent_id == second.id and third.username is None
+    assert _finished(hv, data, catalogue, name, third.id).username == "debian"
     assert hv.calls.count("logged_in_users") == asked + 1

@@ -11,8 +11,8 @@ Read the modules in this order; each step names the next:
    catalogue connections, and hands the lock to a detached worker forked from itself.
    ``--memory`` adds the RAM and device state at the same instant (``memory.py``). A
    snapshot with no login user to take (no ``--username``, no ancestor: a domain bbsnap did
-   not create; no earlier snapshot it is stored on that records one) asks the guest agent
-   who is logged in (``login_user.py``) before the fork.
+   not create; no earlier snapshot it is stored on that records one) has its worker ask
+   the guest agent who is logged in (``login_user.py``) while QEMU copies.
 2. ``worker.py`` — the worker: a fork of the command (``ForkedWorker``), or for crash
    recovery a new interpreter (``python -m bbsnap.services.snapshots.worker finish-snapshot
    IMG --lock-fd N``, built and parsed there, which checks it holds the inherited lock);

@@ -7,8 +7,8 @@ guest-get-users reads the guest's utmp): the most recently logged-in user other 
 is the guest's own login user as far as anyone can tell, so the snapshot records that one.
 
 Only that path asks, and only once the snapshot's instant is fixed (never inside the freeze
-window), bounded by :data:`AGENT_TIMEOUT`: it adds one agent round trip to such a snapshot's
-latency (see scripts/bench_login_user.py) and none to any other.
+window): the snapshot's worker, while QEMU copies (finish.py), bounded by
+:data:`AGENT_TIMEOUT`, so the command's latency has none of it (scripts/bench_login_user.py).
 """
 
 from __future__ import annotations

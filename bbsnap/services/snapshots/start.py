@@ -172,19 +172,9 @@ class SnapshotService:
                 # backup's: on two cores with a TCG guest on one, a starting worker took
                 # the CPU from the command (latency 0.53 -> 0.68 s) and the image was not
                 # available any sooner (0.89 -> 0.94 s, 64 MiB full copy, 6 rounds).
+                # The login user, when the guest agent is to be asked, is the worker's
+                # to ask while QEMU copies (finish.py): none of the command's latency.
                 changes: dict[str, Any] = {"consistency": consistency}
-                if self._ask_login_user(request, ancestor, plan.parent, job.mode, consistency):
-                    # Asked before the worker is forked, on this connection: after it, a
-                    # reconnect would add to the command's latency, while the worker gains
-                    # nothing from starting sooner (it settles the row only after this
-                    # command's commit, below, and QEMU's copy runs meanwhile either way).
-                    from bbsnap.services.snapshots import login_user
-
-                    username = login_user.from_agent(self._hv, server.id, image_id,
-                                                     self._reporter)
-                    if username:
-                        changes["username"] = username
-                    timeline.mark("login-user")
                 # A forked worker must not share this process's libvirt connection (one
                 # RPC stream) nor its SQLite one (catalogue.put_aside; closed already unless
                 # a step since reopened it): both are closed, and reopened here if a later
@@ -239,22 +229,6 @@ class SnapshotService:
                       else ancestor.username if ancestor
                       else parent.username if parent else None),
             min_ram=ancestor.min_ram if ancestor else None, job=current_job_token())
-
-    @staticmethod
-    def _ask_login_user(request: SnapshotRequest, ancestor: Image | None,
-                        parent: Image | None, mode: str, consistency: Consistency) -> bool:
-        """Only a running guest's snapshot with no login user given and no ancestor to take
-        one from asks the agent (login_user.py) — not when its freeze just showed the agent
-        absent or silent: it would not answer this either. Nor when the snapshot is stored
-        on an earlier one that records a login user (a domain bbsnap did not create, taken
-        every hour): that one stands, what the agent said then or what `images update -u`
-        set since, and the agent's round trip (11-16 ms) stays out of the command."""
-        if request.username or ancestor is not None or mode == "copy":
-            return False
-        if parent is not None and parent.username:
-            return False
-        return not (mode == "backup" and request.quiesce
-                    and consistency is Consistency.CRASH_CONSISTENT)
 
     def _ancestor(self, image_id: str | None) -> Image | None:
         """The catalogue image the server's disk was built from, if it is still there (a

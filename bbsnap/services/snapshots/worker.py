@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from bbsnap.errors import BbsnapError
+from bbsnap.reporting import SilentReporter
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -204,7 +205,8 @@ def finish_snapshot(image_id: str, lock_fd: int, *, data_dir: str | None,
     try:
         finisher = SnapshotFinisher(catalogue, data,
                                     lambda: LibvirtHypervisor(settings.connect),
-                                    timeline=timeline, handed_over=handed_over)
+                                    timeline=timeline, handed_over=handed_over,
+                                    reporter=_LogNotes())
         image = finisher.run(image_id)
     except BbsnapError as exc:
         print(f"{stamp} snapshot {image_id} failed: {exc}", flush=True)
@@ -218,6 +220,17 @@ def finish_snapshot(image_id: str, lock_fd: int, *, data_dir: str | None,
           f"{image.status.value}", flush=True)
     os.close(lock_fd)  # the server's lock: released once the image is settled
     return 0
+
+
+class _LogNotes(SilentReporter):
+    """What the finisher says (the login user it recorded), into the worker's standard
+    output: the image's log, DATA/logs/IMG.log."""
+
+    def note(self, text: str) -> None:
+        print(f"note: {text}", flush=True)
+
+    def warning(self, text: str) -> None:
+        print(f"warning: {text}", flush=True)
 
 
 def _checkpoint(catalogue: Catalogue) -> None:
