@@ -62,7 +62,12 @@ class SnapshotFinisher:
         image = self._catalogue.get(image_id, include_deleted=True)
         if image.status is not ImageStatus.CREATING:
             return image
-        self._catalogue.update(image_id, job=current_job_token())
+        # Not fsynced: a forked worker's claim comes while the command that forked it is
+        # about to commit, and SQLite holds the write lock through a commit's fsync, which
+        # waits behind the copy's writeback (the command's commit took 6-8 ms more). Lost to
+        # a power cut, the row names a dead job, which recovery adopts as it would this one.
+        with self._catalogue.unsynced_commits():
+            self._catalogue.update(image_id, job=current_job_token())
         job = self._catalogue.snapshot_job(image_id)
         if job is not None and job.mode == "backup":
             # A command killed between freeze and thaw would leave the guest frozen; thawing
