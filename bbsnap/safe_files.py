@@ -149,13 +149,15 @@ def publish(temp: Path, final: Path, *, mode: int | None = None) -> None:
 def copy_sparse(source: Path, target: Path) -> None:
     """A copy of bbsnap's own regular file *source* as the new file *target* (0600, made
     with O_EXCL, never through a symlink): data extents only, so holes stay holes, copied
-    in the kernel (``copy_file_range``: a reflink where the file system shares extents).
+    in the kernel (``copy_file_range``: a reflink where the file system shares extents),
+    else, across file systems (EXDEV since Linux 5.19), read and written here.
     Not fsynced: the callers' copies are work files made durable, if ever, later."""
     src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         dst = os.open(target, CREATE_FLAGS, PRIVATE)
         try:
             size, offset = os.fstat(src).st_size, 0
+            in_kernel = True
             while offset < size:
                 try:
                     start = os.lseek(src, offset, os.SEEK_DATA)
@@ -165,7 +167,17 @@ def copy_sparse(source: Path, target: Path) -> None:
                     raise
                 end = os.lseek(src, start, os.SEEK_HOLE)
                 while start < end:
-                    copied = os.copy_file_range(src, dst, end - start, start, start)
+                    if in_kernel:
+                        try:
+                            copied = os.copy_file_range(src, dst, end - start, start, start)
+                        except OSError as exc:
+                            if exc.errno not in _NO_KERNEL_COPY:
+                                raise
+                            in_kernel = False
+                            continue
+                    else:
+                        copied = os.pwrite(dst, os.pread(src, min(end - start, 1 << 20), start),
+                                           start)
                     if copied == 0:
                         raise OSError(errno.EIO, f"{source.name} ended while being copied")
                     start += copied
@@ -175,6 +187,11 @@ def copy_sparse(source: Path, target: Path) -> None:
             os.close(dst)
     finally:
         os.close(src)
+
+
+# copy_file_range cannot copy between these two files (another file system, or none of
+# its own): the copy is read and written in this process instead.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
 def fsync_directory(directory: Path) -> None:

@@ -6,8 +6,12 @@ templates."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import stat
 import subprocess
+import tempfile
+from pathlib import Path
 
 from bbsnap.disks import qemu_img
 from bbsnap.models import Image, ImageStatus, ImageType
@@ -106,3 +110,22 @@ def test_doctor_keeps_target_templates_and_reclaims_other_strays(tmp_path):
     finally:
         catalogue.close()
     assert [o.path for o in found.orphans] == [stray]
+
+
+def test_a_target_on_another_file_system_than_its_template_is_still_copied(tmp_path):
+    """tmp/ may be a file system of its own (a tmpfs mounted there; tests/system's disk-full
+    case): copy_file_range refuses to cross file systems, the copy is made all the same."""
+    templates = tmp_path / "blank-overlays"
+    templates.mkdir(mode=0o700)
+    elsewhere = Path(tempfile.mkdtemp(prefix="bbsnap-target-", dir="/dev/shm"))
+    try:
+        assert os.stat(elsewhere).st_dev != os.stat(templates).st_dev
+        expected = tmp_path / "expected.qcow2"
+        qemu_img.create_blank(expected, 2 << 30)
+        assert qemu_img.map_as_zero(expected, 2 << 30)
+        target = elsewhere / "target.qcow2"
+        copy_blank(templates, target, 2 << 30, mapped=True)
+        assert target.read_bytes() == expected.read_bytes()
+        assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    finally:
+        shutil.rmtree(elsewhere)

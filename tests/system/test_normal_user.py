@@ -204,13 +204,15 @@ def test_user_outside_the_group_gets_qemu_session_and_their_own_domains(tiny_gue
             assert foreign in _ok(user.bbsnap("servers", "list", "-s"))
             wait_until(lambda: max(_counters(log), default=0) >= 50, 180,
                        "the user's own guest to count to 50")
+            # The one without first: a snapshot stored on one that records a login user
+            # takes it (the named one's "tiny" would reach the clone below).
+            unnamed = _ok(user.bbsnap("servers", "snapshot", foreign, "--wait")).split()[0]
             named = _ok(user.bbsnap("servers", "snapshot", foreign, "--username", "tiny",
                                     "--wait")).split()[0]
             at_named = read_counter(user.data_dir / "images" / f"{named}.qcow2")
             assert at_named is not None and at_named >= 50
             assert '"username": "tiny"' in _ok(user.bbsnap("images", "show", named,
                                                             "--format", "json"))
-            unnamed = _ok(user.bbsnap("servers", "snapshot", foreign, "--wait")).split()[0]
             other_key = user.home / "other"
             _ok(user.run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)))
             clone = _create(user, unnamed, "--ssh-key", f"{other_key}.pub")
