@@ -29,7 +29,6 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from bbsnap.errors import BbsnapError
-from bbsnap.reporting import SilentReporter
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -194,6 +193,7 @@ def finish_snapshot(image_id: str, lock_fd: int, *, data_dir: str | None,
     from bbsnap.config import load_settings
     from bbsnap.hypervisor.libvirt_adapter import LibvirtHypervisor
     from bbsnap.state.layout import DataDir
+    from bbsnap.cli.reporter import TerminalReporter
     from bbsnap.services.snapshots.finish import SnapshotFinisher
 
     timeline.mark("imported")
@@ -206,7 +206,9 @@ def finish_snapshot(image_id: str, lock_fd: int, *, data_dir: str | None,
         finisher = SnapshotFinisher(catalogue, data,
                                     lambda: LibvirtHypervisor(settings.connect),
                                     timeline=timeline, handed_over=handed_over,
-                                    reporter=_LogNotes())
+                                    # its notes (the login user it recorded) into the
+                                    # image's log, escaped as on a terminal
+                                    reporter=TerminalReporter(sys.stdout, tty=False))
         image = finisher.run(image_id)
     except BbsnapError as exc:
         print(f"{stamp} snapshot {image_id} failed: {exc}", flush=True)
@@ -220,17 +222,6 @@ def finish_snapshot(image_id: str, lock_fd: int, *, data_dir: str | None,
           f"{image.status.value}", flush=True)
     os.close(lock_fd)  # the server's lock: released once the image is settled
     return 0
-
-
-class _LogNotes(SilentReporter):
-    """What the finisher says (the login user it recorded), into the worker's standard
-    output: the image's log, DATA/logs/IMG.log."""
-
-    def note(self, text: str) -> None:
-        print(f"note: {text}", flush=True)
-
-    def warning(self, text: str) -> None:
-        print(f"warning: {text}", flush=True)
 
 
 def _checkpoint(catalogue: Catalogue) -> None:
