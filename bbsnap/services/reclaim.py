@@ -30,7 +30,6 @@ from bbsnap.state.layout import DOMAIN_DIR_PREFIX, DataDir
 from bbsnap.models import ImageFilter, ImageStatus
 from bbsnap.services import prune
 from bbsnap.services.server_origin import read_origin
-from bbsnap.services.snapshots import targets as snapshot_targets
 
 QUARANTINE_GRACE = timedelta(days=7)
 QUARANTINE_DIR_MODE = 0o700  # reclaimed disks are as private as they were
@@ -98,7 +97,7 @@ def _survey_image_files(data_dir: DataDir, catalogue: Catalogue | None, orphans:
     for path in _entries(data_dir.blank_overlays_dir):
         if path.name.startswith(".") and job_alive(path.suffix[1:]):
             continue  # being made by a running `servers create` or snapshot
-        if snapshot_targets.is_template(path.name):
+        if data_dir.is_target_template(path.name):
             continue  # a backup target's template, of no one image (snapshots/targets.py)
         match = _ID_PREFIX.match(path.name)
         if not (match and match.group(1) in listed and path.suffix == ".qcow2"):

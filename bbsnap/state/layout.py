@@ -15,6 +15,7 @@ import contextlib
 import grp
 import os
 import pwd
+import re
 import stat
 import uuid
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ PARTIAL_SUFFIX = ".partial"
 
 
 RAM_ROOT = "/dev/shm"  # tmpfs on Linux (glibc's POSIX shared memory lives there)
+
+_TARGET_TEMPLATE_NAME = re.compile(r"^blank-[0-9]+(-mapped)?\.qcow2$")
 
 
 def _as_glob_id(image_id: str) -> str:
@@ -149,6 +152,17 @@ class DataDir:
 
     def blank_overlay(self, image_id: str, size: int) -> Path:
         return self.blank_overlays_dir / f"{image_id}-{size}.qcow2"
+
+    def target_template(self, size: int, *, mapped: bool) -> Path:
+        """The blank qcow2 each snapshot's backup target of *size* bytes is copied from
+        (services/snapshots/targets.py), beside the images' blank overlays: theirs start
+        with an image id, never with ``blank-``."""
+        return self.blank_overlays_dir / f"blank-{size}{'-mapped' if mapped else ''}.qcow2"
+
+    @staticmethod
+    def is_target_template(name: str) -> bool:
+        """Whether *name* in blank-overlays/ is a target template (doctor keeps them)."""
+        return _TARGET_TEMPLATE_NAME.match(name) is not None
 
     def remove_blank_overlays(self, image_id: str) -> None:
         for path in self.blank_overlays_dir.glob(f"{_as_glob_id(image_id)}-*.qcow2"):

@@ -16,7 +16,7 @@ from pathlib import Path
 from bbsnap.disks import qemu_img
 from bbsnap.models import Image, ImageStatus, ImageType
 from bbsnap.services import reclaim
-from bbsnap.services.snapshots.targets import copy_blank, is_template
+from bbsnap.services.snapshots.targets import copy_blank
 from bbsnap.services.snapshots.targets import file_capacity as _file_capacity
 from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.state.layout import DataDir
@@ -51,8 +51,8 @@ def test_a_target_is_a_copy_of_a_template_qemu_img_made_byte_for_byte(tmp_path):
     """Each size's first target makes its template (qemu-img); later ones copy it. A blank
     qcow2 holds no time or id, so the copy is what `qemu-img create` would have written;
     a mapped template is what create + map_as_zero writes."""
-    templates = tmp_path / "blank-overlays"
-    templates.mkdir(mode=0o700)
+    data = DataDir(tmp_path / "data").ensure()
+    templates = data.blank_overlays_dir
     made = {}
     for name, size, mapped in (("small", 64 << 20, False), ("big", 2 << 30, True)):
         expected = tmp_path / f"{name}.expected.qcow2"
@@ -61,20 +61,21 @@ def test_a_target_is_a_copy_of_a_template_qemu_img_made_byte_for_byte(tmp_path):
             assert qemu_img.map_as_zero(expected, size)
         for round_ in range(2):
             target = tmp_path / f"{name}.{round_}.qcow2"
-            copy_blank(templates, target, size, mapped=mapped)
+            copy_blank(data, target, size, mapped=mapped)
             assert target.read_bytes() == expected.read_bytes()
             assert stat.S_IMODE(target.stat().st_mode) == 0o600
-        made[name] = templates / f"blank-{size}{'-mapped' if mapped else ''}.qcow2"
+        made[name] = data.target_template(size, mapped=mapped)
+        assert made[name].name == f"blank-{size}{'-mapped' if mapped else ''}.qcow2"
     assert sorted(templates.iterdir()) == sorted(made.values())
-    assert all(is_template(path.name) for path in made.values())
-    assert not is_template("img-abcde-67108864.qcow2")  # a catalogue image's blank overlay
+    assert all(data.is_target_template(path.name) for path in made.values())
+    assert not data.is_target_template("img-abcde-67108864.qcow2")  # a catalogue image's blank overlay
 
 
 def test_a_template_that_is_not_what_its_name_says_is_made_again(tmp_path):
-    templates = tmp_path / "blank-overlays"
-    templates.mkdir(mode=0o700)
+    data = DataDir(tmp_path / "data").ensure()
+    templates = data.blank_overlays_dir
     size = 64 << 20
-    template = templates / f"blank-{size}.qcow2"
+    template = data.target_template(size, mapped=False)
     expected = tmp_path / "expected.qcow2"
     qemu_img.create_blank(expected, size)
     other_size = tmp_path / "other.qcow2"
@@ -88,7 +89,7 @@ def test_a_template_that_is_not_what_its_name_says_is_made_again(tmp_path):
         else:
             template.write_bytes(bad)
         target = tmp_path / "target.qcow2"
-        copy_blank(templates, target, size, mapped=False)
+        copy_blank(data, target, size, mapped=False)
         assert target.read_bytes() == expected.read_bytes()
         assert template.is_file() and not template.is_symlink()
         assert template.read_bytes() == expected.read_bytes()
@@ -103,7 +104,7 @@ def test_doctor_keeps_target_templates_and_reclaims_other_strays(tmp_path):
                                     created_at=utcnow(), status=ImageStatus.AVAILABLE,
                                     name="an image", arch="x86_64", path="img-aaaaa.qcow2"))
         qemu_img.create_blank(data.image_file(image.id), 16 << 20)
-        copy_blank(data.blank_overlays_dir, tmp_path / "t.qcow2", 16 << 20, mapped=False)
+        copy_blank(data, tmp_path / "t.qcow2", 16 << 20, mapped=False)
         stray = data.blank_overlays_dir / "leftover.qcow2"
         stray.write_bytes(b"x")
         found = reclaim.survey(data, catalogue, "test:///default", list)
@@ -115,8 +116,8 @@ def test_doctor_keeps_target_templates_and_reclaims_other_strays(tmp_path):
 def test_a_target_on_another_file_system_than_its_template_is_still_copied(tmp_path):
     """tmp/ may be a file system of its own (a tmpfs mounted there; tests/system's disk-full
     case): copy_file_range refuses to cross file systems, the copy is made all the same."""
-    templates = tmp_path / "blank-overlays"
-    templates.mkdir(mode=0o700)
+    data = DataDir(tmp_path / "data").ensure()
+    templates = data.blank_overlays_dir
     elsewhere = Path(tempfile.mkdtemp(prefix="bbsnap-target-", dir="/dev/shm"))
     try:
         assert os.stat(elsewhere).st_dev != os.stat(templates).st_dev
@@ -124,7 +125,7 @@ def test_a_target_on_another_file_system_than_its_template_is_still_copied(tmp_p
         qemu_img.create_blank(expected, 2 << 30)
         assert qemu_img.map_as_zero(expected, 2 << 30)
         target = elsewhere / "target.qcow2"
-        copy_blank(templates, target, 2 << 30, mapped=True)
+        copy_blank(data, target, 2 << 30, mapped=True)
         assert target.read_bytes() == expected.read_bytes()
         assert stat.S_IMODE(target.stat().st_mode) == 0o600
     finally:

@@ -9,9 +9,9 @@ Copied, not created: ``qemu-img create`` is a process and qemu-img's start-up, 1
 the snapshot command's latency (bench_snapshot.py's steps, "backup targets made"), while
 a blank qcow2 of a given size is the same bytes every time (qcow2 records no time and no
 id; two ``qemu-img create`` runs compare equal). So the first target of each disk size is
-made by qemu-img as a template in blank-overlays/ (``blank-<size>.qcow2``; for a full copy
-over 512 MiB with its tables already mapped, ``blank-<size>-mapped.qcow2``:
-qemu_img.map_as_zero) and every later target is a copy of it, 0.3 ms. A template is
+made by qemu-img as a template in blank-overlays/ (DataDir.target_template:
+``blank-<size>.qcow2``; for a full copy over 512 MiB with its tables already mapped,
+``blank-<size>-mapped.qcow2``: qemu_img.map_as_zero) and every later target is a copy of it, 0.3 ms. A template is
 checked before each use (the qcow2 magic and the size in its header) and made again when
 it is not what its name says.
 """
@@ -19,7 +19,6 @@ it is not what its name says.
 from __future__ import annotations
 
 import os
-import re
 import stat
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from bbsnap.state.layout import DataDir
 from bbsnap.state.process_tokens import current_job_token
 
 QCOW2_MAGIC = b"QFI\xfb"
-_TEMPLATE_NAME = re.compile(r"^blank-[0-9]+(-mapped)?\.qcow2$")
 
 
 def make(data_dir: DataDir, hv: Hypervisor, job: SnapshotJob) -> None:
@@ -43,26 +41,21 @@ def make(data_dir: DataDir, hv: Hypervisor, job: SnapshotJob) -> None:
             size = hv.disk_capacity(job.domain, disk.device)
         target = Path(disk.target)
         full_copy = not disk.incremental  # an incremental's clusters stay unallocated
-        copy_blank(data_dir.blank_overlays_dir, target, size,
+        copy_blank(data_dir, target, size,
                    mapped=full_copy and qemu_img.zero_map_applies(size))
         if full_copy:
             # The copy holds about what the disk's file does (disks/reserve.py).
             reserve.reserve(target, min(size, allocated_bytes(disk.source)))
 
 
-def copy_blank(templates: Path, target: Path, size: int, *, mapped: bool) -> None:
+def copy_blank(data_dir: DataDir, target: Path, size: int, *, mapped: bool) -> None:
     """A blank qcow2 of *size* bytes at *target* (0600), copied from its template in
-    *templates* (made first if missing or not what its name says)."""
-    template = templates / f"blank-{size}{'-mapped' if mapped else ''}.qcow2"
+    *data_dir* (made first if missing or not what its name says)."""
+    template = data_dir.target_template(size, mapped=mapped)
     if not _fits(template, size):
         _make_template(template, size, mapped)
     target.unlink(missing_ok=True)  # a re-planned snapshot's first target (start.py)
     safe_files.copy_sparse(template, target)
-
-
-def is_template(name: str) -> bool:
-    """Whether *name* in blank-overlays/ is one of these templates (doctor keeps them)."""
-    return _TEMPLATE_NAME.match(name) is not None
 
 
 def _fits(template: Path, size: int) -> bool:
