@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import statistics
@@ -64,19 +65,17 @@ def cli_runner(env: dict[str, str]) -> Callable[..., str]:
     return run
 
 
-
-
-def _entry() -> list[str]:
+@functools.cache
+def bbsnap_entry() -> list[str]:
     """The installed `bbsnap` command as scripts/setup's launcher runs it (`-IS`, the venv's
     site-packages named on the path), on this checkout's code: through this checkout's
-    command server when one answers (bbsnap/cmdserver), else in its own process."""
+    command server when one answers (bbsnap/cmdserver), else in its own process. Asked of
+    the interpreter on first use, not at import (a process, ~20 ms, of every benchmark)."""
     site = subprocess.run([PYTHON, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           check=True, capture_output=True, text=True).stdout.strip()
     return [PYTHON, "-IS", "-c", f"import sys; sys.path[:0] = [{str(REPO)!r}]; "
             f"sys.path.append({site!r}); from bbsnap.entry import main; main()"]
 
-
-BBSNAP_ENTRY = _entry()
 
 
 def command_server_env(env: dict[str, str], work: Path) -> dict[str, str]:
@@ -96,7 +95,7 @@ def command_server(env: dict[str, str], work: Path) -> Iterator[Callable[..., st
                    check=True, capture_output=True)
 
     def run(*args: str) -> str:
-        return subprocess.run([*BBSNAP_ENTRY, *args], env=env, check=True, capture_output=True,
+        return subprocess.run([*bbsnap_entry(), *args], env=env, check=True, capture_output=True,
                               text=True).stdout.strip()
     try:
         run("command-server", "status")
