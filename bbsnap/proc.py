@@ -263,9 +263,17 @@ def _reap_forked() -> None:
 
 def _run_worker(work: Callable[[], int], log: int,
                 keep_fds: Sequence[int]) -> None:  # pragma: no cover - a child process
+    import gc
     import stat
     import traceback
 
+    # Nothing the caller left for its garbage collector is ever collected here: a libvirt
+    # handle in such a cycle (a domain, holding its connection) would close its
+    # connection when collected, an RPC over a socket number the loop below closes and
+    # this child's own connection may take next; a worker forked by a process that had
+    # one hung for good in that RPC (tests/system/test_forked_worker.py), holding the
+    # server's lock. This child's own garbage is collected as usual.
+    gc.freeze()
     status = 1
     try:
         os.setsid()  # no terminal's signals, no caller's process group
