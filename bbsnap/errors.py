@@ -78,6 +78,13 @@ class QuiesceError(HypervisorError):
     """The guest agent could not freeze the guest's filesystems (absent, silent, refused)."""
 
 
+class GuestAgentSilentError(QuiesceError):
+    """The guest's agent channel exists but nothing answered on it: no agent connected, or
+    a hung one that let the timeout pass (libvirt's VIR_ERR_AGENT_UNRESPONSIVE). Asked
+    again within the same snapshot, it would say the same, a hung one only after the
+    timeout once more."""
+
+
 class GuestAgentError(HypervisorError):
     """The guest agent did not answer a question (absent, silent, refused, domain stopped)."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Sequence
 
 from bbsnap.errors import (CheckpointBrokenError, ConflictError, GuestAgentError, HypervisorError,
-                           NotFoundError, QuiesceError)
+                           GuestAgentSilentError, NotFoundError, QuiesceError)
 from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskReplacement, DomainFacts,
                                DomainInfo, DomainSpec, DomainState, GuestUser, Hardware,
                                HypervisorVersion, JobStatus, PauseCause, SavedDomain,
@@ -268,9 +268,11 @@ class LibvirtHypervisor:
     def freeze(self, name: str, timeout: int) -> int:
         """Freeze the guest's filesystems through its agent, waiting at most *timeout* s.
 
-        Raises QuiesceError when there is no agent channel (error 74 in libvirt 9),
-        the agent does not answer (86) or refuses; the caller falls back to a
-        crash-consistent snapshot and records that.
+        Raises QuiesceError when there is no agent channel (error 74 in libvirt 9) or the
+        agent refuses, GuestAgentSilentError when nothing answers on the channel (86: "QEMU
+        guest agent is not connected" at once, or "Guest agent not available for now"
+        after *timeout*, a hung agent); the caller falls back to a crash-consistent
+        snapshot and records that.
         """
         libvirt = _libvirt()
         dom = self._lookup(name).raw  # libvirt's own message goes into the QuiesceError
@@ -278,8 +280,11 @@ class LibvirtHypervisor:
             dom.agentSetResponseTimeout(timeout, 0)
             return int(dom.fsFreeze(None, 0))
         except libvirt.libvirtError as exc:
-            raise QuiesceError(f"the guest agent of {name} could not freeze its filesystems: "
-                               f"{exc.get_error_message()}") from exc
+            error = (GuestAgentSilentError
+                     if exc.get_error_code() == libvirt.VIR_ERR_AGENT_UNRESPONSIVE
+                     else QuiesceError)
+            raise error(f"the guest agent of {name} could not freeze its filesystems: "
+                        f"{exc.get_error_message()}") from exc
 
     def thaw(self, name: str, timeout: int = 5) -> None:
         libvirt = _libvirt()

@@ -28,7 +28,8 @@ from typing import Callable, Iterator
 import pytest
 
 from bbsnap.disks import qemu_img
-from bbsnap.errors import GuestAgentError, HypervisorError, NotFoundError, QuiesceError
+from bbsnap.errors import (GuestAgentError, GuestAgentSilentError, HypervisorError, NotFoundError,
+                           QuiesceError)
 from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskInfo, DiskReplacement, DiskSpec,
                                DomainFacts, DomainSpec, DomainState, GuestUser, Hypervisor,
                                NewCheckpoint, NicSpec, PauseCause)
@@ -506,6 +507,24 @@ def test_without_an_agent_or_a_running_guest_the_agent_answers_nothing(side, que
     side.hv.start(spec.name)
     with pytest.raises(error):
         ask(side.hv, spec.name)  # no agent channel
+
+
+def test_a_freeze_nothing_answers_is_told_apart_from_one_without_an_agent_channel(side):
+    """The worker asks a silent agent nothing more (each question another timeout); an
+    absent channel answers at once, so it is a plain QuiesceError."""
+    spec = side.spec(guest_agent=True)  # a channel, and no OS to run an agent on it
+    side.hv.define(spec)
+    side.hv.start(spec.name)
+    if isinstance(side.hv, FakeHypervisor):
+        side.hv.silence_agent(spec.name)
+    with pytest.raises(GuestAgentSilentError):
+        side.hv.freeze(spec.name, 1)
+    without = side.spec(guest_agent=False)
+    side.hv.define(without)
+    side.hv.start(without.name)
+    with pytest.raises(QuiesceError) as refused:
+        side.hv.freeze(without.name, 1)
+    assert not isinstance(refused.value, GuestAgentSilentError)
 
 
 # -- backup jobs -------------------------------------------------------------------------------

@@ -110,9 +110,11 @@ def test_a_forked_worker_holds_the_lock_and_waits_for_its_caller_to_be_done(tmp_
     os.mkfifo(fifo)  # opened by path in the worker: it keeps none of its caller's pipes
     launcher = worker.ForkedWorker(str(tmp_path / "data"), "test:///default")
 
-    def fake_finish(image_id, lock_fd, *, data_dir, connect, timeline, handed_over):
+    def fake_finish(image_id, lock_fd, *, data_dir, connect, timeline, handed_over,
+                    agent_silent):
         said = os.open(fifo, os.O_WRONLY)
-        os.write(said, f"started {image_id} {worker._holds_lock(lock_fd)}\n".encode())
+        os.write(said, f"started {image_id} {worker._holds_lock(lock_fd)} "
+                       f"agent silent: {agent_silent}\n".encode())
         handed_over()
         os.write(said, b"released\n")
         return 0
@@ -120,13 +122,13 @@ def test_a_forked_worker_holds_the_lock_and_waits_for_its_caller_to_be_done(tmp_
     real = worker.finish_snapshot
     worker.finish_snapshot = fake_finish  # the fork copies this process, stand-in included
     try:
-        pid = launcher.start("img-aaaaa", lock, tmp_path / "img-aaaaa.log")
+        pid = launcher.start("img-aaaaa", lock, tmp_path / "img-aaaaa.log", agent_silent=True)
     finally:
         worker.finish_snapshot = real
     lock.release()  # the caller's copy: the worker's keeps the server locked
     said = os.open(fifo, os.O_RDONLY)
     try:
-        assert _read_line(said) == "started img-aaaaa True\n"
+        assert _read_line(said) == "started img-aaaaa True agent silent: True\n"
         assert locks.try_acquire(tmp_path / "locks", "0000-uuid") is None
         assert job_alive(token_for_pid(pid))
         launcher.release()

@@ -5,6 +5,7 @@ answer against the real agent; tests/system/test_login_user.py runs it end to en
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from datetime import datetime, timezone
@@ -13,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from bbsnap.hypervisor import DiskSpec, DomainSpec, GuestUser
-from bbsnap.models import Image, ImageStatus
+from bbsnap.models import Consistency, Image, ImageStatus
 from bbsnap.services.snapshots.finish import SnapshotFinisher
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.state.layout import DataDir
-from bbsnap.services.snapshots.start import SnapshotRequest
+from bbsnap.services.snapshots.start import SnapshotRequest, SnapshotService
+from bbsnap.state.locks import ServerLock
 from tests.disk.fake_servers import Notes, create_request, server_creator, snapshot_service
 from tests.disk.test_server_flows_fake import catalogue, data
 from tests.fakes.hypervisor import FakeHypervisor
@@ -86,20 +88,72 @@ def test_a_given_username_is_not_asked_about_and_no_quiesce_still_asks(
     assert ("logged_in_users" in hv.calls) is not given
 
 
-@pytest.mark.parametrize("agent", ["silent", "none", "root-only"])
+@pytest.mark.parametrize("agent", ["silent-after-the-freeze", "none", "root-only"])
 def test_without_an_answer_naming_a_user_the_image_records_none(
         data: DataDir, catalogue: Catalogue, work_dir: Path, agent: str):
     hv = FakeHypervisor()
     name = _foreign(hv, work_dir, [USERS[2]] if agent == "root-only" else USERS)
-    if agent == "silent":
-        hv.silence_agent(name)
-    elif agent == "none":
+    if agent == "none":
         hv.set_guest_users(name, [])
     notes = Notes()
     image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name))
+    assert image.consistency is Consistency.QUIESCED
+    if agent == "silent-after-the-freeze":
+        hv.silence_agent(name)
     done = _finished(hv, data, catalogue, name, image.id, notes)
     assert done.username is None and not [n for n in notes.lines if "logged-in" in n]
     assert "logged_in_users" in hv.calls  # asked, and the snapshot went on without one
+
+
+class _RecordingLauncher:
+    """Starts no worker: records what the command told it (the worker is the test's)."""
+
+    def __init__(self) -> None:
+        self.agent_silent: list[bool] = []
+
+    def start(self, image_id: str, lock: ServerLock, log_path: Path, *,
+              agent_silent: bool = False) -> int:
+        self.agent_silent.append(agent_silent)
+        return os.getpid()  # the job's owner is alive: this test, which runs the worker
+
+    def release(self) -> None:
+        pass
+
+
+def test_an_agent_silent_at_the_freeze_is_asked_nothing_more_by_the_worker(
+        data: DataDir, catalogue: Catalogue, work_dir: Path):
+    """Each further question to a hung agent waits its timeout (thaw 5 s, login user 2 s)
+    before the copy can be settled: the command tells the worker, which asks nothing."""
+    hv = FakeHypervisor()
+    name = _foreign(hv, work_dir, USERS)
+    hv.silence_agent(name)
+    launcher = _RecordingLauncher()
+    command_notes = Notes()
+    image = SnapshotService(catalogue, data, hv, launcher,
+                            reporter=command_notes).begin(SnapshotRequest(name))
+    assert launcher.agent_silent == [True]
+    assert image.consistency is Consistency.CRASH_CONSISTENT
+    assert any("crash-consistent" in n for n in command_notes.lines)
+    asked_by_the_command = list(hv.calls)
+    hv.complete_job(name)
+    worker_notes = Notes()
+    done = SnapshotFinisher(catalogue, data, lambda: hv, reporter=worker_notes,
+                            agent_silent=True).run(image.id)
+    assert done.status is ImageStatus.AVAILABLE and done.username is None
+    further = hv.calls[len(asked_by_the_command):]
+    assert "logged_in_users" not in further and "thaw" not in further and "freeze" not in further
+    assert worker_notes.lines == [f"note: the guest agent of {name} did not answer the freeze: "
+                                  "not asked for the login user"]
+
+
+@pytest.mark.parametrize("quiesce", [True, False], ids=["frozen", "--no-quiesce"])
+def test_an_agent_that_answered_or_was_not_asked_is_not_called_silent(
+        data: DataDir, catalogue: Catalogue, work_dir: Path, quiesce: bool):
+    hv = FakeHypervisor()
+    name = _foreign(hv, work_dir, USERS)
+    launcher = _RecordingLauncher()
+    SnapshotService(catalogue, data, hv, launcher).begin(SnapshotRequest(name, quiesce=quiesce))
+    assert launcher.agent_silent == [False]
 
 
 def test_a_stopped_domain_or_a_bbsnap_server_with_an_ancestor_is_not_asked(

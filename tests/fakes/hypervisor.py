@@ -32,7 +32,8 @@ from typing import Any, BinaryIO, Sequence
 
 from bbsnap.disks import qemu_img
 from bbsnap.errors import (BbsnapError, CheckpointBrokenError, ConflictError, GuestAgentError,
-                           HypervisorError, NotFoundError, QuiesceError)
+                           GuestAgentSilentError, HypervisorError, NotFoundError,
+                           QuiesceError)
 from bbsnap.hypervisor import (BackupPlan, CompletedJob, DiskInfo, DiskReplacement, DiskSpec,
                                DomainFacts, DomainInfo, DomainSpec, DomainState, GuestUser,
                                Hardware, HypervisorVersion, JobStatus, NicSpec, PauseCause,
@@ -271,7 +272,7 @@ class FakeHypervisor:
 
     def freeze(self, name: str, timeout: int) -> int:
         self.calls.append("freeze")
-        dom = self._agent(name, "could not freeze its filesystems")
+        dom = self._agent(name, "could not freeze its filesystems", silent=GuestAgentSilentError)
         dom.frozen = True
         return 1
 
@@ -503,8 +504,10 @@ class FakeHypervisor:
         return job
 
     def _agent(self, name: str, failed: str,
-               error: type[HypervisorError] = QuiesceError) -> _Domain:
-        """The domain, if its guest agent can answer (as *error* says otherwise)."""
+               error: type[HypervisorError] = QuiesceError,
+               silent: type[HypervisorError] | None = None) -> _Domain:
+        """The domain, if its guest agent can answer (as *error* says otherwise; a silent
+        agent as *silent*, if given)."""
         dom = self._domain(name)
         if dom.state is DomainState.SHUTOFF:
             raise error(f"the guest agent of {name} {failed}: {_NOT_RUNNING}")
@@ -513,8 +516,8 @@ class FakeHypervisor:
             raise error(f"the guest agent of {name} {failed}: argument unsupported: "
                         "QEMU guest agent is not configured")
         if not dom.agent_answers:
-            raise error(f"the guest agent of {name} {failed}: Guest agent is not "
-                        "responding: QEMU guest agent is not connected")
+            raise (silent or error)(f"the guest agent of {name} {failed}: Guest agent is "
+                                    "not responding: QEMU guest agent is not connected")
         return dom
 
 

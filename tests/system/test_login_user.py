@@ -5,11 +5,13 @@ The domain is defined through plain libvirt XML (as virsh or virt-manager would)
 guest-agent channel. Its tiny guest's utmp says root, "tiny" and an older user are logged in:
 the snapshot's worker records "tiny" and says so in the image's log, and `servers ssh` on a
 clone logs in as tiny with no -l. A domain whose agent is absent records no user (servers
-ssh then names the one to pass).
+ssh then names the one to pass), and one whose agent hangs at the freeze is asked nothing
+more.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -79,3 +81,26 @@ def test_without_an_agent_no_login_user_is_recorded(cloud, domains, work_dir,
     assert done.exit_code == 0, done.stderr
     assert "logged-in" not in done.stderr and "crash-consistent" in done.stderr
     assert wait_settled(cloud, done.stdout.strip())["username"] is None
+
+
+def test_an_agent_hung_at_the_freeze_is_not_asked_for_the_login_user(cloud, domains, work_dir,
+                                                                     tiny_guest_image):
+    """The guest's qemu-ga is stopped (SIGSTOP, from inside the guest through the agent
+    itself): libvirt's freeze waits out its timeout and says "not available for now"; the
+    worker is told so and asks nothing more (each question would wait again)."""
+    name = _foreign(domains, work_dir, tiny_guest_image, agent=True)
+    stop = {"execute": "guest-exec", "arguments": {
+        "path": "/bin/sh", "arg": ["-c", "sleep 0.3; kill -STOP $(pidof qemu-ga)"]}}
+    subprocess.run(["virsh", "-q", "-c", "qemu:///system", "qemu-agent-command", name,
+                    json.dumps(stop)], check=True, capture_output=True)
+    wait_until(lambda: not agent_answers(name), 30, "the guest agent to hang")
+    done = cloud("servers", "snapshot", name)
+    assert done.exit_code == 0, done.stderr
+    assert "could not freeze" in done.stderr and "crash-consistent" in done.stderr
+    snapshot = done.stdout.strip()
+    record = wait_settled(cloud, snapshot)
+    assert (record["state"], record["consistency"], record["username"]) == (
+        "available", "crash-consistent", None)
+    log = (cloud.data_dir / "logs" / f"{snapshot}.log").read_text()
+    assert (f"note: the guest agent of {name} did not answer the freeze: not asked for the "
+            "login user") in log

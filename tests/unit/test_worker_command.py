@@ -19,6 +19,10 @@ def test_the_command_line_the_service_builds_is_the_one_the_worker_parses(tmp_pa
     assert worker.main(argv[3:]) == 2
     assert "not started with the server's lock (fd 987)" in capsys.readouterr().out
     assert not (tmp_path / "data").exists()
+    silent = worker.finish_snapshot_argv(base, "img-aaaaa", 987, agent_silent=True)
+    assert silent == [*argv, "--agent-silent"]
+    assert worker.main(silent[3:]) == 2  # parsed: the lock check is what stops it
+    assert "not started with the server's lock (fd 987)" in capsys.readouterr().out
 
 
 def test_a_lock_held_through_another_open_file_is_not_ours(tmp_path):

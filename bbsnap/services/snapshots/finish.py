@@ -46,8 +46,13 @@ class SnapshotFinisher:
     def __init__(self, catalogue: Catalogue, data_dir: DataDir,
                  connect: Callable[[], Hypervisor], *, timeline: Timeline | None = None,
                  handed_over: Callable[[], None] | None = None,
-                 reporter: Reporter = SILENT) -> None:
+                 reporter: Reporter = SILENT, agent_silent: bool = False) -> None:
         self._catalogue = catalogue
+        # The command that forked this worker found the guest agent silent (its freeze
+        # waited out start.FREEZE_TIMEOUT, then it thawed): asking it again would wait the
+        # timeout once more (thaw: 5 s, login user: 2 s) before the copy could be settled.
+        # A worker adopting a dead command's job is never told so, and thaws.
+        self._agent_silent = agent_silent
         self._reporter = reporter  # the worker's log
         # Returns once the command that forked this worker has made its last change to the
         # image's row (worker.ForkedWorker): only then may the row turn available or failed.
@@ -69,7 +74,7 @@ class SnapshotFinisher:
         with self._catalogue.unsynced_commits():
             self._catalogue.update(image_id, job=current_job_token())
         job = self._catalogue.snapshot_job(image_id)
-        if job is not None and job.mode == "backup":
+        if job is not None and job.mode == "backup" and not self._agent_silent:
             # A command killed between freeze and thaw would leave the guest frozen; thawing
             # an unfrozen guest is harmless, so an adopting worker always thaws.
             try:
@@ -127,6 +132,10 @@ class SnapshotFinisher:
         is absent answers at once, a silent one within login_user.AGENT_TIMEOUT; either
         way the snapshot goes on without a login user."""
         if image.username or image.ancestor_id or job.mode == "copy":
+            return
+        if self._agent_silent:
+            self._reporter.note(f"the guest agent of {job.domain} did not answer the freeze: "
+                                "not asked for the login user")
             return
         try:
             username = login_user.from_agent(self._hv, job.domain, image.id, self._reporter)

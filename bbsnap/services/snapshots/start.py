@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 from bbsnap import ids
 from bbsnap.state import locks
 from bbsnap.state.catalogue import Catalogue, utcnow
-from bbsnap.errors import CheckpointBrokenError, ConflictError, QuiesceError
+from bbsnap.errors import CheckpointBrokenError, ConflictError, GuestAgentSilentError, QuiesceError
 from bbsnap.hypervisor import (BackupPlan, BackupTarget, DiskInfo, DomainState, Hypervisor,
                                NewCheckpoint)
 from bbsnap.state.process_tokens import current_job_token, token_for_pid
@@ -162,12 +162,13 @@ class SnapshotService:
             timeline.mark("registered")
             try:
                 read_only = [d.target for d in all_disks if not d.writable]
+                agent_silent = False
                 if job.mode == "memory":
                     _memory_hook().capture(self._hv, self._data_dir, image_id, job, read_only,
                                            memory_bytes)
                 elif running:
-                    consistency = self._fix_point_in_time(image_id, job, read_only,
-                                                          request.quiesce, ancestor, directory)
+                    consistency, agent_silent = self._fix_point_in_time(
+                        image_id, job, read_only, request.quiesce, ancestor, directory)
                 # Started only now, not before the freeze to overlap its start-up with the
                 # backup's: on two cores with a TCG guest on one, a starting worker took
                 # the CPU from the command (latency 0.53 -> 0.68 s) and the image was not
@@ -182,7 +183,8 @@ class SnapshotService:
                 self._hv.close()
                 self._catalogue.put_aside()
                 timeline.mark("put-aside")
-                worker = _spawn_worker(self._launcher, self._data_dir, image.id, lock)
+                worker = _spawn_worker(self._launcher, self._data_dir, image.id, lock,
+                                       agent_silent=agent_silent)
                 timeline.mark("forked")
                 try:
                     # One commit once the copy runs, and not fsynced: an fsync now waits
@@ -255,19 +257,22 @@ class SnapshotService:
 
     def _fix_point_in_time(self, image_id: str, job: SnapshotJob, read_only: list[str],
                            quiesce: bool, ancestor: Image | None,
-                           directory: Path) -> Consistency:
+                           directory: Path) -> tuple[Consistency, bool]:
+        """The backup begun, the guest frozen around its start when *quiesce*: the image's
+        consistency, and whether the agent was silent (the worker then asks it nothing)."""
         domain = job.domain
         # The targets first, then the freeze: the guest stays frozen only for the backup's
         # start (making them used to be inside the freeze window; now copies, ~0.3 ms).
         snapshot_targets.make(self._data_dir, self._hv, job)
         timeline.mark("targets")
-        frozen = False
+        frozen = silent = False
         if quiesce:
             try:
                 self._hv.freeze(domain, FREEZE_TIMEOUT)
                 frozen = True
                 timeline.mark("frozen")
             except QuiesceError as exc:
+                silent = isinstance(exc, GuestAgentSilentError)
                 self._reporter.warning(f"{exc}; the snapshot is crash-consistent")
         try:
             self._begin_backup(image_id, job, read_only, ancestor, directory)
@@ -279,7 +284,7 @@ class SnapshotService:
                 except QuiesceError as exc:
                     if frozen:
                         self._reporter.warning(str(exc))
-        return Consistency.QUIESCED if frozen else Consistency.CRASH_CONSISTENT
+        return Consistency.QUIESCED if frozen else Consistency.CRASH_CONSISTENT, silent
 
     def _begin_backup(self, image_id: str, job: SnapshotJob, read_only: list[str],
                       ancestor: Image | None, directory: Path) -> None:
@@ -331,10 +336,11 @@ def spawn_finisher(launcher: WorkerLauncher, data_dir: DataDir, catalogue: Catal
 
 
 def _spawn_worker(launcher: WorkerLauncher, data_dir: DataDir, image_id: str,
-                  lock: locks.ServerLock) -> str | None:
+                  lock: locks.ServerLock, *, agent_silent: bool = False) -> str | None:
     """Start the worker finishing *image_id*, detached, holding the server's lock; its
     job token."""
-    pid = launcher.start(image_id, lock, data_dir.logs_dir / f"{image_id}.log")
+    pid = launcher.start(image_id, lock, data_dir.logs_dir / f"{image_id}.log",
+                         agent_silent=agent_silent)
     return token_for_pid(pid)
 
 

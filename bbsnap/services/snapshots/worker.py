@@ -39,8 +39,11 @@ if TYPE_CHECKING:
 
 
 class WorkerLauncher(Protocol):
-    def start(self, image_id: str, lock: ServerLock, log_path: Path) -> int:
-        """Start a detached worker finishing *image_id*, holding *lock*; its pid."""
+    def start(self, image_id: str, lock: ServerLock, log_path: Path, *,
+              agent_silent: bool = False) -> int:
+        """Start a detached worker finishing *image_id*, holding *lock*; its pid. With
+        *agent_silent* (the command's freeze found the guest agent silent) the worker asks
+        the agent nothing: neither a thaw nor the login user, each another timeout."""
         ...
 
     def release(self) -> None:
@@ -55,11 +58,13 @@ class ExecWorker:
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
 
-    def start(self, image_id: str, lock: ServerLock, log_path: Path) -> int:
+    def start(self, image_id: str, lock: ServerLock, log_path: Path, *,
+              agent_silent: bool = False) -> int:
         from bbsnap import proc
 
-        return proc.spawn_detached(finish_snapshot_argv(self.argv, image_id, lock.fd),
-                                   log_path=log_path, pass_fds=[lock.fd])
+        return proc.spawn_detached(
+            finish_snapshot_argv(self.argv, image_id, lock.fd, agent_silent=agent_silent),
+            log_path=log_path, pass_fds=[lock.fd])
 
     def release(self) -> None:
         pass
@@ -80,7 +85,8 @@ class ForkedWorker:
         self.connect = connect
         self._release_fd: int | None = None
 
-    def start(self, image_id: str, lock: ServerLock, log_path: Path) -> int:
+    def start(self, image_id: str, lock: ServerLock, log_path: Path, *,
+              agent_silent: bool = False) -> int:
         from bbsnap import proc
 
         if threading.active_count() > 1:
@@ -91,7 +97,7 @@ class ForkedWorker:
             # by now (background.py), so this is a process embedding bbsnap's commands:
             # it gets a new interpreter, as crash recovery does.
             return ExecWorker(base_argv(self.data_dir, self.connect)).start(
-                image_id, lock, log_path)
+                image_id, lock, log_path, agent_silent=agent_silent)
         fd = lock.fd
         waits, releases = os.pipe()
 
@@ -108,7 +114,8 @@ class ForkedWorker:
             timeline.mark("worker-started")
             timeline.mark("imported")  # nothing to import: the command had it all
             return finish_snapshot(image_id, fd, data_dir=self.data_dir, connect=self.connect,
-                                   timeline=timeline, handed_over=lambda: _wait_eof(waits))
+                                   timeline=timeline, handed_over=lambda: _wait_eof(waits),
+                                   agent_silent=agent_silent)
 
         try:
             pid = proc.fork_detached(work, log_path=log_path, keep_fds=[fd, waits, releases])
@@ -140,9 +147,11 @@ def base_argv(data_dir: str, connect: str) -> list[str]:
     return [sys.executable, "-m", "bbsnap.services.snapshots.worker", "--data-dir", data_dir, "--connect", connect]
 
 
-def finish_snapshot_argv(base: list[str], image_id: str, lock_fd: int) -> list[str]:
+def finish_snapshot_argv(base: list[str], image_id: str, lock_fd: int, *,
+                         agent_silent: bool = False) -> list[str]:
     """Finish *image_id*'s copy, holding the server's lock the caller passes as *lock_fd*."""
-    return [*base, "finish-snapshot", image_id, "--lock-fd", str(lock_fd)]
+    return [*base, "finish-snapshot", image_id, "--lock-fd", str(lock_fd),
+            *(["--agent-silent"] if agent_silent else [])]
 
 
 def _holds_lock(fd: int) -> bool:
@@ -167,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     finish.add_argument("image_id")
     finish.add_argument("--lock-fd", type=int, required=True,
                         help="the server lock inherited from the caller")
+    finish.add_argument("--agent-silent", action="store_true",
+                        help="the caller found the guest agent silent: ask it nothing")
     args = parser.parse_args(argv)
     if not _holds_lock(args.lock_fd):
         # Copying without the server's lock would race a prune or revert of its chain.
@@ -181,12 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     if started is not None:
         timeline.mark("worker-started", started)
     return finish_snapshot(args.image_id, args.lock_fd, data_dir=args.data_dir,
-                           connect=args.connect, timeline=timeline)
+                           connect=args.connect, timeline=timeline,
+                           agent_silent=args.agent_silent)
 
 
 def finish_snapshot(image_id: str, lock_fd: int, *, data_dir: str | None,
                     connect: str | None, timeline: Timeline,
-                    handed_over: Callable[[], None] | None = None) -> int:
+                    handed_over: Callable[[], None] | None = None,
+                    agent_silent: bool = False) -> int:
     """The worker's whole life, holding the server's lock as *lock_fd*: finish the copy,
     log what happened (its standard output is the image's log), settle the catalogue."""
     from bbsnap.state.catalogue import Catalogue
@@ -206,6 +219,7 @@ def finish_snapshot(image_id: str, lock_fd: int, *, data_dir: str | None,
         finisher = SnapshotFinisher(catalogue, data,
                                     lambda: LibvirtHypervisor(settings.connect),
                                     timeline=timeline, handed_over=handed_over,
+                                    agent_silent=agent_silent,
                                     # its notes (the login user it recorded) into the
                                     # image's log, escaped as on a terminal
                                     reporter=TerminalReporter(sys.stdout, tty=False))
