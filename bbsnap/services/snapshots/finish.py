@@ -49,9 +49,10 @@ class SnapshotFinisher:
                  reporter: Reporter = SILENT, agent_silent: bool = False) -> None:
         self._catalogue = catalogue
         # The command that forked this worker found the guest agent silent (its freeze
-        # waited out start.FREEZE_TIMEOUT, then it thawed): asking it again would wait the
-        # timeout once more (thaw: 5 s, login user: 2 s) before the copy could be settled.
-        # A worker adopting a dead command's job is never told so, and thaws.
+        # waited out start.FREEZE_TIMEOUT): asking it for the login user would wait 2 s
+        # more before the copy could be settled. The thaw below is still sent: an agent
+        # slow rather than hung may freeze after that timeout (a freeze flushes the
+        # guest's dirty data first), and a guest left frozen is far worse than 5 s.
         self._agent_silent = agent_silent
         self._reporter = reporter  # the worker's log
         # Returns once the command that forked this worker has made its last change to the
@@ -74,7 +75,7 @@ class SnapshotFinisher:
         with self._catalogue.unsynced_commits():
             self._catalogue.update(image_id, job=current_job_token())
         job = self._catalogue.snapshot_job(image_id)
-        if job is not None and job.mode == "backup" and not self._agent_silent:
+        if job is not None and job.mode == "backup":
             # A command killed between freeze and thaw would leave the guest frozen; thawing
             # an unfrozen guest is harmless, so an adopting worker always thaws.
             try:

@@ -42,8 +42,8 @@ class WorkerLauncher(Protocol):
     def start(self, image_id: str, lock: ServerLock, log_path: Path, *,
               agent_silent: bool = False) -> int:
         """Start a detached worker finishing *image_id*, holding *lock*; its pid. With
-        *agent_silent* (the command's freeze found the guest agent silent) the worker asks
-        the agent nothing: neither a thaw nor the login user, each another timeout."""
+        *agent_silent* (the command's freeze found the guest agent silent) the worker does
+        not ask the agent for the login user (another timeout)."""
         ...
 
     def release(self) -> None:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     finish.add_argument("--lock-fd", type=int, required=True,
                         help="the server lock inherited from the caller")
     finish.add_argument("--agent-silent", action="store_true",
-                        help="the caller found the guest agent silent: ask it nothing")
+                        help="the caller found the guest agent silent: no login user asked")
     args = parser.parse_args(argv)
     if not _holds_lock(args.lock_fd):
         # Copying without the server's lock would race a prune or revert of its chain.
