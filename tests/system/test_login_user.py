@@ -5,8 +5,8 @@ The domain is defined through plain libvirt XML (as virsh or virt-manager would)
 guest-agent channel. Its tiny guest's utmp says root, "tiny" and an older user are logged in:
 the snapshot's worker records "tiny" and says so in the image's log, and `servers ssh` on a
 clone logs in as tiny with no -l. A domain whose agent is absent records no user (servers
-ssh then names the one to pass), and one whose agent hangs at the freeze is asked nothing
-more.
+ssh then names the one to pass), and one whose agent hangs at the freeze is not asked for
+one.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def test_an_agent_hung_at_the_freeze_is_not_asked_for_the_login_user(cloud, doma
                                                                      tiny_guest_image):
     """The guest's qemu-ga is stopped (SIGSTOP, from inside the guest through the agent
     itself): libvirt's freeze waits out its timeout and says "not available for now"; the
-    worker is told so and asks nothing more (each question would wait again)."""
+    worker is told so and does not ask for the login user (it would wait again)."""
     name = _foreign(domains, work_dir, tiny_guest_image, agent=True)
     stop = {"execute": "guest-exec", "arguments": {
         "path": "/bin/sh", "arg": ["-c", "sleep 0.3; kill -STOP $(pidof qemu-ga)"]}}

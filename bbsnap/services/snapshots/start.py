@@ -259,7 +259,7 @@ class SnapshotService:
                            quiesce: bool, ancestor: Image | None,
                            directory: Path) -> tuple[Consistency, bool]:
         """The backup begun, the guest frozen around its start when *quiesce*: the image's
-        consistency, and whether the agent was silent (the worker then asks it nothing)."""
+        consistency, and whether the agent was silent (the worker then skips the login user)."""
         domain = job.domain
         # The targets first, then the freeze: the guest stays frozen only for the backup's
         # start (making them used to be inside the freeze window; now copies, ~0.3 ms).

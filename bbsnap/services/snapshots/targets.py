@@ -11,9 +11,9 @@ a blank qcow2 of a given size is the same bytes every time (qcow2 records no tim
 id; two ``qemu-img create`` runs compare equal). So the first target of each disk size is
 made by qemu-img as a template in blank-overlays/ (DataDir.target_template:
 ``blank-<size>.qcow2``; for a full copy over 512 MiB with its tables already mapped,
-``blank-<size>-mapped.qcow2``: qemu_img.map_as_zero) and every later target is a copy of it, 0.3 ms. A template is
-checked before each use (the qcow2 magic and the size in its header) and made again when
-it is not what its name says.
+``blank-<size>-mapped.qcow2``: qemu_img.map_as_zero) and every later target is a copy of
+it, 0.3 ms. A template is checked before each use (the qcow2 magic and the size in its
+header) and made again when it is not what its name says.
 """
 
 from __future__ import annotations
