@@ -212,9 +212,20 @@ class LibvirtHypervisor:
         return [self._describe(d) for d in self._call("listing domains", self.conn.listAllDomains, 0)]
 
     def destroy(self, name: str) -> None:
+        """Power the domain off at once. On a local libvirt this process ends QEMU itself
+        just before libvirt's destroy, which then has nothing left to wait for (qemu_exit:
+        ~15 ms against libvirt 9.0's 200 ms)."""
+        from bbsnap.hypervisor import qemu_exit  # threading: not for every command's start-up
+
         dom = self._lookup(name)
-        if dom.isActive():  # through the handle's mapping, as every call on it
-            self._call(f"stopping {name}", dom.destroy)
+        if not dom.isActive():  # through the handle's mapping, as every call on it
+            return
+        with qemu_exit.ended_first(qemu_exit.pid_file(self.uri, dom.name()), dom.UUIDString()):
+            try:
+                self._call(f"stopping {name}", dom.destroy)
+            except HypervisorError:
+                if dom.isActive():
+                    raise  # else it ended on its own meanwhile: what was asked for
 
     def undefine(self, name: str) -> None:
         dom = self._lookup(name)
