@@ -2,9 +2,9 @@
 
 A FIFO holds 1 MiB: a feeder that decompresses only as QEMU reads does its work while the
 restore waits for it, on a host of two shared cores. Started just before the guest is
-destroyed, a thread decompresses into memory while libvirt destroys the old QEMU (mostly a
-200 ms wait: libvirt polls the killed process every 0.2 s) and starts the new one, so the
-restore finds the stream ready. The memory held is bounded (``LIMIT``): past it the thread
+destroyed, a thread decompresses into memory while the old QEMU is ended (0.04-0.05 s since
+hypervisor/qemu_exit.py; libvirt 9.0's own destroy waited 0.2 s more) and the new one
+starts, so the restore finds the stream ahead of it. The memory held is bounded (``LIMIT``): past it the thread
 waits for the restore to take chunks.
 """
 
