@@ -17,6 +17,7 @@ shipped WINDOW x DEPTH, smaller windows, and the shipped one at the idle I/O pri
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import statistics
 import sys
@@ -33,6 +34,8 @@ from benchlib import MIB, bench_dir
 from bbsnap.disks import writeback
 
 SIZE = 1 << 30
+DIRECT_CHUNK = 4 * MIB
+RAM_DIR = Path("/dev/shm")
 CHUNK = MIB
 ROUNDS = 3
 PROBE_EVERY = 0.01
@@ -41,8 +44,10 @@ _IOPRIO_CLASS_IDLE = 3
 
 
 class Variant:
-    def __init__(self, label: str, window: int = 0, depth: int = 0, idle: bool = False) -> None:
+    def __init__(self, label: str, window: int = 0, depth: int = 0, idle: bool = False,
+                 in_ram: int = 0) -> None:
         self.label, self.window, self.depth, self.idle = label, window, depth, idle
+        self.in_ram = in_ram  # >0: written into RAM, then copied out by that many O_DIRECT writers
 
     def pacing(self, target: Path) -> ContextManager[Any]:
         if not self.window:
@@ -68,7 +73,36 @@ VARIANTS = (
     Variant("8 MiB x 4", 8 * MIB, 4),
     Variant(f"{writeback.WINDOW // MIB} MiB x {writeback.DEPTH}, idle I/O priority",
             writeback.WINDOW, writeback.DEPTH, idle=True),
+    Variant(f"in RAM, then O_DIRECT out, {DIRECT_CHUNK // MIB} MiB x 1", in_ram=1),
+    Variant(f"in RAM, then O_DIRECT out, {DIRECT_CHUNK // MIB} MiB x 2", in_ram=2),
 )
+
+
+def copy_out_direct(source: Path, target: Path, writers: int) -> None:
+    """*source* (in RAM) into *target* with O_DIRECT writes of DIRECT_CHUNK, *writers* at a
+    time (each its own page-aligned buffer), then fdatasync: at most *writers* requests of
+    the copy wait in the disk's queue, whatever the copy's size."""
+    size = source.stat().st_size
+    src = os.open(source, os.O_RDONLY)
+    dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    try:
+        def writer(first: int) -> None:
+            buffer = mmap.mmap(-1, DIRECT_CHUNK)
+            try:
+                for offset in range(first * DIRECT_CHUNK, size, writers * DIRECT_CHUNK):
+                    got = os.preadv(src, [buffer], offset)
+                    os.pwritev(dst, [buffer if got == DIRECT_CHUNK else buffer[:got]], offset)
+            finally:
+                buffer.close()
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        os.fdatasync(dst)
+    finally:
+        os.close(src)
+        os.close(dst)
 
 
 def one_copy(work: Path, variant: Variant) -> tuple[float, float, float]:
@@ -96,21 +130,25 @@ def one_copy(work: Path, variant: Variant) -> tuple[float, float, float]:
     prober = threading.Thread(target=probing)
     prober.start()
     data = os.urandom(CHUNK)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
+    first = RAM_DIR / f"bbsnap-bench-writeback.{os.getpid()}" if variant.in_ram else target
+    fd = os.open(first, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         begun = time.monotonic()
         with variant.pacing(target):
             for _ in range(SIZE // CHUNK):
                 os.write(fd, data)
             written = time.monotonic() - begun
-            os.fdatasync(fd)
+            if variant.in_ram:
+                copy_out_direct(first, target, variant.in_ram)
+            else:
+                os.fdatasync(fd)
             flushed = time.monotonic() - begun
     finally:
         os.close(fd)
         stop.set()
         prober.join()
-        target.unlink(missing_ok=True)
-        probe.unlink(missing_ok=True)
+        for path in (first, target, probe):
+            path.unlink(missing_ok=True)
     return max(gaps), written, flushed
 
 

@@ -175,8 +175,11 @@ def ended_first(pid_path: Path | None, uuid: str) -> Iterator[bool]:
             return
         timer = None
         try:
-            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-            gone = _wait_gone(pidfd)
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                gone = _wait_gone(pidfd)
+            except OSError:  # not ours to signal after all: libvirt's destroy does it
+                gone = False
             if gone:
                 timer = threading.Timer(RELEASE_AFTER, held.release)
                 timer.daemon = True
