@@ -18,6 +18,9 @@ file out in WINDOW-sized pieces as it grows, at most DEPTH of them in flight
 after the command's start against +1.63 s). What the copy still has dirty when the job ends
 QEMU's own flush writes at once; that is the gap left.
 
+A standalone full copy QEMU writes into RAM instead (services/snapshots/targets.py) needs
+none of this: disks/direct_copy.py puts it on the disk after the job, a few MiB at a time.
+
 Durability does not depend on this: it is still the job's own flush and the fsync before the
 rename (safe_files.publish) that make the copy durable.
 """

@@ -82,6 +82,7 @@ class Doctor:
         if found.undecidable:
             findings.append(self._undecidable_finding(found))
         findings.extend(self._ram_findings(self.ram_survey()))
+        findings.extend(self._ram_findings(self.ram_survey(qemu=True), copies=True))
         findings.append(self._quarantine_check())
         return findings
 
@@ -260,18 +261,22 @@ class Doctor:
             fix="if they are not yours any more, move them away yourself; for a server made "
                 "on another connection, run doctor with -c that URI")
 
-    def _ram_findings(self, found: RamSurvey) -> list[Finding]:
-        """Raw memory saves nobody will store, held in RAM (tmpfs) until the host reboots."""
+    def _ram_findings(self, found: RamSurvey, *, copies: bool = False) -> list[Finding]:
+        """Raw memory saves (or, *copies*, full disk copies) nobody will store, held in RAM
+        (tmpfs) until the host reboots."""
         where = found.directory
+        what, instead = (("RAM copies", "full copies go to DATA/tmp/") if copies
+                         else ("RAM files", "memory snapshots save into DATA/tmp/"))
         if found.refused:
-            return [Finding("orphaned RAM files", True, f"{where} not read: {found.refused}",
+            return [Finding(f"orphaned {what}", True, f"{where} not read: {found.refused}",
                             warning=True, fix=f"bbsnap neither reads nor writes {where} while "
-                            "it is so (memory snapshots save into DATA/tmp/); remove it if "
-                            "it is yours, else ask who made it")]
+                            f"it is so ({instead}); remove it if it is yours, else ask who "
+                            "made it")]
         wasted = sum(o.size for o in found.orphans)
+        kind = "disk copies" if copies else "raw memory saves"
         findings = [Finding(
-            "orphaned RAM files", not found.orphans,
-            f"{len(found.orphans)} raw memory saves hold {_bytes(wasted)} of RAM in {where}"
+            f"orphaned {what}", not found.orphans,
+            f"{len(found.orphans)} {kind} hold {_bytes(wasted)} of RAM in {where}"
             if found.orphans else "none",
             fix="bbsnap doctor --fix (deletes them: guest memory is never moved onto disk)"
             if found.orphans else "")]
@@ -279,7 +284,7 @@ class Doctor:
             first = found.undecidable[0]
             total = sum(u.size for u in found.undecidable)
             findings.append(Finding(
-                "undecidable RAM files", True,
+                f"undecidable {what}", True,
                 f"{len(found.undecidable)} files hold {_bytes(total)} of RAM in {where} and "
                 f"are kept: nothing proves them unused (e.g. {first.path.name}: {first.reason})",
                 warning=True, fix=f"if no bbsnap job of yours runs, delete them (rm {where}/"
@@ -309,8 +314,8 @@ class Doctor:
     def orphans(self) -> list[Orphan]:
         return self.survey().orphans
 
-    def ram_survey(self) -> RamSurvey:
-        return ram_reclaim.survey(self._data_dir, self._catalogue)
+    def ram_survey(self, *, qemu: bool = False) -> RamSurvey:
+        return ram_reclaim.survey(self._data_dir, self._catalogue, qemu=qemu)
 
     def fix(self) -> Reclaimed:
         """Let QEMU's user reach the data directory, empty expired quarantine batches, then
@@ -320,7 +325,8 @@ class Doctor:
         purged = reclaim.purge(self._data_dir)
         batch, moved = reclaim.quarantine(self._data_dir, self.orphans())
         # Deleted, not quarantined: guest memory must not land on disk (ram_reclaim.py).
-        ram_deleted = ram_reclaim.remove(self._data_dir, self.ram_survey().orphans)
+        ram_deleted = ram_reclaim.remove(self._data_dir, self.ram_survey().orphans
+                                         + self.ram_survey(qemu=True).orphans)
         if self._catalogue is not None:
             self._catalogue.checkpoint()
         return Reclaimed(batch, moved, purged, granted, ram_deleted)

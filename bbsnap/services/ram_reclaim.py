@@ -36,7 +36,8 @@ from bbsnap.state.catalogue import Catalogue
 from bbsnap.state.layout import DataDir, opened_ram_dir
 from bbsnap.state.process_tokens import job_alive
 
-_IMAGE_ID = re.compile(r"^(img-[0-9a-z]{5})(?:[.-]|$)")  # img-xxxxx.memory.save (memory.py)
+# img-xxxxx.memory.save (memory.py), img-xxxxx.vda.copy.qcow2 (snapshots/targets.py)
+_IMAGE_ID = re.compile(r"^(img-[0-9a-z]{5})(?:[.-]|$)")
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,21 @@ class RamSurvey:
     refused: str = ""  # why the directory was not read ("" if it was, or does not exist)
 
 
-def survey(data_dir: DataDir, catalogue: Catalogue | None) -> RamSurvey:
-    """This data directory's files in ram_dir, sorted into orphans and undecidable files.
+def survey(data_dir: DataDir, catalogue: Catalogue | None, *, qemu: bool = False) -> RamSurvey:
+    """This data directory's files in ram_dir (or, *qemu*, in qemu_ram_dir: full copies
+    QEMU writes there, services/snapshots/targets.py), sorted into orphans and undecidable
+    files.
 
     The files are listed before the catalogue is read: a snapshot commits its row (creating,
     with its live job's token, and its snapshot job) before libvirt writes its save file, so
     every file seen here belongs to a row read afterwards, never to a row not yet written."""
-    with opened_ram_dir(data_dir.ram_dir) as (fd, refused):
-        files = _listing(data_dir, fd) if fd is not None else []
+    directory, group = _place(data_dir, qemu)
+    with opened_ram_dir(directory, group) as (fd, refused):
+        files = _listing(data_dir, directory, fd) if fd is not None else []
     orphans: list[Orphan] = []
     undecidable: list[Undecidable] = []
     if not files:
-        return RamSurvey(data_dir.ram_dir, orphans, undecidable, refused)
+        return RamSurvey(directory, orphans, undecidable, refused)
     kept, unknown = _verdicts(catalogue, {image_id for _, _, image_id in files if image_id})
     proves_nothing = bool(unknown) and _proves_nothing(catalogue)
     for path, size, image_id in files:
@@ -72,33 +76,43 @@ def survey(data_dir: DataDir, catalogue: Catalogue | None) -> RamSurvey:
                                                        "be opened: it proves nothing"))
         else:
             orphans.append(Orphan(path, size))
-    return RamSurvey(data_dir.ram_dir, orphans, undecidable, refused)
+    return RamSurvey(directory, orphans, undecidable, refused)
+
+
+def _place(data_dir: DataDir, qemu: bool) -> tuple[Path, int | None]:
+    """The directory and the group that may enter it (QEMU's, for qemu_ram_dir)."""
+    if qemu:
+        return data_dir.qemu_ram_dir, data_dir.qemu_gid()
+    return data_dir.ram_dir, None
 
 
 def remove(data_dir: DataDir, orphans: list[Orphan]) -> list[Orphan]:
     """Delete *orphans* (survey's, all in ram_dir) outright; the ones deleted. Guest memory
     is never moved onto disk to be reclaimed later (see the module's docstring)."""
     removed: list[Orphan] = []
-    with opened_ram_dir(data_dir.ram_dir) as (fd, _refused):
-        if fd is None:
-            return removed
-        for orphan in orphans:
-            if orphan.path.parent != data_dir.ram_dir or \
-                    not orphan.path.name.startswith(data_dir.ram_prefix):
-                continue  # not a file of this data directory's in ram_dir: never ours to delete
-            try:
-                os.unlink(orphan.path.name, dir_fd=fd)
-            except FileNotFoundError:
-                continue  # its worker ended it meanwhile
-            except OSError as exc:
-                raise BbsnapError(f"cannot delete {orphan.path}: {exc.strerror}") from exc
-            removed.append(orphan)
+    for qemu in (False, True):
+        directory, group = _place(data_dir, qemu)
+        with opened_ram_dir(directory, group) as (fd, _refused):
+            if fd is None:
+                continue
+            for orphan in orphans:
+                if orphan.path.parent != directory or \
+                        not orphan.path.name.startswith(data_dir.ram_prefix):
+                    continue  # not this data directory's file in there: never ours to delete
+                try:
+                    os.unlink(orphan.path.name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue  # its worker ended it meanwhile
+                except OSError as exc:
+                    raise BbsnapError(f"cannot delete {orphan.path}: {exc.strerror}") from exc
+                removed.append(orphan)
     return removed
 
 
-def _listing(data_dir: DataDir, fd: int) -> list[tuple[Path, int, str | None]]:
-    """This data directory's entries in the opened ram_dir (another data directory's tag is
-    never listed): each path, the bytes it holds in RAM, and the image id its name names."""
+def _listing(data_dir: DataDir, directory: Path, fd: int) -> list[tuple[Path, int, str | None]]:
+    """This data directory's entries in the opened *directory* (another data directory's
+    tag is never listed): each path, the bytes it holds in RAM, and the image id its name
+    names."""
     found = []
     prefix = data_dir.ram_prefix
     with os.scandir(fd) as entries:
@@ -112,7 +126,7 @@ def _listing(data_dir: DataDir, fd: int) -> list[tuple[Path, int, str | None]]:
             except OSError:
                 continue  # gone meanwhile
             match = _IMAGE_ID.match(entry.name[len(prefix):])
-            found.append((data_dir.ram_dir / entry.name, info.st_blocks * 512,
+            found.append((directory / entry.name, info.st_blocks * 512,
                           match.group(1) if match else None))
     return sorted(found)
 

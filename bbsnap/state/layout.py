@@ -89,9 +89,13 @@ class DataDir:
         return self.ram_dir / f"{self._ram_tag()}.{name}"
 
     def ram_files(self) -> list[Path]:
-        """This data directory's files in ram_dir (none while it is not to be trusted)."""
-        trusted = self.trusted_ram_dir()
-        return sorted(trusted.glob(f"{self.ram_prefix}*")) if trusted else []
+        """This data directory's files in ram_dir and qemu_ram_dir (none in one while it is
+        not to be trusted)."""
+        return sorted(path for trusted in self._trusted_ram_dirs()
+                      for path in trusted.glob(f"{self.ram_prefix}*"))
+
+    def _trusted_ram_dirs(self) -> list[Path]:
+        return [d for d in (self.trusted_ram_dir(), self.trusted_qemu_ram_dir()) if d]
 
     def trusted_ram_dir(self) -> Path | None:
         """ram_dir if it exists as a directory of ours nobody else can enter, else None;
@@ -101,6 +105,53 @@ class DataDir:
         Once it is ours, only we can rename or remove it (/dev/shm is sticky)."""
         with opened_ram_dir(self.ram_dir) as (fd, _refused):
             return None if fd is None else self.ram_dir
+
+    @property
+    def qemu_ram_dir(self) -> Path:
+        """Work files that QEMU writes and that are better in RAM than on disk (a full
+        copy's backup target: services/snapshots/targets.py): like ram_dir, but QEMU's user
+        may enter it (0710, QEMU's group; 0700 when QEMU runs as us). Its files are named
+        like ram_dir's (qemu_ram_file)."""
+        return Path(RAM_ROOT) / f"bbsnap-{os.getuid()}-qemu"
+
+    def qemu_ram_file(self, name: str) -> Path:
+        return self.qemu_ram_dir / f"{self._ram_tag()}.{name}"
+
+    def qemu_gid(self) -> int | None:
+        """The group that lets QEMU's user into our directories (None: QEMU runs as us)."""
+        return _qemu_gid(self.qemu_user)
+
+    def trusted_qemu_ram_dir(self) -> Path | None:
+        """qemu_ram_dir if it is a directory of ours only we and QEMU's user can enter,
+        else None (the same rule as trusted_ram_dir); never made."""
+        with opened_ram_dir(self.qemu_ram_dir, self.qemu_gid()) as (fd, _refused):
+            return None if fd is None else self.qemu_ram_dir
+
+    def ensure_qemu_ram_dir(self) -> Path | None:
+        """qemu_ram_dir, made if missing; None when it is not to be trusted, or cannot be
+        shared with QEMU's user alone (a user outside QEMU's group: 0711 would let anyone
+        in, so the disk is used instead)."""
+        gid = self.qemu_gid()
+        try:
+            self.qemu_ram_dir.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            pass  # judged below like any other
+        except OSError:
+            return None
+        else:
+            if gid is not None:
+                try:
+                    os.chown(self.qemu_ram_dir, -1, gid, follow_symlinks=False)
+                    os.chmod(self.qemu_ram_dir, DIR_MODE)
+                except OSError:
+                    pass  # stays 0700: QEMU's user cannot enter it, so it is refused below
+        trusted = self.trusted_qemu_ram_dir()
+        if trusted is not None and gid is not None and trusted.stat().st_gid != gid:
+            return None  # ours, but QEMU's user could not open a file in it
+        return trusted
+
+    def is_qemu_ram_file(self, path: Path) -> bool:
+        return path.parent == self.qemu_ram_dir
 
     @property
     def ram_prefix(self) -> str:
@@ -220,10 +271,9 @@ class DataDir:
         for directory in (self.tmp_dir, self.images_dir):
             for path in directory.glob(f"{_as_glob_id(image_id)}[.-]*"):
                 path.unlink(missing_ok=True)
-        ram_dir = self.trusted_ram_dir()
-        for path in (ram_dir.glob(f"{self.ram_prefix}{_as_glob_id(image_id)}[.-]*")
-                     if ram_dir else ()):
-            path.unlink(missing_ok=True)
+        for ram_dir in self._trusted_ram_dirs():
+            for path in ram_dir.glob(f"{self.ram_prefix}{_as_glob_id(image_id)}[.-]*"):
+                path.unlink(missing_ok=True)
 
     def ensure(self) -> "DataDir":
         """Create the directories (idempotent) private to us and QEMU's user; make the
@@ -254,7 +304,8 @@ class DataDir:
 
 
 @contextlib.contextmanager
-def opened_ram_dir(path: Path) -> Iterator[tuple[int | None, str]]:
+def opened_ram_dir(path: Path, qemu_gid: int | None = None
+                   ) -> Iterator[tuple[int | None, str]]:
     """A descriptor of the ram_dir at *path* and "", or None and why it is not to be used
     ("" when it does not exist): the one place that decides whether it is ours
     (private_dirs.refusal), for DataDir.trusted_ram_dir and ensure_ram_dir as for doctor's reading
@@ -274,7 +325,7 @@ def opened_ram_dir(path: Path) -> Iterator[tuple[int | None, str]]:
         yield None, refused
         return
     try:
-        refused = private_dirs.refusal(os.fstat(fd))
+        refused = private_dirs.refusal(os.fstat(fd), group_may_enter=qemu_gid)
         yield (None if refused else fd), refused
     finally:
         os.close(fd)

@@ -177,6 +177,16 @@ def free_space_reserve(directory: Path) -> tuple[int, int]:
     return stats.f_bavail * stats.f_frsize, reserve
 
 
+def spare_bytes(directory: Path) -> int:
+    """Bytes *directory*'s filesystem can take beyond its free-space reserve (0 when it
+    cannot be asked)."""
+    try:
+        available, reserve = free_space_reserve(directory)
+    except OSError:
+        return 0
+    return available - reserve
+
+
 def check_free_space(directory: Path, needed: int = 0) -> None:
     """Refuse to go on if writing *needed* more bytes would eat into the reserve."""
     available, reserve = free_space_reserve(directory)

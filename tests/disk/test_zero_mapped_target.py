@@ -15,6 +15,7 @@ from typing import Iterator
 
 import pytest
 
+from bbsnap import hostinfo
 from bbsnap.disks import qemu_img
 from bbsnap.hypervisor import DiskSpec, DomainSpec
 from bbsnap.models import ImageStatus
@@ -68,8 +69,10 @@ def test_a_target_one_table_maps_or_a_huge_one_is_left_to_the_job(tmp_path: Path
 
 
 @pytest.fixture()
-def site(work_dir: Path) -> Iterator[tuple[DataDir, Catalogue]]:
-    """A data directory and its catalogue with fake_servers' base images."""
+def site(work_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[DataDir, Catalogue]]:
+    """A data directory and its catalogue with fake_servers' base images; full copies go
+    to tmp/ (this file is about targets on disk: a host with no RAM to spare)."""
+    monkeypatch.setattr(hostinfo, "available_memory_bytes", lambda: 0)
     data = DataDir(work_dir / "data").ensure()
     catalogue = base_catalogue(data)
     yield data, catalogue

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bbsnap.disks import qemu_img
 from bbsnap.hypervisor import DiskSpec, DomainSpec, NicSpec
+from bbsnap.state.layout import DataDir
 from bbsnap.tinyguest import READY_LINE, read_counter
 from tests.system.conftest import (image_record, set_backup_speed, tiny_guest_with_data,
                                    wait_for_console_line, wait_settled, wait_until,
@@ -58,6 +59,10 @@ def test_full_copy_is_the_disk_at_its_instant_while_the_guest_writes_and_a_kille
         worker = job_token(cloud, image_id)
         assert worker, "the command returned without recording its worker"
         os.kill(int(worker.split(":")[0]), signal.SIGSTOP)
+        # QEMU writes the copy into RAM (snapshots/targets.py), not into tmp/.
+        assert [p.name.split(".", 1)[1] for p in DataDir(cloud.data_dir).ram_files()] == [
+            f"{image_id}.vda.copy.qcow2"]
+        assert list((cloud.data_dir / "tmp").iterdir()) == []
         # (No job left: QEMU finished already, and the adopter gets its completed job.)
         assert set_backup_speed(name, 1) in ([], [1 << 30]), "a full copy: the whole disk"
         subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", str(disk), str(reference)],
@@ -90,7 +95,43 @@ def test_full_copy_is_the_disk_at_its_instant_while_the_guest_writes_and_a_kille
     assert image["disk_size"] == os.stat(stored).st_blocks * 512 > 512 << 20
     assert qemu_img.check(stored).clean
     assert list((cloud.data_dir / "tmp").iterdir()) == [], "temporary files left behind"
+    assert DataDir(cloud.data_dir).ram_files() == [], "the copy in RAM left behind"
+    assert sorted(p.name for p in (cloud.data_dir / "images").iterdir()
+                  if p.name.startswith(image_id)) == [f"{image_id}.qcow2"]
     # The domain's own disk is untouched: the same file, no backing file, sound.
     assert hypervisor.disks(name)[0].path == str(disk)
     assert qemu_img.check(disk, force_share=True).corruptions == 0
     assert hypervisor.info(name).state.value == "running"
+
+
+def test_a_copy_in_ram_that_the_disk_cannot_take_fails_and_leaves_nothing(
+        cloud, hypervisor, domains, work_dir, tiny_guest_image):
+    """The copy reached RAM, but images/ has no room for it: the image fails, with no copy
+    left in RAM nor a partial one in images/, and the guest runs on."""
+    disk = tiny_guest_with_data(tiny_guest_image, work_dir / "foreign.qcow2", "0x5a 512M 32M")
+    name = domains.new_name()
+    console = work_dir / "console.log"
+    hypervisor.define(DomainSpec(
+        name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1, accel="tcg",
+        disks=(DiskSpec(disk),), console_log=console,
+        nics=(NicSpec("52:54:00:aa:00:03"),), guest_agent=False))
+    hypervisor.start(name)
+    wait_for_console_line(console, READY_LINE)
+    images = cloud.data_dir / "images"
+    before = sorted(p.name for p in images.iterdir())
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0710", "tmpfs", str(images)],
+                   check=True)
+    try:
+        result = cloud("servers", "snapshot", name, "--no-quiesce", "--wait")
+        assert result.exit_code == 1 and "failed" in result.stderr, result.stderr
+        image = image_record(cloud, result.stdout.strip())
+        assert image["state"] == "failed"
+        assert "could not be written" in image["failure_reason"], image["failure_reason"]
+        assert list(images.iterdir()) == [], "a partial copy left in images/"
+    finally:
+        subprocess.run(["umount", "-l", str(images)], check=True)
+    assert sorted(p.name for p in images.iterdir()) == before
+    assert DataDir(cloud.data_dir).ram_files() == [], "the copy in RAM left behind"
+    assert list((cloud.data_dir / "tmp").iterdir()) == []
+    assert hypervisor.info(name).state.value == "running"
+    assert qemu_img.check(disk, force_share=True).corruptions == 0

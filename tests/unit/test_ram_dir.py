@@ -114,3 +114,58 @@ def test_the_snapshot_path_and_doctor_refuse_the_same_planted_ram_dir(shm, tmp_p
     assert ram_reclaim.survey(data, None).refused == "", "none there: nothing to refuse"
     assert data.ensure_ram_dir() == data.trusted_ram_dir() == data.ram_dir
     assert ram_reclaim.survey(data, None).refused == ""
+
+
+def test_the_qemu_ram_dir_lets_qemus_group_in_and_nobody_else(shm, tmp_path):
+    import grp
+
+    data = DataDir(tmp_path / "data", qemu_user="nobody")  # a user with a group of its own
+    made = data.ensure_qemu_ram_dir()
+    gid = data.qemu_gid()
+    assert made == shm / f"bbsnap-{os.getuid()}-qemu"
+    if os.getuid() == 0 and gid is not None:
+        assert (made.stat().st_mode & 0o777, made.stat().st_gid) == (0o710, gid), \
+            grp.getgrgid(gid).gr_name
+    assert data.ensure_ram_dir() is not None
+    data.qemu_ram_file("img-aaaaa.vda.copy.qcow2").write_bytes(b"copy")
+    data.ram_file("img-aaaaa.memory.save").write_bytes(b"save")
+    assert sorted(p.name.split(".", 1)[1] for p in data.ram_files()) == [
+        "img-aaaaa.memory.save", "img-aaaaa.vda.copy.qcow2"]
+    data.remove_image_files("img-aaaaa")
+    assert data.ram_files() == []
+
+
+def test_a_qemu_ram_dir_others_can_enter_or_list_is_not_used(shm, tmp_path):
+    data = DataDir(tmp_path / "data", qemu_user="no-such-user-here")
+    planted = shm / f"bbsnap-{os.getuid()}-qemu"
+    planted.mkdir()
+    for mode in (0o711, 0o750, 0o770):
+        os.chmod(planted, mode)
+        assert data.ensure_qemu_ram_dir() is None, oct(mode)
+    os.chmod(planted, 0o700)
+    assert data.ensure_qemu_ram_dir() == planted  # QEMU runs as us: ours alone is right
+
+
+def test_full_copies_go_to_ram_only_for_a_standalone_file_that_fits(shm, tmp_path, monkeypatch):
+    import subprocess
+
+    from bbsnap import hostinfo
+    from bbsnap.services.snapshots import targets
+
+    data = DataDir(tmp_path / "data", qemu_user="no-such-user-here")
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(1 << 20))
+    base, overlay = tmp_path / "base.qcow2", tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
+                    str(overlay)], check=True)
+    budget = targets.RamBudget(data)
+    assert budget.target("img-aaaaa", "vda", str(raw), "raw") == data.qemu_ram_file(
+        "img-aaaaa.vda.copy.qcow2")
+    assert budget.target("img-aaaaa", "vdb", str(base), "qcow2") is not None
+    assert budget.target("img-aaaaa", "vdc", str(overlay), "qcow2") is None, "on a backing file"
+    assert budget.target("img-aaaaa", "vdd", "/dev/null", "raw") is None, "not a regular file"
+    assert budget.target("img-aaaaa", "vde", str(tmp_path / "gone"), "raw") is None
+    monkeypatch.setattr(hostinfo, "available_memory_bytes", lambda: 1 << 20)
+    assert targets.RamBudget(data).target("img-bbbbb", "vda", str(raw), "raw") is None, \
+        "the host cannot spare twice the copy"

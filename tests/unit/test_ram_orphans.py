@@ -140,3 +140,24 @@ def test_someone_elses_ram_dir_is_refused_by_its_owner():
     assert private_dirs.refusal(info(stat.S_IFREG | 0o600, os.getuid())) == \
         "it is not a directory"
     assert private_dirs.refusal(info(stat.S_IFDIR | 0o700, os.getuid())) == ""
+
+
+def test_full_copies_in_qemus_ram_dir_are_judged_the_same_way(shm, tmp_path, catalogue):
+    data = DataDir(tmp_path / "data", qemu_user="no-such-user-here")  # QEMU runs as us
+    catalogue.add(_image("img-avail", ImageStatus.AVAILABLE))
+    catalogue.add(_image("img-adopt", ImageStatus.CREATING, DEAD_JOB), snapshot_job=JOB)
+    assert data.ensure_qemu_ram_dir() is not None
+    orphan = data.qemu_ram_file("img-avail.vda.copy.qcow2")
+    adopted = data.qemu_ram_file("img-adopt.vda.copy.qcow2")
+    for path in (orphan, adopted):
+        path.write_bytes(b"guest disk" * 1000)
+    save = _save(data, "img-avail")
+
+    copies = ram_reclaim.survey(data, catalogue, qemu=True)
+    assert copies.directory == data.qemu_ram_dir and copies.refused == ""
+    assert [o.path for o in copies.orphans] == [orphan]
+    memory = ram_reclaim.survey(data, catalogue)
+    assert [o.path for o in memory.orphans] == [save]
+    removed = ram_reclaim.remove(data, copies.orphans + memory.orphans)
+    assert sorted(o.path for o in removed) == sorted([orphan, save])
+    assert adopted.exists() and not orphan.exists() and not save.exists()

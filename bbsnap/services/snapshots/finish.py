@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from bbsnap import safe_files
 from bbsnap.state.catalogue import Catalogue
-from bbsnap.disks import qemu_img, reserve
+from bbsnap.disks import direct_copy, qemu_img, reserve
 from bbsnap.disks.writeback import Writeback
 from bbsnap.disks.qcow2_header import Qcow2Header, read_qcow2_header
 from bbsnap.errors import BbsnapError, HostileImageError, HypervisorError, NotFoundError
@@ -152,8 +152,10 @@ class SnapshotFinisher:
     def _wait_for_backup(self, image_id: str, job: SnapshotJob) -> None:
         report = _ProgressReport(self._catalogue, image_id, job)
         pace = _PollPace()
-        # The copy is written out while QEMU makes it, not all at its end (disks/writeback.py).
-        with Writeback([Path(d.target) for d in job.disks]):
+        # The copy is written out while QEMU makes it, not all at its end (disks/writeback.py);
+        # one in RAM is copied onto the disk after the job (_store_disk).
+        with Writeback([Path(d.target) for d in job.disks
+                        if not self._data_dir.is_qemu_ram_file(Path(d.target))]):
             while True:
                 try:
                     status = self._hv.job_status(job.domain)
@@ -218,7 +220,8 @@ class SnapshotFinisher:
 
     def _store_disk(self, image_id: str, index: int, disk: SnapshotDisk, mode: str) -> ImageVolume:
         copy = Path(disk.target)
-        if not disk.incremental and mode == "backup":
+        in_ram = self._data_dir.is_qemu_ram_file(copy)  # a standalone full copy (targets.py)
+        if not disk.incremental and mode == "backup" and not in_ram:
             reserve.release(copy)  # what the copy did not use of the blocks start.py reserved
         if disk.ancestor and disk.incremental:
             # Only the clusters written since the parent's instant were copied (its checkpoint,
@@ -248,7 +251,15 @@ class SnapshotFinisher:
             qemu_img.set_backing(copy, Path(disk.ancestor), relative=True)
         name = f"{image_id}.qcow2" if index == 0 else f"{image_id}-{disk.device}.qcow2"
         final = self._data_dir.images_dir / name
-        safe_files.publish(copy, final, mode=FILE_MODE)
+        if in_ram:
+            try:
+                direct_copy.publish_from_ram(copy, final, mode=FILE_MODE)
+            except OSError as exc:
+                raise SnapshotFailed(f"the copy of {disk.device} could not be written to "
+                                     f"{final.parent}: {exc.strerror or exc}") from exc
+            copy.unlink()
+        else:
+            safe_files.publish(copy, final, mode=FILE_MODE)
         self._timeline.mark(f"published-{disk.device}")
         if own_copy:
             virtual_size, actual_size = header.virtual_size, os.stat(final).st_blocks * 512

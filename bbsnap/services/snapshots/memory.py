@@ -95,7 +95,7 @@ from bbsnap.state.layout import DataDir
 from bbsnap.models import SnapshotJob
 from bbsnap.services import memory_file
 from bbsnap.services.snapshots.timeline import COMMAND as timeline
-from bbsnap.transfer.stream import free_space_reserve
+from bbsnap.transfer.stream import spare_bytes
 
 MAX_DOWNTIME_MS = 30      # QEMU's final pass target (its default 300 ms is the whole pause)
 RESUME_WAIT = 120.0       # seconds to get a paused guest running again (libvirtd restarting)
@@ -119,7 +119,7 @@ def save_file(data_dir: DataDir, image_id: str, memory_bytes: int) -> Path:
     into images/ (a second or two), so it costs RAM only that long; a host that cannot
     spare it keeps the old place."""
     ram = data_dir.ensure_ram_dir()
-    if ram is not None and _room(ram) >= 2 * memory_bytes \
+    if ram is not None and spare_bytes(ram) >= 2 * memory_bytes \
             and hostinfo.available_memory_bytes() >= 2 * memory_bytes:
         return data_dir.ram_file(_raw_name(image_id))
     return work_file(data_dir, image_id)
@@ -146,15 +146,6 @@ def _regular_file(path: Path) -> bool:
         return stat.S_ISREG(path.lstat().st_mode)
     except OSError:
         return False
-
-
-def _room(directory: Path) -> int:
-    """Bytes *directory*'s filesystem can take beyond its free-space reserve."""
-    try:
-        available, reserve = free_space_reserve(directory)
-    except OSError:
-        return 0
-    return available - reserve
 
 
 def stored_name(image_id: str) -> str:

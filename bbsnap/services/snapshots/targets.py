@@ -22,7 +22,7 @@ import os
 import stat
 from pathlib import Path
 
-from bbsnap import safe_files
+from bbsnap import hostinfo, safe_files
 from bbsnap.disks import qemu_img, reserve
 from bbsnap.hypervisor import Hypervisor
 from bbsnap.models import SnapshotJob
@@ -32,18 +32,69 @@ from bbsnap.state.process_tokens import current_job_token
 QCOW2_MAGIC = b"QFI\xfb"
 
 
+class RamBudget:
+    """Which standalone full copies of one snapshot QEMU writes into RAM
+    (DataDir.qemu_ram_dir) rather than into tmp/, to be copied onto the disk after the job
+    (disks/direct_copy.py): the guest's flushes of its own disk then never wait behind the
+    copy's writeback (the module's docstring in direct_copy.py has the figures).
+
+    Only a disk whose file holds all the guest sees (a regular file without a backing
+    file: its allocated bytes bound the copy), and only while the RAM directory and the
+    host can each spare twice what this snapshot's copies in RAM hold; else tmp/ as before."""
+
+    def __init__(self, data_dir: DataDir) -> None:
+        self._data_dir = data_dir
+        self._claimed = 0
+
+    def target(self, image_id: str, device: str, source: str, source_format: str) -> Path | None:
+        """The RAM target for this disk's copy, or None (then tmp/)."""
+        from bbsnap.transfer.stream import spare_bytes  # 11 ms: full copies only (as reserve)
+
+        need = _standalone_bytes(source, source_format)
+        if need is None:
+            return None
+        directory = self._data_dir.ensure_qemu_ram_dir()
+        if directory is None:
+            return None
+        wanted = 2 * (self._claimed + need)
+        if spare_bytes(directory) < wanted or hostinfo.available_memory_bytes() < wanted:
+            return None
+        self._claimed += need
+        return self._data_dir.qemu_ram_file(f"{image_id}.{device}.copy.qcow2")
+
+
+def _standalone_bytes(source: str, source_format: str) -> int | None:
+    """The bytes a disk file holds when it holds all the guest sees (no backing file), else
+    None; None too when it cannot be read (then its chain cannot be told)."""
+    try:
+        with open(source, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return None  # a block device: its size says nothing of its data
+            if source_format == "qcow2":
+                head = handle.read(16)
+                if head[:4] != QCOW2_MAGIC or int.from_bytes(head[8:16], "big") != 0:
+                    return None  # on a backing file: the guest sees more than this file
+            elif source_format != "raw":
+                return None
+    except OSError:
+        return None
+    return info.st_blocks * 512
+
+
 def make(data_dir: DataDir, hv: Hypervisor, job: SnapshotJob) -> None:
-    """Every target of *job*: blank, of its disk's size; a full copy's mapped and with its
-    blocks reserved (disks/reserve.py)."""
+    """Every target of *job*: blank, of its disk's size; a full copy's on disk mapped and
+    with its blocks reserved (disks/reserve.py; in RAM neither buys anything)."""
     for disk in job.disks:
         size = file_capacity(disk.source, disk.source_format)
         if size is None:
             size = hv.disk_capacity(job.domain, disk.device)
         target = Path(disk.target)
+        on_disk = not data_dir.is_qemu_ram_file(target)
         full_copy = not disk.incremental  # an incremental's clusters stay unallocated
         copy_blank(data_dir, target, size,
-                   mapped=full_copy and qemu_img.zero_map_applies(size))
-        if full_copy:
+                   mapped=full_copy and on_disk and qemu_img.zero_map_applies(size))
+        if full_copy and on_disk:
             # The copy holds about what the disk's file does (disks/reserve.py).
             reserve.reserve(target, min(size, allocated_bytes(disk.source)))
 
