@@ -32,18 +32,27 @@ def job_token(cloud, image_id: str) -> str | None:
         return db.execute("SELECT job FROM images WHERE id = ?", (image_id,)).fetchone()[0]
 
 
-def test_full_copy_is_the_disk_at_its_instant_while_the_guest_writes_and_a_killed_worker_is_adopted(
-        cloud, hypervisor, domains, work_dir, tiny_guest_image):
-    # 512 MiB of data past the guest's partition, for the copy to have something to slow.
-    disk = tiny_guest_with_data(tiny_guest_image, work_dir / "foreign.qcow2", "0x5a 512M 512M")
+def _foreign_guest(hypervisor, domains, work_dir: Path, tiny_guest_image: Path, data: str,
+                   mac: str) -> tuple[str, Path]:
+    """A running tiny guest bbsnap did not make, on a standalone disk holding *data*
+    (qemu-io's "PATTERN OFFSET LENGTH") past its partition; its name and disk."""
+    disk = tiny_guest_with_data(tiny_guest_image, work_dir / "foreign.qcow2", data)
     name = domains.new_name()
     console = work_dir / "console.log"
     hypervisor.define(DomainSpec(
         name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1, accel="tcg",
-        disks=(DiskSpec(disk),), console_log=console,
-        nics=(NicSpec("52:54:00:aa:00:02"),), guest_agent=False))
+        disks=(DiskSpec(disk),), console_log=console, nics=(NicSpec(mac),),
+        guest_agent=False))
     hypervisor.start(name)
     wait_for_console_line(console, READY_LINE)
+    return name, disk
+
+
+def test_full_copy_is_the_disk_at_its_instant_while_the_guest_writes_and_a_killed_worker_is_adopted(
+        cloud, hypervisor, domains, work_dir, tiny_guest_image):
+    # 512 MiB of data past the guest's partition, for the copy to have something to slow.
+    name, disk = _foreign_guest(hypervisor, domains, work_dir, tiny_guest_image,
+                                "0x5a 512M 512M", "52:54:00:aa:00:02")
 
     reference = work_dir / "at-the-instant.qcow2"
     with paused(name):
@@ -108,15 +117,8 @@ def test_a_copy_in_ram_that_the_disk_cannot_take_fails_and_leaves_nothing(
         cloud, hypervisor, domains, work_dir, tiny_guest_image):
     """The copy reached RAM, but images/ has no room for it: the image fails, with no copy
     left in RAM nor a partial one in images/, and the guest runs on."""
-    disk = tiny_guest_with_data(tiny_guest_image, work_dir / "foreign.qcow2", "0x5a 512M 32M")
-    name = domains.new_name()
-    console = work_dir / "console.log"
-    hypervisor.define(DomainSpec(
-        name=name, uuid=str(uuid.uuid4()), memory_mib=128, vcpus=1, accel="tcg",
-        disks=(DiskSpec(disk),), console_log=console,
-        nics=(NicSpec("52:54:00:aa:00:03"),), guest_agent=False))
-    hypervisor.start(name)
-    wait_for_console_line(console, READY_LINE)
+    name, disk = _foreign_guest(hypervisor, domains, work_dir, tiny_guest_image,
+                                "0x5a 512M 32M", "52:54:00:aa:00:03")
     images = cloud.data_dir / "images"
     before = sorted(p.name for p in images.iterdir())
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0710", "tmpfs", str(images)],
