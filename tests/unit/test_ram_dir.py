@@ -164,6 +164,10 @@ def test_full_copies_go_to_ram_only_for_a_standalone_file_that_fits(shm, tmp_pat
         "img-aaaaa.vda.copy.qcow2")
     assert budget.target("img-aaaaa", "vdb", str(base), "qcow2") is not None
     assert budget.target("img-aaaaa", "vdc", str(overlay), "qcow2") is None, "on a backing file"
+    external = tmp_path / "external.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"data_file={tmp_path / 'external.raw'}", str(external), "64M"], check=True)
+    assert budget.target("img-aaaaa", "vdf", str(external), "qcow2") is None, "data elsewhere"
     assert budget.target("img-aaaaa", "vdd", "/dev/null", "raw") is None, "not a regular file"
     assert budget.target("img-aaaaa", "vde", str(tmp_path / "gone"), "raw") is None
     monkeypatch.setattr(hostinfo, "available_memory_bytes", lambda: 1 << 20)

@@ -30,6 +30,7 @@ from bbsnap.state.layout import DataDir
 from bbsnap.state.process_tokens import current_job_token
 
 QCOW2_MAGIC = b"QFI\xfb"
+_EXTERNAL_DATA_FILE = 1 << 2  # qcow2 v3 incompatible feature: the data in another file
 
 
 class RamBudget:
@@ -67,18 +68,28 @@ def _standalone_bytes(source: str, source_format: str) -> int | None:
     """The bytes a disk file holds when it holds all the guest sees (no backing file), else
     None; None too when it cannot be read (then its chain cannot be told)."""
     try:
-        with open(source, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                return None  # a block device: its size says nothing of its data
-            if source_format == "qcow2":
-                head = handle.read(16)
-                if head[:4] != QCOW2_MAGIC or int.from_bytes(head[8:16], "big") != 0:
-                    return None  # on a backing file: the guest sees more than this file
-            elif source_format != "raw":
-                return None
+        # Non-blocking: never held up by whatever the path is (a FIFO, a device).
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None  # a block device: its size says nothing of its data
+        if source_format == "qcow2":
+            head = os.pread(fd, 80, 0)
+            if len(head) < 80 or head[:4] != QCOW2_MAGIC \
+                    or int.from_bytes(head[8:16], "big") != 0:
+                return None  # on a backing file: the guest sees more than this file
+            version = int.from_bytes(head[4:8], "big")
+            if version >= 3 and int.from_bytes(head[72:80], "big") & _EXTERNAL_DATA_FILE:
+                return None  # its data lives in another file
+        elif source_format != "raw":
+            return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return info.st_blocks * 512
 
 
