@@ -29,16 +29,18 @@ from bbsnap.state.layout import DataDir
 def test_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="bbsnap-tests-", dir="/var/tmp"))
     os.chmod(root, 0o755)
-    ram = DataDir(root).ram_dir  # the user's RAM work directory (memory snapshots' saves)
-    before = set(ram.iterdir()) if ram.is_dir() else None
+    # The user's RAM work directories (memory snapshots' saves, full copies QEMU writes).
+    rams = (DataDir(root).ram_dir, DataDir(root).qemu_ram_dir)
+    before = {ram: set(ram.iterdir()) if ram.is_dir() else None for ram in rams}
     yield root
     shutil.rmtree(root, ignore_errors=True)
-    if ram.is_dir():  # what the session's data directories left there (none should)
-        for path in set(ram.iterdir()) - (before or set()):
-            path.unlink(missing_ok=True)
-        if before is None:
-            with contextlib.suppress(OSError):  # another session's files in it meanwhile
-                ram.rmdir()
+    for ram in rams:
+        if ram.is_dir():  # what the session's data directories left there (none should)
+            for path in set(ram.iterdir()) - (before[ram] or set()):
+                path.unlink(missing_ok=True)
+            if before[ram] is None:
+                with contextlib.suppress(OSError):  # another session's files in it meanwhile
+                    ram.rmdir()
 
 
 @pytest.fixture()

@@ -144,7 +144,10 @@ class DataDir:
                     os.chown(self.qemu_ram_dir, -1, gid, follow_symlinks=False)
                     os.chmod(self.qemu_ram_dir, DIR_MODE)
                 except OSError:
-                    pass  # stays 0700: QEMU's user cannot enter it, so it is refused below
+                    # QEMU's user could not enter it: of no use, so not left behind either.
+                    with contextlib.suppress(OSError):
+                        self.qemu_ram_dir.rmdir()
+                    return None
         trusted = self.trusted_qemu_ram_dir()
         if trusted is not None and gid is not None and trusted.stat().st_gid != gid:
             return None  # ours, but QEMU's user could not open a file in it

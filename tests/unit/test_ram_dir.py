@@ -173,3 +173,14 @@ def test_full_copies_go_to_ram_only_for_a_standalone_file_that_fits(shm, tmp_pat
     monkeypatch.setattr(hostinfo, "available_memory_bytes", lambda: 1 << 20)
     assert targets.RamBudget(data).target("img-bbbbb", "vda", str(raw), "raw") is None, \
         "the host cannot spare twice the copy"
+
+
+def test_a_qemu_ram_dir_qemus_group_cannot_be_given_is_not_left_behind(shm, tmp_path,
+                                                                        monkeypatch):
+    def refused(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise PermissionError(1, "Operation not permitted")  # a user outside QEMU's group
+
+    monkeypatch.setattr(layout.os, "chown", refused)
+    data = DataDir(tmp_path / "data", qemu_user="nobody")
+    assert data.ensure_qemu_ram_dir() is None
+    assert not data.qemu_ram_dir.exists()
