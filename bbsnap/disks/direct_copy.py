@@ -65,8 +65,8 @@ def _copy(source: Path, dest: Path) -> None:
             finally:
                 if direct is not None:
                     os.close(direct)
-            os.ftruncate(plain, size)  # holes at the end are part of the length
-            os.fsync(plain)
+            os.ftruncate(plain, size)  # holes at the end are part of the length (the
+            # fsync is safe_files.publish's)
         finally:
             os.close(plain)
     finally:

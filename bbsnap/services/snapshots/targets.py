@@ -30,7 +30,6 @@ from bbsnap.state.layout import DataDir
 from bbsnap.state.process_tokens import current_job_token
 
 QCOW2_MAGIC = b"QFI\xfb"
-_EXTERNAL_DATA_FILE = 1 << 2  # qcow2 v3 incompatible feature: the data in another file
 
 
 class RamBudget:
@@ -46,6 +45,7 @@ class RamBudget:
     def __init__(self, data_dir: DataDir) -> None:
         self._data_dir = data_dir
         self._claimed = 0
+        self._directory: Path | None | bool = False  # False: not looked for yet
 
     def target(self, image_id: str, device: str, source: str, source_format: str) -> Path | None:
         """The RAM target for this disk's copy, or None (then tmp/)."""
@@ -54,8 +54,10 @@ class RamBudget:
         need = _standalone_bytes(source, source_format)
         if need is None:
             return None
-        directory = self._data_dir.ensure_qemu_ram_dir()
-        if directory is None:
+        if self._directory is False:  # once per snapshot, not once per disk
+            self._directory = self._data_dir.ensure_qemu_ram_dir()
+        directory = self._directory
+        if not isinstance(directory, Path):
             return None
         wanted = 2 * (self._claimed + need)
         if spare_bytes(directory) < wanted or hostinfo.available_memory_bytes() < wanted:
@@ -65,31 +67,28 @@ class RamBudget:
 
 
 def _standalone_bytes(source: str, source_format: str) -> int | None:
-    """The bytes a disk file holds when it holds all the guest sees (no backing file), else
-    None; None too when it cannot be read (then its chain cannot be told)."""
+    """The bytes a disk file holds when it holds all the guest sees, else None: a raw
+    regular file, or a qcow2 the import vetting would pass (no backing file, no external
+    data file: disks/qcow2_header.py); None too when it cannot be read."""
+    from bbsnap.disks.qcow2_header import read_qcow2_header
+    from bbsnap.errors import HostileImageError
+
     try:
         # Non-blocking: never held up by whatever the path is (a FIFO, a device).
         fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None  # a block device: its size says nothing of its data
-        if source_format == "qcow2":
-            head = os.pread(fd, 80, 0)
-            if len(head) < 80 or head[:4] != QCOW2_MAGIC \
-                    or int.from_bytes(head[8:16], "big") != 0:
-                return None  # on a backing file: the guest sees more than this file
-            version = int.from_bytes(head[4:8], "big")
-            if version >= 3 and int.from_bytes(head[72:80], "big") & _EXTERNAL_DATA_FILE:
-                return None  # its data lives in another file
-        elif source_format != "raw":
-            return None
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return None  # a block device: its size says nothing of its data
+            if source_format == "qcow2":
+                read_qcow2_header(handle, max_virtual_size=1 << 62)
+            elif source_format != "raw":
+                return None
+        except (OSError, HostileImageError):
+            return None  # on a backing file or another file: more than this file
     return info.st_blocks * 512
 
 
