@@ -53,8 +53,17 @@ disk after the job with O_DIRECT, two 4 MiB writes in flight (disks/direct_copy.
 Measured back to back on the 8 GiB disk holding 1 GiB (scripts/bench_guest_view.py): the
 guest's longest write gap 104 ms against 348 ms with the copy in tmp/, the host's fdatasync
 probe 13 ms against 190 ms, p99 write latency 41 against 106 ms; at 64 MiB 43 against 58 ms.
-What is left lies at the job's start (+137..+240 ms from the command's start), not in the
-copy onto the disk. The price is the copy onto the disk after the job instead of beside it:
+What is left is QEMU's own (fourteenth session): the same push job started by libvirt
+alone (backupBegin into RAM, no checkpoint, no worker), interleaved on the same guest,
+stalls it as long (bench_guest_view.py prints that floor): 595 and 372 ms against the full
+copy's 695 and 364 ms at 8 GiB in two runs, 24-25 against 37-38 ms at 64 MiB. Per guest
+instance the stall is either ~60 ms or ~300-600 ms, for every window of that guest, and
+neither giving the login user (no agent query), holding the worker's job polls back 0.6 s
+nor renicing QEMU's thread-pool workers to 19 moved it. Pull mode, which would let bbsnap
+pace the reads, is out on QEMU 7.2: with the disk in an iothread (as domain_xml.py puts
+it) QEMU aborted (`nbd_blockdev_client_closed: Assertion qemu_in_main_thread() &&
+nbd_server`) and took the guest down when a pull job ended after `qemu-img convert` had
+read its export. The price is the copy onto the disk after the job instead of beside it:
 until available 1.42 s against 0.73 s on an idle guest (bench_snapshot.py --full-copy; 0.60 s
 of it the copy out), and as fast at 64 MiB (0.24 against 0.31 s: the job in RAM is faster).
 
