@@ -56,7 +56,9 @@ probe 13 ms against 190 ms, p99 write latency 41 against 106 ms; at 64 MiB 43 ag
 What is left is QEMU's own (fourteenth session): the same push job started by libvirt
 alone (backupBegin into RAM, no checkpoint, no worker), interleaved on the same guest,
 stalls it as long (bench_guest_view.py prints that floor): 595 and 372 ms against the full
-copy's 695 and 364 ms at 8 GiB in two runs, 24-25 against 37-38 ms at 64 MiB. Per guest
+copy's 695 and 364 ms at 8 GiB in two runs, 24-25 against 37-38 ms at 64 MiB; with the
+checkpoint bbsnap's job makes in the floor's job too, 86 against 68 ms and 43 against 29 ms
+(the checkpoint is most of the 64 MiB difference). Per guest
 instance the stall is either ~60 ms or ~300-600 ms, for every window of that guest, and
 neither giving the login user (no agent query), holding the worker's job polls back 0.6 s
 nor renicing QEMU's thread-pool workers to 19 moved it. Pull mode, which would let bbsnap
