@@ -108,8 +108,9 @@ def open_stream(stored: Path) -> BinaryIO:
 def verify(stored: Path) -> None:
     """Refuse a damaged *stored* file with a clear message. A revert that streams the file
     into libvirt calls this before it stops the guest. A file ``pack`` wrote ends with a
-    check frame: the CRC-32 of the compressed bytes (43 MiB: 0.04 s, against 0.17-0.2 s to
-    decompress them, measured on the tiny guest's 1 GiB image); an older file is read
+    check frame: the CRC-32 of the compressed bytes (43 MiB: 0.04 s with zlib's CRC, less
+    with ISA-L's, against 0.11-0.2 s to decompress them, measured on the tiny guest's 1 GiB
+    image); an older file is read
     whole, discarding what it holds (truncated, or failing zstd's or gzip's checksum)."""
     try:
         if _crc_matches(stored):
@@ -124,7 +125,11 @@ def verify(stored: Path) -> None:
 
 def _crc_matches(stored: Path) -> bool:
     """True if *stored* ends with a check frame its bytes match; False if it has none
-    (older files: read whole instead); InvalidInputError if they do not match."""
+    (older files: read whole instead); InvalidInputError if they do not match. ISA-L's
+    CRC-32 (the same values as zlib's): 4 ms against zlib's 22 ms on 45 MiB here, on the
+    revert's path before the guest is stopped."""
+    from isal import isal_zlib  # 3 ms to import: only a memory revert reads this
+
     with stored.open("rb") as source:
         size = source.seek(0, os.SEEK_END)
         if size < _CHECK_LENGTH:
@@ -139,7 +144,7 @@ def _crc_matches(stored: Path) -> bool:
             raise InvalidInputError(f"the memory file of image {stored.name} is damaged: "
                                     f"{left} bytes where {length} were written")
         while left and (chunk := source.read(min(VERIFY_CHUNK, left))):
-            found, left = zlib.crc32(chunk, found), left - len(chunk)
+            found, left = isal_zlib.crc32(chunk, found), left - len(chunk)
     if found != crc:
         raise InvalidInputError(f"the memory file of image {stored.name} is damaged: its "
                                 "checksum does not match")
