@@ -34,6 +34,7 @@ shared host run it under the libvirtd lock the tests use.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -55,8 +56,13 @@ from bbsnap.state.layout import DataDir
 from bbsnap.tinyguest import READY_LINE, build_tiny_guest
 
 RUNS = 3
-# The revert and virsh restore vary most here (restoring one save file took 0.58-1.41 s).
-REVERT_RUNS = 5
+# The revert and virsh restore vary most here (restoring one save file took 0.29-0.69 s in
+# one run: see SLOW_KERNEL).
+REVERT_RUNS = 7
+# A restore whose QEMU spent more than this in the kernel zeroed huge pages that this
+# machine's own host had not backed yet: 0.29-0.47 s against 0.10-0.15 s, with the same 69
+# huge-page faults, at random, on every restore path alike (fifteenth session).
+SLOW_KERNEL = 0.25
 SIZES = (256, 1024)
 TICK = "BBSNAP-TICK"
 LOOP = f"while :; do echo {TICK}; usleep 5000; done >/dev/console 2>&1"
@@ -216,6 +222,16 @@ def pause_steps(hv: LibvirtHypervisor, events: Lifecycle, srv: str, work: Path,
             "resume": (marks["resumed"] - made) * 1000, "raw": raw_size}
 
 
+def qemu_kernel_seconds(domain: str) -> float:
+    """The system CPU time of the domain's QEMU so far (NaN where its pid cannot be read)."""
+    try:
+        pid = int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text())
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[12]) / os.sysconf("SC_CLK_TCK")  # stime, the stat's 15th field
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
@@ -313,6 +329,7 @@ def main() -> None:
             watch.stop()
             stored = work / "data" / "images" / f"{snapshots[-1]}{memory_file.SUFFIX}"
             reverts, restores, unpacks, own_restores, served = [], [], [], [], []
+            kernel: dict[str, list[float]] = {"revert": [], "restore": [], "virsh": []}
             breakdowns = []
             save_file = work / f"{srv}.save"
             revert_log = work / "data" / "logs" / f"revert-{server['uuid']}.log"
@@ -326,6 +343,7 @@ def main() -> None:
                 begun, begun_wall = time.monotonic(), time.time()
                 run("servers", "revert", srv, snapshots[-1])
                 reverts.append(time.monotonic() - begun)
+                kernel["revert"].append(qemu_kernel_seconds(srv))
                 breakdowns.append(revert_steps(revert_log, begun_wall, time.time()))
                 # The revert's two big steps on their own: the unpack, then the restore
                 # onto the server's disk now (what the revert gives restore_memory).
@@ -338,6 +356,7 @@ def main() -> None:
                 begun = time.monotonic()
                 hv.restore_memory(unpacked, {disk.target: Path(disk.path)})
                 own_restores.append(time.monotonic() - begun)
+                kernel["restore"].append(qemu_kernel_seconds(srv))
                 unpacked.unlink()
                 subprocess.run([*VIRSH, "save", srv, str(save_file)], check=True,
                                capture_output=True)
@@ -345,6 +364,7 @@ def main() -> None:
                 subprocess.run([*VIRSH, "restore", str(save_file)], check=True,
                                capture_output=True)
                 restores.append(time.monotonic() - begun)
+                kernel["virsh"].append(qemu_kernel_seconds(srv))
                 save_file.unlink()
             results[size] = {**median_of(cli), **{f"step {k}": v
                                                   for k, v in median_of(steps).items()},
@@ -356,7 +376,10 @@ def main() -> None:
                              **{f"revert {k}": v for k, v in median_of(breakdowns).items()},
                              "early runs": int(sum(step["made early"] for step in steps)),
                              **{f"after {k}": v for k, v in median_of(after_save).items()},
-                             "stored": stored.stat().st_size}
+                             "stored": stored.stat().st_size,
+                             **{f"kernel {k}": statistics.median(v) for k, v in kernel.items()},
+                             **{f"slow {k}": float(sum(t > SLOW_KERNEL for t in v))
+                                for k, v in kernel.items()}}
     finally:
         for srv in servers:
             subprocess.run([*BBSNAP, "servers", "destroy", srv], env=env, capture_output=True)
@@ -396,6 +419,11 @@ def main() -> None:
         how = "from a FIFO" if r["revert streamed"] else "from an unpacked file"
         print(f"             its restore ran {how}; the old path on the same file: unpack "
               f"{r['unpack']:4.2f} s + restore from the file {r['restore']:4.2f} s")
+        print(f"             QEMU's kernel time in each restore (median, s): revert "
+              f"{r['kernel revert']:4.2f}, the old path {r['kernel restore']:4.2f}, virsh restore "
+              f"{r['kernel virsh']:4.2f}; over {SLOW_KERNEL} s (huge pages the host had not "
+              f"backed): {r['slow revert']:.0f}, {r['slow restore']:.0f} and {r['slow virsh']:.0f} of "
+              f"{REVERT_RUNS}")
     small, large = (results[s]["pause"] for s in SIZES)
     print(f"  pause at {SIZES[1]} MiB / at {SIZES[0]} MiB: {large / small:4.2f}x (goal <= 1.5x)")
     small, large = (results[s]["paused"] for s in SIZES)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 from bbsnap import safe_files
 from bbsnap.errors import InvalidInputError
@@ -151,30 +151,12 @@ def _crc_matches(stored: Path) -> bool:
     return True
 
 
-def feed(chunks: Iterable[bytes], first: bytes, fd: int) -> None:
-    """Write *first*, then *chunks*, into *fd* (a FIFO a restore reads), and close it.
-    ``BrokenPipeError`` when the reader went away first: QEMU stops reading at the end of
-    its migration stream, before libvirt's trailing bytes."""
-    try:
-        _write_all(fd, first)
-        for chunk in chunks:
-            _write_all(fd, chunk)
-    finally:
-        os.close(fd)
-
-
 def read_chunk(source: BinaryIO, size: int = CHUNK) -> bytes:
     """The next chunk of *source* (``b""`` at its end); InvalidInputError if damaged."""
     try:
         return source.read(size)
     except READ_ERRORS as exc:
         raise InvalidInputError(f"the memory file cannot be read: {exc}") from exc
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _reader(stored: Path) -> BinaryIO:

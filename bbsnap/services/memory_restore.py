@@ -17,7 +17,8 @@ shared cores; scripts/bench_memory.py, medians of 3, two runs): the restore from
 stream took 0.83-1.00 s at 1 GiB and 256 MiB of RAM, against 1.13-1.60 s for unpacking the
 same file (0.26-0.30 s) and restoring from it (0.86-1.30 s). The decompression runs ahead, from just
 before the destroy (read_ahead.py): a feeder decompressing only as QEMU read made the
-restore 0.15-0.25 s slower than from a file on that loaded host.
+restore 0.15-0.25 s slower than from a file on that loaded host; it fills the FIFO with
+``splice`` from a ring in memory, at about a file's speed (read_ahead.py has the figures).
 
 What the stream costs is the order: the checks before the guest is touched must not
 consume it. So the header (with the saved definition the refusals read) is read from the
@@ -89,8 +90,13 @@ class MemoryBoot:
             raise error
         self._ahead = self._read_ahead()
 
-    def _read_ahead(self) -> ReadAhead:
-        return ReadAhead(memory_file.open_stream(self._stored), len(self._head.data))
+    def _read_ahead(self) -> ReadAhead | None:
+        """The decompression started, or None if no ring for it can be made (the file is
+        then unpacked, as where no FIFO can be made)."""
+        try:
+            return ReadAhead(memory_file.open_stream(self._stored), len(self._head.data))
+        except OSError:
+            return None
 
     def close(self) -> None:
         """Wait for the check's thread and stop the read-ahead (a refusal or a failure
@@ -112,6 +118,11 @@ class MemoryBoot:
 
     def _restore_streamed(self, new_disks: dict[str, Path]) -> bool:
         """Restore from a FIFO fed by the decompressor; False if no FIFO can be made."""
+        if self._ahead is None:  # ready() was not called, or could not start it
+            self._ahead = self._read_ahead()
+        ahead = self._ahead
+        if ahead is None:
+            return False
         fifo = restore_fifo(self._data_dir, self._token)
         try:
             os.mkfifo(fifo, 0o600)
@@ -133,15 +144,8 @@ class MemoryBoot:
                 fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 pass  # a smaller pipe only makes the feeder wait more often
-            ahead = self._ahead
-            if ahead is None:  # ready() was not called: nothing was read ahead
-                try:
-                    ahead = self._ahead = self._read_ahead()
-                except BaseException:
-                    os.close(writer)
-                    raise
-            first, chunks = self._head.data, ahead.chunks()
-            feeding = Background(lambda: memory_file.feed(chunks, first, writer))
+            first = self._head.data
+            feeding = Background(lambda: ahead.feed(first, writer))
             try:
                 self._hv.restore_memory(fifo, new_disks, head=self._head)
             except HypervisorError:

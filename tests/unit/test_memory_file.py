@@ -87,28 +87,3 @@ def test_an_older_file_without_the_check_frame_is_verified_by_reading_it_whole(t
     old.write_bytes(whole[:-100])
     with pytest.raises(InvalidInputError, match="memory file of image img-aaaaa"):
         memory_file.verify(old)
-
-
-def test_feed_writes_the_head_then_the_rest_and_closes(tmp_path):
-    raw = tmp_path / "raw.save"
-    raw.write_bytes(SAVE)
-    final = tmp_path / f"img-aaaaa{memory_file.SUFFIX}"
-    memory_file.pack(raw, tmp_path / "partial", final)
-    source = memory_file.open_stream(final)
-    head = source.read(100)
-    chunks = iter(lambda: memory_file.read_chunk(source), b"")
-    read_end, write_end = os.pipe()
-    received = bytearray()
-    import threading
-
-    def drain() -> None:
-        while chunk := os.read(read_end, 1 << 16):
-            received.extend(chunk)
-
-    reader = threading.Thread(target=drain)
-    reader.start()
-    memory_file.feed(chunks, head, write_end)
-    source.close()
-    reader.join()
-    os.close(read_end)
-    assert bytes(received) == SAVE

@@ -1,10 +1,13 @@
-"""The memory file's read-ahead (services/read_ahead.py): the chunks in order, what reading
-raised handed on, and a cancel that ends a thread waiting on a full queue."""
+"""The memory file's read-ahead (services/read_ahead.py): the stream after the skipped head
+fed into a real pipe after the restore's own first bytes, through splice and through the
+copying path, across the ring's end; what reading raised handed on after the bytes before
+it; a cancel that ends a thread waiting for room in the ring."""
 
 from __future__ import annotations
 
 import io
 import os
+import threading
 
 import pytest
 
@@ -12,29 +15,95 @@ from bbsnap.errors import InvalidInputError
 from bbsnap.services import memory_file, read_ahead
 
 
-def test_the_chunks_after_the_skipped_head_come_in_order():
+def fed(ahead: read_ahead.ReadAhead, first: bytes) -> tuple[bytes, BaseException | None]:
+    """What ``feed`` wrote into a pipe (read by a thread here), and what it raised."""
+    read_end, write_end = os.pipe()
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(read_end, 1 << 16):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    error = None
+    try:
+        ahead.feed(first, write_end)
+    except BaseException as exc:  # returned for the test to look at
+        error = exc
+    reader.join()
+    os.close(read_end)
+    return bytes(received), error
+
+
+def test_the_first_bytes_then_the_stream_after_the_skipped_head_spliced(monkeypatch):
+    spliced = []
+    splice = os.splice
+
+    def counted(*args: object, **kwargs: object) -> int:
+        spliced.append(args)
+        return splice(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(read_ahead.os, "splice", counted)
     data = os.urandom(3 * memory_file.CHUNK + 123)
     ahead = read_ahead.ReadAhead(io.BytesIO(data), 100)
-    assert b"".join(ahead.chunks()) == data[100:]
+    received, error = fed(ahead, b"HEAD")
     ahead.cancel()
+    assert error is None
+    assert received == b"HEAD" + data[100:]
+    assert spliced, "the pipe was fed by splice"
 
 
-def test_a_read_error_is_raised_to_the_reader():
-    class Broken(io.BytesIO):
+def test_the_ring_wraps_many_times_without_losing_a_byte(monkeypatch):
+    monkeypatch.setattr(read_ahead, "LIMIT", 0)  # the smallest ring: one chunk and the reserve
+    data = os.urandom(7 * (memory_file.CHUNK + read_ahead.RESERVE) + 4099)
+    ahead = read_ahead.ReadAhead(io.BytesIO(data), 0)
+    received, error = fed(ahead, b"")
+    ahead.cancel()
+    assert error is None
+    assert received == data
+
+
+def test_a_pipe_larger_than_the_reserve_is_fed_by_copying(monkeypatch):
+    monkeypatch.setattr(read_ahead, "RESERVE", 4096)  # below a pipe's 64 KiB: no splice
+    spliced = []
+    monkeypatch.setattr(read_ahead.os, "splice", lambda *a, **k: spliced.append(a) or 0)
+    data = os.urandom(2 * memory_file.CHUNK + 5)
+    ahead = read_ahead.ReadAhead(io.BytesIO(data), 0)
+    received, error = fed(ahead, b"x")
+    ahead.cancel()
+    assert (error, spliced) == (None, [])
+    assert received == b"x" + data
+
+
+def test_a_read_error_is_raised_to_the_feeder_after_the_bytes_before_it():
+    class BreaksLate(io.BytesIO):
         def read(self, size: int | None = -1) -> bytes:
-            raise EOFError("Compressed file ended before the end-of-stream marker")
+            if self.tell() >= memory_file.CHUNK:
+                raise EOFError("Compressed file ended before the end-of-stream marker")
+            return super().read(size)
 
-    ahead = read_ahead.ReadAhead(Broken(), 0)
-    with pytest.raises(InvalidInputError, match="ended before"):
-        list(ahead.chunks())
+    data = os.urandom(3 * memory_file.CHUNK)
+    ahead = read_ahead.ReadAhead(BreaksLate(data), 0)
+    received, error = fed(ahead, b"")
+    ahead.cancel()
+    assert isinstance(error, InvalidInputError) and "ended before" in str(error)
+    assert received == data[:memory_file.CHUNK]
+
+
+def test_a_reader_gone_is_a_broken_pipe():
+    ahead = read_ahead.ReadAhead(io.BytesIO(os.urandom(2 * memory_file.CHUNK)), 0)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with pytest.raises(BrokenPipeError):
+        ahead.feed(b"head", write_end)
     ahead.cancel()
 
 
-def test_cancel_ends_a_thread_waiting_on_a_full_queue(monkeypatch):
-    monkeypatch.setattr(read_ahead, "LIMIT", memory_file.CHUNK)  # one chunk held at most
+def test_cancel_ends_a_thread_waiting_for_room_in_the_ring(monkeypatch):
+    monkeypatch.setattr(read_ahead, "LIMIT", 0)  # one chunk held at most
     source = io.BytesIO(os.urandom(8 * memory_file.CHUNK))
     ahead = read_ahead.ReadAhead(source, 0)
-    chunks = ahead.chunks()
-    assert len(next(chunks)) == memory_file.CHUNK
     ahead.cancel()
     assert source.closed, "the thread ended and closed its source"
+    ahead.cancel()  # a second cancel does nothing
