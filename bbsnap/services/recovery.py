@@ -11,7 +11,7 @@ from typing import Callable
 
 from bbsnap.state import locks
 from bbsnap.state.catalogue import Catalogue
-from bbsnap.errors import CataloguePathError
+from bbsnap.errors import CataloguePathError, NotFoundError
 from bbsnap.state.process_tokens import job_alive
 from bbsnap.state.layout import DataDir
 from bbsnap.models import Image, ImageStatus
@@ -27,29 +27,51 @@ def recover_interrupted(catalogue: Catalogue, data_dir: DataDir,
     A snapshot whose worker died is handed to a new worker (which finishes the copy
     if libvirt still runs or completed it, and fails it cleanly otherwise). The
     server's lock tells whether a worker is still alive: it holds the lock.
+
+    The list of ``creating`` rows is a snapshot of the catalogue: by the time a row's
+    process is found gone, that process may have made the image available and exited, or
+    (a snapshot's command) handed it to a worker. So each decision is taken again on the
+    row as it is then, under the catalogue's write lock (Catalogue.fail_abandoned) or, for
+    a snapshot, under its server's lock; deciding on the listed row alone removed the file
+    of an image that had just become available (seen in test_concurrency.py's eight
+    processes: an ``available`` row left without its file).
     """
     recovered = []
     for image in catalogue.creating():
         if job_alive(image.job):
             continue
+
+        def remove_files(image_id: str = image.id) -> None:
+            _remove_work_files(data_dir, image_id)
+
         job = catalogue.snapshot_job(image.id)
         if job is not None:
             lock = locks.try_acquire(data_dir.locks_dir, job.domain_uuid)
             if lock is None:
                 continue  # a worker (or another command) is working on that server
             with lock:
+                if not _still_abandoned(catalogue, image.id):
+                    continue  # finished, or handed to a worker, since the list was read
                 if adopt_snapshot is not None:
                     adopt_snapshot(image.id, lock)
                     continue
-                _remove_work_files(data_dir, image.id)
-                recovered.append(catalogue.fail_snapshot(
-                    image.id, "interrupted: the bbsnap worker copying it stopped"))
-            continue
-        _remove_work_files(data_dir, image.id)
-        recovered.append(catalogue.update(
-            image.id, expect_status=ImageStatus.CREATING, status=ImageStatus.FAILED,
-            failure_reason="interrupted: the bbsnap process creating it stopped", job=None))
+                failed = catalogue.fail_abandoned(
+                    image.id, "interrupted: the bbsnap worker copying it stopped", remove_files)
+        else:
+            failed = catalogue.fail_abandoned(
+                image.id, "interrupted: the bbsnap process creating it stopped", remove_files)
+        if failed is not None:
+            recovered.append(failed)
     return recovered
+
+
+def _still_abandoned(catalogue: Catalogue, image_id: str) -> bool:
+    """Whether the image is still ``creating`` with no live process, read now."""
+    try:
+        current = catalogue.get(image_id, include_deleted=True)
+    except NotFoundError:
+        return False
+    return current.status is ImageStatus.CREATING and not job_alive(current.job)
 
 
 def _remove_work_files(data_dir: DataDir, image_id: str) -> None:

@@ -15,10 +15,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from bbsnap.errors import CatalogueError, ConflictError, InUseError, NotFoundError
 from bbsnap.state.migrations import MIGRATIONS, SCHEMA_VERSION
+from bbsnap.state.process_tokens import job_alive
 from bbsnap.models import (ChainLink, Consistency, Dependent, DependentKind, Image, ImageFilter,
                            ImageStatus, ImageSummary, ImageType, ImageVolume, Schedule,
                            SnapshotDisk, SnapshotJob, Visibility)
@@ -539,6 +540,28 @@ class Catalogue:
     def fail_snapshot(self, image_id: str, reason: str) -> Image:
         """A snapshot that will never be available: failed, its job and its holds dropped."""
         with self.transaction() as db:
+            db.execute("DELETE FROM snapshot_jobs WHERE image_id = ?", (image_id,))
+            db.execute("DELETE FROM dependencies WHERE kind = 'image' AND dependent_id = ?",
+                       (image_id,))
+            return self.update(image_id, status=ImageStatus.FAILED, failure_reason=reason,
+                               job=None, disk_size=0, progress=None)
+
+    def fail_abandoned(self, image_id: str, reason: str,
+                       remove_files: Callable[[], None]) -> Image | None:
+        """Fail a ``creating`` image whose process is gone, deciding on the row as it is
+        now, under the write lock: None if it finished, failed or changed hands (a command
+        handing its snapshot to a worker) or went since the caller listed it. *remove_files* (its
+        work files) runs under that lock too, so nobody can finish the image between the
+        check and the removal; a crash before the commit leaves it ``creating``, for the
+        next recovery."""
+        with self.transaction() as db:
+            try:
+                current = self.get(image_id, include_deleted=True)
+            except NotFoundError:
+                return None  # a failed import removes its row
+            if current.status is not ImageStatus.CREATING or job_alive(current.job):
+                return None
+            remove_files()
             db.execute("DELETE FROM snapshot_jobs WHERE image_id = ?", (image_id,))
             db.execute("DELETE FROM dependencies WHERE kind = 'image' AND dependent_id = ?",
                        (image_id,))
