@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import BBSNAP, bench_dir, cli_runner, command_server, compile_checkout, guest_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bbsnap.hypervisor import qemu_exit
 from bbsnap.hypervisor.libvirt_adapter import LibvirtHypervisor
 from bbsnap.services import memory_file
 from bbsnap.services.snapshots import timeline
@@ -225,7 +226,10 @@ def pause_steps(hv: LibvirtHypervisor, events: Lifecycle, srv: str, work: Path,
 def qemu_kernel_seconds(domain: str) -> float:
     """The system CPU time of the domain's QEMU so far (NaN where its pid cannot be read)."""
     try:
-        pid = int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text())
+        pid_file = qemu_exit.pid_file("qemu:///system", domain)
+        if pid_file is None:
+            return float("nan")
+        pid = int(pid_file.read_text())
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return int(fields[12]) / os.sysconf("SC_CLK_TCK")  # stime, the stat's 15th field
     except (OSError, ValueError, IndexError):

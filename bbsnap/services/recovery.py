@@ -6,15 +6,16 @@ Run at the start of catalogue-using commands. Cheap when there is nothing to do
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
 from bbsnap.state import locks
 from bbsnap.state.catalogue import Catalogue
-from bbsnap.errors import CataloguePathError, NotFoundError
+from bbsnap.errors import CataloguePathError
 from bbsnap.state.process_tokens import job_alive
 from bbsnap.state.layout import DataDir
-from bbsnap.models import Image, ImageStatus
+from bbsnap.models import Image
 
 # Hands an orphaned snapshot (image id, the server lock now held) to a new worker.
 Adopter = Callable[[str, locks.ServerLock], None]
@@ -40,17 +41,14 @@ def recover_interrupted(catalogue: Catalogue, data_dir: DataDir,
     for image in catalogue.creating():
         if job_alive(image.job):
             continue
-
-        def remove_files(image_id: str = image.id) -> None:
-            _remove_work_files(data_dir, image_id)
-
+        remove_files = functools.partial(_remove_work_files, data_dir, image.id)
         job = catalogue.snapshot_job(image.id)
         if job is not None:
             lock = locks.try_acquire(data_dir.locks_dir, job.domain_uuid)
             if lock is None:
                 continue  # a worker (or another command) is working on that server
             with lock:
-                if not _still_abandoned(catalogue, image.id):
+                if not catalogue.abandoned(image.id):
                     continue  # finished, or handed to a worker, since the list was read
                 if adopt_snapshot is not None:
                     adopt_snapshot(image.id, lock)
@@ -63,15 +61,6 @@ def recover_interrupted(catalogue: Catalogue, data_dir: DataDir,
         if failed is not None:
             recovered.append(failed)
     return recovered
-
-
-def _still_abandoned(catalogue: Catalogue, image_id: str) -> bool:
-    """Whether the image is still ``creating`` with no live process, read now."""
-    try:
-        current = catalogue.get(image_id, include_deleted=True)
-    except NotFoundError:
-        return False
-    return current.status is ImageStatus.CREATING and not job_alive(current.job)
 
 
 def _remove_work_files(data_dir: DataDir, image_id: str) -> None:

@@ -546,27 +546,28 @@ class Catalogue:
             return self.update(image_id, status=ImageStatus.FAILED, failure_reason=reason,
                                job=None, disk_size=0, progress=None)
 
+    def abandoned(self, image_id: str) -> bool:
+        """Whether the image is ``creating`` now with no live process making it (False if
+        its row went: a failed import removes its own)."""
+        try:
+            current = self.get(image_id, include_deleted=True)
+        except NotFoundError:
+            return False
+        return current.status is ImageStatus.CREATING and not job_alive(current.job)
+
     def fail_abandoned(self, image_id: str, reason: str,
                        remove_files: Callable[[], None]) -> Image | None:
-        """Fail a ``creating`` image whose process is gone, deciding on the row as it is
-        now, under the write lock: None if it finished, failed or changed hands (a command
-        handing its snapshot to a worker) or went since the caller listed it. *remove_files* (its
-        work files) runs under that lock too, so nobody can finish the image between the
-        check and the removal; a crash before the commit leaves it ``creating``, for the
-        next recovery."""
-        with self.transaction() as db:
-            try:
-                current = self.get(image_id, include_deleted=True)
-            except NotFoundError:
-                return None  # a failed import removes its row
-            if current.status is not ImageStatus.CREATING or job_alive(current.job):
+        """Fail an image that is ``abandoned``, deciding on the row as it is now, under the
+        write lock: None if it finished, failed, changed hands (a command handing its
+        snapshot to a worker) or went since the caller listed it. *remove_files* (its work
+        files) runs under that lock too, so nobody can finish the image between the check
+        and the removal; a crash before the commit leaves it ``creating``, for the next
+        recovery."""
+        with self.transaction():
+            if not self.abandoned(image_id):
                 return None
             remove_files()
-            db.execute("DELETE FROM snapshot_jobs WHERE image_id = ?", (image_id,))
-            db.execute("DELETE FROM dependencies WHERE kind = 'image' AND dependent_id = ?",
-                       (image_id,))
-            return self.update(image_id, status=ImageStatus.FAILED, failure_reason=reason,
-                               job=None, disk_size=0, progress=None)
+            return self.fail_snapshot(image_id, reason)  # its job and holds go too, if any
 
     def volumes(self, image_id: str) -> list[ImageVolume]:
         rows = self._db.execute("SELECT device, path, virtual_size, disk_size FROM image_volumes "
