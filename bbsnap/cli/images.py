@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from bbsnap.vocabulary import DiskFormat, Firmware, ImageStatus, ImageType, Visibility, values
+from bbsnap.cli.lazy import LazyGroup
 from bbsnap.cli.options import bulk_listing, for_each, output_options, say
 
 IMAGE_TYPES = values(ImageType)
@@ -15,7 +16,12 @@ FIRMWARES = values(Firmware)
 DISK_FORMATS = values(DiskFormat)
 
 
-@click.group(invoke_without_command=True)
+# Subcommands other modules define, imported when named (lazy.py).
+@click.group(cls=LazyGroup, invoke_without_command=True, lazy_commands={
+    "export": "bbsnap.cli.image_export:export_image",
+    "push": "bbsnap.cli.registry:push_image",
+    "pull": "bbsnap.cli.registry:pull_image",
+})
 @click.pass_context
 def images(ctx: click.Context) -> None:
     """The local image catalogue (default: list)."""

@@ -13,20 +13,13 @@ from bbsnap import __version__
 from bbsnap.text import escape
 from bbsnap.cli import context
 from bbsnap.cli.context import AppContext
-from bbsnap.cli.command_server import command_server
-from bbsnap.cli.doctor import doctor
-from bbsnap.cli.image_export import export_image
-from bbsnap.cli.images import images
-from bbsnap.cli.prune import prune_server
-from bbsnap.cli.registry import pull_image, push_image, registry
-from bbsnap.cli.schedule import schedule, schedule_server
-from bbsnap.cli.servers import servers, types
+from bbsnap.cli.lazy import LazyGroup
 
 if TYPE_CHECKING:
     from bbsnap.errors import BbsnapError
 
 
-class BbsnapGroup(click.Group):
+class BbsnapGroup(LazyGroup):
     """The root group: every BbsnapError raised below is reported here, once."""
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -65,7 +58,20 @@ class BbsnapGroup(click.Group):
                 ctx.obj.close()
 
 
-@click.group(cls=BbsnapGroup, context_settings={"help_option_names": ["-h", "--help"]})
+# Each group's module is imported when its name is given (lazy.py).
+COMMANDS = {
+    "command-server": "bbsnap.cli.command_server:command_server",
+    "doctor": "bbsnap.cli.doctor:doctor",
+    "images": "bbsnap.cli.images:images",
+    "registry": "bbsnap.cli.registry:registry",
+    "schedule": "bbsnap.cli.schedule:schedule",
+    "servers": "bbsnap.cli.servers:servers",
+    "types": "bbsnap.cli.servers:types",
+}
+
+
+@click.group(cls=BbsnapGroup, lazy_commands=COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bbsnap")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar=None,
               help="Data directory (catalogue and images). Env: BBSNAP_HOME.")
@@ -77,19 +83,6 @@ def cli(ctx: click.Context, data_dir: str | None, connect: str | None, debug: bo
     """bbsnap: snapshot running VMs into a local image catalogue and boot clones from it."""
     ctx.obj = AppContext(overrides={"data_dir": data_dir, "connect": connect}, debug=debug)
 
-
-images.add_command(export_image)
-images.add_command(push_image)
-images.add_command(pull_image)
-cli.add_command(registry)
-cli.add_command(images)
-servers.add_command(prune_server)
-servers.add_command(schedule_server)
-cli.add_command(servers)
-cli.add_command(schedule)
-cli.add_command(types)
-cli.add_command(doctor)
-cli.add_command(command_server)
 
 
 # -- failures that are not bugs, though they do not arrive as BbsnapErrors -----------------
@@ -180,57 +173,6 @@ def _watch_stdout() -> None:
     _watched = _WatchedStdout(fd, "w", closefd=False)
     sys.stdout = io.TextIOWrapper(io.BufferedWriter(_watched), encoding=stream.encoding,
                                   errors=stream.errors, line_buffering=bool(stream.line_buffering))
-
-
-class Utf8Text(click.ParamType):
-    """Free text (names, descriptions, ids). On Linux, click hands undecodable bytes of argv
-    over as surrogate escapes, which fail only much later, encoded for SQLite, libvirt's XML
-    or the terminal; they are refused here, before anything is done, as a usage error."""
-
-    name = "text"
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> Any:
-        text = click.STRING.convert(value, param, ctx)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            from bbsnap.errors import UsageError
-
-            label = _label(param)
-            raise UsageError(f"{label} is not valid UTF-8: {text!r}",
-                             hint="give it as UTF-8 text") from None
-        return text
-
-
-def _label(param: click.Parameter | None) -> str:
-    if isinstance(param, click.Option):
-        return "/".join(param.opts)
-    if param is not None:
-        return param.metavar or (param.name or "value").upper()
-    return "a value"
-
-
-# String parameters that are file names (or URLs) only read: a file name may hold any
-# bytes, and os.fsencode recovers them from the surrogate escapes, so these pass through.
-# (export's --output is not among them: its name is recorded as text, in the crash journal
-# and the sidecar, so an undecodable one is refused like any other text.)
-PATH_PARAMS = frozenset({"source", "checksum_file"})
-
-
-def _refuse_undecodable_text(group: click.Group) -> None:
-    """Give every plain string parameter of the subcommands the Utf8Text check. The root's
-    own options are not included: a BbsnapError raised while they are parsed would escape
-    the catch point (--connect and --data-dir are checked by config.py instead)."""
-    for command in group.commands.values():
-        for param in command.params:
-            if param.type is click.STRING and param.name not in PATH_PARAMS:
-                param.type = Utf8Text()
-        if isinstance(command, click.Group):
-            _refuse_undecodable_text(command)
-
-
-_refuse_undecodable_text(cli)
 
 
 def main() -> NoReturn:

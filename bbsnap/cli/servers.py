@@ -8,11 +8,16 @@ from typing import Any
 
 import click
 
+from bbsnap.cli.lazy import LazyGroup
 from bbsnap.cli.options import for_each, output_options, say
 from bbsnap.vocabulary import Accel, values
 
 
-@click.group(invoke_without_command=True)
+# Subcommands other modules define, imported when named (lazy.py).
+@click.group(cls=LazyGroup, invoke_without_command=True, lazy_commands={
+    "prune": "bbsnap.cli.prune:prune_server",
+    "schedule": "bbsnap.cli.schedule:schedule_server",
+})
 @click.pass_context
 def servers(ctx: click.Context) -> None:
     """Servers: bbsnap's own and every other libvirt domain (default: list)."""

@@ -13,7 +13,8 @@ import click
 import pytest
 
 from bbsnap.state.catalogue_errors import catalogue_failure
-from bbsnap.cli.main import PATH_PARAMS, Utf8Text, cli
+from bbsnap.cli.main import cli
+from bbsnap.cli.text_params import PATH_PARAMS, Utf8Text
 from bbsnap.errors import CatalogueError, InvalidInputError
 from bbsnap.seed import (MAX_USER_DATA, SeedSpec, decode_user_data, read_seed_iso,
                          validate_user_data, write_seed_iso)
@@ -96,7 +97,12 @@ def test_deeply_nested_cloud_config_is_refused_not_a_recursion_error():
 # -- free text on the command line ---------------------------------------------------------
 
 def _string_params(group: click.Group):  # type: ignore[no-untyped-def]
-    for name, command in group.commands.items():
+    """Every subcommand's parameters, through click's own look-up: the lazy groups
+    (cli/lazy.py) import their commands as they are named, so these are checked as loaded."""
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None, name
         for param in command.params:
             yield f"{name} {param.name}", param
         if isinstance(command, click.Group):
