@@ -3,7 +3,8 @@ answers (bbsnap/cmdserver), else in this process.
 
 Imports nothing before it knows which: without a server it costs one stat of the socket's
 path; with one, the command starts in the server's pre-imported fork and this process only
-relays its signals and exit status.
+relays its signals and exit status. Run at a terminal without one, it starts one for the
+next command once this one is done (cmdserver/autostart.py).
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ import sys
 def main() -> None:
     from bbsnap.cmdserver import client
 
-    code = client.run(sys.argv[1:])
+    argv = sys.argv[1:]
+    code = client.run(argv)
     if code is None:
-        from bbsnap.cli.main import main as run_here
+        from bbsnap.cli.main import run_command
+        from bbsnap.cmdserver import autostart
 
-        run_here()  # never returns
+        code = run_command()  # its output is out and its catalogue settled: what is left
+        if autostart.wanted(argv, at_terminal=autostart.interactive()):
+            autostart.start_in_background()  # is for the next command
     os._exit(code)
 
 

@@ -24,6 +24,10 @@ from bbsnap.cli.main import cli
 from bbsnap.state import layout
 from bbsnap.state.layout import DataDir
 
+# The tests' `bbsnap` commands never start a command server by themselves (run at a terminal,
+# one would be left running): tests of cmdserver/autostart.py set the mode they test.
+os.environ["BBSNAP_COMMAND_SERVER"] = "manual"
+
 
 @pytest.fixture(scope="session")
 def test_root() -> Iterator[Path]:

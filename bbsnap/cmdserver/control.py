@@ -20,18 +20,12 @@ def status() -> str | None:
 
 def start(idle_timeout: float) -> str:
     """Start a server unless one answers; its description once it accepts commands."""
-    from bbsnap.cmdserver.server import ensure_runtime_dir
-
     running = status()
     if running is not None:
         return running
-    ensure_runtime_dir()
     ready_r, ready_w = os.pipe()
     try:
-        pid = proc.spawn_detached(
-            [sys.executable, "-m", "bbsnap.cmdserver.server",
-             "--idle-timeout", str(idle_timeout), "--ready-fd", str(ready_w)],
-            log_path=Path(paths.log_path()), pass_fds=(ready_w,))
+        pid = spawn(idle_timeout, ready_fd=ready_w)
     finally:
         os.close(ready_w)
     try:
@@ -48,6 +42,19 @@ def start(idle_timeout: float) -> str:
         raise BbsnapError("the command server did not start: " + _last_log_line(),
                           hint=f"its log is {paths.log_path()}")
     return status() or f"pid={pid} package={paths.PACKAGE_DIR}"
+
+
+def spawn(idle_timeout: float, ready_fd: int = -1) -> int:
+    """A server process started, detached, logging into paths.log_path(); its pid. It writes
+    a byte to *ready_fd* once it accepts commands (`start` waits for it; autostart.py
+    does not). BbsnapError if the runtime directory is not this user's alone."""
+    from bbsnap.cmdserver.server import ensure_runtime_dir
+
+    ensure_runtime_dir()
+    ready = ["--ready-fd", str(ready_fd)] if ready_fd >= 0 else []
+    return proc.spawn_detached(
+        [sys.executable, "-m", "bbsnap.cmdserver.server", "--idle-timeout", str(idle_timeout),
+         *ready], log_path=Path(paths.log_path()), pass_fds=(ready_fd,) if ready_fd >= 0 else ())
 
 
 STOP_TIMEOUT = 30.0

@@ -111,8 +111,10 @@ def _warm_imports() -> None:
     import pkgutil
 
     import bbsnap
-    import bbsnap.cli.main  # the CLI first: its groups are built at import
+    from bbsnap.cli.lazy import load_all
+    from bbsnap.cli.main import cli
 
+    load_all(cli)  # every group and command built, as a command would find them
     for module in pkgutil.walk_packages(bbsnap.__path__, "bbsnap."):
         if module.name.endswith("__main__"):
             continue

@@ -5,6 +5,7 @@ is not this user's and this install's. Real processes throughout (tests/command_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -308,3 +309,94 @@ def test_a_server_that_cannot_start_is_one_line_and_leaves_nothing_running(
     assert b"did not start" in done.stderr and b"already running" in done.stderr
     assert not list((runtime / "bbsnap").glob("*.sock"))
     assert srv.own_process("command-server", "status").returncode == 3
+
+
+# -- started by an interactive command (cmdserver/autostart.py) ------------------------------
+
+def _at_terminal(srv: Server, *args: str, **extra: str) -> subprocess.CompletedProcess[bytes]:
+    """`bbsnap ARGS` as typed at a terminal: standard input and error a pty, output captured."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        return subprocess.run([*ENTRY, *args], stdin=slave, stdout=subprocess.PIPE,
+                              stderr=slave, env={**srv.env, **extra}, timeout=120, check=False)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+def _servers_in(runtime: Path) -> list[int]:
+    """The command server processes whose runtime directory is *runtime* (not their
+    spares: forks of theirs, alike in all but the parent)."""
+    found: dict[int, int] = {}
+    wanted = f"XDG_RUNTIME_DIR={runtime}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue  # ended meanwhile, or not ours to read
+        if b"bbsnap.cmdserver.server" in cmdline and wanted in environ:
+            found[int(entry.name)] = parent
+    return sorted(pid for pid, parent in found.items() if parent not in found)
+
+
+def _end(pids: list[int]) -> None:
+    """SIGTERM each server (a started one ends its loop; one still importing dies) and wait
+    for it and the spare it had."""
+    for pid in pids:
+        spare = children(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        wait_gone(pid)
+        for child in spare:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+            wait_gone(child)
+
+
+def test_a_command_at_a_terminal_starts_a_server_for_the_next(bbsnap: Bbsnap,
+                                                               runtime: Path) -> None:
+    srv = Server(bbsnap, runtime)
+    first = _at_terminal(srv, "images", "list", "--format", "json")
+    pids = _servers_in(runtime)  # spawned before the command's process ended
+    try:
+        assert first.returncode == 0 and first.stdout.strip() == b"[]"
+        assert len(pids) == 1
+        deadline = time.monotonic() + 120
+        while not srv.info():  # it imports everything first (~1 s here)
+            assert time.monotonic() < deadline, "the started server never answered"
+            time.sleep(0.05)
+        assert int(srv.info()["pid"]) == pids[0]
+        before = srv.served()
+        through = srv.entry("images", "list", "--format", "json")
+        assert (through.returncode, through.stdout) == (0, first.stdout)
+        assert srv.served() == before + 2  # the list, then the question
+        # Another command at the terminal goes to it and starts no second one.
+        assert _at_terminal(srv, "images", "list").returncode == 0
+        assert _servers_in(runtime) == pids
+    finally:
+        _end(_servers_in(runtime))
+
+
+@pytest.mark.parametrize("terminal,mode,args", [
+    (False, None, ("images", "list")),  # a script, a cron job, CI
+    (True, "manual", ("images", "list")),
+    (True, "off", ("images", "list")),
+    (True, None, ("command-server", "status")),  # managing the server starts none
+    (True, None, ("--version",)),
+])
+def test_no_server_is_started_unless_at_a_terminal_in_auto_mode(
+        bbsnap: Bbsnap, runtime: Path, terminal: bool, mode: str | None,
+        args: tuple[str, ...]) -> None:
+    srv = Server(bbsnap, runtime)
+    extra = {"BBSNAP_COMMAND_SERVER": mode} if mode else {}
+    done = _at_terminal(srv, *args, **extra) if terminal else srv.entry(*args, **extra)
+    left = _servers_in(runtime)
+    _end(left)
+    assert done.returncode in (0, 3)  # status: 3, none runs
+    assert left == []
