@@ -5,6 +5,7 @@ it; a cancel that ends a thread waiting for room in the ring."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import threading
@@ -76,6 +77,38 @@ def test_a_pipe_larger_than_the_reserve_is_fed_by_copying(monkeypatch):
     ahead.cancel()
     assert error is None
     assert received == b"x" + data
+
+
+@pytest.mark.parametrize("refusal", [errno.EINVAL, errno.ENOSYS])
+def test_a_kernel_that_refuses_splice_is_fed_by_copying(monkeypatch, refusal):
+    """The first refused splice switches the feeder to pread+write for the rest: every
+    byte arrives once, in order, and splice is not tried again."""
+    tried = []
+
+    def refused(*args: object, **kwargs: object) -> int:
+        tried.append(args)
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(read_ahead.os, "splice", refused)
+    data = os.urandom(3 * memory_file.CHUNK + 77)
+    ahead = read_ahead.ReadAhead(io.BytesIO(data), 10)
+    received, error = fed(ahead, b"HEAD")
+    ahead.cancel()
+    assert error is None
+    assert received == b"HEAD" + data[10:]
+    assert len(tried) == 1
+
+
+def test_another_splice_error_is_raised_to_the_caller(monkeypatch):
+    def failing(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(read_ahead.os, "splice", failing)
+    ahead = read_ahead.ReadAhead(io.BytesIO(os.urandom(memory_file.CHUNK)), 0)
+    received, error = fed(ahead, b"")
+    ahead.cancel()
+    assert isinstance(error, OSError) and error.errno == errno.EIO
+    assert received == b""
 
 
 def test_a_read_error_is_raised_to_the_feeder_after_the_bytes_before_it():
