@@ -25,7 +25,11 @@ consume it. So the header (with the saved definition the refusals read) is read 
 start of the decompressed stream (``Hypervisor.saved_head``) and fed to libvirt first, and
 the whole file is checked once (``memory_file.verify``, in a thread, while the rebuild
 takes the lock and makes the overlays) *before* the guest is stopped: a damaged file is
-refused with nothing changed, as it was when the file was unpacked first.
+refused with nothing changed, as it was when the file was unpacked first. Tried (sixteenth
+session, 256 MiB guest, 10 interleaved reverts): beginning that check before the header is
+read instead: the header step took 9 ms against 5 and the wait for the check 10 against
+12 (the two threads share two cores): the same 31 ms from the revert's start to the
+destroy. Not kept.
 
 Fallback: if tmp/ cannot hold a FIFO, or libvirt fails restoring from it with the guest
 shut off (a libvirt that reads the image other than sequentially, or a security driver that
