@@ -34,6 +34,13 @@ share two cores), the revert 0.578 against 0.580 s: not kept. Tried again in the
 session, with the check's CRC now ISA-L's and the ring spliced (1 GiB guest, 12 interleaved
 rounds each, the revert in its own process): the restore step 0.346 against 0.336 s, the
 revert 0.521 against 0.500 s, the check's wait 0.000 against 0.002 s: not kept either.
+Tried in the sixteenth session (1 GiB guest, 10-12 interleaved reverts each, medians):
+the decompressing thread at nice 10: restore step 0.377 against 0.351 s; a 48 MiB ring
+instead of 256 (its pages reused sooner): restore 0.379 against 0.370 s, the step after it
+6 against 12 ms (less to free), the revert the same 0.540 s; the ring freed by the feeder as
+soon as all of it is in the pipe (off the catalogue step): restore 0.380 against 0.351 s,
+the revert 0.557 against 0.528 s. On two shared cores whatever runs beside QEMU's start
+and load slows them: none kept.
 """
 
 from __future__ import annotations
