@@ -47,6 +47,7 @@ FLAG_FIXED_NEWSTYLE = 1
 FLAG_NO_ZEROES = 2
 MAX_READ = 4 * 1024 * 1024
 START_TIMEOUT = 30.0
+EXIT_WAIT = 2.0  # a qemu-nbd whose connection failed at start: its exit, with its message
 
 
 @dataclass(frozen=True)
@@ -140,10 +141,33 @@ class NbdImageReader:
         try:
             self._sock = self._connect()
             self.size = self._handshake()
-        except BaseException:
+        except BaseException as exc:
+            failure = (self._start_failure(exc)
+                       if isinstance(exc, (OSError, ExternalCommandError)) else None)
             self._stop_server()
-            raise
+            if failure is None:
+                raise
+            raise failure from exc
         self._handle = 0
+
+    def _start_failure(self, exc: OSError | ExternalCommandError) -> ExternalCommandError:
+        """What qemu-nbd said, if it has exited, else *exc* as an ExternalCommandError.
+        qemu-nbd makes its socket before it opens the image, so a connection to one that
+        cannot open it meets its exit: a reset (ECONNRESET) or an end of file, not its error
+        message (seen once in a full test run: a raw ConnectionResetError reached the
+        caller)."""
+        try:
+            self._server.wait(timeout=EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            said = ""
+        else:
+            said = (self._server.stderr.read().decode(errors="replace").strip()
+                    if self._server.stderr else "")
+        if said:
+            return ExternalCommandError(f"qemu-nbd could not serve the image: {said}")
+        if isinstance(exc, ExternalCommandError):
+            return exc
+        return ExternalCommandError(f"qemu-nbd's connection failed: {exc.strerror or exc}")
 
     def _connect(self) -> socket.socket:
         deadline = time.monotonic() + START_TIMEOUT

@@ -84,3 +84,37 @@ def test_a_reader_that_cannot_start_leaves_nothing(tmp: Path, tmp_path: Path) ->
     with pytest.raises(ExternalCommandError):
         nbd.NbdImageReader(tmp_path / "not-an-image.qcow2", "qcow2")
     assert list(tmp.iterdir()) == []
+
+
+# A qemu-nbd that, like the real one with an image it cannot open, makes its socket first,
+# then exits with a message while a connection waits unaccepted (the client's reads then
+# meet a reset or an end of file, depending on timing).
+EXITING_QEMU_NBD = """#!{python}
+import socket, sys, time
+path = [a for a in sys.argv if a.startswith("--socket=")][0].split("=", 1)[1]
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(path)
+listener.listen(1)
+{wait}
+sys.stderr.write("qemu-nbd: Failed to blk_new_open: Image is not in qcow2 format\\n")
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("wait", ["time.sleep(0.2)",  # the client connected: a reset
+                                  ""])  # at once: the socket may be found gone or dead
+def test_a_qemu_nbd_exiting_at_start_is_its_own_message(tmp: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        wait: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "qemu-nbd"
+    fake.write_text(EXITING_QEMU_NBD.format(python=sys.executable, wait=wait))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    (tmp_path / "any.qcow2").write_bytes(b"x")
+    with pytest.raises(ExternalCommandError, match="not in qcow2 format") as raised:
+        nbd.NbdImageReader(tmp_path / "any.qcow2", "qcow2")
+    if wait:
+        assert isinstance(raised.value.__cause__, (ConnectionResetError, ExternalCommandError))
+    assert list(tmp.iterdir()) == []
