@@ -205,16 +205,17 @@ def run_attached(argv: Sequence[str]) -> int:
 
 
 def spawn_detached(argv: Sequence[str | os.PathLike[str]], *, log_path: Path,
-                   pass_fds: Sequence[int] = ()) -> int:
+                   pass_fds: Sequence[int] = (), cwd: str | None = None) -> int:
     """Start a background worker in its own session, detached from the terminal and the
-    caller's pipes (so `$(bbsnap ...)` returns at once); returns its pid."""
+    caller's pipes (so `$(bbsnap ...)` returns at once), in *cwd* (default: this process's
+    working directory); returns its pid."""
     args = [os.fspath(a) for a in argv]
     # 0600: a worker's log names what it copies and quotes libvirt's errors; others keep out.
     with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600),
               "ab") as log:
         child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                  start_new_session=True, pass_fds=tuple(pass_fds),
-                                 close_fds=True)
+                                 close_fds=True, cwd=cwd)
     return child.pid
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from bbsnap import proc
@@ -48,13 +47,11 @@ def spawn(idle_timeout: float, ready_fd: int = -1) -> int:
     """A server process started, detached, logging into paths.log_path(); its pid. It writes
     a byte to *ready_fd* once it accepts commands (`start` waits for it; autostart.py
     does not). BbsnapError if the runtime directory is not this user's alone."""
-    from bbsnap.cmdserver.server import ensure_runtime_dir
+    from bbsnap.cmdserver.server import command, ensure_runtime_dir
 
     ensure_runtime_dir()
-    ready = ["--ready-fd", str(ready_fd)] if ready_fd >= 0 else []
-    return proc.spawn_detached(
-        [sys.executable, "-m", "bbsnap.cmdserver.server", "--idle-timeout", str(idle_timeout),
-         *ready], log_path=Path(paths.log_path()), pass_fds=(ready_fd,) if ready_fd >= 0 else ())
+    return proc.spawn_detached(command(idle_timeout, ready_fd), log_path=Path(paths.log_path()),
+                               pass_fds=(ready_fd,) if ready_fd >= 0 else (), cwd="/")
 
 
 STOP_TIMEOUT = 30.0

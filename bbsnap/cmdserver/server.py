@@ -1,7 +1,7 @@
 """The command server's process: everything imported once, then a spare child forked
 ahead, waiting in accept(), so a command starts without paying for the fork either.
 
-Run by `bbsnap command-server start` as `python -m bbsnap.cmdserver.server`. One per
+Run by `bbsnap command-server start` (and cmdserver/autostart.py) as ``command()`` says. One per
 install and user (an flock held for the server's life). It ends after --idle-timeout
 seconds without a command, on `command-server stop` or SIGTERM, and starts itself again
 (exec) when a request finds the code changed on disk. It holds no libvirt or SQLite
@@ -209,6 +209,18 @@ def _reap(busy: set[int], spare: int) -> int:
             spare = 0
 
 
+def command(idle_timeout: float, ready_fd: int = -1) -> list[str]:
+    """The command line of a server of this install. Isolated (``-I``: no PYTHONPATH, no
+    user site, and not the working directory first on the path, which ``-m`` would put
+    there: a server started from a directory holding a ``click.py`` would import it), with
+    this install's package named on the path, as scripts/setup's launcher does; run from
+    ``/`` (control.spawn), which is also where a restart finds itself."""
+    boot = (f"import sys; sys.path.insert(0, {os.path.dirname(paths.PACKAGE_DIR)!r}); "
+            "from bbsnap.cmdserver.server import main; main()")
+    ready = ["--ready-fd", str(ready_fd)] if ready_fd >= 0 else []
+    return [sys.executable, "-I", "-c", boot, "--idle-timeout", str(idle_timeout), *ready]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bbsnap.cmdserver.server")
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT)
@@ -222,8 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     if restart:
         sys.stdout.flush()
         sys.stderr.flush()
-        proc.exec_replace([sys.executable, "-m", "bbsnap.cmdserver.server",
-                           "--idle-timeout", str(args.idle_timeout)])
+        proc.exec_replace(command(args.idle_timeout))
 
 
 if __name__ == "__main__":

@@ -400,3 +400,37 @@ def test_no_server_is_started_unless_at_a_terminal_in_auto_mode(
     _end(left)
     assert done.returncode in (0, 3)  # status: 3, none runs
     assert left == []
+
+
+def test_a_server_started_in_a_directory_never_imports_from_it(bbsnap: Bbsnap, runtime: Path,
+                                                               tmp_path: Path) -> None:
+    """`python -m` would put the working directory first on the path: a server started (by
+    hand or by a command typed there) where a `click.py` lies would import it."""
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    (trap / "click.py").write_text("raise SystemExit('the directory\\'s click was imported')\n")
+    (trap / "libvirt.py").write_text("raise SystemExit('the directory\\'s libvirt was imported')\n")
+    srv = Server(bbsnap, runtime)
+    # The client as the installed launcher runs it (isolated, the package named): only the
+    # server it starts could find the directory's modules.
+    import bbsnap as package
+
+    launcher = [sys.executable, "-I", "-c", "import sys; sys.path.insert(0, "
+                f"{str(Path(package.__file__).parent.parent)!r}); "
+                "from bbsnap.entry import main; main()"]
+
+    def typed_in_trap(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*launcher, *args], capture_output=True, cwd=trap, env=srv.env,
+                              timeout=120, check=False)
+
+    done = typed_in_trap("command-server", "start", "--idle-timeout", "0")
+    assert done.returncode == 0, done.stderr
+    pid = srv.pid()
+    try:
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        listed = typed_in_trap("images", "list", "--format", "json")
+        assert (listed.returncode, listed.stdout.strip()) == (0, b"[]")
+        assert srv.served() >= 2
+    finally:
+        srv.own_process("command-server", "stop")
+        wait_gone(pid)
