@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from bbsnap.errors import BbsnapError
 from bbsnap.hypervisor import DiskSpec, DomainSpec, GuestUser
 from bbsnap.models import Consistency, Image, ImageStatus
 from bbsnap.services.snapshots.finish import SnapshotFinisher
@@ -192,3 +194,45 @@ def test_a_snapshot_stored_on_one_that_records_a_login_user_takes_it_without_ask
     assert third.parent_id == second.id and third.username is None
     assert _finished(hv, data, catalogue, name, third.id).username == "debian"
     assert hv.calls.count("logged_in_users") == asked + 1
+
+
+class _AgentAnsweringAfterTheCopy(FakeHypervisor):
+    """An agent that answers only once the worker has looked at QEMU's job: a worker that
+    asked before the copy (not beside it) would wait here until the bound and record none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copy_seen = threading.Event()
+
+    def job_status(self, name: str):  # type: ignore[no-untyped-def]
+        self.copy_seen.set()
+        return super().job_status(name)
+
+    def logged_in_users(self, name: str, timeout: int) -> list[GuestUser]:
+        if not self.copy_seen.wait(30):
+            raise AssertionError("the worker waited for the agent before the copy")
+        return super().logged_in_users(name, timeout)
+
+
+def test_the_question_runs_beside_the_copy_and_is_recorded_before_available(
+        data: DataDir, catalogue: Catalogue, work_dir: Path):
+    hv = _AgentAnsweringAfterTheCopy()
+    name = _foreign(hv, work_dir, USERS)
+    image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name))
+    threads = threading.active_count()
+    done = _finished(hv, data, catalogue, name, image.id)
+    assert done.username == "debian"  # in the very update that made it available
+    assert threading.active_count() == threads  # the question's thread has ended
+
+
+def test_a_failed_copy_leaves_no_question_running(data: DataDir, catalogue: Catalogue,
+                                                  work_dir: Path):
+    hv = _AgentAnsweringAfterTheCopy()
+    name = _foreign(hv, work_dir, USERS)
+    image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name))
+    threads = threading.active_count()
+    hv.fail_job(name, "No space left on device")
+    with pytest.raises(BbsnapError):
+        SnapshotFinisher(catalogue, data, lambda: hv, reporter=Notes()).run(image.id)
+    assert threading.active_count() == threads
+    assert catalogue.get(image.id, include_deleted=True).status is ImageStatus.FAILED

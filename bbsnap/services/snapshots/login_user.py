@@ -7,8 +7,10 @@ guest-get-users reads the guest's utmp): the most recently logged-in user other 
 is the guest's own login user as far as anyone can tell, so the snapshot records that one.
 
 Only that path asks, and only once the snapshot's instant is fixed (never inside the freeze
-window): the snapshot's worker, while QEMU copies (finish.py), bounded by
-:data:`AGENT_TIMEOUT`, so the command's latency has none of it (scripts/bench_login_user.py).
+window): the snapshot's worker, in a thread beside QEMU's copy and the copy's storing
+(finish.py), bounded by :data:`AGENT_TIMEOUT`, so the command's latency has none of it
+(scripts/bench_login_user.py), nor, unless the agent is slower than the copy, the time
+until available.
 """
 
 from __future__ import annotations
@@ -33,21 +35,22 @@ def choose(users: Sequence[GuestUser]) -> str | None:
     return max(usable, key=lambda u: (u.login_time, u.name)).name
 
 
-def from_agent(hypervisor: Hypervisor, domain: str, image_id: str,
-               reporter: Reporter) -> str | None:
-    """The guest agent's answer, said in a note; None when there is no agent, it does not
-    answer in time, or nobody but root is logged in (servers ssh then names the user)."""
+def ask(hypervisor: Hypervisor, domain: str) -> str | None:
+    """The guest agent's answer: None when there is no agent, it does not answer in time,
+    or nobody but root is logged in (servers ssh then names the user). Says nothing, so a
+    thread of the worker may ask (finish.py) while the copy goes on."""
     try:
         users = hypervisor.logged_in_users(domain, AGENT_TIMEOUT)
     except GuestAgentError:
         return None
-    chosen = choose(users)
-    if chosen:
-        reporter.note(f"the guest agent of {domain} reports {chosen} as the most recently "
-                      f"logged-in user other than root: recorded as {image_id}'s login user "
-                      f"(servers ssh on its clones logs in as {chosen}; "
-                      f"'bbsnap images update {image_id} -u USER' changes it)")
-    return chosen
+    return choose(users)
+
+
+def note(reporter: Reporter, domain: str, image_id: str, chosen: str) -> None:
+    reporter.note(f"the guest agent of {domain} reports {chosen} as the most recently "
+                  f"logged-in user other than root: recorded as {image_id}'s login user "
+                  f"(servers ssh on its clones logs in as {chosen}; "
+                  f"'bbsnap images update {image_id} -u USER' changes it)")
 
 
 def _recordable(name: str) -> bool:
