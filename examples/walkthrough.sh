@@ -82,3 +82,10 @@ echo "the export stays in $out (remove it with: rm -r $out)" >&2
 
 step "bbsnap servers destroy $clone $server"
 bbsnap servers destroy "$clone" "$server"
+
+# Commands typed at a terminal start a command server for the next ones (README: `bbsnap
+# command-server`); say so, since it outlives the walkthrough.
+if bbsnap command-server status >/dev/null 2>&1; then
+  echo "a command server these commands started keeps later ones fast; it ends after 15 minutes" \
+       "without a command (bbsnap command-server stop ends it now)" >&2
+fi
