@@ -54,7 +54,7 @@ STEPS = (
     ("worker forked (from the command's start)", "command", "worker-started"),
     ("worker: imports (none left after the fork)", "worker-started", "imported"),
     ("worker: settings, catalogue opened", "imported", "ready"),
-    ("worker: login user question begun (answered beside the copy)", "ready", "login-user"),
+    ("worker: claimed; thaw and login user sent beside the copy", "ready", "login-user"),
     ("worker: waiting for QEMU's job (the connection in one of these two)", "login-user",
      "copied"),
     ("worker: the job's outcome", "copied", "outcome"),

@@ -13,6 +13,7 @@ error codes into other answers itself, it calls ``.raw`` inside ``except libvirt
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -114,21 +115,29 @@ class LibvirtHypervisor:
         self.uri = uri
         self._conn: _Handle | None = None
         self._answered = False  # a connection was opened once (close() does not undo that)
+        # One connection for every thread (a worker's guest-agent errands, a memory save's
+        # watcher): libvirt's open lets go of the GIL, so two first calls could open two.
+        self._connecting = threading.Lock()
 
     @property
     def conn(self) -> Any:
         """The connection (a :class:`_Handle`: typed Any, as libvirt's objects are)."""
-        if self._conn is None:
-            libvirt = _libvirt()
-            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stderr noise
-            try:
-                self._conn = _Handle(libvirt.open(self.uri), f"the connection to {self.uri}")
-            except libvirt.libvirtError as exc:
-                raise HypervisorError(
-                    f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}",
-                    hint="is libvirtd running? scripts/setup starts it") from exc
-            self._answered = True
-        return self._conn
+        conn = self._conn
+        if conn is not None:
+            return conn
+        with self._connecting:
+            if self._conn is None:
+                libvirt = _libvirt()
+                libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stderr noise
+                try:
+                    self._conn = _Handle(libvirt.open(self.uri),
+                                         f"the connection to {self.uri}")
+                except libvirt.libvirtError as exc:
+                    raise HypervisorError(
+                        f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}",
+                        hint="is libvirtd running? scripts/setup starts it") from exc
+                self._answered = True
+            return self._conn
 
     @property
     def connected(self) -> bool:

@@ -236,3 +236,35 @@ def test_a_failed_copy_leaves_no_question_running(data: DataDir, catalogue: Cata
         SnapshotFinisher(catalogue, data, lambda: hv, reporter=Notes()).run(image.id)
     assert threading.active_count() == threads
     assert catalogue.get(image.id, include_deleted=True).status is ImageStatus.FAILED
+
+
+class _ThawAfterTheCopy(FakeHypervisor):
+    """An agent whose thaw returns only once the worker has looked at QEMU's job: a worker
+    that waited for its thaw before the copy would wait here until the bound."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copy_seen = threading.Event()
+
+    def job_status(self, name: str):  # type: ignore[no-untyped-def]
+        self.copy_seen.set()
+        return super().job_status(name)
+
+    def thaw(self, name: str, timeout: int = 5) -> None:
+        if self.calls.count("thaw") and not self.copy_seen.wait(30):  # the worker's, not the command's
+            raise AssertionError("the worker waited for its thaw before the copy")
+        super().thaw(name, timeout)
+
+
+def test_the_workers_thaw_runs_beside_the_copy_and_thaws_a_guest_left_frozen(
+        data: DataDir, catalogue: Catalogue, work_dir: Path):
+    """A command killed between its freeze and thaw leaves the guest frozen: the worker
+    that takes the snapshot over still thaws it, now beside the copy, before available."""
+    hv = _ThawAfterTheCopy()
+    name = _foreign(hv, work_dir, USERS)
+    image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name, username="cloud"))
+    hv.freeze(name, 5)  # as a command killed inside its freeze window would leave it
+    assert hv.is_frozen(name)
+    done = _finished(hv, data, catalogue, name, image.id)
+    assert not hv.is_frozen(name)
+    assert done.username == "cloud" and "logged_in_users" not in hv.calls

@@ -249,3 +249,36 @@ def test_a_domain_gone_between_lookup_and_call_is_not_found(monkeypatch, tmp_pat
     hv = _adapter(monkeypatch, tmp_path, _Script(fail_at=2, code=libvirt.VIR_ERR_NO_DOMAIN))
     with pytest.raises(NotFoundError, match=f"isActive on domain {NAME}: no such domain"):
         hv.destroy(NAME)
+
+
+def test_threads_calling_at_once_share_one_connection(tmp_path, monkeypatch):
+    """A worker's guest-agent thread and its copy's poll may make the first call together:
+    libvirt's open lets go of the GIL, and one connection is opened, not two (the test
+    driver's open, slowed so both threads are inside it at once)."""
+    import threading
+    import time
+
+    node = tmp_path / "node.xml"
+    node.write_text(f"<node><domain type='test'><name>{NAME}</name><memory>8192</memory>"
+                    "<os><type>hvm</type></os></domain></node>")
+    opened: list[object] = []
+    real_open = libvirt.open
+
+    def slow_open(uri: str) -> object:
+        time.sleep(0.05)
+        conn = real_open(uri)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(libvirt, "open", slow_open)
+    hv = LibvirtHypervisor(f"test://{node}")
+    seen: list[object] = []
+    threads = [threading.Thread(target=lambda: seen.append(hv.conn)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert len(opened) == 1 and seen[0] is seen[1]
+    finally:
+        hv.close()

@@ -76,13 +76,6 @@ class SnapshotFinisher:
         with self._catalogue.unsynced_commits():
             self._catalogue.update(image_id, job=current_job_token())
         job = self._catalogue.snapshot_job(image_id)
-        if job is not None and job.mode == "backup":
-            # A command killed between freeze and thaw would leave the guest frozen; thawing
-            # an unfrozen guest is harmless, so an adopting worker always thaws.
-            try:
-                self._hv.thaw(job.domain)
-            except BbsnapError:
-                pass
         if job is not None and job.mode == "memory":
             # A command killed during the memory save, or before it resumed the guest, left
             # it paused (or libvirtd is about to): running again before anything else.
@@ -90,7 +83,9 @@ class SnapshotFinisher:
                 _memory_hook().resume_unless_user_paused(self._hv, job.domain)
             except BbsnapError:
                 pass  # gone, or libvirtd away for good: the guest is not ours to wait for
-        answer = self._ask_login_user(image, job) if job is not None else None
+        # The guest agent's part, in a thread beside the copy (_AgentErrands): the thaw, then
+        # the login user's question (a memory snapshot's guest is running again by now).
+        errands = self._agent_errands(image, job) if job is not None else None
         self._timeline.mark("login-user")  # asked (the answer comes beside the copy)
         try:
             if job is None:
@@ -107,11 +102,11 @@ class SnapshotFinisher:
                        for index, disk in enumerate(job.disks)]
             memory = (_memory_hook().store(self._data_dir, image_id) if job.mode == "memory"
                       else None)
-            if answer is not None:
-                self._record_login_user(image_id, job.domain, answer)
+            if errands is not None:
+                self._record_login_user(image_id, job.domain, errands)
         except BaseException as exc:
-            if answer is not None:
-                answer.join()  # bounded by the agent's timeout: no thread left asking
+            if errands is not None:
+                errands.join()  # bounded by the agent's timeouts: no thread left asking
             self._handed_over()
             self._fail(image_id, job, _reason(exc))
             raise
@@ -129,25 +124,35 @@ class SnapshotFinisher:
             snapshot_chain.prune(self._hv, job.domain, keep=made)
         return image
 
-    def _ask_login_user(self, image: Image, job: SnapshotJob) -> _LoginUserQuestion | None:
-        """A running guest's snapshot with no login user to take (none given, no ancestor,
-        no earlier snapshot it is stored on that records one: a domain bbsnap did not
-        create) asks the guest agent (login_user.py). Here, not in the command (the agent's
-        round trip was 11-21 ms of its latency), and in a thread beside the copy and its
-        storing, not before them (a small disk's copy is done before the agent answers: 15
-        ms of a 64 MiB full copy's ~190 ms until available, sixteenth session). An agent
-        that is absent answers at once, a silent one within login_user.AGENT_TIMEOUT;
-        either way the snapshot goes on without a login user. None when nothing is asked."""
-        if image.username or image.ancestor_id or job.mode == "copy":
-            return None
-        if self._agent_silent:
+    def _agent_errands(self, image: Image, job: SnapshotJob) -> _AgentErrands | None:
+        """What the guest agent is sent beside the copy (None: nothing).
+
+        The thaw (backup mode): a command killed between freeze and thaw would leave the
+        guest frozen, and thawing an unfrozen guest is harmless, so every worker thaws, an
+        adopting one too. Sent at once, as before, but no longer waited for before the
+        copy: it was 4-8 ms of a small full copy's time until available (sixteenth
+        session).
+
+        The login user's question: a running guest's snapshot with no login user to take
+        (none given, no ancestor, no earlier snapshot it is stored on that records one: a
+        domain bbsnap did not create) asks the guest agent (login_user.py). Here, not in the
+        command (the agent's round trip was 11-21 ms of its latency), and beside the copy
+        and its storing, not before them (a small disk's copy is done before the agent
+        answers: 15 ms of a 64 MiB full copy's ~190 ms until available). An agent that is
+        absent answers at once, a silent one within login_user.AGENT_TIMEOUT; either way
+        the snapshot goes on without a login user."""
+        ask = not (image.username or image.ancestor_id or job.mode == "copy")
+        if ask and self._agent_silent:
             self._reporter.note(f"the guest agent of {job.domain} did not answer the freeze: "
                                 "not asked for the login user")
+            ask = False
+        thaw = job.mode == "backup"
+        if not (thaw or ask):
             return None
-        return _LoginUserQuestion(self._hv, job.domain)
+        return _AgentErrands(self._hv, job.domain, thaw=thaw, ask=ask)
 
     def _record_login_user(self, image_id: str, domain: str,
-                           answer: _LoginUserQuestion) -> None:
+                           answer: _AgentErrands) -> None:
         """The answer, once the copy is stored, written before the image turns available."""
         username = answer.username()
         if username:
@@ -396,14 +401,24 @@ def _memory_hook() -> Any:
     return memory
 
 
-class _LoginUserQuestion:
-    """The guest agent asked for the login user in a thread of its own (login_user.ask:
-    libvirt lets go of the GIL while it waits); the catalogue stays the worker's thread's."""
+class _AgentErrands:
+    """The guest agent sent a thaw and asked for the login user (login_user.ask), in that
+    order, in a thread of its own (libvirt lets go of the GIL while it waits); the
+    catalogue stays the worker's thread's."""
 
-    def __init__(self, hv: Hypervisor, domain: str) -> None:
+    def __init__(self, hv: Hypervisor, domain: str, *, thaw: bool, ask: bool) -> None:
         self._answer: list[str | None] = []
-        self._thread = Background(lambda: self._answer.append(self._ask(hv, domain)),
-                                  name="login-user")
+
+        def run() -> None:
+            if thaw:
+                try:
+                    hv.thaw(domain)
+                except BbsnapError:
+                    pass
+            if ask:
+                self._answer.append(self._ask(hv, domain))
+
+        self._thread = Background(run, name="guest-agent")
 
     @staticmethod
     def _ask(hv: Hypervisor, domain: str) -> str | None:
@@ -416,5 +431,6 @@ class _LoginUserQuestion:
         self._thread.join()
 
     def username(self) -> str | None:
+        """The login user the agent named; None if it named none or was not asked."""
         self._thread.join()
         return self._answer[0] if self._answer else None
