@@ -196,9 +196,10 @@ def test_a_snapshot_stored_on_one_that_records_a_login_user_takes_it_without_ask
     assert hv.calls.count("logged_in_users") == asked + 1
 
 
-class _AgentAnsweringAfterTheCopy(FakeHypervisor):
-    """An agent that answers only once the worker has looked at QEMU's job: a worker that
-    asked before the copy (not beside it) would wait here until the bound and record none."""
+class _AgentAfterTheCopy(FakeHypervisor):
+    """An agent that answers the worker (its thaw, its login-user question) only once the
+    worker has looked at QEMU's job: a worker that waited for either before the copy (not
+    beside it) would wait here until the bound, and fail or record no user."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -208,15 +209,23 @@ class _AgentAnsweringAfterTheCopy(FakeHypervisor):
         self.copy_seen.set()
         return super().job_status(name)
 
-    def logged_in_users(self, name: str, timeout: int) -> list[GuestUser]:
+    def _after_the_copy(self) -> None:
         if not self.copy_seen.wait(30):
             raise AssertionError("the worker waited for the agent before the copy")
+
+    def logged_in_users(self, name: str, timeout: int) -> list[GuestUser]:
+        self._after_the_copy()
         return super().logged_in_users(name, timeout)
+
+    def thaw(self, name: str, timeout: int = 5) -> None:
+        if self.calls.count("thaw"):  # the worker's (the command's own comes first)
+            self._after_the_copy()
+        super().thaw(name, timeout)
 
 
 def test_the_question_runs_beside_the_copy_and_is_recorded_before_available(
         data: DataDir, catalogue: Catalogue, work_dir: Path):
-    hv = _AgentAnsweringAfterTheCopy()
+    hv = _AgentAfterTheCopy()
     name = _foreign(hv, work_dir, USERS)
     image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name))
     threads = threading.active_count()
@@ -227,7 +236,7 @@ def test_the_question_runs_beside_the_copy_and_is_recorded_before_available(
 
 def test_a_failed_copy_leaves_no_question_running(data: DataDir, catalogue: Catalogue,
                                                   work_dir: Path):
-    hv = _AgentAnsweringAfterTheCopy()
+    hv = _AgentAfterTheCopy()
     name = _foreign(hv, work_dir, USERS)
     image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name))
     threads = threading.active_count()
@@ -238,29 +247,11 @@ def test_a_failed_copy_leaves_no_question_running(data: DataDir, catalogue: Cata
     assert catalogue.get(image.id, include_deleted=True).status is ImageStatus.FAILED
 
 
-class _ThawAfterTheCopy(FakeHypervisor):
-    """An agent whose thaw returns only once the worker has looked at QEMU's job: a worker
-    that waited for its thaw before the copy would wait here until the bound."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.copy_seen = threading.Event()
-
-    def job_status(self, name: str):  # type: ignore[no-untyped-def]
-        self.copy_seen.set()
-        return super().job_status(name)
-
-    def thaw(self, name: str, timeout: int = 5) -> None:
-        if self.calls.count("thaw") and not self.copy_seen.wait(30):  # the worker's, not the command's
-            raise AssertionError("the worker waited for its thaw before the copy")
-        super().thaw(name, timeout)
-
-
 def test_the_workers_thaw_runs_beside_the_copy_and_thaws_a_guest_left_frozen(
         data: DataDir, catalogue: Catalogue, work_dir: Path):
     """A command killed between its freeze and thaw leaves the guest frozen: the worker
     that takes the snapshot over still thaws it, now beside the copy, before available."""
-    hv = _ThawAfterTheCopy()
+    hv = _AgentAfterTheCopy()
     name = _foreign(hv, work_dir, USERS)
     image = snapshot_service(data, catalogue, hv).begin(SnapshotRequest(name, username="cloud"))
     hv.freeze(name, 5)  # as a command killed inside its freeze window would leave it

@@ -37,19 +37,34 @@ def fed(ahead: read_ahead.ReadAhead, first: bytes) -> tuple[bytes, BaseException
     return bytes(received), error
 
 
-def test_the_first_bytes_then_the_stream_after_the_skipped_head_spliced(monkeypatch):
-    spliced = []
-    splice = os.splice
+def fed_through(monkeypatch, splice, data: bytes, skip: int,  # type: ignore[no-untyped-def]
+                first: bytes) -> tuple[bytes, BaseException | None, list[object]]:
+    """``fed`` of a read-ahead of *data* past *skip*, with os.splice replaced by *splice*
+    (called with the real one's arguments and the real one); also the calls it got."""
+    calls: list[object] = []
+    real = os.splice
 
-    def counted(*args: object, **kwargs: object) -> int:
-        spliced.append(args)
-        return splice(*args, **kwargs)  # type: ignore[arg-type]
+    def standing_in(*args: object, **kwargs: object) -> int:
+        calls.append(args)
+        return int(splice(real, *args, **kwargs))
 
-    monkeypatch.setattr(read_ahead.os, "splice", counted)
-    data = os.urandom(3 * memory_file.CHUNK + 123)
-    ahead = read_ahead.ReadAhead(io.BytesIO(data), 100)
-    received, error = fed(ahead, b"HEAD")
+    monkeypatch.setattr(read_ahead.os, "splice", standing_in)
+    ahead = read_ahead.ReadAhead(io.BytesIO(data), skip)
+    received, error = fed(ahead, first)
     ahead.cancel()
+    return received, error, calls
+
+
+def _refused(errnum: int):  # type: ignore[no-untyped-def]
+    def splice(_real, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errnum, os.strerror(errnum))
+    return splice
+
+
+def test_the_first_bytes_then_the_stream_after_the_skipped_head_spliced(monkeypatch):
+    data = os.urandom(3 * memory_file.CHUNK + 123)
+    received, error, spliced = fed_through(
+        monkeypatch, lambda real, *args, **kwargs: real(*args, **kwargs), data, 100, b"HEAD")
     assert error is None
     assert received == b"HEAD" + data[100:]
     assert spliced, "the pipe was fed by splice"
@@ -67,46 +82,27 @@ def test_the_ring_wraps_many_times_without_losing_a_byte(monkeypatch):
 
 def test_a_pipe_larger_than_the_reserve_is_fed_by_copying(monkeypatch):
     monkeypatch.setattr(read_ahead, "RESERVE", 4096)  # below a pipe's 64 KiB: no splice
-    def no_splice(*args: object, **kwargs: object) -> int:
-        raise AssertionError("spliced into a pipe larger than the reserve")
-
-    monkeypatch.setattr(read_ahead.os, "splice", no_splice)
     data = os.urandom(2 * memory_file.CHUNK + 5)
-    ahead = read_ahead.ReadAhead(io.BytesIO(data), 0)
-    received, error = fed(ahead, b"x")
-    ahead.cancel()
+    received, error, spliced = fed_through(monkeypatch, _refused(errno.EFAULT), data, 0, b"x")
     assert error is None
     assert received == b"x" + data
+    assert spliced == [], "spliced into a pipe larger than the reserve"
 
 
 @pytest.mark.parametrize("refusal", [errno.EINVAL, errno.ENOSYS])
 def test_a_kernel_that_refuses_splice_is_fed_by_copying(monkeypatch, refusal):
     """The first refused splice switches the feeder to pread+write for the rest: every
     byte arrives once, in order, and splice is not tried again."""
-    tried = []
-
-    def refused(*args: object, **kwargs: object) -> int:
-        tried.append(args)
-        raise OSError(refusal, os.strerror(refusal))
-
-    monkeypatch.setattr(read_ahead.os, "splice", refused)
     data = os.urandom(3 * memory_file.CHUNK + 77)
-    ahead = read_ahead.ReadAhead(io.BytesIO(data), 10)
-    received, error = fed(ahead, b"HEAD")
-    ahead.cancel()
+    received, error, tried = fed_through(monkeypatch, _refused(refusal), data, 10, b"HEAD")
     assert error is None
     assert received == b"HEAD" + data[10:]
     assert len(tried) == 1
 
 
 def test_another_splice_error_is_raised_to_the_caller(monkeypatch):
-    def failing(*args: object, **kwargs: object) -> int:
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    monkeypatch.setattr(read_ahead.os, "splice", failing)
-    ahead = read_ahead.ReadAhead(io.BytesIO(os.urandom(memory_file.CHUNK)), 0)
-    received, error = fed(ahead, b"")
-    ahead.cancel()
+    received, error, _ = fed_through(monkeypatch, _refused(errno.EIO),
+                                     os.urandom(memory_file.CHUNK), 0, b"")
     assert isinstance(error, OSError) and error.errno == errno.EIO
     assert received == b""
 
