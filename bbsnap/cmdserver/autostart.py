@@ -40,12 +40,28 @@ def interactive() -> bool:
 
 def wanted(argv: list[str], *, at_terminal: bool) -> bool:
     """Whether the command *argv*, just run in its own process, should start a server:
-    auto mode, at a terminal, and a command (not --help or --version alone, and not
-    `command-server ...`: `stop` must not start the next one)."""
+    auto mode, at a terminal, a command (not --help or --version alone, and not
+    `command-server ...`: `stop` must not start the next one), and a runtime directory
+    that is this user's (runtime_base_is_ours)."""
     if mode() != "auto" or not at_terminal:
         return False
     path = client.command_path(argv)
-    return bool(path) and path[0] != "command-server"
+    return bool(path) and path[0] != "command-server" and runtime_base_is_ours()
+
+
+def runtime_base_is_ours() -> bool:
+    """Whether $XDG_RUNTIME_DIR, when it names the server's directory's parent, belongs to
+    this user. `sudo bbsnap ...` may keep the caller's XDG_RUNTIME_DIR: root would then
+    make a root-owned bbsnap/ in the user's runtime directory, and the user's own commands
+    could neither use nor start a server there (a directory not theirs is refused). An
+    explicit `command-server start` still may; a command never does it unasked."""
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    if not (base and os.path.isabs(base)):
+        return True  # /tmp/bbsnap-UID: named by the user's own uid
+    try:
+        return os.stat(base).st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def start_in_background() -> bool:

@@ -4,6 +4,8 @@ tests/disk/test_command_server.py."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bbsnap.cmdserver import autostart
@@ -36,3 +38,17 @@ def test_only_an_interactive_command_in_auto_mode_starts_one(monkeypatch, argv, 
                                                              mode, expected):
     monkeypatch.setenv("BBSNAP_COMMAND_SERVER", mode)
     assert autostart.wanted(argv, at_terminal=at_terminal) is expected
+
+
+def test_a_runtime_directory_of_another_user_starts_none(monkeypatch, tmp_path):
+    """`sudo bbsnap ...` keeping the caller's XDG_RUNTIME_DIR: root starts no server there
+    (it would leave a root-owned bbsnap/ the user could not use)."""
+    monkeypatch.setenv("BBSNAP_COMMAND_SERVER", "auto")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert autostart.wanted(["images", "list"], at_terminal=True)
+    monkeypatch.setattr(autostart.os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    assert not autostart.wanted(["images", "list"], at_terminal=True)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "gone"))
+    assert not autostart.runtime_base_is_ours()
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert autostart.runtime_base_is_ours()  # /tmp/bbsnap-UID
