@@ -22,9 +22,9 @@ def main() -> None:
         from bbsnap.cli.main import run_command
         from bbsnap.cmdserver import autostart
 
-        code = run_command()  # its output is out and its catalogue settled: what is left
+        code = run_command()  # output written, catalogue settled: the command is done
         if autostart.wanted(argv, at_terminal=autostart.interactive()):
-            autostart.start_in_background()  # is for the next command
+            autostart.start_in_background()  # a server for the next command
     os._exit(code)
 
 

@@ -37,13 +37,14 @@ class LazyGroup(click.Group):
         return sorted({*super().list_commands(ctx), *self._lazy})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        spec = self._lazy.pop(cmd_name, None)
+        spec = self._lazy.get(cmd_name)
         if spec is not None:
             module, _, attr = spec.partition(":")
             command = getattr(importlib.import_module(module), attr)
             if not isinstance(command, click.Command):
                 raise TypeError(f"{spec} is not a click command")
             self.add_command(command, cmd_name)
+            del self._lazy[cmd_name]  # only once it is there: a failed import says so again
         return super().get_command(ctx, cmd_name)
 
 

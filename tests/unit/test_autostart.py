@@ -34,9 +34,10 @@ def test_the_mode_comes_from_the_environment(monkeypatch, value, expected):
     (["--version"], True, "auto", False),
     ([], True, "auto", False),
 ])
-def test_only_an_interactive_command_in_auto_mode_starts_one(monkeypatch, argv, at_terminal,
-                                                             mode, expected):
+def test_only_an_interactive_command_in_auto_mode_starts_one(monkeypatch, tmp_path, argv,
+                                                             at_terminal, mode, expected):
     monkeypatch.setenv("BBSNAP_COMMAND_SERVER", mode)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # this user's, whatever the caller's
     assert autostart.wanted(argv, at_terminal=at_terminal) is expected
 
 

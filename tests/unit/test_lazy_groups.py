@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import click
+import pytest
 
 from bbsnap.cli.main import COMMANDS, cli
 
@@ -44,3 +45,16 @@ def test_every_lazy_command_resolves_and_help_lists_it():
     help_text = subprocess.run([sys.executable, "-m", "bbsnap.cli.main", "servers", "--help"],
                                check=True, capture_output=True, text=True).stdout
     assert "prune" in help_text and "schedule" in help_text and "revert" in help_text
+
+
+def test_a_command_whose_module_fails_to_import_fails_again_not_vanishes():
+    """An import that fails (a broken install) is raised each time the command is named,
+    never turned into "No such command" the second time."""
+    from bbsnap.cli.lazy import LazyGroup
+
+    group = LazyGroup("g", lazy_commands={"broken": "bbsnap.cli.no_such_module:cmd"})
+    ctx = click.Context(group)
+    for _ in range(2):
+        with pytest.raises(ModuleNotFoundError):
+            group.get_command(ctx, "broken")
+    assert "broken" in group.list_commands(ctx)
