@@ -38,6 +38,7 @@ SUFFIX = ".memory.zst"
 LEVEL = 1          # zstd's fastest standard level: a saved RAM is mostly zero pages and code
 CHUNK = 1024 * 1024
 VERIFY_CHUNK = 8 * CHUNK  # fewer, larger reads: the check is Python-loop bound
+CRC_CHUNK = CHUNK  # the check frame's CRC: the buffer stays in the CPU's cache
 # bbsnap's check frame at the end of a memory file (pack, verify): a zstd skippable frame
 # (magic 0x184D2A50, its content's size) holding a tag, the CRC-32 and the length of the
 # compressed bytes before it.
@@ -130,7 +131,7 @@ def _crc_matches(stored: Path) -> bool:
     revert's path before the guest is stopped."""
     from isal import isal_zlib  # 3 ms to import: only memory snapshots need it
 
-    with stored.open("rb") as source:
+    with stored.open("rb", buffering=0) as source:
         size = source.seek(0, os.SEEK_END)
         if size < _CHECK_LENGTH:
             return False
@@ -143,8 +144,11 @@ def _crc_matches(stored: Path) -> bool:
         if left != length:
             raise InvalidInputError(f"the memory file of image {stored.name} is damaged: "
                                     f"{left} bytes where {length} were written")
-        while left and (chunk := source.read(min(VERIFY_CHUNK, left))):
-            found, left = isal_zlib.crc32(chunk, found), left - len(chunk)
+        # Read into one reused buffer, cache-sized: 3.7 ms for a 45 MiB file against 10-12
+        # ms reading a new 8 MiB bytes object each time (seventeenth session).
+        buffer = memoryview(bytearray(CRC_CHUNK))
+        while left and (got := source.readinto(buffer[:min(CRC_CHUNK, left)])):
+            found, left = isal_zlib.crc32(buffer[:got], found), left - got
     if found != crc:
         raise InvalidInputError(f"the memory file of image {stored.name} is damaged: its "
                                 "checksum does not match")
