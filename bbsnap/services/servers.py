@@ -224,7 +224,10 @@ class ServerService:
             if boot is not None:
                 boot.ready()  # the memory file checked whole before the guest is stopped
             if was_running:
-                self._hv.destroy(server.id)  # its disks are thrown away: no need to be gentle
+                # A memory revert replaces the guest's whole state (disks, RAM, NVRAM): unless
+                # a disk is the user's own, kept, QEMU need not close anything in order.
+                self._hv.destroy(server.id, discarding=boot is not None and all(
+                    Path(swap.old_disk).parent == directory for swap in swaps))
                 undo.push(f"restarting {server.id}", lambda: self._hv.start(server.id))
             self.timeline.mark("destroyed")
             old = self._hv.facts(server.id, inactive=True)

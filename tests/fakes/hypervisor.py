@@ -193,7 +193,7 @@ class FakeHypervisor:
         self.calls.append("list_domains")
         return [self._describe(name) for name in self._domains]
 
-    def destroy(self, name: str) -> None:
+    def destroy(self, name: str, *, discarding: bool = False) -> None:
         self.calls.append("destroy")
         dom = self._domain(name)
         if dom.state is DomainState.SHUTOFF:

@@ -122,7 +122,11 @@ def test_revert_resumes_the_guest_where_the_memory_snapshot_was(cloud, hyperviso
     wait_until(lambda: last_mem_counter(cloud, srv) > after + 4, 60, "the guest to go on")
     wait_until(lambda: disk_counter(disk) > at_snapshot + 5, 60, "disk writes after it")
     assert state(srv) == "running"
+    qemu_log = Path(f"/var/log/libvirt/qemu/{srv}.log")
+    logged = qemu_log.read_text()
     reverted = revert(cloud, srv, image_id)
+    assert "terminating on signal" not in qemu_log.read_text()[len(logged):], \
+        "the old QEMU, whose whole state the revert replaces, was killed, not terminated"
     assert reverted["status"] == "active" and reverted["image_id"] == image_id
     wait_until(lambda: mem_counters(cloud, srv), 60, "the memory counter after the revert")
     first = mem_counters(cloud, srv)[0]
@@ -139,8 +143,10 @@ def test_revert_resumes_the_guest_where_the_memory_snapshot_was(cloud, hyperviso
         "libvirt 9.0 restored from the FIFO, not from an unpacked file"
     assert [label for label, _ in steps.marks][-3:] == ["defined", "restored", "done"]
 
-    # --disk-only: the same image's disk, booted afresh.
+    # --disk-only: the same image's disk, booted afresh; the old QEMU ends in order.
+    logged = qemu_log.read_text()
     cold = revert(cloud, srv, image_id, "--disk-only")
+    assert "terminating on signal 15" in qemu_log.read_text()[len(logged):]
     wait_for_console_line(console_path(cloud, srv), READY_LINE)
     first_line = wait_for_console_line(console_path(cloud, srv), "BBSNAP-COUNTER")
     assert int(first_line.split()[1]) == at_snapshot

@@ -71,6 +71,22 @@ def test_destroy_ends_qemu_itself_and_libvirt_records_a_destroy(hypervisor, doma
     assert hypervisor.info(name).state.value == "running"
 
 
+def test_a_discarding_destroy_kills_qemu_and_libvirt_records_a_destroy(hypervisor, domains):
+    """A memory revert throws QEMU's state away: SIGKILL (QEMU logs no signal 15), and
+    libvirt's state is as after any destroy."""
+    name, pid = _start_blank(hypervisor, domains)
+    qemus = _socket_inodes(pid)
+    log = Path(f"/var/log/libvirt/qemu/{name}.log")
+    before = log.read_text()
+    hypervisor.destroy(name, discarding=True)
+    assert _shutoff_reason(name) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
+    assert "terminating on signal" not in log.read_text()[len(before):]
+    assert not Path(f"/proc/{pid}").exists()
+    assert not _socket_inodes("self") & qemus, "a duplicated QEMU socket was left open"
+    hypervisor.start(name)
+    assert hypervisor.info(name).state.value == "running"
+
+
 def test_a_domain_that_restarts_on_poweroff_is_destroyed_all_the_same(hypervisor, domains):
     # QEMU's SHUTDOWN event sets off libvirt's fake reboot, which sends the dead QEMU a
     # command: with the monitor held for good the destroy waited 30 s and failed.
