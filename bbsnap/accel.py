@@ -18,11 +18,11 @@ import select
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from bbsnap import proc
 from bbsnap.errors import NotFoundError, UsageError
+from bbsnap.lazy_dataclass import dataclass
 
 # Assembled from this (GNU as --32, objcopy -O binary); trailing zeros omitted:
 #   cli; xor ax,ax; mov ds,ax; lgdt [gdtr]; set CR0.PE; ljmp 0x08:pm

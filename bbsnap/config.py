@@ -17,11 +17,12 @@ import math
 import os
 import pwd
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from bbsnap.errors import UsageError
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.sizes import GIB, parse_size
 from bbsnap.vocabulary import Accel, values
 

@@ -20,12 +20,12 @@ import json
 import os
 import pwd
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from bbsnap import proc
 from bbsnap.errors import ConflictError
+from bbsnap.lazy_dataclass import dataclass
 
 CONNECTION_RECORD = "connection.json"
 

@@ -7,12 +7,12 @@ do not depend on how things are stored.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
 # The catalogue's words live in vocabulary.py, so the CLI's --help builds its choices without
 # this module's ~25 dataclasses (~20 ms); they are bbsnap's model all the same.
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.vocabulary import Consistency as Consistency
 from bbsnap.vocabulary import DependentKind as DependentKind
 from bbsnap.vocabulary import ImageStatus as ImageStatus

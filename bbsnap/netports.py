@@ -12,12 +12,13 @@ import json
 import os
 import socket
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from bbsnap import safe_files
 from bbsnap.errors import ConflictError, UsageError
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state.process_tokens import current_job_token, job_alive
 from bbsnap.state.locks import acquire_path
 

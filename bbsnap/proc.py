@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from bbsnap.errors import ExternalCommandError, NotFoundError
+from bbsnap.lazy_dataclass import dataclass
 
 DEFAULT_TIMEOUT = 600.0
 

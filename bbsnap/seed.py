@@ -10,10 +10,10 @@ from __future__ import annotations
 import io
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from bbsnap.errors import InvalidInputError, UsageError
+from bbsnap.lazy_dataclass import dataclass
 
 VOLUME_ID = "cidata"
 MAX_USER_DATA = 16 * 1024 * 1024

@@ -6,8 +6,10 @@ Nothing heavy is imported until a command needs it, so ``bbsnap --help`` stays f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
+
+from bbsnap.lazy_dataclass import dataclass
 
 if TYPE_CHECKING:
     from bbsnap.state.catalogue import Catalogue

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from bbsnap.cmdserver.protocol import HEADER_LEN, MAX_REQUEST
+from bbsnap.lazy_dataclass import dataclass
 
 
 @dataclass(frozen=True)

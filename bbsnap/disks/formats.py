@@ -12,7 +12,7 @@ inner qcow2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bbsnap.lazy_dataclass import dataclass
 
 from bbsnap.errors import InvalidInputError
 from bbsnap.vocabulary import DiskFormat, values

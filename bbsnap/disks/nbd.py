@@ -23,13 +23,13 @@ import struct
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Iterator
 
 from bbsnap import private_dirs, proc
 from bbsnap.errors import ExternalCommandError
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state.process_tokens import current_job_token, job_alive
 
 NBDMAGIC = b"NBDMAGIC"

@@ -10,7 +10,7 @@ Layout: QEMU's docs/interop/qcow2.txt (all fields big-endian).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from bbsnap.lazy_dataclass import dataclass
 from typing import BinaryIO
 
 from bbsnap.errors import HostileImageError

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from bbsnap import proc
 from bbsnap.errors import ExternalCommandError, HostileImageError
+from bbsnap.lazy_dataclass import dataclass
 
 UNTRUSTED_LIMITS = proc.Limits(address_space_bytes=1 << 30, cpu_seconds=60)
 

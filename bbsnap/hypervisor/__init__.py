@@ -10,12 +10,12 @@ and tests/fakes/hypervisor.py stands in for it in unit tests.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, Sequence
 
 from bbsnap.hypervisor.models import (BackupPlan, BackupTarget, DiskReplacement, DiskSpec,
                                       DomainFacts, DomainSpec, GuestUser, NewCheckpoint, NicSpec)
+from bbsnap.lazy_dataclass import dataclass
 
 __all__ = ["BackupPlan", "BackupTarget", "CompletedJob", "DiskInfo", "DiskReplacement", "DiskSpec",
            "DomainFacts", "DomainInfo", "DomainSpec", "DomainState", "GuestUser", "Hypervisor",

@@ -7,10 +7,12 @@ back (domain_xml.py), so no service parses or edits XML.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from bbsnap.lazy_dataclass import dataclass
 
 if TYPE_CHECKING:
     from bbsnap.hypervisor import DiskInfo

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import struct
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from typing import BinaryIO
+
+from bbsnap.lazy_dataclass import dataclass
 
 MAGIC = b"LibvirtQemudSave"
 PARTIAL = b"LibvirtQemudPart"   # a save libvirt had not finished writing

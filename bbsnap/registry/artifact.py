@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from bbsnap.errors import HostileImageError, InvalidInputError, UsageError
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.models import Consistency, Image, ImageType
 from bbsnap.services import image_fields
 from bbsnap.registry import layers

@@ -17,11 +17,11 @@ import json
 import os
 import re
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from bbsnap import proc, safe_files
 from bbsnap.errors import BbsnapError, ExternalCommandError, InvalidInputError
+from bbsnap.lazy_dataclass import dataclass
 
 MAX_CONFIG_BYTES = 1 << 20
 

@@ -22,12 +22,12 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
 from bbsnap import __version__
 from bbsnap.errors import (BbsnapError, HostileImageError, NotFoundError, RegistryAuthError,
                            RegistryError)
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.registry import auth
 from bbsnap.registry.reference import Reference
 

@@ -16,10 +16,10 @@ import hashlib
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from bbsnap.errors import BbsnapError
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.registry.client import Readable
 
 READ = 1 << 20

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 from datetime import datetime
 from typing import BinaryIO, cast
 
 from bbsnap import ids, safe_files
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state import locks
 from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.transfer.compression import Compression

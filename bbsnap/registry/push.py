@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.errors import ConflictError, InvalidInputError
 from bbsnap.state.layout import DataDir

@@ -10,9 +10,9 @@ image's own file and the volume's device (vdb...) for a further disk's layer.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.errors import NotFoundError
 from bbsnap.models import Image, ImageStatus

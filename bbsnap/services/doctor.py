@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from bbsnap import host_access
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.config import Settings
 from bbsnap.errors import BbsnapError

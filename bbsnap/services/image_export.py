@@ -22,11 +22,11 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 from bbsnap import ids, safe_files
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.transfer import sidecar
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.disks import qemu_img

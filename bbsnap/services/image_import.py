@@ -23,11 +23,12 @@ from __future__ import annotations
 import io
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
 from bbsnap import ids, safe_files
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.transfer import checksums
 from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.config import Settings

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from bbsnap import ids
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.errors import ConflictError, UsageError
 from bbsnap.state.layout import DataDir

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from bbsnap import safe_files
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state import locks
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.disks import qemu_img

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from bbsnap.errors import BbsnapError, NotFoundError
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.models import ImageFilter, ImageStatus
 from bbsnap.services.reclaim import Orphan, Undecidable
 from bbsnap.state.catalogue import Catalogue

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from bbsnap.lazy_dataclass import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from bbsnap.state import locks

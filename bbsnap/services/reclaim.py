@@ -17,11 +17,11 @@ import errno
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.errors import BbsnapError
 from bbsnap.hypervisor import DomainInfo

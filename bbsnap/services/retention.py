@@ -11,7 +11,8 @@ kept: the next snapshot of a chain is incremental from its checkpoint (snapshot_
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from bbsnap.lazy_dataclass import dataclass
+from dataclasses import field
 from datetime import datetime, timezone
 
 from bbsnap.errors import UsageError

@@ -10,11 +10,11 @@ once. These checks are pure, so the choice and its refusals are tested without l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 from bbsnap.errors import ConflictError
 from bbsnap.hypervisor import DiskInfo
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.models import Image, ImageStatus, ImageVolume, Server
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import datetime, timedelta
 
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state import locks
 from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.errors import BbsnapError, ConflictError, NotFoundError, UsageError

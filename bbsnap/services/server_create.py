@@ -12,11 +12,11 @@ import random
 import shutil
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from bbsnap import host_access, ids
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state import locks
 from bbsnap.state.catalogue import Catalogue, utcnow
 from bbsnap.config import Settings

@@ -9,10 +9,10 @@ a live server's disks for orphans: with it, another connection's directory is un
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from bbsnap import safe_files
+from bbsnap.lazy_dataclass import dataclass
 
 ORIGIN_FILE = "origin.json"
 ORIGIN_MODE = 0o600

@@ -18,12 +18,12 @@ import pwd
 import re
 import stat
 import uuid
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterator
 
 from bbsnap import ids, private_dirs
 from bbsnap.errors import BbsnapError, CataloguePathError
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state.locks import DEFAULT_LOCK_TIMEOUT
 
 DOMAIN_DIR_PREFIX = "dom-"  # servers/dom-<uuid>: a foreign domain's disks bbsnap made

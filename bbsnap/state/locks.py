@@ -21,11 +21,11 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from bbsnap.errors import ConflictError
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state.process_tokens import current_job_token, job_alive
 
 LOCK_FILE_MODE = 0o600

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from bbsnap.errors import BbsnapError
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.tinyguest.debpkg import Package, fetch
 from bbsnap.tinyguest.elf import elf_dynamic
 from bbsnap.tinyguest.initramfs import Initramfs

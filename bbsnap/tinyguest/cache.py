@@ -9,11 +9,11 @@ import fcntl
 import os
 import shutil
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
 from bbsnap.errors import BbsnapError
+from bbsnap.lazy_dataclass import dataclass
 
 
 def default_cache_dir() -> Path:

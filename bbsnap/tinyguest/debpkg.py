@@ -8,10 +8,10 @@ packages and :mod:`.build` decides what to do with their files.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from bbsnap.errors import BbsnapError, ExternalCommandError, NotFoundError
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.proc import run, which
 
 

@@ -8,7 +8,9 @@ output is reproducible (fixed inode order, no timestamps).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from bbsnap.lazy_dataclass import dataclass
 
 _S_IFDIR, _S_IFREG, _S_IFLNK, _S_IFCHR = 0o040000, 0o100000, 0o120000, 0o020000
 _S_IFMT = 0o170000

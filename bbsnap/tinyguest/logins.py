@@ -13,9 +13,9 @@ The sessions' times are fixed (the image stays byte-identical across builds).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.tinyguest.initramfs import Initramfs
 
 LOGIN_USER = "tiny"

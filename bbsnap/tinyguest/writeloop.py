@@ -24,7 +24,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from bbsnap.lazy_dataclass import dataclass
 
 from bbsnap.errors import ExternalCommandError
 from bbsnap.proc import run, which

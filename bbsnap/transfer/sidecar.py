@@ -12,9 +12,10 @@ comes back as the raw disk it was exported from.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from typing import Any
 
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.transfer.compression import Compression
 from bbsnap.disks.formats import FORMATS
 from bbsnap.errors import InvalidInputError

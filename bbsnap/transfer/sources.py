@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.transfer import http_source
 from bbsnap.transfer import sidecar
 from bbsnap.errors import BbsnapError, InvalidInputError, NotFoundError, UsageError

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.transfer.compression import Compression, check_cap, open_decompressed, sniff_compression
 from bbsnap.errors import BbsnapError, ChecksumMismatchError, HostileImageError, InvalidInputError
 

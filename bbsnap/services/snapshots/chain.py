@@ -27,9 +27,9 @@ full copy), so no image ever needs more than that many files to open.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+from bbsnap.lazy_dataclass import dataclass
 from bbsnap.state.catalogue import Catalogue
 from bbsnap.errors import BbsnapError
 from bbsnap.hypervisor import DiskInfo, Hypervisor

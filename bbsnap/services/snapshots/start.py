@@ -76,7 +76,8 @@ answering agent the snapshot is crash-consistent, and the image says so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from bbsnap.lazy_dataclass import dataclass
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any

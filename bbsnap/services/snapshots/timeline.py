@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from bbsnap.lazy_dataclass import dataclass
 
 PREFIX = "timeline:"
 COMMAND_PREFIX = "command-timeline:"
