@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bbsnap import proc
+from bbsnap.free_space import free_space_reserve
 
 FALLOC_FL_KEEP_SIZE = 1
 
@@ -43,10 +44,6 @@ def reserve(path: Path, nbytes: int) -> bool:
     """Reserve *nbytes* of blocks past the end of *path*, its size unchanged; False (and
     nothing reserved) when the filesystem cannot, or would keep less than its free-space
     reserve beside them."""
-    # Imported here: transfer.stream brings hashlib and the compressors, ~11 ms of every
-    # snapshot command's start-up for the one function it needs from it.
-    from bbsnap.transfer.stream import free_space_reserve
-
     call = _fallocate()
     if call is None or nbytes <= 0:
         return False

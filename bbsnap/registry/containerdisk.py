@@ -22,7 +22,7 @@ from bbsnap.state.catalogue import Catalogue
 from bbsnap.disks import qemu_img
 from bbsnap.state.process_tokens import current_job_token, job_alive
 from bbsnap.state.layout import DataDir
-from bbsnap.transfer.stream import check_free_space
+from bbsnap.free_space import check_free_space
 from bbsnap.registry import uploads
 from bbsnap.registry.client import DEFAULT_CHUNK, Readable, RegistryClient
 from bbsnap.registry.push import PushResult, chain_of, registry_dir

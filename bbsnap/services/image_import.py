@@ -40,15 +40,11 @@ from bbsnap.errors import HostileImageError, InvalidInputError, UsageError
 from bbsnap.state.process_tokens import current_job_token
 from bbsnap.state.layout import FILE_MODE, PARTIAL_SUFFIX, DataDir
 from bbsnap.models import Image, ImageStatus, ImageType
+from bbsnap.free_space import check_free_space
 from bbsnap.reporting import SILENT, Reporter
 from bbsnap.transfer.sidecar import Sidecar
 from bbsnap.transfer.sources import load_sidecar, open_source, read_document, source_file_name
-from bbsnap.transfer.stream import (
-    OutputLimit,
-    Progress,
-    check_free_space,
-    copy_decompressed,
-)
+from bbsnap.transfer.stream import OutputLimit, Progress, copy_decompressed
 from bbsnap.services import image_fields
 
 

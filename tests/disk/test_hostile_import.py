@@ -357,14 +357,14 @@ def dense_raw(path: Path, size: int) -> Path:
 @pytest.fixture()
 def small_data_dir(data_dir: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """The data directory on a 64 MiB tmpfs, with a reserve of 8 MiB (5% would be 3.2)."""
-    from bbsnap.transfer import stream as transfer
+    from bbsnap import free_space
 
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     data_dir.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(data_dir)],
                    check=True)
-    monkeypatch.setattr(transfer, "FREE_SPACE_RESERVE_MIN", 8 * MIB)
+    monkeypatch.setattr(free_space, "FREE_SPACE_RESERVE_MIN", 8 * MIB)
     try:
         yield data_dir
     finally:

@@ -95,7 +95,7 @@ from bbsnap.state.layout import DataDir
 from bbsnap.models import SnapshotJob
 from bbsnap.services import memory_file
 from bbsnap.services.snapshots.timeline import COMMAND as timeline
-from bbsnap.transfer.stream import spare_bytes
+from bbsnap.free_space import spare_bytes
 
 MAX_DOWNTIME_MS = 30      # QEMU's final pass target (its default 300 ms is the whole pause)
 RESUME_WAIT = 120.0       # seconds to get a paused guest running again (libvirtd restarting)

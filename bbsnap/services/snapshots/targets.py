@@ -23,6 +23,7 @@ import stat
 from pathlib import Path
 
 from bbsnap import hostinfo, safe_files
+from bbsnap.free_space import spare_bytes
 from bbsnap.disks import qemu_img, reserve
 from bbsnap.hypervisor import Hypervisor
 from bbsnap.models import SnapshotJob
@@ -49,7 +50,6 @@ class RamBudget:
 
     def target(self, image_id: str, device: str, source: str, source_format: str) -> Path | None:
         """The RAM target for this disk's copy, or None (then tmp/)."""
-        from bbsnap.transfer.stream import spare_bytes  # 11 ms: full copies only (as reserve)
 
         need = _standalone_bytes(source, source_format)
         if need is None:
