@@ -15,8 +15,8 @@ header and definition and passes the descriptor to QEMU's incoming migration, wh
 sequentially: a FIFO works. Measured on the tiny guest (libvirt 9.0, QEMU 7.2, TCG, two
 shared cores; scripts/bench_memory.py, medians of 3, two runs): the restore from the
 stream took 0.83-1.00 s at 1 GiB and 256 MiB of RAM, against 1.13-1.60 s for unpacking the
-same file (0.26-0.30 s) and restoring from it (0.86-1.30 s). The decompression runs ahead, from just
-before the destroy (read_ahead.py): a feeder decompressing only as QEMU read made the
+same file (0.26-0.30 s) and restoring from it (0.86-1.30 s). The decompression runs ahead, from
+the restore's call, while libvirt starts QEMU (read_ahead.py): a feeder decompressing only as QEMU read made the
 restore 0.15-0.25 s slower than from a file on that loaded host; it fills the FIFO with
 ``splice`` from a ring in memory, at about a file's speed (read_ahead.py has the figures).
 
@@ -87,13 +87,12 @@ class MemoryBoot:
         self._releasing: Background | None = None  # the read-ahead's end, once restored
 
     def ready(self) -> None:
-        """The whole memory file was checked and is intact (else InvalidInputError); its
-        decompression starts, ahead of the restore (read_ahead.py says why)."""
+        """The whole memory file was checked and is intact (else InvalidInputError). Its
+        decompression starts later, with the restore (read_ahead.py says why)."""
         error = self._verifying.join()
         self._timeline.mark("verified")
         if error is not None:
             raise error
-        self._ahead = self._read_ahead()
 
     def _read_ahead(self) -> ReadAhead | None:
         """The decompression started, or None if no ring for it can be made (the file is
@@ -125,8 +124,7 @@ class MemoryBoot:
 
     def _restore_streamed(self, new_disks: dict[str, Path]) -> bool:
         """Restore from a FIFO fed by the decompressor; False if no FIFO can be made."""
-        if self._ahead is None:  # ready() was not called, or could not start it
-            self._ahead = self._read_ahead()
+        self._ahead = self._read_ahead()
         ahead = self._ahead
         if ahead is None:
             return False

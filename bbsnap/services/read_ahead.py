@@ -1,14 +1,23 @@
 """Decompressing a memory file ahead of the restore that reads it (services/memory_restore.py).
 
 A FIFO holds 1 MiB: a feeder that decompresses only as QEMU reads does its work while the
-restore waits for it, on a host of two shared cores. Started just before the guest is
-destroyed, a thread decompresses into memory while the old QEMU is ended (0.04-0.05 s since
-hypervisor/qemu_exit.py; libvirt 9.0's own destroy waited 0.2 s more) and the new one
-starts, so the restore finds the stream ahead of it: the 121 MiB stream of a 1 GiB tiny
-guest is all decompressed 0.12-0.14 s after the revert's definition step, QEMU starts
-reading it 0.17-0.23 s after (libvirt's timeline: its start of QEMU, then 398 ``qom-get``
-round trips probing the guest CPU's features, 0.14 s, before the migration stream is read).
-The memory held is bounded (``LIMIT``): past it the thread waits for the feeder.
+restore waits for it, on a host of two shared cores. Started as the restore is called, a
+thread decompresses into memory while libvirt starts the new QEMU, so the restore finds
+the stream ahead of it: the 121 MiB stream of a 1 GiB tiny guest is decompressed in
+0.12-0.14 s, and QEMU starts reading it 0.17-0.23 s after the call (libvirt's timeline: its
+start of QEMU, then 398 ``qom-get`` round trips probing the guest CPU's features, 0.14 s,
+before the migration stream is read). The memory held is bounded (``LIMIT``): past it the
+thread waits for the feeder.
+
+Until the seventeenth session the thread started before the old guest was destroyed. Moved
+to the restore's call (256 MiB tiny guest, one held guest, two sets of 16 reverts in their
+own processes, interleaved at random with the old order; medians): the destroy step 22
+against 27-28 ms, the definition 4 against 5-6 ms, the restore step 0.296-0.311 against
+0.324-0.337 s, the revert 0.432-0.443 against 0.462-0.488 s, and 3 of 32 restores over
+0.4 s against 8. On two cores beside the old guest's vCPU, the decompressor took CPU from
+libvirtd's end of the old QEMU; and its ring's 109 MiB were taken before the old QEMU's
+memory was freed, which the new QEMU may then have met as pages its host had taken back
+(bench_memory.py counts those).
 
 The decompressed bytes go into a ring in memory (a memfd, so that nothing is left on disk
 if the process is killed, and the pages are reused when the ring wraps) and from there
