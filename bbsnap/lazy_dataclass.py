@@ -14,7 +14,9 @@ with the same options, the first time any of these happens:
 - an instance is made (a placeholder ``__init__`` makes the methods, then calls the real one);
 - ``__dataclass_fields__`` is read: ``dataclasses.fields``, ``is_dataclass``, ``asdict``,
   ``replace``, or a subclass being made into a dataclass, read it;
-- ``materialize_all()`` is called (the command server, before it forks its commands).
+- ``materialize(cls)`` or ``materialize_all()`` is called: code with a window the guest
+  feels (a freeze, a memory save's pause) makes the classes used inside it first, and the
+  command server makes them all before it forks its commands.
 
 Until then no instance exists, so nothing can see the difference. Made eagerly, as
 ``dataclasses.dataclass`` does, are the classes this cannot defer: ``slots=True`` (that
@@ -31,7 +33,7 @@ import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["dataclass", "materialize_all"]
+__all__ = ["dataclass", "materialize", "materialize_all"]
 
 _FIELDS = "__dataclass_fields__"
 _pending: dict[type, dict[str, Any]] = {}  # class -> its dataclass options
@@ -75,6 +77,13 @@ def _defer(cls: type, options: dict[str, Any]) -> type:
     setattr(cls, _FIELDS, _PendingFields(cls))
     _pending[cls] = options
     return cls
+
+
+def materialize(*classes: type) -> None:
+    """Make these classes now (any already made is left as it is): for code that must not
+    pay ~0.4 ms a class later, inside a window the guest feels."""
+    for cls in classes:
+        _materialize(cls)
 
 
 def materialize_all() -> None:

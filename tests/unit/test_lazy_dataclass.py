@@ -152,3 +152,17 @@ def test_importing_a_revert_makes_few_of_the_dataclasses_it_defines():
     pending = int(subprocess.run([sys.executable, "-c", script], check=True,
                                  capture_output=True, text=True).stdout)
     assert pending >= 30, f"only {pending} dataclasses left to make after the imports"
+
+
+def test_materialize_makes_the_classes_named_and_no_other():
+    @dataclass(frozen=True)
+    class Wanted:
+        a: int
+
+    @dataclass(frozen=True)
+    class Other:
+        a: int
+
+    lazy_dataclass.materialize(Wanted, Wanted)  # twice: the second is a no-op
+    assert not _pending(Wanted) and "__eq__" in Wanted.__dict__
+    assert _pending(Other)

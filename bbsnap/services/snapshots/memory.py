@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import Callable
 
 from bbsnap.background import Background
-from bbsnap import hostinfo
+from bbsnap import hostinfo, proc
 from bbsnap.disks import image_lock, qemu_img
 from bbsnap.errors import BbsnapError, ConflictError, HypervisorError, NotFoundError
 from bbsnap.hypervisor import DomainState, Hardware, Hypervisor, PauseCause
@@ -96,6 +96,7 @@ from bbsnap.models import SnapshotJob
 from bbsnap.services import memory_file
 from bbsnap.services.snapshots.timeline import COMMAND as timeline
 from bbsnap.free_space import spare_bytes
+from bbsnap.lazy_dataclass import materialize
 
 MAX_DOWNTIME_MS = 30      # QEMU's final pass target (its default 300 ms is the whole pause)
 RESUME_WAIT = 120.0       # seconds to get a paused guest running again (libvirtd restarting)
@@ -177,6 +178,8 @@ def capture(hv: Hypervisor, data_dir: DataDir, image_id: str, job: SnapshotJob,
     domain = job.domain
     raw = save_file(data_dir, image_id, memory_bytes)
     timeline.duration("memory-save-in-ram", float(raw.parent == data_dir.ram_dir))
+    # qemu-img's result, made inside the guest's pause, is made now (lazy_dataclass.py).
+    materialize(proc.Result)
     states = _DiskStates([Path(d.source) for d in job.disks], internal_name(image_id))
     save = Background(lambda: hv.save_memory_live(
         domain, raw, [d.device for d in job.disks], read_only, MAX_DOWNTIME_MS), "memory-save")

@@ -292,6 +292,8 @@ class SnapshotService:
         # The targets first, then the freeze: the guest stays frozen only for the backup's
         # start (making them used to be inside the freeze window; now copies, ~0.3 ms).
         snapshot_targets.make(self._data_dir, self._hv, job)
+        # The plan too: its classes made now (lazy_dataclass.py), not inside the freeze.
+        plan = _backup_plan(job.disks, read_only)
         timeline.mark("targets")
         frozen = silent = False
         if quiesce:
@@ -303,7 +305,7 @@ class SnapshotService:
                 silent = isinstance(exc, GuestAgentSilentError)
                 self._reporter.warning(f"{exc}; the snapshot is crash-consistent")
         try:
-            self._begin_backup(image_id, job, read_only, ancestor, directory)
+            self._begin_backup(image_id, job, plan, read_only, ancestor, directory)
         finally:
             if frozen or quiesce:
                 try:
@@ -314,12 +316,12 @@ class SnapshotService:
                         self._reporter.warning(str(exc))
         return Consistency.QUIESCED if frozen else Consistency.CRASH_CONSISTENT, silent
 
-    def _begin_backup(self, image_id: str, job: SnapshotJob, read_only: list[str],
-                      ancestor: Image | None, directory: Path) -> None:
+    def _begin_backup(self, image_id: str, job: SnapshotJob, plan: BackupPlan,
+                      read_only: list[str], ancestor: Image | None, directory: Path) -> None:
         incremental = any(d.incremental for d in job.disks)
         in_ram = [d for d in job.disks if self._data_dir.is_qemu_ram_file(Path(d.target))]
         try:
-            self._hv.begin_backup(job.domain, _backup_plan(job.disks, read_only))
+            self._hv.begin_backup(job.domain, plan)
             timeline.mark("backup-begun")
         except CheckpointBrokenError as exc:
             if not incremental:
