@@ -186,8 +186,6 @@ def test_reserved_blocks_are_given_back_and_a_full_filesystem_gets_no_reservatio
     assert target.stat().st_blocks * 512 < 1 << 20 and target.stat().st_size == size
 
     # No room beside the filesystem's free-space reserve: nothing reserved.
-    from bbsnap import free_space
-
-    monkeypatch.setattr(free_space, "free_space_reserve", lambda _dir: (100 << 20, 60 << 20))
+    monkeypatch.setattr(reserve, "free_space_reserve", lambda _dir: (100 << 20, 60 << 20))
     assert not reserve.reserve(target, 64 << 20)
     assert target.stat().st_blocks * 512 < 1 << 20
